@@ -1,0 +1,1 @@
+"""The `tartarus` command line."""

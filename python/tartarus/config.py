@@ -1,0 +1,68 @@
+"""Configuration: `tartarus.toml` plus `TARTARUS_*` environment variables.
+
+Zero configuration works: every field has a default. A file is read from
+`$TARTARUS_CONFIG`, else `./tartarus.toml`, else `~/.config/tartarus/tartarus.toml`.
+Environment variables override the file: `TARTARUS_CACHE_DIR=/x` sets `cache_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from tartarus import codec, paths
+from tartarus.errors import ConfigError
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Every setting Tartarus reads; each field documents itself in docs/configuration.md."""
+
+    cache_dir: Path = msgspec.field(default_factory=paths.default_cache_dir)
+    state_dir: Path = msgspec.field(default_factory=paths.default_state_dir)
+    runtime_dir: Path = msgspec.field(default_factory=paths.default_runtime_dir)
+
+
+ENV_PREFIX = "TARTARUS_"
+
+
+def config_file_candidates() -> list[Path]:
+    explicit = os.environ.get("TARTARUS_CONFIG")
+    if explicit:
+        return [Path(explicit)]
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [Path.cwd() / "tartarus.toml", home / "tartarus" / "tartarus.toml"]
+
+
+def _from_env() -> dict[str, Any]:
+    fields = set(Settings.__struct_fields__)
+    out: dict[str, Any] = {}
+    for key, value in os.environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key.removeprefix(ENV_PREFIX).lower()
+            if name in fields:
+                out[name] = value
+    return out
+
+
+def load_settings() -> Settings:
+    """Reads the first config file that exists, then applies environment overrides."""
+    raw: dict[str, Any] = {}
+    for candidate in config_file_candidates():
+        if candidate.is_file():
+            try:
+                raw = tomllib.loads(candidate.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ConfigError(f"{candidate}: {e}") from e
+            source = str(candidate)
+            break
+    else:
+        source = "defaults"
+    raw.update(_from_env())
+    try:
+        return codec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration ({source} and TARTARUS_* env): {e}") from e

@@ -1,0 +1,51 @@
+"""Shared fixtures: the doctor's report (probed once per session) and KVM gating.
+
+Tests run against the installed package (the wheel `make test` builds), never the
+source tree: `python/` is deliberately not on sys.path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tartarus.config import load_settings
+from tartarus.host.doctor import DoctorReport, run_doctor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def doctor_report() -> DoctorReport:
+    return run_doctor(load_settings())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips `kvm_full` tests with the doctor's measured reason on hosts without full KVM."""
+    if not any(item.get_closest_marker("kvm_full") for item in items):
+        return
+    report = run_doctor(load_settings())
+    if report.kernel.kvm.full_guests:
+        return
+    reason = (
+        f"host KVM cannot run a full guest (doctor probe: flavour={report.kernel.kvm.flavour}, "
+        f"{report.kernel.kvm.exit})"
+    )
+    for item in items:
+        if item.get_closest_marker("kvm_full"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root (euid is {os.geteuid()})")
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not on PATH (make test installs it with apt-get)")
+    return path

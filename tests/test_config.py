@@ -1,0 +1,46 @@
+"""Configuration: defaults, file, environment, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tartarus.config import load_settings
+from tartarus.errors import ConfigError
+
+
+def test_zero_config_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = load_settings()
+    assert settings.cache_dir == tmp_path / "cache" / "tartarus"
+
+
+def test_file_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "tartarus.toml"
+    config.write_text('cache_dir = "/srv/cache"\nstate_dir = "/srv/state"\n')
+    monkeypatch.setenv("TARTARUS_CONFIG", str(config))
+    monkeypatch.setenv("TARTARUS_STATE_DIR", "/override/state")
+    settings = load_settings()
+    assert settings.cache_dir == Path("/srv/cache")
+    assert settings.state_dir == Path("/override/state")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("cache_dir = [", "tartarus.toml"),
+        ("no_such_setting = 1", "no_such_setting"),
+        ("cache_dir = 5", "cache_dir"),
+    ],
+)
+def test_bad_config_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, needle: str
+) -> None:
+    config = tmp_path / "tartarus.toml"
+    config.write_text(content)
+    monkeypatch.setenv("TARTARUS_CONFIG", str(config))
+    with pytest.raises(ConfigError, match=needle):
+        load_settings()
