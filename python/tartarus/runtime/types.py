@@ -1,0 +1,172 @@
+"""Types shared by every backend, the server and the SDK: what a sandbox is asked to
+be, what an exec asks for, and what comes back. All msgspec Structs, so they cross
+process and network boundaries unchanged."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class Backend(StrEnum):
+    MICROVM = "microvm"
+    GVISOR = "gvisor"
+    JAIL = "jail"
+    WASM = "wasm"
+    AUTO = "auto"
+
+
+class TrustLevel(StrEnum):
+    """How much the caller trusts the workload; `auto` only picks `jail` for `trusted`
+    work unless policy says otherwise."""
+
+    UNTRUSTED = "untrusted"
+    TRUSTED = "trusted"
+
+
+class SandboxState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    vcpus: float = 1.0
+    memory_mib: int = 512
+    disk_mib: int = 1024
+    pids: int = 256
+
+
+class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything a backend needs to create one sandbox."""
+
+    id: str
+    template: str = "base"
+    # The template's root filesystem, resolved by the image store (Erebus).
+    rootfs: Path | None = None
+    backend: Backend = Backend.AUTO
+    resources: Resources = msgspec.field(default_factory=Resources)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    network: bool = False
+    trust: TrustLevel = TrustLevel.UNTRUSTED
+    # For the wasm backend: the module to run (a `.wasm` module selects wasm under auto).
+    wasm_module: Path | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class PtySize(msgspec.Struct, frozen=True):
+    rows: int = 24
+    cols: int = 80
+
+
+class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One command to run in a sandbox: `argv`, or `shell` (run by `/bin/sh -c`)."""
+
+    argv: list[str] | None = None
+    shell: str | None = None
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    stdin: bool = False
+    pty: PtySize | None = None
+    timeout_s: float | None = None
+    background: bool = False
+
+
+Stream = Literal["stdout", "stderr"]
+
+
+class OutputChunk(msgspec.Struct, frozen=True, tag="output"):
+    """A piece of output. `seq` increases by one per chunk of one process, so a gap
+    means chunks were dropped by the bounded buffer (see ExitStatus.dropped_chunks)."""
+
+    pid: int
+    stream: Stream
+    seq: int
+    data: bytes
+
+
+class ExitStatus(msgspec.Struct, frozen=True, tag="exit", kw_only=True):
+    pid: int
+    code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    dropped_chunks: int = 0
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+ExecEvent = OutputChunk | ExitStatus
+
+
+class ExecResult(msgspec.Struct, frozen=True):
+    stdout: bytes
+    stderr: bytes
+    exit: ExitStatus
+
+
+class ProcessInfo(msgspec.Struct, frozen=True, kw_only=True):
+    pid: int
+    argv: list[str]
+    started_at: float
+    running: bool
+    pty: bool = False
+    exit: ExitStatus | None = None
+
+
+class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One line-or-chunk of a sandbox's log (all processes, in order)."""
+
+    seq: int
+    ts: float
+    pid: int
+    stream: Stream
+    data: bytes
+
+
+class FileKind(StrEnum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    OTHER = "other"
+
+
+class FileInfo(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    name: str
+    kind: FileKind
+    size: int
+    mode: int
+    mtime: float
+
+
+class SandboxStats(msgspec.Struct, frozen=True, kw_only=True):
+    cpu_seconds: float
+    memory_bytes: int
+    memory_limit_bytes: int | None = None
+    pids: int = 0
+
+
+class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    backend: Backend
+    state: SandboxState
+    detail: str = ""
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A backend snapshot on local disk; the snapshot store (Nyx) files it in the blob store."""
+
+    backend: Backend
+    path: Path
+    size_bytes: int
+    source_sandbox: str
