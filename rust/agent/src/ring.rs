@@ -46,6 +46,8 @@ struct State {
 pub struct Batch {
     pub entries: Vec<Entry>,
     pub missed: u64,
+    /// The sequence number to read from next time.
+    pub resume: u64,
     /// The buffer is closed and this batch holds its last entries.
     pub closed: bool,
 }
@@ -92,7 +94,8 @@ impl Ring {
             };
             st.bytes += entry.cost();
             st.entries.push_back(entry);
-            trim(&mut st);
+            // The newest chunk is always kept, even when alone it exceeds the limit.
+            trim(&mut st, 1);
             seq
         };
         self.notify.notify_waiters();
@@ -108,7 +111,7 @@ impl Ring {
     pub fn shrink_to(&self, limit: usize) {
         let mut st = self.lock();
         st.limit = st.limit.min(limit);
-        trim(&mut st);
+        trim(&mut st, 0);
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -132,6 +135,7 @@ impl Ring {
         let skip = (start - first) as usize;
         let mut batch = Batch {
             missed,
+            resume: start,
             ..Batch::default()
         };
         let mut size = 0;
@@ -140,6 +144,7 @@ impl Ring {
                 return batch;
             }
             size += entry.data.len();
+            batch.resume = entry.seq + 1;
             batch.entries.push(entry.clone());
         }
         batch.closed = st.closed;
@@ -193,9 +198,10 @@ where
             ring.read_from(next, BATCH_BYTES)
         };
         missed += batch.missed;
+        // Entries evicted before this read are skipped, not waited for again.
+        next = batch.resume;
         let caught_up = batch.entries.is_empty();
         for entry in batch.entries {
-            next = entry.seq + 1;
             if !emit(entry).await {
                 return (PumpEnd::Gone, missed);
             }
@@ -209,8 +215,8 @@ where
     }
 }
 
-fn trim(st: &mut State) {
-    while st.bytes > st.limit {
+fn trim(st: &mut State, keep: usize) {
+    while st.bytes > st.limit && st.entries.len() > keep {
         let Some(old) = st.entries.pop_front() else {
             break;
         };
@@ -232,7 +238,7 @@ mod tests {
         let ring = Ring::new(1 << 20);
         assert_eq!(push(&ring, "a"), 1);
         assert_eq!(push(&ring, "b"), 2);
-        let batch = ring.read_from(0, usize::MAX);
+        let batch = ring.read_from(1, usize::MAX);
         assert_eq!(batch.entries.len(), 2);
         assert_eq!(batch.missed, 0);
         let batch = ring.read_from(2, usize::MAX);
@@ -261,6 +267,22 @@ mod tests {
         }
         assert_eq!(ring.read_from(1, 25).entries.len(), 2);
         assert_eq!(ring.read_from(1, 1).entries.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reader_behind_an_eviction_skips_ahead() {
+        let ring = Ring::new(2 * (CHUNK_OVERHEAD + 1));
+        for _ in 0..5 {
+            push(&ring, "x");
+        }
+        ring.close();
+        let mut seen = Vec::new();
+        let (end, missed) = pump(&ring, 0, true, |e| {
+            seen.push(e.seq);
+            async { true }
+        })
+        .await;
+        assert_eq!((end, missed, seen), (PumpEnd::Closed, 3, vec![4, 5]));
     }
 
     #[tokio::test]
