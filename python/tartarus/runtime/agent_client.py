@@ -116,7 +116,7 @@ class AgentClient:
     ) -> AgentClient:
         """Connects to an agent's unix socket, waiting up to `timeout_s` for it to appear
         (the agent may still be starting)."""
-        stream = await _retry_connect(path, timeout_s)
+        stream = await open_unix_stream(path, timeout_s)
         return await cls.over_stream(stream, timeout_s=timeout_s)
 
     @classmethod
@@ -126,7 +126,7 @@ class AgentClient:
         """Connects through a VMM's hybrid-vsock unix socket: sends `CONNECT <port>\\n`,
         expects `OK ...\\n`, then speaks the protocol to the guest's agent."""
         with anyio.fail_after(timeout_s):
-            stream = await _retry_connect(path, timeout_s)
+            stream = await open_unix_stream(path, timeout_s)
             try:
                 await stream.send(f"CONNECT {port}\n".encode())
                 line = bytearray()
@@ -398,7 +398,9 @@ class RequestStream:
         self.client._close_slot(self.id)
 
 
-async def _retry_connect(path: Path | str, timeout_s: float) -> anyio.abc.SocketStream:
+async def open_unix_stream(path: Path | str, timeout_s: float) -> anyio.abc.SocketStream:
+    """Connects to a unix socket, retrying until it exists and accepts (an agent that is
+    still starting) or `timeout_s` passes."""
     delay = 0.002
     last: OSError | None = None
     with anyio.move_on_after(timeout_s):

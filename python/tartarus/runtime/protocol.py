@@ -453,10 +453,11 @@ def decode_body(body: bytes) -> Envelope:
         )
     try:
         return _decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    # Invalid UTF-8 in a string surfaces as UnicodeDecodeError (a ValueError).
+    except (msgspec.DecodeError, ValueError) as exc:
         try:
             raw = _raw_decoder.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, ValueError):
             raw = None
         if raw is not None and raw.body is not None and raw.body.type not in MESSAGE_TYPES:
             name = _bounded(raw.body.type, 64)

@@ -14,7 +14,7 @@ use tartarus_proto::{
     Message, PtySize, HEADER_BYTES, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
 
 use crate::files::{self, Handles};
@@ -28,6 +28,8 @@ const OUT_QUEUE: usize = 64;
 const MAX_IN_FLIGHT: usize = 1024;
 /// How long a closing connection may take to flush its last frames.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
+/// Input discarded after a fatal protocol error, so the error reply is not lost.
+const LINGER_BYTES: u64 = 1 << 20;
 /// Time allowed for the client's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,9 +92,28 @@ struct Conn {
     out: mpsc::Sender<Vec<u8>>,
     handles: Handles,
     tasks: Mutex<HashMap<u64, AbortHandle>>,
+    /// Notified whenever a request task finishes.
+    task_done: Notify,
 }
 
 impl Conn {
+    fn idle(&self) -> bool {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Waits until no request is in flight.
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.task_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn replier(&self, id: u64) -> Replier {
         Replier::new(self.out.clone(), id)
     }
@@ -174,26 +195,27 @@ where
         out,
         handles: Handles::default(),
         tasks: Mutex::new(HashMap::new()),
+        task_done: Notify::new(),
     });
 
-    if handshake(&agent, &conn, &mut reader).await {
-        loop {
-            match read_body(&mut reader).await {
-                Ok(body) => dispatch(&agent, &conn, &body),
-                Err(ReadError::Closed) => break,
-                Err(ReadError::Decode(err @ DecodeError::Truncated { .. })) => {
-                    conn.reply_later(0, Message::error(err.code(), err.to_string()));
-                    break;
-                }
-                Err(ReadError::Decode(err)) => {
-                    // After a bad header the stream cannot be resynchronised.
-                    conn.reply_later(0, Message::error(err.code(), format!("{err}; closing the connection")));
-                    break;
-                }
+    let mut fatal = !handshake(&agent, &conn, &mut reader).await;
+    while !fatal {
+        match read_body(&mut reader).await {
+            Ok(body) => dispatch(&agent, &conn, &body),
+            Err(ReadError::Closed) => break,
+            Err(ReadError::Decode(err)) => {
+                // After a bad header the stream cannot be resynchronised.
+                conn.reply_later(0, Message::error(err.code(), format!("{err}; closing the connection")));
+                fatal = true;
             }
         }
     }
 
+    if !fatal {
+        // The peer may have closed only its sending side: requests already received
+        // get a bounded time to answer.
+        let _ = tokio::time::timeout(FLUSH_GRACE, conn.wait_idle()).await;
+    }
     let tasks: Vec<AbortHandle> = conn
         .tasks
         .lock()
@@ -208,6 +230,13 @@ where
     let abort = writer_task.abort_handle();
     if tokio::time::timeout(FLUSH_GRACE, writer_task).await.is_err() {
         abort.abort();
+    }
+    if fatal {
+        // Closing with unread input would reset the connection and could destroy the
+        // error reply before the peer reads it; discard a bounded amount first.
+        let mut sink = tokio::io::sink();
+        let mut rest = (&mut reader).take(LINGER_BYTES);
+        let _ = tokio::time::timeout(FLUSH_GRACE, tokio::io::copy(&mut rest, &mut sink)).await;
     }
 }
 
@@ -344,6 +373,7 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, body: &[u8]) {
         let reply = conn2.replier(id);
         handle(&agent2, &conn2, &reply, msg).await;
         conn2.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        conn2.task_done.notify_waiters();
     });
     tasks.insert(id, task.abort_handle());
 }

@@ -62,11 +62,18 @@ fn make_device_nodes() {
     }
 }
 
-/// Ends the sandbox after a shutdown: as the real init of a VM, powers it off; as the
-/// init of a PID namespace, that same call ends the namespace.
+/// Inode of the kernel's initial PID namespace (`PROC_PID_INIT_INO`), a fixed constant.
+const INITIAL_PID_NS: &str = "pid:[4026531836]";
+
+/// Ends the sandbox after a shutdown. As the real init of a VM, powers it off (an init
+/// that exits would panic the kernel). As the init of a PID namespace (jail, gVisor),
+/// returning and exiting ends the namespace cleanly.
 pub fn power_off() {
     nix::unistd::sync();
-    if nix::unistd::getpid().as_raw() == 1 {
+    let in_initial_ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|l| l.as_os_str() == INITIAL_PID_NS)
+        .unwrap_or(false);
+    if nix::unistd::getpid().as_raw() == 1 && in_initial_ns {
         let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     }
 }
