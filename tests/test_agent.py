@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tartarus.binaries import find_binary
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient, AgentError
 from tartarus.runtime.agent_sandbox import AgentExecution
@@ -213,8 +214,8 @@ async def test_foreground_process_dies_with_its_connection(tmp_path: Path) -> No
                 if not procs[execution.pid].running:
                     break
                 await anyio.sleep(0.05)
-        assert procs[execution.pid].exit is not None
-        assert procs[execution.pid].exit.signal == signal.SIGKILL
+        exit_ = procs[execution.pid].exit
+        assert exit_ is not None and exit_.signal == signal.SIGKILL
         await second.close_agent()
 
 
@@ -309,7 +310,7 @@ async def test_file_round_trips(sandbox: HostAgentSandbox, tmp_path: Path) -> No
         await sandbox.read_file(str(root / "x" / "y" / "moved.txt"))
     assert info_err.value.code == "not_found"
     # No temporary files are left behind by the atomic writes.
-    assert sorted(os.listdir(root)) == ["a", "big.bin"]
+    assert sorted([path.name async for path in anyio.Path(root).iterdir()]) == ["a", "big.bin"]
 
 
 async def test_upload_is_atomic_and_abandoned_uploads_leave_nothing(
@@ -325,7 +326,11 @@ async def test_upload_is_atomic_and_abandoned_uploads_leave_nothing(
     with pytest.raises(RuntimeError):
         await sandbox.upload(str(target), failing_source())
     assert target.read_bytes() == b"old"
-    assert sorted(os.listdir(tmp_path)) == sorted(["up.bin", "agent.sock", "agent.stderr"])
+    assert sorted([path.name async for path in anyio.Path(tmp_path).iterdir()]) == [
+        "agent.sock",
+        "agent.stderr",
+        "up.bin",
+    ]
 
     async def good_source() -> AsyncIterator[bytes]:
         for i in range(5):
@@ -342,8 +347,6 @@ async def test_stats(sandbox: HostAgentSandbox) -> None:
 
 
 async def test_agent_over_stdio(tmp_path: Path) -> None:
-    from tartarus.binaries import find_binary
-
     client = await AgentClient.spawn([find_binary("tartarus-agent"), "serve", "--listen", "stdio"])
     async with client:
         assert client.hello is not None and client.hello.version == p.PROTOCOL_VERSION
@@ -362,8 +365,5 @@ async def test_shutdown_terminates_processes_and_exits(tmp_path: Path) -> None:
         execution = await sb.exec(ExecRequest(shell="trap 'exit 7' TERM; sleep 60 & wait"))
         await anyio.sleep(0.2)
         await sb.stop(grace_s=5)
-        with anyio.fail_after(10):
-            while proc.poll() is None:
-                await anyio.sleep(0.05)
-        assert proc.returncode == 0
+        assert await anyio.to_thread.run_sync(proc.wait, 10) == 0
         del execution

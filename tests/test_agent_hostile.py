@@ -70,7 +70,8 @@ CASES = {
     "oversized_frame": (struct.pack(">I", p.MAX_FRAME_BYTES + 1) + b"\0" * 64, True, "too_large"),
     "truncated_frame": (p.encode_frame(p.Envelope(id=3, body=p.Ping()))[:-2], True, "malformed"),
     "garbage_body": ((VECTORS / "invalid_garbage.bin").read_bytes(), True, "malformed"),
-    "wrong_version": ((VECTORS / "invalid_hello_wrong_version.bin").read_bytes(), False, "version_mismatch"),
+    "wrong_version": ((VECTORS / "invalid_hello_wrong_version.bin").read_bytes(), False,
+                      "version_mismatch"),
     "no_hello": (p.encode_frame(p.Envelope(id=1, body=p.Ping())), False, "handshake_required"),
 }  # fmt: skip
 
@@ -163,8 +164,7 @@ def test_init_mode_reaps_orphaned_zombies(tmp_path: Path) -> None:
             )
             assert (await spawner.wait()).stdout == b"done\n"
             script = (
-                "for s in /proc/[0-9]*/stat; do read -r line < $s 2>/dev/null && echo \"$line\";"
-                " done"
+                'for s in /proc/[0-9]*/stat; do read -r line < $s 2>/dev/null && echo "$line"; done'
             )
             zombies: list[str] = []
             with anyio.fail_after(20):

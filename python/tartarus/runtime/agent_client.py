@@ -14,12 +14,14 @@ agent's own bounded buffers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import subprocess
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Final, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -130,12 +132,7 @@ class AgentClient:
             try:
                 await stream.send(f"CONNECT {port}\n".encode())
                 line = bytearray()
-                while not line.endswith(b"\n"):
-                    if len(line) >= _VSOCK_REPLY_MAX:
-                        raise AgentConnectionError(
-                            f"{path}: the vsock CONNECT reply is longer than {_VSOCK_REPLY_MAX}"
-                            " bytes; is this a hybrid-vsock socket?"
-                        )
+                while not line.endswith(b"\n") and len(line) < _VSOCK_REPLY_MAX:
                     line += await stream.receive(1)
             except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 await stream.aclose()
@@ -143,7 +140,7 @@ class AgentClient:
             except BaseException:
                 await stream.aclose()
                 raise
-        if not line.startswith(b"OK"):
+        if not line.startswith(b"OK") or not line.endswith(b"\n"):
             await stream.aclose()
             reply = line.decode(errors="replace").strip()
             raise AgentConnectionError(
@@ -162,8 +159,6 @@ class AgentClient:
     ) -> AgentClient:
         """Starts an agent (`... serve --listen stdio`) and speaks to it over its stdio.
         `aclose` ends the agent."""
-        import subprocess
-
         process = await anyio.open_process(
             [str(a) for a in argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
         )
@@ -372,7 +367,7 @@ class RequestStream:
             raise _error_from(message, self.request)
         if not isinstance(message, p.RESPONSE_TYPES):
             raise AgentError("unexpected_reply", f"agent sent a request ({p.type_name(message)})")
-        return message
+        return cast(p.Response, message)
 
     async def reply(self, *, timeout_s: float | None = None) -> p.Response:
         """The single reply of a one-shot request (bounded by the request timeout)."""
@@ -387,10 +382,8 @@ class RequestStream:
     async def cancel(self) -> None:
         """Asks the agent to stop this request's stream (the process keeps running)."""
         if not self.client.closed:
-            try:
+            with contextlib.suppress(AgentError):
                 await self.client.call(p.Cancel(target=self.id))
-            except AgentError:
-                pass
         self.close()
 
     def close(self) -> None:

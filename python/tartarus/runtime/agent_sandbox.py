@@ -7,8 +7,9 @@ start, status, stop, kill, snapshot (and stats where it knows better than the ag
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -47,12 +48,9 @@ DEFAULT_WAIT_LIMIT: Final = 256 << 20
 
 async def _close_handle(client: AgentClient, handle: int) -> None:
     """Closes a file handle even while the caller is being cancelled."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-        if not client.closed:
-            try:
-                await client.call(p.CloseHandle(handle=handle))
-            except AgentError:
-                pass  # the handle is gone with the connection, or already closed
+    # A failure means the handle is gone with the connection, or already closed.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5), contextlib.suppress(AgentError):
+        await client.call(p.CloseHandle(handle=handle))
 
 
 def exit_status(info: p.ExitInfo, *, extra_dropped: int = 0) -> ExitStatus:
@@ -113,7 +111,7 @@ class AgentExecution(Execution):
     def exit(self) -> ExitStatus | None:
         return self._exit
 
-    async def events(self) -> AsyncIterator[ExecEvent]:
+    async def events(self) -> AsyncGenerator[ExecEvent, None]:
         """Output chunks in order, then the `ExitStatus`. A detached or non-following
         attach stream ends without an exit status."""
         try:
@@ -268,9 +266,7 @@ class AgentSandbox(abc.ABC):
             raise
         if not isinstance(started, p.Started):
             stream.close()
-            raise AgentError(
-                "unexpected_reply", f"agent answered exec with {p.type_name(started)}"
-            )
+            raise AgentError("unexpected_reply", f"agent answered exec with {p.type_name(started)}")
         return AgentExecution(client, stream, started.pid, started.pty)
 
     async def exec(self, request: ExecRequest) -> AgentExecution:
@@ -297,7 +293,9 @@ class AgentSandbox(abc.ABC):
     async def kill_process(self, pid: int, signal: int = 9) -> None:
         await self.agent.call_expect(p.Signal(pid=pid, signal=signal), p.Ok)
 
-    async def logs(self, *, follow: bool = False, since_seq: int = 0) -> AsyncIterator[LogEntry]:
+    async def logs(
+        self, *, follow: bool = False, since_seq: int = 0
+    ) -> AsyncGenerator[LogEntry, None]:
         stream = await self.agent.start(p.Logs(since_seq=since_seq, follow=follow))
         try:
             while True:
@@ -325,10 +323,11 @@ class AgentSandbox(abc.ABC):
             reply = await self.agent.call_expect(
                 p.ReadFile(path=path, max_bytes=min(max_bytes, _WRITE_IN_ONE_FRAME)), p.FileData
             )
-            return reply.data
         except AgentError as exc:
             if exc.code != "too_large" or max_bytes <= _WRITE_IN_ONE_FRAME:
                 raise
+        else:
+            return reply.data
         data = bytearray()
         async for chunk in self.download(path):
             data += chunk
@@ -348,7 +347,7 @@ class AgentSandbox(abc.ABC):
 
         await self.upload(path, pieces(), mode=mode)
 
-    async def download(self, path: str) -> AsyncIterator[bytes]:
+    async def download(self, path: str) -> AsyncGenerator[bytes, None]:
         """The file's bytes in order, in chunks of up to 1 MiB, several in flight."""
         client = self.agent
         opened = await client.call_expect(p.OpenRead(path=path), p.Opened)
@@ -386,9 +385,7 @@ class AgentSandbox(abc.ABC):
                 view = memoryview(chunk)
                 for start in range(0, len(view), _CHUNK):
                     piece = bytes(view[start : start + _CHUNK])
-                    pending.append(
-                        await client.start(p.WriteChunk(opened.handle, offset, piece))
-                    )
+                    pending.append(await client.start(p.WriteChunk(opened.handle, offset, piece)))
                     offset += len(piece)
                     if len(pending) >= _WINDOW:
                         await pending[0].reply()

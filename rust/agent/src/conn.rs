@@ -33,7 +33,16 @@ const LINGER_BYTES: u64 = 1 << 20;
 /// Time allowed for the client's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub const FEATURES: &[&str] = &["exec", "pty", "stdin", "attach", "logs", "files", "stream-files", "stats"];
+pub const FEATURES: &[&str] = &[
+    "exec",
+    "pty",
+    "stdin",
+    "attach",
+    "logs",
+    "files",
+    "stream-files",
+    "stats",
+];
 
 /// What the whole agent shares between connections.
 pub struct Agent {
@@ -98,7 +107,10 @@ struct Conn {
 
 impl Conn {
     fn idle(&self) -> bool {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     /// Waits until no request is in flight.
@@ -205,7 +217,10 @@ where
             Err(ReadError::Closed) => break,
             Err(ReadError::Decode(err)) => {
                 // After a bad header the stream cannot be resynchronised.
-                conn.reply_later(0, Message::error(err.code(), format!("{err}; closing the connection")));
+                conn.reply_later(
+                    0,
+                    Message::error(err.code(), format!("{err}; closing the connection")),
+                );
                 fatal = true;
             }
         }
@@ -228,7 +243,10 @@ where
     drop(conn);
     // The writer ends once every queued reply is written and all senders are gone.
     let abort = writer_task.abort_handle();
-    if tokio::time::timeout(FLUSH_GRACE, writer_task).await.is_err() {
+    if tokio::time::timeout(FLUSH_GRACE, writer_task)
+        .await
+        .is_err()
+    {
         abort.abort();
     }
     if fatal {
@@ -263,7 +281,10 @@ async fn handshake<R: AsyncRead + Unpin>(agent: &Agent, conn: &Conn, reader: &mu
             envelope.id,
             Message::error(
                 codes::HANDSHAKE_REQUIRED,
-                format!("the first message must be hello, got {}", envelope.body.type_name()),
+                format!(
+                    "the first message must be hello, got {}",
+                    envelope.body.type_name()
+                ),
             ),
         );
         return false;
@@ -271,12 +292,18 @@ async fn handshake<R: AsyncRead + Unpin>(agent: &Agent, conn: &Conn, reader: &mu
     if let Err(err) = check_version(hello.version) {
         conn.reply_later(
             envelope.id,
-            Message::error(err.code(), format!("{err}; use a client and agent from the same release")),
+            Message::error(
+                err.code(),
+                format!("{err}; use a client and agent from the same release"),
+            ),
         );
         return false;
     }
     if agent.shutting_down() {
-        conn.reply_later(envelope.id, Message::error(codes::SHUTTING_DOWN, "the agent is shutting down"));
+        conn.reply_later(
+            envelope.id,
+            Message::error(codes::SHUTTING_DOWN, "the agent is shutting down"),
+        );
         return false;
     }
     conn.reply_later(
@@ -307,13 +334,22 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, body: &[u8]) {
     let id = envelope.id;
     let msg = envelope.body;
     if !msg.is_request() {
-        conn.fail_later(id, (codes::NOT_A_REQUEST, format!("{} is not a request", msg.type_name())));
+        conn.fail_later(
+            id,
+            (
+                codes::NOT_A_REQUEST,
+                format!("{} is not a request", msg.type_name()),
+            ),
+        );
         return;
     }
     // Requests that must keep their arrival order are handled right here.
     let registry = &agent.registry;
     let immediate = match &msg {
-        Message::Hello(_) => Some(Err((codes::INVALID_ARGUMENT, "hello was already received".into()))),
+        Message::Hello(_) => Some(Err((
+            codes::INVALID_ARGUMENT,
+            "hello was already received".into(),
+        ))),
         Message::WriteStdin { pid, data } => Some(
             registry
                 .get(*pid)
@@ -329,7 +365,12 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, body: &[u8]) {
         Message::Resize { pid, rows, cols } => Some(
             registry
                 .get(*pid)
-                .and_then(|p| p.resize(PtySize { rows: *rows, cols: *cols }))
+                .and_then(|p| {
+                    p.resize(PtySize {
+                        rows: *rows,
+                        cols: *cols,
+                    })
+                })
                 .map(|()| Some(Message::Ok {})),
         ),
         Message::Signal { pid, signal } => Some(
@@ -339,7 +380,11 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, body: &[u8]) {
                 .map(|()| Some(Message::Ok {})),
         ),
         Message::Cancel { target } => {
-            let task = conn.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(target);
+            let task = conn
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(target);
             if let Some(task) = task {
                 task.abort();
                 conn.reply_later(*target, Message::End {});
@@ -360,19 +405,35 @@ fn dispatch(agent: &Arc<Agent>, conn: &Arc<Conn>, body: &[u8]) {
     let mut tasks = conn.tasks.lock().unwrap_or_else(|p| p.into_inner());
     if tasks.contains_key(&id) {
         drop(tasks);
-        conn.fail_later(id, (codes::DUPLICATE_ID, format!("request id {id} is already in flight")));
+        conn.fail_later(
+            id,
+            (
+                codes::DUPLICATE_ID,
+                format!("request id {id} is already in flight"),
+            ),
+        );
         return;
     }
     if tasks.len() >= MAX_IN_FLIGHT {
         drop(tasks);
-        conn.fail_later(id, (codes::BUSY, format!("{MAX_IN_FLIGHT} requests in flight; wait for some to finish")));
+        conn.fail_later(
+            id,
+            (
+                codes::BUSY,
+                format!("{MAX_IN_FLIGHT} requests in flight; wait for some to finish"),
+            ),
+        );
         return;
     }
     let (agent2, conn2) = (agent.clone(), conn.clone());
     let task = tokio::spawn(async move {
         let reply = conn2.replier(id);
         handle(&agent2, &conn2, &reply, msg).await;
-        conn2.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        conn2
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         conn2.task_done.notify_waiters();
     });
     tasks.insert(id, task.abort_handle());
@@ -398,7 +459,13 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
             } else {
                 match agent.registry.spawn(exec, conn.id) {
                     Ok(process) => {
-                        if reply.send(Message::Started { pid: process.pid, pty: process.pty }).await {
+                        if reply
+                            .send(Message::Started {
+                                pid: process.pid,
+                                pty: process.pty,
+                            })
+                            .await
+                        {
                             process.stream(reply, 0, true).await;
                         }
                         return;
@@ -407,9 +474,19 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
                 }
             }
         }
-        Message::Attach { pid, since_seq, follow } => match agent.registry.get(pid) {
+        Message::Attach {
+            pid,
+            since_seq,
+            follow,
+        } => match agent.registry.get(pid) {
             Ok(process) => {
-                if reply.send(Message::Started { pid, pty: process.pty }).await {
+                if reply
+                    .send(Message::Started {
+                        pid,
+                        pty: process.pty,
+                    })
+                    .await
+                {
                     process.stream(reply, since_seq, follow).await;
                 }
                 return;
@@ -434,33 +511,54 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
                 _ => Ok(Message::End {}),
             }
         }
-        Message::ReadFile { path, max_bytes } => blocking(move || files::read_file(&path, max_bytes))
-            .await
-            .map(|(data, size)| Message::FileData { data, size }),
-        Message::WriteFile { path, data, mode, make_parents } => {
-            blocking(move || files::write_file(&path, &data, mode, make_parents))
+        Message::ReadFile { path, max_bytes } => {
+            blocking(move || files::read_file(&path, max_bytes))
                 .await
-                .map(|()| Message::Ok {})
+                .map(|(data, size)| Message::FileData { data, size })
         }
+        Message::WriteFile {
+            path,
+            data,
+            mode,
+            make_parents,
+        } => blocking(move || files::write_file(&path, &data, mode, make_parents))
+            .await
+            .map(|()| Message::Ok {}),
         Message::OpenRead { path } => {
             let c = conn.clone();
             blocking(move || c.handles.open_read(&path))
                 .await
                 .map(|(handle, size, mode)| Message::Opened { handle, size, mode })
         }
-        Message::ReadChunk { handle, offset, length } => {
+        Message::ReadChunk {
+            handle,
+            offset,
+            length,
+        } => {
             let c = conn.clone();
             blocking(move || c.handles.read_chunk(handle, offset, length))
                 .await
                 .map(|(data, eof)| Message::Chunk { data, eof })
         }
-        Message::OpenWrite { path, mode, make_parents } => {
+        Message::OpenWrite {
+            path,
+            mode,
+            make_parents,
+        } => {
             let c = conn.clone();
             blocking(move || c.handles.open_write(&path, mode, make_parents))
                 .await
-                .map(|handle| Message::Opened { handle, size: 0, mode })
+                .map(|handle| Message::Opened {
+                    handle,
+                    size: 0,
+                    mode,
+                })
         }
-        Message::WriteChunk { handle, offset, data } => {
+        Message::WriteChunk {
+            handle,
+            offset,
+            data,
+        } => {
             let c = conn.clone();
             blocking(move || c.handles.write_chunk(handle, offset, &data))
                 .await
@@ -476,16 +574,22 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
         Message::ListDir { path, limit } => blocking(move || files::list_dir(&path, limit))
             .await
             .map(|(entries, truncated)| Message::DirListing { entries, truncated }),
-        Message::Stat { path } => blocking(move || files::stat(&path)).await.map(Message::FileInfo),
-        Message::Mkdir { path, parents, mode } => {
-            blocking(move || files::mkdir(&path, parents, mode)).await.map(|()| Message::Ok {})
-        }
-        Message::Remove { path, recursive } => {
-            blocking(move || files::remove(&path, recursive)).await.map(|()| Message::Ok {})
-        }
-        Message::Rename { src, dst } => {
-            blocking(move || files::rename(&src, &dst)).await.map(|()| Message::Ok {})
-        }
+        Message::Stat { path } => blocking(move || files::stat(&path))
+            .await
+            .map(Message::FileInfo),
+        Message::Mkdir {
+            path,
+            parents,
+            mode,
+        } => blocking(move || files::mkdir(&path, parents, mode))
+            .await
+            .map(|()| Message::Ok {}),
+        Message::Remove { path, recursive } => blocking(move || files::remove(&path, recursive))
+            .await
+            .map(|()| Message::Ok {}),
+        Message::Rename { src, dst } => blocking(move || files::rename(&src, &dst))
+            .await
+            .map(|()| Message::Ok {}),
         Message::GetStats {} => {
             let started = agent.started;
             blocking(move || Ok(crate::stats::collect(started)))

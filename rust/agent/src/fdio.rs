@@ -11,7 +11,7 @@ pub fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open (and is not
     // reused) for as long as it is registered.
     let registered = unsafe { AsyncFd::register(fd) };
-    registered.map_err(|e| io::Error::from(e))
+    registered.map_err(io::Error::from)
 }
 
 pub struct AsyncPipe {
@@ -21,13 +21,8 @@ pub struct AsyncPipe {
 impl AsyncPipe {
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
-        fcntl(
-            fd.as_raw_fd(),
-            FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
-        )?;
-        Ok(Self {
-            fd: register(fd)?,
-        })
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok(Self { fd: register(fd)? })
     }
 
     pub fn raw(&self) -> &OwnedFd {
@@ -53,7 +48,9 @@ impl AsyncPipe {
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref().as_fd(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| {
+                nix::unistd::write(fd.get_ref().as_fd(), data).map_err(io::Error::from)
+            }) {
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Err(e),

@@ -65,9 +65,10 @@ fn info_of(path: &Path, meta: &fs::Metadata) -> FileInfo {
         .map_or(0.0, |d| d.as_secs_f64());
     FileInfo {
         path: path.to_string_lossy().into_owned(),
-        name: path
-            .file_name()
-            .map_or_else(|| path.to_string_lossy().into_owned(), |n| n.to_string_lossy().into_owned()),
+        name: path.file_name().map_or_else(
+            || path.to_string_lossy().into_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
         kind,
         size: meta.len(),
         mode: meta.mode(),
@@ -105,7 +106,9 @@ pub fn list_dir(path: &str, limit: Option<u32>) -> Result<(Vec<FileInfo>, bool),
 pub fn read_file(path: &str, max_bytes: Option<u64>) -> Result<(Vec<u8>, u64), Failure> {
     use std::io::Read;
     let p = checked_path(path)?;
-    let limit = max_bytes.unwrap_or(MAX_READ_FILE_BYTES).min(MAX_READ_FILE_BYTES);
+    let limit = max_bytes
+        .unwrap_or(MAX_READ_FILE_BYTES)
+        .min(MAX_READ_FILE_BYTES);
     let file = File::open(p).map_err(|e| io_failure(path, &e))?;
     let meta = file.metadata().map_err(|e| io_failure(path, &e))?;
     if meta.is_dir() {
@@ -296,11 +299,19 @@ impl Handles {
     }
 
     /// Reads up to `length` bytes at `offset`; `eof` once the end (as of open) is reached.
-    pub fn read_chunk(&self, id: u64, offset: u64, length: u32) -> Result<(Vec<u8>, bool), Failure> {
+    pub fn read_chunk(
+        &self,
+        id: u64,
+        offset: u64,
+        length: u32,
+    ) -> Result<(Vec<u8>, bool), Failure> {
         let slot = self.get(id)?;
         let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
         let Some(Handle::Read { file, size }) = guard.as_ref() else {
-            return Err((codes::INVALID_ARGUMENT, format!("handle {id} is not open for reading")));
+            return Err((
+                codes::INVALID_ARGUMENT,
+                format!("handle {id} is not open for reading"),
+            ));
         };
         let length = (length as usize).min(MAX_CHUNK_BYTES);
         let mut buf = vec![0u8; length];
@@ -323,7 +334,10 @@ impl Handles {
         let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
             Some(Handle::Write(pending)) => pending.write_at(offset, data),
-            _ => Err((codes::INVALID_ARGUMENT, format!("handle {id} is not open for writing"))),
+            _ => Err((
+                codes::INVALID_ARGUMENT,
+                format!("handle {id} is not open for writing"),
+            )),
         }
     }
 
@@ -333,7 +347,10 @@ impl Handles {
         self.close(id)?;
         match handle {
             Some(Handle::Write(pending)) => pending.commit(),
-            _ => Err((codes::INVALID_ARGUMENT, format!("handle {id} is not open for writing"))),
+            _ => Err((
+                codes::INVALID_ARGUMENT,
+                format!("handle {id} is not open for writing"),
+            )),
         }
     }
 }
@@ -377,8 +394,14 @@ mod tests {
         assert_eq!(handles.commit(id).unwrap(), 6);
         assert_eq!(fs::read(&target).unwrap(), b"abcdef");
         let rid = handles.open_read(s(&target)).unwrap().0;
-        assert_eq!(handles.read_chunk(rid, 0, 4).unwrap(), (b"abcd".to_vec(), false));
-        assert_eq!(handles.read_chunk(rid, 4, 4).unwrap(), (b"ef".to_vec(), true));
+        assert_eq!(
+            handles.read_chunk(rid, 0, 4).unwrap(),
+            (b"abcd".to_vec(), false)
+        );
+        assert_eq!(
+            handles.read_chunk(rid, 4, 4).unwrap(),
+            (b"ef".to_vec(), true)
+        );
         assert!(handles.read_chunk(99, 0, 1).is_err());
     }
 
@@ -387,10 +410,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
         assert_eq!(stat(s(&missing)).unwrap_err().0, codes::NOT_FOUND);
-        assert_eq!(read_file(s(dir.path()), None).unwrap_err().0, codes::IS_A_DIRECTORY);
+        assert_eq!(
+            read_file(s(dir.path()), None).unwrap_err().0,
+            codes::IS_A_DIRECTORY
+        );
         fs::write(dir.path().join("f"), b"x").unwrap();
-        assert_eq!(remove(s(dir.path()), false).unwrap_err().0, codes::NOT_EMPTY);
-        assert_eq!(read_file(s(&dir.path().join("f")), Some(0)).unwrap_err().0, codes::TOO_LARGE);
+        assert_eq!(
+            remove(s(dir.path()), false).unwrap_err().0,
+            codes::NOT_EMPTY
+        );
+        assert_eq!(
+            read_file(s(&dir.path().join("f")), Some(0)).unwrap_err().0,
+            codes::TOO_LARGE
+        );
         assert_eq!(stat("").unwrap_err().0, codes::INVALID_ARGUMENT);
     }
 }

@@ -21,8 +21,22 @@ pub fn setup_filesystems() {
     }
     if !Path::new("/dev/null").exists() {
         let _ = std::fs::create_dir_all("/dev");
-        if mount(Some("devtmpfs"), "/dev", Some("devtmpfs"), MsFlags::MS_NOSUID, Some("mode=0755")).is_err() {
-            mount_fs("tmpfs", "/dev", "tmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+        if mount(
+            Some("devtmpfs"),
+            "/dev",
+            Some("devtmpfs"),
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        )
+        .is_err()
+        {
+            mount_fs(
+                "tmpfs",
+                "/dev",
+                "tmpfs",
+                MsFlags::MS_NOSUID,
+                Some("mode=0755"),
+            );
             make_device_nodes();
         }
     }
@@ -39,10 +53,22 @@ pub fn setup_filesystems() {
         let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     }
     if !Path::new("/dev/shm").exists() {
-        mount_fs("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"));
+        mount_fs(
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            nosuid_nodev,
+            Some("mode=1777"),
+        );
     }
     if !Path::new("/tmp").exists() {
-        mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+        mount_fs(
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        );
     }
 }
 
@@ -56,7 +82,12 @@ fn make_device_nodes() {
         ("/dev/tty", 5, 0),
     ];
     for (path, major, minor) in nodes {
-        if let Err(e) = mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(major, minor)) {
+        if let Err(e) = mknod(
+            path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        ) {
             eprintln!("tartarus-agent: mknod {path}: {e}");
         }
     }

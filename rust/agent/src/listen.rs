@@ -62,7 +62,10 @@ pub async fn run(agent: Arc<Agent>, listen: Listen) -> io::Result<()> {
                 }
             }
             let listener = UnixListener::bind(&path).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display()))
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", path.display()),
+                )
             })?;
             loop {
                 let (stream, _) = listener.accept().await?;
@@ -77,9 +80,9 @@ pub async fn run(agent: Arc<Agent>, listen: Listen) -> io::Result<()> {
                 SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
                 None,
             )
-            .map_err(|e| io::Error::new(io::ErrorKind::Other, format!("vsock socket: {e}")))?;
+            .map_err(|e| io::Error::other(format!("vsock socket: {e}")))?;
             bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
-                .map_err(|e| io::Error::new(io::ErrorKind::Other, format!("bind vsock:{port}: {e}")))?;
+                .map_err(|e| io::Error::other(format!("bind vsock:{port}: {e}")))?;
             nix::sys::socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
             let listener = crate::fdio::register(fd)?;
             loop {

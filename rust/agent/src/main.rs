@@ -46,7 +46,11 @@ struct Options {
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
     match args.first().map(String::as_str) {
         Some("--version" | "-V") => {
-            println!("tartarus-agent {} (protocol {})", env!("CARGO_PKG_VERSION"), tartarus_proto::PROTOCOL_VERSION);
+            println!(
+                "tartarus-agent {} (protocol {})",
+                env!("CARGO_PKG_VERSION"),
+                tartarus_proto::PROTOCOL_VERSION
+            );
             Ok(None)
         }
         Some("--help" | "-h") => {
@@ -96,7 +100,10 @@ fn main() -> ExitCode {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tartarus-agent: cannot start the runtime: {e}");

@@ -76,7 +76,10 @@ pub struct Process {
 
 impl Process {
     pub fn running(&self) -> bool {
-        self.exit.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 
     fn exit_info(&self, dropped_chunks: u64) -> Option<ExitInfo> {
@@ -163,8 +166,12 @@ impl Process {
             ));
         };
         self.stdin_pending.fetch_add(data.len(), Ordering::SeqCst);
-        tx.send(StdinOp::Data(data, reply))
-            .map_err(|_| (codes::INVALID_ARGUMENT, format!("stdin of process {} is closed", self.pid)))
+        tx.send(StdinOp::Data(data, reply)).map_err(|_| {
+            (
+                codes::INVALID_ARGUMENT,
+                format!("stdin of process {} is closed", self.pid),
+            )
+        })
     }
 
     pub fn close_stdin(&self, reply: Replier) -> Result<(), Failure> {
@@ -279,9 +286,9 @@ impl Registry {
             }
         };
         let creds = match &req.user {
-            Some(spec) => Some(
-                user::resolve(spec, &self.etc).map_err(|e| (codes::INVALID_ARGUMENT, e))?,
-            ),
+            Some(spec) => {
+                Some(user::resolve(spec, &self.etc).map_err(|e| (codes::INVALID_ARGUMENT, e))?)
+            }
             None => None,
         };
         if let Some(c) = &creds {
@@ -289,21 +296,28 @@ impl Registry {
             if euid != 0 && c.uid != euid {
                 return Err((
                     codes::PERMISSION_DENIED,
-                    format!("the agent runs as uid {euid} and cannot run as uid {}", c.uid),
+                    format!(
+                        "the agent runs as uid {euid} and cannot run as uid {}",
+                        c.uid
+                    ),
                 ));
             }
         }
         if let Some(cwd) = &req.cwd {
             if !std::path::Path::new(cwd).is_dir() {
-                return Err((codes::NOT_FOUND, format!("working directory {cwd} does not exist")));
+                return Err((
+                    codes::NOT_FOUND,
+                    format!("working directory {cwd} does not exist"),
+                ));
             }
         }
-        let limit = req
-            .buffer_bytes
-            .map_or(DEFAULT_BUFFER_BYTES, |b| b.clamp(MIN_BUFFER_BYTES as u64, MAX_BUFFER_BYTES as u64) as usize);
+        let limit = req.buffer_bytes.map_or(DEFAULT_BUFFER_BYTES, |b| {
+            b.clamp(MIN_BUFFER_BYTES as u64, MAX_BUFFER_BYTES as u64) as usize
+        });
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        cmd.env_clear().envs(child_env(&req.env, creds.as_ref(), req.pty.is_some()));
+        cmd.env_clear()
+            .envs(child_env(&req.env, creds.as_ref(), req.pty.is_some()));
         if let Some(cwd) = &req.cwd {
             cmd.current_dir(cwd);
         }
@@ -434,7 +448,8 @@ fn child_env(
     pty: bool,
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
-    env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+    env.entry("PATH".into())
+        .or_insert_with(|| DEFAULT_PATH.into());
     if let Some(c) = creds {
         if let Some(home) = &c.home {
             env.insert("HOME".into(), home.clone());
@@ -445,7 +460,8 @@ fn child_env(
         }
     }
     if pty {
-        env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
+        env.entry("TERM".into())
+            .or_insert_with(|| "xterm-256color".into());
     }
     env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
@@ -497,7 +513,11 @@ fn spawn_child(
         cmd.stderr(Stdio::from(pair.slave));
         master = Some(pair.master);
     } else {
-        cmd.stdin(if want_stdin { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if want_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.stdout(Stdio::piped());
         cmd.stderr(Stdio::piped());
     }

@@ -230,7 +230,12 @@ mod tests {
     use super::*;
 
     fn push(ring: &Ring, text: &str) -> u64 {
-        ring.push(1, Stream::Stdout, 0.0, Bytes::copy_from_slice(text.as_bytes()))
+        ring.push(
+            1,
+            Stream::Stdout,
+            0.0,
+            Bytes::copy_from_slice(text.as_bytes()),
+        )
     }
 
     #[test]

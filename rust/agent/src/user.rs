@@ -74,19 +74,19 @@ pub fn resolve(spec: &str, etc: &Path) -> Result<Credentials, String> {
         None => (spec, None),
     };
     if user_part.is_empty() || group_part == Some("") {
-        return Err(format!("invalid user {spec:?}: expected NAME, UID or UID:GID"));
+        return Err(format!(
+            "invalid user {spec:?}: expected NAME, UID or UID:GID"
+        ));
     }
     let passwd = parse_passwd(&read_small(&etc.join("passwd")));
     let groups = parse_group(&read_small(&etc.join("group")));
-    let entry = match user_part.parse::<u32>() {
-        Ok(uid) => passwd.iter().find(|e| e.uid == uid),
-        Err(_) => Some(
-            passwd
-                .iter()
-                .find(|e| e.name == user_part)
-                .ok_or_else(|| format!("no user {user_part:?} in {}", etc.join("passwd").display()))?,
-        ),
-    };
+    let entry =
+        match user_part.parse::<u32>() {
+            Ok(uid) => passwd.iter().find(|e| e.uid == uid),
+            Err(_) => Some(passwd.iter().find(|e| e.name == user_part).ok_or_else(|| {
+                format!("no user {user_part:?} in {}", etc.join("passwd").display())
+            })?),
+        };
     let uid = match entry {
         Some(e) => e.uid,
         None => user_part.parse::<u32>().map_err(|e| e.to_string())?,
@@ -105,7 +105,7 @@ pub fn resolve(spec: &str, etc: &Path) -> Result<Credentials, String> {
     let mut supplementary = vec![gid];
     if let Some(e) = entry {
         for (_, g, members) in &groups {
-            if members.iter().any(|m| *m == e.name) && !supplementary.contains(g) {
+            if members.contains(&e.name) && !supplementary.contains(g) {
                 supplementary.push(*g);
             }
         }
@@ -147,15 +147,22 @@ mod tests {
         assert_eq!(alice.home.as_deref(), Some("/home/alice"));
         let numeric = resolve("4242:4343", dir.path()).unwrap();
         assert_eq!((numeric.uid, numeric.gid, numeric.home), (4242, 4343, None));
-        assert_eq!(resolve("1000", dir.path()).unwrap().name.as_deref(), Some("alice"));
+        assert_eq!(
+            resolve("1000", dir.path()).unwrap().name.as_deref(),
+            Some("alice")
+        );
         assert_eq!(resolve("alice:wheel", dir.path()).unwrap().gid, 10);
     }
 
     #[test]
     fn unknown_names_are_errors() {
         let dir = etc();
-        assert!(resolve("mallory", dir.path()).unwrap_err().contains("no user"));
-        assert!(resolve("alice:nogroup", dir.path()).unwrap_err().contains("no group"));
+        assert!(resolve("mallory", dir.path())
+            .unwrap_err()
+            .contains("no user"));
+        assert!(resolve("alice:nogroup", dir.path())
+            .unwrap_err()
+            .contains("no group"));
         assert!(resolve("", dir.path()).is_err());
         assert!(resolve("1:", dir.path()).is_err());
     }
