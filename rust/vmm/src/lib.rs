@@ -6,6 +6,17 @@
 //! `api` serves the control socket, `seccomp` and `jail` confine the process, and
 //! `probe` is the KVM flavour check the doctor runs.
 
+pub mod api;
 pub mod boot;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod devices;
 pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod metrics;
 pub mod probe;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vmm;

@@ -100,7 +100,7 @@ pub fn setup_registers(vcpu: &VcpuFd, mode: &EntryMode, boot_cpu: bool) -> Resul
             regs.rsi = boot_params;
         }
         EntryMode::Pvh { entry, start_info } => {
-            sregs.cr0 = (sregs.cr0 & !CR0_PG) | CR0_PE | CR0_ET;
+            sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr4 = 0;
             sregs.efer = 0;
             regs.rip = entry;
