@@ -29,17 +29,17 @@ pub enum Request {
         machine: MachineConfig,
     },
     /// Builds the VM and starts its vCPUs.
-    Start,
-    Pause,
-    Resume,
-    State,
-    Metrics,
+    Start {},
+    Pause {},
+    Resume {},
+    State {},
+    Metrics {},
     /// Waits up to `timeout_ms` (at most 60 s) for the guest to exit; returns the state.
     Wait {
         timeout_ms: u64,
     },
     /// Stops the guest if it runs, answers, and ends the VMM process.
-    Stop,
+    Stop {},
 }
 
 /// Categories a client can act on without parsing messages.
@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn requests_parse_from_tagged_objects() {
-        assert_eq!(parse_request(br#"{"op":"start"}"#).unwrap(), Request::Start);
+        assert_eq!(parse_request(br#"{"op":"start"}"#).unwrap(), Request::Start {});
         assert_eq!(
             parse_request(br#"{"op":"wait","timeout_ms":5}"#).unwrap(),
             Request::Wait { timeout_ms: 5 }

@@ -7,6 +7,8 @@
 //!     boot the machine in FILE, wait for the guest to exit, print {"exit", "metrics"}
 //! tartarus-vmm serve --api-sock PATH [--config FILE] [--no-seccomp]
 //!     serve the control API on PATH (and boot FILE right away if given)
+//! tartarus-vmm seccomp-selftest api|vcpu
+//!     install that thread's filter, then make a call it forbids: the process must die
 //! ```
 //! Exit status: 0 when the guest reset, shut down or halted (or `stop` was asked),
 //! 1 for any other guest exit, 2 for usage errors, 3 when the VMM could not start.
@@ -92,7 +94,7 @@ fn prepare(args: &Args) -> Result<Vmm, String> {
 fn configure_and_start(vmm: &mut Vmm, path: &PathBuf) -> Result<(), String> {
     let machine: MachineConfig = read_json(path)?;
     vmm.handle(Request::Configure { machine })
-        .and_then(|_| vmm.handle(Request::Start))
+        .and_then(|_| vmm.handle(Request::Start {}))
         .map(|_| ())
         .map_err(|e| e.message)
 }
@@ -110,7 +112,7 @@ fn run(args: &Args) -> ExitCode {
     }
     while vmm.wait(Duration::from_secs(3600)).is_none() {}
     let report = vmm.report();
-    let metrics = vmm.handle(Request::Metrics).unwrap_or_default();
+    let metrics = vmm.handle(Request::Metrics {}).unwrap_or_default();
     vmm.shutdown();
     println!("{}", json!({"exit": report.exit, "metrics": metrics}));
     exit_code(report.exit.as_ref())
@@ -138,6 +140,44 @@ fn serve(args: &Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Proves the filters bite: installs them as the VMM does, shows an allowed call works,
+/// then makes a call the thread may not make (`getppid` on the API thread, `openat` on
+/// a vCPU thread, which the API thread may make). Reaching the end is a failure.
+fn seccomp_selftest(kind: Option<&str>) -> ExitCode {
+    let filters = match seccomp::filters() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = seccomp::install(&filters, ThreadKind::Api) {
+        return fail(e);
+    }
+    println!("api filter installed");
+    match kind {
+        Some("api") => {
+            // SAFETY: getppid has no arguments and no side effects.
+            unsafe { libc::getppid() };
+        }
+        Some("vcpu") => {
+            let vcpu = Arc::new(filters.vcpu);
+            let worker = std::thread::spawn(move || {
+                if let Err(e) = seccompiler::apply_filter(&vcpu) {
+                    eprintln!("tartarus-vmm: {e}");
+                    return;
+                }
+                println!("vcpu filter installed");
+                let _ = std::fs::File::open("/dev/null");
+            });
+            let _ = worker.join();
+        }
+        _ => {
+            eprintln!("usage: tartarus-vmm seccomp-selftest api|vcpu");
+            return ExitCode::from(2);
+        }
+    }
+    println!("survived a forbidden system call");
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
     mark_process_start();
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -145,6 +185,9 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
+    if command == "seccomp-selftest" {
+        return seccomp_selftest(argv.get(1).map(String::as_str));
+    }
     let args = match parse_args(&argv[1..]) {
         Ok(a) => a,
         Err(e) => {

@@ -160,22 +160,22 @@ impl Handler for Vmm {
                 self.config = Some(machine);
                 to_value(self.report())
             }
-            Request::Start => {
+            Request::Start {} => {
                 self.start()?;
                 to_value(self.report())
             }
-            Request::Pause => {
+            Request::Pause {} => {
                 let m = self.running_machine()?;
                 m.control().pause();
                 to_value(self.report())
             }
-            Request::Resume => {
+            Request::Resume {} => {
                 let m = self.running_machine()?;
                 m.control().resume();
                 to_value(self.report())
             }
-            Request::State => to_value(self.report()),
-            Request::Metrics => {
+            Request::State {} => to_value(self.report()),
+            Request::Metrics {} => {
                 let memory = self.config.as_ref().map_or(0, |c| c.memory_bytes());
                 let unclaimed = self.machine.as_ref().map(|m| &m.devices().unclaimed);
                 to_value(self.metrics.report(unclaimed, memory))
@@ -187,7 +187,7 @@ impl Handler for Vmm {
                 self.wait(Duration::from_millis(timeout_ms).min(MAX_WAIT));
                 to_value(self.report())
             }
-            Request::Stop => {
+            Request::Stop {} => {
                 let clean = self.shutdown();
                 let mut report = to_value(self.report())?;
                 report["clean"] = Value::Bool(clean);
