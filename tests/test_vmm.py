@@ -7,6 +7,7 @@ host whose KVM delivers exceptions; those tests carry the `kvm_full` marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -114,7 +115,8 @@ def test_long_computation_result_is_exact(vmm_bin: str, guest: Path, tmp_path: P
     rounds = 60_000
     r = run_probe(vmm_bin, guest, tmp_path, f"compute {rounds}")
     assert r.serial.endswith(f"compute={xorshift_result(rounds):016x}\n")
-    assert r.serial.count(".") == rounds // 16384
+    # A dot each time the count of remaining rounds reaches a multiple of 16384.
+    assert r.serial.count(".") == -(-rounds // 16384)
 
 
 def test_unclaimed_ports_and_mmio_read_as_empty_bus(
@@ -401,7 +403,10 @@ def _raw_request(sock_path: Path, payload: bytes) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(sock_path))
-        s.sendall(payload)
+        # The VMM answers an oversized line as soon as it passes the limit and hangs
+        # up, possibly before we finish sending it.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(payload)
         data = b""
         while not data.endswith(b"\n"):
             chunk = s.recv(65536)
