@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.support.probe_guests import build_probe_guest
+
 from benches.harness import Stats, report, write_result
 from tartarus.binaries import find_binary
-from tests.support.probe_guests import build_probe_guest
 
 MEMORY_MIB = 64
 RUNS = 30
@@ -150,13 +151,14 @@ def main() -> None:
         peer_boots = [boot_once(peer, kill=True) for _ in range(RUNS)]
         our_rate = rate(ours, kill=False)
         peer_rate = rate(peer, kill=True)
+    ours_s = {**summary(our_boots), "vmms_per_second_2_at_a_time": round(our_rate, 1)}
+    peer_s = {**summary(peer_boots), "vmms_per_second_2_at_a_time": round(peer_rate, 1)}
     results = {
         "guest": "probe.elf hello (64 MiB)",
-        "tartarus_vmm": {**summary(our_boots), "vmms_per_second_2_at_a_time": round(our_rate, 1)},
-        "qemu_microvm": {**summary(peer_boots), "vmms_per_second_2_at_a_time": round(peer_rate, 1)},
+        "tartarus_vmm": ours_s,
+        "qemu_microvm": peer_s,
         "firecracker_bar": {"rss_overhead_kib": 5 * 1024, "start_cpu_ms": 8},
     }
-    ours_s, peer_s = results["tartarus_vmm"], results["qemu_microvm"]
     report("start → first guest instruction (wall)", ours_s["start_to_first_instruction_wall"],
            peer_s["start_to_first_instruction_wall"], "qemu microvm")  # fmt: skip
     report("start → first guest instruction (CPU)", ours_s["start_to_first_instruction_cpu"],

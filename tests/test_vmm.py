@@ -22,7 +22,12 @@ import msgspec
 import pytest
 
 from tartarus.binaries import find_binary
+from tartarus.config import Settings, load_settings
 from tartarus.host.doctor import DoctorReport
+from tartarus.runtime.base import BackendUnavailableError
+from tartarus.runtime.microvm import MicroVmRuntime
+from tartarus.runtime.types import SandboxSpec
+from tartarus.runtime.vmm_api import MachineConfig, VmmError, VmmProcess, VmState
 from tests.support.probe_guests import build_probe_guest, xorshift_result
 
 pytestmark = pytest.mark.timeout(120)
@@ -306,8 +311,6 @@ def test_probe_guests_run_under_seccomp_and_without(
 
 @pytest.mark.anyio
 async def test_api_lifecycle_and_state_errors(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
-    from tartarus.runtime.vmm_api import MachineConfig, VmmError, VmmProcess, VmState
-
     vmm = await VmmProcess.launch(tmp_path / "vm")
     try:
         assert (await vmm.state()).state is VmState.NOT_CONFIGURED
@@ -345,7 +348,8 @@ def _path(type_: type, obj: Any) -> Any:
 async def _wait_for(path: Path, text: str, count: int = 1, timeout_s: float = 30) -> str:
     with anyio.fail_after(timeout_s):
         while True:
-            content = path.read_text() if path.exists() else ""
+            apath = anyio.Path(path)
+            content = await apath.read_text() if await apath.exists() else ""
             if content.count(text) >= count:
                 return content
             await anyio.sleep(0.01)
@@ -353,8 +357,6 @@ async def _wait_for(path: Path, text: str, count: int = 1, timeout_s: float = 30
 
 @pytest.mark.anyio
 async def test_pause_and_resume_mid_computation(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
-    from tartarus.runtime.vmm_api import MachineConfig, VmmProcess, VmState
-
     rounds = 16384 * 12
     serial = tmp_path / "serial.log"
     vmm = await VmmProcess.launch(tmp_path / "vm")
@@ -381,8 +383,6 @@ async def test_pause_and_resume_mid_computation(vmm_bin: str, guest: Path, tmp_p
 async def test_spinning_guest_is_stopped_by_the_api(
     vmm_bin: str, guest: Path, tmp_path: Path
 ) -> None:
-    from tartarus.runtime.vmm_api import MachineConfig, VmmProcess, VmState
-
     vmm = await VmmProcess.launch(tmp_path / "vm")
     try:
         cfg = machine(guest, tmp_path, "spin")
@@ -421,8 +421,6 @@ def _raw_request(sock_path: Path, payload: bytes) -> dict[str, Any]:
 async def test_garbage_on_the_api_socket_gets_errors_and_the_vmm_survives(
     vmm_bin: str, tmp_path: Path
 ) -> None:
-    from tartarus.runtime.vmm_api import VmmProcess, VmState
-
     vmm = await VmmProcess.launch(tmp_path / "vm")
     try:
         for payload in [
@@ -449,13 +447,10 @@ async def test_garbage_on_the_api_socket_gets_errors_and_the_vmm_survives(
 async def test_microvm_backend_reports_the_doctors_reason(
     doctor_report: DoctorReport, tmp_path: Path
 ) -> None:
-    from tartarus.config import load_settings
-    from tartarus.runtime.base import BackendUnavailableError
-    from tartarus.runtime.microvm import MicroVmRuntime
-    from tartarus.runtime.types import SandboxSpec
-
     verdict = doctor_report.backend("microvm")
-    runtime = MicroVmRuntime(kernel=tmp_path / "vmlinux", settings=load_settings(), doctor=doctor_report)
+    runtime = MicroVmRuntime(
+        kernel=tmp_path / "vmlinux", settings=load_settings(), doctor=doctor_report
+    )
     if verdict.available:
         pytest.skip("this host runs full guests; see test_linux_guest_boots_to_its_console")
     with pytest.raises(BackendUnavailableError) as e:
@@ -465,10 +460,6 @@ async def test_microvm_backend_reports_the_doctors_reason(
 
 @pytest.mark.anyio
 async def test_reap_kills_leftover_vmms(vmm_bin: str, tmp_path: Path) -> None:
-    from tartarus.config import Settings
-    from tartarus.runtime.microvm import MicroVmRuntime
-    from tartarus.runtime.vmm_api import VmmProcess
-
     settings = Settings(runtime_dir=tmp_path / "run")
     runtime = MicroVmRuntime(settings=settings)
     kept = await VmmProcess.launch(runtime.sandboxes_dir / "keep")

@@ -8,7 +8,6 @@ tests and benches build it once per change. It has the 64-bit vmlinux-style entr
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -64,5 +63,5 @@ def build_probe_guest() -> Path:
             check=True,
         )
         # Atomic: parallel test workers never see a half-written guest.
-        os.replace(staged, elf)
+        staged.replace(elf)
     return elf

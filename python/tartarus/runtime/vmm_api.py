@@ -153,7 +153,7 @@ class VmmProcess:
         request_timeout_s: float = 70.0,
     ) -> VmmProcess:
         """Starts the VMM and waits until its socket answers."""
-        workdir.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(workdir).mkdir(parents=True, exist_ok=True)
         socket = workdir / "api.sock"
         argv = [str(find_binary("tartarus-vmm")), "serve", "--api-sock", str(socket)]
         if not seccomp:
@@ -162,7 +162,7 @@ class VmmProcess:
             process = await anyio.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
             )
-        (workdir / "vmm.pid").write_text(str(process.pid))
+        await anyio.Path(workdir / "vmm.pid").write_text(str(process.pid))
         vmm = cls(process, workdir, request_timeout_s)
         with anyio.move_on_after(startup_timeout_s):
             while process.returncode is None:
@@ -191,14 +191,16 @@ class VmmProcess:
         try:
             return await anyio.to_thread.run_sync(self._client.request, line)
         except _core.VmmError as e:
-            kind, message = (e.args + ("", ""))[:2]
+            kind, message = (*e.args, "", "")[:2]
             raise VmmError(str(kind), str(message)) from e
 
     async def _report(self, op: str, **fields: Any) -> StateReport:
         return codec.convert(await self.request({"op": op, **fields}), StateReport)
 
     async def configure(self, machine: MachineConfig) -> StateReport:
-        return await self._report("configure", machine=msgspec.to_builtins(machine, enc_hook=codec.enc_hook))
+        return await self._report(
+            "configure", machine=msgspec.to_builtins(machine, enc_hook=codec.enc_hook)
+        )
 
     async def start(self) -> StateReport:
         return await self._report("start")
