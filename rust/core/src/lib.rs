@@ -46,7 +46,9 @@ impl VmmClient {
     #[pyo3(signature = (socket_path, timeout_s = 30.0))]
     fn new(socket_path: PathBuf, timeout_s: f64) -> PyResult<Self> {
         if !(timeout_s.is_finite() && timeout_s > 0.0) {
-            return Err(PyRuntimeError::new_err("timeout_s must be a positive number"));
+            return Err(PyRuntimeError::new_err(
+                "timeout_s must be a positive number",
+            ));
         }
         Ok(VmmClient {
             inner: RustVmmClient::new(socket_path, Duration::from_secs_f64(timeout_s)),

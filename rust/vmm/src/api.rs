@@ -182,7 +182,10 @@ mod tests {
 
     #[test]
     fn requests_parse_from_tagged_objects() {
-        assert_eq!(parse_request(br#"{"op":"start"}"#).unwrap(), Request::Start {});
+        assert_eq!(
+            parse_request(br#"{"op":"start"}"#).unwrap(),
+            Request::Start {}
+        );
         assert_eq!(
             parse_request(br#"{"op":"wait","timeout_ms":5}"#).unwrap(),
             Request::Wait { timeout_ms: 5 }
