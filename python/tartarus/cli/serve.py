@@ -34,8 +34,17 @@ from tartarus.server.serve import ServeOptions, serve
 )
 @click.option("--json", "as_json", is_flag=True, help="Announce the endpoints as JSON on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every sandbox event.")
+@click.option(
+    "--detach", is_flag=True, help="Run in the background (a new session); return at once."
+)
 def serve_command(
-    socket_path: Path | None, tcp: str | None, grace_s: float, as_json: bool, verbose: bool
+    *,
+    socket_path: Path | None,
+    tcp: str | None,
+    grace_s: float,
+    as_json: bool,
+    verbose: bool,
+    detach: bool,
 ) -> None:
     """Run the Tartarus API server (sandboxes, exec, files, logs) on this host.
 
@@ -43,6 +52,8 @@ def serve_command(
     (anything but loopback needs TARTARUS_API_KEY). Stops on SIGTERM or Ctrl-C:
     in-flight requests finish, then every sandbox is stopped with its grace period.
     """
+    if detach:
+        _detach()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -61,3 +72,10 @@ def serve_command(
         sys.stdout.flush()
 
     anyio.run(lambda: serve(load_settings(), options, on_ready=announce))
+
+
+def _detach() -> None:
+    """Forks: the parent returns (exit 0), the child goes on in a new session."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
