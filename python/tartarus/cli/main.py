@@ -7,8 +7,18 @@ import sys
 import click
 
 from tartarus import __version__
+from tartarus.cli.about import completion_command, version_command
 from tartarus.cli.doctor import doctor
+from tartarus.cli.files import cp_command
 from tartarus.cli.output import err_console
+from tartarus.cli.sandboxes import (
+    exec_command,
+    inspect_command,
+    kill_command,
+    logs_command,
+    ps_command,
+    run_command,
+)
 from tartarus.cli.serve import serve_command
 from tartarus.errors import TartarusError
 
@@ -19,8 +29,20 @@ def cli() -> None:
     """Tartarus: run untrusted code in sandboxes that start in milliseconds."""
 
 
-cli.add_command(doctor)
-cli.add_command(serve_command)
+for command in (
+    run_command,
+    exec_command,
+    ps_command,
+    logs_command,
+    kill_command,
+    inspect_command,
+    cp_command,
+    serve_command,
+    doctor,
+    version_command,
+    completion_command,
+):
+    cli.add_command(command)
 
 
 def main() -> None:
