@@ -86,7 +86,7 @@ def encode_cursor(seq: int) -> str:
 
 
 def decode_cursor(cursor: str) -> int:
-    if not cursor.isdigit() or len(cursor) > 18:
+    if not (cursor.isascii() and cursor.isdigit()) or len(cursor) > 18:
         raise StoreError(f"invalid cursor {cursor!r}: pass next_cursor from a listing")
     return int(cursor)
 

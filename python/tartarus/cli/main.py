@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
-from tartarus.cli.output import err_console
+from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
     exec_command,
     inspect_command,
@@ -47,7 +45,7 @@ for command in (
 
 def main() -> None:
     try:
-        cli(standalone_mode=True)
+        # Named explicitly so `python -m tartarus` completes and reports like `tartarus`.
+        cli(prog_name="tartarus", complete_var="_TARTARUS_COMPLETE", standalone_mode=True)
     except TartarusError as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        sys.exit(1)
+        fail(e)

@@ -65,17 +65,15 @@ def fail(error: TartarusError, *, code: int | None = None) -> NoReturn:
 def run_async(
     fn: Callable[P, Awaitable[T]],
 ) -> Callable[P, T]:
-    """Runs an async command body with anyio; Tartarus errors become exit codes."""
+    """Runs an async command body with anyio (`main` turns Tartarus errors into exit
+    codes)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         async def main() -> T:
             return await fn(*args, **kwargs)
 
-        try:
-            return anyio.run(main)
-        except TartarusError as e:
-            fail(e)
+        return anyio.run(main)
 
     return wrapper
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import click
 
-from tartarus.cli.output import emit_json, err_console
+from tartarus.cli.output import emit_json
 from tartarus.config import load_settings
 from tartarus.endpoint import Endpoint
 from tartarus.server.serve import ServeOptions, serve
@@ -68,7 +68,7 @@ def serve_command(
             emit_json({"endpoints": [e.url for e in endpoints], "pid": os.getpid()})
         else:
             for e in endpoints:
-                err_console.print(f"tartarus serve: listening on [bold]{e.url}[/bold]")
+                click.echo(f"tartarus serve: listening on {e.url}", err=True)
         sys.stdout.flush()
 
     anyio.run(lambda: serve(load_settings(), options, on_ready=announce))

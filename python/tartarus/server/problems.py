@@ -77,7 +77,8 @@ def problem_response(
     )
 
 
-_PATH_IN_MESSAGE = re.compile(r"- at `(\$[^`]*)`$")
+_PATH_IN_MESSAGE = re.compile(r"- at (?:`key` in )?`(\$[^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
 
 def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
@@ -89,10 +90,13 @@ def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
         pointer = match.group(1).removeprefix("$").replace(".", "/").replace("[", "/")
         pointer = pointer.replace("]", "")
         message = message[: match.start()].rstrip()
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        pointer += "/" + unknown.group(1)
     return ApiError(
         422,
         "invalid-" + where,
-        f"invalid {where}: {message}" + (f" at {pointer or '/'}" if match else ""),
+        f"invalid {where}: {message}" + (f" at {pointer}" if pointer else ""),
         errors=[ProblemField(pointer=pointer, detail=message)],
     )
 

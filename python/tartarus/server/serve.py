@@ -110,6 +110,9 @@ async def serve(
             log.info("shutting down: draining requests, then stopping sandboxes")
             app[ACCEPTING][0] = False
             await runner.cleanup()
+            for endpoint in endpoints:
+                if endpoint.path is not None:
+                    await anyio.Path(endpoint.path).unlink(missing_ok=True)
     finally:
         store.close()
         os.close(lock_fd)
