@@ -1,7 +1,7 @@
 //! Where the agent listens: a unix socket, a vsock port, or its own stdin/stdout.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,22 +89,20 @@ pub async fn run(agent: Arc<Agent>, listen: Listen) -> io::Result<()> {
                 let mut guard = listener.readable().await?;
                 let accepted = guard.try_io(|fd| {
                     accept4(
-                        fd.as_raw_fd(),
+                        fd.get_ref(),
                         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
                     )
                     .map_err(io::Error::from)
                 });
                 let Ok(result) = accepted else { continue };
-                let raw = match result {
-                    Ok(raw) => raw,
+                let owned = match result {
+                    Ok(owned) => owned,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         eprintln!("tartarus-agent: vsock accept: {e}");
                         continue;
                     }
                 };
-                // SAFETY: accept4 returned a new descriptor that nothing else owns.
-                let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
                 // A connected vsock socket reads and writes like a unix stream socket;
                 // tokio only needs the descriptor, never its address.
                 let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(owned))?;
