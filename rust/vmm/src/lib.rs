@@ -4,4 +4,5 @@
 //! This crate holds the library behind the `tartarus-vmm` binary. The foundation ships
 //! the KVM flavour probe the doctor uses; the monitor itself grows around it.
 
+pub mod devices;
 pub mod probe;

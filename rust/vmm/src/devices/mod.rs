@@ -1,0 +1,3 @@
+//! Emulated devices attached to the microVM's buses.
+
+pub mod virtio;
