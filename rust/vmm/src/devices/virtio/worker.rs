@@ -56,6 +56,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn run<D: VirtioDevice>(transport: &Mutex<MmioTransport<D>>, stop: &EventFd, wake: &EventFd) {
+    // Work that predates the worker (a restored device's reset event) is served first.
+    lock(transport).process_backend();
     loop {
         let (fds, deadline) = {
             let t = lock(transport);
