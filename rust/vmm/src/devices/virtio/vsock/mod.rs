@@ -299,12 +299,17 @@ impl Vsock {
         }
         let keys: Vec<_> = self.conns.keys().copied().collect();
         for key in keys {
-            let failed = self
-                .conns
-                .get_mut(&key)
-                .is_some_and(|c| c.wants_write() && c.flush_to_host().is_err());
-            if failed {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if !conn.wants_write() {
+                continue;
+            }
+            if conn.flush_to_host().is_err() {
                 self.close(key, true);
+            } else if conn.credit_update_due() {
+                // The host drained data the guest was waiting to send more of.
+                self.queue_control(key, OP_CREDIT_UPDATE, 0);
             }
         }
     }
