@@ -248,6 +248,43 @@ fn host_data_respects_the_guest_credit() {
 }
 
 #[test]
+fn draining_the_host_socket_returns_credit_to_the_guest() {
+    let mut g = Guest::new();
+    let (mut host, host_port) = g.host_connect(AGENT_PORT);
+    // More than the socket buffer holds: the rest waits in the device for the host.
+    let total = 6 * 65536;
+    let chunk = vec![0x42u8; 65536];
+    for _ in 0..6 {
+        let mut rw = g.packet(AGENT_PORT, host_port, OP_RW);
+        rw.len = 65536;
+        g.send(rw, &chunk);
+    }
+    let mut got = vec![0u8; total];
+    let reader = std::thread::spawn(move || {
+        host.read_exact(&mut got).unwrap();
+        got
+    });
+    let mut last_fwd = 0;
+    for _ in 0..2000 {
+        g.backend();
+        while let Some((hdr, _)) = g.recv() {
+            if hdr.op == OP_CREDIT_UPDATE {
+                last_fwd = hdr.fwd_cnt;
+            }
+        }
+        if last_fwd as usize == total {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(reader.join().unwrap().iter().all(|&b| b == 0x42));
+    assert_eq!(
+        last_fwd as usize, total,
+        "the guest learns all its data was forwarded"
+    );
+}
+
+#[test]
 fn credit_request_gets_an_update() {
     let mut g = Guest::new();
     let (_host, host_port) = g.host_connect(AGENT_PORT);
