@@ -55,6 +55,23 @@ impl ScratchDisk {
         })
     }
 
+    /// Takes charge of an existing disk file (e.g. one the host pre-formatted) so it is
+    /// wiped and removed like a created one.
+    pub fn adopt(path: &Path, wipe: Wipe) -> io::Result<Self> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.file_type().is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("scratch disk {} is not a regular file", path.display()),
+            ));
+        }
+        Ok(ScratchDisk {
+            path: path.to_path_buf(),
+            wipe,
+            disposed: false,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -183,6 +200,20 @@ mod tests {
         let mut content = Vec::new();
         keep.read_to_end(&mut content).unwrap();
         assert!(!content.windows(6).any(|w| w == b"secret"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn adopted_disks_are_removed_and_symlinks_refused() {
+        let dir = tmpdir();
+        let path = dir.join("formatted.img");
+        std::fs::write(&path, b"ext4 would be here").unwrap();
+        drop(ScratchDisk::adopt(&path, Wipe::Shred).unwrap());
+        assert!(!path.exists());
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        assert!(ScratchDisk::adopt(&link, Wipe::Unlink).is_err());
+        assert!(std::fs::metadata("/etc/passwd").is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
