@@ -10,8 +10,8 @@
  *       0..7, flush, read it back and compare
  *   B   virtio-blk bench: read the whole disk in 512 KiB requests, N passes
  *       (N = the digit after "B ", default 1), no checksum
- *   v   virtio-vsock: accept one stream on port 1024 and echo every byte back until
- *       the host shuts it down; print the byte count
+ *   v   virtio-vsock: accept one stream on port 1024 (refusing other ports) and echo
+ *       every byte back until the host shuts it down; print the byte count
  * Devices are found by scanning the 4 KiB MMIO windows from 0xd0000000 for the
  * virtio magic. Results go to COM1; the run ends with an i8042 reset (out 0x64, 0xfe).
  */
@@ -404,10 +404,20 @@ vsock_loop:
     cmp eax, 3
     je 40f
     jmp 90f                               /* credit updates and the rest: nothing to do */
-10: /* REQUEST: accept it if it is for our port. */
+10: /* REQUEST: accept it if it is for our port, refuse it (RST) otherwise. */
     cmp dword ptr [r11 + 20], AGENT_PORT
-    jne 90f
+    je 11f
+    push rbp
+    push r15
+    mov ebp, [r11 + 20]
     mov r15d, [r11 + 16]
+    mov eax, 3
+    xor edx, edx
+    call vsock_send
+    pop r15
+    pop rbp
+    jmp 90f
+11: mov r15d, [r11 + 16]
     mov ebp, AGENT_PORT
     mov eax, 2                            /* RESPONSE */
     xor edx, edx
