@@ -121,9 +121,7 @@ def test_scratch_disk_is_created_and_wiped_on_exit(
     assert not scratch.exists()
 
 
-def test_rate_limited_disk_still_reads_correctly(
-    vmm_bin: str, guest: Path, tmp_path: Path
-) -> None:
+def test_rate_limited_disk_still_reads_correctly(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
     disk = tmp_path / "slow.img"
     data = os.urandom(256 << 10)
     disk.write_bytes(data)
@@ -134,9 +132,7 @@ def test_rate_limited_disk_still_reads_correctly(
     assert serial == f"blk capacity={512:016x} sum={_qword_sum(data):016x}\n"
 
 
-def test_missing_or_bad_disk_configs_are_refused(
-    vmm_bin: str, guest: Path, tmp_path: Path
-) -> None:
+def test_missing_or_bad_disk_configs_are_refused(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.img"
     empty.touch()
     for drives in (
@@ -200,9 +196,7 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def test_vsock_stream_echoes_through_the_guest(
-    vmm_bin: str, guest: Path, tmp_path: Path
-) -> None:
+def test_vsock_stream_echoes_through_the_guest(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
     vm = _Vm(vmm_bin, guest, tmp_path)
     s, line = vm.connect()
     assert line.startswith(b"OK ") and int(line[3:]) >= 1 << 30

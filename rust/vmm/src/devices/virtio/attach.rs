@@ -54,6 +54,45 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// Disks per microVM: each takes an MMIO window and a GSI.
+pub const MAX_DRIVES: usize = 8;
+/// Largest scratch disk (sparse, so only written blocks use host disk).
+const MAX_SCRATCH_MIB: u64 = 1 << 20;
+
+impl DriveConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("a drive has an empty path".into());
+        }
+        if self.id.len() > 20 {
+            return Err(format!("drive id {:?} is longer than 20 bytes", self.id));
+        }
+        if let Some(mib) = self.scratch.and_then(|s| s.size_mib) {
+            if mib == 0 || mib > MAX_SCRATCH_MIB {
+                return Err(format!(
+                    "scratch size_mib is {mib}; it must be between 1 and {MAX_SCRATCH_MIB}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
+            return Err(format!(
+                "vsock guest_cid is {}; CIDs 0-2 are reserved and it must fit 32 bits",
+                self.guest_cid
+            ));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err("vsock uds_path is empty".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(transparent)]
@@ -130,18 +169,16 @@ pub fn attach(
             rate_limit: drive.rate_limit,
         })?;
         let transport = add(dm, mem, block)?;
-        if drive.rate_limit != RateLimit::default() {
-            // Only throttled disks have deadlines to wait for.
-            let worker = DeviceWorker::spawn(&format!("blk{i}"), transport.clone())
-                .map_err(AttachError::Worker)?;
-            out.workers.push(worker);
-        }
+        let worker = DeviceWorker::spawn(&format!("virtio-blk{i}"), transport.clone())
+            .map_err(AttachError::Worker)?;
+        out.workers.push(worker);
         out.blocks.push(transport);
     }
     if let Some(cfg) = vsock {
         let transport = add(dm, mem, Vsock::new(cfg.guest_cid, &cfg.uds_path)?)?;
-        out.workers
-            .push(DeviceWorker::spawn("vsock", transport.clone()).map_err(AttachError::Worker)?);
+        out.workers.push(
+            DeviceWorker::spawn("virtio-vsock", transport.clone()).map_err(AttachError::Worker)?,
+        );
         out.vsock = Some(transport);
     }
     Ok(out)

@@ -25,8 +25,6 @@ use super::device::{read_config_bytes, DeviceError, Interrupt, QueueContext, Vir
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
 pub const MMIO_VERSION: u32 = 2;
-/// Size of one device's MMIO window (registers and configuration space).
-pub const MMIO_WINDOW: u64 = 0x1000;
 /// Vendor ID reported to the guest ("TART").
 pub const VENDOR_ID: u32 = 0x5452_4154;
 
@@ -56,26 +54,6 @@ pub mod reg {
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
     pub const CONFIG_GENERATION: u64 = 0x0fc;
     pub const CONFIG: u64 = 0x100;
-}
-
-/// Where a device sits: its MMIO window and its interrupt line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MmioSlot {
-    pub addr: u64,
-    pub irq: u32,
-}
-
-impl MmioSlot {
-    /// The kernel command-line argument that declares this device to Linux
-    /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
-    pub fn cmdline_arg(&self) -> String {
-        format!(
-            "virtio_mmio.device={}K@{:#x}:{}",
-            MMIO_WINDOW / 1024,
-            self.addr,
-            self.irq
-        )
-    }
 }
 
 /// Serialisable transport state (registers and queues) for snapshots.
@@ -150,8 +128,10 @@ pub struct MmioTransport<D: VirtioDevice> {
     queue_sel: u32,
     status: u32,
     config_generation: u32,
-    /// Written after every notification so the device's worker re-polls.
+    /// With a worker attached, notifications are handed to it (bit per queue) and it
+    /// is woken through this eventfd: the vCPU thread never does device I/O.
     wake: Option<Arc<EventFd>>,
+    pending_notify: u32,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -173,6 +153,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             config_generation: 0,
             wake: None,
+            pending_notify: 0,
         }
     }
 
@@ -209,24 +190,41 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
-    /// Handles a notification for `queue` (from a QueueNotify write or an ioeventfd).
+    /// Handles a notification for `queue` (a QueueNotify write): served here when the
+    /// device has no worker (tests), otherwise queued for the worker.
     pub fn notify_queue(&mut self, queue: usize) {
         if !self.is_activated() || !self.queues.get(queue).is_some_and(|q| q.ready()) {
             return;
         }
+        match &self.wake {
+            Some(wake) => {
+                self.pending_notify |= 1 << queue;
+                let _ = wake.write(1);
+            }
+            None => self.process_queue(queue),
+        }
+    }
+
+    fn process_queue(&mut self, queue: usize) {
         let ctx = QueueContext {
             queues: &mut self.queues,
             mem: &self.mem,
         };
         let outcome = self.device.process_queue(queue, ctx);
         self.after_processing(outcome);
-        if let Some(wake) = &self.wake {
-            let _ = wake.write(1);
-        }
     }
 
-    /// Serves the device's host side (called by the worker).
+    /// Serves queued notifications, then the device's host side (called by the worker).
     pub fn process_backend(&mut self) {
+        if !self.is_activated() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending_notify);
+        for queue in 0..self.queues.len() {
+            if pending & (1 << queue) != 0 {
+                self.process_queue(queue);
+            }
+        }
         if !self.is_activated() {
             return;
         }
@@ -263,6 +261,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.acked_features = 0;
         self.queue_sel = 0;
         self.status = 0;
+        self.pending_notify = 0;
         self.interrupt.set_status(0);
     }
 
@@ -472,19 +471,5 @@ impl<D: VirtioDevice> MutDeviceMmio for MmioTransport<D> {
         }
         let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         self.write_register(offset, value);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cmdline_arg_matches_linux_syntax() {
-        let slot = MmioSlot {
-            addr: 0xd000_0000,
-            irq: 5,
-        };
-        assert_eq!(slot.cmdline_arg(), "virtio_mmio.device=4K@0xd0000000:5");
     }
 }

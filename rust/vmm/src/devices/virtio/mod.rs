@@ -6,11 +6,14 @@
 //! - [`block`]: virtio-blk over a host file (read-only root, writable scratch "Lethe" disks);
 //! - [`vsock`]: virtio-vsock with a hybrid unix-socket host side;
 //! - [`rate_limiter`]: token buckets for I/O limits;
-//! - [`worker`]: the thread that serves a device's host-side file descriptors and timers.
+//! - [`worker`]: the thread that serves a device's notifications, host-side file
+//!   descriptors and timers;
+//! - [`attach`]: puts a machine's disks and vsock on the VMM's MMIO bus.
 //!
 //! Devices are declared to the guest on the kernel command line
-//! (`virtio_mmio.device=<size>@<addr>:<irq>`, see [`mmio::MmioSlot::cmdline_arg`]).
+//! (`virtio_mmio.device=<size>@<addr>:<irq>`, written by the `DeviceManager`).
 
+pub mod attach;
 pub mod block;
 pub mod chain;
 pub mod device;
@@ -23,4 +26,4 @@ pub mod worker;
 pub(crate) mod test_driver;
 
 pub use device::{Interrupt, IrqLine, VirtioDevice};
-pub use mmio::{MmioSlot, MmioTransport};
+pub use mmio::MmioTransport;

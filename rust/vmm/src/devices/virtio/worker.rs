@@ -1,9 +1,9 @@
-//! The per-device worker thread: polls a device's host-side file descriptors (sockets)
-//! and deadlines (rate-limit refills) and lets the device serve them.
+//! The per-device worker thread: serves the guest's queue notifications, polls the
+//! device's host-side file descriptors (sockets) and deadlines (rate-limit refills).
 //!
-//! Guest notifications are handled on the thread that receives them; the transport then
-//! writes the worker's wake eventfd so a changed set of descriptors (a new connection,
-//! fresh receive buffers) is picked up at once.
+//! A QueueNotify write on a vCPU thread only records the queue and writes the worker's
+//! wake eventfd, so device I/O (files, sockets, allocations) happens here, under the
+//! VMM's wider API seccomp filter, and vCPU threads keep their narrow one.
 
 use std::io;
 use std::os::fd::AsRawFd;

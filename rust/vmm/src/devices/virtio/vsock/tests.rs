@@ -102,7 +102,9 @@ impl Guest {
         }
         self.d.add_chain(TX, &descs);
         self.d.notify(TX);
-        assert!(self.d.pop_used(TX).is_some(), "tx buffer returned");
+        // Served at once without a worker, by the worker thread with one.
+        let returned = self.d.wait_used(TX, Duration::from_secs(10));
+        assert!(returned.is_some(), "tx buffer returned");
     }
 
     fn packet(&self, src_port: u32, dst_port: u32, op: u16) -> Header {
