@@ -8,6 +8,7 @@ checks what comes back, so these tests run on this host's emulated KVM too.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import socket
@@ -229,10 +230,8 @@ def test_vsock_refused_port_and_bad_lines_close_the_socket(
         raw.settimeout(30)
         raw.connect(str(vm.uds))
         raw.sendall(bad)
-        try:
+        with contextlib.suppress(ConnectionResetError):  # EOF or a reset: both mean closed
             assert raw.recv(16) == b""
-        except ConnectionResetError:
-            pass
         raw.close()
     s, line = vm.connect()
     assert line.startswith(b"OK ")
