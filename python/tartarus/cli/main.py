@@ -8,7 +8,9 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.doctor import doctor
+from tartarus.cli.init import init
 from tartarus.cli.output import err_console
+from tartarus.cli.template import template
 from tartarus.errors import TartarusError
 
 
@@ -19,6 +21,8 @@ def cli() -> None:
 
 
 cli.add_command(doctor)
+cli.add_command(init)
+cli.add_command(template)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import lzma
 import os
 from collections.abc import Iterator
 from enum import StrEnum
-from typing import IO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 import msgspec
 
@@ -334,21 +334,40 @@ def sniff_compression(head: bytes) -> str | None:
     return None
 
 
-def open_decompressed(f: IO[bytes], archive: str) -> Readable:
-    """Wraps `f` (positioned at the start of an archive) in the decompressor its magic
-    bytes name; plain tar passes through."""
-    head = f.read(6)
-    f.seek(-len(head), os.SEEK_CUR)
+class _Prepended:
+    """A stream with bytes already read from it put back in front."""
+
+    def __init__(self, head: bytes, rest: Readable) -> None:
+        self._head = head
+        self._rest = rest
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._head:
+            if n < 0:
+                data, self._head = self._head + self._rest.read(), b""
+                return data
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return self._rest.read(n)
+
+
+def open_decompressed(stream: Readable, archive: str) -> Readable:
+    """Wraps `stream` in the decompressor its magic bytes name; plain tar passes
+    through."""
+    head = stream.read(6)
     kind = sniff_compression(head)
+    prepended = _Prepended(head, stream)
+    # The decompressors only call read(); their stubs ask for a whole file object.
+    raw = cast("BinaryIO", prepended)
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=f, mode="rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if kind == "xz":
-        return lzma.LZMAFile(f)
+        return lzma.LZMAFile(raw)
     if kind == "bzip2":
-        return bz2.BZ2File(f)
+        return bz2.BZ2File(raw)
     if kind == "zstd":
         raise InvalidArchiveError(
             f"{archive}: zstd-compressed archives are not supported yet; "
             "re-push the image with gzip layers"
         )
-    return f
+    return prepended
