@@ -18,7 +18,7 @@ import maturin
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = ROOT / "python" / "tartarus" / "_bin"
-BINARIES = ("tartarus-agent", "tartarus-vmm")
+BINARIES = ("tartarus-agent", "tartarus-vmm", "tartarus-jail")
 
 
 def _host_triple() -> str:

@@ -64,7 +64,8 @@ def test_template_list_json(runner: CliRunner) -> None:
 
 def test_unknown_template_is_an_error(runner: CliRunner) -> None:
     result = runner.invoke(cli, ["template", "inspect", "nosuch"])
-    assert result.exit_code != 0
+    assert result.exit_code == 3  # like an unknown sandbox
+    assert "no template named 'nosuch'" in result.output
 
 
 @pytest.mark.timeout(600)
@@ -91,4 +92,4 @@ def test_build_inspect_rm_cycle(runner: CliRunner, tmp_path: Path) -> None:
     report = json.loads(removed.output)
     assert report["unregistered"] and len(report["gc"]["removed"]) >= 3
     assert not rootfs.exists()
-    assert runner.invoke(cli, ["template", "inspect", "tiny"]).exit_code != 0
+    assert runner.invoke(cli, ["template", "inspect", "tiny"]).exit_code == 3

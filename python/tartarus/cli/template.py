@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import anyio
 import click
@@ -11,9 +14,26 @@ from rich.table import Table
 
 from tartarus.cli.output import console, emit_json, human_bytes
 from tartarus.cli.progress import progress_bars
+from tartarus.cli.remote import EXIT_NOT_FOUND, fail
+from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.store import TemplateInfo, TemplateStore
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def not_found_exits_3(fn: Callable[P, T]) -> Callable[P, T]:
+    """An unknown template exits with EXIT_NOT_FOUND, like an unknown sandbox."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except TemplateNotFoundError as e:
+            fail(e, code=EXIT_NOT_FOUND)
+
+    return wrapper
 
 
 @click.group()
@@ -26,6 +46,7 @@ def template() -> None:
 @click.option("--pull", is_flag=True, help="Look image tags up again instead of the pinned digest.")
 @click.option("--no-ext4", is_flag=True, help="Skip the microVM's ext4 image.")
 @json_option
+@not_found_exits_3
 def build(name_or_file: str, pull: bool, no_ext4: bool, as_json: bool) -> None:
     """Build a template by name, or register and build a template FILE (.yaml/.toml)."""
     store = TemplateStore()
@@ -108,6 +129,7 @@ def _render(info: TemplateInfo) -> None:
 @template.command()
 @click.argument("name")
 @json_option
+@not_found_exits_3
 def inspect(name: str, as_json: bool) -> None:
     """Show a template's definition and build."""
     store = TemplateStore()
@@ -121,6 +143,7 @@ def inspect(name: str, as_json: bool) -> None:
 @template.command()
 @click.argument("name")
 @json_option
+@not_found_exits_3
 def rm(name: str, as_json: bool) -> None:
     """Remove a template's build (and registration) and free blobs nothing else uses."""
     report = anyio.run(TemplateStore().remove, name)

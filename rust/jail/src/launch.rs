@@ -1,0 +1,366 @@
+//! `tartarus-jail run`: puts the building blocks together.
+//!
+//! Three processes:
+//! - the supervisor (this process, on the host): creates the cgroup, forks the jail's
+//!   init into new namespaces, writes its id maps, moves it into the cgroup, reports
+//!   events, forwards SIGTERM/SIGINT/SIGHUP, and when the jail ends reports how and
+//!   removes the cgroup;
+//! - the jail's init (PID 1 inside): builds the filesystem, pivots into it, drops
+//!   privileges, installs the seccomp profile, forks the program, forwards signals to
+//!   it and reaps orphans; when the program exits, init exits and the kernel kills
+//!   whatever is left in the PID namespace;
+//! - the program (normally `tartarus-agent serve`).
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{pipe2, sethostname, Pid};
+use serde::Serialize;
+use tartarus_seccomp::{builtin, CompiledProfile};
+
+use crate::cgroup::{Cgroup, Hierarchies, Limits};
+use crate::config::{JailConfig, SeccompChoice, Stdio, UserNamespace};
+use crate::mounts;
+use crate::namespaces::{self, Namespaces};
+use crate::privileges;
+use crate::{Context, JailError, Result};
+
+/// A line on the events channel (JSON, one per line).
+#[derive(Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// The program is running inside the jail.
+    Started {
+        /// Host pid of the jail's init: SIGKILL it to tear the jail down at once.
+        pid: i32,
+        cgroup: Option<&'a Cgroup>,
+        user_namespace: bool,
+    },
+    /// The jail is gone and its cgroup removed.
+    Exited {
+        /// The program's exit code, or 128 + signal if a signal ended it.
+        code: i32,
+        /// OOM kills inside the jail over its lifetime.
+        oom_kills: u64,
+    },
+}
+
+/// Signals the supervisor forwards to the jail's init, and init to the program.
+const FORWARDED: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = FORWARD_TO.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe and takes plain integers.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn install_forwarders() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in FORWARDED {
+        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+        unsafe { signal::sigaction(sig, &action) }.context(|| format!("sigaction {sig}"))?;
+    }
+    Ok(())
+}
+
+/// Runs the jail to completion. `events` receives the `Started` and `Exited` lines.
+/// Returns the exit code for the supervisor (the program's).
+pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
+    config.validate()?;
+    let seccomp = match &config.seccomp {
+        SeccompChoice::Default => Some(builtin::jail_default().compile()?),
+        SeccompChoice::Profile(p) => Some(p.compile()?),
+        SeccompChoice::None => None,
+    };
+    let keep = privileges::parse_capabilities(&config.capabilities)?;
+    // SAFETY: geteuid/getegid cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let user_ns = match config.user_namespace {
+        UserNamespace::Auto => euid != 0,
+        UserNamespace::Always => true,
+        UserNamespace::Never => false,
+    };
+    let cgroup = match &config.cgroup {
+        Some(cg) => {
+            let limits = Limits {
+                memory_bytes: cg.memory_bytes,
+                pids: cg.pids,
+                cpu_quota_us: cg.cpu_quota_us,
+                cpu_period_us: cg.cpu_period_us,
+            };
+            Some(Cgroup::create(
+                &Hierarchies::detect()?,
+                &cg.parent,
+                &cg.name,
+                &limits,
+            )?)
+        }
+        None => None,
+    };
+    let result = supervise(
+        config,
+        cgroup.as_ref(),
+        seccomp.as_ref(),
+        &keep,
+        user_ns,
+        (euid, egid),
+        events,
+    );
+    if let Some(cg) = &cgroup {
+        cg.kill_all(Duration::from_secs(5));
+        cg.remove(Duration::from_secs(5))?;
+    }
+    let (code, oom_kills) = result?;
+    events(&Event::Exited { code, oom_kills });
+    Ok(code)
+}
+
+fn supervise(
+    config: &JailConfig,
+    cgroup: Option<&Cgroup>,
+    seccomp: Option<&CompiledProfile>,
+    keep: &caps::CapsHashSet,
+    user_ns: bool,
+    (euid, egid): (u32, u32),
+    events: &mut dyn FnMut(&Event),
+) -> Result<(i32, u64)> {
+    let stdio_file = match &config.stdio {
+        Stdio::File(path) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .context(|| format!("opening {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).context(|| "pipe".into())?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).context(|| "pipe".into())?;
+    let mut ns = Namespaces::all(user_ns);
+    ns.net = !config.network;
+    // The cgroup namespace is entered later, once init sits in its cgroup.
+    ns.cgroup = false;
+    // SAFETY: tartarus-jail is single-threaded.
+    let child = unsafe { namespaces::fork_into(ns) }?;
+    let Some(child) = child else {
+        drop(go_w);
+        drop(err_r);
+        let err = jail_init(config, seccomp, keep, user_ns, go_r, &err_w, stdio_file);
+        let mut w = File::from(err_w);
+        let _ = w.write_all(err.to_string().as_bytes());
+        // SAFETY: _exit skips the parent's atexit handlers and buffers, as a fork child must.
+        unsafe { libc::_exit(126) };
+    };
+    drop(go_r);
+    drop(err_w);
+    FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
+    let setup = (|| {
+        if user_ns {
+            namespaces::write_id_maps(child, 0, euid, egid)?;
+        }
+        if let Some(cg) = cgroup {
+            cg.attach(child.as_raw())?;
+        }
+        File::from(go_w)
+            .write_all(b"g")
+            .context(|| "releasing the jail".into())
+    })();
+    // EOF once the program's exec succeeded; otherwise the reason it did not.
+    let mut failure = String::new();
+    let _ = File::from(err_r).read_to_string(&mut failure);
+    if setup.is_err() || !failure.is_empty() {
+        // SAFETY: kill takes plain integers.
+        unsafe { libc::kill(child.as_raw(), libc::SIGKILL) };
+        let _ = waitpid(child, None);
+        setup?;
+        return Err(JailError::Config(format!(
+            "jail {} failed to start: {failure}",
+            config.id
+        )));
+    }
+    install_forwarders()?;
+    events(&Event::Started {
+        pid: child.as_raw(),
+        cgroup,
+        user_namespace: user_ns,
+    });
+    let code = loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context(|| "waiting for the jail".into()),
+        }
+    };
+    let oom_kills = cgroup.map_or(0, |cg| cg.stats().oom_kills);
+    Ok((code, oom_kills))
+}
+
+/// The jail's init. Returns only on failure (the caller reports it).
+fn jail_init(
+    config: &JailConfig,
+    seccomp: Option<&CompiledProfile>,
+    keep: &caps::CapsHashSet,
+    user_ns: bool,
+    go_r: OwnedFd,
+    err_w: &OwnedFd,
+    stdio_file: Option<File>,
+) -> JailError {
+    match init_steps(config, seccomp, keep, user_ns, go_r, err_w, stdio_file) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+enum Never {}
+
+fn init_steps(
+    config: &JailConfig,
+    seccomp: Option<&CompiledProfile>,
+    keep: &caps::CapsHashSet,
+    user_ns: bool,
+    go_r: OwnedFd,
+    err_w: &OwnedFd,
+    stdio_file: Option<File>,
+) -> Result<Never> {
+    let mut go = [0u8; 1];
+    if File::from(go_r).read(&mut go).unwrap_or(0) != 1 {
+        return Err(JailError::Config(
+            "supervisor went away before release".into(),
+        ));
+    }
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers: the jail dies with its supervisor.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Now that init is in its cgroup, make that cgroup the namespace's root.
+    match unshare(CloneFlags::CLONE_NEWCGROUP) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+        Err(e) => return Err(e).context(|| "unshare(CLONE_NEWCGROUP)".into()),
+    }
+    sethostname(&config.hostname).context(|| "sethostname".into())?;
+    if !config.network {
+        namespaces::loopback_up()?;
+    }
+    mounts::make_private()?;
+    let (root, _) = mounts::prepare_root(&config.rootfs, &config.work_dir, config.scratch_mib)?;
+    mounts::mount_system(&root, user_ns)?;
+    for m in &config.mounts {
+        mounts::bind_inside(&root, &m.source, &m.destination, m.readonly)?;
+    }
+    mounts::pivot_into(&root)?;
+    nix::unistd::chdir(config.cwd.as_str()).context(|| format!("chdir {}", config.cwd))?;
+    privileges::apply_rlimits(&config.rlimits)?;
+    privileges::limit_bounding_set(keep)?;
+    if config.uid != 0 || config.gid != 0 {
+        privileges::switch_user(config.uid, config.gid)?;
+    }
+    privileges::limit_capabilities(keep)?;
+    tartarus_seccomp::set_no_new_privs().context(|| "no_new_privs".into())?;
+
+    let argv = cstrings(config.argv.iter().map(String::as_str))?;
+    let mut env_pairs: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !config.env.contains_key("PATH") {
+        env_pairs.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    let env = cstrings(env_pairs.iter().map(String::as_str))?;
+    let (stdin, out): (Option<File>, Option<File>) = match (&config.stdio, stdio_file) {
+        (Stdio::Inherit, _) => (None, None),
+        (Stdio::Null, _) => {
+            let null = OpenOptions::new().read(true).write(true).open("/dev/null");
+            let null = null.context(|| "opening /dev/null".into())?;
+            let copy = null.try_clone().context(|| "dup".into())?;
+            (Some(null), Some(copy))
+        }
+        (Stdio::File(_), file) => {
+            let null = File::open("/dev/null").context(|| "opening /dev/null".into())?;
+            (Some(null), file)
+        }
+    };
+    if let Some(profile) = seccomp {
+        profile.install()?;
+    }
+    install_forwarders()?;
+    // SAFETY: init is single-threaded; the child only dup2s and execs (or reports).
+    match unsafe { nix::unistd::fork() }.context(|| "fork".into())? {
+        nix::unistd::ForkResult::Child => {
+            let reason = exec_program(&argv, &env, stdin.as_ref(), out.as_ref());
+            let _ = nix::unistd::write(err_w, reason.as_bytes());
+            // SAFETY: a fork child leaves without running the parent's cleanup.
+            unsafe { libc::_exit(127) };
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
+            // SAFETY: closing our copy of the error pipe; the program's copy closes on exec.
+            unsafe { libc::close(err_w.as_raw_fd()) };
+            reap_until(child)
+        }
+    }
+}
+
+fn cstrings<'a>(items: impl Iterator<Item = &'a str>) -> Result<Vec<CString>> {
+    items
+        .map(|s| CString::new(s).map_err(|_| JailError::Config(format!("NUL byte in {s:?}"))))
+        .collect()
+}
+
+fn exec_program(
+    argv: &[CString],
+    env: &[CString],
+    stdin: Option<&File>,
+    out: Option<&File>,
+) -> String {
+    // SAFETY: dup2 onto the standard descriptors of this (single-threaded) child.
+    unsafe {
+        if let Some(f) = stdin {
+            libc::dup2(f.as_raw_fd(), 0);
+        }
+        if let Some(f) = out {
+            libc::dup2(f.as_raw_fd(), 1);
+            libc::dup2(f.as_raw_fd(), 2);
+        }
+        libc::setsid();
+    }
+    let err = nix::unistd::execve(&argv[0], argv, env).unwrap_err();
+    format!("exec {:?}: {err}", argv[0])
+}
+
+/// Reaps every child until `program` exits, then leaves with its status (the kernel
+/// then kills the rest of the PID namespace).
+fn reap_until(program: Pid) -> ! {
+    loop {
+        match waitpid(None::<Pid>, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == program => {
+                // SAFETY: leaving init; nothing to flush.
+                unsafe { libc::_exit(code) }
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == program => {
+                // SAFETY: as above.
+                unsafe { libc::_exit(128 + sig as i32) }
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // SAFETY: as above.
+            Err(_) => unsafe { libc::_exit(125) },
+        }
+    }
+}

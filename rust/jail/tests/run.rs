@@ -1,0 +1,201 @@
+//! `tartarus-jail run` end to end: real namespaces, overlay, cgroups and seccomp, with
+//! a busybox rootfs (Debian's busybox-static).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+const BUSYBOX: &str = "/usr/bin/busybox";
+
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    /// A busybox rootfs and an empty work dir under a unique temporary directory.
+    fn new(name: &str) -> Option<Self> {
+        if !Path::new(BUSYBOX).exists() {
+            eprintln!("SKIP: {BUSYBOX} missing (apt-get install busybox-static)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("tjail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bin = dir.join("rootfs/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(dir.join("rootfs/etc")).unwrap();
+        std::fs::create_dir_all(dir.join("work")).unwrap();
+        std::fs::copy(BUSYBOX, bin.join("busybox")).unwrap();
+        let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            if applet != "busybox" {
+                std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+            }
+        }
+        Some(Self { dir })
+    }
+
+    fn config(&self, script: &str) -> Value {
+        json!({
+            "id": "test",
+            "rootfs": self.dir.join("rootfs"),
+            "work_dir": self.dir.join("work"),
+            "argv": ["/bin/sh", "-c", script],
+        })
+    }
+
+    fn run(&self, config: &Value) -> (Output, Vec<Value>) {
+        let path = self.dir.join("config.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let events = self.dir.join("events");
+        let file = std::fs::File::create(&events).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tartarus-jail"));
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .args(["--events-fd", "3"]);
+        // SAFETY: dup2 in the child only.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it explicitly.
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let events = std::fs::read_to_string(&events)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (out, events)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn runs_a_command_in_fresh_namespaces() {
+    let Some(fx) = Fixture::new("echo") else {
+        return;
+    };
+    let (out, events) =
+        fx.run(&fx.config("echo hello; hostname; cat /proc/self/status | grep -c Seccomp:.2"));
+    assert_eq!(stdout(&out), "hello\ntartarus\n1\n", "{out:?}");
+    assert!(out.status.success());
+    assert_eq!(events[0]["event"], "started");
+    assert_eq!(
+        events[1],
+        json!({"event": "exited", "code": 0, "oom_kills": 0})
+    );
+}
+
+#[test]
+fn exit_code_and_bad_config_are_reported() {
+    let Some(fx) = Fixture::new("exit") else {
+        return;
+    };
+    let (out, _) = fx.run(&fx.config("exit 7"));
+    assert_eq!(out.status.code(), Some(7));
+    let mut config = fx.config("true");
+    config["argv"] = json!(["/bin/no-such-program"]);
+    let (out, events) = fx.run(&config);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-program"),
+        "{out:?}"
+    );
+    assert!(events.is_empty());
+    config["argv"] = json!(["relative"]);
+    let (out, _) = fx.run(&config);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("absolute path"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn writes_land_in_scratch_and_vanish() {
+    let Some(fx) = Fixture::new("scratch") else {
+        return;
+    };
+    let (out, _) = fx.run(&fx.config("echo data > /etc/new && cat /etc/new && mkdir /opt"));
+    assert_eq!(stdout(&out), "data\n", "{out:?}");
+    assert!(!fx.dir.join("rootfs/etc/new").exists());
+    assert!(!fx.dir.join("rootfs/opt").exists());
+    assert_eq!(std::fs::read_dir(fx.dir.join("work")).unwrap().count(), 0);
+}
+
+#[test]
+fn host_paths_are_unreachable_and_network_is_loopback_only() {
+    let Some(fx) = Fixture::new("escape") else {
+        return;
+    };
+    let script = "cat /etc/shadow; ls /work /root /home 2>&1 | wc -l; ip -o link | wc -l";
+    let (out, _) = fx.run(&fx.config(script));
+    let text = stdout(&out);
+    assert!(!text.contains("root:"), "{text}");
+    assert_eq!(text.lines().collect::<Vec<_>>(), vec!["3", "1"], "{out:?}");
+}
+
+#[test]
+fn bind_mounts_cannot_be_steered_outside_by_symlinks() {
+    let Some(fx) = Fixture::new("symlink") else {
+        return;
+    };
+    std::os::unix::fs::symlink("/tmp", fx.dir.join("rootfs/escape")).unwrap();
+    let mut config = fx.config("true");
+    config["mounts"] = json!([{"source": fx.dir.join("work"), "destination": "/escape/x"}]);
+    let (out, _) = fx.run(&config);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outside the jail"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn cgroup_limits_contain_a_fork_bomb_and_are_removed() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: cgroup limits need root");
+        return;
+    }
+    let Some(fx) = Fixture::new("pids") else {
+        return;
+    };
+    let name = format!("t{}", std::process::id());
+    // The inner shell forks until it fails; the outer counts with a glob (no fork).
+    let mut config = fx
+        .config("sh -c 'while true; do sleep 5 & done' 2>/dev/null; set -- /proc/[0-9]*; echo $#");
+    config["cgroup"] =
+        json!({"parent": "tartarus-test/jail", "name": name, "pids": 16, "memory_bytes": 64 << 20});
+    let (out, events) = fx.run(&config);
+    let running: u32 = stdout(&out).trim().parse().unwrap();
+    assert!(running <= 16, "{running} processes despite pids.max=16");
+    let dirs = events[0]["cgroup"]["dirs"].as_array().unwrap().clone();
+    assert!(!dirs.is_empty());
+    for dir in dirs {
+        let path = PathBuf::from(dir["path"].as_str().unwrap());
+        assert!(!path.exists(), "{} left behind", path.display());
+        // The shared parents stay for other jails; this test's are removed when empty.
+        for parent in path.ancestors().skip(1).take(2) {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
