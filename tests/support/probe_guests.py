@@ -17,6 +17,8 @@ from tartarus.config import load_settings
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "rust" / "vmm" / "guests"
 LINKER_SCRIPT = "probe.ld"
+# Included by every guest: COM1 output and the i8042 reset.
+SHARED = ("console.inc",)
 
 
 def xorshift_result(rounds: int) -> int:
@@ -34,7 +36,7 @@ def xorshift_result(rounds: int) -> int:
 def build_probe_guest(name: str = "probe") -> Path:
     """Returns the path of probe guest `name` (`probe`, `virtio_probe`), building it if
     its sources changed."""
-    sources = (f"{name}.S", LINKER_SCRIPT)
+    sources = (f"{name}.S", LINKER_SCRIPT, *SHARED)
     digest = hashlib.sha256()
     for source in sources:
         digest.update((GUEST_DIR / source).read_bytes())
@@ -49,7 +51,10 @@ def build_probe_guest(name: str = "probe") -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         obj = Path(tmp) / f"{name}.o"
         staged = Path(tmp) / f"{name}.elf"
-        subprocess.run(["as", "--64", "-o", str(obj), str(GUEST_DIR / f"{name}.S")], check=True)
+        subprocess.run(
+            ["as", "--64", "-I", str(GUEST_DIR), "-o", str(obj), str(GUEST_DIR / f"{name}.S")],
+            check=True,
+        )
         subprocess.run(
             [
                 "ld",

@@ -250,9 +250,10 @@ blk_read_all:
     ret
 
 blk_failed:
+    movzx r8d, al                   /* puts clobbers al */
     lea rsi, [rip + msg_blk_err]
     call puts
-    movzx eax, al
+    mov eax, r8d
     call puthex
     call newline
     jmp reset
@@ -500,57 +501,7 @@ vsock_send:
 
 /* ---------------------------------------------------------------- output ---- */
 
-puts:
-    push rax
-    push rdx
-    mov dx, COM1
-1:  lodsb
-    test al, al
-    jz 2f
-    out dx, al
-    jmp 1b
-2:  pop rdx
-    pop rax
-    ret
-
-/* puthex: rax as 16 hex digits. */
-puthex:
-    push rcx
-    push rdx
-    push rax
-    mov ecx, 16
-1:  rol rax, 4
-    push rax
-    and eax, 0xf
-    cmp al, 10
-    jb 2f
-    add al, 'a' - 10 - '0'
-2:  add al, '0'
-    mov dx, COM1
-    out dx, al
-    pop rax
-    dec ecx
-    jnz 1b
-    pop rax
-    pop rdx
-    pop rcx
-    ret
-
-newline:
-    push rax
-    push rdx
-    mov al, '\n'
-    mov dx, COM1
-    out dx, al
-    pop rdx
-    pop rax
-    ret
-
-reset:
-    mov al, 0xfe
-    out 0x64, al
-1:  hlt
-    jmp 1b
+    .include "console.inc"
 
     .section .rodata
 msg_unknown:     .asciz "virtio probe: unknown program\n"

@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -142,6 +142,18 @@ pub trait VirtioDevice: Send {
 
     fn save(&self) -> Self::State;
     fn restore(&mut self, state: Self::State) -> Result<(), DeviceError>;
+}
+
+/// Returns a chain to the driver: `len` bytes were written into its buffers.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), DeviceError> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|e| DeviceError::Memory(e.to_string()))
 }
 
 /// Copies `data.len()` bytes of `config` starting at `offset`; bytes past the end read 0.

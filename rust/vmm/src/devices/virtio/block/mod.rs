@@ -26,7 +26,7 @@ use vm_memory::GuestMemoryMmap;
 
 use self::request::{parse, Request, RequestError, RequestKind, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use super::chain::ValidChain;
-use super::device::{DeviceError, QueueContext, VirtioDevice};
+use super::device::{add_used, DeviceError, QueueContext, VirtioDevice};
 use super::rate_limiter::{RateLimit, RateLimiter};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -255,17 +255,6 @@ fn refuse(chain: &ValidChain, mem: &GuestMemoryMmap, e: &RequestError) -> u32 {
         Ok(1) => 1,
         _ => 0,
     }
-}
-
-fn add_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    head: u16,
-    len: u32,
-) -> Result<(), DeviceError> {
-    queue
-        .add_used(mem, head, len)
-        .map_err(|e| DeviceError::Memory(e.to_string()))
 }
 
 impl VirtioDevice for Block {

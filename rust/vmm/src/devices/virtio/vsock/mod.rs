@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use self::connection::{ConnState, Connection, CONN_BUF};
 use self::packet::*;
 use super::chain::ValidChain;
-use super::device::{DeviceError, QueueContext, VirtioDevice};
+use super::device::{add_used, DeviceError, QueueContext, VirtioDevice};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// The guest port `tartarus-agent` listens on inside a microVM.
@@ -512,17 +512,6 @@ pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
         return None;
     }
     port.parse().ok()
-}
-
-fn add_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    head: u16,
-    len: u32,
-) -> Result<(), DeviceError> {
-    queue
-        .add_used(mem, head, len)
-        .map_err(|e| DeviceError::Memory(e.to_string()))
 }
 
 impl Drop for Vsock {
