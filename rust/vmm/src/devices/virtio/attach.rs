@@ -249,11 +249,7 @@ mod tests {
             rate_limit: RateLimit::default(),
         })
         .unwrap();
-        let vsock = Vsock::new(
-            3,
-            &dir.join(format!("v{}.sock", dir.read_dir().unwrap().count())),
-        )
-        .unwrap();
+        let vsock = Vsock::new(3, &dir.join(format!("{name}.sock"))).unwrap();
         VirtioDevices {
             blocks: vec![Arc::new(Mutex::new(MmioTransport::new(
                 block,
