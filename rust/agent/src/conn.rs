@@ -570,7 +570,12 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
                 .await
                 .map(|size| Message::Committed { size })
         }
-        Message::CloseHandle { handle } => conn.handles.close(handle).map(|()| Message::Ok {}),
+        Message::CloseHandle { handle } => {
+            let c = conn.clone();
+            blocking(move || c.handles.close(handle))
+                .await
+                .map(|()| Message::Ok {})
+        }
         Message::ListDir { path, limit } => blocking(move || files::list_dir(&path, limit))
             .await
             .map(|(entries, truncated)| Message::DirListing { entries, truncated }),

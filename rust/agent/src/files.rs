@@ -272,13 +272,18 @@ impl Handles {
             .ok_or_else(|| (codes::NO_SUCH_HANDLE, format!("no open handle {id}")))
     }
 
+    /// Closes a handle once any chunk being read or written through it is done; an
+    /// uncommitted write's temporary file is gone when this returns.
     pub fn close(&self, id: u64) -> Result<(), Failure> {
-        self.open
+        let slot = self
+            .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
-            .map(|_| ())
-            .ok_or_else(|| (codes::NO_SUCH_HANDLE, format!("no open handle {id}")))
+            .ok_or_else(|| (codes::NO_SUCH_HANDLE, format!("no open handle {id}")))?;
+        let handle = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(handle);
+        Ok(())
     }
 
     pub fn open_read(&self, path: &str) -> Result<(u64, u64, u32), Failure> {
