@@ -33,10 +33,30 @@ import msgspec
 
 from tartarus.images import debian, fsutil, rootfs
 from tartarus.images.blobs import BlobStore
-from tartarus.images.errors import BlobNotFoundError, ImageError
+from tartarus.images.errors import BlobNotFoundError
+from tartarus.images.oci.image import (
+    DockerArchiveSource,
+    ImageSource,
+    LayoutSource,
+    RegistrySource,
+    lay_down,
+)
+from tartarus.images.oci.layout import read_docker_archive, read_layout
+from tartarus.images.oci.manifest import ImageConfigFile as ConfigFile
+from tartarus.images.oci.manifest import Platform, env_dict, parse_config, parse_platform
+from tartarus.images.oci.reference import ImageReference, parse_reference
+from tartarus.images.oci.registry import RegistryClient
 from tartarus.images.progress import Progress, ProgressCallback
 from tartarus.images.steps import run_in_rootfs
-from tartarus.images.template import DebianBase, LoadedTemplate, content_key, resolve_source
+from tartarus.images.template import (
+    DebianBase,
+    DockerArchiveBase,
+    LoadedTemplate,
+    OciImageBase,
+    OciLayoutBase,
+    content_key,
+    resolve_source,
+)
 from tartarus.images.unpack import unpack
 
 T = TypeVar("T")
@@ -52,6 +72,27 @@ class ImageConfig(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
     entrypoint: list[str] = msgspec.field(default_factory=list)
     cmd: list[str] = msgspec.field(default_factory=list)
+
+
+def image_config(config: ConfigFile) -> ImageConfig:
+    c = config.config
+    if c is None:
+        return ImageConfig()
+    return ImageConfig(
+        env=env_dict(c.env),
+        workdir=c.working_dir or None,
+        user=c.user or None,
+        entrypoint=c.entrypoint or [],
+        cmd=c.cmd or [],
+    )
+
+
+class Pin(msgspec.Struct, frozen=True, kw_only=True):
+    """The digest a registry tag named when a template was first built."""
+
+    reference: str
+    platform: str
+    digest: str
 
 
 class ContentRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -234,7 +275,11 @@ class Builder:
         base = loaded.template.base
         if isinstance(base, DebianBase):
             return self._debian(loaded, base)
-        raise ImageError(f"unsupported base {type(base).__name__}")
+        if isinstance(base, OciImageBase):
+            return await self._registry(base, pull)
+        if isinstance(base, OciLayoutBase):
+            return await self._layout(loaded, base)
+        return await self._docker_archive(loaded, base)
 
     def _debian(self, loaded: LoadedTemplate, base: DebianBase) -> PreparedBase:
         packages = loaded.template.packages
@@ -254,6 +299,74 @@ class Builder:
             description=f"debian {base.suite} ({base.variant})",
             populate=populate,
             handles_packages=True,
+        )
+
+    def _pin_path(self, ref: ImageReference, platform: Platform) -> Path:
+        name = hashlib.sha256(f"{ref}|{platform}".encode()).hexdigest()
+        return self.cache_dir / "pins" / f"{name}.json"
+
+    async def _registry(self, base: OciImageBase, pull: bool) -> PreparedBase:
+        """A registry image. A tag is looked up once and pinned to the digest it named
+        (so a cache hit needs no network); `pull` looks it up again."""
+        ref = parse_reference(base.image)
+        platform = parse_platform(base.platform)
+        client = RegistryClient(await self.session(), progress=self.progress)
+        pin = anyio.Path(self._pin_path(ref, platform))
+        digest = ref.digest
+        if digest is None and not pull and await pin.exists():
+            digest = msgspec.json.decode(await pin.read_bytes(), type=Pin).digest
+        if digest is None:
+            self.progress(Progress(step="resolve", message=f"looking up {ref}"))
+            digest = (await client.resolve(ref, platform)).digest
+            record = Pin(reference=str(ref), platform=str(platform), digest=digest)
+            await anyio.to_thread.run_sync(
+                fsutil.atomic_write, Path(pin), msgspec.json.encode(record)
+            )
+        pinned = ref.with_digest(digest)
+
+        async def populate(staging: Path, owner: str) -> tuple[ImageConfig, list[str]]:
+            pulled = await client.resolve(pinned, platform)
+            config = parse_config(await client.get_config(pinned, pulled.manifest.config))
+            source = RegistrySource(
+                client, pinned, pulled.manifest, config, self.cache_dir / "downloads"
+            )
+            layers = await lay_down(
+                source, self.blobs, staging, owner=owner, progress=self.progress
+            )
+            return image_config(config), layers
+
+        return PreparedBase(
+            key={"image": digest, "platform": str(platform)},
+            description=f"{ref.name}@{digest}",
+            populate=populate,
+        )
+
+    async def _layout(self, loaded: LoadedTemplate, base: OciLayoutBase) -> PreparedBase:
+        path = resolve_source(loaded, base.path)
+        image = await anyio.to_thread.run_sync(
+            read_layout, path, base.ref, parse_platform(base.platform)
+        )
+        return self._local(LayoutSource(path, image), image.digest)
+
+    async def _docker_archive(
+        self, loaded: LoadedTemplate, base: DockerArchiveBase
+    ) -> PreparedBase:
+        path = resolve_source(loaded, base.path)
+        archive, image, members = await anyio.to_thread.run_sync(
+            read_docker_archive, path, base.ref
+        )
+        scratch = self.cache_dir / "downloads" / f"archive-{os.getpid()}-{image.digest[7:19]}"
+        return self._local(DockerArchiveSource(archive, image, members, scratch), image.digest)
+
+    def _local(self, source: ImageSource, digest: str) -> PreparedBase:
+        async def populate(staging: Path, owner: str) -> tuple[ImageConfig, list[str]]:
+            layers = await lay_down(
+                source, self.blobs, staging, owner=owner, progress=self.progress
+            )
+            return image_config(source.config), layers
+
+        return PreparedBase(
+            key={"image": digest}, description=source.description, populate=populate
         )
 
     # -- stage 1: content --------------------------------------------------------------

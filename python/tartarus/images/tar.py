@@ -13,7 +13,7 @@ import bz2
 import gzip
 import lzma
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import BinaryIO, Protocol, cast
 
@@ -94,8 +94,17 @@ class TarReader:
     """Iterates the entries of a tar stream. Data of the current entry is read with
     `read_data()`; whatever is left unread is skipped when iteration moves on."""
 
-    def __init__(self, stream: Readable, archive: str, limits: TarLimits | None = None) -> None:
+    def __init__(
+        self,
+        stream: Readable,
+        archive: str,
+        limits: TarLimits | None = None,
+        *,
+        seek: Callable[[int], object] | None = None,
+    ) -> None:
         self._stream = stream
+        # For a seekable file: skip unread data by seeking (relative) instead of reading.
+        self._seek = seek
         self.archive = archive
         self.limits = limits or TarLimits()
         self.position = 0
@@ -122,6 +131,10 @@ class TarReader:
         return b"".join(chunks)
 
     def _skip(self, n: int) -> None:
+        if self._seek is not None and n:
+            self._seek(n)
+            self.position += n
+            return
         while n:
             step = min(n, 1 << 20)
             self._read_exact(step)
