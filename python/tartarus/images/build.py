@@ -121,10 +121,15 @@ class BuildRecord(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float
 
     def digests(self) -> list[str]:
+        """Everything the template holds: layers, content tree, rootfs, ext4."""
         out = [self.content.tree, *self.content.layers, self.rootfs]
         if self.ext4:
             out.append(self.ext4)
         return out
+
+    def outputs(self, *, ext4: bool) -> list[str]:
+        """What a sandbox uses: the rootfs, and the ext4 image if asked for."""
+        return [self.rootfs, *([self.ext4] if ext4 and self.ext4 else [])]
 
 
 # A base knows its contribution to the content key and how to lay itself down.
@@ -196,6 +201,7 @@ class Builder:
         self.locks = cache_dir / "locks"
         self.progress = progress
         self._session: aiohttp.ClientSession | None = None
+        self._prepared: tuple[PreparedBase, str] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -371,9 +377,28 @@ class Builder:
 
     # -- stage 1: content --------------------------------------------------------------
 
+    async def _content_key(self, loaded: LoadedTemplate, pull: bool) -> tuple[PreparedBase, str]:
+        """The prepared base and the content key (computed once per builder)."""
+        if self._prepared is None:
+            prepared = await self.prepare_base(loaded, pull)
+            key = await anyio.to_thread.run_sync(content_key, loaded, prepared.key)
+            self._prepared = (prepared, key)
+        return self._prepared
+
+    async def _rootfs_key(self, content_key: str) -> tuple[Path, str, str]:
+        agent = rootfs.agent_binary()
+        agent_sha = await anyio.to_thread.run_sync(agent_digest, agent)
+        key = f"{content_key}\0{agent_sha}\0{rootfs.LAYOUT_VERSION}"
+        return agent, agent_sha, hashlib.sha256(key.encode()).hexdigest()
+
+    async def lookup(self, loaded: LoadedTemplate, *, pull: bool) -> BuildRecord | None:
+        """The cached rootfs record for these inputs, if any (takes no references)."""
+        _, ckey = await self._content_key(loaded, pull)
+        _, _, key = await self._rootfs_key(ckey)
+        return await self._read(key, BuildRecord)
+
     async def content(self, loaded: LoadedTemplate, owner: str, *, pull: bool) -> ContentRecord:
-        prepared = await self.prepare_base(loaded, pull)
-        key = await anyio.to_thread.run_sync(content_key, loaded, prepared.key)
+        prepared, key = await self._content_key(loaded, pull)
         cached = await self._read(key, ContentRecord)
         if cached and await self._hold(owner, [cached.tree, *cached.layers]):
             return cached
@@ -436,11 +461,7 @@ class Builder:
         self, loaded: LoadedTemplate, owner: str, *, ext4: bool, pull: bool
     ) -> BuildRecord:
         content = await self.content(loaded, owner, pull=pull)
-        agent = rootfs.agent_binary()
-        agent_sha = await anyio.to_thread.run_sync(agent_digest, agent)
-        key = hashlib.sha256(
-            f"{content.key}\0{agent_sha}\0{rootfs.LAYOUT_VERSION}".encode()
-        ).hexdigest()
+        agent, agent_sha, key = await self._rootfs_key(content.key)
         record = await self._cached_rootfs(key, owner)
         if record is None:
             async with self.lock(key):

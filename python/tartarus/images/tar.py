@@ -22,6 +22,7 @@ import msgspec
 from tartarus.images.errors import HostileArchiveError, InvalidArchiveError
 
 BLOCK = 512
+_HIGH_BYTES = bytes(range(128, 256))
 GiB = 1 << 30
 
 
@@ -269,10 +270,13 @@ class TarReader:
 
     def _check_checksum(self, header: bytes) -> None:
         stored = self._number(header[148:156], "checksum")
-        unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        high = sum(1 for b in header[:148] + header[156:] if b > 127)
-        signed = unsigned - 256 * high
-        if stored not in (unsigned, signed):
+        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+        if stored == unsigned:
+            return
+        # Some old writers summed signed bytes.
+        outside = header[:148] + header[156:]
+        signed = unsigned - 256 * (len(outside) - len(outside.translate(None, _HIGH_BYTES)))
+        if stored != signed:
             raise self._bad("bad header checksum (not a tar archive, or corrupt)")
 
     def _entry(self, header: bytes, *, kind: EntryType, size: int, meta: _Meta) -> TarEntry:

@@ -9,6 +9,7 @@ beside this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -204,6 +205,12 @@ def validate(template: Template, where: str) -> None:
 
 
 def builtin_templates() -> dict[str, LoadedTemplate]:
+    return dict(_builtin_templates())
+
+
+@functools.cache
+def _builtin_templates() -> dict[str, LoadedTemplate]:
+    # Package files: read once per process.
     out = {}
     for path in sorted(BUILTIN_DIR.iterdir()):
         if path.suffix in TEMPLATE_SUFFIXES:
