@@ -7,11 +7,13 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import anyio
 import pytest
 
+from tartarus.binaries import find_binary
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient, open_unix_stream
 from tartarus.runtime.types import ExecRequest
@@ -185,3 +187,32 @@ def test_init_mode_reaps_orphaned_zombies(tmp_path: Path) -> None:
         anyio.run(check, sock_path)
         proc.wait(timeout=15)
         assert proc.returncode == 0
+
+
+def test_vsock_listener_starts(tmp_path: Path) -> None:
+    """The agent binds its vsock port and serves on. (Connecting needs a VM or the
+    vsock_loopback transport, which this host lacks: `connect((1, port))` times out.)"""
+    if not Path("/dev/vsock").exists():
+        pytest.skip("no /dev/vsock on this host")
+    port = 20000 + os.getpid() % 20000
+    agent = find_binary("tartarus-agent")
+    stderr = (tmp_path / "stderr").open("wb")
+    proc = subprocess.Popen([agent, "serve", "--listen", f"vsock:{port}"], stderr=stderr)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        stderr.close()
+    assert (tmp_path / "stderr").read_text() == ""
+
+
+def test_bad_command_lines_are_usage_errors() -> None:
+    agent = find_binary("tartarus-agent")
+    for argv in (["serve"], ["serve", "--listen", "tcp:1"], ["bogus"], []):
+        out = subprocess.run([agent, *argv], capture_output=True, text=True, check=False)
+        assert out.returncode == 2, argv
+        assert "usage: tartarus-agent" in out.stderr
+    version = subprocess.run([agent, "--version"], capture_output=True, text=True, check=True)
+    assert f"protocol {p.PROTOCOL_VERSION}" in version.stdout
