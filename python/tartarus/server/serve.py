@@ -27,8 +27,10 @@ from tartarus.config import Settings
 from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.errors import TartarusError
 from tartarus.paths import ensure_private_dir
+from tartarus.secrets.redaction import install_log_redaction
 from tartarus.server.app import build_app
 from tartarus.server.routes.service import ACCEPTING
+from tartarus.server.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,18 @@ async def serve(
             )
     lock_fd = _lock(runtime_dir)
     store = Store(state_db_path(settings))
-    manager = SandboxManager(store, provider or HostRuntimes(settings), grace_s=options.grace_s)
+    security = Security.open(settings, owner_uid=os.getuid(), static_key=options.api_key)
+    install_log_redaction()
+    manager = SandboxManager(
+        store,
+        provider or HostRuntimes(settings),
+        grace_s=options.grace_s,
+        admission=security.judges,
+    )
     try:
         async with manager.running():
-            app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key)
+            manager.spawn(security.prune_forever)
+            app = build_app(manager, security)
             runner = web.AppRunner(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
@@ -114,6 +124,7 @@ async def serve(
                 if endpoint.path is not None:
                     await anyio.Path(endpoint.path).unlink(missing_ok=True)
     finally:
+        await security.close()
         store.close()
         os.close(lock_fd)
 
