@@ -90,6 +90,8 @@ class ApplyPolicyRequest(_Request, kw_only=True):
     # Optimistic concurrency: apply only if the current version is this one (0: only if
     # the policy does not exist yet).
     if_version: Annotated[int, Meta(ge=0)] | None = None
+    # Why (kept with the version).
+    comment: Annotated[str, Meta(max_length=1024)] = ""
 
 
 class RollbackPolicyRequest(_Request, kw_only=True):

@@ -6,8 +6,11 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
+from tartarus.cli.audit import audit_group
+from tartarus.cli.auth import auth_group
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
+from tartarus.cli.policy import policy_group
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
     exec_command,
@@ -17,6 +20,7 @@ from tartarus.cli.sandboxes import (
     ps_command,
     run_command,
 )
+from tartarus.cli.secrets import secrets_group
 from tartarus.cli.serve import serve_command
 from tartarus.errors import TartarusError
 
@@ -39,6 +43,10 @@ for command in (
     doctor,
     version_command,
     completion_command,
+    auth_group,
+    policy_group,
+    audit_group,
+    secrets_group,
 ):
     cli.add_command(command)
 

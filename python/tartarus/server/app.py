@@ -15,10 +15,12 @@ from tartarus.server.access import access_middleware
 from tartarus.server.context import MANAGER, STARTED_AT
 from tartarus.server.problems import from_exception, problem_response
 from tartarus.server.routes import (
+    audit,
     code,
     files,
     keys,
     logs,
+    policies,
     processes,
     sandboxes,
     service,
@@ -41,6 +43,8 @@ TABLES: tuple[RouteTable, ...] = (
     terminal.routes,
     code.routes,
     keys.routes,
+    policies.routes,
+    audit.routes,
 )
 
 
