@@ -44,7 +44,8 @@ _SO_PEERCRED = struct.Struct("3i")
 
 # An owner lookup answers who owns the resource a path parameter names: a tenant, or
 # SHARED (every tenant sees it), or PLATFORM (only cross-tenant principals), or None
-# when there is no such resource (the handler then answers its own 404).
+# when there is no such resource (404 before the handler runs). A lookup for a name
+# that a request may create (a new policy) answers its owner whether or not it exists.
 SHARED = "*"
 PLATFORM = ""
 OwnerLookup = Callable[[web.Request, str], str | None]
@@ -160,6 +161,14 @@ def visible_tenant(principal: Principal, tenant: str | None) -> str | None:
     return tenant
 
 
+def _visible(principal: Principal, tenant: str) -> bool:
+    if tenant == SHARED:
+        return True
+    if tenant == PLATFORM:
+        return principal.cross_tenant
+    return principal.sees(tenant)
+
+
 def access_middleware(
     authenticator: Authenticator, operations: list[Operation], audit: AuditSink | None
 ) -> Middleware:
@@ -214,20 +223,16 @@ def access_middleware(
             if owner is None:
                 continue
             tenant = owner.lookup(request, value)
-            visible = (
-                tenant is None
-                or tenant == SHARED
-                or (tenant == PLATFORM and principal.cross_tenant)
-                or (tenant != PLATFORM and principal.sees(tenant))
-            )
-            if not visible:
+            if tenant is None or not _visible(principal, tenant):
+                # Missing and not yours answer alike, before the handler reads anything,
+                # so neither the status nor the body tells whether the id exists.
                 record(
                     request,
                     principal,
                     op,
-                    outcome="denied",
+                    outcome="denied" if tenant is not None else "failed",
                     status=404,
-                    detail=f"{param} of another tenant",
+                    detail=f"{param} of another tenant" if tenant is not None else "",
                 )
                 raise not_found(owner.what(value))
         audited = request.method != "GET" or op.websocket
