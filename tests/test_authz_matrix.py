@@ -1,4 +1,4 @@
-"""The authorisation matrix: every route × every role × its own or another tenant's
+"""The authorisation matrix: every route, every role, its own or another tenant's
 resource, generated from the server's RouteTable, so a new route is covered the day it
 is added. Expectations come from the roles file and an independent matcher:
 
@@ -17,12 +17,12 @@ import importlib.resources
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tartarus.auth.rbac import ROUTE_PERMISSIONS, default_roles
 from tartarus.server.app import operations
 from tartarus.server.routing import JSON, Operation
 from tests.support.auth import call, make_key, seed_sandboxes
@@ -178,14 +178,10 @@ def test_listings_show_only_the_callers_tenant(world: World) -> None:
 
 
 def test_every_route_declares_a_known_permission() -> None:
-    from tartarus.auth.rbac import ROUTE_PERMISSIONS
-
     for op in operations():
         assert op.permission in ROUTE_PERMISSIONS, op.operation_id
 
 
-def test_matrix_roles_file_is_the_shipped_one(tmp_path: Path) -> None:
+def test_matrix_roles_file_is_the_shipped_one() -> None:
     # The matcher above reads the same file the server loads by default.
-    from tartarus.auth.rbac import default_roles
-
     assert default_roles().names == ROLES
