@@ -10,6 +10,7 @@ from tartarus.cli.audit import audit_group
 from tartarus.cli.auth import auth_group
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
+from tartarus.cli.init import init
 from tartarus.cli.policy import policy_group
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
@@ -22,6 +23,7 @@ from tartarus.cli.sandboxes import (
 )
 from tartarus.cli.secrets import secrets_group
 from tartarus.cli.serve import serve_command
+from tartarus.cli.template import template
 from tartarus.errors import TartarusError
 
 
@@ -41,6 +43,8 @@ for command in (
     cp_command,
     serve_command,
     doctor,
+    init,
+    template,
     version_command,
     completion_command,
     auth_group,
