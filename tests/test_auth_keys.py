@@ -57,10 +57,8 @@ def test_rotation_keeps_the_old_key_for_the_grace_period(tmp_path: Path) -> None
     assert store.verify(new_token) is None and store.verify(newest) is not None
 
 
-def tartarus(
-    server: Server, *args: str, url: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = dict(server.env, TARTARUS_URL=url or server.url)
+def tartarus(server: Server, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(server.env, TARTARUS_URL=server.url) | env_extra
     return subprocess.run(
         [sys.executable, "-m", "tartarus", *args],
         env=env,
