@@ -239,8 +239,10 @@ class AuditLog:
         heads: set[str] = {prev}
         retention_anchors: list[tuple[int, str]] = []
         cursor = self._db.execute("SELECT seq, doc, hash FROM audit ORDER BY seq")
-        for seq, doc, stored in cursor:
+        for seq, raw, stored in cursor:
             count += 1
+            # Stored as a BLOB; a hand edit may have turned it into TEXT.
+            doc = raw.encode() if isinstance(raw, str) else bytes(raw)
             first = seq if first is None else first
             last = seq
             if entry_hash(doc) != stored:
