@@ -182,6 +182,7 @@ class Judges:
                 "secrets": ",".join(sorted(request.secrets)),
             },
             verdicts=[_verdict_doc(v) for v in verdicts],
+            tags=admission.policy.audit.tags,
         )
 
     def ended(self, record: SandboxRecord) -> None:
