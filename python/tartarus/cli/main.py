@@ -8,6 +8,7 @@ from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
 from tartarus.cli.audit import audit_group
 from tartarus.cli.auth import auth_group
+from tartarus.cli.certs import certs_group
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init
@@ -51,6 +52,7 @@ for command in (
     policy_group,
     audit_group,
     secrets_group,
+    certs_group,
 ):
     cli.add_command(command)
 
