@@ -43,8 +43,9 @@ def https(
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
         response = conn.getresponse()
-        assert conn.sock is not None
-        der = conn.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        der = conn.sock.getpeercert(binary_form=True)
+        assert der is not None
         return response.status, json.loads(response.read()), x509.load_der_x509_certificate(der)
     finally:
         conn.close()
