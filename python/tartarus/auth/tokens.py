@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import re
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +32,10 @@ from tartarus.auth.settings import AuthSettings, OidcIssuer
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 1 << 20
+# Tokens that verified are remembered this long (never past their `exp`), so a client
+# reusing its token pays for the signature check once, not on every request.
+VERIFIED_CACHE_S = 60.0
+VERIFIED_CACHE_SIZE = 4096
 FETCH_TIMEOUT_S = 10.0
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"})
 TENANT = re.compile(TENANT_PATTERN)
@@ -145,6 +150,7 @@ class TokenVerifier:
         self._skew = settings.clock_skew_s
         self._roles = roles
         self._issuers = {i.issuer: IssuerKeys(i, settings) for i in settings.oidc}
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     @property
     def configured(self) -> bool:
@@ -155,6 +161,20 @@ class TokenVerifier:
             await keys.close()
 
     async def verify(self, token: str) -> Principal:
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, until = cached
+            if time.time() < until:
+                self._verified.move_to_end(token)
+                return principal
+            del self._verified[token]
+        principal, expires = await self._verify(token)
+        self._verified[token] = (principal, min(expires, time.time() + VERIFIED_CACHE_S))
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -198,7 +218,7 @@ class TokenVerifier:
             raise AuthenticationError(f"the token is not for this audience: {e}") from e
         except jwt.PyJWTError as e:
             raise AuthenticationError(f"invalid token: {e}") from e
-        return self._principal(issuer, claims, kid)
+        return self._principal(issuer, claims, kid), float(claims["exp"])
 
     def _principal(self, issuer: OidcIssuer, claims: dict[str, Any], kid: str) -> Principal:
         tenant = claims.get(issuer.tenant_claim, issuer.default_tenant)
