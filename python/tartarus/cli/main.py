@@ -12,6 +12,7 @@ from tartarus.cli.certs import certs_group
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init
+from tartarus.cli.kernel import kernel
 from tartarus.cli.policy import policy_group
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
@@ -46,6 +47,7 @@ for command in (
     doctor,
     init,
     template,
+    kernel,
     version_command,
     completion_command,
     auth_group,
