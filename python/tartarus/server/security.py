@@ -3,8 +3,6 @@
 `Security.open` builds everything from the settings and the state dir:
 `auth.db` (API keys), `policy.db` (policy versions), `audit.db` (the audit chain) and
 `secrets.db` (the encrypted local secrets, keyed by `secrets.key`).
-`Security.minimal` is the same door without state: the unix socket's owner, an optional
-static key, no judges' records (for tests of the bare API).
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ from aiohttp import web
 
 from tartarus.auth.authenticate import Authenticator
 from tartarus.auth.keys import KeyStore
-from tartarus.auth.rbac import Roles, default_roles, load_roles
-from tartarus.auth.settings import AuthSettings
+from tartarus.auth.rbac import Roles, load_roles
 from tartarus.config import Settings
 from tartarus.policy.aeacus import AuditLog
 from tartarus.policy.judges import Judges, load_plugins
@@ -41,23 +38,12 @@ class Security:
     authenticator: Authenticator
     roles: Roles
     judges: Judges
-    keys: KeyStore | None = None
-    policies: PolicyStore | None = None
-    audit: AuditLog | None = None
-    resolver: SecretResolver | None = None
-    local_secrets: LocalSecretStore | None = None
+    keys: KeyStore
+    policies: PolicyStore
+    audit: AuditLog
+    resolver: SecretResolver
+    local_secrets: LocalSecretStore
     vault: VaultProvider | None = None
-
-    @classmethod
-    def minimal(cls, *, owner_uid: int, static_key: str | None = None) -> Security:
-        roles = default_roles()
-        return cls(
-            authenticator=Authenticator(
-                AuthSettings(), roles, owner_uid=owner_uid, static_key=static_key
-            ),
-            roles=roles,
-            judges=Judges(),
-        )
 
     @classmethod
     def open(cls, settings: Settings, *, owner_uid: int, static_key: str | None = None) -> Security:
@@ -105,13 +91,12 @@ class Security:
         await self.authenticator.close()
         if self.vault is not None:
             await self.vault.close()
-        for store in (self.keys, self.policies, self.audit, self.local_secrets):
-            if store is not None:
-                store.close()
+        self.keys.close()
+        self.policies.close()
+        self.audit.close()
+        self.local_secrets.close()
 
     def prune_audit(self) -> int:
-        if self.audit is None:
-            return 0
         days = self.judges.policy("").audit.retention_days
         if days is None:
             return 0

@@ -20,7 +20,7 @@ from tartarus.api.types import TenantName
 from tartarus.auth.keys import ApiKey, KeyStore
 from tartarus.auth.rbac import ADMIN_KEYS, AUTHENTICATED, expand
 from tartarus.errors import ConfigError
-from tartarus.server.access import PLATFORM, principal_of, register_owner, visible_tenant
+from tartarus.server.access import principal_of, register_owner, visible_tenant
 from tartarus.server.problems import ApiError, not_found
 from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 from tartarus.server.security import SECURITY, security_of
@@ -50,10 +50,7 @@ def key_info(key: ApiKey) -> KeyInfo:
 
 
 def _store(request: web.Request) -> KeyStore:
-    keys = security_of(request).keys
-    if keys is None:
-        raise ApiError(409, "keys-unavailable", "this server keeps no API keys (no state dir)")
-    return keys
+    return security_of(request).keys
 
 
 def _key(request: web.Request) -> ApiKey:
@@ -82,9 +79,8 @@ def _managed_key(request: web.Request) -> ApiKey:
 
 
 def _key_owner(request: web.Request, key_id: str) -> str | None:
-    keys = request.app[SECURITY].keys
-    key = keys.get(key_id) if keys is not None else None
-    return None if key is None else key.tenant or PLATFORM
+    key = request.app[SECURITY].keys.get(key_id)
+    return None if key is None else key.tenant
 
 
 register_owner("key_id", _key_owner, lambda key_id: f"API key {key_id}")

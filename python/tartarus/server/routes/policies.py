@@ -37,10 +37,7 @@ def _time(ts: float) -> dt.datetime:
 
 
 def _store(request: web.Request) -> PolicyStore:
-    store = security_of(request).policies
-    if store is None:
-        raise ApiError(409, "policies-unavailable", "this server keeps no policies (no state)")
-    return store
+    return security_of(request).policies
 
 
 def _policy_owner(request: web.Request, name: str) -> str | None:
@@ -303,11 +300,7 @@ async def effective_policy(request: web.Request) -> web.StreamResponse:
     q = read_query(request, EffectiveQuery)
     principal = principal_of(request)
     tenant = visible_tenant(principal, q.tenant) or principal.tenant
-    store = security_of(request).policies
-    if store is None:
-        spec = security_of(request).judges.policy(tenant)
-        return reply(EffectivePolicy(tenant=tenant, spec=msgspec.to_builtins(spec), versions={}))
-    effective = store.effective(tenant)
+    effective = _store(request).effective(tenant)
     return reply(
         EffectivePolicy(
             tenant=tenant, spec=msgspec.to_builtins(effective.spec), versions=effective.versions
