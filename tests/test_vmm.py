@@ -167,12 +167,18 @@ def test_two_vcpus_boot(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
     assert r.exit == {"reason": "reset"}
 
 
-@pytest.mark.kvm_full
-def test_pvh_entry_runs_the_same_program(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
-    # On emulated KVM the 32-bit PVH entry triple-faults at its first instruction.
-    r = run_probe(vmm_bin, guest, tmp_path, "hello", boot_protocol="pvh")
-    assert r.serial == "hello from the probe guest\n"
-    assert r.exit == {"reason": "reset"}
+@pytest.mark.parametrize("program", ["hello", "mem", "compute 20000", "ports"])
+def test_pvh_entry_runs_the_same_programs(
+    vmm_bin: str, guest: Path, tmp_path: Path, program: str
+) -> None:
+    # The 32-bit entry with flat 4 GiB segments; the guest finds RAM in the PVH memmap.
+    for sub in ("pvh", "linux64"):
+        (tmp_path / sub).mkdir()
+    pvh = run_probe(vmm_bin, guest, tmp_path / "pvh", program, boot_protocol="pvh")
+    linux = run_probe(vmm_bin, guest, tmp_path / "linux64", program)
+    assert pvh.exit == linux.exit == {"reason": "reset"}
+    assert pvh.serial == linux.serial
+    assert "errors=0000000000000000" in pvh.serial or program != "mem"
 
 
 @pytest.mark.kvm_full
