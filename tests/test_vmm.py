@@ -21,14 +21,18 @@ import anyio
 import msgspec
 import pytest
 
-from tartarus.binaries import find_binary
 from tartarus.config import Settings, load_settings
 from tartarus.host.doctor import DoctorReport
 from tartarus.runtime.base import BackendUnavailableError
 from tartarus.runtime.microvm import MicroVmRuntime
 from tartarus.runtime.types import SandboxSpec
 from tartarus.runtime.vmm_api import MachineConfig, VmmError, VmmProcess, VmState
-from tests.support.probe_guests import build_probe_guest, xorshift_result
+from tests.support.probe_guests import (
+    build_probe_guest,
+    seccomp_selftest,
+    vmm_binary,
+    xorshift_result,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,10 +44,7 @@ def guest() -> Path:
 
 @pytest.fixture(scope="module")
 def vmm_bin(doctor_report: DoctorReport) -> str:
-    kvm = doctor_report.kernel.kvm
-    if not kvm.openable:
-        pytest.skip(f"no usable /dev/kvm: {kvm.detail}")
-    return str(find_binary("tartarus-vmm"))
+    return vmm_binary(doctor_report)
 
 
 @pytest.fixture
@@ -291,16 +292,7 @@ def test_file_backed_memory_is_copy_on_write(vmm_bin: str, guest: Path, tmp_path
 
 @pytest.mark.parametrize("thread", ["api", "vcpu"])
 def test_a_forbidden_system_call_kills_the_vmm(vmm_bin: str, thread: str) -> None:
-    proc = subprocess.run(
-        [vmm_bin, "seccomp-selftest", thread],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert "api filter installed" in proc.stdout
-    assert "survived" not in proc.stdout
-    assert proc.returncode == -signal.SIGSYS
+    assert seccomp_selftest(vmm_bin, thread).returncode == -signal.SIGSYS
 
 
 def test_probe_guests_run_under_seccomp_and_without(

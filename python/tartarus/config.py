@@ -17,6 +17,7 @@ import msgspec
 from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
+from tartarus.runtime.vmm_jail import VmmJailSettings
 from tartarus.secrets.settings import SecretsSettings
 
 
@@ -30,6 +31,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).
     secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
+    # The microVM monitor's own jail ([vmm_jail], docs/configuration.md).
+    vmm_jail: VmmJailSettings = msgspec.field(default_factory=VmmJailSettings)
 
 
 ENV_PREFIX = "TARTARUS_"

@@ -13,12 +13,39 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
+from tartarus.binaries import find_binary
 from tartarus.config import load_settings
+from tartarus.host.doctor import DoctorReport
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "rust" / "vmm" / "guests"
 LINKER_SCRIPT = "probe.ld"
 # Included by every guest: COM1 output and the i8042 reset.
 SHARED = ("console.inc",)
+
+
+def vmm_binary(doctor_report: DoctorReport) -> str:
+    """The installed `tartarus-vmm`; skips with the doctor's reason without /dev/kvm."""
+    kvm = doctor_report.kernel.kvm
+    if not kvm.openable:
+        pytest.skip(f"no usable /dev/kvm: {kvm.detail}")
+    return str(find_binary("tartarus-vmm"))
+
+
+def seccomp_selftest(vmm_bin: str, thread: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`tartarus-vmm seccomp-selftest THREAD`: installs the filters, then makes a call
+    the thread may not make; checks the filters were installed and did not let it by."""
+    proc = subprocess.run(
+        [vmm_bin, "seccomp-selftest", thread, *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert "api filter installed" in proc.stdout
+    assert "survived" not in proc.stdout
+    return proc
 
 
 def xorshift_result(rounds: int) -> int:
