@@ -31,6 +31,7 @@ from typing import Any, Final
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+import msgspec
 import wasmtime
 
 from tartarus.runtime.base import NotSupportedError, SandboxError, SandboxNotFoundError
@@ -166,7 +167,8 @@ class WasmExecution:
                 if proc.exit is not None:
                     exit_ = proc.exit
                     if self._dropped:
-                        exit_ = _with_dropped(exit_, exit_.dropped_chunks + self._dropped)
+                        dropped = exit_.dropped_chunks + self._dropped
+                        exit_ = msgspec.structs.replace(exit_, dropped_chunks=dropped)
                     yield exit_
                     return
                 await event.wait()
@@ -216,18 +218,6 @@ def _trap_message(e: Exception) -> str:
         return type(e).__name__
     causes = [line for line in lines if line[:1].isdigit() and ": " in line]
     return lines[0] + (f" ({causes[-1].split(': ', 1)[1]})" if causes else "")
-
-
-def _with_dropped(exit_: ExitStatus, dropped: int) -> ExitStatus:
-    return ExitStatus(
-        pid=exit_.pid,
-        code=exit_.code,
-        signal=exit_.signal,
-        timed_out=exit_.timed_out,
-        oom_killed=exit_.oom_killed,
-        dropped_chunks=dropped,
-        duration_s=exit_.duration_s,
-    )
 
 
 def _engine_config() -> wasmtime.Config:
