@@ -49,3 +49,13 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not on PATH (make test installs it with apt-get)")
     return path
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox stand-in template (tartarus.runtime.busybox_rootfs), built per session."""
+    from tartarus.runtime.busybox_rootfs import BUSYBOX, busybox_rootfs  # noqa: PLC0415
+
+    if not BUSYBOX.is_file():
+        pytest.skip(f"{BUSYBOX} missing (apt-get install busybox-static)")
+    return busybox_rootfs(tmp_path_factory.getbasetemp())

@@ -9,6 +9,7 @@ import click
 from tartarus import __version__
 from tartarus.cli.doctor import doctor
 from tartarus.cli.output import err_console
+from tartarus.cli.run import run
 from tartarus.errors import TartarusError
 
 
@@ -19,6 +20,7 @@ def cli() -> None:
 
 
 cli.add_command(doctor)
+cli.add_command(run)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from tartarus.runtime.base import Execution
+from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import ExecEvent, ExecResult, ExitStatus, SandboxStats
 
 
@@ -173,9 +173,19 @@ class OomAwareExecution:
             return msgspec.structs.replace(exit_, oom_killed=True)
         return exit_
 
+    def _lost(self, error: SandboxError) -> ExitStatus:
+        """The sandbox died under the process (gVisor: the host OOM killer takes the
+        whole sandbox): an OOM kill if the cgroup counted one, else the error stands."""
+        if self._oom_kills() > self._before:
+            return ExitStatus(pid=self.pid, signal=signal.SIGKILL, oom_killed=True)
+        raise SandboxError(f"the sandbox died while process {self.pid} ran: {error}") from error
+
     async def events(self) -> AsyncIterator[ExecEvent]:
-        async for event in self._inner.events():
-            yield self._mark(event) if isinstance(event, ExitStatus) else event
+        try:
+            async for event in self._inner.events():
+                yield self._mark(event) if isinstance(event, ExitStatus) else event
+        except SandboxError as e:
+            yield self._lost(e)
 
     async def write_stdin(self, data: bytes) -> None:
         await self._inner.write_stdin(data)
@@ -190,5 +200,8 @@ class OomAwareExecution:
         await self._inner.kill(signal)
 
     async def wait(self) -> ExecResult:
-        result = await self._inner.wait()
+        try:
+            result = await self._inner.wait()
+        except SandboxError as e:
+            return ExecResult(stdout=b"", stderr=b"", exit=self._lost(e))
         return ExecResult(stdout=result.stdout, stderr=result.stderr, exit=self._mark(result.exit))

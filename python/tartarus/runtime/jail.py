@@ -63,6 +63,14 @@ class JailError(SandboxError):
     pass
 
 
+async def wait_for_path(path: Path, timeout_s: float) -> None:
+    """Polls (every 0.5 ms: the agent binds its socket within milliseconds) until `path`
+    exists; the agent client then connects without its backoff."""
+    with anyio.move_on_after(timeout_s):
+        while not await anyio.Path(path).exists():  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.0005)
+
+
 class BindMount(msgspec.Struct, frozen=True):
     source: Path
     destination: str
@@ -162,7 +170,9 @@ class JailSandbox(AgentSandbox):
             self._started = event
             (self._dir / "started.json").write_bytes(codec.to_json(event))
             self._cgroup = CgroupReader(event.cgroup_dirs())
-            self.agent = await AgentClient.connect_unix(self._dir / "run" / AGENT_SOCKET)
+            socket_path = self._dir / "run" / AGENT_SOCKET
+            await wait_for_path(socket_path, START_TIMEOUT_S)
+            self.agent = await AgentClient.connect_unix(socket_path)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.kill()
