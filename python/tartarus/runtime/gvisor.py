@@ -38,7 +38,13 @@ from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.cgroups import CgroupReader, OomAwareExecution, cgroup_dirs_of
-from tartarus.runtime.jail import AGENT_IN_SANDBOX, AGENT_SOCKET, SOCKET_DIR_IN_SANDBOX, agent_argv
+from tartarus.runtime.layout import (
+    AGENT_IN_SANDBOX,
+    AGENT_SOCKET,
+    SOCKET_DIR_IN_SANDBOX,
+    agent_argv,
+    new_sandbox_dir,
+)
 from tartarus.runtime.types import (
     Backend,
     ExecRequest,
@@ -315,15 +321,7 @@ class GvisorRuntime:
         )
 
     async def _prepare(self, spec: SandboxSpec) -> GvisorSandbox:
-        if spec.rootfs is None or not spec.rootfs.is_dir():
-            raise GvisorError(
-                f"gvisor needs a template root filesystem directory, got {spec.rootfs}"
-            )
-        directory = self._root / spec.id
-        try:
-            directory.mkdir(parents=True)
-        except FileExistsError:
-            raise GvisorError(f"a gvisor sandbox named {spec.id!r} already exists") from None
+        directory = new_sandbox_dir(self._root, spec, Backend.GVISOR.value)
         (directory / "bundle").mkdir()
         oci.write_bundle_config(directory / "bundle", self._spec(spec, directory))
         return GvisorSandbox(self, spec, directory)

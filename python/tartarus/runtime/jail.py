@@ -32,6 +32,14 @@ from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import Execution, NotSupportedError, SandboxError
 from tartarus.runtime.cgroups import CgroupDir, CgroupReader, OomAwareExecution
+from tartarus.runtime.layout import (
+    AGENT_IN_SANDBOX,
+    AGENT_SOCKET,
+    SOCKET_DIR_IN_SANDBOX,
+    agent_argv,
+    new_sandbox_dir,
+    wait_for_path,
+)
 from tartarus.runtime.types import (
     Backend,
     ExecRequest,
@@ -42,33 +50,12 @@ from tartarus.runtime.types import (
     SnapshotInfo,
 )
 
-AGENT_IN_SANDBOX: Final = "/.tartarus/tartarus-agent"
-SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
-AGENT_SOCKET: Final = "agent.sock"
 START_TIMEOUT_S: Final = 30.0
 _EVENT_LINE_MAX: Final = 64 << 10
 
 
-def agent_argv() -> list[str]:
-    """How every agent-backed backend starts the agent inside the sandbox."""
-    return [
-        AGENT_IN_SANDBOX,
-        "serve",
-        "--listen",
-        f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
-    ]
-
-
 class JailError(SandboxError):
     pass
-
-
-async def wait_for_path(path: Path, timeout_s: float) -> None:
-    """Polls (every 0.5 ms: the agent binds its socket within milliseconds) until `path`
-    exists; the agent client then connects without its backoff."""
-    with anyio.move_on_after(timeout_s):
-        while not await anyio.Path(path).exists():  # noqa: ASYNC110 - no event to wait on
-            await anyio.sleep(0.0005)
 
 
 class BindMount(msgspec.Struct, frozen=True):
@@ -293,15 +280,7 @@ class JailRuntime:
         )
 
     async def create(self, spec: SandboxSpec) -> JailSandbox:
-        if spec.rootfs is None or not spec.rootfs.is_dir():
-            raise JailError(
-                f"the jail needs a template root filesystem directory, got {spec.rootfs}"
-            )
-        directory = self._root / spec.id
-        try:
-            directory.mkdir(parents=True)
-        except FileExistsError:
-            raise JailError(f"a jail sandbox named {spec.id!r} already exists") from None
+        directory = new_sandbox_dir(self._root, spec, Backend.JAIL.value)
         (directory / "work").mkdir()
         (directory / "run").mkdir(mode=0o700)
         config = self._config(spec, directory)

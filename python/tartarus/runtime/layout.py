@@ -1,0 +1,49 @@
+"""What the agent-backed backends (jail, gvisor) share: where the agent lives inside a
+sandbox, how it is started, and each sandbox's directory on the host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import anyio
+
+from tartarus.runtime.base import SandboxError
+from tartarus.runtime.types import SandboxSpec
+
+AGENT_IN_SANDBOX: Final = "/.tartarus/tartarus-agent"
+SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
+AGENT_SOCKET: Final = "agent.sock"
+
+
+def agent_argv() -> list[str]:
+    """How every agent-backed backend starts the agent inside the sandbox."""
+    return [
+        AGENT_IN_SANDBOX,
+        "serve",
+        "--listen",
+        f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
+    ]
+
+
+def new_sandbox_dir(root: Path, spec: SandboxSpec, backend: str) -> Path:
+    """Checks the spec has a rootfs directory and creates `root/<id>` (which must not
+    exist: ids are unique per runtime)."""
+    if spec.rootfs is None or not spec.rootfs.is_dir():
+        raise SandboxError(
+            f"the {backend} backend needs a template root filesystem directory, got {spec.rootfs}"
+        )
+    directory = root / spec.id
+    try:
+        directory.mkdir(parents=True)
+    except FileExistsError:
+        raise SandboxError(f"a {backend} sandbox named {spec.id!r} already exists") from None
+    return directory
+
+
+async def wait_for_path(path: Path, timeout_s: float) -> None:
+    """Polls (every 0.5 ms: the agent binds its socket within milliseconds) until `path`
+    exists; the agent client then connects without its backoff."""
+    with anyio.move_on_after(timeout_s):
+        while not await anyio.Path(path).exists():  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.0005)
