@@ -35,19 +35,18 @@ from tartarus.binaries import find_binary
 from tartarus.host.tools import runsc_global_flags
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.agent_client import AgentClient
-from tartarus.runtime.agent_sandbox import AgentSandbox
-from tartarus.runtime.base import Execution, SandboxError
-from tartarus.runtime.cgroups import CgroupReader, OomAwareExecution, cgroup_dirs_of
+from tartarus.runtime.base import SandboxError
+from tartarus.runtime.cgroups import CgroupReader, cgroup_dirs_of
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
     SOCKET_DIR_IN_SANDBOX,
+    HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
 )
 from tartarus.runtime.types import (
     Backend,
-    ExecRequest,
     SandboxSpec,
     SandboxState,
     SandboxStats,
@@ -76,7 +75,8 @@ def _sandbox_id(container: str) -> str:
     return container.removeprefix("tt-").rsplit("-", 1)[0]
 
 
-# What the agent needs to run commands as other users and own files; without
+# The jail's default set (rust/jail/src/config.rs): what the agent needs to run commands
+# as other users and own files; without
 # SYS_RESOURCE and SYS_ADMIN, RLIMIT_NPROC binds root inside the sandbox too.
 _CAPS: Final = (
     "CAP_CHOWN",
@@ -99,23 +99,13 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
-class GvisorSandbox(AgentSandbox):
+class GvisorSandbox(HostedAgentSandbox):
+    BACKEND = Backend.GVISOR
+
     def __init__(self, runtime: GvisorRuntime, spec: SandboxSpec, directory: Path) -> None:
-        super().__init__()
-        self.spec = spec
+        super().__init__(spec, directory)
         self._runtime = runtime
-        self._dir = directory
         self.container = _container_name(spec.id)
-        self._state = SandboxState.CREATED
-        self._cgroup = CgroupReader([])
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    @property
-    def backend(self) -> Backend:
-        return Backend.GVISOR
 
     @property
     def bundle(self) -> Path:
@@ -182,9 +172,6 @@ class GvisorSandbox(AgentSandbox):
                 oom = self._cgroup.oom_kills()
                 detail = "killed by the host OOM killer" if oom else "the sandbox stopped"
         return SandboxStatus(id=self.id, backend=Backend.GVISOR, state=state, detail=detail)
-
-    async def exec(self, request: ExecRequest) -> Execution:  # type: ignore[override]
-        return OomAwareExecution(await super().exec(request), self._cgroup.oom_kills)
 
     async def stats(self) -> SandboxStats:
         """Memory and CPU from the host cgroup (what the sandbox really costs, gVisor

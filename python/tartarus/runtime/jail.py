@@ -29,20 +29,19 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from tartarus import codec
 from tartarus.binaries import find_binary
 from tartarus.runtime.agent_client import AgentClient
-from tartarus.runtime.agent_sandbox import AgentSandbox
-from tartarus.runtime.base import Execution, NotSupportedError, SandboxError
-from tartarus.runtime.cgroups import CgroupDir, CgroupReader, OomAwareExecution
+from tartarus.runtime.base import NotSupportedError, SandboxError
+from tartarus.runtime.cgroups import CgroupDir, CgroupReader
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
     SOCKET_DIR_IN_SANDBOX,
+    HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
     wait_for_path,
 )
 from tartarus.runtime.types import (
     Backend,
-    ExecRequest,
     SandboxSpec,
     SandboxState,
     SandboxStats,
@@ -111,25 +110,14 @@ JailEvent = StartedEvent | ExitedEvent
 _decode_event = msgspec.json.Decoder(JailEvent, dec_hook=codec.dec_hook)
 
 
-class JailSandbox(AgentSandbox):
+class JailSandbox(HostedAgentSandbox):
+    BACKEND = Backend.JAIL
+
     def __init__(self, spec: SandboxSpec, directory: Path) -> None:
-        super().__init__()
-        self.spec = spec
-        self._dir = directory
+        super().__init__(spec, directory)
         self._process: anyio.abc.Process | None = None
         self._events: BufferedByteReceiveStream | None = None
         self._started: StartedEvent | None = None
-        self._cgroup = CgroupReader([])
-        self._state = SandboxState.CREATED
-        self._exit_code: int | None = None
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
-
-    @property
-    def backend(self) -> Backend:
-        return Backend.JAIL
 
     @property
     def init_pid(self) -> int | None:
@@ -193,9 +181,6 @@ class JailSandbox(AgentSandbox):
         if state is SandboxState.RUNNING and self._process and self._process.returncode is not None:
             state = SandboxState.FAILED
         return SandboxStatus(id=self.id, backend=Backend.JAIL, state=state)
-
-    async def exec(self, request: ExecRequest) -> Execution:  # type: ignore[override]
-        return OomAwareExecution(await super().exec(request), self._cgroup.oom_kills)
 
     async def stats(self) -> SandboxStats:
         if not self._cgroup.dirs:

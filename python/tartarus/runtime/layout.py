@@ -4,12 +4,14 @@ sandbox, how it is started, and each sandbox's directory on the host."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 import anyio
 
-from tartarus.runtime.base import SandboxError
-from tartarus.runtime.types import SandboxSpec
+from tartarus.runtime.agent_sandbox import AgentSandbox
+from tartarus.runtime.base import Execution, SandboxError
+from tartarus.runtime.cgroups import CgroupReader, OomAwareExecution
+from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec, SandboxState
 
 AGENT_IN_SANDBOX: Final = "/.tartarus/tartarus-agent"
 SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
@@ -47,3 +49,28 @@ async def wait_for_path(path: Path, timeout_s: float) -> None:
     with anyio.move_on_after(timeout_s):
         while not await anyio.Path(path).exists():  # noqa: ASYNC110 - no event to wait on
             await anyio.sleep(0.0005)
+
+
+class HostedAgentSandbox(AgentSandbox):
+    """An agent-backed sandbox with a host directory and a host cgroup: exec results
+    learn about OOM kills from the cgroup (the agent inside cannot see them)."""
+
+    BACKEND: ClassVar[Backend]
+
+    def __init__(self, spec: SandboxSpec, directory: Path) -> None:
+        super().__init__()
+        self.spec = spec
+        self._dir = directory
+        self._state = SandboxState.CREATED
+        self._cgroup = CgroupReader([])
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def backend(self) -> Backend:
+        return self.BACKEND
+
+    async def exec(self, request: ExecRequest) -> Execution:  # type: ignore[override]
+        return OomAwareExecution(await super().exec(request), self._cgroup.oom_kills)
