@@ -76,8 +76,8 @@ def _sandbox_id(container: str) -> str:
 
 
 # The jail's default set (rust/jail/src/config.rs): what the agent needs to run commands
-# as other users and own files; without
-# SYS_RESOURCE and SYS_ADMIN, RLIMIT_NPROC binds root inside the sandbox too.
+# as other users and own files. Without SYS_RESOURCE and SYS_ADMIN, RLIMIT_NPROC binds
+# root inside the sandbox too.
 _CAPS: Final = (
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
