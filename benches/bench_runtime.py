@@ -23,9 +23,9 @@ from tartarus.binaries import find_binary
 from tartarus.config import load_settings
 from tartarus.host.doctor import run_doctor
 from tartarus.host.tools import runsc_global_flags
+from tartarus.images import TemplateStore
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.base import Runtime, Sandbox
-from tartarus.runtime.busybox_rootfs import busybox_rootfs
 from tartarus.runtime.gvisor import GvisorRuntime
 from tartarus.runtime.jail import JailRuntime
 from tartarus.runtime.types import ExecRequest, OutputChunk, Resources, SandboxSpec
@@ -202,7 +202,7 @@ async def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
         work = Path(tmp)
-        rootfs = busybox_rootfs(work / "cache")
+        rootfs = (await TemplateStore().resolve("base", ext4=False)).rootfs
         plans: list[tuple[str, Runtime, dict[str, Callable[[], object]]]] = []
         if report_.backend("jail").available:
             plans.append(

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tartarus.config import load_settings
@@ -52,10 +53,12 @@ def require_binary(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The busybox stand-in template (tartarus.runtime.busybox_rootfs), built per session."""
-    from tartarus.runtime.busybox_rootfs import BUSYBOX, busybox_rootfs  # noqa: PLC0415
+def base_rootfs() -> Path:
+    """The `base` template's root filesystem (busybox), built once by the image store
+    and cached under the user's cache directory like any template."""
+    from tartarus.images import TemplateStore  # noqa: PLC0415
 
-    if not BUSYBOX.is_file():
-        pytest.skip(f"{BUSYBOX} missing (apt-get install busybox-static)")
-    return busybox_rootfs(tmp_path_factory.getbasetemp())
+    async def resolve() -> Path:
+        return (await TemplateStore().resolve("base", ext4=False)).rootfs
+
+    return anyio.run(resolve)

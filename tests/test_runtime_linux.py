@@ -80,8 +80,8 @@ async def assert_no_leftovers(sb: Sandbox, runtime: Runtime, state: Path) -> Non
 
 
 @pytest.fixture
-async def sandbox(runtime: Runtime, busybox_rootfs: Path, tmp_path: Path) -> AsyncIterator[Sandbox]:
-    sb = await runtime.create(spec_for(busybox_rootfs))
+async def sandbox(runtime: Runtime, base_rootfs: Path, tmp_path: Path) -> AsyncIterator[Sandbox]:
+    sb = await runtime.create(spec_for(base_rootfs))
     await sb.start()
     try:
         yield sb
@@ -159,13 +159,11 @@ async def test_twenty_concurrent_execs(sandbox: Sandbox) -> None:
     assert outputs == {i: f"{i}\n".encode() for i in range(20)}
 
 
-async def test_ten_sandboxes_at_once(
-    runtime: Runtime, busybox_rootfs: Path, tmp_path: Path
-) -> None:
+async def test_ten_sandboxes_at_once(runtime: Runtime, base_rootfs: Path, tmp_path: Path) -> None:
     outputs: dict[int, bytes] = {}
 
     async def one(i: int) -> None:
-        sb = await runtime.create(spec_for(busybox_rootfs, f"many{i}"))
+        sb = await runtime.create(spec_for(base_rootfs, f"many{i}"))
         try:
             await sb.start()
             outputs[i] = (await sh(sb, f"echo {i}"))[0]
@@ -181,9 +179,7 @@ async def test_ten_sandboxes_at_once(
         assert await runtime.containers() == []
 
 
-async def test_host_secrets_and_paths_are_out_of_reach(
-    sandbox: Sandbox, busybox_rootfs: Path
-) -> None:
+async def test_host_secrets_and_paths_are_out_of_reach(sandbox: Sandbox, base_rootfs: Path) -> None:
     shadow = await anyio.Path("/etc/shadow").read_bytes()
     out, _, _ = await sh(sandbox, "cat /etc/shadow /../../etc/shadow 2>&1; ls /work 2>&1")
     assert shadow[:20] not in out
@@ -193,7 +189,7 @@ async def test_host_secrets_and_paths_are_out_of_reach(
         sandbox, f"echo x > /../../tmp/{marker}; echo y > /etc/{marker}; mkdir /{marker}"
     )
     assert status.ok  # written inside the sandbox's own scratch layer
-    for host_path in (Path("/tmp"), busybox_rootfs / "etc", busybox_rootfs):
+    for host_path in (Path("/tmp"), base_rootfs / "etc", base_rootfs):
         assert not await anyio.Path(host_path / marker).exists()
 
 
@@ -272,21 +268,21 @@ async def test_stats_report_the_cgroup(sandbox: Sandbox) -> None:
         assert stats.memory_limit_bytes == 128 << 20
 
 
-async def test_jail_refuses_snapshots(runtime: Runtime, busybox_rootfs: Path) -> None:
+async def test_jail_refuses_snapshots(runtime: Runtime, base_rootfs: Path) -> None:
     if runtime.backend is not Backend.JAIL:
         pytest.skip("gvisor snapshots are tested below")
-    sb = await runtime.create(spec_for(busybox_rootfs, "nosnap"))
+    sb = await runtime.create(spec_for(base_rootfs, "nosnap"))
     with pytest.raises(NotSupportedError, match="jail backend does not support snapshots"):
         await sb.snapshot(Path("/nonexistent"))
     await sb.kill()
 
 
 async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
-    runtime: Runtime, busybox_rootfs: Path, tmp_path: Path
+    runtime: Runtime, base_rootfs: Path, tmp_path: Path
 ) -> None:
     if runtime.backend is not Backend.GVISOR:
         pytest.skip("only gvisor checkpoints")
-    sb = await runtime.create(spec_for(busybox_rootfs, "counter"))
+    sb = await runtime.create(spec_for(base_rootfs, "counter"))
     await sb.start()
     try:
         await sb.exec(
@@ -301,7 +297,7 @@ async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
     finally:
         await sb.kill()
     assert snap.size_bytes > 0
-    restored = await runtime.restore(snap, spec_for(busybox_rootfs, "counter2"))
+    restored = await runtime.restore(snap, spec_for(base_rootfs, "counter2"))
     try:
         first = int(await restored.read_file("/tmp/count"))
         await anyio.sleep(0.5)
@@ -314,10 +310,10 @@ async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
 
 
 async def test_reap_removes_what_a_crashed_server_left(
-    runtime: Runtime, busybox_rootfs: Path, tmp_path: Path
+    runtime: Runtime, base_rootfs: Path, tmp_path: Path
 ) -> None:
-    keep = await runtime.create(spec_for(busybox_rootfs, "keep"))
-    lost = await runtime.create(spec_for(busybox_rootfs, "lost"))
+    keep = await runtime.create(spec_for(base_rootfs, "keep"))
+    lost = await runtime.create(spec_for(base_rootfs, "lost"))
     await lost.start()
     # The server "crashes": it forgets `lost` without stopping it.
     removed = await runtime.reap({"keep"})

@@ -4,6 +4,22 @@ The pit where untrusted code is held: KVM microVMs restored from snapshots, gVis
 namespace/seccomp jail and WebAssembly, behind one SDK, one CLI and one HTTP API.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from tartarus._core import __version__
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from tartarus.sdk.sandbox import Sandbox
+
+__all__ = ["Sandbox", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # The SDK pulls in aiohttp: import it on first use, not for every CLI command.
+    if name == "Sandbox":
+        from tartarus.sdk.sandbox import Sandbox  # noqa: PLC0415
+
+        return Sandbox
+    raise AttributeError(f"module 'tartarus' has no attribute {name!r}")

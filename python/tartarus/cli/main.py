@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from tartarus import __version__
+from tartarus.cli.about import completion_command, version_command
 from tartarus.cli.doctor import doctor
-from tartarus.cli.output import err_console
-from tartarus.cli.run import run
+from tartarus.cli.files import cp_command
+from tartarus.cli.init import init
+from tartarus.cli.kernel import kernel
+from tartarus.cli.remote import fail
+from tartarus.cli.sandboxes import (
+    exec_command,
+    inspect_command,
+    kill_command,
+    logs_command,
+    ps_command,
+    run_command,
+)
+from tartarus.cli.serve import serve_command
+from tartarus.cli.template import template
 from tartarus.errors import TartarusError
 
 
@@ -19,13 +30,28 @@ def cli() -> None:
     """Tartarus: run untrusted code in sandboxes that start in milliseconds."""
 
 
-cli.add_command(doctor)
-cli.add_command(run)
+for command in (
+    run_command,
+    exec_command,
+    ps_command,
+    logs_command,
+    kill_command,
+    inspect_command,
+    cp_command,
+    serve_command,
+    doctor,
+    init,
+    template,
+    kernel,
+    version_command,
+    completion_command,
+):
+    cli.add_command(command)
 
 
 def main() -> None:
     try:
-        cli(standalone_mode=True)
+        # Named explicitly so `python -m tartarus` completes and reports like `tartarus`.
+        cli(prog_name="tartarus", complete_var="_TARTARUS_COMPLETE", standalone_mode=True)
     except TartarusError as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        sys.exit(1)
+        fail(e)

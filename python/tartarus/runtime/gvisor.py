@@ -44,6 +44,7 @@ from tartarus.runtime.layout import (
     HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
+    with_rootfs,
 )
 from tartarus.runtime.types import (
     Backend,
@@ -308,6 +309,7 @@ class GvisorRuntime:
         )
 
     async def _prepare(self, spec: SandboxSpec) -> GvisorSandbox:
+        spec = await with_rootfs(spec)
         directory = new_sandbox_dir(self._root, spec, Backend.GVISOR.value)
         (directory / "bundle").mkdir()
         oci.write_bundle_config(directory / "bundle", self._spec(spec, directory))

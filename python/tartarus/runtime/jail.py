@@ -39,6 +39,7 @@ from tartarus.runtime.layout import (
     agent_argv,
     new_sandbox_dir,
     wait_for_path,
+    with_rootfs,
 )
 from tartarus.runtime.types import (
     Backend,
@@ -265,6 +266,7 @@ class JailRuntime:
         )
 
     async def create(self, spec: SandboxSpec) -> JailSandbox:
+        spec = await with_rootfs(spec)
         directory = new_sandbox_dir(self._root, spec, Backend.JAIL.value)
         (directory / "work").mkdir()
         (directory / "run").mkdir(mode=0o700)

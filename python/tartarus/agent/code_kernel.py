@@ -1,0 +1,195 @@
+"""Drives the per-sandbox code interpreter (`kernel_main.py`) for `sb.run_code`.
+
+The interpreter is a background `python3` process in the sandbox, started on the
+first cell and kept for the sandbox's life so variables persist. Cells run one at a
+time. A cell that outlives its timeout gets SIGINT (a KeyboardInterrupt in the cell);
+if the interpreter does not answer, it is killed and the next cell starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from tartarus.api.types import CodeError, CodeExecution, RichResult
+from tartarus.runtime.base import Execution, Sandbox
+from tartarus.runtime.types import ExecRequest, OutputChunk
+
+KERNEL_SOURCE = (Path(__file__).parent / "kernel_main.py").read_text()
+DEFAULT_CELL_TIMEOUT_S = 300.0
+INTERRUPT_GRACE_S = 5.0
+# A cell's answer is bounded: past this much output the rest is dropped.
+MAX_CELL_OUTPUT = 32 << 20
+
+
+class KernelEvent(msgspec.Struct, kw_only=True):
+    type: str
+    name: str = ""
+    text: str = ""
+    value: str = ""
+    traceback: str = ""
+    data: dict[str, str] = msgspec.field(default_factory=dict)
+    main: bool = False
+    count: int = 0
+
+
+class KernelGoneError(Exception):
+    pass
+
+
+_events = msgspec.json.Decoder(KernelEvent)
+
+
+class CodeKernel:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        self._lock = anyio.Lock()
+        self._execution: Execution | None = None
+        self._stream: AsyncIterator[Any] | None = None
+        self._mark = b""
+        self._pending = b""
+        self._stderr_tail = b""
+
+    async def _start(self) -> None:
+        nonce = secrets.token_hex(8)
+        self._mark = b"\x1e" + nonce.encode() + b" "
+        self._execution = await self._sandbox.exec(
+            ExecRequest(
+                argv=["python3", "-u", "-c", KERNEL_SOURCE, nonce],
+                env={"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
+                stdin=True,
+                background=True,
+            )
+        )
+        self._stream = aiter(self._execution.events())
+        self._pending = b""
+        self._stderr_tail = b""
+
+    async def close(self) -> None:
+        if self._execution is not None:
+            with contextlib.suppress(Exception):
+                await self._execution.kill()
+        self._execution = None
+        self._stream = None
+
+    async def run(self, code: str, timeout_s: float | None) -> CodeExecution:
+        async with self._lock:
+            if self._execution is None:
+                await self._start()
+            assert self._execution is not None
+            request = msgspec.json.encode({"code": code}) + b"\n"
+            await self._execution.write_stdin(request)
+            answer = _Answer()
+            try:
+                with anyio.fail_after(timeout_s or DEFAULT_CELL_TIMEOUT_S):
+                    await self._read_until_done(answer)
+            except TimeoutError:
+                await self._interrupt(answer)
+            except KernelGoneError as e:
+                answer.error = CodeError(name="KernelDied", value=str(e), traceback="")
+                await self.close()
+            return answer.result()
+
+    async def _interrupt(self, answer: _Answer) -> None:
+        assert self._execution is not None
+        with contextlib.suppress(Exception):
+            await self._sandbox.kill_process(self._execution.pid, signal.SIGINT)
+        try:
+            with anyio.fail_after(INTERRUPT_GRACE_S):
+                await self._read_until_done(answer)
+        except (TimeoutError, KernelGoneError):
+            await self.close()
+            answer.error = CodeError(
+                name="TimeoutError",
+                value="the cell ran past its timeout and the interpreter was restarted "
+                "(its variables are gone)",
+                traceback="",
+            )
+            return
+        answer.error = CodeError(
+            name="TimeoutError",
+            value="the cell ran past its timeout and was interrupted",
+            traceback=answer.error.traceback if answer.error else "",
+        )
+
+    async def _read_until_done(self, answer: _Answer) -> None:
+        assert self._stream is not None
+        while True:
+            try:
+                event = await anext(self._stream)
+            except StopAsyncIteration:
+                raise KernelGoneError(self._gone_message(None)) from None
+            if not isinstance(event, OutputChunk):
+                raise KernelGoneError(self._gone_message(event.code))
+            if event.stream == "stderr":
+                answer.add_stderr(event.data.decode(errors="replace"))
+                self._stderr_tail = (self._stderr_tail + event.data)[-2000:]
+                continue
+            self._pending += event.data
+            while b"\n" in self._pending:
+                line, self._pending = self._pending.split(b"\n", 1)
+                if line.startswith(self._mark):
+                    if answer.apply(_events.decode(line[len(self._mark) :])):
+                        return
+                else:
+                    answer.add_stdout(line.decode(errors="replace") + "\n")
+
+    def _gone_message(self, code: int | None) -> str:
+        tail = self._stderr_tail.decode(errors="replace").strip()
+        if code == 127 or "not found" in tail:
+            return "python3 is not in this sandbox's template; use a template with Python"
+        return f"the interpreter exited (code {code})" + (f": {tail}" if tail else "")
+
+
+class _Answer:
+    def __init__(self) -> None:
+        self.results: list[RichResult] = []
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.error: CodeError | None = None
+        self.count = 0
+        self._size = 0
+
+    def _room(self, size: int) -> bool:
+        self._size += size
+        return self._size <= MAX_CELL_OUTPUT
+
+    def add_stdout(self, text: str) -> None:
+        if self._room(len(text)):
+            self.stdout.append(text)
+
+    def add_stderr(self, text: str) -> None:
+        if self._room(len(text)):
+            self.stderr.append(text)
+
+    def apply(self, event: KernelEvent) -> bool:
+        """Records one kernel event; True when the cell is done."""
+        if event.type == "stream":
+            (self.add_stderr if event.name == "stderr" else self.add_stdout)(event.text)
+        elif event.type == "result":
+            fields = set(RichResult.__struct_fields__)
+            data = {k: v for k, v in event.data.items() if k in fields}
+            if self._room(sum(len(v) for v in data.values())):
+                self.results.append(RichResult(**data, is_main_result=event.main))
+        elif event.type == "error":
+            self.error = CodeError(name=event.name, value=event.value, traceback=event.traceback)
+        elif event.type == "done":
+            self.count = event.count
+            return True
+        return False
+
+    def result(self) -> CodeExecution:
+        return CodeExecution(
+            results=self.results,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            error=self.error,
+            execution_count=self.count,
+        )

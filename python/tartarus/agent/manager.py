@@ -1,0 +1,335 @@
+"""The sandbox manager: creates, tracks, times out and stops this host's sandboxes.
+
+Live sandboxes are held in memory (their runtime handles cannot be persisted); their
+records are written through to the store on every state change, so after a crash the
+next start knows what was running and reaps it (`reconcile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.agent.store import (
+    LIVE_STATES,
+    ListFilter,
+    SandboxRecord,
+    Store,
+    StoreError,
+    decode_cursor,
+)
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
+from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
+from tartarus.server.problems import ApiError, not_found
+
+log = logging.getLogger(__name__)
+
+# How long to wait for a backend's stop/kill before giving up on it.
+TEARDOWN_SLACK_S = 15.0
+# Ended sandboxes are remembered this long (for `inspect` and `ps -a`).
+RETENTION_S = 24 * 3600.0
+EXPIRY_TICK_S = 0.25
+
+
+@dataclass(eq=False)
+class LiveSandbox:
+    record: SandboxRecord
+    sandbox: Sandbox
+    runtime: Runtime
+    # Processes started through the API that a client may still write to or resize.
+    executions: dict[int, Execution] = field(default_factory=dict)
+    # Per-sandbox services (e.g. the code kernel) closed before the sandbox stops.
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    attachments: dict[str, Any] = field(default_factory=dict)
+    closing: bool = False
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+def new_sandbox_id() -> str:
+    return "sb-" + secrets.token_hex(8)
+
+
+def fingerprint(request: CreateSandboxRequest) -> str:
+    return hashlib.sha256(msgspec.json.encode(request, order="sorted")).hexdigest()
+
+
+class SandboxManager:
+    def __init__(self, store: Store, provider: RuntimeProvider, *, grace_s: float = 10.0) -> None:
+        self.store = store
+        self.provider = provider
+        self.grace_s = grace_s
+        self._live: dict[str, LiveSandbox] = {}
+        self._accepting = True
+        self._tasks: TaskGroup | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SandboxManager]:
+        """Reconciles, then runs the expiry loop and background work until the block
+        exits; on exit every live sandbox is stopped."""
+        await self.reconcile()
+        async with anyio.create_task_group() as tg:
+            self._tasks = tg
+            tg.start_soon(self.expire_forever)
+            try:
+                yield self
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.shutdown()
+                tg.cancel_scope.cancel()
+                self._tasks = None
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Runs `fn(*args)` in the background, for as long as the manager runs."""
+        if self._tasks is None:
+            raise RuntimeError("the sandbox manager is not running")
+        self._tasks.start_soon(fn, *args)
+
+    # --- lifecycle of the manager ---------------------------------------------------------
+
+    async def reconcile(self) -> list[str]:
+        """Runs once at start: records that say "running" belong to a server that died;
+        their sandboxes are reaped and the records closed. Returns the ids closed."""
+        orphans = self.store.live()
+        self.store.release_unbound_keys()
+        reaped: set[str] = set()
+        for runtime in await self.provider.all_runtimes():
+            try:
+                reaped.update(await runtime.reap(keep=set()))
+            except Exception:
+                log.exception("reaping leftovers of the %s backend failed", runtime.backend)
+        now = time.time()
+        for record in orphans:
+            record.state = SandboxState.FAILED
+            record.ended_at = now
+            record.detail = (
+                "the server stopped while this sandbox was running; it was reaped on restart"
+                if record.id in reaped or record.state is not SandboxState.CREATED
+                else "the server stopped while this sandbox was being created"
+            )
+            self.store.save(record)
+        self.store.purge_ended(now - RETENTION_S)
+        return [r.id for r in orphans]
+
+    async def expire_forever(self) -> None:
+        """Stops sandboxes whose deadline passed; runs until cancelled."""
+        while True:
+            await anyio.sleep(EXPIRY_TICK_S)
+            now = time.time()
+            due = [
+                live
+                for live in self._live.values()
+                if not live.closing
+                and live.record.expires_at is not None
+                and live.record.expires_at <= now
+            ]
+            for live in due:
+                await self._end(live, SandboxState.STOPPED, "timed out", grace_s=self.grace_s)
+
+    async def shutdown(self) -> None:
+        """Refuses new sandboxes, then stops every live one with its grace period."""
+        self._accepting = False
+        async with anyio.create_task_group() as tg:
+            for live in list(self._live.values()):
+                tg.start_soon(
+                    self._end, live, SandboxState.STOPPED, "the server shut down", self.grace_s
+                )
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def live_count(self) -> int:
+        return len(self._live)
+
+    def record(self, sandbox_id: str) -> SandboxRecord:
+        live = self._live.get(sandbox_id)
+        if live is not None:
+            return live.record
+        record = self.store.get(sandbox_id)
+        if record is None:
+            raise not_found(f"sandbox {sandbox_id}")
+        return record
+
+    def live(self, sandbox_id: str) -> LiveSandbox:
+        """The running sandbox, or 404 (unknown) / 409 (ended or stopping)."""
+        live = self._live.get(sandbox_id)
+        if live is not None and not live.closing:
+            return live
+        record = self.record(sandbox_id)
+        raise ApiError(
+            409,
+            "sandbox-not-running",
+            f"sandbox {sandbox_id} is {'stopping' if live else record.state.value}"
+            + (f" ({record.detail})" if record.detail else ""),
+        )
+
+    def list(
+        self, flt: ListFilter, *, cursor: int, limit: int
+    ) -> tuple[list[SandboxRecord], int | None]:
+        page, next_seq = self.store.list(flt, after_seq=cursor, limit=limit)
+        # Live records in memory are the fresher copy (same content today, kept for safety).
+        return [self._live[r.id].record if r.id in self._live else r for r in page], next_seq
+
+    # --- changes ---------------------------------------------------------------------------
+
+    async def create(
+        self, request: CreateSandboxRequest, idempotency_key: str | None = None
+    ) -> tuple[SandboxRecord, bool]:
+        """Creates and starts a sandbox; returns its record and whether it was a replay of
+        an earlier create with the same idempotency key."""
+        if not self._accepting:
+            raise ApiError(503, "shutting-down", "the server is shutting down")
+        if idempotency_key is not None:
+            claimed = self.store.claim_key(idempotency_key, fingerprint(request))
+            if claimed is not None:
+                return self._replay(idempotency_key, request, *claimed), True
+        try:
+            record = await self._create(request)
+        except BaseException:
+            if idempotency_key is not None:
+                self.store.release_key(idempotency_key)
+            raise
+        if idempotency_key is not None:
+            self.store.bind_key(idempotency_key, record.id)
+        return record, False
+
+    def _replay(
+        self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
+    ) -> SandboxRecord:
+        if earlier != fingerprint(request):
+            raise ApiError(
+                422,
+                "idempotency-key-reused",
+                f"Idempotency-Key {key!r} was used for a different request; use a new key",
+            )
+        if sandbox_id is None:
+            raise ApiError(
+                409,
+                "idempotency-key-in-flight",
+                f"a create with Idempotency-Key {key!r} is still running; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        return self.record(sandbox_id)
+
+    async def _create(self, request: CreateSandboxRequest) -> SandboxRecord:
+        spec = SandboxSpec(
+            id=new_sandbox_id(),
+            template=request.template,
+            backend=request.backend,
+            resources=request.resources.to_runtime(),
+            env=request.env,
+            network=request.network,
+            trust=request.trust,
+            metadata=request.metadata,
+        )
+        spec = await self.provider.prepare(spec)
+        try:
+            runtime, reason = await self.provider.select(spec)
+        except BackendUnavailableError as e:
+            if request.backend is Backend.AUTO:
+                raise
+            # The client asked for a backend this host lacks: its request to change.
+            raise ApiError(422, "backend-unavailable", str(e)) from e
+        record = self.store.insert(
+            SandboxRecord(
+                id=spec.id,
+                template=spec.template,
+                backend=runtime.backend,
+                requested_backend=request.backend,
+                state=SandboxState.CREATED,
+                created_at=time.time(),
+                resources=spec.resources,
+                metadata=spec.metadata,
+                network=spec.network,
+                trust=spec.trust,
+                backend_reason=reason,
+            )
+        )
+        sandbox: Sandbox | None = None
+        try:
+            sandbox = await runtime.create(spec)
+            await sandbox.start()
+        except BaseException as e:
+            with anyio.CancelScope(shield=True):
+                if sandbox is not None:
+                    await self._teardown(sandbox, grace_s=0)
+                record.state = SandboxState.FAILED
+                record.ended_at = time.time()
+                record.detail = f"could not start: {e}" if str(e) else "could not start"
+                self.store.save(record)
+            raise
+        record.state = SandboxState.RUNNING
+        record.expires_at = time.time() + request.timeout_s
+        self.store.save(record)
+        self._live[record.id] = LiveSandbox(record=record, sandbox=sandbox, runtime=runtime)
+        return record
+
+    def set_timeout(self, sandbox_id: str, timeout_s: float) -> SandboxRecord:
+        live = self.live(sandbox_id)
+        live.record.expires_at = time.time() + timeout_s
+        self.store.save(live.record)
+        return live.record
+
+    async def delete(self, sandbox_id: str, *, grace_s: float = 0.0) -> None:
+        """Stops a sandbox (at once by default); deleting an ended one is a no-op."""
+        live = self._live.get(sandbox_id)
+        if live is None:
+            self.record(sandbox_id)  # 404 if it never existed
+            return
+        await self._end(live, SandboxState.STOPPED, "deleted", grace_s=grace_s)
+
+    async def _end(
+        self, live: LiveSandbox, state: SandboxState, detail: str, grace_s: float
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            async with live.lock:
+                if live.record.state not in LIVE_STATES:
+                    return
+                live.closing = True
+                for close in live.closers:
+                    try:
+                        await close()
+                    except Exception:
+                        log.exception("closing a service of sandbox %s failed", live.record.id)
+                await self._teardown(live.sandbox, grace_s=grace_s)
+                live.record.state = state
+                live.record.detail = detail
+                live.record.ended_at = time.time()
+                self.store.save(live.record)
+                self._live.pop(live.record.id, None)
+
+    async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
+        try:
+            with anyio.fail_after(grace_s + TEARDOWN_SLACK_S):
+                if grace_s > 0:
+                    await sandbox.stop(grace_s)
+                else:
+                    await sandbox.kill()
+        except Exception:
+            log.exception("stopping sandbox %s failed; killing it", sandbox.id)
+        else:
+            return
+        try:
+            with anyio.fail_after(TEARDOWN_SLACK_S):
+                await sandbox.kill()
+        except Exception:
+            log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
+
+
+def cursor_from(value: str | None) -> int:
+    if not value:
+        return 0
+    try:
+        return decode_cursor(value)
+    except StoreError as e:
+        raise ApiError(422, "invalid-cursor", str(e)) from e

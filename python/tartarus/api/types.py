@@ -1,0 +1,395 @@
+"""Request and response bodies of the `/v1` API (msgspec Structs).
+
+Requests forbid unknown fields, so a typo is a 422 instead of a silently ignored
+option. Output from sandboxed commands travels as text (UTF-8, invalid bytes replaced);
+byte-exact transfers go through the file endpoints, which stream raw bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from tartarus.runtime.types import (
+    Backend,
+    FileInfo,
+    Resources,
+    SandboxState,
+    Stream,
+    TrustLevel,
+)
+
+API_VERSION = "v1"
+
+# Limits a client can rely on; the server enforces them and documents them in the schema.
+MAX_TIMEOUT_S = 24 * 3600.0
+DEFAULT_TIMEOUT_S = 300.0
+MAX_EXEC_TIMEOUT_S = 3600.0
+MAX_LIST_LIMIT = 500
+
+SandboxId = Annotated[str, Meta(pattern=r"^sb-[0-9a-f]{16}$", examples=["sb-0123456789abcdef"])]
+TemplateName = Annotated[
+    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+]
+EnvMap = Annotated[
+    dict[
+        Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^=\x00]+$")],
+        Annotated[str, Meta(max_length=32768)],
+    ],
+    Meta(max_length=256),
+]
+MetadataMap = Annotated[
+    dict[
+        Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")],
+        Annotated[str, Meta(max_length=1024)],
+    ],
+    Meta(max_length=64),
+]
+TimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_S)]
+ExecTimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_EXEC_TIMEOUT_S)]
+# A path inside the sandbox: absolute, no NUL; `..` components are refused by the server.
+SandboxPath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
+Signal = Annotated[int, Meta(ge=1, le=64)]
+Pid = Annotated[int, Meta(ge=1, le=1 << 22)]
+# An opaque position in a listing (`next_cursor`).
+Cursor = Annotated[str, Meta(pattern=r"^[0-9]{1,18}$")]
+
+
+class _Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class _Response(msgspec.Struct, kw_only=True):
+    pass
+
+
+# --- sandboxes ---------------------------------------------------------------------
+
+
+class ResourcesBody(_Request, kw_only=True):
+    """Limits of one sandbox (the backend enforces what it can: see docs/api.md)."""
+
+    vcpus: Annotated[float, Meta(ge=0.05, le=64)] = 1.0
+    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] = 512
+    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] = 1024
+    pids: Annotated[int, Meta(ge=8, le=65536)] = 256
+
+    def to_runtime(self) -> Resources:
+        return Resources(
+            vcpus=self.vcpus, memory_mib=self.memory_mib, disk_mib=self.disk_mib, pids=self.pids
+        )
+
+
+class CreateSandboxRequest(_Request, kw_only=True):
+    template: TemplateName = "base"
+    backend: Backend = Backend.AUTO
+    resources: ResourcesBody = msgspec.field(default_factory=ResourcesBody)
+    env: EnvMap = msgspec.field(default_factory=dict)
+    # Seconds until the sandbox is stopped; `POST .../timeout` moves the deadline.
+    timeout_s: TimeoutSeconds = DEFAULT_TIMEOUT_S
+    metadata: MetadataMap = msgspec.field(default_factory=dict)
+    network: bool = False
+    trust: TrustLevel = TrustLevel.UNTRUSTED
+
+
+class SandboxInfo(_Response, kw_only=True):
+    id: SandboxId
+    template: str
+    backend: Backend
+    state: SandboxState
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    ended_at: dt.datetime | None = None
+    resources: Resources
+    metadata: dict[str, str]
+    network: bool
+    trust: TrustLevel
+    # Why the selector picked this backend (`tartarus run --explain`).
+    backend_reason: str = ""
+    # Why the sandbox stopped or failed, when it did.
+    detail: str = ""
+
+
+class SandboxPage(_Response, kw_only=True):
+    items: list[SandboxInfo]
+    # Pass as `cursor` to get the next page; null on the last page.
+    next_cursor: str | None = None
+
+
+class SetTimeoutRequest(_Request, kw_only=True):
+    timeout_s: TimeoutSeconds
+
+
+class SandboxStatsInfo(_Response, kw_only=True):
+    cpu_seconds: float
+    memory_bytes: int
+    memory_limit_bytes: int | None = None
+    pids: int = 0
+
+
+# --- exec ----------------------------------------------------------------------------
+
+
+class PtyBody(_Request, kw_only=True):
+    rows: Annotated[int, Meta(ge=1, le=1000)] = 24
+    cols: Annotated[int, Meta(ge=1, le=1000)] = 80
+
+
+class StreamExecBody(_Request, kw_only=True):
+    """One command: `cmd` is a shell command line (run by `/bin/sh -c`) or an argv list."""
+
+    cmd: (
+        Annotated[str, Meta(min_length=1, max_length=131072)]
+        | Annotated[
+            list[Annotated[str, Meta(max_length=131072)]], Meta(min_length=1, max_length=4096)
+        ]
+    )
+    env: EnvMap = msgspec.field(default_factory=dict)
+    cwd: SandboxPath | None = None
+    user: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    # Text written to the command's stdin before it is closed.
+    stdin: Annotated[str, Meta(max_length=1 << 20)] | None = None
+    pty: PtyBody | None = None
+    timeout_s: ExecTimeoutSeconds | None = None
+
+
+class ExecBody(StreamExecBody, kw_only=True):
+    # Return at once with the pid; follow it with `.../processes/{pid}/stream`.
+    background: bool = False
+    # With background: keep stdin open for `POST .../processes/{pid}/stdin`.
+    stdin_open: bool = False
+
+
+class ExecOutcome(_Response, kw_only=True):
+    pid: int
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    duration_s: float = 0.0
+    stdout: str
+    stderr: str
+    # Bytes dropped because the output exceeded the server's bound (or the agent's).
+    truncated: bool = False
+
+
+class ProcessStarted(_Response, kw_only=True):
+    pid: int
+
+
+class ExitInfo(_Response, kw_only=True):
+    code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    oom_killed: bool = False
+    dropped_chunks: int = 0
+    duration_s: float = 0.0
+
+
+class StartedEvent(msgspec.Struct, kw_only=True, tag="started"):
+    pid: int
+
+
+class OutputEvent(msgspec.Struct, kw_only=True, tag="output"):
+    stream: Stream
+    data: str
+
+
+class ExitEvent(msgspec.Struct, kw_only=True, tag="exit"):
+    exit: ExitInfo
+
+
+class ErrorEvent(msgspec.Struct, kw_only=True, tag="error"):
+    detail: str
+
+
+# One line of an `application/x-ndjson` exec or attach stream; the last is exit or error.
+StreamEvent = StartedEvent | OutputEvent | ExitEvent | ErrorEvent
+
+
+class ProcessEntry(_Response, kw_only=True):
+    pid: int
+    argv: list[str]
+    started_at: float
+    running: bool
+    pty: bool = False
+    exit: ExitInfo | None = None
+
+
+class ProcessList(_Response, kw_only=True):
+    items: list[ProcessEntry]
+
+
+class StdinBody(_Request, kw_only=True):
+    data: Annotated[str, Meta(max_length=1 << 20)] = ""
+    eof: bool = False
+
+
+class ResizeBody(_Request, kw_only=True):
+    rows: Annotated[int, Meta(ge=1, le=1000)]
+    cols: Annotated[int, Meta(ge=1, le=1000)]
+
+
+# WebSocket control messages (text frames); stdin and output travel as binary frames.
+class WsResize(msgspec.Struct, tag="resize", forbid_unknown_fields=True):
+    rows: Annotated[int, Meta(ge=1, le=1000)]
+    cols: Annotated[int, Meta(ge=1, le=1000)]
+
+
+class WsEof(msgspec.Struct, tag="eof", forbid_unknown_fields=True):
+    pass
+
+
+class WsSignal(msgspec.Struct, tag="signal", forbid_unknown_fields=True):
+    signal: Signal = 15
+
+
+WsControl = WsResize | WsEof | WsSignal
+
+# First byte of every binary WebSocket frame from the server: which stream it carries.
+WS_STDOUT = 1
+WS_STDERR = 2
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+class FileList(_Response, kw_only=True):
+    items: list[FileInfo]
+
+
+class MakeDirBody(_Request, kw_only=True):
+    path: SandboxPath
+    parents: bool = True
+
+
+class RenameBody(_Request, kw_only=True):
+    src: SandboxPath
+    dst: SandboxPath
+
+
+class FileWritten(_Response, kw_only=True):
+    path: str
+    size: int
+
+
+# --- logs ----------------------------------------------------------------------------
+
+
+class LogEvent(_Response, kw_only=True):
+    seq: int
+    ts: float
+    pid: int
+    stream: Stream
+    data: str
+
+
+class LogPage(_Response, kw_only=True):
+    items: list[LogEvent]
+    # Pass as `since` to continue after the last entry returned.
+    next_seq: int
+
+
+# --- code interpreter ----------------------------------------------------------------
+
+
+class RunCodeBody(_Request, kw_only=True):
+    code: Annotated[str, Meta(max_length=1 << 20)]
+    language: Literal["python"] = "python"
+    timeout_s: ExecTimeoutSeconds | None = None
+
+
+class RichResult(_Response, kw_only=True):
+    """One displayable value, in every format the kernel could render it in."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    svg: str | None = None
+    # Base64-encoded images.
+    png: str | None = None
+    jpeg: str | None = None
+    json: str | None = None
+    # True for the value of the cell's last expression (what a notebook shows as Out[n]).
+    is_main_result: bool = False
+
+
+class CodeError(_Response, kw_only=True):
+    name: str
+    value: str
+    traceback: str
+
+
+class CodeExecution(_Response, kw_only=True):
+    results: list[RichResult]
+    stdout: list[str]
+    stderr: list[str]
+    error: CodeError | None = None
+    execution_count: int
+
+
+# --- templates and snapshots ---------------------------------------------------------
+
+
+class TemplateEntry(_Response, kw_only=True):
+    name: str
+    description: str = ""
+    backends: list[Backend] = msgspec.field(default_factory=list)
+    built: bool = False
+    size_bytes: int | None = None
+
+
+class TemplateList(_Response, kw_only=True):
+    items: list[TemplateEntry]
+
+
+class SnapshotEntry(_Response, kw_only=True):
+    id: str
+    source_sandbox: str
+    backend: Backend
+    template: str
+    created_at: dt.datetime
+    size_bytes: int
+
+
+class SnapshotList(_Response, kw_only=True):
+    items: list[SnapshotEntry]
+
+
+# --- service -------------------------------------------------------------------------
+
+
+class Health(_Response, kw_only=True):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(_Response, kw_only=True):
+    ready: bool
+    checks: dict[str, str]
+
+
+class VersionInfo(_Response, kw_only=True):
+    version: str
+    api: str = API_VERSION
+    python: str
+    backends: dict[str, str]
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details, `application/problem+json`."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str = ""
+    instance: str = ""
+    # Machine-readable errors for 422s: where (a JSON path) and what.
+    errors: list[ProblemField] | None = None
+
+
+class ProblemField(msgspec.Struct, kw_only=True):
+    pointer: str
+    detail: str

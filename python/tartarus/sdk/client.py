@@ -1,0 +1,210 @@
+"""The HTTP client under the SDK: one aiohttp session to one server (unix socket or TCP).
+
+Problems (RFC 9457) become typed exceptions (`tartarus.sdk.errors`); bodies are
+encoded and decoded with the API's msgspec Structs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+import msgspec
+
+from tartarus.api.types import Problem, StreamEvent
+from tartarus.codec import enc_hook
+from tartarus.config import load_settings
+from tartarus.endpoint import Endpoint
+from tartarus.sdk.errors import ApiError, ServerUnreachableError, error_for
+from tartarus.sdk.local import ensure_local_server
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
+_events = msgspec.json.Decoder(StreamEvent)
+_problems = msgspec.json.Decoder(Problem)
+
+# Generous: a request/response exec lasts as long as its command.
+DEFAULT_REQUEST_TIMEOUT_S = None
+CONNECT_TIMEOUT_S = 10.0
+STREAM_LINE_LIMIT = 32 << 20
+
+
+class Client:
+    """A connection to one Tartarus server; close it (or use `async with`) when done."""
+
+    def __init__(self, endpoint: Endpoint, *, api_key: str | None = None) -> None:
+        self.endpoint = endpoint
+        self._api_key = api_key
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    async def connect(cls, url: str | None = None, *, api_key: str | None = None) -> Client:
+        """A client for `url`, `$TARTARUS_URL`, or the local server (started if needed)."""
+        url = url or os.environ.get("TARTARUS_URL")
+        api_key = api_key or os.environ.get("TARTARUS_API_KEY")
+        if url:
+            return cls(Endpoint.parse(url), api_key=api_key)
+        return cls(await ensure_local_server(load_settings()), api_key=api_key)
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector: aiohttp.BaseConnector
+            if self.endpoint.kind == "unix":
+                connector = aiohttp.UnixConnector(path=str(self.endpoint.path))
+            else:
+                connector = aiohttp.TCPConnector()
+            headers = {"User-Agent": "tartarus-sdk"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            self._session = aiohttp.ClientSession(
+                base_url=self.endpoint.base_url,
+                connector=connector,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=DEFAULT_REQUEST_TIMEOUT_S, sock_connect=CONNECT_TIMEOUT_S
+                ),
+                read_bufsize=1 << 16,
+                max_line_size=STREAM_LINE_LIMIT,
+                max_field_size=1 << 16,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        data: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        body = _encoder.encode(json) if json is not None else data
+        hdrs = dict(headers or {})
+        if json is not None:
+            hdrs["Content-Type"] = "application/json"
+        try:
+            response = await self._get_session().request(
+                method, path, data=body, params=_query(params), headers=hdrs
+            )
+        except aiohttp.ClientConnectorError as e:
+            raise ServerUnreachableError(
+                f"no Tartarus server answers at {self.endpoint.url}: {e.os_error or e}"
+            ) from e
+        if response.status >= 400:
+            raw = await response.read()
+            response.release()
+            raise _problem(response.status, raw)
+        return response
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        type_: type[T] | None = None,
+        *,
+        json: Any = None,
+        data: Any = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> T:
+        """Sends a request and decodes a JSON answer as `type_` (None: no body)."""
+        response = await self._send(
+            method, path, json=json, data=data, params=params, headers=headers
+        )
+        async with response:
+            raw = await response.read()
+        if type_ is None:
+            return None  # type: ignore[return-value]
+        return msgspec.json.decode(raw, type=type_)
+
+    async def events(
+        self, method: str, path: str, *, json: Any = None
+    ) -> AsyncIterator[StreamEvent]:
+        """An NDJSON stream of exec events."""
+        response = await self._send(method, path, json=json)
+        async with response:
+            async for line in response.content:
+                if line.strip():
+                    yield _events.decode(line)
+
+    async def download(
+        self, path: str, params: Mapping[str, Any], chunk_size: int = 256 * 1024
+    ) -> AsyncIterator[bytes]:
+        response = await self._send("GET", path, params=params)
+        async with response:
+            async for chunk in response.content.iter_chunked(chunk_size):
+                yield chunk
+
+    async def upload(
+        self, path: str, params: Mapping[str, Any], body: bytes | AsyncIterable[bytes]
+    ) -> aiohttp.ClientResponse:
+        return await self._send(
+            "PUT",
+            path,
+            data=body,
+            params=params,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+
+    async def sse(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[tuple[str, bytes]]:
+        """Server-sent events as (event name, data) pairs."""
+        response = await self._send("GET", path, params=params)
+        async with response:
+            name, data = "message", b""
+            async for raw in response.content:
+                line = raw.rstrip(b"\r\n")
+                if not line:
+                    if data:
+                        yield name, data
+                    name, data = "message", b""
+                elif line.startswith(b"event:"):
+                    name = line[6:].strip().decode()
+                elif line.startswith(b"data:"):
+                    data += line[5:].strip()
+
+    async def websocket(self, path: str) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self._get_session().ws_connect(path, max_msg_size=1 << 22)
+        except aiohttp.WSServerHandshakeError as e:
+            raise error_for(e.status, "about:blank", e.message, str(e)) from e
+
+
+def _query(params: Mapping[str, Any] | None) -> list[tuple[str, str]] | None:
+    """Query pairs; booleans as true/false, lists repeated, None left out."""
+    if params is None:
+        return None
+    out: list[tuple[str, str]] = []
+    for key, value in params.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if v is None:
+                continue
+            out.append((key, ("true" if v else "false") if isinstance(v, bool) else str(v)))
+    return out
+
+
+def _problem(status: int, raw: bytes) -> ApiError:
+    try:
+        p = _problems.decode(raw)
+    except msgspec.DecodeError:
+        return error_for(
+            status, "about:blank", f"HTTP {status}", raw[:500].decode(errors="replace")
+        )
+    return error_for(status, p.type, p.title, p.detail)

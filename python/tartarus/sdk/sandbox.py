@@ -1,0 +1,283 @@
+"""The async `Sandbox`: one sandbox on a Tartarus server.
+
+    async with Sandbox.create("python") as sb:
+        r = await sb.commands.run("python3 -c 'print(1)'")
+
+`Sandbox.create(...)` can be awaited (`sb = await Sandbox.create()`) or used directly
+as an async context manager; leaving the block kills the sandbox. A sandbox outlives
+its client otherwise: it runs until its timeout, `kill()`, or the server stops.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import anyio
+import msgspec
+
+from tartarus.api.types import (
+    CodeExecution,
+    CreateSandboxRequest,
+    LogEvent,
+    LogPage,
+    ResourcesBody,
+    RunCodeBody,
+    SandboxInfo,
+    SandboxPage,
+    SandboxStatsInfo,
+    SetTimeoutRequest,
+)
+from tartarus.runtime.types import Backend, SandboxState, TrustLevel
+from tartarus.sdk.client import Client
+from tartarus.sdk.commands import Commands
+from tartarus.sdk.errors import NotFoundError
+from tartarus.sdk.files import Files
+from tartarus.sdk.pty import Pty
+
+_log_events = msgspec.json.Decoder(LogEvent)
+CREATE_ATTEMPTS = 3
+
+
+class Sandbox:
+    def __init__(self, client: Client, info: SandboxInfo, *, owns_client: bool = True) -> None:
+        self._client = client
+        self._owns_client = owns_client
+        self.info = info
+        self.id = info.id
+        self.commands = Commands(client, info.id)
+        self.files = Files(client, info.id)
+        self.pty = Pty(client, info.id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sandbox(id={self.id!r}, template={self.info.template!r}, "
+            f"backend={self.info.backend.value!r})"
+        )
+
+    # --- class methods ---------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "base",
+        *,
+        timeout: float = 300.0,
+        envs: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        backend: Backend | str = Backend.AUTO,
+        vcpus: float | None = None,
+        memory_mib: int | None = None,
+        network: bool = False,
+        trusted: bool = False,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+    ) -> _Creating:
+        """Creates and starts a sandbox from `template`; it stops after `timeout`
+        seconds unless `set_timeout` moves the deadline. Retries of a failed request
+        reuse one idempotency key, so a retry never makes a second sandbox."""
+        resources = ResourcesBody()
+        if vcpus is not None:
+            resources = msgspec.structs.replace(resources, vcpus=vcpus)
+        if memory_mib is not None:
+            resources = msgspec.structs.replace(resources, memory_mib=memory_mib)
+        request = CreateSandboxRequest(
+            template=template,
+            backend=Backend(backend),
+            resources=resources,
+            env=envs or {},
+            timeout_s=timeout,
+            metadata=metadata or {},
+            network=network,
+            trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+        )
+
+        async def make() -> Sandbox:
+            owned = client is None
+            c = client or await Client.connect(url, api_key=api_key)
+            key = uuid.uuid4().hex
+            try:
+                for attempt in range(CREATE_ATTEMPTS):
+                    try:
+                        info = await c.call(
+                            "POST",
+                            "/v1/sandboxes",
+                            SandboxInfo,
+                            json=request,
+                            headers={"Idempotency-Key": key},
+                        )
+                        break
+                    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                        if attempt == CREATE_ATTEMPTS - 1:
+                            raise
+                        await anyio.sleep(0.2 * (attempt + 1))
+            except BaseException:
+                if owned:
+                    await c.close()
+                raise
+            return cls(c, info, owns_client=owned)
+
+        return _Creating(make)
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+    ) -> Sandbox:
+        """A handle on an existing sandbox (created by this or another client)."""
+        c = client or await Client.connect(url, api_key=api_key)
+        try:
+            info = await c.call("GET", f"/v1/sandboxes/{sandbox_id}", SandboxInfo)
+        except BaseException:
+            if client is None:
+                await c.close()
+            raise
+        return cls(c, info, owns_client=client is None)
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        state: list[SandboxState] | None = None,
+        metadata: dict[str, str] | None = None,
+        template: str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+    ) -> list[SandboxInfo]:
+        """Sandboxes on the server (running ones by default), every page of them."""
+        states = [SandboxState.RUNNING] if state is None else state
+        c = client or await Client.connect(url, api_key=api_key)
+        try:
+            return [info async for info in iterate_sandboxes(c, states, metadata, template)]
+        finally:
+            if client is None:
+                await c.close()
+
+    # --- this sandbox ----------------------------------------------------------------------
+
+    async def get_info(self) -> SandboxInfo:
+        self.info = await self._client.call("GET", f"/v1/sandboxes/{self.id}", SandboxInfo)
+        return self.info
+
+    async def is_running(self) -> bool:
+        try:
+            return (await self.get_info()).state is SandboxState.RUNNING
+        except NotFoundError:
+            return False
+
+    async def set_timeout(self, timeout: float) -> None:
+        """The sandbox now stops `timeout` seconds from now."""
+        self.info = await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/timeout",
+            SandboxInfo,
+            json=SetTimeoutRequest(timeout_s=timeout),
+        )
+
+    async def stats(self) -> SandboxStatsInfo:
+        return await self._client.call("GET", f"/v1/sandboxes/{self.id}/stats", SandboxStatsInfo)
+
+    async def kill(self, *, grace: float = 0.0) -> None:
+        """Stops the sandbox (after `grace` seconds of SIGTERM) and closes this handle."""
+        try:
+            await self._client.call("DELETE", f"/v1/sandboxes/{self.id}", params={"grace_s": grace})
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Releases the connection; the sandbox keeps running."""
+        if self._owns_client:
+            await self._client.close()
+
+    async def run_code(self, code: str, *, timeout: float | None = None) -> CodeExecution:
+        """Runs Python in the sandbox's interpreter, which keeps its variables between
+        calls like a notebook kernel; returns rich results (text, HTML, images), the
+        output, and the error if the code raised."""
+        return await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/code",
+            CodeExecution,
+            json=RunCodeBody(code=code, timeout_s=timeout),
+        )
+
+    async def logs(self, *, since: int = 0, limit: int = 1000) -> LogPage:
+        return await self._client.call(
+            "GET", f"/v1/sandboxes/{self.id}/logs", LogPage, params={"since": since, "limit": limit}
+        )
+
+    async def follow_logs(self, *, since: int = 0) -> AsyncIterator[LogEvent]:
+        """The sandbox's log from `since`, then new entries until the sandbox stops."""
+        async for name, data in self._client.sse(
+            f"/v1/sandboxes/{self.id}/logs", {"since": since, "follow": True}
+        ):
+            if name == "log":
+                yield _log_events.decode(data)
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.kill()
+        except NotFoundError:
+            await self.close()
+
+
+async def iterate_sandboxes(
+    client: Client,
+    states: list[SandboxState],
+    metadata: dict[str, str] | None = None,
+    template: str | None = None,
+) -> AsyncIterator[SandboxInfo]:
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {
+            "state": [s.value for s in states],
+            "metadata": [f"{k}={v}" for k, v in (metadata or {}).items()],
+            "template": template,
+            "cursor": cursor,
+        }
+        page = await client.call("GET", "/v1/sandboxes", SandboxPage, params=params)
+        for info in page.items:
+            yield info
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+class _Creating:
+    """What `Sandbox.create` returns: await it, or `async with` it."""
+
+    def __init__(self, make: Callable[[], Awaitable[Sandbox]]) -> None:
+        self._make = make
+        self._sandbox: Sandbox | None = None
+
+    def __await__(self) -> Generator[Any, None, Sandbox]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> Sandbox:
+        self._sandbox = await self._make()
+        return self._sandbox
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._sandbox is not None:
+            await self._sandbox.__aexit__(exc_type, exc, tb)

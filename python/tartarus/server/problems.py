@@ -1,0 +1,126 @@
+"""RFC 9457 problem details: every error the API returns is `application/problem+json`.
+
+Handlers raise `ApiError` (or a `TartarusError` the mapping below knows); the
+middleware in `tartarus.server.app` turns it into a `Problem` response. Unknown
+exceptions become a 500 whose body says nothing about the server's internals.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+import msgspec
+from aiohttp import web
+
+from tartarus.api.types import Problem, ProblemField
+from tartarus.runtime.base import (
+    BackendUnavailableError,
+    ExecTimeoutError,
+    NotSupportedError,
+    SandboxError,
+    SandboxNotFoundError,
+)
+
+PROBLEM_MEDIA = "application/problem+json"
+TYPE_BASE = "https://tartarus.dev/problems/"
+
+_encoder = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a problem type slug (`TYPE_BASE` + slug)."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        errors: list[ProblemField] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, "not-found", f"{what} not found")
+
+
+def problem_response(
+    status: int,
+    slug: str,
+    detail: str,
+    *,
+    instance: str = "",
+    errors: list[ProblemField] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = Problem(
+        type=TYPE_BASE + slug,
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=instance,
+        errors=errors,
+    )
+    return web.Response(
+        status=status,
+        body=_encoder.encode(body),
+        content_type=PROBLEM_MEDIA,
+        headers=headers,
+    )
+
+
+_PATH_IN_MESSAGE = re.compile(r"- at (?:`key` in )?`(\$[^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
+    """A 422 naming the offending field as a JSON pointer (`$.a.b` → `/a/b`)."""
+    message = str(error)
+    match = _PATH_IN_MESSAGE.search(message)
+    pointer = ""
+    if match:
+        pointer = match.group(1).removeprefix("$").replace(".", "/").replace("[", "/")
+        pointer = pointer.replace("]", "")
+        message = message[: match.start()].rstrip()
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:
+        pointer += "/" + unknown.group(1)
+    return ApiError(
+        422,
+        "invalid-" + where,
+        f"invalid {where}: {message}" + (f" at {pointer}" if pointer else ""),
+        errors=[ProblemField(pointer=pointer, detail=message)],
+    )
+
+
+# Most specific first: the first matching class decides the status.
+_EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (SandboxNotFoundError, 404, "not-found"),
+    (NotSupportedError, 409, "not-supported"),
+    (BackendUnavailableError, 503, "backend-unavailable"),
+    (ExecTimeoutError, 408, "timeout"),
+    (FileNotFoundError, 404, "file-not-found"),
+    (IsADirectoryError, 409, "file-conflict"),
+    (NotADirectoryError, 409, "file-conflict"),
+    (FileExistsError, 409, "file-conflict"),
+    (PermissionError, 403, "permission-denied"),
+    (SandboxError, 409, "sandbox-error"),
+)
+
+
+def from_exception(exc: BaseException) -> ApiError | None:
+    """Maps the runtime's errors to problems; None for anything unexpected (a 500)."""
+    if isinstance(exc, ApiError):
+        return exc
+    for cls, status, slug in _EXCEPTION_PROBLEMS:
+        if isinstance(exc, cls):
+            return ApiError(status, slug, str(exc))
+    return None

@@ -1,0 +1,208 @@
+"""`/v1/sandboxes`: create, list, get, delete, set timeout, stats."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta
+
+from tartarus.agent.manager import cursor_from
+from tartarus.agent.store import ListFilter, SandboxRecord, encode_cursor
+from tartarus.api.types import (
+    MAX_LIST_LIMIT,
+    CreateSandboxRequest,
+    Cursor,
+    SandboxInfo,
+    SandboxPage,
+    SandboxStatsInfo,
+    SetTimeoutRequest,
+)
+from tartarus.runtime.types import Backend, SandboxState
+from tartarus.server.context import live_sandbox, manager
+from tartarus.server.problems import ApiError
+from tartarus.server.routing import Header, Reply, RouteTable, read_json, read_query, reply
+
+routes = RouteTable()
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _time(ts: float | None) -> dt.datetime | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+def sandbox_info(record: SandboxRecord) -> SandboxInfo:
+    return SandboxInfo(
+        id=record.id,
+        template=record.template,
+        backend=record.backend,
+        state=record.state,
+        created_at=dt.datetime.fromtimestamp(record.created_at, dt.UTC),
+        expires_at=_time(record.expires_at) if record.live else None,
+        ended_at=_time(record.ended_at),
+        resources=record.resources,
+        metadata=record.metadata,
+        network=record.network,
+        trust=record.trust,
+        backend_reason=record.backend_reason,
+        detail=record.detail,
+    )
+
+
+@routes.route(
+    "POST",
+    "/v1/sandboxes",
+    summary="Create and start a sandbox",
+    tag="sandboxes",
+    body=CreateSandboxRequest,
+    headers=(
+        Header(
+            IDEMPOTENCY_HEADER,
+            "Retrying a create with the same key returns the first sandbox instead of a "
+            "second one (kept 24 hours).",
+            {"type": "string", "minLength": 1, "maxLength": 255},
+        ),
+    ),
+    replies=(
+        Reply(201, SandboxInfo, description="Created and running"),
+        Reply(200, SandboxInfo, description="A replay: the sandbox this key created before"),
+    ),
+    errors=(404, 409, 503),
+)
+async def create_sandbox(request: web.Request) -> web.StreamResponse:
+    """Starts a sandbox from a template on the requested (or best available) backend. It
+    runs until `timeout_s` passes or it is deleted, whether or not a client is connected."""
+    body = await read_json(request, CreateSandboxRequest)
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ApiError(422, "invalid-header", f"{IDEMPOTENCY_HEADER} must be 1-255 characters")
+    record, replayed = await manager(request).create(body, key)
+    headers = {"Location": f"/v1/sandboxes/{record.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return reply(sandbox_info(record), status=200 if replayed else 201, headers=headers)
+
+
+class ListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Filters for listing sandboxes.
+
+    state: only sandboxes in these states (repeat the parameter for several)
+    template: only sandboxes of this template
+    backend: only sandboxes on this backend
+    metadata: only sandboxes whose metadata has KEY=VALUE (repeat for several)
+    limit: page size
+    cursor: next_cursor from the previous page
+    """
+
+    state: list[SandboxState] = msgspec.field(default_factory=list)
+    template: str | None = None
+    backend: Backend | None = None
+    metadata: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+=.*$")]] = msgspec.field(
+        default_factory=list
+    )
+    limit: Annotated[int, Meta(ge=1, le=MAX_LIST_LIMIT)] = 100
+    cursor: Cursor | None = None
+
+
+@routes.route(
+    "GET",
+    "/v1/sandboxes",
+    summary="List sandboxes",
+    tag="sandboxes",
+    query=ListQuery,
+    replies=(Reply(200, SandboxPage),),
+)
+async def list_sandboxes(request: web.Request) -> web.StreamResponse:
+    """Sandboxes in creation order, live and recently ended (kept 24 hours), a page at a
+    time."""
+    q = read_query(request, ListQuery)
+    flt = ListFilter(
+        states=tuple(q.state),
+        template=q.template,
+        backend=q.backend,
+        metadata=tuple(tuple(m.split("=", 1)) for m in q.metadata),  # type: ignore[misc]
+    )
+    page, next_seq = manager(request).list(flt, cursor=cursor_from(q.cursor), limit=q.limit)
+    return reply(
+        SandboxPage(
+            items=[sandbox_info(r) for r in page],
+            next_cursor=None if next_seq is None else encode_cursor(next_seq),
+        )
+    )
+
+
+@routes.route(
+    "GET",
+    "/v1/sandboxes/{id}",
+    summary="Get a sandbox",
+    tag="sandboxes",
+    replies=(Reply(200, SandboxInfo),),
+    errors=(404,),
+)
+async def get_sandbox(request: web.Request) -> web.StreamResponse:
+    return reply(sandbox_info(manager(request).record(request.match_info["id"])))
+
+
+class DeleteQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How to stop the sandbox.
+
+    grace_s: seconds between SIGTERM and the kill (0 kills at once)
+    """
+
+    grace_s: Annotated[float, Meta(ge=0, le=300)] = 0.0
+
+
+@routes.route(
+    "DELETE",
+    "/v1/sandboxes/{id}",
+    summary="Stop and delete a sandbox",
+    tag="sandboxes",
+    query=DeleteQuery,
+    replies=(Reply(204, description="Stopped (or already ended)"),),
+    errors=(404,),
+)
+async def delete_sandbox(request: web.Request) -> web.StreamResponse:
+    """Kills the sandbox (after `grace_s` of SIGTERM if given) and frees everything it
+    held. Its record stays listable as `stopped` for 24 hours."""
+    q = read_query(request, DeleteQuery)
+    await manager(request).delete(request.match_info["id"], grace_s=q.grace_s)
+    return web.Response(status=204)
+
+
+@routes.route(
+    "POST",
+    "/v1/sandboxes/{id}/timeout",
+    summary="Set a sandbox's timeout",
+    tag="sandboxes",
+    body=SetTimeoutRequest,
+    replies=(Reply(200, SandboxInfo),),
+    errors=(404, 409),
+)
+async def set_sandbox_timeout(request: web.Request) -> web.StreamResponse:
+    """The sandbox now stops `timeout_s` seconds from now (longer or shorter than before)."""
+    body = await read_json(request, SetTimeoutRequest)
+    record = manager(request).set_timeout(request.match_info["id"], body.timeout_s)
+    return reply(sandbox_info(record))
+
+
+@routes.route(
+    "GET",
+    "/v1/sandboxes/{id}/stats",
+    summary="Resource usage of a sandbox",
+    tag="sandboxes",
+    replies=(Reply(200, SandboxStatsInfo),),
+    errors=(404, 409),
+)
+async def sandbox_stats(request: web.Request) -> web.StreamResponse:
+    stats = await live_sandbox(request).sandbox.stats()
+    return reply(
+        SandboxStatsInfo(
+            cpu_seconds=stats.cpu_seconds,
+            memory_bytes=stats.memory_bytes,
+            memory_limit_bytes=stats.memory_limit_bytes,
+            pids=stats.pids,
+        )
+    )

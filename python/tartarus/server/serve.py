@@ -1,0 +1,159 @@
+"""Runs the server: listeners, the embedded node agent, signals, graceful shutdown.
+
+Startup: take the runtime dir's lock (one server per user and runtime dir), reconcile
+the state with what is really running, then listen on the unix socket (0600, in the
+0700 runtime dir) and, when asked, on TCP. Shutdown on SIGTERM/SIGINT: stop accepting,
+let in-flight requests finish (`drain_s`), then stop every sandbox with its grace period.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import msgspec
+from aiohttp import web
+
+from tartarus.agent.manager import SandboxManager
+from tartarus.agent.provider import HostRuntimes
+from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.agent.store import Store
+from tartarus.config import Settings
+from tartarus.endpoint import Endpoint, default_socket_path
+from tartarus.errors import TartarusError
+from tartarus.paths import ensure_private_dir
+from tartarus.server.app import build_app
+from tartarus.server.routes.service import ACCEPTING
+
+log = logging.getLogger(__name__)
+
+
+class ServerBusyError(TartarusError):
+    pass
+
+
+class ServeOptions(msgspec.Struct, kw_only=True, frozen=True):
+    socket: Path | None = None
+    # host:port; port 0 picks a free one (the chosen address is announced).
+    tcp: str | None = None
+    api_key: str | None = None
+    grace_s: float = 10.0
+    drain_s: float = 10.0
+
+
+def state_db_path(settings: Settings) -> Path:
+    return settings.state_dir / "server.db"
+
+
+def _lock(runtime_dir: Path) -> int:
+    fd = os.open(runtime_dir / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ServerBusyError(
+            f"another tartarus server already runs for {runtime_dir}; use it "
+            "(it answers on its socket) or stop it first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _split_host_port(tcp: str) -> tuple[str, int]:
+    host, sep, port = tcp.rpartition(":")
+    if not sep or not port.isdigit():
+        raise TartarusError(f"--tcp wants HOST:PORT, got {tcp!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def serve(
+    settings: Settings,
+    options: ServeOptions,
+    *,
+    provider: RuntimeProvider | None = None,
+    on_ready: Callable[[list[Endpoint]], None] | None = None,
+    stop: anyio.Event | None = None,
+) -> None:
+    runtime_dir = ensure_private_dir(settings.runtime_dir)
+    ensure_private_dir(settings.state_dir)
+    if options.tcp is not None and options.api_key is None:
+        host, _ = _split_host_port(options.tcp)
+        if not _is_loopback(host):
+            raise TartarusError(
+                f"refusing to listen on {host} without an API key: set TARTARUS_API_KEY "
+                "(clients send it as a bearer token) or listen on 127.0.0.1"
+            )
+    lock_fd = _lock(runtime_dir)
+    store = Store(state_db_path(settings))
+    manager = SandboxManager(store, provider or HostRuntimes(settings), grace_s=options.grace_s)
+    try:
+        async with manager.running():
+            app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key)
+            runner = web.AppRunner(
+                app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
+            )
+            await runner.setup()
+            endpoints = await _listen(runner, options, settings)
+            if on_ready is not None:
+                on_ready(endpoints)
+            await _wait_for_stop(stop)
+            log.info("shutting down: draining requests, then stopping sandboxes")
+            app[ACCEPTING][0] = False
+            await runner.cleanup()
+            for endpoint in endpoints:
+                if endpoint.path is not None:
+                    await anyio.Path(endpoint.path).unlink(missing_ok=True)
+    finally:
+        store.close()
+        os.close(lock_fd)
+
+
+async def _listen(
+    runner: web.AppRunner, options: ServeOptions, settings: Settings
+) -> list[Endpoint]:
+    endpoints: list[Endpoint] = []
+    socket_path = options.socket or default_socket_path(settings)
+    socket_path.unlink(missing_ok=True)  # stale: we hold the lock, so no server owns it
+    old_umask = os.umask(0o177)
+    try:
+        unix = web.UnixSite(runner, str(socket_path))
+        await unix.start()
+    finally:
+        os.umask(old_umask)
+    socket_path.chmod(0o600)
+    endpoints.append(Endpoint.unix(socket_path))
+    if options.tcp is not None:
+        host, port = _split_host_port(options.tcp)
+        tcp = web.TCPSite(runner, host, port)
+        await tcp.start()
+        server = tcp._server  # the bound address is only known after start
+        if server is not None:
+            for sock in server.sockets:  # type: ignore[attr-defined]
+                bound_host, bound_port = sock.getsockname()[:2]
+                endpoints.append(Endpoint.tcp(bound_host, bound_port))
+    return endpoints
+
+
+async def _wait_for_stop(stop: anyio.Event | None) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(on_signal)
+        if stop is not None:
+            await stop.wait()
+            tg.cancel_scope.cancel()

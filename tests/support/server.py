@@ -1,0 +1,187 @@
+"""A real `tartarus serve` process for tests: its own runtime and state dirs under
+tmp_path, a unix socket and a loopback TCP port picked by the kernel.
+
+`raw` requests use the standard library's http.client, so tests see exactly what
+went over the wire (status, headers, bytes), without the SDK in between.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+START_TIMEOUT_S = 60.0
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    socket_path: Path
+    tcp_url: str | None
+    env: dict[str, str]
+    state_dir: Path
+    runtime_dir: Path
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    def raw(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        tcp: bool = False,
+        timeout: float = 120.0,
+    ) -> Reply:
+        conn: http.client.HTTPConnection
+        if tcp:
+            assert self.tcp_url is not None
+            host, port = self.tcp_url.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        else:
+            conn = UnixHTTPConnection(str(self.socket_path), timeout=timeout)
+        try:
+            data = body.encode() if isinstance(body, str) else body
+            conn.request(method, path, body=data, headers=dict(headers or {}))
+            response = conn.getresponse()
+            return Reply(
+                status=response.status,
+                headers={k.lower(): v for k, v in response.getheaders()},
+                body=response.read(),
+            )
+        finally:
+            conn.close()
+
+    def json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Reply:
+        body = None if payload is None else json.dumps(payload)
+        return self.raw(method, path, body, {"Content-Type": "application/json"}, **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def server_env(base: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARTARUS_")}
+    env.update(
+        TARTARUS_RUNTIME_DIR=str(base / "run"),
+        TARTARUS_STATE_DIR=str(base / "state"),
+        TARTARUS_CACHE_DIR=str(Path.home() / ".cache" / "tartarus"),
+        **extra,
+    )
+    return env
+
+
+def start_server(base: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+    """Starts `tartarus serve --json --tcp 127.0.0.1:0` and waits for its announcement."""
+    env = env or server_env(base)
+    base.mkdir(parents=True, exist_ok=True)
+    log_path = base / "server.log"
+    announce = base / "announce.json"
+    with log_path.open("ab") as log, announce.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tartarus", "serve", "--json", "--tcp", "127.0.0.1:0", *args],
+            stdout=out,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited {process.returncode}: {log_path.read_text()}")
+        text = announce.read_text()
+        if text.strip().endswith("}"):
+            endpoints = json.loads(text)["endpoints"]
+            sock = next(e for e in endpoints if e.startswith("unix:"))
+            tcp = next((e for e in endpoints if e.startswith("http")), None)
+            return Server(
+                process=process,
+                socket_path=Path(sock.removeprefix("unix:")),
+                tcp_url=tcp,
+                env=env,
+                state_dir=Path(env["TARTARUS_STATE_DIR"]),
+                runtime_dir=Path(env["TARTARUS_RUNTIME_DIR"]),
+                log_path=log_path,
+            )
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s: {log_path.read_text()}")
+
+
+@contextmanager
+def running_server(base: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    server = start_server(base, *args, env=env)
+    try:
+        yield server
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def cli(
+    server: Server, *args: str, input: bytes | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[bytes]:
+    """Runs the `tartarus` CLI against `server`."""
+    env = dict(server.env, TARTARUS_URL=server.url)
+    return subprocess.run(
+        [sys.executable, "-m", "tartarus", *args],
+        env=env,
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

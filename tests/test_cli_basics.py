@@ -1,0 +1,123 @@
+"""CLI commands against a real server, for what needs no sandbox: JSON output, exit
+codes for missing sandboxes and bad usage, version, completion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import Server, cli, running_server, server_env
+
+pytestmark = pytest.mark.timeout(120)
+
+MISSING = "sb-0000000000000000"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(tmp_path_factory.mktemp("cli")) as s:
+        yield s
+
+
+def test_version_json(server: Server) -> None:
+    out = cli(server, "version", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["client"] == doc["server"]["version"]
+    assert doc["server"]["api"] == "v1"
+
+
+def test_version_without_a_server_says_so(tmp_path: Path) -> None:
+    env = server_env(tmp_path, TARTARUS_URL=f"unix:{tmp_path}/nobody.sock")
+    out = subprocess.run(
+        [sys.executable, "-m", "tartarus", "version", "--json"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0
+    doc = json.loads(out.stdout)
+    assert doc["server"] is None
+    assert "no Tartarus server answers" in doc["server_error"]
+
+
+def test_unreachable_server_exit_code(tmp_path: Path) -> None:
+    env = server_env(tmp_path, TARTARUS_URL=f"unix:{tmp_path}/nobody.sock")
+    out = subprocess.run(
+        [sys.executable, "-m", "tartarus", "ps"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 69
+    assert b"no Tartarus server answers" in out.stderr
+
+
+def test_ps_json_is_a_list(server: Server) -> None:
+    out = cli(server, "ps", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+    out = cli(server, "ps", "-a", "-q")
+    assert out.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("inspect", MISSING),
+        ("kill", MISSING),
+        ("logs", MISSING),
+        ("exec", MISSING, "--", "true"),
+        ("cp", f"{MISSING}:/etc/hostname", "-"),
+    ],
+)
+def test_missing_sandbox_exits_3(server: Server, args: tuple[str, ...]) -> None:
+    out = cli(server, *args)
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert b"not found" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("cp", "a", "b"),
+        ("run",),
+        ("ps", "--metadata", "novalue"),
+        ("kill",),
+    ],
+)
+def test_usage_errors_exit_2(server: Server, args: tuple[str, ...]) -> None:
+    out = cli(server, *args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts(server: Server, shell: str) -> None:
+    out = cli(server, "completion", shell)
+    assert out.returncode == 0
+    assert b"_TARTARUS_COMPLETE" in out.stdout
+
+
+def test_completion_completes_commands(server: Server) -> None:
+    env = dict(
+        server.env, _TARTARUS_COMPLETE="bash_complete", COMP_WORDS="tartarus ex", COMP_CWORD="1"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "tartarus"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "exec" in out.stdout
