@@ -7,6 +7,7 @@ running sandbox (p50/p99), and output streaming throughput (MB/s).
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -177,7 +178,9 @@ async def bench_backend(
     ours = await create_to_first_result(runtime, backend, rootfs, ids)
     out: dict[str, Any] = {"create_to_first_result": ours}
     for peer_name, peer in peers.items():
-        peer_stats = await anyio.to_thread.run_sync(lambda p=peer: measure(p, runs=RUNS[backend]))
+        peer_stats = await anyio.to_thread.run_sync(
+            functools.partial(measure, peer, runs=RUNS[backend])
+        )
         line = report(f"{backend} create→first result", ours, peer_stats, peer_name)
         out[f"peer_{peer_name}"] = peer_stats
         out[f"ratio_vs_{peer_name}"] = ratio(ours, peer_stats)

@@ -108,7 +108,9 @@ class ExitedEvent(msgspec.Struct, frozen=True, tag="exited", tag_field="event"):
 
 
 JailEvent = StartedEvent | ExitedEvent
-_decode_event = msgspec.json.Decoder(JailEvent, dec_hook=codec.dec_hook)
+_decode_event: msgspec.json.Decoder[JailEvent] = msgspec.json.Decoder(
+    JailEvent, dec_hook=codec.dec_hook
+)
 
 
 class JailSandbox(HostedAgentSandbox):
@@ -161,7 +163,8 @@ class JailSandbox(HostedAgentSandbox):
             line = await self._events.receive_until(b"\n", _EVENT_LINE_MAX)
         except (anyio.EndOfStream, anyio.IncompleteRead):
             return None
-        return _decode_event.decode(line)
+        event: JailEvent = _decode_event.decode(line)
+        return event
 
     async def _failed_to_start(self) -> None:
         raise JailError(f"jail {self.id} ended before starting: {await self._stderr()}")

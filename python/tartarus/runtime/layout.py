@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar, Final
 
 import anyio
+import msgspec
 
 from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import Execution, SandboxError
@@ -26,6 +27,17 @@ def agent_argv() -> list[str]:
         "--listen",
         f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
     ]
+
+
+async def with_rootfs(spec: SandboxSpec) -> SandboxSpec:
+    """The spec with its template's root filesystem (built and cached by the image
+    store on first use) unless it names one already."""
+    if spec.rootfs is None:
+        from tartarus.images import TemplateStore  # noqa: PLC0415 - only when needed
+
+        template = await TemplateStore().resolve(spec.template, ext4=False)
+        spec = msgspec.structs.replace(spec, rootfs=template.rootfs)
+    return spec
 
 
 def new_sandbox_dir(root: Path, spec: SandboxSpec, backend: str) -> Path:
