@@ -76,6 +76,18 @@ async def test_stdin_round_trip(sandbox: WasmSandbox) -> None:
     assert result.exit.code == 0
 
 
+async def test_stdin_closed_before_the_module_starts(sandbox: WasmSandbox) -> None:
+    """Writing and closing stdin at once must not lose the data or hang the module, even
+    when its thread starts late."""
+    results = []
+    for _ in range(20):
+        execution = await sandbox.exec(tool("cat", stdin=True))
+        await execution.write_stdin(b"quick\n")
+        await execution.close_stdin()
+        results.append((await execution.wait()).stdout)
+    assert results == [b"quick\n"] * 20
+
+
 async def test_ten_megabytes_stream_in_order(sandbox: WasmSandbox) -> None:
     size = 10 << 20
     execution = await sandbox.exec(tool("flood", str(size)))

@@ -129,6 +129,9 @@ class _Process:
         self.killed_by: int | None = None
         self.timed_out = False
         self.stdin_fd: int | None = None
+        # Set once the module's side of the stdin FIFO is open: closing our end before
+        # that would leave the module's open() waiting for a writer forever.
+        self.stdin_opened = threading.Event()
         self.timer: threading.Timer | None = None
 
     def interrupt(self, *, timeout: bool = False, sig: int = signal.SIGKILL) -> None:
@@ -189,7 +192,12 @@ class WasmExecution:
             view = view[n:]
 
     async def close_stdin(self) -> None:
-        fd, self._proc.stdin_fd = self._proc.stdin_fd, None
+        proc = self._proc
+        if proc.stdin_fd is None:
+            return
+        # Set by the exec's thread at the latest when it ends.
+        await anyio.to_thread.run_sync(proc.stdin_opened.wait)
+        fd, proc.stdin_fd = proc.stdin_fd, None
         if fd is not None:
             os.close(fd)
 
@@ -362,6 +370,7 @@ class WasmSandbox:
         except Exception as e:  # reported as the exec's failure, never lost
             code, trap, memory_pages = None, f"internal error: {e!r}", 0
         finally:
+            proc.stdin_opened.set()
             if proc.timer is not None:
                 proc.timer.cancel()
             pool.give(item)
@@ -407,7 +416,8 @@ class WasmSandbox:
             wasi.env = list(env.items())
             wasi.preopen_dir(str(self._fs_root), "/")
             if stdin_path is not None:
-                wasi.stdin_file = str(stdin_path)
+                wasi.stdin_file = str(stdin_path)  # opens it, so our end may close now
+                proc.stdin_opened.set()
             wasi.stdout_custom = self._sink(proc, "stdout")
             wasi.stderr_custom = self._sink(proc, "stderr")
             store.set_wasi(wasi)
