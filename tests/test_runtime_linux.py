@@ -242,6 +242,29 @@ async def test_no_network_unless_granted(sandbox: Sandbox) -> None:
     assert out.strip() == b"0"
 
 
+async def test_network_when_granted(runtime: Runtime, base_rootfs: Path) -> None:
+    """`network=True` shares the host's network (jail: its namespace; gVisor: its
+    stack): a listener on the host's loopback answers."""
+    sb = await runtime.create(spec_for(base_rootfs, "net", network=True))
+    await sb.start()
+    try:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            listener.settimeout(20)
+            port = listener.getsockname()[1]
+            execution = await sb.exec(
+                ExecRequest(shell=f"echo hi | nc 127.0.0.1 {port}", timeout_s=30)
+            )
+            conn, _ = await anyio.to_thread.run_sync(listener.accept)
+            with conn:
+                assert conn.recv(16) == b"hi\n"
+        # Closing our side ends nc.
+        assert (await execution.wait()).exit.ok
+    finally:
+        await sb.kill()
+
+
 async def test_logs_follow_delivers_output_as_produced(sandbox: Sandbox) -> None:
     background = await sandbox.exec(
         ExecRequest(shell="echo one; sleep 0.5; echo two; sleep 60", background=True)

@@ -300,6 +300,11 @@ class GvisorRuntime:
                 ),
             ],
             linux=oci.Linux(
+                # With network, runsc's host stack only serves the netns it starts in.
+                namespaces=[
+                    oci.Namespace(type=t)
+                    for t in ("pid", "ipc", "uts", "mount", *(() if spec.network else ("network",)))
+                ],
                 resources=oci.Resources(
                     memory=oci.MemoryLimits(limit=r.memory_mib << 20),
                     cpu=oci.CpuLimits(quota=max(1000, int(r.vcpus * 100_000)), period=100_000),

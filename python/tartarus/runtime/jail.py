@@ -38,6 +38,7 @@ from tartarus.runtime.layout import (
     HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
+    reachable_socket,
     wait_for_path,
     with_rootfs,
 )
@@ -150,7 +151,8 @@ class JailSandbox(HostedAgentSandbox):
             self._cgroup = CgroupReader(event.cgroup_dirs())
             socket_path = self._dir / "run" / AGENT_SOCKET
             await wait_for_path(socket_path, START_TIMEOUT_S)
-            self.agent = await AgentClient.connect_unix(socket_path)
+            with reachable_socket(socket_path) as reachable:
+                self.agent = await AgentClient.connect_unix(reachable)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.kill()

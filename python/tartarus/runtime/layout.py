@@ -3,6 +3,9 @@ sandbox, how it is started, and each sandbox's directory on the host."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Final
 
@@ -53,6 +56,20 @@ def new_sandbox_dir(root: Path, spec: SandboxSpec, backend: str) -> Path:
     except FileExistsError:
         raise SandboxError(f"a {backend} sandbox named {spec.id!r} already exists") from None
     return directory
+
+
+@contextlib.contextmanager
+def reachable_socket(path: Path) -> Iterator[str]:
+    """A path to connect to `path` by, short enough for AF_UNIX (108 bytes) however
+    deep the state directory is: through an O_PATH descriptor of its directory."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 async def wait_for_path(path: Path, timeout_s: float) -> None:
