@@ -289,7 +289,7 @@ class LogEvent(_Response, kw_only=True):
 
 class LogPage(_Response, kw_only=True):
     items: list[LogEvent]
-    # Pass as `since` to continue after the last entry returned.
+    # Pass as `since` to continue after the last entry returned (sequence numbers start at 1).
     next_seq: int
 
 

@@ -29,7 +29,7 @@ SSE_KEEPALIVE_S = 15.0
 class LogQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Which part of the log.
 
-    since: the first sequence number wanted (0: from the start of what is kept)
+    since: return entries after this sequence number (0: from the start of what is kept)
     follow: keep the connection open and send new entries as server-sent events
     limit: at most this many entries (without follow)
     """
@@ -54,7 +54,7 @@ def _resume_from(request: web.Request, since: int) -> int:
     if last is None:
         return since
     try:
-        return max(since, int(last) + 1)
+        return max(since, int(last))
     except ValueError:
         raise ApiError(400, "invalid-header", "Last-Event-ID must be a sequence number") from None
 
@@ -89,7 +89,7 @@ async def read_logs(request: web.Request) -> web.StreamResponse:
             items.append(log_event(entry))
             if len(items) >= q.limit:
                 break
-        next_seq = items[-1].seq + 1 if items else since
+        next_seq = items[-1].seq if items else since
         return reply(LogPage(items=items, next_seq=next_seq))
 
     response = web.StreamResponse(
