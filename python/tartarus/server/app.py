@@ -92,6 +92,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         }.get(e.status, e.text or e.reason)
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return problem_response(e.status, slug, detail, instance=request.path, headers=headers)
+    except ConnectionError:
+        # The client went away mid-response: nothing to answer, nothing to log loudly.
+        log.debug("client of %s %s disconnected", request.method, request.path)
+        raise
     except Exception as e:
         problem = from_exception(e)
         if problem is None:
