@@ -238,8 +238,9 @@ class SandboxManager:
         except BackendUnavailableError as e:
             if request.backend is Backend.AUTO:
                 raise
-            # The client asked for a backend this host lacks: its request to change.
-            raise ApiError(422, "backend-unavailable", str(e)) from e
+            # The client asked for a backend this host lacks: a conflict with this host,
+            # which another backend (or host) resolves; not a server failure.
+            raise ApiError(409, "backend-unavailable", str(e)) from e
         record = self.store.insert(
             SandboxRecord(
                 id=spec.id,
