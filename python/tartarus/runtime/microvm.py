@@ -1,0 +1,363 @@
+"""The microVM backend: one `tartarus-vmm` process (our Rust VMM on KVM) per sandbox.
+
+A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the guest
+kernel (`tartarus kernel build`) with three virtio devices:
+- `/dev/vda`: the template's ext4 image (from `tartarus.images`, or made from
+  `spec.rootfs`), read-only, with `/sbin/init` -> `tartarus-agent`;
+- `/dev/vdb`: a per-sandbox ext4 scratch disk of `resources.disk_mib`, which the VMM
+  wipes and removes when it exits (Lethe);
+- vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
+  unix socket `vsock.sock` (`CONNECT 1024`).
+`start` returns once the agent accepts a connection. Lifecycle (start, status, stats,
+stop, kill, reap) goes through the VMM's control socket (`vmm_api.VmmProcess`).
+Running commands and files go to the agent; until the agent-backed sandbox base lands
+those operations raise `NotSupportedError`. On hosts whose KVM cannot run a full guest
+(the doctor decides) `create` raises `BackendUnavailableError` with the doctor's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+
+import anyio
+
+from tartarus.config import Settings, load_settings
+from tartarus.guest import kernel_build
+from tartarus.host.doctor import DoctorReport, run_doctor
+from tartarus.runtime.base import (
+    BackendUnavailableError,
+    Execution,
+    NotSupportedError,
+    SandboxError,
+)
+from tartarus.runtime.types import (
+    Backend,
+    ExecRequest,
+    FileInfo,
+    LogEntry,
+    ProcessInfo,
+    SandboxSpec,
+    SandboxState,
+    SandboxStats,
+    SandboxStatus,
+    SnapshotInfo,
+)
+from tartarus.runtime.vmm_api import (
+    DriveConfig,
+    MachineConfig,
+    ScratchConfig,
+    SerialFile,
+    VmmProcess,
+    VmState,
+    VsockConfig,
+)
+
+# Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
+# PCI or ACPI probing: the microVM has neither.
+DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux"
+# The root image read-only, the agent as PID 1 serving vsock port 1024 (after `--`,
+# the kernel passes arguments to init).
+AGENT_PORT = 1024
+GUEST_CID = 3
+AGENT_CMDLINE = (
+    "root=/dev/vda ro rootfstype=ext4 init=/sbin/init tartarus.scratch=/dev/vdb "
+    f"-- serve --init --listen vsock:{AGENT_PORT}"
+)
+AGENT_READY_TIMEOUT_S = 60.0
+
+_STATES = {
+    VmState.NOT_CONFIGURED: SandboxState.CREATED,
+    VmState.CONFIGURED: SandboxState.CREATED,
+    VmState.RUNNING: SandboxState.RUNNING,
+    VmState.PAUSED: SandboxState.PAUSED,
+}
+_CLEAN_EXITS = {"reset", "shutdown", "halt", "stopped"}
+
+
+class MicroVmRuntime:
+    """The microVM backend on this host. `kernel` is the guest kernel to boot."""
+
+    def __init__(
+        self,
+        *,
+        kernel: Path | None = None,
+        settings: Settings | None = None,
+        doctor: DoctorReport | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.kernel = kernel
+        self._doctor = doctor
+
+    @property
+    def backend(self) -> Backend:
+        return Backend.MICROVM
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.settings.runtime_dir / "microvm"
+
+    def _require_available(self) -> Path:
+        doctor = self._doctor or run_doctor(self.settings)
+        verdict = doctor.backend("microvm")
+        if not verdict.available:
+            raise BackendUnavailableError(f"microvm backend unavailable: {verdict.reason}")
+        kernel = self.kernel or newest_kernel(self.settings)
+        if kernel is None or not kernel.is_file():
+            raise BackendUnavailableError(
+                f"microvm backend has no guest kernel (got {kernel}); run `tartarus kernel build`"
+            )
+        return kernel
+
+    async def create(self, spec: SandboxSpec) -> MicroVmSandbox:
+        kernel = self._require_available()
+        return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id, self.settings)
+
+    async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> MicroVmSandbox:
+        raise NotSupportedError(Backend.MICROVM, "restore")
+
+    async def reap(self, keep: set[str]) -> list[str]:
+        """Kills VMM processes left by a previous server and removes their directories."""
+        removed: list[str] = []
+        if not self.sandboxes_dir.is_dir():
+            return removed
+        for workdir in sorted(self.sandboxes_dir.iterdir()):
+            if workdir.name in keep or not workdir.is_dir():
+                continue
+            _kill_recorded_vmm(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+            removed.append(workdir.name)
+        return removed
+
+
+def newest_kernel(settings: Settings) -> Path | None:
+    """The most recently built guest kernel in the cache, if any."""
+    kernels = kernel_build.list_kernels(settings.cache_dir)
+    if not kernels:
+        return None
+    return kernel_build.kernel_dir(settings.cache_dir, kernels[0].id) / "vmlinux"
+
+
+async def make_scratch_disk(path: Path, size_mib: int) -> Path:
+    """A sparse, freshly formatted ext4 disk (the guest has no mkfs of its own)."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
+    if mkfs is None:
+        raise SandboxError("mkfs.ext4 not found (apt-get install e2fsprogs)")
+    with path.open("xb") as f:
+        f.truncate(size_mib << 20)
+    result = await anyio.run_process(
+        [mkfs, "-q", "-F", "-L", "scratch", "-m", "0", str(path)], check=False
+    )
+    if result.returncode != 0:
+        raise SandboxError(f"cannot format scratch disk {path}: {result.stderr.decode()[-500:]}")
+    return path
+
+
+async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT) -> None:
+    """Returns once the guest accepts a vsock connection on `port` (through the
+    device's hybrid socket), raising `SandboxError` after `timeout_s`."""
+    last = "no attempt"
+    with anyio.move_on_after(timeout_s):
+        while True:
+            try:
+                async with await anyio.connect_unix(uds) as stream:
+                    await stream.send(f"CONNECT {port}\n".encode())
+                    with anyio.fail_after(5):
+                        reply = await stream.receive(64)
+                    if reply.startswith(b"OK "):
+                        return
+                    last = f"answer {reply[:32]!r}"
+            except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError) as e:
+                last = f"{type(e).__name__}: {e}"
+            await anyio.sleep(0.05)
+    raise SandboxError(
+        f"the guest agent did not answer on vsock port {port} within {timeout_s:.0f} s ({last})"
+    )
+
+
+def _kill_recorded_vmm(workdir: Path) -> None:
+    """Kills the VMM whose pid is recorded in `workdir`, if that pid is still our VMM."""
+    try:
+        pid = int((workdir / "vmm.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"tartarus-vmm" in cmdline and str(workdir).encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class MicroVmSandbox:
+    def __init__(
+        self, spec: SandboxSpec, kernel: Path, workdir: Path, settings: Settings | None = None
+    ) -> None:
+        self.spec = spec
+        self.kernel = kernel
+        self.workdir = workdir
+        self.settings = settings or load_settings()
+        self._vmm: VmmProcess | None = None
+        self._template_owner: str | None = None
+
+    @property
+    def vsock_path(self) -> Path:
+        return self.workdir / "vsock.sock"
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def backend(self) -> Backend:
+        return Backend.MICROVM
+
+    def machine_config(self, root_image: Path, scratch_disk: Path) -> MachineConfig:
+        return MachineConfig(
+            vcpus=max(1, math.ceil(self.spec.resources.vcpus)),
+            memory_mib=self.spec.resources.memory_mib,
+            kernel=self.kernel,
+            cmdline=f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}",
+            serial=SerialFile(path=self.workdir / "console.log"),
+            drives=[
+                DriveConfig(path=root_image, read_only=True, id="tartarus-root"),
+                DriveConfig(path=scratch_disk, id="tartarus-scratch", scratch=ScratchConfig()),
+            ],
+            vsock=VsockConfig(guest_cid=GUEST_CID, uds_path=self.vsock_path),
+        )
+
+    async def root_image(self) -> Path:
+        """The read-only root: an image of `spec.rootfs`, or the template's ext4 image."""
+        if self.spec.rootfs is not None:
+            from tartarus.images.rootfs import make_ext4  # noqa: PLC0415 - images is heavy
+
+            image = self.workdir / "root.ext4"
+            seed = hashlib.sha256(str(self.spec.rootfs.resolve()).encode()).hexdigest()
+            await make_ext4(self.spec.rootfs, image, seed=seed, progress=lambda _: None)
+            return image
+        from tartarus.images.store import TemplateStore  # noqa: PLC0415
+
+        self._template_owner = f"sandbox:{self.id}"
+        resolved = await TemplateStore(self.settings).resolve(
+            self.spec.template, ext4=True, owner=self._template_owner
+        )
+        if resolved.ext4 is None:
+            raise SandboxError(f"template {self.spec.template} has no ext4 image")
+        return resolved.ext4
+
+    async def start(self) -> None:
+        if self._vmm is not None:
+            raise SandboxError(f"sandbox {self.id} is already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            root = await self.root_image()
+            scratch = await make_scratch_disk(
+                self.workdir / "scratch.ext4", self.spec.resources.disk_mib
+            )
+            self._vmm = await VmmProcess.launch(self.workdir)
+            await self._vmm.configure(self.machine_config(root, scratch))
+            await self._vmm.start()
+            await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
+            raise
+
+    async def status(self) -> SandboxStatus:
+        if self._vmm is None:
+            return SandboxStatus(id=self.id, backend=self.backend, state=SandboxState.CREATED)
+        if self._vmm.process.returncode is not None:
+            return SandboxStatus(
+                id=self.id,
+                backend=self.backend,
+                state=SandboxState.STOPPED,
+                detail=f"VMM exited with status {self._vmm.process.returncode}",
+            )
+        report = await self._vmm.state()
+        if report.state is VmState.EXITED:
+            exit_reason = report.exit.reason if report.exit else "unknown"
+            clean = exit_reason in _CLEAN_EXITS
+            state = SandboxState.STOPPED if clean else SandboxState.FAILED
+            return SandboxStatus(id=self.id, backend=self.backend, state=state, detail=exit_reason)
+        return SandboxStatus(id=self.id, backend=self.backend, state=_STATES[report.state])
+
+    async def stats(self) -> SandboxStats:
+        if self._vmm is None:
+            raise SandboxError(f"sandbox {self.id} is not started")
+        m = await self._vmm.metrics()
+        return SandboxStats(
+            cpu_seconds=m.cpu_us / 1e6,
+            memory_bytes=m.max_rss_bytes,
+            memory_limit_bytes=m.guest_memory_bytes,
+        )
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._vmm is not None:
+            await self._vmm.stop(timeout_s=grace_s)
+        await self._cleanup()
+
+    async def kill(self) -> None:
+        if self._vmm is not None:
+            await self._vmm.kill()
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        # The VMM wipes the scratch disk itself; this also covers a VMM that was killed.
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._template_owner is not None:
+            from tartarus.images.store import TemplateStore  # noqa: PLC0415
+
+            await TemplateStore(self.settings).release(self._template_owner)
+            self._template_owner = None
+
+    # The guest agent is reached over virtio-vsock, which the VMM does not offer yet.
+    async def exec(self, request: ExecRequest) -> Execution:
+        raise NotSupportedError(Backend.MICROVM, "exec")
+
+    async def processes(self) -> list[ProcessInfo]:
+        raise NotSupportedError(Backend.MICROVM, "processes")
+
+    async def attach(self, pid: int) -> Execution:
+        raise NotSupportedError(Backend.MICROVM, "attach")
+
+    async def kill_process(self, pid: int, signal: int = 9) -> None:
+        raise NotSupportedError(Backend.MICROVM, "kill_process")
+
+    async def logs(self, *, follow: bool = False, since_seq: int = 0) -> AsyncIterator[LogEntry]:
+        raise NotSupportedError(Backend.MICROVM, "logs")
+        yield  # pragma: no cover
+
+    async def read_file(self, path: str) -> bytes:
+        raise NotSupportedError(Backend.MICROVM, "read_file")
+
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        raise NotSupportedError(Backend.MICROVM, "write_file")
+
+    async def download(self, path: str) -> AsyncIterator[bytes]:
+        raise NotSupportedError(Backend.MICROVM, "download")
+        yield  # pragma: no cover
+
+    async def upload(self, path: str, chunks: AsyncIterable[bytes], *, mode: int = 0o644) -> int:
+        raise NotSupportedError(Backend.MICROVM, "upload")
+
+    async def list_dir(self, path: str) -> list[FileInfo]:
+        raise NotSupportedError(Backend.MICROVM, "list_dir")
+
+    async def stat(self, path: str) -> FileInfo:
+        raise NotSupportedError(Backend.MICROVM, "stat")
+
+    async def make_dir(self, path: str, *, parents: bool = True) -> None:
+        raise NotSupportedError(Backend.MICROVM, "make_dir")
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        raise NotSupportedError(Backend.MICROVM, "remove")
+
+    async def rename(self, src: str, dst: str) -> None:
+        raise NotSupportedError(Backend.MICROVM, "rename")
+
+    async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
+        raise NotSupportedError(Backend.MICROVM, "snapshot")
