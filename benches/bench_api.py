@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import anyio
 from benches.harness import Stats, measure_async, ratio, report, write_result
 from tartarus.agent.provider import HostRuntimes
 from tartarus.config import load_settings
+from tartarus.runtime.base import Sandbox as RuntimeSandbox
 from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec
 from tartarus.sdk.client import Client
 from tartarus.sdk.sandbox import Sandbox
@@ -64,18 +67,27 @@ async def sdk_cycle(url: str, backend: Backend, template: str) -> None:
         assert result.exit_code == 0, result
 
 
-async def raw_cycle(provider: HostRuntimes, backend: Backend, template: str) -> None:
-    spec = await provider.prepare(
-        SandboxSpec(id=f"bench-{time.monotonic_ns():x}", template=template, backend=backend)
-    )
+@asynccontextmanager
+async def raw_sandbox(
+    provider: HostRuntimes, backend: Backend, template: str
+) -> AsyncIterator[RuntimeSandbox]:
+    """A sandbox straight from the backend, as the server makes one (minus the server)."""
+    spec = SandboxSpec(id=f"bench-{time.monotonic_ns():x}", template=template, backend=backend)
     runtime, _ = await provider.select(spec)
+    spec, _ = await provider.prepare(spec, runtime.backend)
     sandbox = await runtime.create(spec)
     try:
         await sandbox.start()
-        result = await (await sandbox.exec(ExecRequest(argv=["true"]))).wait()
-        assert result.exit.code == 0, result
+        yield sandbox
     finally:
         await sandbox.kill()
+        await provider.release(spec.id)
+
+
+async def raw_cycle(provider: HostRuntimes, backend: Backend, template: str) -> None:
+    async with raw_sandbox(provider, backend, template) as sandbox:
+        result = await (await sandbox.exec(ExecRequest(argv=["true"]))).wait()
+        assert result.exit.code == 0, result
 
 
 async def hammer(session: aiohttp.ClientSession, url: str, seconds: float) -> tuple[int, int]:
@@ -178,16 +190,8 @@ async def main(backend: Backend, template: str, runs: int, seconds: float) -> di
 
 
 async def raw_status_stats(provider: HostRuntimes, backend: Backend, template: str) -> Stats:
-    spec = await provider.prepare(
-        SandboxSpec(id=f"bench-{time.monotonic_ns():x}", template=template, backend=backend)
-    )
-    runtime, _ = await provider.select(spec)
-    sandbox = await runtime.create(spec)
-    try:
-        await sandbox.start()
+    async with raw_sandbox(provider, backend, template) as sandbox:
         return await measure_async(sandbox.status, runs=200)
-    finally:
-        await sandbox.kill()
 
 
 if __name__ == "__main__":

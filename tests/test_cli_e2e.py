@@ -128,23 +128,37 @@ def test_exec_on_a_terminal(server: Server, backend: str) -> None:
             sys.executable, [sys.executable, "-m", "tartarus", "exec", sb, "--", "sh"], env
         )
     output = b""
+    status = None
     try:
-        os.write(fd, b"tty && echo $((6*7)); exit 3\n")
+        typed = False
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 1)
+            ready, _, _ = select.select([fd], [], [], 0.5)
             if ready:
                 try:
                     chunk = os.read(fd, 65536)
-                except OSError:
+                except OSError:  # the child closed the terminal: it exited
                     break
                 if not chunk:
                     break
                 output += chunk
-        _, status = os.waitpid(pid, 0)
+            # Type once the remote shell shows its prompt (as a person would).
+            if not typed and b"# " in output:
+                os.write(fd, b"tty && echo $((6*7)); exit 3\r")
+                typed = True
+        for _ in range(100):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"tartarus exec did not exit; terminal showed {output!r}")
     finally:
         os.close(fd)
         cli(server, "kill", sb)
+    assert status is not None
     assert b"42" in output
     assert b"/dev/pts/" in output
     assert os.waitstatus_to_exitcode(status) == 3

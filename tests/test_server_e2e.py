@@ -21,6 +21,7 @@ from tests.support.server import (
     processes_mentioning,
     require_backend,
     running_server,
+    short_dir,
     start_server,
 )
 
@@ -280,33 +281,39 @@ def test_hostile_paths_and_bodies(server: Server, backend: str) -> None:
     assert sb not in live_ids(server)
 
 
-def test_graceful_shutdown_stops_sandboxes(tmp_path: Path, backend: str) -> None:
-    s = start_server(tmp_path)
+@pytest.fixture
+def base() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
+
+
+def test_graceful_shutdown_stops_sandboxes(base: Path, backend: str) -> None:
+    s = start_server(base)
     try:
         sb = create(s, backend)["id"]
         s.json("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": "sleep 600", "background": True})
     finally:
         assert s.stop(signal.SIGTERM) == 0
-    assert processes_mentioning(str(tmp_path)) == []
-    with running_server(tmp_path) as again:
+    assert processes_mentioning(str(base)) == []
+    with running_server(base) as again:
         info = again.raw("GET", f"/v1/sandboxes/{sb}").json()
         assert info["state"] == "stopped"
         assert info["detail"] == "the server shut down"
 
 
-def test_kill_9_then_restart_reconciles(tmp_path: Path, backend: str) -> None:
-    s = start_server(tmp_path)
+def test_kill_9_then_restart_reconciles(base: Path, backend: str) -> None:
+    s = start_server(base)
     ids = [create(s, backend)["id"] for _ in range(2)]
     s.json("POST", f"/v1/sandboxes/{ids[0]}/exec", {"cmd": "sleep 600", "background": True})
     s.process.send_signal(signal.SIGKILL)
     s.process.wait(timeout=30)
-    with running_server(tmp_path) as again:
+    with running_server(base) as again:
         for sandbox_id in ids:
             info = again.raw("GET", f"/v1/sandboxes/{sandbox_id}").json()
             assert info["state"] == "failed"
             assert "reaped on restart" in info["detail"]
         assert live_ids(again) == set()
-        assert processes_mentioning(str(tmp_path)) == [], "a sandbox outlived the reconcile"
+        assert processes_mentioning(str(base)) == [], "a sandbox outlived the reconcile"
         # And the restarted server works.
         fresh = create(again, backend)["id"]
         r = again.json("POST", f"/v1/sandboxes/{fresh}/exec", {"cmd": "echo ok"})

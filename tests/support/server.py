@@ -11,10 +11,12 @@ import http.client
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -109,8 +111,25 @@ class Server:
         return self.process.wait(timeout=timeout)
 
 
+@contextmanager
+def short_dir() -> Iterator[Path]:
+    """A private directory with a short path: backends put unix sockets a few levels
+    below the runtime dir, and a socket path may be at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def server_env(base: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARTARUS_")}
+    # The caller's server and settings stay out; binary overrides (`TARTARUS_*_BIN`) stay.
+    ours = {"TARTARUS_URL", "TARTARUS_API_KEY", "TARTARUS_CONFIG"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k not in ours and not k.endswith("_DIR")) or not k.startswith("TARTARUS_")
+    }
     env.update(
         TARTARUS_RUNTIME_DIR=str(base / "run"),
         TARTARUS_STATE_DIR=str(base / "state"),

@@ -70,16 +70,19 @@ class _Response(msgspec.Struct, kw_only=True):
 
 
 class ResourcesBody(_Request, kw_only=True):
-    """Limits of one sandbox (the backend enforces what it can: see docs/api.md)."""
+    """Limits of one sandbox; a field left out takes the template's value."""
 
-    vcpus: Annotated[float, Meta(ge=0.05, le=64)] = 1.0
-    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] = 512
-    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] = 1024
-    pids: Annotated[int, Meta(ge=8, le=65536)] = 256
+    vcpus: Annotated[float, Meta(ge=0.05, le=64)] | None = None
+    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] | None = None
+    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] | None = None
+    pids: Annotated[int, Meta(ge=8, le=65536)] | None = None
 
-    def to_runtime(self) -> Resources:
+    def over(self, defaults: Resources) -> Resources:
         return Resources(
-            vcpus=self.vcpus, memory_mib=self.memory_mib, disk_mib=self.disk_mib, pids=self.pids
+            vcpus=defaults.vcpus if self.vcpus is None else self.vcpus,
+            memory_mib=defaults.memory_mib if self.memory_mib is None else self.memory_mib,
+            disk_mib=defaults.disk_mib if self.disk_mib is None else self.disk_mib,
+            pids=defaults.pids if self.pids is None else self.pids,
         )
 
 
@@ -88,8 +91,9 @@ class CreateSandboxRequest(_Request, kw_only=True):
     backend: Backend = Backend.AUTO
     resources: ResourcesBody = msgspec.field(default_factory=ResourcesBody)
     env: EnvMap = msgspec.field(default_factory=dict)
-    # Seconds until the sandbox is stopped; `POST .../timeout` moves the deadline.
-    timeout_s: TimeoutSeconds = DEFAULT_TIMEOUT_S
+    # Seconds until the sandbox is stopped (default: the template's, usually 300);
+    # `POST .../timeout` moves the deadline.
+    timeout_s: TimeoutSeconds | None = None
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     network: bool = False
     trust: TrustLevel = TrustLevel.UNTRUSTED
@@ -337,9 +341,14 @@ class CodeExecution(_Response, kw_only=True):
 class TemplateEntry(_Response, kw_only=True):
     name: str
     description: str = ""
-    backends: list[Backend] = msgspec.field(default_factory=list)
+    builtin: bool = False
+    # Built: its root filesystem is ready; otherwise the first sandbox builds it.
     built: bool = False
+    # Backends the template is meant for (empty: any).
+    backends: list[Backend] = msgspec.field(default_factory=list)
     size_bytes: int | None = None
+    resources: Resources | None = None
+    timeout_s: float | None = None
 
 
 class TemplateList(_Response, kw_only=True):

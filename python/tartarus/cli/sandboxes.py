@@ -10,7 +10,6 @@ import msgspec
 from rich.table import Table
 
 from tartarus.api.types import (
-    DEFAULT_TIMEOUT_S,
     CreateSandboxRequest,
     ExitInfo,
     LogEvent,
@@ -78,11 +77,7 @@ async def _stream_to_terminal(
     help="Isolation backend.",
 )
 @click.option(
-    "--timeout",
-    type=float,
-    default=DEFAULT_TIMEOUT_S,
-    show_default=True,
-    help="Seconds before the sandbox is stopped.",
+    "--timeout", type=float, help="Seconds before the sandbox is stopped [default: the template's]."
 )
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment.")
 @click.option("-w", "--workdir", help="Working directory inside the sandbox.")
@@ -101,7 +96,7 @@ def run_command(
     *,
     template: str,
     backend: str,
-    timeout: float,
+    timeout: float | None,
     env: tuple[str, ...],
     workdir: str | None,
     memory_mib: int | None,
@@ -124,12 +119,7 @@ def run_command(
       tartarus run -i -- sh            # an interactive shell
     """
     cmd = _command(argv)
-    resources = ResourcesBody()
-    if memory_mib is not None or cpus is not None:
-        resources = ResourcesBody(
-            vcpus=cpus if cpus is not None else resources.vcpus,
-            memory_mib=memory_mib if memory_mib is not None else resources.memory_mib,
-        )
+    resources = ResourcesBody(vcpus=cpus, memory_mib=memory_mib)
     request = CreateSandboxRequest(
         template=template,
         backend=Backend(backend),

@@ -65,7 +65,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = 300.0,
+        timeout: float | None = None,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,
@@ -79,12 +79,9 @@ class Sandbox:
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
         seconds unless `set_timeout` moves the deadline. Retries of a failed request
-        reuse one idempotency key, so a retry never makes a second sandbox."""
-        resources = ResourcesBody()
-        if vcpus is not None:
-            resources = msgspec.structs.replace(resources, vcpus=vcpus)
-        if memory_mib is not None:
-            resources = msgspec.structs.replace(resources, memory_mib=memory_mib)
+        reuse one idempotency key, so a retry never makes a second sandbox. `timeout`,
+        `vcpus` and `memory_mib` default to the template's."""
+        resources = ResourcesBody(vcpus=vcpus, memory_mib=memory_mib)
         request = CreateSandboxRequest(
             template=template,
             backend=Backend(backend),

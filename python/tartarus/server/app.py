@@ -15,7 +15,16 @@ from tartarus.agent.manager import SandboxManager
 from tartarus.server import openapi
 from tartarus.server.context import MANAGER, STARTED_AT
 from tartarus.server.problems import ApiError, from_exception, problem_response
-from tartarus.server.routes import code, files, logs, processes, sandboxes, service, terminal
+from tartarus.server.routes import (
+    code,
+    files,
+    logs,
+    processes,
+    sandboxes,
+    service,
+    templates,
+    terminal,
+)
 from tartarus.server.routes import exec as exec_routes
 from tartarus.server.routes.service import ACCEPTING, OPENAPI
 from tartarus.server.routing import MAX_JSON_BODY, Operation, RouteTable
@@ -31,6 +40,7 @@ TABLES: tuple[RouteTable, ...] = (
     logs.routes,
     terminal.routes,
     code.routes,
+    templates.routes,
 )
 
 _SO_PEERCRED = struct.Struct("3i")

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from tartarus import __version__
-from tartarus.api.types import Pid, Problem, SandboxId
+from tartarus.api.types import Pid, Problem, SandboxId, TemplateName
 from tartarus.server.problems import PROBLEM_MEDIA
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
 
@@ -19,7 +19,7 @@ REF_TEMPLATE = "#/components/schemas/{name}"
 PATH_PARAMS: dict[str, Any] = {
     "id": SandboxId,
     "pid": Pid,
-    "name": str,
+    "name": TemplateName,
     "snapshot_id": str,
 }
 

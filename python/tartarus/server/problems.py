@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from tartarus.api.types import Problem, ProblemField
+from tartarus.images.errors import ImageError, TemplateNotFoundError
 from tartarus.runtime.base import (
     BackendUnavailableError,
     ExecTimeoutError,
@@ -104,6 +105,9 @@ def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
 # Most specific first: the first matching class decides the status.
 _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
     (SandboxNotFoundError, 404, "not-found"),
+    (TemplateNotFoundError, 404, "template-not-found"),
+    # The template could not be built (a download, a build script): the host's problem.
+    (ImageError, 503, "template-unavailable"),
     (NotSupportedError, 409, "not-supported"),
     (BackendUnavailableError, 503, "backend-unavailable"),
     (ExecTimeoutError, 408, "timeout"),

@@ -21,7 +21,6 @@ from aiohttp import web
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import Store
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint, default_socket_path
@@ -80,7 +79,6 @@ async def serve(
     settings: Settings,
     options: ServeOptions,
     *,
-    provider: RuntimeProvider | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
 ) -> None:
@@ -95,7 +93,7 @@ async def serve(
             )
     lock_fd = _lock(runtime_dir)
     store = Store(state_db_path(settings))
-    manager = SandboxManager(store, provider or HostRuntimes(settings), grace_s=options.grace_s)
+    manager = SandboxManager(store, HostRuntimes(settings), grace_s=options.grace_s)
     try:
         async with manager.running():
             app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key)

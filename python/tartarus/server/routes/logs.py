@@ -7,6 +7,7 @@ reconnects with `Last-Event-ID` (or `?since=`) resumes right after what it saw.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated
 
 import anyio
@@ -15,10 +16,14 @@ from aiohttp import web
 from msgspec import Meta
 
 from tartarus.api.types import LogEvent, LogPage
+from tartarus.runtime.base import SandboxError
 from tartarus.runtime.types import LogEntry
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError
+from tartarus.server.routes.exec import stream_over
 from tartarus.server.routing import SSE, Header, Reply, RouteTable, encode, read_query, reply
+
+log = logging.getLogger(__name__)
 
 routes = RouteTable()
 
@@ -82,7 +87,8 @@ async def read_logs(request: web.Request) -> web.StreamResponse:
     `data` a LogEvent document, its `id` the sequence number), until the sandbox stops."""
     q = read_query(request, LogQuery)
     since = _resume_from(request, q.since)
-    sandbox = live_sandbox(request).sandbox
+    live = live_sandbox(request)
+    sandbox = live.sandbox
     if not q.follow:
         items: list[LogEvent] = []
         async for entry in sandbox.logs(follow=False, since_seq=since):
@@ -100,12 +106,22 @@ async def read_logs(request: web.Request) -> web.StreamResponse:
 
     async def pump() -> None:
         async with send:
-            async for entry in sandbox.logs(follow=True, since_seq=since):
-                await send.send(entry)
+            try:
+                async for entry in sandbox.logs(follow=True, since_seq=since):
+                    await send.send(entry)
+            except SandboxError as e:
+                # The sandbox went away under the follower: the log simply ends.
+                log.debug("log follow of %s ended: %s", live.record.id, e)
 
     with contextlib.suppress(ConnectionError):
         async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await stream_over(request, live)
+                tg.cancel_scope.cancel()
+
             tg.start_soon(pump)
+            tg.start_soon(watch)
             async with receive:
                 while True:
                     with anyio.move_on_after(SSE_KEEPALIVE_S) as idle:
