@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from tartarus.auth.principal import TENANT_PATTERN
 from tartarus.runtime.types import (
     Backend,
     FileInfo,
@@ -48,6 +49,15 @@ MetadataMap = Annotated[
     ],
     Meta(max_length=64),
 ]
+TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN, examples=["acme"])]
+# Environment variable → secret reference, `provider:name` (docs/auth.md, "Secrets").
+SecretMap = Annotated[
+    dict[
+        Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+        Annotated[str, Meta(min_length=3, max_length=512, pattern=r"^[a-z]+:[^\x00]+$")],
+    ],
+    Meta(max_length=64),
+]
 TimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_S)]
 ExecTimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_EXEC_TIMEOUT_S)]
 # A path inside the sandbox: absolute, no NUL; `..` components are refused by the server.
@@ -70,19 +80,17 @@ class _Response(msgspec.Struct, kw_only=True):
 
 
 class ResourcesBody(_Request, kw_only=True):
-    """Limits of one sandbox; a field left out takes the template's value."""
+    """Limits of one sandbox (at most the template's `max_resources`; policy may set
+    per-template defaults)."""
 
-    vcpus: Annotated[float, Meta(ge=0.05, le=64)] | None = None
-    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] | None = None
-    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] | None = None
-    pids: Annotated[int, Meta(ge=8, le=65536)] | None = None
+    vcpus: Annotated[float, Meta(ge=0.05, le=64)] = 1.0
+    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] = 512
+    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] = 1024
+    pids: Annotated[int, Meta(ge=8, le=65536)] = 256
 
-    def over(self, defaults: Resources) -> Resources:
+    def to_runtime(self) -> Resources:
         return Resources(
-            vcpus=defaults.vcpus if self.vcpus is None else self.vcpus,
-            memory_mib=defaults.memory_mib if self.memory_mib is None else self.memory_mib,
-            disk_mib=defaults.disk_mib if self.disk_mib is None else self.disk_mib,
-            pids=defaults.pids if self.pids is None else self.pids,
+            vcpus=self.vcpus, memory_mib=self.memory_mib, disk_mib=self.disk_mib, pids=self.pids
         )
 
 
@@ -91,12 +99,13 @@ class CreateSandboxRequest(_Request, kw_only=True):
     backend: Backend = Backend.AUTO
     resources: ResourcesBody = msgspec.field(default_factory=ResourcesBody)
     env: EnvMap = msgspec.field(default_factory=dict)
-    # Seconds until the sandbox is stopped (default: the template's, usually 300);
-    # `POST .../timeout` moves the deadline.
-    timeout_s: TimeoutSeconds | None = None
+    # Seconds until the sandbox is stopped; `POST .../timeout` moves the deadline.
+    timeout_s: TimeoutSeconds = DEFAULT_TIMEOUT_S
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     network: bool = False
     trust: TrustLevel = TrustLevel.UNTRUSTED
+    # Secrets the sandbox's commands get as environment variables, resolved at exec time.
+    secrets: SecretMap = msgspec.field(default_factory=dict)
 
 
 class SandboxInfo(_Response, kw_only=True):
@@ -115,6 +124,10 @@ class SandboxInfo(_Response, kw_only=True):
     backend_reason: str = ""
     # Why the sandbox stopped or failed, when it did.
     detail: str = ""
+    tenant: str = "default"
+    TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN, examples=["acme"])]
+    # Environment variable → secret reference (the references, never the values).
+    secrets: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class SandboxPage(_Response, kw_only=True):

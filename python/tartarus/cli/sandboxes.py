@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+from typing import Any
 
 import click
 import msgspec
 from rich.table import Table
 
 from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
     CreateSandboxRequest,
     ExitInfo,
     LogEvent,
@@ -77,7 +79,9 @@ async def _stream_to_terminal(
     help="Isolation backend.",
 )
 @click.option(
-    "--timeout", type=float, help="Seconds before the sandbox is stopped [default: the template's]."
+    "--timeout",
+    type=float,
+    help=f"Seconds before the sandbox is stopped [default: {DEFAULT_TIMEOUT_S:g}].",
 )
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment.")
 @click.option("-w", "--workdir", help="Working directory inside the sandbox.")
@@ -119,13 +123,14 @@ def run_command(
       tartarus run -i -- sh            # an interactive shell
     """
     cmd = _command(argv)
-    resources = ResourcesBody(vcpus=cpus, memory_mib=memory_mib)
+    sizes: dict[str, Any] = {"vcpus": cpus, "memory_mib": memory_mib}
+    resources = ResourcesBody(**{k: v for k, v in sizes.items() if v is not None})
     request = CreateSandboxRequest(
         template=template,
         backend=Backend(backend),
         resources=resources,
         env=parse_pairs(env, "--env"),
-        timeout_s=timeout,
+        timeout_s=DEFAULT_TIMEOUT_S if timeout is None else timeout,
         metadata=parse_pairs(metadata, "--metadata"),
         network=network,
         trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,

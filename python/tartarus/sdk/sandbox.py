@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
     CodeExecution,
     CreateSandboxRequest,
     LogEvent,
@@ -65,7 +66,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,
@@ -73,15 +74,21 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        secrets: dict[str, str] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
         seconds unless `set_timeout` moves the deadline. Retries of a failed request
-        reuse one idempotency key, so a retry never makes a second sandbox. `timeout`,
-        `vcpus` and `memory_mib` default to the template's."""
-        resources = ResourcesBody(vcpus=vcpus, memory_mib=memory_mib)
+        reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
+        environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
+        that every command gets, resolved by the server at exec time."""
+        resources = ResourcesBody()
+        if vcpus is not None:
+            resources = msgspec.structs.replace(resources, vcpus=vcpus)
+        if memory_mib is not None:
+            resources = msgspec.structs.replace(resources, memory_mib=memory_mib)
         request = CreateSandboxRequest(
             template=template,
             backend=Backend(backend),
@@ -91,6 +98,7 @@ class Sandbox:
             metadata=metadata or {},
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+            secrets=secrets or {},
         )
 
         async def make() -> Sandbox:

@@ -22,6 +22,8 @@ from tartarus.runtime.base import (
     SandboxError,
     SandboxNotFoundError,
 )
+from tartarus.secrets.providers import SecretError
+from tartarus.secrets.redaction import redact
 
 PROBLEM_MEDIA = "application/problem+json"
 TYPE_BASE = "https://tartarus.dev/problems/"
@@ -66,7 +68,8 @@ def problem_response(
         type=TYPE_BASE + slug,
         title=HTTPStatus(status).phrase,
         status=status,
-        detail=detail,
+        # Secrets never leave in an error, whatever raised it.
+        detail=redact(detail),
         instance=instance,
         errors=errors,
     )
@@ -108,6 +111,7 @@ _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
     (TemplateNotFoundError, 404, "template-not-found"),
     # The template could not be built (a download, a build script): the host's problem.
     (ImageError, 503, "template-unavailable"),
+    (SecretError, 503, "secret-unavailable"),
     (NotSupportedError, 409, "not-supported"),
     (BackendUnavailableError, 503, "backend-unavailable"),
     (ExecTimeoutError, 408, "timeout"),

@@ -16,6 +16,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from tartarus.api.types import LogEvent, LogPage
+from tartarus.auth.rbac import SANDBOX_READ
 from tartarus.runtime.base import SandboxError
 from tartarus.runtime.types import LogEntry
 from tartarus.server.context import live_sandbox
@@ -80,6 +81,7 @@ def _resume_from(request: web.Request, since: int) -> int:
         ),
     ),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def read_logs(request: web.Request) -> web.StreamResponse:
     """Everything the sandbox's processes wrote, in order, with sequence numbers. With

@@ -5,11 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from tartarus.api.types import TemplateEntry, TemplateList
+from tartarus.auth.rbac import AUTHENTICATED
 from tartarus.images.store import TemplateInfo
+from tartarus.server.access import SHARED, register_owner
 from tartarus.server.context import manager
 from tartarus.server.routing import Reply, RouteTable, reply
 
 routes = RouteTable()
+
+# Templates are shared by every tenant; a missing one is the handler's 404.
+register_owner("template", lambda request, name: SHARED, lambda name: f"template {name}")
 
 
 def template_entry(info: TemplateInfo) -> TemplateEntry:
@@ -31,6 +36,7 @@ def template_entry(info: TemplateInfo) -> TemplateEntry:
     "/v1/templates",
     summary="List templates",
     tag="templates",
+    permission=AUTHENTICATED,
     replies=(Reply(200, TemplateList),),
 )
 async def list_templates(request: web.Request) -> web.StreamResponse:
@@ -42,12 +48,13 @@ async def list_templates(request: web.Request) -> web.StreamResponse:
 
 @routes.route(
     "GET",
-    "/v1/templates/{name}",
+    "/v1/templates/{template}",
     summary="Get a template",
     tag="templates",
+    permission=AUTHENTICATED,
     replies=(Reply(200, TemplateEntry),),
     errors=(404,),
 )
 async def get_template(request: web.Request) -> web.StreamResponse:
-    info = await manager(request).provider.template(request.match_info["name"])
+    info = await manager(request).provider.template(request.match_info["template"])
     return reply(template_entry(info))

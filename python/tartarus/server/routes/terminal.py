@@ -36,6 +36,7 @@ from tartarus.api.types import (
     WsResize,
     WsSignal,
 )
+from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import OutputChunk
 from tartarus.server.context import live_sandbox
@@ -168,6 +169,7 @@ async def _first_exec_body(ws: web.WebSocketResponse) -> StreamExecBody:
     tag="exec",
     replies=(),
     websocket=True,
+    permission=SANDBOX_EXEC,
 )
 async def exec_websocket(request: web.Request) -> web.StreamResponse:
     live = live_sandbox(request)
@@ -188,6 +190,7 @@ async def exec_websocket(request: web.Request) -> web.StreamResponse:
     tag="processes",
     replies=(),
     websocket=True,
+    permission=SANDBOX_EXEC,
 )
 async def attach_websocket(request: web.Request) -> web.StreamResponse:
     live = live_sandbox(request)
