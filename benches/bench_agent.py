@@ -46,6 +46,13 @@ def bare_fork_exec() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def bare_posix_spawn() -> None:
+    """The cheapest way Python can start a process (vfork-style), for reference."""
+    pid = os.posix_spawn(TRUE, [TRUE], {})
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def pipe_throughput() -> float:
     """MB/s reading `head -c N /dev/zero` from a plain pipe."""
     started = time.perf_counter()
@@ -121,9 +128,11 @@ def main() -> None:
     ):
         ours = anyio.run(run_agent_side, socket)
     peer_exec: Stats = measure(bare_fork_exec, runs=EXEC_RUNS, warmup=10)
+    spawn_exec: Stats = measure(bare_posix_spawn, runs=EXEC_RUNS, warmup=10)
     peer_rates = [pipe_throughput() for _ in range(STREAM_RUNS)]
 
     exec_line = report("exec round trip (/bin/true)", ours["exec"], peer_exec, "bare fork/exec")
+    spawn_line = report("exec round trip (/bin/true)", ours["exec"], spawn_exec, "posix_spawn")
     peer_mbps = median(peer_rates)
     streaming: dict[str, Any] = {
         "bytes": STREAM_BYTES,
@@ -156,6 +165,9 @@ def main() -> None:
                 "bare_fork_exec": peer_exec,
                 "ratio_p50": ratio(ours["exec"], peer_exec),
                 "summary": exec_line,
+                "posix_spawn": spawn_exec,
+                "ratio_p50_vs_posix_spawn": ratio(ours["exec"], spawn_exec),
+                "summary_vs_posix_spawn": spawn_line,
             },
             "streaming": streaming,
             "load_average": os.getloadavg(),
