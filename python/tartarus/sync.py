@@ -261,6 +261,7 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        secrets: dict[str, str] | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -276,6 +277,7 @@ class Sandbox:
                 memory_mib=memory_mib,
                 network=network,
                 trusted=trusted,
+                secrets=secrets,
                 url=url,
                 api_key=api_key,
             )
