@@ -15,16 +15,15 @@ store: an interrupted build leaves nothing visible.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import io
 import os
 import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import anyio
@@ -61,7 +60,6 @@ from tartarus.images.unpack import unpack
 
 T = TypeVar("T")
 EXT4_MEDIA_TYPE = "application/vnd.tartarus.rootfs.ext4"
-LOCK_POLL_S = 0.2
 
 
 class ImageConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -174,7 +172,14 @@ def copy_files(loaded: LoadedTemplate, root: Path) -> None:
     resolve inside the root; escaping symlinks are refused)."""
     if not loaded.template.files:
         return
-    buf = io.BytesIO()
+    # Spooled: small file sets stay in memory, large ones go to a temporary file.
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as buf:
+        _pack_files(loaded, buf)
+        buf.seek(0)
+        unpack(buf, str(root), archive=f"{loaded.source} files", whiteouts=False)
+
+
+def _pack_files(loaded: LoadedTemplate, buf: IO[bytes]) -> None:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in loaded.template.files:
             src = resolve_source(loaded, f.src)
@@ -187,8 +192,6 @@ def copy_files(loaded: LoadedTemplate, root: Path) -> None:
                 return info
 
             tar.add(src, arcname=f.dest.lstrip("/"), filter=owned_by_root)
-    buf.seek(0)
-    unpack(buf, str(root), archive=f"{loaded.source} files", whiteouts=False)
 
 
 class Builder:
@@ -218,29 +221,14 @@ class Builder:
 
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
-        """An exclusive lock per build key, across processes (polled, so cancellable)."""
-        await anyio.Path(self.locks).mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            waited = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waited:
-                        self.progress(
-                            Progress(
-                                step="wait",
-                                message="another build of the same "
-                                "inputs is running; waiting for it",
-                            )
-                        )
-                        waited = True
-                    await anyio.sleep(LOCK_POLL_S)
+        """An exclusive lock per build key, across processes."""
+
+        def waiting() -> None:
+            message = "another build of the same inputs is running; waiting for it"
+            self.progress(Progress(step="wait", message=message))
+
+        async with fsutil.file_lock(self.locks / f"{key}.lock", waiting):
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     @contextlib.asynccontextmanager
     async def staging(self, label: str) -> AsyncIterator[Path]:
@@ -296,7 +284,9 @@ class Builder:
                 archive = debian.DebianArchive(await self.session(), base, cache, self.progress)
                 await archive.install(packages, staging)
             else:
-                await debian.debootstrap(base, staging, cache, self.progress)
+                # One debootstrap per suite at a time: they share the .deb cache.
+                async with self.lock(f"debootstrap-{base.suite}-{debian.debian_arch()}"):
+                    await debian.debootstrap(base, staging, cache, self.progress)
                 await debian.apt_install(staging, packages, self.progress, upgrade=True)
             return ImageConfig(), []
 
@@ -337,7 +327,7 @@ class Builder:
                 client, pinned, pulled.manifest, config, self.cache_dir / "downloads"
             )
             layers = await lay_down(
-                source, self.blobs, staging, owner=owner, progress=self.progress
+                source, self.blobs, staging, owner=owner, progress=self.progress, locks=self.locks
             )
             return image_config(config), layers
 
@@ -367,7 +357,7 @@ class Builder:
     def _local(self, source: ImageSource, digest: str) -> PreparedBase:
         async def populate(staging: Path, owner: str) -> tuple[ImageConfig, list[str]]:
             layers = await lay_down(
-                source, self.blobs, staging, owner=owner, progress=self.progress
+                source, self.blobs, staging, owner=owner, progress=self.progress, locks=self.locks
             )
             return image_config(source.config), layers
 

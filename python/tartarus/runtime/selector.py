@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tartarus.config import Settings, load_settings
+from tartarus.config import Settings
 from tartarus.host.doctor import LINUX_BACKENDS, DoctorReport
 from tartarus.runtime.base import BackendUnavailableError, Runtime
 from tartarus.runtime.types import Backend, SandboxSpec, TrustLevel
@@ -131,24 +131,3 @@ def select_runtime(
     backend, lines = select_backend(spec, report, allow_jail_untrusted=allow_jail_untrusted)
     return Selection(backend=backend, runtime=make_runtime(backend, settings), explanation=lines)
 
-
-def select(
-    spec: SandboxSpec, report: DoctorReport, settings: Settings | None = None
-) -> tuple[Runtime, str]:
-    """The contract the node agent calls: the runtime and an explanation (one line per
-    backend considered, joined with "; ") for `--explain`."""
-    selection = select_runtime(spec, report, settings or load_settings())
-    return selection.runtime, "; ".join(selection.explanation)
-
-
-def available_runtimes(report: DoctorReport, settings: Settings | None = None) -> list[Runtime]:
-    """Every backend this host runs, e.g. to `reap` what a crashed server left."""
-    chosen = settings or load_settings()
-    runtimes = []
-    for verdict in report.backends:
-        if verdict.available:
-            try:
-                runtimes.append(make_runtime(Backend(verdict.name), chosen))
-            except BackendUnavailableError:
-                continue
-    return runtimes
