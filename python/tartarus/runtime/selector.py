@@ -130,4 +130,3 @@ def select_runtime(
     """The runtime to use and why (one line per backend considered)."""
     backend, lines = select_backend(spec, report, allow_jail_untrusted=allow_jail_untrusted)
     return Selection(backend=backend, runtime=make_runtime(backend, settings), explanation=lines)
-
