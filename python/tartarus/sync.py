@@ -16,7 +16,14 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from tartarus.api.types import CodeExecution, FileWritten, LogPage, SandboxInfo, SandboxStatsInfo
+from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
+    CodeExecution,
+    FileWritten,
+    LogPage,
+    SandboxInfo,
+    SandboxStatsInfo,
+)
 from tartarus.runtime.types import Backend, FileInfo, SandboxState
 from tartarus.sdk import sandbox as async_sandbox
 from tartarus.sdk.commands import CommandHandle as AsyncCommandHandle
@@ -99,7 +106,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandResult: ...
 
@@ -114,7 +121,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandHandle: ...
 
@@ -128,7 +135,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandResult | CommandHandle:
         """See `tartarus.Sandbox.commands.run`; callbacks run on the SDK's helper thread."""
@@ -213,7 +220,7 @@ class Pty:
         cmd: str | list[str] = "exec /bin/sh -i",
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> PtyHandle:
         handle = self._portal.call(
             self._pty.create, rows=rows, cols=cols, cmd=cmd, cwd=cwd, envs=envs, timeout=timeout
@@ -253,7 +260,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,

@@ -21,7 +21,6 @@ from aiohttp import web
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import Store
 from tartarus.auth.tls import ReloadingTls
 from tartarus.config import Settings
@@ -83,7 +82,6 @@ async def serve(
     settings: Settings,
     options: ServeOptions,
     *,
-    provider: RuntimeProvider | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
 ) -> None:
@@ -98,7 +96,7 @@ async def serve(
         tls = ReloadingTls(settings.auth.tls) if settings.auth.tls is not None else None
         manager = SandboxManager(
             store,
-            provider or HostRuntimes(settings),
+            HostRuntimes(settings),
             grace_s=options.grace_s,
             admission=security.judges,
         )
