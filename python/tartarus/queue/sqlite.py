@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -98,12 +99,9 @@ class SqliteQueue:
             self._changed = anyio.Event()
         return self._changed
 
-    def _transaction(self) -> _Immediate:
-        return _Immediate(self._db)
-
     async def put(self, body: bytes, lane: Lane = Lane.MAIN) -> str:
         now = self._clock()
-        with self._transaction():
+        with immediate(self._db):
             (depth,) = self._db.execute(
                 "SELECT count(*) FROM queue_messages WHERE queue=? AND priority=?",
                 (self._name, LANES.index(lane)),
@@ -123,7 +121,7 @@ class SqliteQueue:
         delivery limit are dead-lettered on the way."""
         while True:
             now = self._clock()
-            with self._transaction():
+            with immediate(self._db):
                 row = self._db.execute(
                     "SELECT seq, priority, body, enqueued_at, deliveries FROM queue_messages"
                     " WHERE queue=? AND visible_at<=? ORDER BY priority, seq LIMIT 1",
@@ -191,7 +189,7 @@ class SqliteQueue:
         )
 
     async def bury(self, message: Message, reason: str) -> None:
-        with self._transaction():
+        with immediate(self._db):
             self._bury(int(message.id), message.lane, message.body, reason)
 
     async def extend(self, message: Message) -> None:
@@ -235,17 +233,16 @@ class SqliteQueue:
         self._db.close()
 
 
-class _Immediate:
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): takes the write lock up front."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise QueueError(f"the queue database is busy or unusable: {e}") from e
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        raise QueueError(f"the database {db} is busy or unusable: {e}") from e
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
