@@ -6,3 +6,16 @@ from typing import Any
 __version__: str
 
 def probe_host(disk_path: str | PathLike[str]) -> dict[str, Any]: ...
+
+class VmmError(Exception):
+    """A tartarus-vmm request failed. `args` is `(kind, message)`: `kind` is `connect`,
+    `io`, `decode`, or the API's error kind (`bad_request`, `invalid_state`, `config`,
+    `boot`, `internal`)."""
+
+class VmmClient:
+    """Blocking client for one `tartarus-vmm` control socket (GIL released while waiting)."""
+
+    def __init__(self, socket_path: str | PathLike[str], timeout_s: float = 30.0) -> None: ...
+    def request(self, request: str) -> dict[str, Any]:
+        """Sends one JSON request (an object with an `op`) and returns its result."""
+        ...

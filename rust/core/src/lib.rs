@@ -3,9 +3,20 @@
 
 use std::path::PathBuf;
 
-use pyo3::exceptions::PyRuntimeError;
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use tartarus_vmm::client::{ClientError, VmmClient as RustVmmClient};
+
+create_exception!(
+    _core,
+    VmmError,
+    PyException,
+    "A tartarus-vmm request failed: `kind` says why (connect, io, decode, or the API's error kind)."
+);
 
 /// Probes the host (KVM flavour by running guest code, cgroups, seccomp, user
 /// namespaces, /dev/net/tun, memory, free disk at `disk_path`) and returns a dict.
@@ -14,13 +25,65 @@ fn probe_host<'py>(py: Python<'py>, disk_path: PathBuf) -> PyResult<Bound<'py, P
     let report = py.detach(|| tartarus_host::probe_host(&disk_path));
     let json = serde_json::to_string(&report)
         .map_err(|e| PyRuntimeError::new_err(format!("cannot encode host report: {e}")))?;
+    json_to_dict(py, &json)
+}
+
+fn json_to_dict<'py>(py: Python<'py>, json: &str) -> PyResult<Bound<'py, PyDict>> {
     let loads = py.import("json")?.getattr("loads")?;
     Ok(loads.call1((json,))?.cast_into::<PyDict>()?)
+}
+
+/// A blocking client for one `tartarus-vmm` control socket. Each call is one request
+/// on a fresh connection; the GIL is released while it waits.
+#[pyclass(module = "tartarus._core", frozen)]
+struct VmmClient {
+    inner: RustVmmClient,
+}
+
+#[pymethods]
+impl VmmClient {
+    #[new]
+    #[pyo3(signature = (socket_path, timeout_s = 30.0))]
+    fn new(socket_path: PathBuf, timeout_s: f64) -> PyResult<Self> {
+        if !(timeout_s.is_finite() && timeout_s > 0.0) {
+            return Err(PyRuntimeError::new_err(
+                "timeout_s must be a positive number",
+            ));
+        }
+        Ok(VmmClient {
+            inner: RustVmmClient::new(socket_path, Duration::from_secs_f64(timeout_s)),
+        })
+    }
+
+    /// Sends `request` (a JSON object text with an `op` field) and returns the result
+    /// as a dict. Raises `VmmError` with `.kind` and a message on failure.
+    fn request<'py>(&self, py: Python<'py>, request: &str) -> PyResult<Bound<'py, PyDict>> {
+        let value: serde_json::Value = serde_json::from_str(request)
+            .map_err(|e| VmmError::new_err(("bad_request", format!("request is not JSON: {e}"))))?;
+        let answer = py.detach(|| self.inner.request(&value));
+        match answer {
+            Ok(v) => json_to_dict(py, &v.to_string()),
+            Err(e) => {
+                let kind = match &e {
+                    ClientError::Connect { .. } => "connect".to_string(),
+                    ClientError::Io(_) => "io".to_string(),
+                    ClientError::Decode(_) => "decode".to_string(),
+                    ClientError::Api(api) => serde_json::to_value(api.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| "internal".into()),
+                };
+                Err(VmmError::new_err((kind, e.to_string())))
+            }
+        }
+    }
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(probe_host, m)?)?;
+    m.add_class::<VmmClient>()?;
+    m.add("VmmError", m.py().get_type::<VmmError>())?;
     Ok(())
 }

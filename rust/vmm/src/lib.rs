@@ -1,7 +1,22 @@
 //! Tartarus microVM monitor ("the pit"): a KVM virtual machine monitor, one process per
 //! sandbox, built on the rust-vmm crates.
 //!
-//! This crate holds the library behind the `tartarus-vmm` binary. The foundation ships
-//! the KVM flavour probe the doctor uses; the monitor itself grows around it.
+//! `boot` loads a kernel and writes what it reads at entry, `devices` holds the buses
+//! and the devices on them, `vcpu` runs guest code, `machine` ties a VM together,
+//! `api` serves the control socket, `seccomp` and `jail` confine the process, and
+//! `probe` is the KVM flavour check the doctor runs.
 
+pub mod api;
+pub mod boot;
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod devices;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod metrics;
 pub mod probe;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vmm;

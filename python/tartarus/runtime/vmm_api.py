@@ -1,0 +1,240 @@
+"""Control of one `tartarus-vmm` process (the microVM monitor, "the pit"): the wire
+types of its JSON API (mirrors of `rust/vmm/src/{api,config}.rs`) and `VmmProcess`,
+which launches the binary and drives it through `tartarus._core.VmmClient`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import msgspec
+
+from tartarus import _core, codec
+from tartarus.binaries import find_binary
+from tartarus.runtime.base import SandboxError
+
+DEFAULT_SERIAL_LIMIT = 16 << 20
+
+
+class SerialNone(msgspec.Struct, frozen=True, tag="none", tag_field="kind"):
+    pass
+
+
+class SerialFile(msgspec.Struct, frozen=True, tag="file", tag_field="kind"):
+    path: Path
+
+
+class SerialSocket(msgspec.Struct, frozen=True, tag="socket", tag_field="kind"):
+    path: Path
+
+
+class SerialStdout(msgspec.Struct, frozen=True, tag="stdout", tag_field="kind"):
+    pass
+
+
+SerialConfig = SerialNone | SerialFile | SerialSocket | SerialStdout
+
+
+class BootProtocol(StrEnum):
+    AUTO = "auto"
+    LINUX64 = "linux64"
+    PVH = "pvh"
+
+
+class CpuTemplate(StrEnum):
+    HOST = "host"
+    BASELINE = "baseline"
+
+
+class MemoryBacking(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    file: Path | None = None
+    hugepages: bool = False
+
+
+class MachineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    memory_mib: int
+    kernel: Path
+    vcpus: int = 1
+    cmdline: str = ""
+    boot_protocol: BootProtocol = BootProtocol.AUTO
+    cpu_template: CpuTemplate = CpuTemplate.BASELINE
+    serial: SerialConfig = SerialNone()
+    serial_limit_bytes: int = DEFAULT_SERIAL_LIMIT
+    memory: MemoryBacking = msgspec.field(default_factory=MemoryBacking)
+    wall_clock_limit_ms: int | None = None
+
+
+class VmExit(msgspec.Struct, frozen=True, kw_only=True):
+    """Why the guest stopped; `reason` decides which other fields are set."""
+
+    reason: str
+    vcpu: int | None = None
+    detail: str | None = None
+    limit_ms: int | None = None
+    suberror: int | None = None
+    data: list[int] | None = None
+    rip: int | None = None
+    hardware_reason: int | None = None
+    errno: int | None = None
+    message: str | None = None
+    exit: str | None = None
+
+
+class VmState(StrEnum):
+    NOT_CONFIGURED = "not_configured"
+    CONFIGURED = "configured"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+
+
+class StateReport(msgspec.Struct, frozen=True, kw_only=True):
+    state: VmState
+    exit: VmExit | None = None
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    entry: Literal["linux64", "pvh"] | None = None
+    # Only in the answer to `stop`: whether every vCPU thread ended in time.
+    clean: bool | None = None
+
+
+class VmmMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    uptime_us: int
+    cpu_us: int
+    max_rss_bytes: int
+    guest_memory_bytes: int
+    start_us: int | None = None
+    first_exit_us: int | None = None
+    first_exit_cpu_us: int | None = None
+    exits_io_in: int = 0
+    exits_io_out: int = 0
+    exits_mmio_read: int = 0
+    exits_mmio_write: int = 0
+    exits_interrupted: int = 0
+    unclaimed_pio_reads: int = 0
+    unclaimed_pio_writes: int = 0
+    unclaimed_mmio_reads: int = 0
+    unclaimed_mmio_writes: int = 0
+    serial_bytes: int = 0
+    serial_dropped_bytes: int = 0
+
+
+class VmmError(SandboxError):
+    """The VMM refused or failed a request; `kind` is the API's error category."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(f"tartarus-vmm: {message}")
+
+
+class VmmProcess:
+    """One `tartarus-vmm serve` process and its control socket under `workdir`."""
+
+    def __init__(self, process: anyio.abc.Process, workdir: Path, request_timeout_s: float):
+        self.process = process
+        self.workdir = workdir
+        self.socket = workdir / "api.sock"
+        self._client = _core.VmmClient(self.socket, request_timeout_s)
+
+    @classmethod
+    async def launch(
+        cls,
+        workdir: Path,
+        *,
+        seccomp: bool = True,
+        startup_timeout_s: float = 10.0,
+        request_timeout_s: float = 70.0,
+    ) -> VmmProcess:
+        """Starts the VMM and waits until its socket answers."""
+        await anyio.Path(workdir).mkdir(parents=True, exist_ok=True)
+        socket = workdir / "api.sock"
+        argv = [str(find_binary("tartarus-vmm")), "serve", "--api-sock", str(socket)]
+        if not seccomp:
+            argv.append("--no-seccomp")
+        with (workdir / "vmm.stderr").open("wb") as stderr:
+            process = await anyio.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        await anyio.Path(workdir / "vmm.pid").write_text(str(process.pid))
+        vmm = cls(process, workdir, request_timeout_s)
+        with anyio.move_on_after(startup_timeout_s):
+            while process.returncode is None:
+                with contextlib.suppress(VmmError):
+                    await vmm.state()
+                    return vmm
+                await anyio.sleep(0.002)
+        await vmm.kill()
+        raise VmmError(
+            "startup",
+            f"did not answer on {socket} within {startup_timeout_s} s "
+            f"(exit status {process.returncode}): {vmm.stderr_tail()}",
+        )
+
+    def stderr_tail(self, limit: int = 4096) -> str:
+        path = self.workdir / "vmm.stderr"
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, path.stat().st_size - limit))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    async def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        line = codec.to_json(request).decode()
+        try:
+            return await anyio.to_thread.run_sync(self._client.request, line)
+        except _core.VmmError as e:
+            kind, message = (*e.args, "", "")[:2]
+            raise VmmError(str(kind), str(message)) from e
+
+    async def _report(self, op: str, **fields: Any) -> StateReport:
+        return codec.convert(await self.request({"op": op, **fields}), StateReport)
+
+    async def configure(self, machine: MachineConfig) -> StateReport:
+        return await self._report(
+            "configure", machine=msgspec.to_builtins(machine, enc_hook=codec.enc_hook)
+        )
+
+    async def start(self) -> StateReport:
+        return await self._report("start")
+
+    async def pause(self) -> StateReport:
+        return await self._report("pause")
+
+    async def resume(self) -> StateReport:
+        return await self._report("resume")
+
+    async def state(self) -> StateReport:
+        return await self._report("state")
+
+    async def wait(self, timeout_s: float) -> StateReport:
+        return await self._report("wait", timeout_ms=max(0, int(timeout_s * 1000)))
+
+    async def metrics(self) -> VmmMetrics:
+        return codec.convert(await self.request({"op": "metrics"}), VmmMetrics)
+
+    async def stop(self, timeout_s: float = 15.0) -> StateReport | None:
+        """Stops the guest and the VMM; kills the process if it does not end in time."""
+        report: StateReport | None = None
+        if self.process.returncode is None:
+            with contextlib.suppress(VmmError):
+                report = await self._report("stop")
+        with anyio.move_on_after(timeout_s):
+            await self.process.wait()
+        await self.kill()
+        return report
+
+    async def kill(self) -> None:
+        """Kills the process (idempotent) and removes the socket."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGKILL)
+            await self.process.wait()
+        self.socket.unlink(missing_ok=True)

@@ -1,0 +1,145 @@
+//! What a microVM is asked to be: the `configure` request of the API and the
+//! `--config` file of the binary (same JSON shape).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::boot::cpuid::CpuTemplate;
+use crate::boot::mptable::MAX_VCPUS;
+use crate::boot::BootProtocol;
+use crate::devices::serial_output::{SerialConfig, DEFAULT_SERIAL_LIMIT};
+use crate::layout::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
+
+/// How guest RAM is backed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBacking {
+    /// Map this file privately (copy-on-write) as guest RAM, e.g. a snapshot's memory
+    /// file; the file is never written. Anonymous memory when absent.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Back anonymous guest RAM with 2 MiB huge pages (needs reserved hugetlb pages).
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    #[serde(default = "one")]
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    /// vmlinux ELF or bzImage, as seen by the VMM (inside its jail when jailed).
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    #[serde(default = "default_serial_limit")]
+    pub serial_limit_bytes: u64,
+    #[serde(default)]
+    pub memory: MemoryBacking,
+    /// Stop the guest after this many milliseconds of running (paused time included).
+    #[serde(default)]
+    pub wall_clock_limit_ms: Option<u64>,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn default_serial_limit() -> u64 {
+    DEFAULT_SERIAL_LIMIT
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid machine configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl MachineConfig {
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib.saturating_mul(1 << 20)
+    }
+
+    /// Checks every field; the VM is only built from a configuration that passed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError(format!(
+                "vcpus is {}; it must be between 1 and {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        let bytes = self.memory_bytes();
+        if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&bytes) {
+            return Err(ConfigError(format!(
+                "memory_mib is {}; it must be between {} and {}",
+                self.memory_mib,
+                MIN_MEMORY_BYTES >> 20,
+                MAX_MEMORY_BYTES >> 20
+            )));
+        }
+        if self.memory.hugepages && self.memory_mib % 2 != 0 {
+            return Err(ConfigError(
+                "memory_mib must be a multiple of 2 with hugepages".into(),
+            ));
+        }
+        if self.memory.hugepages && self.memory.file.is_some() {
+            return Err(ConfigError(
+                "hugepages apply to anonymous memory; drop one of memory.file and memory.hugepages"
+                    .into(),
+            ));
+        }
+        if self.kernel.as_os_str().is_empty() {
+            return Err(ConfigError("kernel path is empty".into()));
+        }
+        if self.wall_clock_limit_ms == Some(0) {
+            return Err(ConfigError("wall_clock_limit_ms must be positive".into()));
+        }
+        crate::boot::cmdline::parse_cmdline(&self.cmdline)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> MachineConfig {
+        serde_json::from_str(r#"{"memory_mib": 64, "kernel": "/k"}"#).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_one_vcpu_auto_boot_baseline_cpu() {
+        let c = base();
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.boot_protocol, BootProtocol::Auto);
+        assert_eq!(c.cpu_template, CpuTemplate::Baseline);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_rejected() {
+        assert!(
+            serde_json::from_str::<MachineConfig>(r#"{"memory_mib":64,"kernel":"/k","x":1}"#)
+                .is_err()
+        );
+        let mut c = base();
+        c.vcpus = 0;
+        assert!(c.validate().is_err());
+        let mut c = base();
+        c.memory_mib = 1;
+        assert!(c.validate().is_err());
+        let mut c = base();
+        c.memory_mib = u64::MAX;
+        assert!(c.validate().is_err());
+        let mut c = base();
+        c.cmdline = "a".repeat(10_000);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! Guest RAM: anonymous memory (optionally on huge pages) or a private, copy-on-write
+//! mapping of a file (snapshot restore), registered with KVM slot by slot.
+
+use std::fs::File;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+use crate::config::MemoryBacking;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot open memory file {path}: {source}")]
+    OpenFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("memory file {path} holds {have} bytes but the guest needs {need}")]
+    FileTooSmall { path: String, have: u64, need: u64 },
+    #[error("cannot map {size} bytes of guest memory: {detail}")]
+    Map { size: u64, detail: String },
+    #[error("KVM rejected memory slot {slot}: {source}")]
+    Slot {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Maps guest RAM for `ranges` (guest address, length) as `backing` asks.
+pub fn create_guest_memory(
+    ranges: &[(u64, u64)],
+    backing: &MemoryBacking,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = match &backing.file {
+        Some(path) => {
+            let shown = path.display().to_string();
+            let f = File::open(path).map_err(|source| MemoryError::OpenFile {
+                path: shown.clone(),
+                source,
+            })?;
+            let need: u64 = ranges.iter().map(|r| r.1).sum();
+            let have = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if have < need {
+                return Err(MemoryError::FileTooSmall {
+                    path: shown,
+                    have,
+                    need,
+                });
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut file_offset = 0u64;
+    for &(start, len) in ranges {
+        let map_err = |detail: String| MemoryError::Map { size: len, detail };
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        let mut builder = MmapRegionBuilder::new(len as usize).with_mmap_prot(prot);
+        match &file {
+            Some(f) => {
+                let clone = f.try_clone().map_err(|e| map_err(e.to_string()))?;
+                builder = builder.with_file_offset(FileOffset::new(clone, file_offset));
+            }
+            None => {
+                flags |= libc::MAP_ANONYMOUS;
+                if backing.hugepages {
+                    flags |= libc::MAP_HUGETLB;
+                    builder = builder.with_hugetlbfs(true);
+                }
+            }
+        }
+        let region = builder
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| map_err(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| map_err("region wraps the address space".into()))?,
+        );
+        file_offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+        size: ranges.iter().map(|r| r.1).sum(),
+        detail: e.to_string(),
+    })
+}
+
+/// Tells KVM about every region of `mem`.
+pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`; the machine keeps `mem`
+        // alive for as long as the VM (and therefore this slot) exists.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::Slot { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn file_backed_memory_is_private() {
+        let path = std::env::temp_dir().join(format!("tartarus-mem-{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![7u8; 1 << 20]).unwrap();
+        drop(f);
+        let backing = MemoryBacking {
+            file: Some(path.clone()),
+            hugepages: false,
+        };
+        let mem = create_guest_memory(&[(0, 1 << 20)], &backing).unwrap();
+        let v: u8 = mem.read_obj(GuestAddress(100)).unwrap();
+        assert_eq!(v, 7);
+        mem.write_obj(9u8, GuestAddress(100)).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap()[100],
+            7,
+            "the file is never written"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_short_file_is_rejected() {
+        let path = std::env::temp_dir().join(format!("tartarus-short-{}", std::process::id()));
+        std::fs::write(&path, b"tiny").unwrap();
+        let backing = MemoryBacking {
+            file: Some(path.clone()),
+            hugepages: false,
+        };
+        assert!(matches!(
+            create_guest_memory(&[(0, 1 << 20)], &backing),
+            Err(MemoryError::FileTooSmall { .. })
+        ));
+        std::fs::remove_file(path).unwrap();
+    }
+}

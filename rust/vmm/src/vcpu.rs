@@ -1,0 +1,144 @@
+//! vCPU threads: run guest code, dispatch port and MMIO exits to the buses, and turn
+//! every other way `KVM_RUN` can end into a `VmExit` (never a hang, never a panic).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::control::{Control, VmExit};
+use crate::devices::DeviceManager;
+use crate::metrics::Metrics;
+
+/// Everything a vCPU thread needs.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub devices: Arc<DeviceManager>,
+    pub control: Arc<Control>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What one `KVM_RUN` came back with, after its borrow of the run area ended.
+enum Step {
+    Continue,
+    Exit(VmExit),
+    InternalError,
+    TripleFault,
+}
+
+impl Vcpu {
+    /// Runs until the VM stops; records the exit reason in `control`.
+    pub fn run(mut self) {
+        self.control.register_current_thread();
+        while self.control.checkpoint() {
+            match self.run_once() {
+                Step::Continue => {}
+                Step::Exit(exit) => {
+                    self.control.request_exit(exit);
+                    break;
+                }
+                Step::TripleFault => {
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    let sregs = self.fd.get_sregs().ok();
+                    let exit = VmExit::Shutdown {
+                        detail: format!(
+                            "triple fault at rip {rip:#x} (cr0 {:#x}, efer {:#x})",
+                            sregs.map_or(0, |s| s.cr0),
+                            sregs.map_or(0, |s| s.efer)
+                        ),
+                    };
+                    self.control.request_exit(exit);
+                    break;
+                }
+                Step::InternalError => {
+                    let exit = self.internal_error();
+                    self.control.request_exit(exit);
+                    break;
+                }
+            }
+        }
+        self.control.unregister_current_thread();
+    }
+
+    fn run_once(&mut self) -> Step {
+        let id = self.id;
+        let m = &self.metrics;
+        let exit = self.fd.run();
+        if exit.is_ok() {
+            m.note_exit();
+        }
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                m.exits.io_in.fetch_add(1, Ordering::Relaxed);
+                self.devices.pio_read(port, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                m.exits.io_out.fetch_add(1, Ordering::Relaxed);
+                self.devices.pio_write(port, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                m.exits.mmio_read.fetch_add(1, Ordering::Relaxed);
+                self.devices.mmio_read(addr, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                m.exits.mmio_write.fetch_add(1, Ordering::Relaxed);
+                self.devices.mmio_write(addr, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::Hlt) => Step::Exit(VmExit::Halt { vcpu: id }),
+            Ok(VcpuExit::Shutdown) => Step::TripleFault,
+            Ok(VcpuExit::SystemEvent(kind, _)) => Step::Exit(match kind {
+                KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Shutdown {
+                    detail: "KVM system event: shutdown".into(),
+                },
+                KVM_SYSTEM_EVENT_CRASH => VmExit::Crash,
+                other => VmExit::Unhandled {
+                    vcpu: id,
+                    exit: format!("system event {other}"),
+                },
+            }),
+            Ok(VcpuExit::InternalError) => Step::InternalError,
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Step::Exit(VmExit::FailEntry {
+                vcpu: id,
+                hardware_reason: reason,
+            }),
+            // An interrupt window or signal exit: just look at the control state again.
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
+            Ok(other) => Step::Exit(VmExit::Unhandled {
+                vcpu: id,
+                exit: format!("{other:?}"),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                m.exits.interrupted.fetch_add(1, Ordering::Relaxed);
+                Step::Continue
+            }
+            Err(e) => Step::Exit(VmExit::RunFailed {
+                vcpu: id,
+                errno: e.errno(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Reads KVM's internal-error report: suberror, its data words, and where the guest was.
+    fn internal_error(&mut self) -> VmExit {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
+        // member of the exit union; it is plain old data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let rip = self.fd.get_regs().ok().map(|r| r.rip);
+        VmExit::InternalError {
+            vcpu: self.id,
+            suberror: internal.suberror,
+            data: internal.data[..n].to_vec(),
+            rip,
+        }
+    }
+}

@@ -1,0 +1,67 @@
+"""Builds the probe guest (`rust/vmm/guests/probe.S`) with binutils `as` and `ld`.
+
+The ELF is cached under `~/.cache/tartarus/probe-guests/<hash of the sources>/`, so
+tests and benches build it once per change. It has the 64-bit vmlinux-style entry
+(`_start`) and a PVH note, so any VMM that boots a vmlinux can load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tartarus.config import load_settings
+
+GUEST_DIR = Path(__file__).resolve().parents[2] / "rust" / "vmm" / "guests"
+SOURCES = ("probe.S", "probe.ld")
+
+
+def xorshift_result(rounds: int) -> int:
+    """What the guest's `compute N` program prints (x ^ sum of all x, 64-bit)."""
+    mask = (1 << 64) - 1
+    x, total = 0x2545F4914F6CDD1D, 0
+    for _ in range(rounds):
+        x ^= (x << 13) & mask
+        x ^= x >> 7
+        x ^= (x << 17) & mask
+        total = (total + x) & mask
+    return x ^ total
+
+
+def build_probe_guest() -> Path:
+    """Returns the path of the probe guest ELF, building it if the sources changed."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((GUEST_DIR / name).read_bytes())
+    out_dir = load_settings().cache_dir / "probe-guests" / digest.hexdigest()[:16]
+    elf = out_dir / "probe.elf"
+    if elf.is_file():
+        return elf
+    for tool in ("as", "ld"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} (binutils) is needed to build the probe guest")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        obj = Path(tmp) / "probe.o"
+        staged = Path(tmp) / "probe.elf"
+        subprocess.run(["as", "--64", "-o", str(obj), str(GUEST_DIR / "probe.S")], check=True)
+        subprocess.run(
+            [
+                "ld",
+                "--no-warn-rwx-segments",
+                "-nostdlib",
+                "-static",
+                "-T",
+                str(GUEST_DIR / "probe.ld"),
+                "-o",
+                str(staged),
+                str(obj),
+            ],
+            check=True,
+        )
+        # Atomic: parallel test workers never see a half-written guest.
+        staged.replace(elf)
+    return elf
