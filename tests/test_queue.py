@@ -204,3 +204,16 @@ async def test_depth_counts_waiting_and_in_flight_per_lane(make_queue: QueueFact
     depth = await queue.depth()
     assert (depth[Lane.SWIFT].waiting, depth[Lane.SWIFT].in_flight) == (1, 1)
     assert (depth[Lane.DEEP].waiting, depth[Lane.DEEP].in_flight) == (2, 0)
+
+
+async def test_drain_takes_everything_waiting_or_in_flight(make_queue: QueueFactory) -> None:
+    queue = make_queue(QueueSettings())
+    await queue.put(b"a", Lane.DEEP)
+    await queue.put(b"b", Lane.SWIFT)
+    await queue.put(b"c", Lane.MAIN)
+    assert await queue.get("dead-node", timeout_s=0) is not None
+    assert sorted(m.body for m in await queue.drain()) == [b"a", b"b", b"c"]
+    assert await queue.drain() == []
+    await queue.put(b"after", Lane.MAIN)  # still usable
+    message = await queue.get("c", timeout_s=1)
+    assert message is not None and message.body == b"after"

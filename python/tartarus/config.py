@@ -16,6 +16,7 @@ import msgspec
 
 from tartarus import codec, paths
 from tartarus.errors import ConfigError
+from tartarus.fleet.settings import FleetSettings
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -24,6 +25,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: Path = msgspec.field(default_factory=paths.default_cache_dir)
     state_dir: Path = msgspec.field(default_factory=paths.default_state_dir)
     runtime_dir: Path = msgspec.field(default_factory=paths.default_runtime_dir)
+    # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
+    fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
 
 
 ENV_PREFIX = "TARTARUS_"

@@ -66,10 +66,20 @@ def fingerprint(request: CreateSandboxRequest) -> str:
 
 
 class SandboxManager:
-    def __init__(self, store: Store, provider: RuntimeProvider, *, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        provider: RuntimeProvider,
+        *,
+        grace_s: float = 10.0,
+        timeout_grace_s: float | None = None,
+    ) -> None:
         self.store = store
         self.provider = provider
         self.grace_s = grace_s
+        # Grace a sandbox gets when its deadline passes (node agents use a short one:
+        # Alecto kills a sandbox within a second of its timeout).
+        self.timeout_grace_s = grace_s if timeout_grace_s is None else timeout_grace_s
         self._live: dict[str, LiveSandbox] = {}
         self._accepting = True
         self._tasks: TaskGroup | None = None
@@ -135,7 +145,9 @@ class SandboxManager:
                 and live.record.expires_at <= now
             ]
             for live in due:
-                await self._end(live, SandboxState.STOPPED, "timed out", grace_s=self.grace_s)
+                await self._end(
+                    live, SandboxState.STOPPED, "timed out", grace_s=self.timeout_grace_s
+                )
 
     async def shutdown(self) -> None:
         """Refuses new sandboxes, then stops every live one with its grace period."""
@@ -183,10 +195,15 @@ class SandboxManager:
     # --- changes ---------------------------------------------------------------------------
 
     async def create(
-        self, request: CreateSandboxRequest, idempotency_key: str | None = None
+        self,
+        request: CreateSandboxRequest,
+        idempotency_key: str | None = None,
+        *,
+        sandbox_id: str | None = None,
     ) -> tuple[SandboxRecord, bool]:
         """Creates and starts a sandbox; returns its record and whether it was a replay of
-        an earlier create with the same idempotency key."""
+        an earlier create with the same idempotency key. `sandbox_id` is given when the
+        fleet's scheduler named the sandbox before sending it to this node."""
         if not self._accepting:
             raise ApiError(503, "shutting-down", "the server is shutting down")
         if idempotency_key is not None:
@@ -194,7 +211,7 @@ class SandboxManager:
             if claimed is not None:
                 return self._replay(idempotency_key, request, *claimed), True
         try:
-            record = await self._create(request)
+            record = await self._create(request, sandbox_id or new_sandbox_id())
         except BaseException:
             if idempotency_key is not None:
                 self.store.release_key(idempotency_key)
@@ -221,9 +238,9 @@ class SandboxManager:
             )
         return self.record(sandbox_id)
 
-    async def _create(self, request: CreateSandboxRequest) -> SandboxRecord:
+    async def _create(self, request: CreateSandboxRequest, sandbox_id: str) -> SandboxRecord:
         spec = SandboxSpec(
-            id=new_sandbox_id(),
+            id=sandbox_id,
             template=request.template,
             backend=request.backend,
             resources=request.resources.to_runtime(),
@@ -287,6 +304,20 @@ class SandboxManager:
             self.record(sandbox_id)  # 404 if it never existed
             return
         await self._end(live, SandboxState.STOPPED, "deleted", grace_s=grace_s)
+
+    async def end(
+        self, sandbox_id: str, state: SandboxState, detail: str, *, grace_s: float = 0.0
+    ) -> bool:
+        """Ends a live sandbox with `state` and `detail` (enforcement: a kill says why);
+        False if it was not live."""
+        live = self._live.get(sandbox_id)
+        if live is None or live.closing:
+            return False
+        await self._end(live, state, detail, grace_s=grace_s)
+        return True
+
+    def live_sandboxes(self) -> tuple[LiveSandbox, ...]:
+        return tuple(live for live in self._live.values() if not live.closing)
 
     async def _end(
         self, live: LiveSandbox, state: SandboxState, detail: str, grace_s: float

@@ -67,6 +67,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     trust: TrustLevel = TrustLevel.UNTRUSTED
     backend_reason: str = ""
     detail: str = ""
+    # The node agent that runs it (many hosts; empty on a single host).
+    node: str = ""
     seq: int = 0
 
     @property

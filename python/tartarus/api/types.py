@@ -21,6 +21,7 @@ from tartarus.runtime.types import (
     Stream,
     TrustLevel,
 )
+from tartarus.scheduling.nodes import PlacementRules
 
 API_VERSION = "v1"
 
@@ -93,6 +94,8 @@ class CreateSandboxRequest(_Request, kw_only=True):
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     network: bool = False
     trust: TrustLevel = TrustLevel.UNTRUSTED
+    # Where it may run when a fleet of node agents serves this API (ignored on one host).
+    placement: PlacementRules | None = None
 
 
 class SandboxInfo(_Response, kw_only=True):
@@ -111,6 +114,8 @@ class SandboxInfo(_Response, kw_only=True):
     backend_reason: str = ""
     # Why the sandbox stopped or failed, when it did.
     detail: str = ""
+    # The node agent running it (many hosts; empty on a single host).
+    node: str = ""
 
 
 class SandboxPage(_Response, kw_only=True):

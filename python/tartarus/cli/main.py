@@ -6,6 +6,7 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
+from tartarus.cli.agent import agent_command
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init
@@ -38,6 +39,7 @@ for command in (
     inspect_command,
     cp_command,
     serve_command,
+    agent_command,
     doctor,
     init,
     template,

@@ -124,6 +124,11 @@ class WorkQueue(Protocol):
         """Restarts the message's visibility timeout (the consumer is still on it)."""
         ...
 
+    async def drain(self) -> list[Message]:
+        """Removes and returns every message, waiting or in flight (the queue of a node
+        that is gone, whose work goes elsewhere)."""
+        ...
+
     async def depth(self) -> dict[Lane, LaneDepth]: ...
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

@@ -272,6 +272,26 @@ class RedisQueue:
             )
         )
 
+    async def drain(self) -> list[Message]:
+        out: list[Message] = []
+        for lane, key in self._keys.items():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xrange(key)
+                pipe.delete(key)
+                entries, _ = await self._call(pipe.execute())
+            out.extend(
+                Message(
+                    id=entry_id.decode(),
+                    lane=lane,
+                    body=fields.get(b"body", b""),
+                    enqueued_at=float(fields.get(b"at", b"0")),
+                    deliveries=0,
+                )
+                for entry_id, fields in entries
+            )
+        self._ready = False  # the groups went with the streams
+        return out
+
     async def depth(self) -> dict[Lane, LaneDepth]:
         await self._ensure_groups()
         out: dict[Lane, LaneDepth] = {}

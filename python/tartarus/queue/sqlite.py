@@ -198,6 +198,17 @@ class SqliteQueue:
             (self._clock() + self._settings.visibility_timeout_s, int(message.id)),
         )
 
+    async def drain(self) -> list[Message]:
+        rows = self._db.execute(
+            "DELETE FROM queue_messages WHERE queue=?"
+            " RETURNING seq, priority, body, enqueued_at, deliveries",
+            (self._name,),
+        ).fetchall()
+        return [
+            Message(id=str(seq), lane=LANES[p], body=body, enqueued_at=at, deliveries=n)
+            for seq, p, body, at, n in sorted(rows, key=lambda r: (r[1], r[0]))
+        ]
+
     async def depth(self) -> dict[Lane, LaneDepth]:
         now = self._clock()
         rows = self._db.execute(

@@ -7,6 +7,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -110,17 +111,24 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def build_app(
-    manager: SandboxManager, *, owner_uid: int, api_key: str | None = None
+    manager: SandboxManager,
+    *,
+    owner_uid: int,
+    api_key: str | None = None,
+    middlewares: Sequence[Middleware] = (),
+    tables: Sequence[RouteTable] = (),
 ) -> web.Application:
+    """`middlewares` run after the access check; `tables` add routes (and their OpenAPI)."""
     app = web.Application(
-        middlewares=[problem_middleware, access_middleware(owner_uid, api_key)],
+        middlewares=[problem_middleware, access_middleware(owner_uid, api_key), *middlewares],
         client_max_size=MAX_JSON_BODY,
     )
     app[MANAGER] = manager
     app[STARTED_AT] = time.time()
     app[ACCEPTING] = [True]
-    ops = operations()
+    all_tables = (*TABLES, *tables)
+    ops = [op for table in all_tables for op in table.operations]
     app[OPENAPI] = openapi.encode_document(openapi.build_document(ops))
-    for table in TABLES:
+    for table in all_tables:
         table.install(app)
     return app

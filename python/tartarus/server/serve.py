@@ -12,7 +12,8 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -28,6 +29,7 @@ from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.errors import TartarusError
 from tartarus.paths import ensure_private_dir
 from tartarus.server.app import build_app
+from tartarus.server.plugins import ServerPlugin
 from tartarus.server.routes.service import ACCEPTING
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ async def serve(
     provider: RuntimeProvider | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
+    plugins: Sequence[ServerPlugin] = (),
+    open_store: Callable[[Path], Store] = Store,
+    timeout_grace_s: float | None = None,
 ) -> None:
     runtime_dir = ensure_private_dir(settings.runtime_dir)
     ensure_private_dir(settings.state_dir)
@@ -94,11 +99,24 @@ async def serve(
                 "(clients send it as a bearer token) or listen on 127.0.0.1"
             )
     lock_fd = _lock(runtime_dir)
-    store = Store(state_db_path(settings))
-    manager = SandboxManager(store, provider or HostRuntimes(settings), grace_s=options.grace_s)
+    store = open_store(state_db_path(settings))
+    manager = SandboxManager(
+        store,
+        provider or HostRuntimes(settings),
+        grace_s=options.grace_s,
+        timeout_grace_s=timeout_grace_s,
+    )
     try:
-        async with manager.running():
-            app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key)
+        async with manager.running(), AsyncExitStack() as extensions:
+            app = build_app(
+                manager,
+                owner_uid=os.getuid(),
+                api_key=options.api_key,
+                middlewares=[m for p in plugins for m in p.middlewares()],
+                tables=[t for p in plugins for t in p.route_tables()],
+            )
+            for plugin in plugins:
+                await extensions.enter_async_context(plugin.running(manager, app))
             runner = web.AppRunner(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
@@ -109,6 +127,7 @@ async def serve(
             await _wait_for_stop(stop)
             log.info("shutting down: draining requests, then stopping sandboxes")
             app[ACCEPTING][0] = False
+            await extensions.aclose()
             await runner.cleanup()
             for endpoint in endpoints:
                 if endpoint.path is not None:
