@@ -20,6 +20,7 @@ from tests.support.fleet import (
     stop_process,
     wait_for,
 )
+from tests.support.process_runtime import reap_leftovers
 from tests.support.server import Server
 
 pytestmark = pytest.mark.timeout(180)
@@ -111,6 +112,7 @@ def test_a_killed_agent_fails_its_sandboxes_with_the_reason(api: Server, tmp_pat
         assert any(e["sandbox_id"] == sandbox["id"] for e in lost)
     finally:
         stop_process(a)
+        reap_leftovers(tmp_path / "a")
 
 
 def test_timeout_kills_within_a_second_and_is_an_event(api: Server, tmp_path: Path) -> None:

@@ -51,19 +51,32 @@ TICKS = os.sysconf("SC_CLK_TCK")
 MARK = "TARTARUS_STAND_IN_SANDBOX"
 
 
-def _members(sandbox_id: str) -> list[int]:
-    """Pids of the sandbox's processes: each carries the sandbox's mark in its environment."""
-    mark = f"{MARK}={sandbox_id}".encode() + b"\0"
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if mark in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+_SCAN: tuple[float, dict[str, list[int]]] = (0.0, {})
+SCAN_EVERY_S = 0.5
+
+
+def _members(sandbox_id: str, *, fresh: bool = False) -> list[int]:
+    """Pids of the sandbox's processes: each carries the sandbox's mark in its environment.
+    One scan of /proc serves every sandbox for a moment (it reads every process)."""
+    global _SCAN  # noqa: PLW0603 - a cache shared by the sandboxes of this process
+    at, members = _SCAN
+    if fresh or time.monotonic() - at > SCAN_EVERY_S:
+        members = {}
+        prefix = f"{MARK}=".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            start = environ.find(prefix)
+            if start >= 0:
+                end = environ.find(b"\0", start)
+                owner = environ[start + len(prefix) : end if end >= 0 else None].decode()
+                members.setdefault(owner, []).append(int(entry.name))
+        _SCAN = (time.monotonic(), members)
+    return members.get(sandbox_id, [])
 
 
 def _usage(pids: list[int]) -> tuple[float, int]:
@@ -81,7 +94,7 @@ def _usage(pids: list[int]) -> tuple[float, int]:
 
 
 def _kill_all(sandbox_id: str) -> None:
-    for pid in _members(sandbox_id):
+    for pid in _members(sandbox_id, fresh=True):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -293,3 +306,9 @@ def real_jail_available() -> str | None:
     except ModuleNotFoundError:
         return "this build has no tartarus.runtime.selector (the jail backend has not landed)"
     return None
+
+
+def reap_leftovers(agent_base: Path) -> list[str]:
+    """Kills stand-in sandboxes an agent (whose dirs are under `agent_base`) left behind."""
+    runtime = ProcessRuntime(agent_base / "state" / "stand-in-sandboxes")
+    return anyio.run(runtime.reap, set())

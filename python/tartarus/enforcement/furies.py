@@ -42,7 +42,7 @@ class LimitPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     cpu: list[LimitRule] = msgspec.field(
         default_factory=lambda: [LimitRule(share=0.95, action=Action.WARN)]
     )
-    interval_s: Annotated[float, Meta(gt=0)] = 0.5
+    interval_s: Annotated[float, Meta(gt=0)] = 1.0
 
 
 class Sink(Protocol):

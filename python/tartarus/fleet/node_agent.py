@@ -231,7 +231,9 @@ class NodeAgent:
             except FleetUnreachableError as e:
                 log.warning("%s: %s; retrying in %.1f s", what, e, backoff)
                 await anyio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                # Never wait longer than a heartbeat: after a cut, the node must be back
+                # within the TTL or the fleet gives its sandboxes up.
+                backoff = min(backoff * 2, MAX_BACKOFF_S, self._heartbeat_s)
 
     # --- the loops ------------------------------------------------------------------------
 

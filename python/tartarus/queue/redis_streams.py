@@ -158,6 +158,11 @@ class RedisQueue:
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
+        except ResponseError as e:
+            if "NOGROUP" in str(e):
+                # Another API server drained (deleted) this queue; make it again.
+                self._ready = False
+            raise QueueError(f"queue {self._name!r}: Redis failed: {e}") from e
         except RedisError as e:
             raise QueueError(f"queue {self._name!r}: Redis failed: {e}") from e
 
@@ -207,7 +212,13 @@ class RedisQueue:
         await self._ensure_groups()
         deadline = anyio.current_time() + timeout_s
         while True:
-            taken = await self._take(consumer)
+            try:
+                taken = await self._take(consumer)
+            except QueueError:
+                if self._ready:
+                    raise
+                await self._ensure_groups()
+                taken = await self._take(consumer)
             if isinstance(taken, Message):
                 return taken
             remaining = deadline - anyio.current_time()
