@@ -101,8 +101,9 @@ def _capacity(placement: Placement, node: NodeState) -> str | None:
     return None
 
 
-def _affinity(placement: Placement, node: NodeState, groups_anywhere: set[str]) -> str | None:
-    here = node.group_counts()
+def _affinity(
+    placement: Placement, here: dict[str, int], groups_anywhere: set[str]
+) -> str | None:
     for group in placement.rules.anti_affinity:
         if here.get(group):
             return f"runs group {group!r} (anti-affinity)"
@@ -112,12 +113,18 @@ def _affinity(placement: Placement, node: NodeState, groups_anywhere: set[str]) 
     return None
 
 
-def _unfit(placement: Placement, node: NodeState, groups_anywhere: set[str]) -> str | None:
+def _unfit(
+    placement: Placement, node: NodeState, groups: dict[str, dict[str, int]]
+) -> str | None:
     return (
         _state_and_backend(placement, node)
         or _labels_and_taints(placement, node)
         or _capacity(placement, node)
-        or _affinity(placement, node, groups_anywhere)
+        or (
+            _affinity(placement, groups[node.id], groups[""].keys() & set(placement.rules.affinity))
+            if groups
+            else None
+        )
     )
 
 
@@ -140,12 +147,16 @@ def schedule(
 ) -> Decision:
     """The best node for `placement`, or NoNodeFitsError saying why each node was out."""
     pools = (routing or PoolRouting()).pools(heat)
-    groups_anywhere = {g for n in nodes for g in n.group_counts()}
+    # Group counts per node (and under "" for the whole fleet), only when rules need them.
+    groups: dict[str, dict[str, int]] = {}
+    if placement.rules.affinity or placement.rules.anti_affinity:
+        groups = {n.id: n.group_counts() for n in nodes}
+        groups[""] = {g: 1 for counts in groups.values() for g in counts}
     reasons: dict[str, str] = {}
     best: tuple[tuple[int, int, float, str], Decision] | None = None
     for node in nodes:
         rank = _pool_rank(placement, node, pools)
-        why = rank if isinstance(rank, str) else _unfit(placement, node, groups_anywhere)
+        why = rank if isinstance(rank, str) else _unfit(placement, node, groups)
         if why is not None:
             reasons[node.id] = why
             continue
