@@ -10,6 +10,7 @@ from tartarus.cli.agent import agent_command
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init
+from tartarus.cli.kernel import kernel
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
     exec_command,
@@ -43,6 +44,7 @@ for command in (
     doctor,
     init,
     template,
+    kernel,
     version_command,
     completion_command,
 ):

@@ -1,16 +1,24 @@
 """The microVM backend: one `tartarus-vmm` process (our Rust VMM on KVM) per sandbox.
 
-A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the template's
-guest kernel. Lifecycle (start, status, stats, stop, kill, reap) goes through the VMM's
-control socket (`vmm_api.VmmProcess`). Running commands needs the guest agent over
-virtio-vsock, which the VMM does not have yet, so those operations raise
-`NotSupportedError`. On hosts whose KVM cannot run a full guest (the doctor decides)
-`create` raises `BackendUnavailableError` with the doctor's reason.
+A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the guest
+kernel (`tartarus kernel build`) with three virtio devices:
+- `/dev/vda`: the template's ext4 image (from `tartarus.images`, or made from
+  `spec.rootfs`), read-only, with `/sbin/init` -> `tartarus-agent`;
+- `/dev/vdb`: a per-sandbox ext4 scratch disk of `resources.disk_mib`, which the VMM
+  wipes and removes when it exits (Lethe);
+- vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
+  unix socket `vsock.sock` (`CONNECT 1024`).
+`start` returns once the agent accepts a connection. Lifecycle (start, status, stats,
+stop, kill, reap) goes through the VMM's control socket (`vmm_api.VmmProcess`).
+Running commands and files go to the agent; until the agent-backed sandbox base lands
+those operations raise `NotSupportedError`. On hosts whose KVM cannot run a full guest
+(the doctor decides) `create` raises `BackendUnavailableError` with the doctor's reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import shutil
@@ -18,7 +26,10 @@ import signal
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
+import anyio
+
 from tartarus.config import Settings, load_settings
+from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
 from tartarus.runtime.base import (
     BackendUnavailableError,
@@ -38,11 +49,28 @@ from tartarus.runtime.types import (
     SandboxStatus,
     SnapshotInfo,
 )
-from tartarus.runtime.vmm_api import MachineConfig, SerialFile, VmmProcess, VmState
+from tartarus.runtime.vmm_api import (
+    DriveConfig,
+    MachineConfig,
+    ScratchConfig,
+    SerialFile,
+    VmmProcess,
+    VmState,
+    VsockConfig,
+)
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux"
+# The root image read-only, the agent as PID 1 serving vsock port 1024 (after `--`,
+# the kernel passes arguments to init).
+AGENT_PORT = 1024
+GUEST_CID = 3
+AGENT_CMDLINE = (
+    "root=/dev/vda ro rootfstype=ext4 init=/sbin/init tartarus.scratch=/dev/vdb "
+    f"-- serve --init --listen vsock:{AGENT_PORT}"
+)
+AGENT_READY_TIMEOUT_S = 60.0
 
 _STATES = {
     VmState.NOT_CONFIGURED: SandboxState.CREATED,
@@ -80,16 +108,16 @@ class MicroVmRuntime:
         verdict = doctor.backend("microvm")
         if not verdict.available:
             raise BackendUnavailableError(f"microvm backend unavailable: {verdict.reason}")
-        if self.kernel is None or not self.kernel.is_file():
+        kernel = self.kernel or newest_kernel(self.settings)
+        if kernel is None or not kernel.is_file():
             raise BackendUnavailableError(
-                f"microvm backend has no guest kernel (got {self.kernel}); build or "
-                "configure one for the template"
+                f"microvm backend has no guest kernel (got {kernel}); run `tartarus kernel build`"
             )
-        return self.kernel
+        return kernel
 
     async def create(self, spec: SandboxSpec) -> MicroVmSandbox:
         kernel = self._require_available()
-        return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id)
+        return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id, self.settings)
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> MicroVmSandbox:
         raise NotSupportedError(Backend.MICROVM, "restore")
@@ -108,6 +136,51 @@ class MicroVmRuntime:
         return removed
 
 
+def newest_kernel(settings: Settings) -> Path | None:
+    """The most recently built guest kernel in the cache, if any."""
+    kernels = kernel_build.list_kernels(settings.cache_dir)
+    if not kernels:
+        return None
+    return kernel_build.kernel_dir(settings.cache_dir, kernels[0].id) / "vmlinux"
+
+
+async def make_scratch_disk(path: Path, size_mib: int) -> Path:
+    """A sparse, freshly formatted ext4 disk (the guest has no mkfs of its own)."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
+    if mkfs is None:
+        raise SandboxError("mkfs.ext4 not found (apt-get install e2fsprogs)")
+    with path.open("xb") as f:
+        f.truncate(size_mib << 20)
+    result = await anyio.run_process(
+        [mkfs, "-q", "-F", "-L", "scratch", "-m", "0", str(path)], check=False
+    )
+    if result.returncode != 0:
+        raise SandboxError(f"cannot format scratch disk {path}: {result.stderr.decode()[-500:]}")
+    return path
+
+
+async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT) -> None:
+    """Returns once the guest accepts a vsock connection on `port` (through the
+    device's hybrid socket), raising `SandboxError` after `timeout_s`."""
+    last = "no attempt"
+    with anyio.move_on_after(timeout_s):
+        while True:
+            try:
+                async with await anyio.connect_unix(uds) as stream:
+                    await stream.send(f"CONNECT {port}\n".encode())
+                    with anyio.fail_after(5):
+                        reply = await stream.receive(64)
+                    if reply.startswith(b"OK "):
+                        return
+                    last = f"answer {reply[:32]!r}"
+            except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError) as e:
+                last = f"{type(e).__name__}: {e}"
+            await anyio.sleep(0.05)
+    raise SandboxError(
+        f"the guest agent did not answer on vsock port {port} within {timeout_s:.0f} s ({last})"
+    )
+
+
 def _kill_recorded_vmm(workdir: Path) -> None:
     """Kills the VMM whose pid is recorded in `workdir`, if that pid is still our VMM."""
     try:
@@ -121,11 +194,19 @@ def _kill_recorded_vmm(workdir: Path) -> None:
 
 
 class MicroVmSandbox:
-    def __init__(self, spec: SandboxSpec, kernel: Path, workdir: Path) -> None:
+    def __init__(
+        self, spec: SandboxSpec, kernel: Path, workdir: Path, settings: Settings | None = None
+    ) -> None:
         self.spec = spec
         self.kernel = kernel
         self.workdir = workdir
+        self.settings = settings or load_settings()
         self._vmm: VmmProcess | None = None
+        self._template_owner: str | None = None
+
+    @property
+    def vsock_path(self) -> Path:
+        return self.workdir / "vsock.sock"
 
     @property
     def id(self) -> str:
@@ -135,24 +216,55 @@ class MicroVmSandbox:
     def backend(self) -> Backend:
         return Backend.MICROVM
 
-    def machine_config(self) -> MachineConfig:
+    def machine_config(self, root_image: Path, scratch_disk: Path) -> MachineConfig:
         return MachineConfig(
             vcpus=max(1, math.ceil(self.spec.resources.vcpus)),
             memory_mib=self.spec.resources.memory_mib,
             kernel=self.kernel,
-            cmdline=DEFAULT_CMDLINE,
+            cmdline=f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}",
             serial=SerialFile(path=self.workdir / "console.log"),
+            drives=[
+                DriveConfig(path=root_image, read_only=True, id="tartarus-root"),
+                DriveConfig(path=scratch_disk, id="tartarus-scratch", scratch=ScratchConfig()),
+            ],
+            vsock=VsockConfig(guest_cid=GUEST_CID, uds_path=self.vsock_path),
         )
+
+    async def root_image(self) -> Path:
+        """The read-only root: an image of `spec.rootfs`, or the template's ext4 image."""
+        if self.spec.rootfs is not None:
+            from tartarus.images.rootfs import make_ext4  # noqa: PLC0415 - images is heavy
+
+            image = self.workdir / "root.ext4"
+            seed = hashlib.sha256(str(self.spec.rootfs.resolve()).encode()).hexdigest()
+            await make_ext4(self.spec.rootfs, image, seed=seed, progress=lambda _: None)
+            return image
+        from tartarus.images.store import TemplateStore  # noqa: PLC0415
+
+        self._template_owner = f"sandbox:{self.id}"
+        resolved = await TemplateStore(self.settings).resolve(
+            self.spec.template, ext4=True, owner=self._template_owner
+        )
+        if resolved.ext4 is None:
+            raise SandboxError(f"template {self.spec.template} has no ext4 image")
+        return resolved.ext4
 
     async def start(self) -> None:
         if self._vmm is not None:
             raise SandboxError(f"sandbox {self.id} is already started")
-        self._vmm = await VmmProcess.launch(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            await self._vmm.configure(self.machine_config())
+            root = await self.root_image()
+            scratch = await make_scratch_disk(
+                self.workdir / "scratch.ext4", self.spec.resources.disk_mib
+            )
+            self._vmm = await VmmProcess.launch(self.workdir)
+            await self._vmm.configure(self.machine_config(root, scratch))
             await self._vmm.start()
-        except SandboxError:
-            await self.kill()
+            await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
             raise
 
     async def status(self) -> SandboxStatus:
@@ -186,15 +298,21 @@ class MicroVmSandbox:
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._vmm is not None:
             await self._vmm.stop(timeout_s=grace_s)
-        self._cleanup()
+        await self._cleanup()
 
     async def kill(self) -> None:
         if self._vmm is not None:
             await self._vmm.kill()
-        self._cleanup()
+        await self._cleanup()
 
-    def _cleanup(self) -> None:
+    async def _cleanup(self) -> None:
+        # The VMM wipes the scratch disk itself; this also covers a VMM that was killed.
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._template_owner is not None:
+            from tartarus.images.store import TemplateStore  # noqa: PLC0415
+
+            await TemplateStore(self.settings).release(self._template_owner)
+            self._template_owner = None
 
     # The guest agent is reached over virtio-vsock, which the VMM does not offer yet.
     async def exec(self, request: ExecRequest) -> Execution:

@@ -112,6 +112,16 @@ const API_ONLY: &[i64] = &[
     libc::SYS_nanosleep,
     libc::SYS_poll,
     libc::SYS_ppoll,
+    // virtio device workers: disk I/O and Lethe scratch disks, vsock unix sockets.
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_shutdown,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
 ];
 
 /// A system call allowed only when its second argument (an ioctl request, an fcntl

@@ -12,6 +12,7 @@
 
 pub mod legacy;
 pub mod serial_output;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,8 @@ pub enum DeviceError {
     IrqFd { gsi: u32, source: kvm_ioctls::Error },
     #[error("kernel command line has no room for device {0}")]
     Cmdline(String),
+    #[error("virtio device: {0}")]
+    Virtio(String),
 }
 
 /// One device window on the MMIO bus and its interrupt line.

@@ -1,0 +1,314 @@
+//! Puts a machine's virtio devices on its MMIO bus: disks in order (the first is
+//! `/dev/vda`), then vsock. Each device gets a 4 KiB window, a GSI raised through an
+//! irqfd, and a `virtio_mmio.device=` entry on the kernel command line.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use super::block::scratch::{ScratchDisk, Wipe};
+use super::block::BlockState;
+use super::block::{Block, BlockConfig, BlockOpenError};
+use super::device::{DeviceError as VirtioError, Interrupt, VirtioDevice};
+use super::mmio::{MmioTransport, TransportState};
+use super::rate_limiter::RateLimit;
+use super::vsock::VsockState;
+use super::vsock::{Vsock, VsockError};
+use super::worker::DeviceWorker;
+use crate::devices::{DeviceError, DeviceManager};
+
+/// A disk as the `configure` request describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Host path of the image (for a scratch disk: where to create it).
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk's serial as the guest sees it (up to 20 bytes).
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    /// A per-sandbox scratch disk (Lethe): wiped and removed when the VMM exits.
+    #[serde(default)]
+    pub scratch: Option<ScratchConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScratchConfig {
+    /// Create `path` as a fresh sparse disk of this size; without it, `path` must be an
+    /// existing (e.g. pre-formatted) disk that the VMM takes charge of.
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    #[serde(default)]
+    pub wipe: Wipe,
+}
+
+/// The vsock device: the guest's CID and the host-side unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+/// Disks per microVM: each takes an MMIO window and a GSI.
+pub const MAX_DRIVES: usize = 8;
+/// Largest scratch disk (sparse, so only written blocks use host disk).
+const MAX_SCRATCH_MIB: u64 = 1 << 20;
+
+impl DriveConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("a drive has an empty path".into());
+        }
+        if self.id.len() > 20 {
+            return Err(format!("drive id {:?} is longer than 20 bytes", self.id));
+        }
+        if let Some(mib) = self.scratch.and_then(|s| s.size_mib) {
+            if mib == 0 || mib > MAX_SCRATCH_MIB {
+                return Err(format!(
+                    "scratch size_mib is {mib}; it must be between 1 and {MAX_SCRATCH_MIB}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
+            return Err(format!(
+                "vsock guest_cid is {}; CIDs 0-2 are reserved and it must fit 32 bits",
+                self.guest_cid
+            ));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err("vsock uds_path is empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Bus(#[from] DeviceError),
+    #[error(transparent)]
+    Block(#[from] BlockOpenError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("cannot create scratch disk {path}: {source}")]
+    Scratch {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the device worker: {0}")]
+    Worker(std::io::Error),
+}
+
+/// Everything that must live as long as the VM: workers, scratch disks, transports.
+/// Dropping it stops the workers and wipes the scratch disks.
+#[derive(Default)]
+pub struct VirtioDevices {
+    // Workers first: they are stopped before the disks they serve are wiped.
+    workers: Vec<DeviceWorker>,
+    scratch: Vec<ScratchDisk>,
+    pub blocks: Vec<Arc<Mutex<MmioTransport<Block>>>>,
+    pub vsock: Option<Arc<Mutex<MmioTransport<Vsock>>>>,
+}
+
+/// Every virtio device's registers, queues and device state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    pub blocks: Vec<TransportState<BlockState>>,
+    pub vsock: Option<TransportState<VsockState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VirtioDevices {
+    /// Captures every device (call with the vCPUs paused).
+    pub fn save(&self) -> VirtioSnapshot {
+        VirtioSnapshot {
+            blocks: self.blocks.iter().map(|t| lock(t).save()).collect(),
+            vsock: self.vsock.as_ref().map(|t| lock(t).save()),
+        }
+    }
+
+    /// Restores devices created from the same machine config; vsock connections are
+    /// reset (host programs reconnect) and the guest is told so.
+    pub fn restore(&self, snapshot: VirtioSnapshot) -> Result<(), VirtioError> {
+        if snapshot.blocks.len() != self.blocks.len()
+            || snapshot.vsock.is_some() != self.vsock.is_some()
+        {
+            return Err(VirtioError::State(format!(
+                "snapshot has {} disks and {} vsock, this machine {} and {}",
+                snapshot.blocks.len(),
+                u8::from(snapshot.vsock.is_some()),
+                self.blocks.len(),
+                u8::from(self.vsock.is_some())
+            )));
+        }
+        for (transport, state) in self.blocks.iter().zip(snapshot.blocks) {
+            lock(transport).restore(state)?;
+        }
+        if let (Some(transport), Some(state)) = (&self.vsock, snapshot.vsock) {
+            let mut t = lock(transport);
+            t.restore(state)?;
+            // The reset event goes out as soon as the guest's event queue has a buffer.
+            t.process_backend();
+        }
+        Ok(())
+    }
+}
+
+fn add<D: VirtioDevice + 'static>(
+    dm: &mut DeviceManager,
+    mem: &GuestMemoryMmap,
+    device: D,
+) -> Result<Arc<Mutex<MmioTransport<D>>>, AttachError> {
+    let slot = dm.allocate_mmio_slot()?;
+    let irq = dm.irq_eventfd(slot.gsi)?;
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device,
+        mem.clone(),
+        Interrupt::new(Arc::new(irq)),
+    )));
+    dm.register_mmio_device(slot, transport.clone())?;
+    Ok(transport)
+}
+
+/// Creates and registers the devices; returns what keeps them alive.
+pub fn attach(
+    dm: &mut DeviceManager,
+    mem: &GuestMemoryMmap,
+    drives: &[DriveConfig],
+    vsock: Option<&VsockConfig>,
+) -> Result<VirtioDevices, AttachError> {
+    let mut out = VirtioDevices::default();
+    for (i, drive) in drives.iter().enumerate() {
+        if let Some(scratch) = drive.scratch {
+            let disk = match scratch.size_mib {
+                Some(mib) => ScratchDisk::create(&drive.path, mib << 20, scratch.wipe),
+                None => ScratchDisk::adopt(&drive.path, scratch.wipe),
+            }
+            .map_err(|source| AttachError::Scratch {
+                path: drive.path.clone(),
+                source,
+            })?;
+            out.scratch.push(disk);
+        }
+        let id = if drive.id.is_empty() {
+            format!("tartarus-disk{i}")
+        } else {
+            drive.id.clone()
+        };
+        let block = Block::open(BlockConfig {
+            path: drive.path.clone(),
+            read_only: drive.read_only && drive.scratch.is_none(),
+            id,
+            rate_limit: drive.rate_limit,
+        })?;
+        let transport = add(dm, mem, block)?;
+        let worker = DeviceWorker::spawn(&format!("virtio-blk{i}"), transport.clone())
+            .map_err(AttachError::Worker)?;
+        out.workers.push(worker);
+        out.blocks.push(transport);
+    }
+    if let Some(cfg) = vsock {
+        let transport = add(dm, mem, Vsock::new(cfg.guest_cid, &cfg.uds_path)?)?;
+        out.workers.push(
+            DeviceWorker::spawn("virtio-vsock", transport.clone()).map_err(AttachError::Worker)?,
+        );
+        out.vsock = Some(transport);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::BlockConfig;
+    use crate::devices::virtio::test_driver::guest_memory;
+    use std::io::Write;
+
+    fn devices(dir: &std::path::Path, disk: &std::path::Path, name: &str) -> VirtioDevices {
+        let mem = guest_memory();
+        let block = Block::open(BlockConfig {
+            path: disk.to_path_buf(),
+            read_only: true,
+            id: "root".into(),
+            rate_limit: RateLimit::default(),
+        })
+        .unwrap();
+        let vsock = Vsock::new(3, &dir.join(format!("{name}.sock"))).unwrap();
+        VirtioDevices {
+            blocks: vec![Arc::new(Mutex::new(MmioTransport::new(
+                block,
+                mem.clone(),
+                Interrupt::polled(),
+            )))],
+            vsock: Some(Arc::new(Mutex::new(MmioTransport::new(
+                vsock,
+                mem,
+                Interrupt::polled(),
+            )))),
+            ..VirtioDevices::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips_through_json_and_checks_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = tempfile::NamedTempFile::new().unwrap();
+        disk.write_all(&[0u8; 8192]).unwrap();
+        let a = devices(dir.path(), disk.path(), "a");
+        let saved = a.save();
+        let json = serde_json::to_vec(&saved).unwrap();
+        let back: VirtioSnapshot = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, saved);
+        let b = devices(dir.path(), disk.path(), "b");
+        b.restore(back.clone()).unwrap();
+        let mut fewer = back;
+        fewer.blocks.clear();
+        assert!(b.restore(fewer).is_err());
+    }
+
+    #[test]
+    fn config_validation_rejects_bad_values() {
+        let good = DriveConfig {
+            path: "/d".into(),
+            read_only: false,
+            id: String::new(),
+            rate_limit: RateLimit::default(),
+            scratch: None,
+        };
+        assert!(good.validate().is_ok());
+        let long_id = DriveConfig {
+            id: "x".repeat(21),
+            ..good.clone()
+        };
+        assert!(long_id.validate().is_err());
+        let huge = DriveConfig {
+            scratch: Some(ScratchConfig {
+                size_mib: Some(u64::MAX),
+                wipe: Wipe::Unlink,
+            }),
+            ..good
+        };
+        assert!(huge.validate().is_err());
+        let vsock = VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::new(),
+        };
+        assert!(vsock.validate().is_err());
+    }
+}
