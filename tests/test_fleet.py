@@ -3,14 +3,20 @@ separate processes, sandboxes placed, forwarded, lost and enforced."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
+import anyio
 import pytest
 
+from tartarus.scheduling.nodes import PlacementRules, Toleration
+from tartarus.sync import Sandbox
 from tests.support.fleet import (
+    TOKEN,
     call,
     fleet_config,
     nodes,
@@ -72,10 +78,30 @@ def test_sandboxes_are_placed_by_labels_and_taints_and_forwarded(
         )
         assert refused.status == 503, refused.body
         assert "label zone=mars missing" in refused.json()["detail"]
+        # The SDK asks for a placement the same way.
+        with Sandbox.create(
+            placement=PlacementRules(
+                node_selector={"zone": "b"}, tolerations=[Toleration(key="gpu", value="yes")]
+            ),
+            vcpus=0.25,
+            memory_mib=64,
+            url=api.tcp_url,
+            api_key=TOKEN,
+        ) as sdk_sandbox:
+            assert sdk_sandbox.info.node == "node-b"
+            assert sdk_sandbox.commands.run("echo from-sdk").stdout == "from-sdk\n"
         # Exec goes to the node that runs the sandbox.
         ran = call(api, "POST", f"/v1/sandboxes/{plain['id']}/exec", {"cmd": "echo hi"})
         assert ran.status == 200, ran.body
         assert ran.json()["stdout"] == "hi\n"
+        # Streams and WebSockets are relayed as they come.
+        streamed = call(
+            api, "POST", f"/v1/sandboxes/{plain['id']}/exec/stream", {"cmd": "echo streamed"}
+        )
+        lines = [json.loads(line) for line in streamed.body.splitlines()]
+        assert [e["type"] for e in lines] == ["started", "output", "exit"]
+        assert lines[1]["data"] == "streamed\n"
+        assert anyio.run(websocket_exec, api, str(plain["id"])) == b"over ws\n"
         listed = call(api, "GET", "/v1/sandboxes?state=running").json()["items"]
         assert {s["id"] for s in listed} == {plain["id"], gpu["id"]}
         assert call(api, "DELETE", f"/v1/sandboxes/{plain['id']}").status == 204
@@ -91,6 +117,22 @@ def test_sandboxes_are_placed_by_labels_and_taints_and_forwarded(
     finally:
         stop_process(a)
         stop_process(b)
+
+
+async def websocket_exec(api: Server, sandbox_id: str) -> bytes:
+    assert api.tcp_url is not None
+    output = b""
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session,
+        session.ws_connect(f"{api.tcp_url}/v1/sandboxes/{sandbox_id}/exec/ws") as ws,
+    ):
+        await ws.send_str(json.dumps({"cmd": "echo over ws"}))
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                output += msg.data[1:]
+            elif msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] == "exit":
+                break
+    return output
 
 
 def test_a_killed_agent_fails_its_sandboxes_with_the_reason(api: Server, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from tartarus.api.types import CodeExecution, FileWritten, LogPage, SandboxInfo, SandboxStatsInfo
 from tartarus.runtime.types import Backend, FileInfo, SandboxState
+from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk import sandbox as async_sandbox
 from tartarus.sdk.commands import CommandHandle as AsyncCommandHandle
 from tartarus.sdk.commands import CommandResult
@@ -261,6 +262,7 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        placement: PlacementRules | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -276,6 +278,7 @@ class Sandbox:
                 memory_mib=memory_mib,
                 network=network,
                 trusted=trusted,
+                placement=placement,
                 url=url,
                 api_key=api_key,
             )

@@ -156,6 +156,7 @@ class ProcessSandbox:
         self.spec = spec
         self.root = root
         self._init: Process | None = None
+        self._processes: list[Process] = []
         self._state = SandboxState.CREATED
 
     @property
@@ -183,6 +184,7 @@ class ProcessSandbox:
         assert self._init is not None
         argv = request.argv or ["/bin/sh", "-c", request.shell or "true"]
         process = await anyio.open_process(argv, cwd=self.root, env=self._env(request.env))
+        self._processes.append(process)
         return _Execution(process)
 
     async def processes(self) -> list[ProcessInfo]:
@@ -245,8 +247,9 @@ class ProcessSandbox:
 
     async def kill(self) -> None:
         _kill_all(self.id)
-        if self._init is not None:
-            await self._init.wait()
+        for process in [*self._processes, *([self._init] if self._init else [])]:
+            await process.aclose()
+        self._processes.clear()
         shutil.rmtree(self.root, ignore_errors=True)
         self._state = SandboxState.STOPPED
 

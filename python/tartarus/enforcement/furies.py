@@ -1,6 +1,6 @@
 """The Furies on a node: Tisiphone watches each sandbox's memory and CPU against its
-limits and acts per policy; Megaera records policy violations. (Alecto, the timeout, is
-the node's deadline loop; the node reports each timeout kill as her event.)
+limits and acts per policy. (Alecto, the timeout, is the node's deadline loop; the node
+reports each timeout kill as her event. Megaera is on the API servers: `violations`.)
 
 Each action is an `EnforcementEvent` in the node's outbox, reported to the fleet. A
 `quarantine` action kills the sandbox and flags its tenant, so its next sandboxes run
@@ -125,17 +125,5 @@ class Furies:
                 detail=detail,
                 tenant=record.metadata.get("tenant", ""),
                 value=share,
-            )
-        )
-
-    def violation(self, live: LiveSandbox, detail: str) -> None:
-        """Megaera: a policy violation by the sandbox, recorded against it and its tenant."""
-        self.sink.event(
-            EnforcementEvent(
-                fury=Fury.MEGAERA,
-                action=Action.RECORD,
-                sandbox_id=live.record.id,
-                detail=detail,
-                tenant=live.record.metadata.get("tenant", ""),
             )
         )

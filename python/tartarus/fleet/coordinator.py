@@ -30,6 +30,7 @@ from tartarus.agent.manager import fingerprint, new_sandbox_id
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
+from tartarus.enforcement.violations import escalate, violation
 from tartarus.fleet.book import RedisBook
 from tartarus.fleet.metrics import FleetMetrics
 from tartarus.fleet.proxy import NodeProxy
@@ -385,6 +386,19 @@ class Coordinator:
         for err in report.errors:
             self.metrics.errors.labels(err.category.value).inc()
             await self.state.errors.append(msgspec.structs.replace(err, node_id=node_id))
+
+    async def violation(self, sandbox_id: str, detail: str) -> EnforcementEvent:
+        """Megaera: records a policy violation; enough of them quarantine the tenant."""
+        record = await self.record(sandbox_id)
+        tenant = record.metadata.get("tenant", "")
+        event = violation(sandbox_id, tenant, detail)
+        await self.enforcement_event(event)
+        if tenant:
+            earlier = await self.state.events.query({"tenant": tenant}, limit=1000)
+            escalation = escalate(earlier, tenant)
+            if escalation is not None:
+                await self.enforcement_event(escalation)
+        return event
 
     async def enforcement_event(self, event: EnforcementEvent) -> None:
         self.metrics.enforcement.labels(event.fury.value, event.action.value).inc()

@@ -60,6 +60,8 @@ _jobs = msgspec.json.Decoder(Job)
 REQUEST_TIMEOUT_S = 40.0
 MAX_BACKOFF_S = 5.0
 REPORT_BATCH = 200
+# How long a request for work waits on the API server for the first item.
+LONG_POLL_S = 5.0
 
 
 class Outbox:
@@ -318,7 +320,7 @@ class NodeAgent:
                         batch = await self._call(
                             "POST",
                             f"/v1/nodes/{self.node_id}/work",
-                            WorkRequest(wait_s=10.0, max=free),
+                            WorkRequest(wait_s=LONG_POLL_S, max=free),
                             WorkBatch,
                         )
                     except (FleetUnreachableError, KeyError) as e:

@@ -373,6 +373,28 @@ async def list_events(request: web.Request) -> web.StreamResponse:
     return reply(EventList(items=items))
 
 
+class ViolationBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    sandbox_id: Annotated[str, Meta(pattern=r"^sb-[0-9a-f]{16}$")]
+    detail: Annotated[str, Meta(min_length=1, max_length=2000)]
+
+
+@operators.route(
+    "POST",
+    "/v1/events",
+    summary="Record a policy violation",
+    tag="fleet",
+    body=ViolationBody,
+    replies=(Reply(201, EnforcementEvent),),
+    errors=(404,),
+)
+async def record_violation(request: web.Request) -> web.StreamResponse:
+    """Megaera records it against the sandbox and its tenant; a tenant with three
+    violations is quarantined."""
+    body = await read_json(request, ViolationBody)
+    event = await coordinator(request).violation(body.sandbox_id, body.detail)
+    return reply(event, status=201)
+
+
 Subject = Annotated[str, Meta(pattern=r"^(tenant|template|group):[A-Za-z0-9._:/@-]{1,128}$")]
 
 

@@ -101,9 +101,7 @@ def _capacity(placement: Placement, node: NodeState) -> str | None:
     return None
 
 
-def _affinity(
-    placement: Placement, here: dict[str, int], groups_anywhere: set[str]
-) -> str | None:
+def _affinity(placement: Placement, here: dict[str, int], groups_anywhere: set[str]) -> str | None:
     for group in placement.rules.anti_affinity:
         if here.get(group):
             return f"runs group {group!r} (anti-affinity)"
@@ -113,9 +111,7 @@ def _affinity(
     return None
 
 
-def _unfit(
-    placement: Placement, node: NodeState, groups: dict[str, dict[str, int]]
-) -> str | None:
+def _unfit(placement: Placement, node: NodeState, groups: dict[str, dict[str, int]]) -> str | None:
     return (
         _state_and_backend(placement, node)
         or _labels_and_taints(placement, node)

@@ -32,6 +32,7 @@ from tartarus.api.types import (
     SetTimeoutRequest,
 )
 from tartarus.runtime.types import Backend, SandboxState, TrustLevel
+from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import Commands
 from tartarus.sdk.errors import NotFoundError
@@ -73,12 +74,14 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        placement: PlacementRules | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
-        seconds unless `set_timeout` moves the deadline. Retries of a failed request
+        seconds unless `set_timeout` moves the deadline. `placement` says where it may
+        run when the server schedules a fleet of nodes (docs/fleet.md). Retries of a failed request
         reuse one idempotency key, so a retry never makes a second sandbox."""
         resources = ResourcesBody()
         if vcpus is not None:
@@ -94,6 +97,7 @@ class Sandbox:
             metadata=metadata or {},
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+            placement=placement,
         )
 
         async def make() -> Sandbox:
