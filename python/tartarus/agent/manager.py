@@ -20,6 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from tartarus.agent.admission import AdmissionHook, AdmitAll, Admitted
 from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import (
     LIVE_STATES,
@@ -30,6 +31,7 @@ from tartarus.agent.store import (
     decode_cursor,
 )
 from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
 from tartarus.server.problems import ApiError, not_found
@@ -72,11 +74,13 @@ class SandboxManager:
         provider: RuntimeProvider,
         *,
         grace_s: float = 10.0,
+        admission: AdmissionHook | None = None,
         timeout_grace_s: float | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
         self.grace_s = grace_s
+        self.admission = admission or AdmitAll()
         # Grace a sandbox gets when its deadline passes (node agents use a short one:
         # Alecto kills a sandbox within a second of its timeout).
         self.timeout_grace_s = grace_s if timeout_grace_s is None else timeout_grace_s
@@ -199,19 +203,22 @@ class SandboxManager:
         request: CreateSandboxRequest,
         idempotency_key: str | None = None,
         *,
+        caller: Principal = SYSTEM,
         sandbox_id: str | None = None,
     ) -> tuple[SandboxRecord, bool]:
-        """Creates and starts a sandbox; returns its record and whether it was a replay of
-        an earlier create with the same idempotency key. `sandbox_id` is given when the
-        fleet's scheduler named the sandbox before sending it to this node."""
+        """Creates and starts a sandbox for `caller` (admission decides first); returns its
+        record and whether it was a replay of an earlier create with the same idempotency
+        key (keys are per tenant). `sandbox_id` is given when the fleet's scheduler named
+        the sandbox before sending it to this node."""
         if not self._accepting:
             raise ApiError(503, "shutting-down", "the server is shutting down")
         if idempotency_key is not None:
+            idempotency_key = f"{caller.tenant}/{idempotency_key}"
             claimed = self.store.claim_key(idempotency_key, fingerprint(request))
             if claimed is not None:
                 return self._replay(idempotency_key, request, *claimed), True
         try:
-            record = await self._create(request, sandbox_id or new_sandbox_id())
+            record = await self._create(request, caller, sandbox_id or new_sandbox_id())
         except BaseException:
             if idempotency_key is not None:
                 self.store.release_key(idempotency_key)
@@ -227,18 +234,33 @@ class SandboxManager:
             raise ApiError(
                 422,
                 "idempotency-key-reused",
-                f"Idempotency-Key {key!r} was used for a different request; use a new key",
+                f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request;"
+                " use a new key",
             )
         if sandbox_id is None:
             raise ApiError(
                 409,
                 "idempotency-key-in-flight",
-                f"a create with Idempotency-Key {key!r} is still running; retry shortly",
+                f"a create with Idempotency-Key {key.partition('/')[2]!r} is still running;"
+                " retry shortly",
                 headers={"Retry-After": "1"},
             )
         return self.record(sandbox_id)
 
-    async def _create(self, request: CreateSandboxRequest, sandbox_id: str) -> SandboxRecord:
+    async def _create(
+        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
+    ) -> SandboxRecord:
+        admitted = await self.admission.admit(caller, request)
+        try:
+            return await self._start(admitted, caller, sandbox_id)
+        except BaseException:
+            admitted.release()
+            raise
+
+    async def _start(
+        self, admitted: Admitted, caller: Principal, sandbox_id: str
+    ) -> SandboxRecord:
+        request = admitted.request
         spec = SandboxSpec(
             id=sandbox_id,
             template=request.template,
@@ -270,6 +292,9 @@ class SandboxManager:
                 network=spec.network,
                 trust=spec.trust,
                 backend_reason=reason,
+                tenant=caller.tenant,
+                owner=caller.subject,
+                secrets=request.secrets,
             )
         )
         sandbox: Sandbox | None = None
@@ -285,6 +310,7 @@ class SandboxManager:
                 record.detail = f"could not start: {e}" if str(e) else "could not start"
                 self.store.save(record)
             raise
+        sandbox = admitted.bind(record, sandbox)
         record.state = SandboxState.RUNNING
         record.expires_at = time.time() + request.timeout_s
         self.store.save(record)
@@ -338,6 +364,7 @@ class SandboxManager:
                 live.record.ended_at = time.time()
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
+                self.admission.ended(live.record)
 
     async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
         try:

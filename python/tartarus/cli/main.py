@@ -6,11 +6,15 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
+from tartarus.cli.audit import audit_group
+from tartarus.cli.auth import auth_group
+from tartarus.cli.certs import certs_group
 from tartarus.cli.agent import agent_command
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init
 from tartarus.cli.kernel import kernel
+from tartarus.cli.policy import policy_group
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
     exec_command,
@@ -20,6 +24,7 @@ from tartarus.cli.sandboxes import (
     ps_command,
     run_command,
 )
+from tartarus.cli.secrets import secrets_group
 from tartarus.cli.serve import serve_command
 from tartarus.cli.template import template
 from tartarus.errors import TartarusError
@@ -47,6 +52,11 @@ for command in (
     kernel,
     version_command,
     completion_command,
+    auth_group,
+    policy_group,
+    audit_group,
+    secrets_group,
+    certs_group,
 ):
     cli.add_command(command)
 

@@ -123,7 +123,7 @@ class Furies:
                 action=action,
                 sandbox_id=record.id,
                 detail=detail,
-                tenant=record.metadata.get("tenant", ""),
+                tenant=record.tenant,
                 value=share,
             )
         )

@@ -26,7 +26,9 @@ import anyio
 import msgspec
 from aiohttp import web
 
+from tartarus.agent.admission import AdmissionHook, AdmitAll
 from tartarus.agent.manager import fingerprint, new_sandbox_id
+from tartarus.auth.principal import Principal
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
@@ -76,6 +78,8 @@ class Coordinator:
         self.server_id = f"api-{secrets.token_hex(4)}"
         self.proxy = NodeProxy(join_token)
         self.metrics = FleetMetrics(self)
+        # The server's Judges (set when the server starts; all admitted until then).
+        self.admission: AdmissionHook = AdmitAll()
 
     # --- running ------------------------------------------------------------------------
 
@@ -144,15 +148,22 @@ class Coordinator:
     # --- creating -----------------------------------------------------------------------
 
     async def create(
-        self, request: CreateSandboxRequest, key: str | None
+        self, request: CreateSandboxRequest, key: str | None, caller: Principal
     ) -> tuple[SandboxRecord, bool]:
+        """Admits, records and queues the sandbox, then waits for its node to start it;
+        idempotency keys are per tenant, as on one host."""
         book = self.state.book
         if key is not None:
+            key = f"{caller.tenant}/{key}"
             claimed = await book.claim_key(key, fingerprint(request))
             if claimed is not None:
                 return await self._replay(key, request, *claimed), True
         try:
-            record = await self._enqueue(request)
+            # The Judges (policy rules, template defaults, audit) decide here; the hold is
+            # let go once the request is queued: quotas are per API server for now.
+            admitted = await self.admission.admit(caller, request)
+            admitted.release()
+            record = await self._enqueue(admitted.request, caller)
         except BaseException:
             if key is not None:
                 with anyio.CancelScope(shield=True):
@@ -169,14 +180,16 @@ class Coordinator:
             raise ApiError(
                 422,
                 "idempotency-key-reused",
-                f"Idempotency-Key {key!r} was used for a different request; use a new key",
+                f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request;"
+                " use a new key",
             )
         record = None if sandbox_id is None else await self.state.book.get(sandbox_id)
         if record is None or record.state is SandboxState.CREATED:
             raise ApiError(
                 409,
                 "idempotency-key-in-flight",
-                f"a create with Idempotency-Key {key!r} is still running; retry shortly",
+                f"a create with Idempotency-Key {key.partition('/')[2]!r} is still running;"
+                " retry shortly",
                 headers={"Retry-After": "1"},
             )
         return record
@@ -188,9 +201,8 @@ class Coordinator:
         subjects += [f"group:{g}" for g in groups]
         return any(s in flagged for s in subjects if not s.endswith(":"))
 
-    async def _enqueue(self, request: CreateSandboxRequest) -> SandboxRecord:
-        # The tenant comes from the request's metadata until authentication names it.
-        tenant = request.metadata.get("tenant", "")
+    async def _enqueue(self, request: CreateSandboxRequest, caller: Principal) -> SandboxRecord:
+        tenant = caller.tenant
         registry = self.state.registry
         history = await registry.heat_history(f"template:{request.template}")
         heat = classify(request.resources.to_runtime(), history)
@@ -209,6 +221,9 @@ class Coordinator:
                 network=request.network,
                 trust=request.trust,
                 detail=f"queued in the {lane.value} lane ({heat.value})",
+                tenant=tenant,
+                owner=caller.subject,
+                secrets=request.secrets,
             )
         )
         job = Job(
@@ -217,6 +232,7 @@ class Coordinator:
             lane=lane,
             heat=heat,
             tenant=tenant,
+            owner=caller.subject,
             quarantined=await self._quarantined(request, tenant),
             place_by=time.time() + self.settings.placement_timeout_s,
         )
@@ -390,7 +406,7 @@ class Coordinator:
     async def violation(self, sandbox_id: str, detail: str) -> EnforcementEvent:
         """Megaera: records a policy violation; enough of them quarantine the tenant."""
         record = await self.record(sandbox_id)
-        tenant = record.metadata.get("tenant", "")
+        tenant = record.tenant
         event = violation(sandbox_id, tenant, detail)
         await self.enforcement_event(event)
         if tenant:
@@ -488,6 +504,11 @@ class Coordinator:
         await self.state.book.purge(time.time() - 24 * 3600.0)
 
     # --- one sandbox --------------------------------------------------------------------
+
+    async def sandbox_tenant(self, sandbox_id: str) -> str | None:
+        """For the access check: the sandbox's tenant, None if there is no such sandbox."""
+        record = await self.state.book.get(sandbox_id)
+        return None if record is None else record.tenant
 
     async def record(self, sandbox_id: str) -> SandboxRecord:
         record = await self.state.book.get(sandbox_id)

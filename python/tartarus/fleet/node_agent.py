@@ -33,6 +33,7 @@ from aiohttp.typedefs import Middleware
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.store import SandboxRecord, Store
+from tartarus.auth.principal import SYSTEM
 from tartarus.enforcement.furies import Furies, LimitPolicy
 from tartarus.enforcement.records import Action, EnforcementEvent, ErrorRecord, Fury
 from tartarus.fleet.host_usage import HostUsage
@@ -140,7 +141,7 @@ class ReportingStore(Store):
                     action=Action.KILL,
                     sandbox_id=record.id,
                     detail=f"killed {late:.3f} s after its deadline",
-                    tenant=record.metadata.get("tenant", ""),
+                    tenant=record.tenant,
                     value=late,
                 )
             )
@@ -361,7 +362,8 @@ class NodeAgent:
 
     async def _create(self, manager: SandboxManager, job: Job) -> SandboxRecord:
         try:
-            record, _ = await manager.create(job.request, sandbox_id=job.sandbox_id)
+            caller = msgspec.structs.replace(SYSTEM, subject=job.owner, tenant=job.tenant)
+            record, _ = await manager.create(job.request, caller=caller, sandbox_id=job.sandbox_id)
         except Exception as e:
             stored = manager.store.get(job.sandbox_id)
             if stored is not None:
@@ -380,6 +382,8 @@ class NodeAgent:
                 metadata=job.request.metadata,
                 detail=f"could not start: {e}",
                 node=self.node_id,
+                tenant=job.tenant,
+                owner=job.owner,
             )
         return record
 

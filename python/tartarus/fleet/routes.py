@@ -24,6 +24,8 @@ from msgspec import Meta
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.api.types import Readiness
+from tartarus.auth.principal import AuthMethod
+from tartarus.auth.rbac import ADMIN_TENANTS, NODE_AGENT
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
 from tartarus.fleet.coordinator import Coordinator
 from tartarus.fleet.metrics import ScalerMetrics
@@ -38,6 +40,7 @@ from tartarus.fleet.wire import (
 )
 from tartarus.queue import DeadLetter, Lane, LaneDepth, Message
 from tartarus.scheduling.nodes import NodeSpec, NodeState
+from tartarus.server.access import SANDBOX_TENANTS, SHARED, principal_of, register_owner
 from tartarus.server.problems import ApiError, not_found
 from tartarus.server.routes.sandboxes import (
     create_input,
@@ -57,6 +60,22 @@ operators = RouteTable()
 
 def coordinator(request: web.Request) -> Coordinator:
     return request.app[COORDINATOR]
+
+
+def node_of(request: web.Request) -> str:
+    """The node a node route is about; a node agent with a client certificate may only
+    speak for itself (operators and the fleet's API key for any node)."""
+    node_id = request.match_info["node"]
+    principal = principal_of(request)
+    if principal.method is AuthMethod.CERTIFICATE and principal.subject != f"agent:{node_id}":
+        raise ApiError(
+            403, "forbidden", f"{principal.subject} may not act for node {node_id}"
+        )
+    return node_id
+
+
+# Nodes are fleet-wide (any principal allowed by the route's permission may name one).
+register_owner("node", lambda request, node_id: SHARED, lambda node_id: f"node {node_id}")
 
 
 @web.middleware
@@ -89,7 +108,7 @@ async def _one_sandbox(
 async def _collection(request: web.Request, coord: Coordinator) -> web.StreamResponse:
     if request.method == "POST":
         body, key = await create_input(request)
-        record, replayed = await coord.create(body, key)
+        record, replayed = await coord.create(body, key, principal_of(request))
         return created_reply(record, replayed)
     flt, cursor, limit = list_input(request)
     page, next_seq = await coord.state.book.page(flt, after_seq=cursor, limit=limit)
@@ -122,10 +141,14 @@ async def _ready(request: web.Request, handler: Handler, coord: Coordinator) -> 
     tag="nodes",
     body=NodeSpec,
     replies=(Reply(200, JoinReply),),
+    permission=NODE_AGENT,
 )
 async def join_node(request: web.Request) -> web.StreamResponse:
     """A node agent registers (again) with its capacity, labels, taints and pool."""
     spec = await read_json(request, NodeSpec)
+    principal = principal_of(request)
+    if principal.method is AuthMethod.CERTIFICATE and principal.subject != f"agent:{spec.id}":
+        raise ApiError(403, "forbidden", f"{principal.subject} may not join as node {spec.id}")
     coord = coordinator(request)
     await coord.state.registry.register(spec)
     expected = [r.id for r in await coord.state.book.on_node(spec.id)]
@@ -135,17 +158,18 @@ async def join_node(request: web.Request) -> web.StreamResponse:
 
 @nodes.route(
     "POST",
-    "/v1/nodes/{name}/heartbeat",
+    "/v1/nodes/{node}/heartbeat",
     summary="Heartbeat (node agents)",
     tag="nodes",
     body=Heartbeat,
     replies=(Reply(204, description="Alive"),),
     errors=(404,),
+    permission=NODE_AGENT,
 )
 async def node_heartbeat(request: web.Request) -> web.StreamResponse:
     """404 means the fleet forgot the node (its TTL ran out): it must join again."""
     beat = await read_json(request, Heartbeat)
-    node_id = request.match_info["name"]
+    node_id = node_of(request)
     if not await coordinator(request).state.registry.heartbeat(
         node_id, beat.usage, draining=beat.draining
     ):
@@ -155,18 +179,19 @@ async def node_heartbeat(request: web.Request) -> web.StreamResponse:
 
 @nodes.route(
     "POST",
-    "/v1/nodes/{name}/work",
+    "/v1/nodes/{node}/work",
     summary="Take work (node agents)",
     tag="nodes",
     body=WorkRequest,
     replies=(Reply(200, WorkBatch),),
     errors=(404,),
+    permission=NODE_AGENT,
 )
 async def take_work(request: web.Request) -> web.StreamResponse:
     """Waits up to `wait_s` for the first item of the node's inbox, then takes what else
     is there (up to `max`)."""
     ask = await read_json(request, WorkRequest)
-    node_id = request.match_info["name"]
+    node_id = node_of(request)
     coord = coordinator(request)
     if await coord.state.registry.node(node_id) is None:
         raise not_found(f"node {node_id} (join again)")
@@ -183,43 +208,46 @@ async def take_work(request: web.Request) -> web.StreamResponse:
 
 @nodes.route(
     "POST",
-    "/v1/nodes/{name}/work/done",
+    "/v1/nodes/{node}/work/done",
     summary="Finish work (node agents)",
     tag="nodes",
     body=WorkDone,
     replies=(Reply(200, WorkVerdict),),
+    permission=NODE_AGENT,
 )
 async def work_done(request: web.Request) -> web.StreamResponse:
     done = await read_json(request, WorkDone)
-    keep = await coordinator(request).work_done(request.match_info["name"], done)
+    keep = await coordinator(request).work_done(node_of(request), done)
     return reply(WorkVerdict(keep=keep))
 
 
 @nodes.route(
     "POST",
-    "/v1/nodes/{name}/report",
+    "/v1/nodes/{node}/report",
     summary="Report changes (node agents)",
     tag="nodes",
     body=NodeReport,
     replies=(Reply(204, description="Recorded"),),
+    permission=NODE_AGENT,
 )
 async def node_report(request: web.Request) -> web.StreamResponse:
     """Sandbox state changes, enforcement events and errors the node saw, oldest first."""
     report = await read_json(request, NodeReport)
-    await coordinator(request).report(request.match_info["name"], report)
+    await coordinator(request).report(node_of(request), report)
     return web.Response(status=204)
 
 
 @nodes.route(
     "DELETE",
-    "/v1/nodes/{name}",
+    "/v1/nodes/{node}",
     summary="Leave the fleet (node agents, operators)",
     tag="nodes",
     replies=(Reply(204, description="Gone"),),
+    permission=NODE_AGENT,
 )
 async def leave_node(request: web.Request) -> web.StreamResponse:
     """Removes the node: its queued work goes to other nodes, its sandboxes fail."""
-    node_id = request.match_info["name"]
+    node_id = node_of(request)
     coord = coordinator(request)
     if await coord.state.registry.deregister(node_id) is not None:
         await coord.node_gone(node_id, f"node {node_id} left the fleet")
@@ -235,6 +263,7 @@ class NodeList(msgspec.Struct, kw_only=True):
 
 @operators.route(
     "GET", "/v1/nodes", summary="List nodes", tag="fleet", replies=(Reply(200, NodeList),)
+    permission=ADMIN_TENANTS,
 )
 async def list_nodes(request: web.Request) -> web.StreamResponse:
     """Live nodes with their capacity, measured use and reservations."""
@@ -262,6 +291,7 @@ class DeadQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tag="fleet",
     query=DeadQuery,
     replies=(Reply(200, QueueInfo),),
+    permission=ADMIN_TENANTS,
 )
 async def queue_info(request: web.Request) -> web.StreamResponse:
     q = read_query(request, DeadQuery)
@@ -299,6 +329,7 @@ class ErrorList(msgspec.Struct, kw_only=True):
     tag="fleet",
     query=ErrorQuery,
     replies=(Reply(200, ErrorList),),
+    permission=ADMIN_TENANTS,
 )
 async def list_errors(request: web.Request) -> web.StreamResponse:
     q = read_query(request, ErrorQuery)
@@ -331,6 +362,7 @@ class Purged(msgspec.Struct, kw_only=True):
     tag="fleet",
     query=PurgeQuery,
     replies=(Reply(200, Purged),),
+    permission=ADMIN_TENANTS,
 )
 async def purge_errors(request: web.Request) -> web.StreamResponse:
     q = read_query(request, PurgeQuery)
@@ -363,6 +395,7 @@ class EventList(msgspec.Struct, kw_only=True):
     tag="fleet",
     query=EventQuery,
     replies=(Reply(200, EventList),),
+    permission=ADMIN_TENANTS,
 )
 async def list_events(request: web.Request) -> web.StreamResponse:
     """What the Furies did: timeouts (alecto), limits (tisiphone), violations (megaera)."""
@@ -386,6 +419,7 @@ class ViolationBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     body=ViolationBody,
     replies=(Reply(201, EnforcementEvent),),
     errors=(404,),
+    permission=ADMIN_TENANTS,
 )
 async def record_violation(request: web.Request) -> web.StreamResponse:
     """Megaera records it against the sandbox and its tenant; a tenant with three
@@ -413,6 +447,7 @@ class QuarantineList(msgspec.Struct, kw_only=True):
     summary="Quarantined subjects",
     tag="fleet",
     replies=(Reply(200, QuarantineList),),
+    permission=ADMIN_TENANTS,
 )
 async def list_quarantine(request: web.Request) -> web.StreamResponse:
     return reply(QuarantineList(items=await coordinator(request).state.registry.quarantined()))
@@ -425,6 +460,7 @@ async def list_quarantine(request: web.Request) -> web.StreamResponse:
     tag="fleet",
     body=QuarantineBody,
     replies=(Reply(204, description="Flagged"),),
+    permission=ADMIN_TENANTS,
 )
 async def add_quarantine(request: web.Request) -> web.StreamResponse:
     """New sandboxes of the subject run only in the quarantine pool (Typhon)."""
@@ -449,6 +485,7 @@ class SubjectQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tag="fleet",
     query=SubjectQuery,
     replies=(Reply(204, description="Released (or was not flagged)"),),
+    permission=ADMIN_TENANTS,
 )
 async def release_quarantine(request: web.Request) -> web.StreamResponse:
     q = read_query(request, SubjectQuery)
@@ -462,6 +499,7 @@ async def release_quarantine(request: web.Request) -> web.StreamResponse:
     summary="Scaler metrics",
     tag="fleet",
     replies=(Reply(200, ScalerMetrics),),
+    permission=ADMIN_TENANTS,
 )
 async def scaler_metrics(request: web.Request) -> web.StreamResponse:
     """Per-node utilisation, queue depth per lane, launch and error counts."""
@@ -474,6 +512,7 @@ async def scaler_metrics(request: web.Request) -> web.StreamResponse:
     summary="Prometheus metrics",
     tag="fleet",
     replies=(Reply(200, description="Prometheus text exposition format (text/plain)"),),
+    permission=ADMIN_TENANTS,
 )
 async def prometheus(request: web.Request) -> web.StreamResponse:
     return web.Response(
@@ -495,7 +534,9 @@ class FleetPlugin:
 
     @asynccontextmanager
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
-        del manager  # sandboxes run on the node agents, not in the API server
+        # Sandboxes run on the node agents; the manager lends its admission judges.
         app[COORDINATOR] = self.coordinator
+        app[SANDBOX_TENANTS] = self.coordinator.sandbox_tenant
+        self.coordinator.admission = manager.admission
         async with self.coordinator.running():
             yield

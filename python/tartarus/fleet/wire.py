@@ -20,7 +20,9 @@ class Job(msgspec.Struct, kw_only=True, frozen=True):
     request: CreateSandboxRequest
     lane: Lane
     heat: Heat
-    tenant: str = ""
+    tenant: str = "default"
+    # The principal that asked for it (its node records it as the owner).
+    owner: str = ""
     quarantined: bool = False
     # After this (unix seconds) a job no node could take fails with the reason.
     place_by: float

@@ -25,6 +25,7 @@ import anyio.to_thread
 import msgspec
 
 from tartarus.config import Settings, load_settings
+from tartarus.images import fsutil
 from tartarus.images.blobs import BlobStore, GcReport, LocalBlobStore
 from tartarus.images.build import Builder, BuildRecord
 from tartarus.images.errors import TemplateNotFoundError
@@ -38,6 +39,9 @@ from tartarus.images.template import (
     to_json,
 )
 from tartarus.runtime.types import Backend, Resources
+
+# A partial download nobody resumed for this long is dropped by gc().
+STALE_DOWNLOAD_S = 7 * 24 * 3600
 
 
 def template_owner(template_id: str) -> str:
@@ -249,18 +253,27 @@ class TemplateStore:
         progress: ProgressCallback | None,
     ) -> ResolvedTemplate:
         builder = Builder(self.blobs, self.cache_dir, progress or ignore)
+        tid = loaded.template.id
         try:
+            record = await builder.lookup(loaded, pull=pull)
+            held = set(await self.blobs.refs(template_owner(tid)))
+            if record and (not ext4 or record.ext4) and held.issuperset(record.digests()):
+                # The template already holds every output: nothing to build or write.
+                if owner is not None:
+                    await self.blobs.add_refs(owner, record.outputs(ext4=ext4))
+                return await self._resolved(loaded, record, ext4)
             async with self.blobs.lease() as lease:
                 record = await builder.rootfs(loaded, lease, ext4=ext4, pull=pull)
-                digests = record.digests()
-                tid = loaded.template.id
-                if sorted(await self.blobs.refs(template_owner(tid))) != sorted(digests):
-                    await self.blobs.set_refs(template_owner(tid), digests)
-                outputs = [record.rootfs, *([record.ext4] if ext4 and record.ext4 else [])]
+                await self.blobs.set_refs(template_owner(tid), record.digests())
                 if owner is not None:
-                    await self.blobs.add_refs(owner, outputs)
+                    await self.blobs.add_refs(owner, record.outputs(ext4=ext4))
         finally:
             await builder.aclose()
+        return await self._resolved(loaded, record, ext4)
+
+    async def _resolved(
+        self, loaded: LoadedTemplate, record: BuildRecord, ext4: bool
+    ) -> ResolvedTemplate:
         manifest = manifest_of(loaded, record)
         await anyio.to_thread.run_sync(self._save_manifest, manifest)
         return ResolvedTemplate(
@@ -270,10 +283,14 @@ class TemplateStore:
         )
 
     def _save_manifest(self, manifest: TemplateManifest) -> None:
+        encoded = msgspec.json.encode(manifest)
         with self._db() as db:
+            row = db.execute("SELECT manifest FROM manifests WHERE id = ?", (manifest.id,))
+            if (stored := row.fetchone()) is not None and stored[0] == encoded:
+                return
             db.execute(
                 "INSERT OR REPLACE INTO manifests (id, manifest) VALUES (?, ?)",
-                (manifest.id, msgspec.json.encode(manifest)),
+                (manifest.id, encoded),
             )
 
     def _manifests(self) -> dict[str, TemplateManifest]:
@@ -333,4 +350,16 @@ class TemplateStore:
         )
 
     async def gc(self) -> GcReport:
+        """Deletes unreferenced blobs, and downloads cut off more than a week ago."""
+        await anyio.to_thread.run_sync(self._sweep_downloads)
         return await self.blobs.gc()
+
+    def _sweep_downloads(self) -> None:
+        downloads = self.cache_dir / "downloads"
+        if not downloads.is_dir():
+            return
+        cutoff = time.time() - STALE_DOWNLOAD_S
+        for entry in downloads.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.lstat().st_mtime < cutoff:
+                    fsutil.remove_tree(entry)

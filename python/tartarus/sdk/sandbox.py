@@ -74,15 +74,18 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        secrets: dict[str, str] | None = None,
         placement: PlacementRules | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
-        seconds unless `set_timeout` moves the deadline. `placement` says where it may
-        run when the server schedules a fleet of nodes (docs/fleet.md). Retries of a failed request
-        reuse one idempotency key, so a retry never makes a second sandbox."""
+        seconds unless `set_timeout` moves the deadline. Retries of a failed request
+        reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
+        environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
+        that every command gets, resolved by the server at exec time. `placement` says
+        where it may run when the server schedules a fleet of nodes (docs/fleet.md)."""
         resources = ResourcesBody()
         if vcpus is not None:
             resources = msgspec.structs.replace(resources, vcpus=vcpus)
@@ -97,6 +100,7 @@ class Sandbox:
             metadata=metadata or {},
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+            secrets=secrets or {},
             placement=placement,
         )
 
