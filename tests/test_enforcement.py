@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
+from tartarus.auth.principal import SYSTEM
 from tartarus.config import Settings
 from tartarus.enforcement.furies import Furies, LimitPolicy, LimitRule, triggered
 from tartarus.enforcement.log import RedisLog, SqliteLog
@@ -58,10 +60,8 @@ async def manager(tmp_path: Path) -> AsyncIterator[SandboxManager]:
 
 async def sandbox_running(manager: SandboxManager, command: str, memory_mib: int = 64) -> str:
     record, _ = await manager.create(
-        CreateSandboxRequest(
-            resources=ResourcesBody(vcpus=0.5, memory_mib=memory_mib),
-            metadata={"tenant": "greedy"},
-        )
+        CreateSandboxRequest(resources=ResourcesBody(vcpus=0.5, memory_mib=memory_mib)),
+        caller=msgspec.structs.replace(SYSTEM, tenant="greedy"),
     )
     live = manager.live(record.id)
     execution = await live.sandbox.exec(ExecRequest(shell=command, background=True))

@@ -185,9 +185,7 @@ def test_memory_hog_is_killed_per_policy(api: Server, tmp_path: Path) -> None:
     a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
     try:
         wait_for(lambda: "node-a" in nodes(api), what="node-a")
-        sandbox = create(
-            api, resources={"vcpus": 0.5, "memory_mib": 64}, metadata={"tenant": "hog"}
-        )
+        sandbox = create(api, resources={"vcpus": 0.5, "memory_mib": 64})
         # Touches 62 MiB of its 64 MiB, page by page, then waits.
         hog = (
             "python3 -c 'import time; a = bytearray(62 << 20); "

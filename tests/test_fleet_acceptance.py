@@ -130,7 +130,7 @@ def all_records(api: Server) -> list[dict[str, Any]]:
 def test_two_api_servers_three_agents_two_hundred_sandboxes(fleet: Fleet) -> None:
     api0, api1 = fleet.apis
     assert (
-        call(api0, "POST", "/v1/quarantine", {"subject": "tenant:mallory", "reason": "test"}).status
+        call(api0, "POST", "/v1/quarantine", {"subject": "group:suspect", "reason": "test"}).status
         == 204
     )
     ci = {"tolerations": [{"key": "dedicated", "value": "ci"}]}
@@ -138,7 +138,7 @@ def test_two_api_servers_three_agents_two_hundred_sandboxes(fleet: Fleet) -> Non
         [("plain", {})] * 100
         + [("ci", {"placement": ci})] * 60
         + [("zone-b", {"placement": {**ci, "node_selector": {"zone": "b"}}})] * 20
-        + [("quarantined", {"metadata": {"tenant": "mallory"}})] * 20
+        + [("quarantined", {"placement": {"groups": ["suspect"]}})] * 20
     )
     with ThreadPoolExecutor(16) as pool:
         outcomes = list(
@@ -229,7 +229,7 @@ def test_two_api_servers_three_agents_two_hundred_sandboxes(fleet: Fleet) -> Non
     probe = next(r for r in running if r["node"] == "node-a")
     ran = call(restarted, "POST", f"/v1/sandboxes/{probe['id']}/exec", {"cmd": "echo again"})
     assert ran.status == 200 and ran.json()["stdout"] == "again\n"
-    status, body = create(restarted, {"metadata": {"tenant": "mallory"}})
+    status, body = create(restarted, {"placement": {"groups": ["suspect"]}})
     assert status == 201 and body["node"] == "node-q", body
     assert call(restarted, "DELETE", f"/v1/sandboxes/{body['id']}").status == 204
 

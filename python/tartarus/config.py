@@ -17,8 +17,8 @@ import msgspec
 from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
-from tartarus.secrets.settings import SecretsSettings
 from tartarus.fleet.settings import FleetSettings
+from tartarus.secrets.settings import SecretsSettings
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -257,9 +257,7 @@ class SandboxManager:
             admitted.release()
             raise
 
-    async def _start(
-        self, admitted: Admitted, caller: Principal, sandbox_id: str
-    ) -> SandboxRecord:
+    async def _start(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
         request = admitted.request
         spec = SandboxSpec(
             id=sandbox_id,

@@ -6,10 +6,10 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
+from tartarus.cli.agent import agent_command
 from tartarus.cli.audit import audit_group
 from tartarus.cli.auth import auth_group
 from tartarus.cli.certs import certs_group
-from tartarus.cli.agent import agent_command
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init

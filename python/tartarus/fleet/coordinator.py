@@ -28,9 +28,9 @@ from aiohttp import web
 
 from tartarus.agent.admission import AdmissionHook, AdmitAll
 from tartarus.agent.manager import fingerprint, new_sandbox_id
-from tartarus.auth.principal import Principal
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import Principal
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
 from tartarus.enforcement.violations import escalate, violation
 from tartarus.fleet.book import RedisBook

@@ -68,9 +68,7 @@ def node_of(request: web.Request) -> str:
     node_id = request.match_info["node"]
     principal = principal_of(request)
     if principal.method is AuthMethod.CERTIFICATE and principal.subject != f"agent:{node_id}":
-        raise ApiError(
-            403, "forbidden", f"{principal.subject} may not act for node {node_id}"
-        )
+        raise ApiError(403, "forbidden", f"{principal.subject} may not act for node {node_id}")
     return node_id
 
 
@@ -262,7 +260,11 @@ class NodeList(msgspec.Struct, kw_only=True):
 
 
 @operators.route(
-    "GET", "/v1/nodes", summary="List nodes", tag="fleet", replies=(Reply(200, NodeList),)
+    "GET",
+    "/v1/nodes",
+    summary="List nodes",
+    tag="fleet",
+    replies=(Reply(200, NodeList),),
     permission=ADMIN_TENANTS,
 )
 async def list_nodes(request: web.Request) -> web.StreamResponse:

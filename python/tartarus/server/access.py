@@ -16,10 +16,10 @@ The middleware runs for every request, WebSocket upgrades and event streams incl
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import struct
-import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,7 +49,7 @@ _SO_PEERCRED = struct.Struct("3i")
 # that a request may create (a new policy) answers its owner whether or not it exists.
 SHARED = "*"
 PLATFORM = ""
-OwnerLookup = Callable[[web.Request, str], str | None | Awaitable[str | None]]
+OwnerLookup = Callable[[web.Request, str], str | Awaitable[str | None] | None]
 # Where a server that keeps no sandboxes itself (a fleet's API server) finds a sandbox's
 # tenant (None: no such sandbox).
 SandboxTenants = Callable[[str], Awaitable[str | None]]
@@ -266,7 +266,7 @@ def access_middleware(
     return check_access
 
 
-def _sandbox_owner(request: web.Request, sandbox_id: str) -> str | None | Awaitable[str | None]:
+def _sandbox_owner(request: web.Request, sandbox_id: str) -> str | Awaitable[str | None] | None:
     remote = request.app.get(SANDBOX_TENANTS)
     if remote is not None:
         return remote(sandbox_id)
