@@ -16,7 +16,14 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from tartarus.api.types import CodeExecution, FileWritten, LogPage, SandboxInfo, SandboxStatsInfo
+from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
+    CodeExecution,
+    FileWritten,
+    LogPage,
+    SandboxInfo,
+    SandboxStatsInfo,
+)
 from tartarus.runtime.types import Backend, FileInfo, SandboxState
 from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk import sandbox as async_sandbox
@@ -100,7 +107,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandResult: ...
 
@@ -115,7 +122,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandHandle: ...
 
@@ -129,7 +136,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandResult | CommandHandle:
         """See `tartarus.Sandbox.commands.run`; callbacks run on the SDK's helper thread."""
@@ -214,7 +221,7 @@ class Pty:
         cmd: str | list[str] = "exec /bin/sh -i",
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> PtyHandle:
         handle = self._portal.call(
             self._pty.create, rows=rows, cols=cols, cmd=cmd, cwd=cwd, envs=envs, timeout=timeout
@@ -254,7 +261,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,

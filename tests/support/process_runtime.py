@@ -26,7 +26,9 @@ from typing import Any
 import anyio
 from anyio.abc import Process
 
+from tartarus.agent.provider import HostRuntimes
 from tartarus.config import Settings
+from tartarus.images.store import TemplateManifest
 from tartarus.runtime.base import NotSupportedError, Runtime
 from tartarus.runtime.types import (
     Backend,
@@ -38,6 +40,7 @@ from tartarus.runtime.types import (
     LogEntry,
     OutputChunk,
     ProcessInfo,
+    Resources,
     SandboxSpec,
     SandboxState,
     SandboxStats,
@@ -282,18 +285,51 @@ class ProcessRuntime:
         return reaped
 
 
-class StandInProvider:
-    def __init__(self, settings: Settings) -> None:
-        self.runtime = ProcessRuntime(settings.state_dir / "stand-in-sandboxes")
+class StandInProvider(HostRuntimes):
+    """This host's runtimes with the stand-in in place of every backend and a made-up
+    template (no root filesystem: the stand-in runs host processes)."""
 
-    async def prepare(self, spec: SandboxSpec) -> SandboxSpec:
-        return spec
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.stand_in = ProcessRuntime(settings.state_dir / "stand-in-sandboxes")
 
     async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
-        return self.runtime, "stand-in process runtime (fleet tests)"
+        return self.stand_in, "stand-in process runtime (fleet tests)"
 
-    async def all_runtimes(self) -> list[Runtime]:
-        return [self.runtime]
+    async def prepare(
+        self, spec: SandboxSpec, backend: Backend
+    ) -> tuple[SandboxSpec, TemplateManifest]:
+        return spec, TemplateManifest(
+            id=spec.template,
+            description="stand-in",
+            source="stand-in",
+            key="",
+            rootfs="",
+            ext4=None,
+            layers=[],
+            base="",
+            agent="",
+            env={},
+            workdir="/",
+            user=None,
+            entrypoint=[],
+            cmd=[],
+            resources=Resources(),
+            max_resources=None,
+            timeout_s=300.0,
+            backends=[Backend.JAIL],
+            warmup=None,
+            size_bytes=0,
+            files=0,
+            built_at=0.0,
+            build_seconds=0.0,
+        )
+
+    async def release(self, sandbox_id: str) -> None:
+        pass
+
+    async def reap_all(self) -> set[str]:
+        return set(await self.stand_in.reap(keep=set()))
 
     async def describe(self) -> dict[str, str]:
         return {"jail": "available: stand-in process runtime for fleet tests"}

@@ -21,7 +21,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from tartarus.agent.admission import AdmissionHook, AdmitAll, Admitted
-from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.agent.provider import HostRuntimes
 from tartarus.agent.store import (
     LIVE_STATES,
     ListFilter,
@@ -33,7 +33,7 @@ from tartarus.agent.store import (
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
-from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
+from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState
 from tartarus.server.problems import ApiError, not_found
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,12 @@ class LiveSandbox:
     # Per-sandbox services (e.g. the code kernel) closed before the sandbox stops.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     attachments: dict[str, Any] = field(default_factory=dict)
+    # The template's working directory: where commands run unless they say otherwise.
+    workdir: str = "/"
     closing: bool = False
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Set once the sandbox has stopped: streams following it end then.
+    ended: anyio.Event = field(default_factory=anyio.Event)
 
 
 def new_sandbox_id() -> str:
@@ -71,7 +75,7 @@ class SandboxManager:
     def __init__(
         self,
         store: Store,
-        provider: RuntimeProvider,
+        provider: HostRuntimes,
         *,
         grace_s: float = 10.0,
         admission: AdmissionHook | None = None,
@@ -117,14 +121,10 @@ class SandboxManager:
         their sandboxes are reaped and the records closed. Returns the ids closed."""
         orphans = self.store.live()
         self.store.release_unbound_keys()
-        reaped: set[str] = set()
-        for runtime in await self.provider.all_runtimes():
-            try:
-                reaped.update(await runtime.reap(keep=set()))
-            except Exception:
-                log.exception("reaping leftovers of the %s backend failed", runtime.backend)
+        reaped = await self.provider.reap_all()
         now = time.time()
         for record in orphans:
+            await self.provider.release(record.id)
             record.state = SandboxState.FAILED
             record.ended_at = now
             record.detail = (
@@ -252,31 +252,55 @@ class SandboxManager:
     ) -> SandboxRecord:
         admitted = await self.admission.admit(caller, request)
         try:
-            return await self._start(admitted, caller, sandbox_id)
+            return await self._place(admitted, caller, sandbox_id)
         except BaseException:
             admitted.release()
             raise
 
-    async def _start(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
+    async def _place(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
+        """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
         spec = SandboxSpec(
             id=sandbox_id,
             template=request.template,
             backend=request.backend,
-            resources=request.resources.to_runtime(),
             env=request.env,
             network=request.network,
             trust=request.trust,
             metadata=request.metadata,
         )
-        spec = await self.provider.prepare(spec)
         try:
             runtime, reason = await self.provider.select(spec)
         except BackendUnavailableError as e:
             if request.backend is Backend.AUTO:
                 raise
-            # The client asked for a backend this host lacks: its request to change.
-            raise ApiError(422, "backend-unavailable", str(e)) from e
+            # The client asked for a backend this host lacks: a conflict with this host,
+            # which another backend (or host) resolves; not a server failure.
+            raise ApiError(409, "backend-unavailable", str(e)) from e
+        spec, manifest = await self.provider.prepare(spec, runtime.backend)
+        try:
+            resources = request.resources.to_runtime()
+            check_limits(resources, manifest.max_resources, spec.template)
+            spec = msgspec.structs.replace(spec, resources=resources)
+            return await self._start(
+                spec, runtime, reason, admitted, caller, workdir=manifest.workdir
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.provider.release(spec.id)
+            raise
+
+    async def _start(
+        self,
+        spec: SandboxSpec,
+        runtime: Runtime,
+        reason: str,
+        admitted: Admitted,
+        caller: Principal,
+        *,
+        workdir: str,
+    ) -> SandboxRecord:
+        request = admitted.request
         record = self.store.insert(
             SandboxRecord(
                 id=spec.id,
@@ -312,7 +336,9 @@ class SandboxManager:
         record.state = SandboxState.RUNNING
         record.expires_at = time.time() + request.timeout_s
         self.store.save(record)
-        self._live[record.id] = LiveSandbox(record=record, sandbox=sandbox, runtime=runtime)
+        self._live[record.id] = LiveSandbox(
+            record=record, sandbox=sandbox, runtime=runtime, workdir=workdir
+        )
         return record
 
     def set_timeout(self, sandbox_id: str, timeout_s: float) -> SandboxRecord:
@@ -351,17 +377,25 @@ class SandboxManager:
                 if live.record.state not in LIVE_STATES:
                     return
                 live.closing = True
+                # Followers (logs, attach, websockets) end now, not when their backend
+                # stream notices the teardown.
+                live.ended.set()
                 for close in live.closers:
                     try:
                         await close()
                     except Exception:
                         log.exception("closing a service of sandbox %s failed", live.record.id)
                 await self._teardown(live.sandbox, grace_s=grace_s)
+                try:
+                    await self.provider.release(live.record.id)
+                except Exception:
+                    log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
                 live.record.detail = detail
                 live.record.ended_at = time.time()
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
+                live.ended.set()
                 self.admission.ended(live.record)
 
     async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
@@ -380,6 +414,22 @@ class SandboxManager:
                 await sandbox.kill()
         except Exception:
             log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
+
+
+def check_limits(resources: Resources, limits: Resources | None, template: str) -> None:
+    if limits is None:
+        return
+    over = [
+        f"{name} {getattr(resources, name)} > {getattr(limits, name)}"
+        for name in ("vcpus", "memory_mib", "disk_mib", "pids")
+        if getattr(resources, name) > getattr(limits, name)
+    ]
+    if over:
+        raise ApiError(
+            409,
+            "over-template-limits",
+            f"the {template} template allows at most: {', '.join(over)}",
+        )
 
 
 def cursor_from(value: str | None) -> int:

@@ -13,7 +13,6 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
 from tartarus.enforcement.furies import LimitPolicy
@@ -35,23 +34,22 @@ log = logging.getLogger(__name__)
 TIMEOUT_GRACE_S = 0.3
 
 
-class FleetBackends:
-    """The provider of an API server that runs no sandboxes itself: it describes the
-    fleet's backends and refuses to create anything locally."""
+class FleetBackends(HostRuntimes):
+    """The runtimes of an API server that runs no sandboxes itself: it describes the
+    fleet's backends and refuses to create anything locally (templates still resolve
+    here, for `/v1/templates`)."""
 
-    def __init__(self, state: FleetState) -> None:
+    def __init__(self, settings: Settings, state: FleetState) -> None:
+        super().__init__(settings)
         self._state = state
-
-    async def prepare(self, spec: SandboxSpec) -> SandboxSpec:
-        return spec
 
     async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
         raise BackendUnavailableError(
             "this API server schedules sandboxes on node agents and runs none itself"
         )
 
-    async def all_runtimes(self) -> list[Runtime]:
-        return []
+    async def reap_all(self) -> set[str]:
+        return set()
 
     async def describe(self) -> dict[str, str]:
         counts: dict[str, int] = {}
@@ -78,7 +76,7 @@ async def serve_fleet(
         await serve(
             settings,
             options,
-            provider=FleetBackends(state),
+            provider=FleetBackends(settings, state),
             plugins=[FleetPlugin(coordinator)],
             on_ready=on_ready,
             stop=stop,
@@ -99,19 +97,19 @@ def node_id(settings: Settings, given: str | None) -> str:
     return made
 
 
-def load_provider(spec: str, settings: Settings) -> RuntimeProvider:
-    """`MODULE:ATTR`, a callable taking the settings and returning a RuntimeProvider (to
+def load_provider(spec: str, settings: Settings) -> HostRuntimes:
+    """`MODULE:ATTR`, a callable taking the settings and returning a HostRuntimes (to
     embed other backends)."""
     module, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"--runtime-provider {spec!r}: {e}") from e
-    provider: RuntimeProvider = factory(settings)
+    provider: HostRuntimes = factory(settings)
     return provider
 
 
-async def available_backends(provider: RuntimeProvider) -> list[Backend]:
+async def available_backends(provider: HostRuntimes) -> list[Backend]:
     described = await provider.describe()
     return [Backend(name) for name, verdict in described.items() if verdict.startswith("available")]
 
@@ -144,7 +142,7 @@ async def run_agent(
     settings: Settings,
     config: AgentConfig,
     *,
-    provider: RuntimeProvider | None = None,
+    provider: HostRuntimes | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
 ) -> None:

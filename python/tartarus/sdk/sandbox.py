@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
     CodeExecution,
     CreateSandboxRequest,
     LogEvent,
@@ -66,7 +67,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,

@@ -22,7 +22,6 @@ from aiohttp import web
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import Store
 from tartarus.auth.tls import ReloadingTls
 from tartarus.config import Settings
@@ -85,7 +84,7 @@ async def serve(
     settings: Settings,
     options: ServeOptions,
     *,
-    provider: RuntimeProvider | None = None,
+    provider: HostRuntimes | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
     plugins: Sequence[ServerPlugin] = (),
