@@ -18,8 +18,8 @@ import aiohttp
 import anyio
 import pytest
 
-from tests.support.auth import call, make_key, require_sandbox_backend
-from tests.support.server import running_server, server_env
+from tests.support.auth import call, make_key
+from tests.support.server import require_backend, running_server, server_env
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.anyio]
 
@@ -45,7 +45,7 @@ def short_dir() -> Iterator[Path]:
 
 
 async def test_quota_holds_under_50_concurrent_creates(short_dir: Path) -> None:
-    backend = require_sandbox_backend()
+    backend = require_backend()
     with running_server(short_dir, env=server_env(short_dir)) as server:
         policy = f"name: global\nspec: {{resources: {{max_sandboxes: {QUOTA}}}}}\n"
         assert server.json("PUT", "/v1/policies/global", {"document": policy}).status == 200
@@ -83,7 +83,7 @@ async def test_quota_holds_under_50_concurrent_creates(short_dir: Path) -> None:
 
 
 def test_secrets_reach_the_sandbox_and_no_output(short_dir: Path) -> None:
-    backend = require_sandbox_backend()
+    backend = require_backend()
     env = server_env(short_dir)
 
     def tartarus(*args: str, stdin: str = "") -> None:

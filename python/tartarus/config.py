@@ -17,6 +17,7 @@ import msgspec
 from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
+from tartarus.fleet.settings import FleetSettings
 from tartarus.runtime.vmm_jail import VmmJailSettings
 from tartarus.secrets.settings import SecretsSettings
 
@@ -33,6 +34,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
     # The microVM monitor's own jail ([vmm_jail], docs/configuration.md).
     vmm_jail: VmmJailSettings = msgspec.field(default_factory=VmmJailSettings)
+    # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
+    fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
 
 
 ENV_PREFIX = "TARTARUS_"
