@@ -31,6 +31,7 @@ from tests.support.probe_guests import build_probe_guest
 
 from benches.harness import Stats, report, write_result
 from tartarus.binaries import find_binary
+from tartarus.runtime.cgroups import remove_empty_cgroups
 
 MEMORY_MIB = 64
 RUNS = 30
@@ -88,6 +89,7 @@ def ours_argv(guest: Path, workdir: Path) -> list[str]:
 
 
 JAIL_UID = 4_042_424
+BENCH_CGROUP = f"tartarus-bench-{os.getpid()}"
 
 
 def jailed_argv(guest: Path, workdir: Path) -> Callable[[], list[str]]:
@@ -104,7 +106,7 @@ def jailed_argv(guest: Path, workdir: Path) -> Callable[[], list[str]]:
             "gid": JAIL_UID,
             "chroot_base": str(workdir / "chroot"),
             "mounts": [{"source": str(guest), "destination": "/boot/vmlinux"}],
-            "cgroup": {"parent": "tartarus-bench/vmm"},
+            "cgroup": {"parent": BENCH_CGROUP},
         }
         path = workdir / f"{jail['id']}.json"
         path.write_text(json.dumps(jail))
@@ -197,6 +199,7 @@ def main() -> None:
             boot_once(jailed, kill=False)
             jailed_boots = [boot_once(jailed, kill=False) for _ in range(RUNS)]
             jailed_rate = rate(jailed, kill=False)
+            remove_empty_cgroups(BENCH_CGROUP)
             jailed_s = {
                 **summary(jailed_boots),
                 "vmms_per_second_2_at_a_time": round(jailed_rate, 1),

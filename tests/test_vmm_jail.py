@@ -26,6 +26,7 @@ from tartarus import codec
 from tartarus.config import Settings
 from tartarus.host.doctor import DoctorReport
 from tartarus.runtime.base import SandboxError
+from tartarus.runtime.cgroups import cgroup_mounts, remove_empty_cgroups
 from tartarus.runtime.microvm import (
     MicroVmRuntime,
     MicroVmSandbox,
@@ -112,10 +113,15 @@ def jailed(
         gid=UID,
         chroot_base=tmp_path / "chroot",
         mounts=mounts,
-        cgroup=JailCgroup(parent="tartarus-test/vmm", guest_memory_mib=guest_memory_mib),
+        cgroup=JailCgroup(parent=unique_cgroup_parent(), guest_memory_mib=guest_memory_mib),
     )
     give_to_jail(run_dir, jail)
     return Jailed(machine=machine, jail=jail, run_dir=run_dir)
+
+
+def unique_cgroup_parent() -> str:
+    """A parent cgroup of this test's own (one level: nothing shared to race over)."""
+    return f"tartarus-test-{uuid.uuid4().hex[:12]}"
 
 
 def write(path: Path, value: Any) -> Path:
@@ -160,8 +166,7 @@ def _cgroup_mounts() -> dict[str, Path]:
 
 def cgroup_dirs(jail: JailConfig) -> list[Path]:
     """Every directory the jail's cgroup may have, one per hierarchy."""
-    mounts = set(_cgroup_mounts().values())
-    return [m / jail.cgroup.parent / jail.id for m in mounts]
+    return [m / jail.cgroup.parent / jail.id for m in set(cgroup_mounts())]
 
 
 def memory_limit_file(jail: JailConfig) -> Path:
@@ -233,6 +238,9 @@ def assert_nothing_left(j: Jailed, pids: list[int]) -> None:
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(j.jail.chroot_base) not in mounts
     assert not any(j.run_dir.glob("*.sock")), "sockets left behind"
+    remove_empty_cgroups(j.jail.cgroup.parent)
+    for mount in cgroup_mounts():
+        assert not (mount / j.jail.cgroup.parent).exists()
 
 
 # ---- tests --------------------------------------------------------------------------
@@ -337,6 +345,7 @@ async def test_more_guest_ram_than_the_jail_allows_is_refused(
     proc = run_jailed(vmm_bin, tmp_path, j)
     assert proc.returncode == 3
     assert "jail allows 32 MiB" in proc.stderr
+    assert_nothing_left(j, [vmm.process.pid])
 
 
 def test_bad_jails_are_clear_errors_and_leave_nothing(
@@ -403,7 +412,7 @@ async def test_backend_machine_runs_jailed_with_disks_and_vsock(
     settings = Settings(
         runtime_dir=tmp_path / "run",
         cache_dir=tmp_path / "cache",
-        vmm_jail=VmmJailSettings(mode=JailMode.ALWAYS, cgroup_parent="tartarus-test/vmm"),
+        vmm_jail=VmmJailSettings(mode=JailMode.ALWAYS, cgroup_parent=unique_cgroup_parent()),
     )
     spec = SandboxSpec(
         id="jailed",

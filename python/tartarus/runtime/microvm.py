@@ -40,6 +40,7 @@ from tartarus.runtime.base import (
     NotSupportedError,
     SandboxError,
 )
+from tartarus.runtime.cgroups import remove_empty_cgroups
 from tartarus.runtime.types import (
     Backend,
     SandboxSpec,
@@ -126,8 +127,13 @@ class MicroVmRuntime:
         raise NotSupportedError(Backend.MICROVM, "restore")
 
     async def reap(self, keep: set[str]) -> list[str]:
-        """Kills VMM processes left by a previous server and removes their directories."""
+        """Kills VMM processes left by a previous server and removes their directories
+        (and, when nothing is kept, the jails' empty parent cgroups)."""
         removed: list[str] = []
+        if not keep:
+            await anyio.to_thread.run_sync(
+                remove_empty_cgroups, self.settings.vmm_jail.cgroup_parent
+            )
         if not self.sandboxes_dir.is_dir():
             return removed
         for workdir in sorted(self.sandboxes_dir.iterdir()):
