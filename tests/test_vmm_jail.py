@@ -422,7 +422,6 @@ async def test_backend_machine_runs_jailed_with_disks_and_vsock(
     sb = MicroVmSandbox(spec, build_probe_guest("virtio_probe"), tmp_path / "sandbox", settings)
     sb.run_dir.mkdir(parents=True)
     root = await sb.root_image()
-    root.chmod(0o644)
     scratch = await make_scratch_disk(sb.run_dir / "scratch.ext4", 16)
     host_machine = msgspec.structs.replace(
         sb.machine_config(root, scratch), cmdline="v", boot_protocol=BootProtocol.LINUX64
