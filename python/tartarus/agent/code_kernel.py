@@ -188,8 +188,8 @@ class _Answer:
     def result(self) -> CodeExecution:
         return CodeExecution(
             results=self.results,
-            stdout=self.stdout,
-            stderr=self.stderr,
+            stdout="".join(self.stdout).splitlines(keepends=True),
+            stderr="".join(self.stderr).splitlines(keepends=True),
             error=self.error,
             execution_count=self.count,
         )
