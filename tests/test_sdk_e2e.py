@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -295,3 +297,22 @@ async def test_run_code_is_a_stateful_interpreter(server: Server, backend: str) 
         assert "interrupted" in slow.error.value
         # The interrupt stopped the cell, not the interpreter: x is still there.
         assert (await sb.run_code("x")).results[0].text == "21"
+
+
+@pytest.mark.timeout(900)
+def test_readme_quick_start_runs_as_written(server: Server, backend: str) -> None:
+    """The README's Python block, verbatim, against this server (the python template is
+    built by the test above, or here)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = dict(server.env, TARTARUS_URL=server.url)
+    out = subprocess.run(
+        [sys.executable, "-c", block],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "42\nhi\n42\n"

@@ -56,8 +56,8 @@ def log_event(entry: LogEntry) -> LogEvent:
 
 
 def _resume_from(request: web.Request, since: int) -> int:
-    last = request.headers.get("Last-Event-ID")
-    if last is None:
+    last = request.headers.get("Last-Event-ID", "").strip()
+    if not last:
         return since
     try:
         return max(since, int(last))
