@@ -32,12 +32,12 @@ def _media_schema(media: str, body: Any, refs: dict[Any, dict[str, Any]]) -> dic
         return {"type": "string", "contentMediaType": OCTETS}
     if media == SSE:
         # Per event (OpenAPI 3.1 has no itemSchema; tools read `schema` as one event):
-        # `data` is a JSON document of the item type; the stream ends with an `end` event.
+        # `data` is a JSON document of the item type.
         return {
             "type": "object",
             "required": ["data"],
             "properties": {
-                "event": {"type": "string", "enum": ["log", "end"]},
+                "event": {"type": "string", "enum": ["log"]},
                 "id": {"type": "string"},
                 "data": {
                     "type": "string",
