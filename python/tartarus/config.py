@@ -17,6 +17,7 @@ import msgspec
 from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
+from tartarus.fleet.settings import FleetSettings
 from tartarus.secrets.settings import SecretsSettings
 
 
@@ -30,6 +31,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).
     secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
+    # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
+    fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
 
 
 ENV_PREFIX = "TARTARUS_"

@@ -25,6 +25,7 @@ from tartarus.api.types import (
     SandboxStatsInfo,
 )
 from tartarus.runtime.types import Backend, FileInfo, SandboxState
+from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk import sandbox as async_sandbox
 from tartarus.sdk.commands import CommandHandle as AsyncCommandHandle
 from tartarus.sdk.commands import CommandResult
@@ -269,6 +270,7 @@ class Sandbox:
         network: bool = False,
         trusted: bool = False,
         secrets: dict[str, str] | None = None,
+        placement: PlacementRules | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -285,6 +287,7 @@ class Sandbox:
                 network=network,
                 trusted=trusted,
                 secrets=secrets,
+                placement=placement,
                 url=url,
                 api_key=api_key,
             )

@@ -72,6 +72,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     owner: str = ""
     # Environment variable → secret reference (never the value), resolved at exec time.
     secrets: dict[str, str] = msgspec.field(default_factory=dict)
+    # The node agent that runs it (many hosts; empty on a single host).
+    node: str = ""
     seq: int = 0
 
     @property

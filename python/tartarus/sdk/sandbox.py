@@ -33,6 +33,7 @@ from tartarus.api.types import (
     SetTimeoutRequest,
 )
 from tartarus.runtime.types import Backend, SandboxState, TrustLevel
+from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import Commands
 from tartarus.sdk.errors import NotFoundError
@@ -75,6 +76,7 @@ class Sandbox:
         network: bool = False,
         trusted: bool = False,
         secrets: dict[str, str] | None = None,
+        placement: PlacementRules | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -83,7 +85,8 @@ class Sandbox:
         seconds unless `set_timeout` moves the deadline. Retries of a failed request
         reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
         environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
-        that every command gets, resolved by the server at exec time."""
+        that every command gets, resolved by the server at exec time. `placement` says
+        where it may run when the server schedules a fleet of nodes (docs/fleet.md)."""
         resources = ResourcesBody()
         if vcpus is not None:
             resources = msgspec.structs.replace(resources, vcpus=vcpus)
@@ -99,6 +102,7 @@ class Sandbox:
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
             secrets=secrets or {},
+            placement=placement,
         )
 
         async def make() -> Sandbox:

@@ -12,7 +12,8 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,7 @@ from tartarus.errors import TartarusError
 from tartarus.paths import ensure_private_dir
 from tartarus.secrets.redaction import install_log_redaction
 from tartarus.server.app import build_app
+from tartarus.server.plugins import ServerPlugin
 from tartarus.server.routes.service import ACCEPTING
 from tartarus.server.security import Security
 
@@ -82,13 +84,17 @@ async def serve(
     settings: Settings,
     options: ServeOptions,
     *,
+    provider: HostRuntimes | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
+    plugins: Sequence[ServerPlugin] = (),
+    open_store: Callable[[Path], Store] = Store,
+    timeout_grace_s: float | None = None,
 ) -> None:
     runtime_dir = ensure_private_dir(settings.runtime_dir)
     ensure_private_dir(settings.state_dir)
     lock_fd = _lock(runtime_dir)
-    store = Store(state_db_path(settings))
+    store = open_store(state_db_path(settings))
     security = Security.open(settings, owner_uid=os.getuid(), static_key=options.api_key)
     try:
         _refuse_open_exposure(options, security)
@@ -96,13 +102,21 @@ async def serve(
         tls = ReloadingTls(settings.auth.tls) if settings.auth.tls is not None else None
         manager = SandboxManager(
             store,
-            HostRuntimes(settings),
+            provider or HostRuntimes(settings),
             grace_s=options.grace_s,
             admission=security.judges,
+            timeout_grace_s=timeout_grace_s,
         )
-        async with manager.running():
+        async with manager.running(), AsyncExitStack() as extensions:
             manager.spawn(security.prune_forever)
-            app = build_app(manager, security)
+            app = build_app(
+                manager,
+                security,
+                middlewares=[m for p in plugins for m in p.middlewares()],
+                tables=[t for p in plugins for t in p.route_tables()],
+            )
+            for plugin in plugins:
+                await extensions.enter_async_context(plugin.running(manager, app))
             runner = web.AppRunner(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
@@ -113,6 +127,7 @@ async def serve(
             await _wait_for_stop(stop)
             log.info("shutting down: draining requests, then stopping sandboxes")
             app[ACCEPTING][0] = False
+            await extensions.aclose()
             await runner.cleanup()
             for endpoint in endpoints:
                 if endpoint.path is not None:
