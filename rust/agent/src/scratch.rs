@@ -103,8 +103,9 @@ fn pivot_into_overlay() -> Result<(), String> {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
     }
     let submounts = read_submounts()?;
+    // `redirect_dir=on`: directories of the template can be renamed (else EXDEV).
     // `volatile`: no syncs to a disk that is thrown away when the sandbox ends.
-    let options = format!("lowerdir=/,upperdir={UPPER},workdir={WORK},volatile");
+    let options = format!("lowerdir=/,upperdir={UPPER},workdir={WORK},redirect_dir=on,volatile");
     mount(
         Some("overlay"),
         MERGED,
