@@ -8,7 +8,8 @@ its own uid, a cgroup for guest RAM plus overhead. Three virtio devices:
 - `/dev/vda`: the template's ext4 image (from `tartarus.images`, or made from
   `spec.rootfs`), read-only, with `/sbin/init` -> `tartarus-agent`;
 - `/dev/vdb`: a per-sandbox ext4 scratch disk of `resources.disk_mib`, which the VMM
-  wipes and removes when it exits (Lethe);
+  wipes and removes when it exits (Lethe); the agent (PID 1) makes it the upper layer
+  of an overlay over the read-only root (`tartarus.scratch=`), so `/` is writable;
 - vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
   unix socket `vm/vsock.sock` (`CONNECT 1024`).
 `start` returns once the agent answers the protocol handshake over vsock. Lifecycle
@@ -66,8 +67,8 @@ from tartarus.runtime.vmm_jail import JailConfig, sandbox_jail
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux"
-# The root image read-only, the agent as PID 1 serving vsock port 1024 (after `--`,
-# the kernel passes arguments to init).
+# The root image read-only, the scratch disk for the agent's overlay root, the agent as
+# PID 1 serving vsock port 1024 (after `--`, the kernel passes arguments to init).
 AGENT_PORT = 1024
 GUEST_CID = 3
 AGENT_CMDLINE = (
