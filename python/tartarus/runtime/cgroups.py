@@ -127,7 +127,11 @@ class CgroupReader:
         if not pids:
             pids = len(self.pids())
         return SandboxStats(
-            cpu_seconds=round(cpu_s, 6), memory_bytes=memory, memory_limit_bytes=limit, pids=pids
+            cpu_seconds=round(cpu_s, 6),
+            memory_bytes=memory,
+            memory_limit_bytes=limit,
+            pids=pids,
+            oom_kills=self.oom_kills(),
         )
 
     def pids(self) -> set[int]:

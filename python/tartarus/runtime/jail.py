@@ -4,9 +4,9 @@ seccomp profile; the host talks to the agent over a unix socket in a directory b
 into the jail at `/.tartarus/run`.
 
 Per sandbox, under `<state>/jail/<id>/`: `config.json` (what `tartarus-jail` runs),
-`started.json` (its `started` event: init's pid and the cgroup directories, kept for
-`reap`), `work/` (an empty mount point; the scratch tmpfs lives only inside the jail),
-`run/agent.sock` and `agent.log`.
+`supervisor.pid` and `started.json` (its `started` event: init's pid and the cgroup
+directories), both kept for `reap`, `work/` (an empty mount point; the scratch tmpfs
+lives only inside the jail), `run/agent.sock` and `agent.log`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import anyio
 import anyio.abc
@@ -52,6 +53,9 @@ from tartarus.runtime.types import (
 )
 
 START_TIMEOUT_S: Final = 30.0
+# How long `reap` waits for a killed supervisor to go.
+REAP_WAIT_S: Final = 5.0
+SUPERVISOR_PID: Final = "supervisor.pid"
 _EVENT_LINE_MAX: Final = 64 << 10
 
 
@@ -138,6 +142,9 @@ class JailSandbox(HostedAgentSandbox):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        # Written before the jail reports anything: if this process dies before it reads
+        # the `started` event, `reap` still finds the jail by its supervisor.
+        (self._dir / SUPERVISOR_PID).write_text(f"{self._process.pid}\n")
         assert self._process.stdout is not None
         self._events = BufferedByteReceiveStream(self._process.stdout)
         try:
@@ -284,7 +291,7 @@ class JailRuntime:
 
     def remove_cgroup_scope(self) -> None:
         """Removes this runtime's (empty) parent cgroups; one still in use stays."""
-        for mount in _cgroup_mounts():
+        for _, mount in _cgroup_mounts():
             with contextlib.suppress(OSError):
                 (mount / self.cgroup_parent).rmdir()
 
@@ -300,35 +307,80 @@ class JailRuntime:
         for entry in sorted(self._root.iterdir()):
             if entry.name in keep:
                 continue
-            started = entry / "started.json"
-            if started.is_file():
-                event = _decode_event.decode(started.read_bytes())
-                if isinstance(event, StartedEvent):
-                    if _is_jail_process(event.pid):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(event.pid, signal.SIGKILL)
-                    reader = CgroupReader(event.cgroup_dirs())
-                    await anyio.to_thread.run_sync(reader.kill_and_remove)
+            await anyio.to_thread.run_sync(self._reap_one, entry)
             await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
             removed.append(entry.name)
         return removed
 
+    def _reap_one(self, directory: Path) -> None:
+        """Kills one jail left behind and removes its cgroups. Its init and everything
+        in its cgroup are killed (found through its `started` event when its host read
+        one, else through the cgroup its config names); its supervisor then reaps init,
+        removes the cgroup and exits, and is killed if it does not (one stopped before
+        the jail's cgroup existed: its init dies with it, PR_SET_PDEATHSIG)."""
+        dirs: list[CgroupDir] = []
+        with contextlib.suppress(OSError, msgspec.DecodeError):
+            event = _decode_event.decode((directory / "started.json").read_bytes())
+            if isinstance(event, StartedEvent):
+                dirs = event.cgroup_dirs()
+                _kill_jail_process(event.pid, directory)
+        if not dirs:
+            with contextlib.suppress(OSError, msgspec.DecodeError):
+                config = msgspec.json.decode(
+                    (directory / "config.json").read_bytes(),
+                    type=JailConfig,
+                    dec_hook=codec.dec_hook,
+                )
+                if config.cgroup is not None:
+                    dirs = _cgroup_dirs_named(f"{config.cgroup.parent}/{config.cgroup.name}")
+        cgroup = CgroupReader(dirs)
+        for pid in cgroup.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            supervisor = int((directory / SUPERVISOR_PID).read_text())
+            deadline = time.monotonic() + REAP_WAIT_S
+            while _is_jail_process(supervisor, directory) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _kill_jail_process(supervisor, directory)
+        cgroup.kill_and_remove()
 
-def _cgroup_mounts() -> list[Path]:
-    """Mount points of every cgroup hierarchy (v1 and v2)."""
-    mounts = []
+
+def _cgroup_mounts() -> list[tuple[Literal["v1", "v2"], Path]]:
+    """Version and mount point of every cgroup hierarchy."""
+    mounts: list[tuple[Literal["v1", "v2"], Path]] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             left, _, right = line.partition(" - ")
             fields = left.split()
-            if right.split()[:1] in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
-                mounts.append(Path(fields[4]))
+            fstype = right.split()[:1]
+            if fstype in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
+                mounts.append(("v2" if fstype == ["cgroup2"] else "v1", Path(fields[4])))
     return mounts
 
 
-def _is_jail_process(pid: int) -> bool:
-    """True if `pid` still is a tartarus-jail (and not a recycled pid)."""
+def _cgroup_dirs_named(relative: str) -> list[CgroupDir]:
+    """The directories of cgroup `relative` that exist, in every hierarchy."""
+    return [
+        CgroupDir(version=version, path=mount / relative)
+        for version, mount in _cgroup_mounts()
+        if (mount / relative).is_dir()
+    ]
+
+
+def _is_jail_process(pid: int, directory: Path) -> bool:
+    """True if `pid` still is a tartarus-jail (supervisor or init) of the jail in
+    `directory` (and not a recycled pid)."""
     try:
-        return b"tartarus-jail" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return b"tartarus-jail" in cmdline and os.fsencode(directory / "config.json") in cmdline
+
+
+def _kill_jail_process(pid: int, directory: Path) -> bool:
+    if not _is_jail_process(pid, directory):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
