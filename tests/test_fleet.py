@@ -189,7 +189,6 @@ def test_timeout_kills_within_a_second_and_is_an_event(api: Server, tmp_path: Pa
             lambda: call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"],
             what="the Alecto event",
         )
-        print("ALECTO", events[0]["detail"])
         assert events[0]["fury"] == "alecto" and events[0]["action"] == "kill"
         assert events[0]["value"] < 1.0  # seconds past the deadline
     finally:
