@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -31,7 +31,7 @@ from tartarus import codec
 from tartarus.binaries import find_binary
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import NotSupportedError, SandboxError
-from tartarus.runtime.cgroups import CgroupDir, CgroupReader
+from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_dirs_named, cgroup_mounts
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
@@ -291,7 +291,7 @@ class JailRuntime:
 
     def remove_cgroup_scope(self) -> None:
         """Removes this runtime's (empty) parent cgroups; one still in use stays."""
-        for _, mount in _cgroup_mounts():
+        for mount in cgroup_mounts():
             with contextlib.suppress(OSError):
                 (mount / self.cgroup_parent).rmdir()
 
@@ -332,7 +332,7 @@ class JailRuntime:
                     dec_hook=codec.dec_hook,
                 )
                 if config.cgroup is not None:
-                    dirs = _cgroup_dirs_named(f"{config.cgroup.parent}/{config.cgroup.name}")
+                    dirs = cgroup_dirs_named(f"{config.cgroup.parent}/{config.cgroup.name}")
         cgroup = CgroupReader(dirs)
         for pid in cgroup.pids():
             with contextlib.suppress(ProcessLookupError):
@@ -344,28 +344,6 @@ class JailRuntime:
                 time.sleep(0.01)
             _kill_jail_process(supervisor, directory)
         cgroup.kill_and_remove()
-
-
-def _cgroup_mounts() -> list[tuple[Literal["v1", "v2"], Path]]:
-    """Version and mount point of every cgroup hierarchy."""
-    mounts: list[tuple[Literal["v1", "v2"], Path]] = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            fstype = right.split()[:1]
-            if fstype in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
-                mounts.append(("v2" if fstype == ["cgroup2"] else "v1", Path(fields[4])))
-    return mounts
-
-
-def _cgroup_dirs_named(relative: str) -> list[CgroupDir]:
-    """The directories of cgroup `relative` that exist, in every hierarchy."""
-    return [
-        CgroupDir(version=version, path=mount / relative)
-        for version, mount in _cgroup_mounts()
-        if (mount / relative).is_dir()
-    ]
 
 
 def _is_jail_process(pid: int, directory: Path) -> bool:
