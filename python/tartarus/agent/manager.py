@@ -43,6 +43,8 @@ TEARDOWN_SLACK_S = 15.0
 # Ended sandboxes are remembered this long (for `inspect` and `ps -a`).
 RETENTION_S = 24 * 3600.0
 EXPIRY_TICK_S = 0.25
+# The shortest sleep of the expiry loop (no busy loop on a deadline already handled).
+EXPIRY_MIN_S = 0.005
 
 
 @dataclass(eq=False)
@@ -137,9 +139,18 @@ class SandboxManager:
         return [r.id for r in orphans]
 
     async def expire_forever(self) -> None:
-        """Stops sandboxes whose deadline passed; runs until cancelled."""
+        """Stops sandboxes whose deadline passed; runs until cancelled. It wakes at the
+        next deadline (at least every tick, since deadlines move), and ends every
+        sandbox due at once in parallel, so none waits for another's teardown."""
         while True:
-            await anyio.sleep(EXPIRY_TICK_S)
+            now = time.time()
+            deadlines = [
+                live.record.expires_at
+                for live in self._live.values()
+                if not live.closing and live.record.expires_at is not None
+            ]
+            next_due = min([EXPIRY_TICK_S, *(d - now for d in deadlines)])
+            await anyio.sleep(max(EXPIRY_MIN_S, next_due))
             now = time.time()
             due = [
                 live
@@ -148,10 +159,11 @@ class SandboxManager:
                 and live.record.expires_at is not None
                 and live.record.expires_at <= now
             ]
-            for live in due:
-                await self._end(
-                    live, SandboxState.STOPPED, "timed out", grace_s=self.timeout_grace_s
-                )
+            async with anyio.create_task_group() as tg:
+                for live in due:
+                    tg.start_soon(
+                        self._end, live, SandboxState.STOPPED, "timed out", self.timeout_grace_s
+                    )
 
     async def shutdown(self) -> None:
         """Refuses new sandboxes, then stops every live one with its grace period."""
@@ -386,13 +398,16 @@ class SandboxManager:
                     except Exception:
                         log.exception("closing a service of sandbox %s failed", live.record.id)
                 await self._teardown(live.sandbox, grace_s=grace_s)
+                # The sandbox ended when its teardown did; unpinning its template writes
+                # to the blob store, shared with every build on the host, and may wait.
+                ended_at = time.time()
                 try:
                     await self.provider.release(live.record.id)
                 except Exception:
                     log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
                 live.record.detail = detail
-                live.record.ended_at = time.time()
+                live.record.ended_at = ended_at
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
                 live.ended.set()

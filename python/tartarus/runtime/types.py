@@ -157,6 +157,9 @@ class SandboxStats(msgspec.Struct, frozen=True, kw_only=True):
     memory_bytes: int
     memory_limit_bytes: int | None = None
     pids: int = 0
+    # Processes the kernel killed at the memory limit since the sandbox started (backends
+    # with a host cgroup; 0 elsewhere).
+    oom_kills: int = 0
 
 
 class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):

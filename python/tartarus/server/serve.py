@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -121,10 +121,13 @@ async def serve(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
             await runner.setup()
-            endpoints = await _listen(runner, options, settings, tls)
-            if on_ready is not None:
-                on_ready(endpoints)
-            await _wait_for_stop(stop)
+            # The handlers are in place before anyone is told the server is ready: a
+            # SIGTERM sent right after the announcement is a clean stop, not a kill.
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                endpoints = await _listen(runner, options, settings, tls)
+                if on_ready is not None:
+                    on_ready(endpoints)
+                await _wait_for_stop(signals, stop)
             log.info("shutting down: draining requests, then stopping sandboxes")
             app[ACCEPTING][0] = False
             await extensions.aclose()
@@ -177,14 +180,13 @@ async def _listen(
     return endpoints
 
 
-async def _wait_for_stop(stop: anyio.Event | None) -> None:
+async def _wait_for_stop(signals: AsyncIterator[int], stop: anyio.Event | None) -> None:
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                return
 
         tg.start_soon(on_signal)
         if stop is not None:
