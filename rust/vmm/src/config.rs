@@ -47,6 +47,10 @@ pub struct MachineConfig {
     /// Stop the guest after this many milliseconds of running (paused time included).
     #[serde(default)]
     pub wall_clock_limit_ms: Option<u64>,
+    /// Have KVM log the pages the guest writes, so that diff snapshots can be taken
+    /// after a full one (machines restored from a snapshot can take diffs without it).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn one() -> u8 {

@@ -9,6 +9,8 @@
 //!     serve the control API on PATH (and boot FILE right away if given)
 //! tartarus-vmm seccomp-selftest api|vcpu
 //!     install that thread's filter, then make a call it forbids: the process must die
+//! tartarus-vmm inspect-snapshot FILE [--verify]
+//!     check a snapshot (its memory too with --verify) and print what it holds (JSON)
 //! ```
 //! Exit status: 0 when the guest reset, shut down or halted (or `stop` was asked),
 //! 1 for any other guest exit, 2 for usage errors, 3 when the VMM could not start.
@@ -28,7 +30,8 @@ use tartarus_vmm::vmm::Vmm;
 
 const USAGE: &str = "usage: tartarus-vmm --version | probe | \
 run --config FILE [--no-seccomp] | \
-serve --api-sock PATH [--config FILE] [--no-seccomp]";
+serve --api-sock PATH [--config FILE] [--no-seccomp] | \
+inspect-snapshot FILE [--verify]";
 
 #[derive(Default)]
 struct Args {
@@ -178,6 +181,28 @@ fn seccomp_selftest(kind: Option<&str>) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Exit status 0 and the summary, or 1 and why the snapshot is refused.
+fn inspect_snapshot(rest: &[String]) -> ExitCode {
+    let (path, verify) = match rest {
+        [path] => (path, false),
+        [path, flag] if flag == "--verify" => (path, true),
+        _ => {
+            eprintln!("usage: tartarus-vmm inspect-snapshot FILE [--verify]");
+            return ExitCode::from(2);
+        }
+    };
+    match tartarus_vmm::snapshot::inspect(std::path::Path::new(path), verify) {
+        Ok(summary) => {
+            println!("{}", json!(summary));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tartarus-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     mark_process_start();
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -187,6 +212,9 @@ fn main() -> ExitCode {
     };
     if command == "seccomp-selftest" {
         return seccomp_selftest(argv.get(1).map(String::as_str));
+    }
+    if command == "inspect-snapshot" {
+        return inspect_snapshot(&argv[1..]);
     }
     let args = match parse_args(&argv[1..]) {
         Ok(a) => a,
