@@ -7,6 +7,13 @@ __version__: str
 
 def probe_host(disk_path: str | PathLike[str]) -> dict[str, Any]: ...
 
+def inspect_snapshot(path: str | PathLike[str], verify_memory: bool = False) -> dict[str, Any]:
+    """Checks a microVM snapshot file and returns its header and state summary."""
+    ...
+
+class SnapshotError(Exception):
+    """A microVM snapshot file is unusable or unreadable; the message says why."""
+
 class VmmError(Exception):
     """A tartarus-vmm request failed. `args` is `(kind, message)`: `kind` is `connect`,
     `io`, `decode`, or the API's error kind (`bad_request`, `invalid_state`, `config`,

@@ -1,11 +1,17 @@
 """The microVM backend: one `tartarus-vmm` process (our Rust VMM on KVM) per sandbox.
 
 A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the template's
-guest kernel. Lifecycle (start, status, stats, stop, kill, reap) goes through the VMM's
-control socket (`vmm_api.VmmProcess`). Running commands needs the guest agent over
-virtio-vsock, which the VMM does not have yet, so those operations raise
-`NotSupportedError`. On hosts whose KVM cannot run a full guest (the doctor decides)
-`create` raises `BackendUnavailableError` with the doctor's reason.
+guest kernel, or restored from a snapshot (Nyx). Lifecycle (start, status, stats,
+snapshot, restore, stop, kill, reap) goes through the VMM's control socket
+(`vmm_api.VmmProcess`). Running commands needs the guest agent over virtio-vsock,
+which the VMM does not have yet, so those operations raise `NotSupportedError`. On
+hosts whose KVM cannot run a full guest (the doctor decides) `create` raises
+`BackendUnavailableError` with the doctor's reason; `restore` only needs a KVM it can
+open, since a restored guest does not boot.
+
+A snapshot is one file, `vm.snap` (`rust/vmm/src/snapshot/format.rs`). A sandbox that
+was itself restored from a snapshot takes diff snapshots against that snapshot (only
+the pages it changed); `SnapshotInfo.base` then names the parent.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import shutil
 import signal
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
+
+import anyio
 
 from tartarus.config import Settings, load_settings
 from tartarus.host.doctor import DoctorReport, run_doctor
@@ -38,7 +46,15 @@ from tartarus.runtime.types import (
     SandboxStatus,
     SnapshotInfo,
 )
-from tartarus.runtime.vmm_api import MachineConfig, SerialFile, VmmProcess, VmState
+from tartarus.runtime.vmm_api import (
+    MachineConfig,
+    RestoreOptions,
+    RestoreReport,
+    SerialFile,
+    SnapshotKind,
+    VmmProcess,
+    VmState,
+)
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
@@ -51,6 +67,21 @@ _STATES = {
     VmState.PAUSED: SandboxState.PAUSED,
 }
 _CLEAN_EXITS = {"reset", "shutdown", "halt", "stopped"}
+SNAPSHOT_FILE = "vm.snap"
+
+
+def clone_id_of(sandbox_id: str) -> int:
+    """The number a restored guest reads as its clone id: the sandbox id's 64 bits."""
+    digits = sandbox_id.removeprefix("sb-")
+    try:
+        return int(digits, 16) & (2**64 - 1)
+    except ValueError:
+        return int.from_bytes(sandbox_id.encode()[:8].ljust(8, b"\0"), "little")
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class MicroVmRuntime:
@@ -66,6 +97,9 @@ class MicroVmRuntime:
         self.settings = settings or load_settings()
         self.kernel = kernel
         self._doctor = doctor
+        # Snapshot files whose guest memory this process checked once; later restores
+        # of the same (unchanged) file skip reading all of it again.
+        self._verified: set[tuple[str, int, int, int]] = set()
 
     @property
     def backend(self) -> Backend:
@@ -92,7 +126,23 @@ class MicroVmRuntime:
         return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id)
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> MicroVmSandbox:
-        raise NotSupportedError(Backend.MICROVM, "restore")
+        """Starts a VMM restored from `snapshot` (running: a restored guest needs no
+        `start`). The guest reads the sandbox id as its clone id."""
+        if snapshot.backend is not Backend.MICROVM:
+            raise SandboxError(f"a {snapshot.backend.value} snapshot cannot restore a microVM")
+        kvm = (self._doctor or run_doctor(self.settings)).kernel.kvm
+        if not kvm.openable:
+            raise BackendUnavailableError(f"microvm restore needs /dev/kvm: {kvm.detail}")
+        files = [snapshot.path] + ([snapshot.base] if snapshot.base else [])
+        try:
+            keys = [_file_key(f) for f in files]
+        except OSError as e:
+            raise SandboxError(f"snapshot {snapshot.path} cannot be read: {e}") from e
+        verify = not all(k in self._verified for k in keys)
+        sandbox = MicroVmSandbox(spec, None, self.sandboxes_dir / spec.id)
+        await sandbox.start_restored(snapshot, verify_memory=verify)
+        self._verified.update(keys)
+        return sandbox
 
     async def reap(self, keep: set[str]) -> list[str]:
         """Kills VMM processes left by a previous server and removes their directories."""
@@ -121,11 +171,14 @@ def _kill_recorded_vmm(workdir: Path) -> None:
 
 
 class MicroVmSandbox:
-    def __init__(self, spec: SandboxSpec, kernel: Path, workdir: Path) -> None:
+    def __init__(self, spec: SandboxSpec, kernel: Path | None, workdir: Path) -> None:
         self.spec = spec
         self.kernel = kernel
         self.workdir = workdir
         self._vmm: VmmProcess | None = None
+        # Set when restored: the full snapshot memory maps, and what the restore said.
+        self.restored_from: Path | None = None
+        self.restore_report: RestoreReport | None = None
 
     @property
     def id(self) -> str:
@@ -136,6 +189,8 @@ class MicroVmSandbox:
         return Backend.MICROVM
 
     def machine_config(self) -> MachineConfig:
+        if self.kernel is None:
+            raise SandboxError(f"sandbox {self.id} has no guest kernel to boot")
         return MachineConfig(
             vcpus=max(1, math.ceil(self.spec.resources.vcpus)),
             memory_mib=self.spec.resources.memory_mib,
@@ -154,6 +209,25 @@ class MicroVmSandbox:
         except SandboxError:
             await self.kill()
             raise
+
+    async def start_restored(self, snapshot: SnapshotInfo, *, verify_memory: bool) -> None:
+        """Launches a VMM and restores `snapshot` (a full one, or a diff on its base)."""
+        if self._vmm is not None:
+            raise SandboxError(f"sandbox {self.id} is already started")
+        self._vmm = await VmmProcess.launch(self.workdir)
+        options = RestoreOptions(
+            snapshot=snapshot.path,
+            base=snapshot.base,
+            serial=SerialFile(path=self.workdir / "console.log"),
+            clone_id=clone_id_of(self.id),
+            verify_memory=verify_memory,
+        )
+        try:
+            _, self.restore_report = await self._vmm.restore(options)
+        except SandboxError:
+            await self.kill()
+            raise
+        self.restored_from = snapshot.base or snapshot.path
 
     async def status(self) -> SandboxStatus:
         if self._vmm is None:
@@ -242,4 +316,19 @@ class MicroVmSandbox:
         raise NotSupportedError(Backend.MICROVM, "rename")
 
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
-        raise NotSupportedError(Backend.MICROVM, "snapshot")
+        """Writes `dest_dir/vm.snap`: a diff against the snapshot this sandbox was
+        restored from (if that file is still there), else a full snapshot. The guest
+        keeps running."""
+        if self._vmm is None:
+            raise SandboxError(f"sandbox {self.id} is not started")
+        await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        base = self.restored_from if self.restored_from and self.restored_from.exists() else None
+        kind = SnapshotKind.DIFF if base else SnapshotKind.FULL
+        report = await self._vmm.snapshot(dest_dir / SNAPSHOT_FILE, kind)
+        return SnapshotInfo(
+            backend=Backend.MICROVM,
+            path=report.path,
+            size_bytes=report.file_bytes,
+            source_sandbox=self.id,
+            base=base,
+        )

@@ -69,6 +69,7 @@ class MachineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     serial_limit_bytes: int = DEFAULT_SERIAL_LIMIT
     memory: MemoryBacking = msgspec.field(default_factory=MemoryBacking)
     wall_clock_limit_ms: int | None = None
+    track_dirty_pages: bool = False
 
 
 class VmExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +125,49 @@ class VmmMetrics(msgspec.Struct, frozen=True, kw_only=True):
     unclaimed_mmio_writes: int = 0
     serial_bytes: int = 0
     serial_dropped_bytes: int = 0
+
+
+class SnapshotKind(StrEnum):
+    FULL = "full"
+    DIFF = "diff"
+
+
+class SnapshotReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What the VMM's `snapshot` wrote (`rust/vmm/src/snapshot/mod.rs`)."""
+
+    path: Path
+    id: str
+    kind: SnapshotKind
+    parent: str | None = None
+    file_bytes: int
+    memory_bytes: int
+    pages: int
+    vcpus: int
+    duration_us: int
+
+
+class RestoreOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `restore` request: a full snapshot, or a diff and its `base`."""
+
+    snapshot: Path
+    base: Path | None = None
+    serial: SerialConfig | None = None
+    wall_clock_limit_ms: int | None = None
+    track_dirty_pages: bool | None = None
+    clone_id: int = 0
+    verify_memory: bool = True
+    resume: bool = True
+
+
+class RestoreReport(msgspec.Struct, frozen=True, kw_only=True):
+    snapshot_id: str
+    kind: SnapshotKind
+    base_id: str | None = None
+    generation: int
+    clone_id: int
+    vm_id: str
+    memory_verified: bool
+    duration_us: int
 
 
 class VmmError(SandboxError):
@@ -216,6 +260,18 @@ class VmmProcess:
 
     async def wait(self, timeout_s: float) -> StateReport:
         return await self._report("wait", timeout_ms=max(0, int(timeout_s * 1000)))
+
+    async def snapshot(self, path: Path, kind: SnapshotKind = SnapshotKind.FULL) -> SnapshotReport:
+        """Writes a snapshot of the running or paused guest; the guest is left as it was."""
+        answer = await self.request({"op": "snapshot", "path": str(path), "kind": kind.value})
+        return codec.convert(answer["snapshot"], SnapshotReport)
+
+    async def restore(self, options: RestoreOptions) -> tuple[StateReport, RestoreReport]:
+        """Builds this (fresh) VMM's machine from a snapshot."""
+        body = msgspec.to_builtins(options, enc_hook=codec.enc_hook)
+        answer = await self.request({"op": "restore", **body})
+        report = codec.convert(answer.pop("restore"), RestoreReport)
+        return codec.convert(answer, StateReport), report
 
     async def metrics(self) -> VmmMetrics:
         return codec.convert(await self.request({"op": "metrics"}), VmmMetrics)

@@ -12,6 +12,8 @@
  *   compute [N]    N rounds of xorshift64 (default 200000), a '.' every 16384 rounds
  *   gen [N]        compute N, then print what the generation device (clone identity)
  *                  says: generation, clone index, VM id and entropy (first 8 bytes)
+ *   walk [N]       N rounds adding the round number to the next page of RAM above the
+ *                  image (a '.' every 4096 rounds), then print a weighted sum of pages
  *   ports          unclaimed port and MMIO reads and writes, report what came back
  *   spin           print, then loop forever
  *   int3           execute int3 (an exception)
@@ -155,6 +157,8 @@ main:
     je prog_int3
     cmp al, 'g'
     je prog_gen
+    cmp al, 'w'
+    je prog_walk
     lea rsi, [rip + msg_unknown]
     call puts
     jmp reset
@@ -266,6 +270,54 @@ prog_gen:
     lea rsi, [rip + msg_gen_entropy]
     call puts
     mov rax, [rbx + 48]
+    call puthex
+    call newline
+    jmp reset
+
+/* walk [N]: memory that changes as the guest runs (for diff snapshots). */
+prog_walk:
+    lea rsi, [r12 + 4]
+    call parse_count
+    mov r14, offset _end
+    add r14, 0x1fffff
+    and r14, ~0x1fffff              /* first page */
+    mov r15, r13
+    sub r15, r14
+    shr r15, 12                     /* page count */
+    xor r8, r8                      /* round */
+    xor r9, r9                      /* page index */
+60: cmp r8, rcx
+    jae 62f
+    mov rax, r9
+    shl rax, 12
+    add [r14 + rax], r8
+    inc r8
+    inc r9
+    cmp r9, r15
+    jb 61f
+    xor r9, r9
+61: test r8d, 0xfff
+    jnz 60b
+    mov al, '.'
+    mov dx, COM1
+    out dx, al
+    jmp 60b
+62: xor r10, r10                    /* sum of page value * (page index + 1) */
+    xor r9, r9
+63: cmp r9, r15
+    jae 64f
+    mov rax, r9
+    shl rax, 12
+    mov rax, [r14 + rax]
+    lea rdx, [r9 + 1]
+    imul rax, rdx
+    add r10, rax
+    inc r9
+    jmp 63b
+64: call newline
+    lea rsi, [rip + msg_walk]
+    call puts
+    mov rax, r10
     call puthex
     call newline
     jmp reset
@@ -406,6 +458,7 @@ msg_pages:      .asciz " pages="
 msg_errors:     .asciz " errors="
 msg_top:        .asciz " top="
 msg_compute:    .asciz "compute="
+msg_walk:       .asciz "walk="
 msg_gen_magic:  .asciz " magic="
 msg_gen_generation: .asciz " generation="
 msg_gen_clone:  .asciz " clone="
