@@ -9,6 +9,7 @@ whose KVM runs full guests (`kvm_full`).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import re
@@ -28,7 +29,9 @@ from tartarus.runtime.microvm import MicroVmRuntime, clone_id_of
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState, SnapshotInfo
 from tartarus.runtime.vmm_api import (
     BootProtocol,
+    DriveConfig,
     MachineConfig,
+    RateLimit,
     RestoreOptions,
     SerialFile,
     SnapshotKind,
@@ -275,6 +278,34 @@ async def test_a_diff_needs_a_parent(vmm_bin: str, guest: Path, tmp_path: Path) 
         assert not partial, "no partial file is left"
 
 
+# ---- virtio devices ----------------------------------------------------------------
+
+
+async def test_a_disk_read_held_back_by_a_rate_limit_finishes_after_restore(
+    vmm_bin: str, tmp_path: Path
+) -> None:
+    """The virtio probe reads a 4 MiB disk at 1 MiB/s: a snapshot lands mid-read, with
+    requests queued, and the restored clone's disk picks them up and finishes."""
+    guest = build_probe_guest("virtio_probe")
+    disk = tmp_path / "disk.img"
+    data = os.urandom(4 << 20)
+    await anyio.Path(disk).write_bytes(data)
+    drive = DriveConfig(path=disk, read_only=True, rate_limit=RateLimit(bytes_per_sec=1 << 20))
+    serial = tmp_path / "origin.log"
+    snap = tmp_path / "disk.snap"
+    async with vmm_at(tmp_path / "origin") as vmm:
+        await vmm.configure(machine(guest, serial, "b", memory_mib=16, drives=[drive]))
+        await vmm.start()
+        await anyio.sleep(1)  # the read takes at least 3 s at this rate
+        assert (await vmm.pause()).state is VmState.PAUSED
+        assert serial.read_text() == "", "the guest has not finished reading"
+        await vmm.snapshot(snap)
+    assert len(_core.inspect_snapshot(snap)["drives"]) == 1
+    out = await restore_and_finish(snap, tmp_path / "clone", drives=[drive])
+    total = sum(array.array("Q", data)) & (2**64 - 1)
+    assert out == f"blk capacity={(4 << 20) // 512:016x} sum={total:016x}\n"
+
+
 # ---- refusals ----------------------------------------------------------------------
 
 
@@ -379,9 +410,12 @@ async def test_microvm_backend_restores_and_takes_diffs(
     vmm_bin: str, guest: Path, tmp_path: Path, doctor_report: DoctorReport
 ) -> None:
     snap, _ = await snapshot_mid_gen(guest, tmp_path)
+    snap_dir = tmp_path / "taken"
+    await anyio.Path(snap_dir).mkdir()
+    await anyio.Path(snap).rename(snap_dir / "vm.snap")
     settings = Settings(runtime_dir=tmp_path / "run")
     runtime = MicroVmRuntime(settings=settings, doctor=doctor_report)
-    info = SnapshotInfo(backend=Backend.MICROVM, path=snap, size_bytes=0, source_sandbox="x")
+    info = SnapshotInfo(backend=Backend.MICROVM, path=snap_dir, size_bytes=0, source_sandbox="x")
     spec = SandboxSpec(id="sb-00000000000000ff", backend=Backend.MICROVM)
     sandbox = await runtime.restore(info, spec)
     try:
@@ -389,8 +423,8 @@ async def test_microvm_backend_restores_and_takes_diffs(
         assert sandbox.restore_report.memory_verified, "the first restore checks memory"
         assert sandbox.restore_report.clone_id == clone_id_of(spec.id) == 0xFF
         diff = await sandbox.snapshot(tmp_path / "out")
-        assert diff.base == snap and diff.path.is_file()
-        assert _core.inspect_snapshot(diff.path)["kind"] == "diff"
+        assert diff.base == snap_dir and diff.path == tmp_path / "out"
+        assert _core.inspect_snapshot(diff.path / "vm.snap")["kind"] == "diff"
         status = await sandbox.status()
         assert status.state in (SandboxState.RUNNING, SandboxState.STOPPED)
     finally:

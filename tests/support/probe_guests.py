@@ -1,4 +1,4 @@
-"""Builds the probe guest (`rust/vmm/guests/probe.S`) with binutils `as` and `ld`.
+"""Builds the probe guests (`rust/vmm/guests/<name>.S`) with binutils `as` and `ld`.
 
 The ELF is cached under `~/.cache/tartarus/probe-guests/<hash of the sources>/`, so
 tests and benches build it once per change. It has the 64-bit vmlinux-style entry
@@ -16,7 +16,9 @@ from pathlib import Path
 from tartarus.config import load_settings
 
 GUEST_DIR = Path(__file__).resolve().parents[2] / "rust" / "vmm" / "guests"
-SOURCES = ("probe.S", "probe.ld")
+LINKER_SCRIPT = "probe.ld"
+# Included by every guest: COM1 output and the i8042 reset.
+SHARED = ("console.inc",)
 
 
 def xorshift_result(rounds: int) -> int:
@@ -43,13 +45,15 @@ def walk_result(rounds: int, memory_mib: int) -> int:
     return sum(v * (j + 1) for j, v in enumerate(values)) & mask
 
 
-def build_probe_guest() -> Path:
-    """Returns the path of the probe guest ELF, building it if the sources changed."""
+def build_probe_guest(name: str = "probe") -> Path:
+    """Returns the path of probe guest `name` (`probe`, `virtio_probe`), building it if
+    its sources changed."""
+    sources = (f"{name}.S", LINKER_SCRIPT, *SHARED)
     digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((GUEST_DIR / name).read_bytes())
+    for source in sources:
+        digest.update((GUEST_DIR / source).read_bytes())
     out_dir = load_settings().cache_dir / "probe-guests" / digest.hexdigest()[:16]
-    elf = out_dir / "probe.elf"
+    elf = out_dir / f"{name}.elf"
     if elf.is_file():
         return elf
     for tool in ("as", "ld"):
@@ -57,9 +61,12 @@ def build_probe_guest() -> Path:
             raise RuntimeError(f"{tool} (binutils) is needed to build the probe guest")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        obj = Path(tmp) / "probe.o"
-        staged = Path(tmp) / "probe.elf"
-        subprocess.run(["as", "--64", "-o", str(obj), str(GUEST_DIR / "probe.S")], check=True)
+        obj = Path(tmp) / f"{name}.o"
+        staged = Path(tmp) / f"{name}.elf"
+        subprocess.run(
+            ["as", "--64", "-I", str(GUEST_DIR), "-o", str(obj), str(GUEST_DIR / f"{name}.S")],
+            check=True,
+        )
         subprocess.run(
             [
                 "ld",
@@ -67,7 +74,7 @@ def build_probe_guest() -> Path:
                 "-nostdlib",
                 "-static",
                 "-T",
-                str(GUEST_DIR / "probe.ld"),
+                str(GUEST_DIR / LINKER_SCRIPT),
                 "-o",
                 str(staged),
                 str(obj),

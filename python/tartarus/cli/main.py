@@ -8,6 +8,8 @@ from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
+from tartarus.cli.init import init
+from tartarus.cli.kernel import kernel
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
     exec_command,
@@ -18,6 +20,7 @@ from tartarus.cli.sandboxes import (
     run_command,
 )
 from tartarus.cli.serve import serve_command
+from tartarus.cli.template import template
 from tartarus.errors import TartarusError
 
 
@@ -37,6 +40,9 @@ for command in (
     cp_command,
     serve_command,
     doctor,
+    init,
+    template,
+    kernel,
     version_command,
     completion_command,
 ):

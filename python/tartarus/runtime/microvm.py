@@ -1,32 +1,46 @@
 """The microVM backend: one `tartarus-vmm` process (our Rust VMM on KVM) per sandbox.
 
-A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the template's
-guest kernel, or restored from a snapshot (Nyx). Lifecycle (start, status, stats,
-snapshot, restore, stop, kill, reap) goes through the VMM's control socket
-(`vmm_api.VmmProcess`). Running commands needs the guest agent over virtio-vsock,
-which the VMM does not have yet, so those operations raise `NotSupportedError`. On
-hosts whose KVM cannot run a full guest (the doctor decides) `create` raises
-`BackendUnavailableError` with the doctor's reason; `restore` only needs a KVM it can
-open, since a restored guest does not boot.
+A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the guest
+kernel (`tartarus kernel build`) with three virtio devices:
+- `/dev/vda`: the template's ext4 image (from `tartarus.images`, or made from
+  `spec.rootfs`), read-only, with `/sbin/init` -> `tartarus-agent`;
+- `/dev/vdb`: a per-sandbox ext4 scratch disk of `resources.disk_mib`, which the VMM
+  wipes and removes when it exits (Lethe);
+- vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
+  unix socket `vsock.sock` (`CONNECT 1024`).
+`start` returns once the agent accepts a connection. Lifecycle (start, status, stats,
+stop, kill, reap) goes through the VMM's control socket (`vmm_api.VmmProcess`).
+Running commands and files go to the agent; until the agent-backed sandbox base lands
+those operations raise `NotSupportedError`. On hosts whose KVM cannot run a full guest
+(the doctor decides) `create` raises `BackendUnavailableError` with the doctor's reason.
 
-A snapshot is one file, `vm.snap` (`rust/vmm/src/snapshot/format.rs`). A sandbox that
-was itself restored from a snapshot takes diff snapshots against that snapshot (only
-the pages it changed); `SnapshotInfo.base` then names the parent.
+Snapshots (Nyx): `snapshot(dest_dir)` pauses the guest and writes `dest_dir/vm.snap`
+(`rust/vmm/src/snapshot/format.rs`) plus a sparse copy of each scratch disk
+(`drive<N>.img`), then lets the guest go on. A sandbox restored from a snapshot takes a
+diff against it (only the pages it changed; `SnapshotInfo.base` names the parent
+directory). `restore` only needs a KVM it can open, since nothing boots: each clone
+gets its own copy of the scratch disks and its own vsock socket, and reads its sandbox
+id as its clone id from the generation device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import shutil
 import signal
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import msgspec
 
+from tartarus import _core, codec
 from tartarus.config import Settings, load_settings
+from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
 from tartarus.runtime.base import (
     BackendUnavailableError,
@@ -47,18 +61,30 @@ from tartarus.runtime.types import (
     SnapshotInfo,
 )
 from tartarus.runtime.vmm_api import (
+    DriveConfig,
     MachineConfig,
     RestoreOptions,
     RestoreReport,
+    ScratchConfig,
     SerialFile,
     SnapshotKind,
     VmmProcess,
     VmState,
+    VsockConfig,
 )
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux"
+# The root image read-only, the agent as PID 1 serving vsock port 1024 (after `--`,
+# the kernel passes arguments to init).
+AGENT_PORT = 1024
+GUEST_CID = 3
+AGENT_CMDLINE = (
+    "root=/dev/vda ro rootfstype=ext4 init=/sbin/init tartarus.scratch=/dev/vdb "
+    f"-- serve --init --listen vsock:{AGENT_PORT}"
+)
+AGENT_READY_TIMEOUT_S = 60.0
 
 _STATES = {
     VmState.NOT_CONFIGURED: SandboxState.CREATED,
@@ -82,6 +108,19 @@ def clone_id_of(sandbox_id: str) -> int:
 def _file_key(path: Path) -> tuple[str, int, int, int]:
     st = path.stat()
     return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def drive_copy_name(index: int) -> str:
+    return f"drive{index}.img"
+
+
+async def sparse_copy(src: Path, dst: Path) -> None:
+    """Copies a disk image keeping its holes (and sharing blocks where the filesystem can)."""
+    result = await anyio.run_process(
+        ["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=False
+    )
+    if result.returncode != 0:
+        raise SandboxError(f"cannot copy {src} to {dst}: {result.stderr.decode()[-300:]}")
 
 
 class MicroVmRuntime:
@@ -114,32 +153,32 @@ class MicroVmRuntime:
         verdict = doctor.backend("microvm")
         if not verdict.available:
             raise BackendUnavailableError(f"microvm backend unavailable: {verdict.reason}")
-        if self.kernel is None or not self.kernel.is_file():
+        kernel = self.kernel or newest_kernel(self.settings)
+        if kernel is None or not kernel.is_file():
             raise BackendUnavailableError(
-                f"microvm backend has no guest kernel (got {self.kernel}); build or "
-                "configure one for the template"
+                f"microvm backend has no guest kernel (got {kernel}); run `tartarus kernel build`"
             )
-        return self.kernel
+        return kernel
 
     async def create(self, spec: SandboxSpec) -> MicroVmSandbox:
         kernel = self._require_available()
-        return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id)
+        return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id, self.settings)
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> MicroVmSandbox:
-        """Starts a VMM restored from `snapshot` (running: a restored guest needs no
-        `start`). The guest reads the sandbox id as its clone id."""
+        """Starts a VMM restored from `snapshot` (a directory `snapshot()` wrote); the
+        sandbox is running when this returns."""
         if snapshot.backend is not Backend.MICROVM:
             raise SandboxError(f"a {snapshot.backend.value} snapshot cannot restore a microVM")
         kvm = (self._doctor or run_doctor(self.settings)).kernel.kvm
         if not kvm.openable:
             raise BackendUnavailableError(f"microvm restore needs /dev/kvm: {kvm.detail}")
-        files = [snapshot.path] + ([snapshot.base] if snapshot.base else [])
+        files = [d / SNAPSHOT_FILE for d in (snapshot.path, snapshot.base) if d is not None]
         try:
             keys = [_file_key(f) for f in files]
         except OSError as e:
             raise SandboxError(f"snapshot {snapshot.path} cannot be read: {e}") from e
         verify = not all(k in self._verified for k in keys)
-        sandbox = MicroVmSandbox(spec, None, self.sandboxes_dir / spec.id)
+        sandbox = MicroVmSandbox(spec, None, self.sandboxes_dir / spec.id, self.settings)
         await sandbox.start_restored(snapshot, verify_memory=verify)
         self._verified.update(keys)
         return sandbox
@@ -158,6 +197,51 @@ class MicroVmRuntime:
         return removed
 
 
+def newest_kernel(settings: Settings) -> Path | None:
+    """The most recently built guest kernel in the cache, if any."""
+    kernels = kernel_build.list_kernels(settings.cache_dir)
+    if not kernels:
+        return None
+    return kernel_build.kernel_dir(settings.cache_dir, kernels[0].id) / "vmlinux"
+
+
+async def make_scratch_disk(path: Path, size_mib: int) -> Path:
+    """A sparse, freshly formatted ext4 disk (the guest has no mkfs of its own)."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
+    if mkfs is None:
+        raise SandboxError("mkfs.ext4 not found (apt-get install e2fsprogs)")
+    with path.open("xb") as f:
+        f.truncate(size_mib << 20)
+    result = await anyio.run_process(
+        [mkfs, "-q", "-F", "-L", "scratch", "-m", "0", str(path)], check=False
+    )
+    if result.returncode != 0:
+        raise SandboxError(f"cannot format scratch disk {path}: {result.stderr.decode()[-500:]}")
+    return path
+
+
+async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT) -> None:
+    """Returns once the guest accepts a vsock connection on `port` (through the
+    device's hybrid socket), raising `SandboxError` after `timeout_s`."""
+    last = "no attempt"
+    with anyio.move_on_after(timeout_s):
+        while True:
+            try:
+                async with await anyio.connect_unix(uds) as stream:
+                    await stream.send(f"CONNECT {port}\n".encode())
+                    with anyio.fail_after(5):
+                        reply = await stream.receive(64)
+                    if reply.startswith(b"OK "):
+                        return
+                    last = f"answer {reply[:32]!r}"
+            except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError) as e:
+                last = f"{type(e).__name__}: {e}"
+            await anyio.sleep(0.05)
+    raise SandboxError(
+        f"the guest agent did not answer on vsock port {port} within {timeout_s:.0f} s ({last})"
+    )
+
+
 def _kill_recorded_vmm(workdir: Path) -> None:
     """Kills the VMM whose pid is recorded in `workdir`, if that pid is still our VMM."""
     try:
@@ -171,14 +255,28 @@ def _kill_recorded_vmm(workdir: Path) -> None:
 
 
 class MicroVmSandbox:
-    def __init__(self, spec: SandboxSpec, kernel: Path | None, workdir: Path) -> None:
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        kernel: Path | None,
+        workdir: Path,
+        settings: Settings | None = None,
+    ) -> None:
         self.spec = spec
         self.kernel = kernel
         self.workdir = workdir
+        self.settings = settings or load_settings()
         self._vmm: VmmProcess | None = None
-        # Set when restored: the full snapshot memory maps, and what the restore said.
+        self._template_owner: str | None = None
+        self._drives: list[DriveConfig] = []
+        # Set when restored: the snapshot directory whose memory this guest maps (the
+        # parent of its diffs), and what the restore reported.
         self.restored_from: Path | None = None
         self.restore_report: RestoreReport | None = None
+
+    @property
+    def vsock_path(self) -> Path:
+        return self.workdir / "vsock.sock"
 
     @property
     def id(self) -> str:
@@ -188,46 +286,112 @@ class MicroVmSandbox:
     def backend(self) -> Backend:
         return Backend.MICROVM
 
-    def machine_config(self) -> MachineConfig:
+    def machine_config(self, root_image: Path, scratch_disk: Path) -> MachineConfig:
         if self.kernel is None:
             raise SandboxError(f"sandbox {self.id} has no guest kernel to boot")
         return MachineConfig(
             vcpus=max(1, math.ceil(self.spec.resources.vcpus)),
             memory_mib=self.spec.resources.memory_mib,
             kernel=self.kernel,
-            cmdline=DEFAULT_CMDLINE,
+            cmdline=f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}",
             serial=SerialFile(path=self.workdir / "console.log"),
+            drives=[
+                DriveConfig(path=root_image, read_only=True, id="tartarus-root"),
+                DriveConfig(path=scratch_disk, id="tartarus-scratch", scratch=ScratchConfig()),
+            ],
+            vsock=VsockConfig(guest_cid=GUEST_CID, uds_path=self.vsock_path),
         )
+
+    async def root_image(self) -> Path:
+        """The read-only root: an image of `spec.rootfs`, or the template's ext4 image."""
+        if self.spec.rootfs is not None:
+            from tartarus.images.rootfs import make_ext4  # noqa: PLC0415 - images is heavy
+
+            image = self.workdir / "root.ext4"
+            seed = hashlib.sha256(str(self.spec.rootfs.resolve()).encode()).hexdigest()
+            await make_ext4(self.spec.rootfs, image, seed=seed, progress=lambda _: None)
+            return image
+        from tartarus.images.store import TemplateStore  # noqa: PLC0415
+
+        self._template_owner = f"sandbox:{self.id}"
+        resolved = await TemplateStore(self.settings).resolve(
+            self.spec.template, ext4=True, owner=self._template_owner
+        )
+        if resolved.ext4 is None:
+            raise SandboxError(f"template {self.spec.template} has no ext4 image")
+        return resolved.ext4
 
     async def start(self) -> None:
         if self._vmm is not None:
             raise SandboxError(f"sandbox {self.id} is already started")
-        self._vmm = await VmmProcess.launch(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            await self._vmm.configure(self.machine_config())
+            root = await self.root_image()
+            scratch = await make_scratch_disk(
+                self.workdir / "scratch.ext4", self.spec.resources.disk_mib
+            )
+            self._vmm = await VmmProcess.launch(self.workdir)
+            config = self.machine_config(root, scratch)
+            self._drives = config.drives
+            await self._vmm.configure(config)
             await self._vmm.start()
-        except SandboxError:
-            await self.kill()
+            await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
             raise
 
     async def start_restored(self, snapshot: SnapshotInfo, *, verify_memory: bool) -> None:
         """Launches a VMM and restores `snapshot` (a full one, or a diff on its base)."""
         if self._vmm is not None:
             raise SandboxError(f"sandbox {self.id} is already started")
-        self._vmm = await VmmProcess.launch(self.workdir)
-        options = RestoreOptions(
-            snapshot=snapshot.path,
-            base=snapshot.base,
-            serial=SerialFile(path=self.workdir / "console.log"),
-            clone_id=clone_id_of(self.id),
-            verify_memory=verify_memory,
-        )
+        image = snapshot.path / SNAPSHOT_FILE
         try:
+            saved = await anyio.to_thread.run_sync(_core.inspect_snapshot, image)
+        except _core.SnapshotError as e:
+            raise SandboxError(str(e)) from e
+        await anyio.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        try:
+            self._drives = await self._clone_drives(snapshot.path, saved["drives"])
+            self._vmm = await VmmProcess.launch(self.workdir)
+            options = RestoreOptions(
+                snapshot=image,
+                base=snapshot.base / SNAPSHOT_FILE if snapshot.base else None,
+                serial=SerialFile(path=self.workdir / "console.log"),
+                clone_id=clone_id_of(self.id),
+                verify_memory=verify_memory,
+                drives=self._drives,
+                vsock_uds_path=self.vsock_path if saved["vsock"] else None,
+            )
             _, self.restore_report = await self._vmm.restore(options)
-        except SandboxError:
-            await self.kill()
+            if saved["vsock"]:
+                await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
             raise
         self.restored_from = snapshot.base or snapshot.path
+
+    async def _clone_drives(
+        self, snapshot_dir: Path, saved: list[dict[str, Any]]
+    ) -> list[DriveConfig]:
+        """The snapshot's disks for this clone: its own copy of each scratch disk (the
+        VMM adopts and wipes it), the shared read-only images as they are."""
+        drives = []
+        for i, raw in enumerate(saved):
+            drive = codec.convert(raw, DriveConfig)
+            if drive.scratch is not None:
+                copy = self.workdir / drive_copy_name(i)
+                await sparse_copy(snapshot_dir / drive_copy_name(i), copy)
+                scratch = msgspec.structs.replace(drive.scratch, size_mib=None)
+                drive = msgspec.structs.replace(drive, path=copy, scratch=scratch)
+            elif not await anyio.Path(drive.path).exists():
+                raise SandboxError(
+                    f"disk {drive.path} that the snapshot was taken with is gone; "
+                    "rebuild the snapshot from its template"
+                )
+            drives.append(drive)
+        return drives
 
     async def status(self) -> SandboxStatus:
         if self._vmm is None:
@@ -260,15 +424,21 @@ class MicroVmSandbox:
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._vmm is not None:
             await self._vmm.stop(timeout_s=grace_s)
-        self._cleanup()
+        await self._cleanup()
 
     async def kill(self) -> None:
         if self._vmm is not None:
             await self._vmm.kill()
-        self._cleanup()
+        await self._cleanup()
 
-    def _cleanup(self) -> None:
+    async def _cleanup(self) -> None:
+        # The VMM wipes the scratch disk itself; this also covers a VMM that was killed.
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._template_owner is not None:
+            from tartarus.images.store import TemplateStore  # noqa: PLC0415
+
+            await TemplateStore(self.settings).release(self._template_owner)
+            self._template_owner = None
 
     # The guest agent is reached over virtio-vsock, which the VMM does not offer yet.
     async def exec(self, request: ExecRequest) -> Execution:
@@ -316,19 +486,33 @@ class MicroVmSandbox:
         raise NotSupportedError(Backend.MICROVM, "rename")
 
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
-        """Writes `dest_dir/vm.snap`: a diff against the snapshot this sandbox was
-        restored from (if that file is still there), else a full snapshot. The guest
-        keeps running."""
+        """Pauses the guest, writes `vm.snap` (a diff against the snapshot this sandbox
+        was restored from, while that is still there) and copies of the scratch disks
+        into `dest_dir`, then lets the guest go on."""
         if self._vmm is None:
             raise SandboxError(f"sandbox {self.id} is not started")
         await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
-        base = self.restored_from if self.restored_from and self.restored_from.exists() else None
+        base = self.restored_from
+        if base is not None and not await anyio.Path(base / SNAPSHOT_FILE).exists():
+            base = None
         kind = SnapshotKind.DIFF if base else SnapshotKind.FULL
-        report = await self._vmm.snapshot(dest_dir / SNAPSHOT_FILE, kind)
+        was_running = (await self._vmm.state()).state is VmState.RUNNING
+        await self._vmm.pause()
+        try:
+            report = await self._vmm.snapshot(dest_dir / SNAPSHOT_FILE, kind)
+            # The guest is paused, so its disks hold what its memory believes they do.
+            size = report.file_bytes
+            for i, drive in enumerate(self._drives):
+                if drive.scratch is not None:
+                    await sparse_copy(drive.path, dest_dir / drive_copy_name(i))
+                    size += (await anyio.Path(drive.path).stat()).st_size
+        finally:
+            if was_running:
+                await self._vmm.resume()
         return SnapshotInfo(
             backend=Backend.MICROVM,
-            path=report.path,
-            size_bytes=report.file_bytes,
+            path=dest_dir,
+            size_bytes=size,
             source_sandbox=self.id,
             base=base,
         )

@@ -58,6 +58,44 @@ class MemoryBacking(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     hugepages: bool = False
 
 
+class RateLimit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Token buckets for a disk: None means unlimited; bursts add to one second's worth."""
+
+    bytes_per_sec: int | None = None
+    ops_per_sec: int | None = None
+    burst_bytes: int = 0
+    burst_ops: int = 0
+
+
+class Wipe(StrEnum):
+    UNLINK = "unlink"
+    SHRED = "shred"
+
+
+class ScratchConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A Lethe scratch disk: created (or adopted when `size_mib` is None) and wiped on exit."""
+
+    size_mib: int | None = None
+    wipe: Wipe = Wipe.UNLINK
+
+
+class DriveConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A virtio-blk disk; the first drive is the guest's /dev/vda."""
+
+    path: Path
+    read_only: bool = False
+    id: str = ""
+    rate_limit: RateLimit = msgspec.field(default_factory=RateLimit)
+    scratch: ScratchConfig | None = None
+
+
+class VsockConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """virtio-vsock: host programs connect to `uds_path` and send `CONNECT <port>\\n`."""
+
+    guest_cid: int
+    uds_path: Path
+
+
 class MachineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     memory_mib: int
     kernel: Path
@@ -69,6 +107,8 @@ class MachineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     serial_limit_bytes: int = DEFAULT_SERIAL_LIMIT
     memory: MemoryBacking = msgspec.field(default_factory=MemoryBacking)
     wall_clock_limit_ms: int | None = None
+    drives: list[DriveConfig] = msgspec.field(default_factory=list)
+    vsock: VsockConfig | None = None
     track_dirty_pages: bool = False
 
 
@@ -154,6 +194,9 @@ class RestoreOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     serial: SerialConfig | None = None
     wall_clock_limit_ms: int | None = None
     track_dirty_pages: bool | None = None
+    # This clone's disks (the snapshot's, in order; scratch disks are its own copies).
+    drives: list[DriveConfig] | None = None
+    vsock_uds_path: Path | None = None
     clone_id: int = 0
     verify_memory: bool = True
     resume: bool = True

@@ -413,44 +413,9 @@ prog_int3:
     jmp reset
 
 /* ---- helpers ---- */
-puts:                               /* rsi: NUL-terminated string */
-    mov dx, COM1
-40: lodsb
-    test al, al
-    jz 41f
-    out dx, al
-    jmp 40b
-41: ret
-
-puthex:                             /* rax: printed as 16 hex digits */
-    mov rdi, rax
-    mov ecx, 16
-    mov dx, COM1
-42: rol rdi, 4
-    mov eax, edi
-    and eax, 0xf
-    lea rsi, [rip + hexdigits]
-    mov al, [rsi + rax]
-    out dx, al
-    dec ecx
-    jnz 42b
-    ret
-
-newline:
-    mov al, 10
-    mov dx, COM1
-    out dx, al
-    ret
-
-reset:
-    mov al, 0xfe
-    out 0x64, al
-50: cli
-    hlt
-    jmp 50b
+    .include "console.inc"
 
     .section .rodata
-hexdigits:      .ascii "0123456789abcdef"
 msg_hello:      .asciz "hello from the probe guest\n"
 msg_unknown:    .asciz "unknown program\n"
 msg_mem:        .asciz "mem:"

@@ -9,6 +9,7 @@ use crate::boot::cpuid::CpuTemplate;
 use crate::boot::mptable::MAX_VCPUS;
 use crate::boot::BootProtocol;
 use crate::devices::serial_output::{SerialConfig, DEFAULT_SERIAL_LIMIT};
+use crate::devices::virtio::attach::{DriveConfig, VsockConfig, MAX_DRIVES};
 use crate::layout::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
 
 /// How guest RAM is backed.
@@ -47,6 +48,12 @@ pub struct MachineConfig {
     /// Stop the guest after this many milliseconds of running (paused time included).
     #[serde(default)]
     pub wall_clock_limit_ms: Option<u64>,
+    /// virtio-blk disks in guest order: the first is `/dev/vda`.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// virtio-vsock with a hybrid unix-socket host side.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Have KVM log the pages the guest writes, so that diff snapshots can be taken
     /// after a full one (machines restored from a snapshot can take diffs without it).
     #[serde(default)]
@@ -106,6 +113,18 @@ impl MachineConfig {
         }
         crate::boot::cmdline::parse_cmdline(&self.cmdline)
             .map_err(|e| ConfigError(e.to_string()))?;
+        if self.drives.len() > MAX_DRIVES {
+            return Err(ConfigError(format!(
+                "{} drives configured; at most {MAX_DRIVES} are supported",
+                self.drives.len()
+            )));
+        }
+        for drive in &self.drives {
+            drive.validate().map_err(ConfigError)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate().map_err(ConfigError)?;
+        }
         Ok(())
     }
 }
@@ -145,5 +164,33 @@ mod tests {
         let mut c = base();
         c.cmdline = "a".repeat(10_000);
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn virtio_devices_are_validated() {
+        let c: MachineConfig = serde_json::from_str(
+            r#"{"memory_mib": 64, "kernel": "/k",
+                "drives": [{"path": "/root.ext4", "read_only": true},
+                           {"path": "/s.img", "scratch": {"size_mib": 64, "wipe": "shred"}}],
+                "vsock": {"guest_cid": 3, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
+        assert!(c.validate().is_ok());
+        let mut bad = c.clone();
+        bad.vsock.as_mut().unwrap().guest_cid = 2;
+        assert!(bad.validate().is_err());
+        let mut bad = c.clone();
+        bad.drives[0].path = PathBuf::new();
+        assert!(bad.validate().is_err());
+        let mut bad = c.clone();
+        bad.drives[1].scratch.as_mut().unwrap().size_mib = Some(0);
+        assert!(bad.validate().is_err());
+        let mut bad = c;
+        bad.drives = vec![bad.drives[0].clone(); MAX_DRIVES + 1];
+        assert!(bad.validate().is_err());
+        assert!(serde_json::from_str::<MachineConfig>(
+            r#"{"memory_mib": 64, "kernel": "/k", "drives": [{"path": "/a", "cache": 1}]}"#
+        )
+        .is_err());
     }
 }

@@ -235,12 +235,14 @@ impl Machine {
         ))
     }
 
-    /// Builds a VM around restored memory with fresh vCPUs; `load` puts the saved VM
-    /// and vCPU state into them. Nothing runs until `start`.
+    /// Builds a VM around restored memory with fresh vCPUs and the devices
+    /// `extra_devices` adds in their saved state; `load` puts the saved VM and vCPU
+    /// state into the vCPUs. Nothing runs until `start`.
     pub fn restore(
         kvm: &Kvm,
         parts: RestoredParts,
         metrics: Arc<Metrics>,
+        extra_devices: DeviceHook<'_>,
         load: LoadHook<'_>,
     ) -> Result<Machine, MachineError> {
         let RestoredParts {
@@ -259,7 +261,7 @@ impl Machine {
             &mem,
             Some(&serial),
             generation,
-            &mut |_, _| Ok(()),
+            extra_devices,
         )?;
         let mut fds = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {

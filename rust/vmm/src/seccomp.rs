@@ -113,10 +113,15 @@ const API_ONLY: &[i64] = &[
     libc::SYS_nanosleep,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    // Snapshots: written under a temporary name, synced, renamed into place.
+    // virtio device workers: disk I/O and Lethe scratch disks, vsock unix sockets.
     libc::SYS_pwrite64,
-    libc::SYS_ftruncate,
     libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_shutdown,
+    // Snapshots: written under a temporary name, synced, renamed into place.
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,

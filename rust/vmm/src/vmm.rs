@@ -8,11 +8,14 @@ use kvm_ioctls::Kvm;
 use seccompiler::BpfProgram;
 use serde::Serialize;
 use serde_json::Value;
+use vm_memory::GuestMemoryMmap;
 
 use crate::api::{ApiError, ErrorKind, Handler, Request};
 use crate::boot::regs::EntryMode;
 use crate::config::MachineConfig;
 use crate::control::{Target, VmExit};
+use crate::devices::virtio::attach::{attach, VirtioDevices};
+use crate::devices::{DeviceError, DeviceManager};
 use crate::machine::{Machine, MachineError};
 use crate::metrics::Metrics;
 use crate::snapshot::{self, RestoreOptions, SnapshotError};
@@ -46,6 +49,9 @@ pub struct Vmm {
     kvm: Kvm,
     config: Option<MachineConfig>,
     machine: Option<Machine>,
+    // Dropped after the machine (its vCPUs are joined first): stops the device workers,
+    // wipes scratch disks, removes the vsock socket.
+    virtio: Option<VirtioDevices>,
     metrics: Arc<Metrics>,
     vcpu_filter: Option<Arc<BpfProgram>>,
     stopped: bool,
@@ -66,6 +72,7 @@ impl Vmm {
             kvm,
             config: None,
             machine: None,
+            virtio: None,
             metrics: Arc::new(Metrics::default()),
             vcpu_filter,
             stopped: false,
@@ -109,8 +116,16 @@ impl Vmm {
             .config
             .clone()
             .ok_or_else(|| invalid("configure the machine before starting it"))?;
+        let (drives, vsock) = (config.drives.clone(), config.vsock.clone());
+        let mut virtio = None;
+        let mut attach_virtio = |dm: &mut DeviceManager, mem: &GuestMemoryMmap| {
+            let devices = attach(dm, mem, &drives, vsock.as_ref())
+                .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+            virtio = Some(devices);
+            Ok(())
+        };
         let mut machine =
-            Machine::build(&self.kvm, config, self.metrics.clone(), &mut |_, _| Ok(())).map_err(
+            Machine::build(&self.kvm, config, self.metrics.clone(), &mut attach_virtio).map_err(
                 |e| {
                     let kind = match e {
                         MachineError::Config(_) => ErrorKind::Config,
@@ -119,6 +134,7 @@ impl Vmm {
                     ApiError::new(kind, e.to_string())
                 },
             )?;
+        self.virtio = virtio;
         machine
             .start(self.vcpu_filter.clone())
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
@@ -132,8 +148,12 @@ impl Vmm {
                 "restore needs a fresh VMM: this one is already configured",
             ));
         }
-        let (mut machine, report) =
-            snapshot::restore(&self.kvm, &options, self.metrics.clone()).map_err(snapshot_error)?;
+        let snapshot::Restored {
+            mut machine,
+            virtio,
+            report,
+        } = snapshot::restore(&self.kvm, &options, self.metrics.clone()).map_err(snapshot_error)?;
+        self.virtio = Some(virtio);
         if !options.resume {
             machine.control().hold();
         }
@@ -163,7 +183,7 @@ impl Vmm {
             }
         };
         machine.control().pause();
-        let taken = snapshot::take(machine, &self.kvm, path, kind);
+        let taken = snapshot::take(machine, self.virtio.as_ref(), &self.kvm, path, kind);
         if was_running {
             machine.control().resume();
         }

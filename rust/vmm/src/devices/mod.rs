@@ -13,6 +13,7 @@
 pub mod generation;
 pub mod legacy;
 pub mod serial_output;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,8 @@ pub enum DeviceError {
     IrqFd { gsi: u32, source: kvm_ioctls::Error },
     #[error("kernel command line has no room for device {0}")]
     Cmdline(String),
+    #[error("virtio device: {0}")]
+    Virtio(String),
 }
 
 /// One device window on the MMIO bus and its interrupt line.

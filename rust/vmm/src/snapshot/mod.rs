@@ -24,9 +24,13 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
+use vm_memory::GuestMemoryMmap;
+
 use crate::config::MachineConfig;
 use crate::devices::generation::{random_bytes, GenerationState};
 use crate::devices::serial_output::SerialConfig;
+use crate::devices::virtio::attach::{attach_restored, DriveConfig, VirtioDevices, VsockConfig};
+use crate::devices::{DeviceError, DeviceManager};
 use crate::machine::{Machine, MachineError, RestoredParts};
 use crate::metrics::Metrics;
 use crate::vcpu::lock_vcpu;
@@ -88,14 +92,18 @@ pub struct SnapshotReport {
     pub duration_us: u64,
 }
 
-/// Saves the machine (which the caller has paused) to `path`.
+/// Saves the machine (which the caller has paused) and its virtio devices to `path`.
 pub fn take(
     machine: &mut Machine,
+    virtio: Option<&VirtioDevices>,
     kvm: &Kvm,
     path: &Path,
     kind: SnapshotKind,
 ) -> Result<SnapshotReport, SnapshotError> {
     let started = Instant::now();
+    // Device workers stay out of guest memory, disks and queues until the file is done.
+    let quiet = virtio.map(VirtioDevices::quiesce);
+    let virtio_states = quiet.as_ref().map(|q| q.save()).unwrap_or_default();
     let indices = msr_indices(kvm)?;
     let mut vcpus = Vec::with_capacity(machine.vcpus().len());
     for fd in machine.vcpus() {
@@ -121,6 +129,7 @@ pub fn take(
         devices: DeviceStates {
             serial,
             generation: machine.generation(),
+            virtio: virtio_states,
         },
     };
     let encoded = state.encode().map_err(|source| SnapshotError::State {
@@ -165,6 +174,7 @@ pub fn take(
     let header = writer
         .finish(kind, id, parent)
         .map_err(io(format!("finish {shown}")))?;
+    drop(quiet);
     if kind == SnapshotKind::Full {
         machine.lineage.full_taken(id, &mem, tracking);
     }
@@ -200,6 +210,13 @@ pub struct RestoreOptions {
     pub wall_clock_limit_ms: Option<u64>,
     #[serde(default)]
     pub track_dirty_pages: Option<bool>,
+    /// This clone's disks, replacing the snapshot's: the same disks in the same order
+    /// (a scratch disk is this clone's copy of the one saved with the snapshot).
+    #[serde(default)]
+    pub drives: Option<Vec<DriveConfig>>,
+    /// This clone's vsock host socket (the snapshot's path belongs to the original).
+    #[serde(default)]
+    pub vsock_uds_path: Option<PathBuf>,
     /// The clone index the guest reads from the generation device.
     #[serde(default)]
     pub clone_id: u64,
@@ -318,12 +335,20 @@ fn open(options: &RestoreOptions) -> Result<Opened, SnapshotError> {
     Ok(Opened { top, state, base })
 }
 
-/// Builds a machine from a snapshot (not started: the caller starts its vCPUs).
+/// A machine built from a snapshot (not started: the caller starts its vCPUs), the
+/// virtio devices that live beside it, and what the restore did.
+pub struct Restored {
+    pub machine: Machine,
+    pub virtio: VirtioDevices,
+    pub report: RestoreReport,
+}
+
+/// Builds a machine from a snapshot.
 pub fn restore(
     kvm: &Kvm,
     options: &RestoreOptions,
     metrics: std::sync::Arc<Metrics>,
-) -> Result<(Machine, RestoreReport), SnapshotError> {
+) -> Result<Restored, SnapshotError> {
     let started = Instant::now();
     let opened = open(options)?;
     let host_vendor = host_cpu_vendor(kvm)?;
@@ -385,6 +410,14 @@ pub fn restore(
         track_dirty_pages: options
             .track_dirty_pages
             .unwrap_or(state.machine.track_dirty_pages),
+        drives: options
+            .drives
+            .clone()
+            .unwrap_or_else(|| state.machine.drives.clone()),
+        vsock: state.machine.vsock.clone().map(|v| VsockConfig {
+            uds_path: options.vsock_uds_path.clone().unwrap_or(v.uds_path),
+            ..v
+        }),
         ..state.machine.clone()
     };
     let generation = GenerationState::next_of(Some(&state.devices.generation), options.clone_id)
@@ -403,7 +436,16 @@ pub fn restore(
         generation,
         lineage,
     };
-    let machine = Machine::restore(kvm, parts, metrics, &mut load)?;
+    let (drives, vsock) = (parts.config.drives.clone(), parts.config.vsock.clone());
+    let mut virtio = None;
+    let mut attach_devices = |dm: &mut DeviceManager, mem: &GuestMemoryMmap| {
+        let saved = &state.devices.virtio;
+        let devices = attach_restored(dm, mem, &drives, vsock.as_ref(), saved)
+            .map_err(|e| DeviceError::Virtio(e.to_string()))?;
+        virtio = Some(devices);
+        Ok(())
+    };
+    let machine = Machine::restore(kvm, parts, metrics, &mut attach_devices, &mut load)?;
     let report = RestoreReport {
         snapshot_id: hex(&opened.top.header.id),
         kind: opened.top.header.kind,
@@ -414,7 +456,11 @@ pub fn restore(
         memory_verified: options.verify_memory,
         duration_us: started.elapsed().as_micros() as u64,
     };
-    Ok((machine, report))
+    Ok(Restored {
+        machine,
+        virtio: virtio.unwrap_or_default(),
+        report,
+    })
 }
 
 fn vm_state_load(
@@ -446,6 +492,8 @@ pub struct SnapshotSummary {
     pub memory_mib: u64,
     pub kernel: PathBuf,
     pub cmdline: String,
+    pub drives: Vec<DriveConfig>,
+    pub vsock: Option<VsockConfig>,
     pub generation: u64,
     pub pages: u64,
     pub memory_verified: bool,
@@ -479,6 +527,8 @@ pub fn inspect(path: &Path, verify_memory: bool) -> Result<SnapshotSummary, Snap
         memory_mib: state.machine.memory_mib,
         kernel: state.machine.kernel.clone(),
         cmdline: state.machine.cmdline.clone(),
+        drives: state.machine.drives.clone(),
+        vsock: state.machine.vsock.clone(),
         generation: state.devices.generation.generation,
         pages: file
             .header

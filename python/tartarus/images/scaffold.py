@@ -1,0 +1,119 @@
+"""Writes new template files (`tartarus init template NAME --from ...`): every field
+present or shown commented out, with a line saying what it does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import msgspec.yaml
+
+from tartarus import codec
+from tartarus.images.errors import TemplateDefinitionError
+from tartarus.images.template import (
+    DebianBase,
+    Template,
+    builtin_templates,
+    validate,
+)
+
+ORIGINS_HELP = "a built-in template (base, python, python-ds, node) or debian:SUITE"
+
+
+def _yaml(value: Any) -> list[str]:
+    text = msgspec.yaml.encode(msgspec.to_builtins(value, enc_hook=codec.enc_hook)).decode()
+    return text.rstrip("\n").splitlines()
+
+
+def _field(comment: str, key: str, value: Any, *, enabled: bool = True) -> list[str]:
+    lines = [f"# {line}" for line in comment.splitlines()]
+    if isinstance(value, str) and "\n" in value:
+        # A literal block reads like the script it is.
+        body = [f"{key}: |", *(f"  {line}".rstrip() for line in value.rstrip("\n").split("\n"))]
+    else:
+        body = _yaml({key: value})
+    lines += body if enabled else [f"# {line}" for line in body]
+    return [*lines, ""]
+
+
+def origin_template(name: str, origin: str) -> Template:
+    """The starting definition for `--from origin`, renamed to `name`."""
+    if origin.startswith("debian:"):
+        suite = origin.removeprefix("debian:") or "bookworm"
+        template = Template(id=name, base=DebianBase(suite=suite), packages=[])
+    else:
+        builtins = builtin_templates()
+        if origin not in builtins:
+            raise TemplateDefinitionError(f"unknown --from {origin!r}: use {ORIGINS_HELP}")
+        template = msgspec.structs.replace(builtins[origin].template, id=name)
+    try:
+        template = msgspec.convert(
+            msgspec.to_builtins(template, enc_hook=codec.enc_hook),
+            Template,
+            dec_hook=codec.dec_hook,
+        )
+    except msgspec.ValidationError as e:
+        raise TemplateDefinitionError(f"template name {name!r}: {e}") from e
+    validate(template, f"--from {origin}")
+    return template
+
+
+def render(template: Template, origin: str) -> str:
+    t = template
+    out = [
+        f"# Tartarus template {t.id!r}, started from {origin}.",
+        "# Build it:  tartarus template build <this file>",
+        f"# Use it:    tartarus run --template {t.id} -- <command>",
+        "",
+    ]
+    out += _field("Name: lowercase letters, digits, '.', '_' and '-'.", "id", t.id)
+    out += _field("Shown by `tartarus template list`.", "description", t.description or t.id)
+    out += _field(
+        "What the root filesystem starts from (kind: debian | oci | oci-layout |\n"
+        "docker-archive). debian variants: minbase (debootstrap, then apt) or none\n"
+        "(exactly `packages`, unpacked). oci: `image: registry/name:tag`.",
+        "base",
+        t.base,
+    )
+    out += _field(
+        "Debian packages: installed with apt (no recommends), or with variant none unpacked.",
+        "packages",
+        t.packages,
+    )
+    out += _field(
+        "Files or directories to copy in; src is relative to this file, mode is optional\n"
+        "(YAML octal: mode: 0755).",
+        "files",
+        t.files or [{"src": "./app", "dest": "/app"}],
+        enabled=bool(t.files),
+    )
+    out += _field("Environment of every process in the sandbox.", "env", t.env)
+    out += _field("Working directory of commands.", "workdir", t.workdir)
+    out += _field("How the build and warm-up scripts are run.", "shell", t.shell)
+    out += _field(
+        "Runs once at build time, as root inside the new rootfs, with network.",
+        "build",
+        t.build or "set -e\necho building\n",
+        enabled=t.build is not None,
+    )
+    out += _field(
+        "Runs before a snapshot is taken, so restored sandboxes start warm\n"
+        "(also run read-only at build time to check the template works).",
+        "warmup",
+        t.warmup or "true",
+        enabled=t.warmup is not None,
+    )
+    out += _field("Default resources of a sandbox.", "resources", t.resources)
+    out += _field(
+        "The most a sandbox of this template may ask for.",
+        "max_resources",
+        t.max_resources or t.resources,
+        enabled=t.max_resources is not None,
+    )
+    out += _field("Default lifetime of a sandbox, in seconds.", "timeout_s", t.timeout_s)
+    out += _field(
+        "Backends allowed to run it (microvm, gvisor, jail); empty means any.",
+        "backends",
+        [b.value for b in t.backends],
+    )
+    return "\n".join(out).rstrip("\n") + "\n"

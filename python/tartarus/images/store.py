@@ -1,0 +1,336 @@
+"""`TemplateStore`: the API other components call to get a template's root filesystem.
+
+    store = TemplateStore()                       # settings from tartarus.toml / env
+    t = await store.resolve("python")             # builds on first use, cached after
+    t.rootfs                                      # directory for gVisor and the jail
+    t.ext4                                        # ext4 image for the microVM
+    t.manifest.env, t.manifest.resources, ...     # what the template asks for
+
+Templates are the built-in ones (shipped with the package) plus those registered with
+`register()` (`tartarus template build FILE`), which may shadow a built-in. Each
+template holds references on its blobs as owner `template:<id>`; `remove()` drops them
+and garbage-collects. Trees are shared and immutable: mount them read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from tartarus.config import Settings, load_settings
+from tartarus.images.blobs import BlobStore, GcReport, LocalBlobStore
+from tartarus.images.build import Builder, BuildRecord
+from tartarus.images.errors import TemplateNotFoundError
+from tartarus.images.progress import ProgressCallback, ignore
+from tartarus.images.template import (
+    LoadedTemplate,
+    Template,
+    builtin_templates,
+    from_json,
+    load_template,
+    to_json,
+)
+from tartarus.runtime.types import Backend, Resources
+
+
+def template_owner(template_id: str) -> str:
+    return f"template:{template_id}"
+
+
+class TemplateManifest(msgspec.Struct, frozen=True, kw_only=True):
+    """A built template: where its outputs are and what it asks of a sandbox."""
+
+    id: str
+    description: str
+    source: str
+    key: str
+    rootfs: str
+    ext4: str | None
+    layers: list[str]
+    base: str
+    agent: str
+    env: dict[str, str]
+    workdir: str
+    user: str | None
+    entrypoint: list[str]
+    cmd: list[str]
+    resources: Resources
+    max_resources: Resources | None
+    timeout_s: float
+    backends: list[Backend]
+    warmup: str | None
+    size_bytes: int
+    files: int
+    built_at: float
+    build_seconds: float
+
+
+class ResolvedTemplate(msgspec.Struct, frozen=True, kw_only=True):
+    manifest: TemplateManifest
+    rootfs: Path
+    ext4: Path | None
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+class TemplateInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    description: str
+    source: str
+    builtin: bool
+    built: bool
+    manifest: TemplateManifest | None = None
+
+
+class RemoveReport(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    unregistered: bool
+    released: int
+    gc: GcReport
+
+
+def manifest_of(loaded: LoadedTemplate, record: BuildRecord) -> TemplateManifest:
+    t = loaded.template
+    config = record.content.config
+    return TemplateManifest(
+        id=t.id,
+        description=t.description,
+        source=loaded.source,
+        key=record.key,
+        rootfs=record.rootfs,
+        ext4=record.ext4,
+        layers=record.content.layers,
+        base=record.content.base,
+        agent=record.agent,
+        env={**config.env, **t.env},
+        workdir=t.workdir if t.workdir != "/" else (config.workdir or "/"),
+        user=config.user,
+        entrypoint=config.entrypoint,
+        cmd=config.cmd,
+        resources=t.resources,
+        max_resources=t.max_resources,
+        timeout_s=t.timeout_s,
+        backends=t.backends,
+        warmup=t.warmup,
+        size_bytes=record.size,
+        files=record.files,
+        built_at=record.built_at,
+        build_seconds=round(record.content.seconds + record.seconds, 3),
+    )
+
+
+class TemplateStore:
+    """Templates, their builds, and the blob store under them."""
+
+    def __init__(self, settings: Settings | None = None, *, blobs: BlobStore | None = None) -> None:
+        settings = settings or load_settings()
+        self.state_dir = settings.state_dir / "images"
+        self.cache_dir = settings.cache_dir / "images"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs: BlobStore = blobs or LocalBlobStore(self.state_dir)
+        self._db_path = self.state_dir / "templates.sqlite"
+        with self._db() as db:
+            db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS templates (
+                    id TEXT PRIMARY KEY,
+                    definition BLOB NOT NULL,
+                    source TEXT NOT NULL,
+                    source_dir TEXT NOT NULL,
+                    updated REAL NOT NULL
+                );
+                CREATE TABLE IF NOT EXISTS manifests (
+                    id TEXT PRIMARY KEY,
+                    manifest BLOB NOT NULL
+                );
+                """
+            )
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self._db_path, timeout=60.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            yield db
+        finally:
+            db.close()
+
+    # -- definitions -------------------------------------------------------------------
+
+    def _registered(self) -> dict[str, LoadedTemplate]:
+        with self._db() as db:
+            rows = db.execute("SELECT definition, source, source_dir FROM templates").fetchall()
+        out = {}
+        for definition, source, source_dir in rows:
+            template = from_json(definition)
+            out[template.id] = LoadedTemplate(
+                template=template, source=source, source_dir=Path(source_dir)
+            )
+        return out
+
+    def definitions(self) -> dict[str, LoadedTemplate]:
+        """Every known template: built-ins, shadowed by registered ones of the same id."""
+        return {**builtin_templates(), **self._registered()}
+
+    def get(self, template_id: str) -> LoadedTemplate:
+        known = self.definitions()
+        if template_id not in known:
+            raise TemplateNotFoundError(template_id, list(known))
+        return known[template_id]
+
+    def register(self, path: Path) -> LoadedTemplate:
+        """Adds (or replaces) a template from a YAML/TOML file; returns it."""
+        loaded = load_template(path)
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO templates (id, definition, source, source_dir, updated) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    loaded.template.id,
+                    to_json(loaded.template),
+                    str(path.resolve()),
+                    str(loaded.source_dir),
+                    time.time(),
+                ),
+            )
+        return loaded
+
+    # -- builds ------------------------------------------------------------------------
+
+    async def resolve(
+        self,
+        template_id: str,
+        *,
+        ext4: bool = True,
+        pull: bool = False,
+        owner: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ResolvedTemplate:
+        """The template's rootfs (and ext4 image unless `ext4=False`), built if needed.
+
+        `pull`: look up a registry tag again instead of using the digest it was pinned
+        to. `owner` (e.g. `sandbox:<id>`) also takes references on the outputs, so they
+        outlive a rebuild or removal of the template until `release(owner)`.
+        """
+        loaded = self.get(template_id)
+        return await self._build(loaded, ext4=ext4, pull=pull, owner=owner, progress=progress)
+
+    async def build(
+        self,
+        template: str | Path,
+        *,
+        ext4: bool = True,
+        pull: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> ResolvedTemplate:
+        """Builds a template by id, or registers a template file and builds it."""
+        if isinstance(template, Path):
+            loaded = await anyio.to_thread.run_sync(self.register, template)
+        else:
+            loaded = self.get(template)
+        return await self._build(loaded, ext4=ext4, pull=pull, owner=None, progress=progress)
+
+    async def _build(
+        self,
+        loaded: LoadedTemplate,
+        *,
+        ext4: bool,
+        pull: bool,
+        owner: str | None,
+        progress: ProgressCallback | None,
+    ) -> ResolvedTemplate:
+        builder = Builder(self.blobs, self.cache_dir, progress or ignore)
+        try:
+            async with self.blobs.lease() as lease:
+                record = await builder.rootfs(loaded, lease, ext4=ext4, pull=pull)
+                digests = record.digests()
+                tid = loaded.template.id
+                if sorted(await self.blobs.refs(template_owner(tid))) != sorted(digests):
+                    await self.blobs.set_refs(template_owner(tid), digests)
+                outputs = [record.rootfs, *([record.ext4] if ext4 and record.ext4 else [])]
+                if owner is not None:
+                    await self.blobs.add_refs(owner, outputs)
+        finally:
+            await builder.aclose()
+        manifest = manifest_of(loaded, record)
+        await anyio.to_thread.run_sync(self._save_manifest, manifest)
+        return ResolvedTemplate(
+            manifest=manifest,
+            rootfs=await self.blobs.local_path(record.rootfs),
+            ext4=await self.blobs.local_path(record.ext4) if ext4 and record.ext4 else None,
+        )
+
+    def _save_manifest(self, manifest: TemplateManifest) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO manifests (id, manifest) VALUES (?, ?)",
+                (manifest.id, msgspec.json.encode(manifest)),
+            )
+
+    def _manifests(self) -> dict[str, TemplateManifest]:
+        with self._db() as db:
+            rows = db.execute("SELECT id, manifest FROM manifests").fetchall()
+        return {i: msgspec.json.decode(m, type=TemplateManifest) for i, m in rows}
+
+    async def release(self, owner: str) -> int:
+        """Drops the references `owner` took through `resolve(owner=...)`."""
+        return await self.blobs.release(owner)
+
+    # -- inspection --------------------------------------------------------------------
+
+    async def list(self) -> list[TemplateInfo]:
+        definitions = await anyio.to_thread.run_sync(self.definitions)
+        manifests = await anyio.to_thread.run_sync(self._manifests)
+        out = []
+        for tid, loaded in sorted(definitions.items()):
+            manifest = manifests.get(tid)
+            built = manifest is not None and await self.blobs.has(manifest.rootfs)
+            out.append(
+                TemplateInfo(
+                    id=tid,
+                    description=loaded.template.description,
+                    source=loaded.source,
+                    builtin=loaded.builtin,
+                    built=built,
+                    manifest=manifest if built else None,
+                )
+            )
+        return out
+
+    async def inspect(self, template_id: str) -> TemplateInfo:
+        for info in await self.list():
+            if info.id == template_id:
+                return info
+        raise TemplateNotFoundError(template_id, [i.id for i in await self.list()])
+
+    def definition(self, template_id: str) -> Template:
+        return self.get(template_id).template
+
+    async def remove(self, template_id: str) -> RemoveReport:
+        """Forgets a template's build (and its registration, if not built in), drops its
+        references and garbage-collects what nothing else uses."""
+        loaded = self.get(template_id)
+
+        def forget() -> bool:
+            with self._db() as db:
+                db.execute("DELETE FROM manifests WHERE id = ?", (template_id,))
+                return db.execute("DELETE FROM templates WHERE id = ?", (template_id,)).rowcount > 0
+
+        unregistered = await anyio.to_thread.run_sync(forget)
+        released = await self.blobs.release(template_owner(template_id))
+        report = await self.blobs.gc()
+        return RemoveReport(
+            id=loaded.template.id, unregistered=unregistered, released=released, gc=report
+        )
+
+    async def gc(self) -> GcReport:
+        return await self.blobs.gc()

@@ -1,0 +1,59 @@
+"""Helpers for the Erebus tests: stores in tmp dirs, and running a built rootfs under
+gVisor with a hand-written OCI bundle."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from pathlib import Path
+
+from tartarus.config import Settings, load_settings
+from tartarus.host.tools import runsc_global_flags
+from tartarus.images.store import TemplateStore
+from tartarus.runtime.oci_spec import Process, Root, Spec, write_bundle_config
+from tests.conftest import require_binary, require_root
+
+
+def tmp_store(root: Path) -> TemplateStore:
+    return TemplateStore(
+        Settings(cache_dir=root / "cache", state_dir=root / "state", runtime_dir=root / "run")
+    )
+
+
+def shared_store() -> TemplateStore:
+    """The user's store (~/.cache/tartarus, ~/.local/share/tartarus): built-in templates
+    are built once per machine and shared, which is what the cache is for."""
+    return TemplateStore(load_settings())
+
+
+def run_in_gvisor(
+    rootfs: Path, argv: list[str], workdir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs `argv` in a throwaway gVisor sandbox whose read-only root is `rootfs`."""
+    require_root()
+    runsc = require_binary("runsc")
+    bundle = workdir / f"bundle-{uuid.uuid4().hex[:8]}"
+    state = bundle / "state"
+    state.mkdir(parents=True)
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", **(env or {})}
+    spec = Spec(
+        process=Process(args=argv, env=[f"{k}={v}" for k, v in environment.items()]),
+        root=Root(path=str(rootfs), readonly=True),
+    )
+    write_bundle_config(bundle, spec)
+    container = f"erebus-{uuid.uuid4().hex[:12]}"
+    try:
+        return subprocess.run(
+            [runsc, *runsc_global_flags(state), "run", "--bundle", str(bundle), container],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        subprocess.run(
+            [runsc, *runsc_global_flags(state), "delete", "--force", container],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
