@@ -195,8 +195,11 @@ def _run(
 def _unpack(source: Path, dest: Path, progress: ProgressCallback) -> Path:
     progress(BuildProgress(phase="unpack", done=0, total=1, detail=source.name))
     # The tarball is Debian's, but refuse anything that would land outside `dest`.
-    with tarfile.open(source) as tar:
-        tar.extractall(dest, filter="data")
+    try:
+        with tarfile.open(source) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise KernelBuildError(f"cannot unpack {source}: {e}") from e
     trees = [p for p in dest.iterdir() if p.is_dir()]
     if len(trees) != 1:
         raise KernelBuildError(f"{source} does not unpack to a single source tree")

@@ -29,7 +29,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::config::MachineConfig;
 use crate::devices::generation::{random_bytes, GenerationState};
 use crate::devices::serial_output::SerialConfig;
-use crate::devices::virtio::attach::{attach_restored, DriveConfig, VirtioDevices, VsockConfig};
+use crate::devices::virtio::attach::{attach, DriveConfig, VirtioDevices, VsockConfig};
 use crate::devices::{DeviceError, DeviceManager};
 use crate::machine::{Machine, MachineError, RestoredParts};
 use crate::metrics::Metrics;
@@ -103,7 +103,7 @@ pub fn take(
     let started = Instant::now();
     // Device workers stay out of guest memory, disks and queues until the file is done.
     let quiet = virtio.map(VirtioDevices::quiesce);
-    let virtio_states = quiet.as_ref().map(|q| q.save()).unwrap_or_default();
+    let virtio_states = quiet.as_ref().map(|q| q.save());
     let indices = msr_indices(kvm)?;
     let mut vcpus = Vec::with_capacity(machine.vcpus().len());
     for fd in machine.vcpus() {
@@ -439,13 +439,21 @@ pub fn restore(
     let (drives, vsock) = (parts.config.drives.clone(), parts.config.vsock.clone());
     let mut virtio = None;
     let mut attach_devices = |dm: &mut DeviceManager, mem: &GuestMemoryMmap| {
-        let saved = &state.devices.virtio;
-        let devices = attach_restored(dm, mem, &drives, vsock.as_ref(), saved)
+        let devices = attach(dm, mem, &drives, vsock.as_ref())
             .map_err(|e| DeviceError::Virtio(e.to_string()))?;
         virtio = Some(devices);
         Ok(())
     };
     let machine = Machine::restore(kvm, parts, metrics, &mut attach_devices, &mut load)?;
+    let virtio = virtio.unwrap_or_default();
+    if let Some(saved) = state.devices.virtio.clone() {
+        virtio.restore(saved).map_err(|e| {
+            SnapshotError::Refused(format!(
+                "{}: the devices do not match: {e}",
+                opened.top.path
+            ))
+        })?;
+    }
     let report = RestoreReport {
         snapshot_id: hex(&opened.top.header.id),
         kind: opened.top.header.kind,
@@ -458,7 +466,7 @@ pub fn restore(
     };
     Ok(Restored {
         machine,
-        virtio: virtio.unwrap_or_default(),
+        virtio,
         report,
     })
 }

@@ -9,7 +9,7 @@ use crate::boot::regs::EntryMode;
 use crate::config::MachineConfig;
 use crate::devices::generation::GenerationState;
 use crate::devices::legacy::SerialSnapshot;
-use crate::devices::virtio::attach::VirtioStates;
+use crate::devices::virtio::attach::VirtioSnapshot;
 use crate::layout::ram_ranges;
 
 use super::format::PAGE_SIZE;
@@ -19,7 +19,7 @@ use super::format::PAGE_SIZE;
 pub struct DeviceStates {
     pub serial: SerialSnapshot,
     pub generation: GenerationState,
-    pub virtio: VirtioStates,
+    pub virtio: Option<VirtioSnapshot>,
 }
 
 #[derive(Serialize, Deserialize)]

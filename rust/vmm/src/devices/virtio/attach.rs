@@ -1,11 +1,6 @@
 //! Puts a machine's virtio devices on its MMIO bus: disks in order (the first is
 //! `/dev/vda`), then vsock. Each device gets a 4 KiB window, a GSI raised through an
 //! irqfd, and a `virtio_mmio.device=` entry on the kernel command line.
-//!
-//! For snapshots, `VirtioDevices::quiesce` holds every transport's lock (so no worker
-//! touches guest memory, a disk or a queue) while their state is saved; a restore
-//! (`attach_restored`) loads each transport's saved state before its worker starts,
-//! so the worker first serves what the restore queued (vsock's connection reset).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,11 +9,13 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use super::block::scratch::{ScratchDisk, Wipe};
-use super::block::{Block, BlockConfig, BlockOpenError, BlockState};
-use super::device::{Interrupt, VirtioDevice};
+use super::block::BlockState;
+use super::block::{Block, BlockConfig, BlockOpenError};
+use super::device::{DeviceError as VirtioError, Interrupt, VirtioDevice};
 use super::mmio::{MmioTransport, TransportState};
 use super::rate_limiter::RateLimit;
-use super::vsock::{Vsock, VsockError, VsockState};
+use super::vsock::VsockState;
+use super::vsock::{Vsock, VsockError};
 use super::worker::DeviceWorker;
 use crate::devices::{DeviceError, DeviceManager};
 
@@ -113,20 +110,6 @@ pub enum AttachError {
     },
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
-    #[error("the snapshot's devices do not match: {0}")]
-    Mismatch(String),
-    #[error("cannot restore {device}: {source}")]
-    Restore {
-        device: String,
-        source: super::device::DeviceError,
-    },
-}
-
-/// Every virtio device's saved state (registers, queues, device state), in attach order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct VirtioStates {
-    pub blocks: Vec<TransportState<BlockState>>,
-    pub vsock: Option<TransportState<VsockState>>,
 }
 
 /// Everything that must live as long as the VM: workers, scratch disks, transports.
@@ -140,19 +123,27 @@ pub struct VirtioDevices {
     pub vsock: Option<Arc<Mutex<MmioTransport<Vsock>>>>,
 }
 
+/// Every virtio device's registers, queues and device state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioSnapshot {
+    pub blocks: Vec<TransportState<BlockState>>,
+    pub vsock: Option<TransportState<VsockState>>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The device transports, locked: no worker runs while this lives.
+/// The device transports, locked: no worker touches guest memory, a disk or a queue
+/// while this lives (a snapshot holds it until guest memory is written).
 pub struct QuietDevices<'a> {
     blocks: Vec<MutexGuard<'a, MmioTransport<Block>>>,
     vsock: Option<MutexGuard<'a, MmioTransport<Vsock>>>,
 }
 
 impl QuietDevices<'_> {
-    pub fn save(&self) -> VirtioStates {
-        VirtioStates {
+    pub fn save(&self) -> VirtioSnapshot {
+        VirtioSnapshot {
             blocks: self.blocks.iter().map(|t| t.save()).collect(),
             vsock: self.vsock.as_ref().map(|t| t.save()),
         }
@@ -160,12 +151,43 @@ impl QuietDevices<'_> {
 }
 
 impl VirtioDevices {
-    /// Locks every transport (blocks first, then vsock, always in this order).
+    /// Locks every transport (disks first, then vsock, always in this order).
     pub fn quiesce(&self) -> QuietDevices<'_> {
         QuietDevices {
             blocks: self.blocks.iter().map(|t| lock(t)).collect(),
             vsock: self.vsock.as_ref().map(|t| lock(t)),
         }
+    }
+
+    /// Captures every device (call with the vCPUs paused).
+    pub fn save(&self) -> VirtioSnapshot {
+        self.quiesce().save()
+    }
+
+    /// Restores devices created from the same machine config; vsock connections are
+    /// reset (host programs reconnect) and the guest is told so.
+    pub fn restore(&self, snapshot: VirtioSnapshot) -> Result<(), VirtioError> {
+        if snapshot.blocks.len() != self.blocks.len()
+            || snapshot.vsock.is_some() != self.vsock.is_some()
+        {
+            return Err(VirtioError::State(format!(
+                "snapshot has {} disks and {} vsock, this machine {} and {}",
+                snapshot.blocks.len(),
+                u8::from(snapshot.vsock.is_some()),
+                self.blocks.len(),
+                u8::from(self.vsock.is_some())
+            )));
+        }
+        for (transport, state) in self.blocks.iter().zip(snapshot.blocks) {
+            lock(transport).restore(state)?;
+        }
+        if let (Some(transport), Some(state)) = (&self.vsock, snapshot.vsock) {
+            let mut t = lock(transport);
+            t.restore(state)?;
+            // The reset event goes out as soon as the guest's event queue has a buffer.
+            t.process_backend();
+        }
+        Ok(())
     }
 }
 
@@ -173,21 +195,14 @@ fn add<D: VirtioDevice + 'static>(
     dm: &mut DeviceManager,
     mem: &GuestMemoryMmap,
     device: D,
-    saved: Option<TransportState<D::State>>,
-    name: &str,
 ) -> Result<Arc<Mutex<MmioTransport<D>>>, AttachError> {
     let slot = dm.allocate_mmio_slot()?;
     let irq = dm.irq_eventfd(slot.gsi)?;
-    let mut transport = MmioTransport::new(device, mem.clone(), Interrupt::new(Arc::new(irq)));
-    if let Some(state) = saved {
-        transport
-            .restore(state)
-            .map_err(|source| AttachError::Restore {
-                device: name.to_string(),
-                source,
-            })?;
-    }
-    let transport = Arc::new(Mutex::new(transport));
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device,
+        mem.clone(),
+        Interrupt::new(Arc::new(irq)),
+    )));
     dm.register_mmio_device(slot, transport.clone())?;
     Ok(transport)
 }
@@ -198,37 +213,6 @@ pub fn attach(
     mem: &GuestMemoryMmap,
     drives: &[DriveConfig],
     vsock: Option<&VsockConfig>,
-) -> Result<VirtioDevices, AttachError> {
-    attach_with(dm, mem, drives, vsock, None)
-}
-
-/// Like `attach`, for a restored machine: each device starts in its saved state. The
-/// configuration must describe the same devices (paths may differ).
-pub fn attach_restored(
-    dm: &mut DeviceManager,
-    mem: &GuestMemoryMmap,
-    drives: &[DriveConfig],
-    vsock: Option<&VsockConfig>,
-    saved: &VirtioStates,
-) -> Result<VirtioDevices, AttachError> {
-    if saved.blocks.len() != drives.len() || saved.vsock.is_some() != vsock.is_some() {
-        return Err(AttachError::Mismatch(format!(
-            "saved: {} disks and {} vsock; configured: {} disks and {} vsock",
-            saved.blocks.len(),
-            if saved.vsock.is_some() { "a" } else { "no" },
-            drives.len(),
-            if vsock.is_some() { "a" } else { "no" },
-        )));
-    }
-    attach_with(dm, mem, drives, vsock, Some(saved))
-}
-
-fn attach_with(
-    dm: &mut DeviceManager,
-    mem: &GuestMemoryMmap,
-    drives: &[DriveConfig],
-    vsock: Option<&VsockConfig>,
-    saved: Option<&VirtioStates>,
 ) -> Result<VirtioDevices, AttachError> {
     let mut out = VirtioDevices::default();
     for (i, drive) in drives.iter().enumerate() {
@@ -254,21 +238,98 @@ fn attach_with(
             id,
             rate_limit: drive.rate_limit,
         })?;
-        let state = saved.and_then(|s| s.blocks.get(i).cloned());
-        let transport = add(dm, mem, block, state, &format!("disk {i}"))?;
+        let transport = add(dm, mem, block)?;
         let worker = DeviceWorker::spawn(&format!("virtio-blk{i}"), transport.clone())
             .map_err(AttachError::Worker)?;
         out.workers.push(worker);
         out.blocks.push(transport);
     }
     if let Some(cfg) = vsock {
-        let device = Vsock::new(cfg.guest_cid, &cfg.uds_path)?;
-        let state = saved.and_then(|s| s.vsock.clone());
-        let transport = add(dm, mem, device, state, "vsock")?;
+        let transport = add(dm, mem, Vsock::new(cfg.guest_cid, &cfg.uds_path)?)?;
         out.workers.push(
             DeviceWorker::spawn("virtio-vsock", transport.clone()).map_err(AttachError::Worker)?,
         );
         out.vsock = Some(transport);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::BlockConfig;
+    use crate::devices::virtio::test_driver::guest_memory;
+    use std::io::Write;
+
+    fn devices(dir: &std::path::Path, disk: &std::path::Path, name: &str) -> VirtioDevices {
+        let mem = guest_memory();
+        let block = Block::open(BlockConfig {
+            path: disk.to_path_buf(),
+            read_only: true,
+            id: "root".into(),
+            rate_limit: RateLimit::default(),
+        })
+        .unwrap();
+        let vsock = Vsock::new(3, &dir.join(format!("{name}.sock"))).unwrap();
+        VirtioDevices {
+            blocks: vec![Arc::new(Mutex::new(MmioTransport::new(
+                block,
+                mem.clone(),
+                Interrupt::polled(),
+            )))],
+            vsock: Some(Arc::new(Mutex::new(MmioTransport::new(
+                vsock,
+                mem,
+                Interrupt::polled(),
+            )))),
+            ..VirtioDevices::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips_through_json_and_checks_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = tempfile::NamedTempFile::new().unwrap();
+        disk.write_all(&[0u8; 8192]).unwrap();
+        let a = devices(dir.path(), disk.path(), "a");
+        let saved = a.save();
+        let json = serde_json::to_vec(&saved).unwrap();
+        let back: VirtioSnapshot = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, saved);
+        let b = devices(dir.path(), disk.path(), "b");
+        b.restore(back.clone()).unwrap();
+        let mut fewer = back;
+        fewer.blocks.clear();
+        assert!(b.restore(fewer).is_err());
+    }
+
+    #[test]
+    fn config_validation_rejects_bad_values() {
+        let good = DriveConfig {
+            path: "/d".into(),
+            read_only: false,
+            id: String::new(),
+            rate_limit: RateLimit::default(),
+            scratch: None,
+        };
+        assert!(good.validate().is_ok());
+        let long_id = DriveConfig {
+            id: "x".repeat(21),
+            ..good.clone()
+        };
+        assert!(long_id.validate().is_err());
+        let huge = DriveConfig {
+            scratch: Some(ScratchConfig {
+                size_mib: Some(u64::MAX),
+                wipe: Wipe::Unlink,
+            }),
+            ..good
+        };
+        assert!(huge.validate().is_err());
+        let vsock = VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::new(),
+        };
+        assert!(vsock.validate().is_err());
+    }
 }
