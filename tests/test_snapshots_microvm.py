@@ -10,10 +10,8 @@ whose KVM runs full guests (`kvm_full`).
 from __future__ import annotations
 
 import array
-import contextlib
 import os
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ from tartarus.host.doctor import DoctorReport
 from tartarus.runtime.microvm import MicroVmRuntime, clone_id_of
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState, SnapshotInfo
 from tartarus.runtime.vmm_api import (
-    BootProtocol,
     DriveConfig,
     MachineConfig,
     RateLimit,
@@ -36,16 +33,14 @@ from tartarus.runtime.vmm_api import (
     SerialFile,
     SnapshotKind,
     VmmError,
-    VmmProcess,
     VmState,
 )
 from tests.support.probe_guests import build_probe_guest, walk_result, xorshift_result
+from tests.support.snapshots import GEN_ROUNDS, machine, our_vmms, vmm_at, wait_for
+from tests.support.snapshots import snapshot_mid_gen as take_mid_gen
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.anyio]
 
-# `gen N` prints a dot each time the rounds left reach a multiple of 16384: with 20000
-# rounds the first dot comes after 3616 rounds, mid-computation.
-GEN_ROUNDS = 20_000
 GEN_LINE = re.compile(
     r"compute=(?P<compute>[0-9a-f]{16}) magic=(?P<magic>[0-9a-f]{16}) "
     r"generation=(?P<generation>[0-9a-f]{16}) clone=(?P<clone>[0-9a-f]{16}) "
@@ -72,66 +67,14 @@ def vmm_bin(doctor_report: DoctorReport) -> str:
     return str(find_binary("tartarus-vmm"))
 
 
-def machine(guest: Path, serial: Path, program: str, **extra: Any) -> MachineConfig:
-    return MachineConfig(
-        memory_mib=extra.pop("memory_mib", 64),
-        kernel=guest,
-        cmdline=program,
-        boot_protocol=BootProtocol.LINUX64,
-        serial=SerialFile(path=serial),
-        wall_clock_limit_ms=120_000,
-        **extra,
-    )
-
-
-async def wait_for(path: Path, text: str, count: int = 1, timeout_s: float = 60) -> str:
-    with anyio.fail_after(timeout_s):
-        while True:
-            apath = anyio.Path(path)
-            content = await apath.read_text() if await apath.exists() else ""
-            if content.count(text) >= count:
-                return content
-            await anyio.sleep(0.005)
-
-
-def our_vmms(root: Path) -> list[int]:
-    """Live tartarus-vmm processes whose command line mentions `root`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes()
-            if b"tartarus-vmm" in cmdline and str(root).encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-@contextlib.asynccontextmanager
-async def vmm_at(workdir: Path) -> AsyncIterator[VmmProcess]:
-    vmm = await VmmProcess.launch(workdir)
-    try:
-        yield vmm
-    finally:
-        await vmm.stop()
-
-
 async def snapshot_mid_gen(guest: Path, tmp_path: Path) -> tuple[Path, str]:
-    """Boots `gen`, pauses it at its first progress dot, snapshots it, and ends that
-    VMM. Returns the snapshot and the serial output up to the pause."""
-    serial = tmp_path / "origin.log"
     snap = tmp_path / "gen.snap"
-    async with vmm_at(tmp_path / "origin") as vmm:
-        await vmm.configure(machine(guest, serial, f"gen {GEN_ROUNDS}"))
-        await vmm.start()
-        await wait_for(serial, ".")
-        assert (await vmm.pause()).state is VmState.PAUSED
-        report = await vmm.snapshot(snap)
-        assert (await vmm.state()).state is VmState.PAUSED, "a snapshot leaves it paused"
-    assert report.kind is SnapshotKind.FULL and report.parent is None
-    assert report.memory_bytes == 64 << 20 and report.pages == (64 << 20) // 4096
-    assert report.file_bytes == snap.stat().st_size
-    return snap, serial.read_text()
+    before = await take_mid_gen(guest, tmp_path, snap)
+    info = _core.inspect_snapshot(snap)
+    assert info["kind"] == "full" and info["parent"] is None
+    assert info["memory_mib"] == 64 and info["pages"] == (64 << 20) // 4096
+    assert info["file_bytes"] == snap.stat().st_size
+    return snap, before
 
 
 async def restore_and_finish(

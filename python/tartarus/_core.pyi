@@ -6,7 +6,6 @@ from typing import Any
 __version__: str
 
 def probe_host(disk_path: str | PathLike[str]) -> dict[str, Any]: ...
-
 def inspect_snapshot(path: str | PathLike[str], verify_memory: bool = False) -> dict[str, Any]:
     """Checks a microVM snapshot file and returns its header and state summary."""
     ...

@@ -24,6 +24,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: Path = msgspec.field(default_factory=paths.default_cache_dir)
     state_dir: Path = msgspec.field(default_factory=paths.default_state_dir)
     runtime_dir: Path = msgspec.field(default_factory=paths.default_runtime_dir)
+    # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
+    # API's `PUT /v1/pools/{template}` overrides it).
+    warm_pools: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 ENV_PREFIX = "TARTARUS_"

@@ -11,10 +11,10 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -31,7 +31,7 @@ from tartarus.agent.store import (
 )
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
-from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
+from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel
 from tartarus.server.problems import ApiError, not_found
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,31 @@ class LiveSandbox:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
+@dataclass(eq=False)
+class AcquiredSandbox:
+    """A running sandbox a `SandboxSource` hands out instead of a fresh one."""
+
+    sandbox: Sandbox
+    runtime: Runtime
+    template: str
+    resources: Resources
+    network: bool
+    trust: TrustLevel
+    # Shown as the record's backend_reason (e.g. "warm pool hit").
+    reason: str
+    attachments: dict[str, Any] = field(default_factory=dict)
+
+
+class SandboxSource(Protocol):
+    """Where a create can get a ready sandbox (Nyx: a warm pool, or a snapshot to
+    restore); None means the manager starts one itself."""
+
+    async def acquire(self, request: CreateSandboxRequest) -> AcquiredSandbox | None: ...
+
+
+SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
+
+
 def new_sandbox_id() -> str:
     return "sb-" + secrets.token_hex(8)
 
@@ -73,6 +98,11 @@ class SandboxManager:
         self._live: dict[str, LiveSandbox] = {}
         self._accepting = True
         self._tasks: TaskGroup | None = None
+        # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
+        # run before a sandbox is torn down (it still runs) and after.
+        self.source: SandboxSource | None = None
+        self.before_teardown: list[SandboxHook] = []
+        self.after_teardown: list[SandboxHook] = []
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SandboxManager]:
@@ -222,6 +252,10 @@ class SandboxManager:
         return self.record(sandbox_id)
 
     async def _create(self, request: CreateSandboxRequest) -> SandboxRecord:
+        if self.source is not None:
+            acquired = await self.source.acquire(request)
+            if acquired is not None:
+                return await self._adopt(request, acquired)
         spec = SandboxSpec(
             id=new_sandbox_id(),
             template=request.template,
@@ -253,6 +287,7 @@ class SandboxManager:
                 network=spec.network,
                 trust=spec.trust,
                 backend_reason=reason,
+                checkpoint_on_stop=request.checkpoint_on_stop,
             )
         )
         sandbox: Sandbox | None = None
@@ -272,6 +307,41 @@ class SandboxManager:
         record.expires_at = time.time() + request.timeout_s
         self.store.save(record)
         self._live[record.id] = LiveSandbox(record=record, sandbox=sandbox, runtime=runtime)
+        return record
+
+    async def _adopt(
+        self, request: CreateSandboxRequest, acquired: AcquiredSandbox
+    ) -> SandboxRecord:
+        """Records a sandbox a source handed out (it already runs)."""
+        now = time.time()
+        try:
+            record = self.store.insert(
+                SandboxRecord(
+                    id=acquired.sandbox.id,
+                    template=acquired.template,
+                    backend=acquired.runtime.backend,
+                    requested_backend=request.backend,
+                    state=SandboxState.RUNNING,
+                    created_at=now,
+                    expires_at=now + request.timeout_s,
+                    resources=acquired.resources,
+                    metadata=request.metadata,
+                    network=acquired.network,
+                    trust=acquired.trust,
+                    backend_reason=acquired.reason,
+                    checkpoint_on_stop=request.checkpoint_on_stop,
+                )
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._teardown(acquired.sandbox, grace_s=0)
+            raise
+        self._live[record.id] = LiveSandbox(
+            record=record,
+            sandbox=acquired.sandbox,
+            runtime=acquired.runtime,
+            attachments=dict(acquired.attachments),
+        )
         return record
 
     def set_timeout(self, sandbox_id: str, timeout_s: float) -> SandboxRecord:
@@ -296,17 +366,28 @@ class SandboxManager:
                 if live.record.state not in LIVE_STATES:
                     return
                 live.closing = True
+                live.record.detail = detail
+                await self._run_hooks(self.before_teardown, live, "before teardown")
                 for close in live.closers:
                     try:
                         await close()
                     except Exception:
                         log.exception("closing a service of sandbox %s failed", live.record.id)
                 await self._teardown(live.sandbox, grace_s=grace_s)
+                await self._run_hooks(self.after_teardown, live, "after teardown")
                 live.record.state = state
                 live.record.detail = detail
                 live.record.ended_at = time.time()
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
+
+    @staticmethod
+    async def _run_hooks(hooks: Sequence[SandboxHook], live: LiveSandbox, when: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(live)
+            except Exception:
+                log.exception("a hook %s of sandbox %s failed", when, live.record.id)
 
     async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
         try:

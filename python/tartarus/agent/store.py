@@ -67,6 +67,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     trust: TrustLevel = TrustLevel.UNTRUSTED
     backend_reason: str = ""
     detail: str = ""
+    # Checkpoint (snapshot) the sandbox when it is stopped, before its teardown.
+    checkpoint_on_stop: bool = False
     seq: int = 0
 
     @property

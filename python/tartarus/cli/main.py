@@ -20,6 +20,7 @@ from tartarus.cli.sandboxes import (
     run_command,
 )
 from tartarus.cli.serve import serve_command
+from tartarus.cli.snapshots import pool, snapshot
 from tartarus.cli.template import template
 from tartarus.errors import TartarusError
 
@@ -38,6 +39,8 @@ for command in (
     kill_command,
     inspect_command,
     cp_command,
+    snapshot,
+    pool,
     serve_command,
     doctor,
     init,

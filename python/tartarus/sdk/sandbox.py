@@ -10,6 +10,7 @@ its client otherwise: it runs until its timeout, `kill()`, or the server stops.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from types import TracebackType
@@ -19,6 +20,7 @@ import aiohttp
 import anyio
 import msgspec
 
+from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
     CodeExecution,
     CreateSandboxRequest,
@@ -73,13 +75,19 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        from_snapshot: str | None = None,
+        checkpoint_on_stop: bool = False,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
         seconds unless `set_timeout` moves the deadline. Retries of a failed request
-        reuse one idempotency key, so a retry never makes a second sandbox."""
+        reuse one idempotency key, so a retry never makes a second sandbox.
+
+        `from_snapshot`: restore this snapshot (`sb.snapshot().id`) instead: the
+        sandbox starts as the snapshotted one was, on its template, backend and
+        resources. `checkpoint_on_stop`: snapshot the sandbox when it is stopped."""
         resources = ResourcesBody()
         if vcpus is not None:
             resources = msgspec.structs.replace(resources, vcpus=vcpus)
@@ -94,6 +102,8 @@ class Sandbox:
             metadata=metadata or {},
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+            from_snapshot=from_snapshot,
+            checkpoint_on_stop=checkpoint_on_stop,
         )
 
         async def make() -> Sandbox:
@@ -185,6 +195,35 @@ class Sandbox:
 
     async def stats(self) -> SandboxStatsInfo:
         return await self._client.call("GET", f"/v1/sandboxes/{self.id}/stats", SandboxStatsInfo)
+
+    async def snapshot(
+        self, *, label: str = "", metadata: dict[str, str] | None = None
+    ) -> SnapshotEntry:
+        """Saves the sandbox as it is now (memory, processes, files); it keeps running.
+        Start copies with `Sandbox.create(from_snapshot=snapshot.id)`."""
+        return await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/snapshots",
+            SnapshotEntry,
+            json=SnapshotSandboxBody(label=label, metadata=metadata or {}),
+        )
+
+    async def fork(
+        self,
+        count: int = 1,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> builtins.list[Sandbox]:
+        """`count` new sandboxes, each an exact copy of this one as it is now, that then
+        go their own way (each handle has its own connection)."""
+        result = await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/fork",
+            ForkResult,
+            json=ForkBody(count=count, timeout_s=timeout, metadata=metadata or {}),
+        )
+        return [Sandbox(self._client.copy(), info) for info in result.sandboxes]
 
     async def kill(self, *, grace: float = 0.0) -> None:
         """Stops the sandbox (after `grace` seconds of SIGTERM) and closes this handle."""

@@ -13,12 +13,22 @@ from aiohttp.typedefs import Handler, Middleware
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.server import openapi
-from tartarus.server.context import MANAGER, STARTED_AT
+from tartarus.server.context import MANAGER, NYX, STARTED_AT
 from tartarus.server.problems import ApiError, from_exception, problem_response
-from tartarus.server.routes import code, files, logs, processes, sandboxes, service, terminal
+from tartarus.server.routes import (
+    code,
+    files,
+    logs,
+    processes,
+    sandboxes,
+    service,
+    snapshots,
+    terminal,
+)
 from tartarus.server.routes import exec as exec_routes
 from tartarus.server.routes.service import ACCEPTING, OPENAPI
 from tartarus.server.routing import MAX_JSON_BODY, Operation, RouteTable
+from tartarus.snapshots.nyx import Nyx
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +41,7 @@ TABLES: tuple[RouteTable, ...] = (
     logs.routes,
     terminal.routes,
     code.routes,
+    snapshots.routes,
 )
 
 _SO_PEERCRED = struct.Struct("3i")
@@ -110,13 +121,19 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def build_app(
-    manager: SandboxManager, *, owner_uid: int, api_key: str | None = None
+    manager: SandboxManager,
+    *,
+    owner_uid: int,
+    api_key: str | None = None,
+    nyx: Nyx | None = None,
 ) -> web.Application:
     app = web.Application(
         middlewares=[problem_middleware, access_middleware(owner_uid, api_key)],
         client_max_size=MAX_JSON_BODY,
     )
     app[MANAGER] = manager
+    if nyx is not None:
+        app[NYX] = nyx
     app[STARTED_AT] = time.time()
     app[ACCEPTING] = [True]
     ops = operations()

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from tartarus import __version__
-from tartarus.api.types import Pid, Problem, SandboxId
+from tartarus.api.types import Pid, PoolTemplate, Problem, SandboxId, SnapshotId
 from tartarus.server.problems import PROBLEM_MEDIA
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
 
@@ -20,7 +20,8 @@ PATH_PARAMS: dict[str, Any] = {
     "id": SandboxId,
     "pid": Pid,
     "name": str,
-    "snapshot_id": str,
+    "snapshot_id": SnapshotId,
+    "template": PoolTemplate,
 }
 
 _PATH_PARAM = re.compile(r"\{(\w+)\}")

@@ -29,6 +29,7 @@ from tartarus.errors import TartarusError
 from tartarus.paths import ensure_private_dir
 from tartarus.server.app import build_app
 from tartarus.server.routes.service import ACCEPTING
+from tartarus.snapshots.nyx import Nyx
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ async def serve(
     lock_fd = _lock(runtime_dir)
     store = Store(state_db_path(settings))
     manager = SandboxManager(store, provider or HostRuntimes(settings), grace_s=options.grace_s)
+    nyx = Nyx.for_server(settings, manager, state_db_path(settings))
     try:
-        async with manager.running():
-            app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key)
+        async with manager.running(), nyx.running():
+            app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key, nyx=nyx)
             runner = web.AppRunner(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )

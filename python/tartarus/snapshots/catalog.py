@@ -171,7 +171,7 @@ class SnapshotCatalog:
         cur = self._db.execute("DELETE FROM nyx_snapshots WHERE id=?", (snapshot_id,))
         return cur.rowcount > 0
 
-    def list(
+    def records(
         self,
         *,
         template: str | None = None,
