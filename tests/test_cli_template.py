@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tartarus.cli.main import cli
-from tartarus.images.template import builtin_templates, load_template
+from tartarus.images.template import OciImageBase, builtin_templates, load_template
 from tests.conftest import require_root
 
 
@@ -22,7 +22,16 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-@pytest.mark.parametrize("origin", [*sorted(builtin_templates()), "debian:trixie"])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        *sorted(builtin_templates()),
+        "debian:trixie",
+        "oci:registry.example:5000/team/app:1.2",
+        "oci-layout:./layout:v1",
+        "docker-archive:./image.tar",
+    ],
+)
 def test_init_template_writes_a_loadable_commented_file(runner: CliRunner, origin: str) -> None:
     result = runner.invoke(cli, ["init", "template", "mine", "--from", origin])
     assert result.exit_code == 0, result.output
@@ -37,6 +46,44 @@ def test_init_template_writes_a_loadable_commented_file(runner: CliRunner, origi
         assert loaded.template.base == original.base
         assert loaded.template.packages == original.packages
         assert loaded.template.build == original.build
+
+
+def test_init_template_from_a_dockerfile(runner: CliRunner, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    (ctx / "src").mkdir(parents=True)
+    (ctx / "Dockerfile").write_text(
+        '# comment\nFROM debian:bookworm\nENV A=1 B="two words"\nWORKDIR /app\n'
+        'RUN apt-get update && \\\n    apt-get install -y curl\nCOPY src/ ./\nCMD ["x"]\n'
+    )
+    result = runner.invoke(
+        cli, ["init", "template", "fromdf", "--from", "dockerfile:ctx/Dockerfile"]
+    )
+    assert result.exit_code == 0, result.output
+    t = load_template(Path("fromdf.yaml")).template
+    assert t.base == OciImageBase(image="debian:bookworm")
+    assert t.env == {"A": "1", "B": "two words"}
+    assert t.workdir == "/app"
+    assert t.build is not None and "apt-get update &&" in t.build and "install -y curl" in t.build
+    assert [(f.src, f.dest) for f in t.files] == [("ctx/src", "/app")]
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "message"),
+    [
+        ("RUN true\n", "no FROM"),
+        ("FROM a\nFROM b\n", "multi-stage"),
+        ("FROM a\nUSER nobody\n", "USER has no template equivalent"),
+        ("FROM a\nADD https://x/y /y\n", "URL"),
+        ("FROM scratch\n", "scratch"),
+    ],
+)
+def test_unsupported_dockerfiles_name_the_line(
+    runner: CliRunner, dockerfile: str, message: str
+) -> None:
+    Path("Dockerfile").write_text(dockerfile)
+    result = runner.invoke(cli, ["init", "template", "x", "--from", "dockerfile:Dockerfile"])
+    assert result.exit_code != 0
+    assert message in str(result.exception) or message in result.output
 
 
 def test_init_template_refuses_to_overwrite(runner: CliRunner) -> None:

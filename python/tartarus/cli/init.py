@@ -28,7 +28,7 @@ def init() -> None:
 def init_template(name: str, origin: str, output: Path | None, force: bool) -> None:
     """Write a commented template file NAME.yaml to edit and build."""
     path = output or Path(f"{name}.yaml")
-    text = render(origin_template(name, origin), origin)
+    text = render(origin_template(name, origin, path.resolve().parent), origin)
     if path.exists() and not force:
         raise click.ClickException(f"{path} exists; pass --force to overwrite it")
     path.write_text(text)

@@ -33,10 +33,30 @@ import msgspec
 
 from tartarus.images import debian, fsutil, rootfs
 from tartarus.images.blobs import BlobStore
-from tartarus.images.errors import BlobNotFoundError, ImageError
+from tartarus.images.errors import BlobNotFoundError
+from tartarus.images.oci.image import (
+    DockerArchiveSource,
+    ImageSource,
+    LayoutSource,
+    RegistrySource,
+    lay_down,
+)
+from tartarus.images.oci.layout import read_docker_archive, read_layout
+from tartarus.images.oci.manifest import ImageConfigFile as ConfigFile
+from tartarus.images.oci.manifest import Platform, env_dict, parse_config, parse_platform
+from tartarus.images.oci.reference import ImageReference, parse_reference
+from tartarus.images.oci.registry import RegistryClient
 from tartarus.images.progress import Progress, ProgressCallback
 from tartarus.images.steps import run_in_rootfs
-from tartarus.images.template import DebianBase, LoadedTemplate, content_key, resolve_source
+from tartarus.images.template import (
+    DebianBase,
+    DockerArchiveBase,
+    LoadedTemplate,
+    OciImageBase,
+    OciLayoutBase,
+    content_key,
+    resolve_source,
+)
 from tartarus.images.unpack import unpack
 
 T = TypeVar("T")
@@ -52,6 +72,27 @@ class ImageConfig(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None = None
     entrypoint: list[str] = msgspec.field(default_factory=list)
     cmd: list[str] = msgspec.field(default_factory=list)
+
+
+def image_config(config: ConfigFile) -> ImageConfig:
+    c = config.config
+    if c is None:
+        return ImageConfig()
+    return ImageConfig(
+        env=env_dict(c.env),
+        workdir=c.working_dir or None,
+        user=c.user or None,
+        entrypoint=c.entrypoint or [],
+        cmd=c.cmd or [],
+    )
+
+
+class Pin(msgspec.Struct, frozen=True, kw_only=True):
+    """The digest a registry tag named when a template was first built."""
+
+    reference: str
+    platform: str
+    digest: str
 
 
 class ContentRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,10 +121,15 @@ class BuildRecord(msgspec.Struct, frozen=True, kw_only=True):
     seconds: float
 
     def digests(self) -> list[str]:
+        """Everything the template holds: layers, content tree, rootfs, ext4."""
         out = [self.content.tree, *self.content.layers, self.rootfs]
         if self.ext4:
             out.append(self.ext4)
         return out
+
+    def outputs(self, *, ext4: bool) -> list[str]:
+        """What a sandbox uses: the rootfs, and the ext4 image if asked for."""
+        return [self.rootfs, *([self.ext4] if ext4 and self.ext4 else [])]
 
 
 # A base knows its contribution to the content key and how to lay itself down.
@@ -155,6 +201,7 @@ class Builder:
         self.locks = cache_dir / "locks"
         self.progress = progress
         self._session: aiohttp.ClientSession | None = None
+        self._prepared: tuple[PreparedBase, str] | None = None
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -234,7 +281,11 @@ class Builder:
         base = loaded.template.base
         if isinstance(base, DebianBase):
             return self._debian(loaded, base)
-        raise ImageError(f"unsupported base {type(base).__name__}")
+        if isinstance(base, OciImageBase):
+            return await self._registry(base, pull)
+        if isinstance(base, OciLayoutBase):
+            return await self._layout(loaded, base)
+        return await self._docker_archive(loaded, base)
 
     def _debian(self, loaded: LoadedTemplate, base: DebianBase) -> PreparedBase:
         packages = loaded.template.packages
@@ -256,11 +307,98 @@ class Builder:
             handles_packages=True,
         )
 
+    def _pin_path(self, ref: ImageReference, platform: Platform) -> Path:
+        name = hashlib.sha256(f"{ref}|{platform}".encode()).hexdigest()
+        return self.cache_dir / "pins" / f"{name}.json"
+
+    async def _registry(self, base: OciImageBase, pull: bool) -> PreparedBase:
+        """A registry image. A tag is looked up once and pinned to the digest it named
+        (so a cache hit needs no network); `pull` looks it up again."""
+        ref = parse_reference(base.image)
+        platform = parse_platform(base.platform)
+        client = RegistryClient(await self.session(), progress=self.progress)
+        pin = anyio.Path(self._pin_path(ref, platform))
+        digest = ref.digest
+        if digest is None and not pull and await pin.exists():
+            digest = msgspec.json.decode(await pin.read_bytes(), type=Pin).digest
+        if digest is None:
+            self.progress(Progress(step="resolve", message=f"looking up {ref}"))
+            digest = (await client.resolve(ref, platform)).digest
+            record = Pin(reference=str(ref), platform=str(platform), digest=digest)
+            await anyio.to_thread.run_sync(
+                fsutil.atomic_write, Path(pin), msgspec.json.encode(record)
+            )
+        pinned = ref.with_digest(digest)
+
+        async def populate(staging: Path, owner: str) -> tuple[ImageConfig, list[str]]:
+            pulled = await client.resolve(pinned, platform)
+            config = parse_config(await client.get_config(pinned, pulled.manifest.config))
+            source = RegistrySource(
+                client, pinned, pulled.manifest, config, self.cache_dir / "downloads"
+            )
+            layers = await lay_down(
+                source, self.blobs, staging, owner=owner, progress=self.progress
+            )
+            return image_config(config), layers
+
+        return PreparedBase(
+            key={"image": digest, "platform": str(platform)},
+            description=f"{ref.name}@{digest}",
+            populate=populate,
+        )
+
+    async def _layout(self, loaded: LoadedTemplate, base: OciLayoutBase) -> PreparedBase:
+        path = resolve_source(loaded, base.path)
+        image = await anyio.to_thread.run_sync(
+            read_layout, path, base.ref, parse_platform(base.platform)
+        )
+        return self._local(LayoutSource(path, image), image.digest)
+
+    async def _docker_archive(
+        self, loaded: LoadedTemplate, base: DockerArchiveBase
+    ) -> PreparedBase:
+        path = resolve_source(loaded, base.path)
+        archive, image, members = await anyio.to_thread.run_sync(
+            read_docker_archive, path, base.ref
+        )
+        scratch = self.cache_dir / "downloads" / f"archive-{os.getpid()}-{image.digest[7:19]}"
+        return self._local(DockerArchiveSource(archive, image, members, scratch), image.digest)
+
+    def _local(self, source: ImageSource, digest: str) -> PreparedBase:
+        async def populate(staging: Path, owner: str) -> tuple[ImageConfig, list[str]]:
+            layers = await lay_down(
+                source, self.blobs, staging, owner=owner, progress=self.progress
+            )
+            return image_config(source.config), layers
+
+        return PreparedBase(
+            key={"image": digest}, description=source.description, populate=populate
+        )
+
     # -- stage 1: content --------------------------------------------------------------
 
+    async def _content_key(self, loaded: LoadedTemplate, pull: bool) -> tuple[PreparedBase, str]:
+        """The prepared base and the content key (computed once per builder)."""
+        if self._prepared is None:
+            prepared = await self.prepare_base(loaded, pull)
+            key = await anyio.to_thread.run_sync(content_key, loaded, prepared.key)
+            self._prepared = (prepared, key)
+        return self._prepared
+
+    async def _rootfs_key(self, content_key: str) -> tuple[Path, str, str]:
+        agent = rootfs.agent_binary()
+        agent_sha = await anyio.to_thread.run_sync(agent_digest, agent)
+        key = f"{content_key}\0{agent_sha}\0{rootfs.LAYOUT_VERSION}"
+        return agent, agent_sha, hashlib.sha256(key.encode()).hexdigest()
+
+    async def lookup(self, loaded: LoadedTemplate, *, pull: bool) -> BuildRecord | None:
+        """The cached rootfs record for these inputs, if any (takes no references)."""
+        _, ckey = await self._content_key(loaded, pull)
+        _, _, key = await self._rootfs_key(ckey)
+        return await self._read(key, BuildRecord)
+
     async def content(self, loaded: LoadedTemplate, owner: str, *, pull: bool) -> ContentRecord:
-        prepared = await self.prepare_base(loaded, pull)
-        key = await anyio.to_thread.run_sync(content_key, loaded, prepared.key)
+        prepared, key = await self._content_key(loaded, pull)
         cached = await self._read(key, ContentRecord)
         if cached and await self._hold(owner, [cached.tree, *cached.layers]):
             return cached
@@ -323,11 +461,7 @@ class Builder:
         self, loaded: LoadedTemplate, owner: str, *, ext4: bool, pull: bool
     ) -> BuildRecord:
         content = await self.content(loaded, owner, pull=pull)
-        agent = rootfs.agent_binary()
-        agent_sha = await anyio.to_thread.run_sync(agent_digest, agent)
-        key = hashlib.sha256(
-            f"{content.key}\0{agent_sha}\0{rootfs.LAYOUT_VERSION}".encode()
-        ).hexdigest()
+        agent, agent_sha, key = await self._rootfs_key(content.key)
         record = await self._cached_rootfs(key, owner)
         if record is None:
             async with self.lock(key):

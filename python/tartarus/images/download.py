@@ -57,6 +57,7 @@ async def download(
         if size is not None and hasher.size > size:
             await anyio.Path(partial).unlink()
             hasher = digests.Hasher()
+        resumed = hasher.size > 0
         try:
             hasher = await _attempt(
                 open_get, partial, hasher, what=what, size=size, progress=progress, step=step
@@ -66,9 +67,12 @@ async def download(
             continue
         try:
             hasher.verify(what, digest, size)
-        except ImageError:
+        except ImageError as e:
             await anyio.Path(partial).unlink()
-            raise
+            if not resumed:
+                raise
+            last_error = e  # a stale or corrupt partial file: start over
+            continue
         await anyio.Path(partial).rename(dest)
         return
     raise ImageError(f"{what}: download failed after {ATTEMPTS} attempts: {last_error}")

@@ -3,21 +3,30 @@ present or shown commented out, with a line saying what it does."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import msgspec.yaml
 
 from tartarus import codec
+from tartarus.images.dockerfile import from_dockerfile
 from tartarus.images.errors import TemplateDefinitionError
 from tartarus.images.template import (
+    Base,
     DebianBase,
+    DockerArchiveBase,
+    OciImageBase,
+    OciLayoutBase,
     Template,
     builtin_templates,
     validate,
 )
 
-ORIGINS_HELP = "a built-in template (base, python, python-ds, node) or debian:SUITE"
+ORIGINS_HELP = (
+    "a built-in template (base, python, python-ds, node), debian:SUITE, oci:IMAGE, "
+    "oci-layout:DIR[:REF], docker-archive:FILE[:REF], or dockerfile:PATH"
+)
 
 
 def _yaml(value: Any) -> list[str]:
@@ -36,11 +45,30 @@ def _field(comment: str, key: str, value: Any, *, enabled: bool = True) -> list[
     return [*lines, ""]
 
 
-def origin_template(name: str, origin: str) -> Template:
-    """The starting definition for `--from origin`, renamed to `name`."""
-    if origin.startswith("debian:"):
-        suite = origin.removeprefix("debian:") or "bookworm"
-        template = Template(id=name, base=DebianBase(suite=suite), packages=[])
+def _split_ref(value: str) -> tuple[str, str | None]:
+    path, sep, ref = value.rpartition(":")
+    return (path, ref) if sep and path and "/" not in ref else (value, None)
+
+
+def origin_template(name: str, origin: str, output_dir: Path | None = None) -> Template:
+    """The starting definition for `--from origin`, renamed to `name`. Paths in it are
+    relative to `output_dir`, where the template file goes."""
+    kind, _, value = origin.partition(":")
+    base: Base
+    if kind == "debian":
+        template = Template(id=name, base=DebianBase(suite=value or "bookworm"))
+    elif kind in ("oci", "oci-layout", "docker-archive") and value:
+        if kind == "oci":
+            base = OciImageBase(image=value)
+        elif kind == "oci-layout":
+            path, ref = _split_ref(value)
+            base = OciLayoutBase(path=path, ref=ref)
+        else:
+            path, ref = _split_ref(value)
+            base = DockerArchiveBase(path=path, ref=ref)
+        template = Template(id=name, base=base)
+    elif kind == "dockerfile" and value:
+        template = from_dockerfile(name, Path(value), output_dir or Path.cwd())
     else:
         builtins = builtin_templates()
         if origin not in builtins:

@@ -249,18 +249,27 @@ class TemplateStore:
         progress: ProgressCallback | None,
     ) -> ResolvedTemplate:
         builder = Builder(self.blobs, self.cache_dir, progress or ignore)
+        tid = loaded.template.id
         try:
+            record = await builder.lookup(loaded, pull=pull)
+            held = set(await self.blobs.refs(template_owner(tid)))
+            if record and (not ext4 or record.ext4) and held.issuperset(record.digests()):
+                # The template already holds every output: nothing to build or write.
+                if owner is not None:
+                    await self.blobs.add_refs(owner, record.outputs(ext4=ext4))
+                return await self._resolved(loaded, record, ext4)
             async with self.blobs.lease() as lease:
                 record = await builder.rootfs(loaded, lease, ext4=ext4, pull=pull)
-                digests = record.digests()
-                tid = loaded.template.id
-                if sorted(await self.blobs.refs(template_owner(tid))) != sorted(digests):
-                    await self.blobs.set_refs(template_owner(tid), digests)
-                outputs = [record.rootfs, *([record.ext4] if ext4 and record.ext4 else [])]
+                await self.blobs.set_refs(template_owner(tid), record.digests())
                 if owner is not None:
-                    await self.blobs.add_refs(owner, outputs)
+                    await self.blobs.add_refs(owner, record.outputs(ext4=ext4))
         finally:
             await builder.aclose()
+        return await self._resolved(loaded, record, ext4)
+
+    async def _resolved(
+        self, loaded: LoadedTemplate, record: BuildRecord, ext4: bool
+    ) -> ResolvedTemplate:
         manifest = manifest_of(loaded, record)
         await anyio.to_thread.run_sync(self._save_manifest, manifest)
         return ResolvedTemplate(
@@ -270,10 +279,14 @@ class TemplateStore:
         )
 
     def _save_manifest(self, manifest: TemplateManifest) -> None:
+        encoded = msgspec.json.encode(manifest)
         with self._db() as db:
+            row = db.execute("SELECT manifest FROM manifests WHERE id = ?", (manifest.id,))
+            if (stored := row.fetchone()) is not None and stored[0] == encoded:
+                return
             db.execute(
                 "INSERT OR REPLACE INTO manifests (id, manifest) VALUES (?, ?)",
-                (manifest.id, msgspec.json.encode(manifest)),
+                (manifest.id, encoded),
             )
 
     def _manifests(self) -> dict[str, TemplateManifest]:

@@ -13,7 +13,7 @@ import bz2
 import gzip
 import lzma
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import BinaryIO, Protocol, cast
 
@@ -22,6 +22,7 @@ import msgspec
 from tartarus.images.errors import HostileArchiveError, InvalidArchiveError
 
 BLOCK = 512
+_HIGH_BYTES = bytes(range(128, 256))
 GiB = 1 << 30
 
 
@@ -94,8 +95,17 @@ class TarReader:
     """Iterates the entries of a tar stream. Data of the current entry is read with
     `read_data()`; whatever is left unread is skipped when iteration moves on."""
 
-    def __init__(self, stream: Readable, archive: str, limits: TarLimits | None = None) -> None:
+    def __init__(
+        self,
+        stream: Readable,
+        archive: str,
+        limits: TarLimits | None = None,
+        *,
+        seek: Callable[[int], object] | None = None,
+    ) -> None:
         self._stream = stream
+        # For a seekable file: skip unread data by seeking (relative) instead of reading.
+        self._seek = seek
         self.archive = archive
         self.limits = limits or TarLimits()
         self.position = 0
@@ -122,6 +132,10 @@ class TarReader:
         return b"".join(chunks)
 
     def _skip(self, n: int) -> None:
+        if self._seek is not None and n:
+            self._seek(n)
+            self.position += n
+            return
         while n:
             step = min(n, 1 << 20)
             self._read_exact(step)
@@ -256,10 +270,13 @@ class TarReader:
 
     def _check_checksum(self, header: bytes) -> None:
         stored = self._number(header[148:156], "checksum")
-        unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        high = sum(1 for b in header[:148] + header[156:] if b > 127)
-        signed = unsigned - 256 * high
-        if stored not in (unsigned, signed):
+        unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+        if stored == unsigned:
+            return
+        # Some old writers summed signed bytes.
+        outside = header[:148] + header[156:]
+        signed = unsigned - 256 * (len(outside) - len(outside.translate(None, _HIGH_BYTES)))
+        if stored != signed:
             raise self._bad("bad header checksum (not a tar archive, or corrupt)")
 
     def _entry(self, header: bytes, *, kind: EntryType, size: int, meta: _Meta) -> TarEntry:

@@ -9,6 +9,7 @@ beside this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -21,7 +22,9 @@ import msgspec.toml
 import msgspec.yaml
 
 from tartarus import codec
-from tartarus.images.errors import TemplateDefinitionError
+from tartarus.images.errors import ImageError, TemplateDefinitionError
+from tartarus.images.oci.manifest import parse_platform
+from tartarus.images.oci.reference import parse_reference
 from tartarus.runtime.types import Backend, Resources
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "templates"
@@ -52,7 +55,53 @@ class DebianBase(
     components: list[str] = msgspec.field(default_factory=lambda: ["main"])
 
 
-Base = DebianBase
+class OciImageBase(
+    msgspec.Struct,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    frozen=True,
+    tag="oci",
+    tag_field="kind",
+):
+    """An image in an OCI/Docker registry: `registry/name:tag` or `name@sha256:...`."""
+
+    image: str
+    # `os/arch[/variant]`; default: this host's.
+    platform: str | None = None
+
+
+class OciLayoutBase(
+    msgspec.Struct,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    frozen=True,
+    tag="oci-layout",
+    tag_field="kind",
+):
+    """A local OCI image layout directory (`oci-layout`, `index.json`, `blobs/`)."""
+
+    path: str
+    # The `org.opencontainers.image.ref.name` annotation; optional with one image.
+    ref: str | None = None
+    platform: str | None = None
+
+
+class DockerArchiveBase(
+    msgspec.Struct,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    frozen=True,
+    tag="docker-archive",
+    tag_field="kind",
+):
+    """A tarball written by `docker save` (or `skopeo copy ... docker-archive:`)."""
+
+    path: str
+    # A repo tag inside the archive; optional with one image.
+    ref: str | None = None
+
+
+Base = DebianBase | OciImageBase | OciLayoutBase | DockerArchiveBase
 
 
 class FileCopy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -144,11 +193,24 @@ def validate(template: Template, where: str) -> None:
         r"[a-z0-9.-]+", template.base.suite
     ):
         raise TemplateDefinitionError(f"{where}: base.suite {template.base.suite!r} is not a suite")
+    if isinstance(template.base, OciImageBase | OciLayoutBase):
+        try:
+            if isinstance(template.base, OciImageBase):
+                parse_reference(template.base.image)
+            parse_platform(template.base.platform)
+        except ImageError as e:
+            raise TemplateDefinitionError(f"{where}: base: {e}") from None
     if template.timeout_s <= 0:
         raise TemplateDefinitionError(f"{where}: timeout_s must be positive")
 
 
 def builtin_templates() -> dict[str, LoadedTemplate]:
+    return dict(_builtin_templates())
+
+
+@functools.cache
+def _builtin_templates() -> dict[str, LoadedTemplate]:
+    # Package files: read once per process.
     out = {}
     for path in sorted(BUILTIN_DIR.iterdir()):
         if path.suffix in TEMPLATE_SUFFIXES:

@@ -84,8 +84,10 @@ class _Unpacker:
         self.touched: set[str] = set()
         self.dir_modes: list[tuple[list[str], TarEntry]] = []
         self.stats = UnpackStats()
+        self._parent: tuple[tuple[str, ...], int, list[str]] | None = None
 
     def close(self) -> None:
+        self.forget_parent()
         os.close(self.root_fd)
 
     # -- path resolution inside the root -----------------------------------------------
@@ -146,8 +148,25 @@ class _Unpacker:
 
     # -- removal -----------------------------------------------------------------------
 
-    @staticmethod
-    def remove_entry(parent_fd: int, name: str) -> None:
+    def parent(self, member: str, comps: list[str]) -> tuple[int, list[str]]:
+        """`open_dir(comps, create=True)`, remembering the last parent: members of one
+        directory usually come together. The caller closes the returned fd."""
+        key = tuple(comps)
+        if self._parent is None or self._parent[0] != key:
+            self.forget_parent()
+            fd, real = self.open_dir(member, comps, create=True)
+            self._parent = (key, fd, real)
+        _, fd, real = self._parent
+        return os.dup(fd), real
+
+    def forget_parent(self) -> None:
+        """Called before anything is removed: the remembered directory may go."""
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
+
+    def remove_entry(self, parent_fd: int, name: str) -> None:
+        self.forget_parent()
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -204,7 +223,7 @@ class _Unpacker:
             return
         if entry.type in (EntryType.CHAR, EntryType.BLOCK):
             raise HostileArchiveError(self.archive, entry.name, "device node")
-        fd, real = self.open_dir(entry.name, parent, create=True)
+        fd, real = self.parent(entry.name, parent)
         try:
             self.create(reader, entry, fd, real, leaf)
         finally:
@@ -222,6 +241,7 @@ class _Unpacker:
         if entry.type is EntryType.DIR:
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 if existing is not None:
+                    self.forget_parent()
                     os.unlink(leaf, dir_fd=fd)
                 os.mkdir(leaf, 0o700, dir_fd=fd)
             # Modes last: a read-only directory must still receive its children.

@@ -1,0 +1,2 @@
+"""OCI images for Erebus: references, manifests, a registry client, local layouts and
+docker-archive tarballs."""
