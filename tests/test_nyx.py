@@ -25,7 +25,6 @@ from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
 from tartarus.host.doctor import DoctorReport
 from tartarus.images.store import TemplateStore
-from tartarus.runtime.base import Runtime
 from tartarus.runtime.microvm import MicroVmRuntime, MicroVmSandbox
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.sdk.client import Client
@@ -39,6 +38,7 @@ from tartarus.snapshots.service import SandboxFacts, SnapshotService
 from tests.support.probe_guests import build_probe_guest, xorshift_result
 from tests.support.snapshots import (
     GEN_ROUNDS,
+    ProbeRuntimes,
     our_vmms,
     snapshot_mid_gen,
     snapshot_spinning,
@@ -54,25 +54,6 @@ TEMPLATE = "probe"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class ProbeRuntimes:
-    """The runtime provider: this host's real microVM runtime for every sandbox."""
-
-    def __init__(self, runtime: MicroVmRuntime) -> None:
-        self.runtime = runtime
-
-    async def prepare(self, spec: SandboxSpec) -> SandboxSpec:
-        return spec
-
-    async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
-        return self.runtime, "probe guests restore on this host's KVM"
-
-    async def all_runtimes(self) -> list[Runtime]:
-        return [self.runtime]
-
-    async def describe(self) -> dict[str, str]:
-        return {"microvm": "restores only"}
 
 
 @pytest.fixture

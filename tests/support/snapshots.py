@@ -10,6 +10,9 @@ from typing import Any
 
 import anyio
 
+from tartarus.runtime.base import Runtime
+from tartarus.runtime.microvm import MicroVmRuntime
+from tartarus.runtime.types import SandboxSpec
 from tartarus.runtime.vmm_api import BootProtocol, MachineConfig, SerialFile, VmmProcess, VmState
 
 # `gen N` prints a dot each time the rounds left reach a multiple of 16384: with 20000
@@ -91,3 +94,22 @@ def our_vmms(root: Path) -> list[int]:
             if b"tartarus-vmm" in cmdline and str(root).encode() in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+class ProbeRuntimes:
+    """The runtime provider: this host's real microVM runtime for every sandbox."""
+
+    def __init__(self, runtime: MicroVmRuntime) -> None:
+        self.runtime = runtime
+
+    async def prepare(self, spec: SandboxSpec) -> SandboxSpec:
+        return spec
+
+    async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
+        return self.runtime, "probe guests restore on this host's KVM"
+
+    async def all_runtimes(self) -> list[Runtime]:
+        return [self.runtime]
+
+    async def describe(self) -> dict[str, str]:
+        return {"microvm": "restores only"}
