@@ -31,7 +31,9 @@ from tests.support.probe_guests import build_probe_guest
 from tests.support.snapshots import (
     GEN_ROUNDS,
     ProbeRuntimes,
+    isolated_settings,
     machine,
+    serving,
     snapshot_mid_gen,
     snapshot_spinning,
     snapshot_when,
@@ -42,8 +44,6 @@ from tests.support.snapshots import (
 
 from benches.harness import Stats, report, write_result
 from tartarus.api.types import CreateSandboxRequest, SandboxInfo
-from tartarus.config import Settings
-from tartarus.endpoint import Endpoint
 from tartarus.host.doctor import run_doctor
 from tartarus.images.store import TemplateStore
 from tartarus.runtime.microvm import MicroVmRuntime
@@ -51,7 +51,7 @@ from tartarus.runtime.types import Backend
 from tartarus.runtime.vmm_api import RestoreOptions, VmmProcess
 from tartarus.sdk.client import Client
 from tartarus.sdk.snapshots import Snapshots
-from tartarus.server.serve import ServeOptions, serve, state_db_path
+from tartarus.server.serve import state_db_path
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose
 from tartarus.snapshots.service import SandboxFacts, SnapshotService
 
@@ -168,9 +168,7 @@ async def clone_density(work: Path) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def probe_server(work: Path, pool: int) -> AsyncIterator[tuple[Client, str]]:
-    settings = Settings(
-        state_dir=work / "state", runtime_dir=work / "run", cache_dir=Settings().cache_dir
-    )
+    settings = isolated_settings(work)
     runtimes = ProbeRuntimes(MicroVmRuntime(settings=settings, doctor=run_doctor(settings)))
     directory = work / "spin"
     directory.mkdir()
@@ -185,26 +183,9 @@ async def probe_server(work: Path, pool: int) -> AsyncIterator[tuple[Client, str
         purpose=SnapshotPurpose.TEMPLATE,
     )
     seed.catalog.close()
-    ready, stop = anyio.Event(), anyio.Event()
-    sock = settings.runtime_dir / "b.sock"
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            lambda: serve(
-                settings,
-                ServeOptions(socket=sock, grace_s=1),
-                provider=runtimes,
-                on_ready=lambda _: ready.set(),
-                stop=stop,
-            )
-        )
-        await ready.wait()
-        client = Client(Endpoint.unix(sock))
-        try:
-            await Snapshots(client, owns_client=False).set_pool("probe", pool)
-            yield client, record.id
-        finally:
-            await client.close()
-            stop.set()
+    async with serving(settings, runtimes) as client:
+        await Snapshots(client, owns_client=False).set_pool("probe", pool)
+        yield client, record.id
 
 
 async def pool_creates(work: Path) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import pytest
 
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.config import Settings
-from tartarus.endpoint import Endpoint
 from tartarus.host.doctor import DoctorReport
 from tartarus.images.store import TemplateStore
 from tartarus.runtime.microvm import MicroVmRuntime, MicroVmSandbox
@@ -31,7 +30,7 @@ from tartarus.sdk.client import Client
 from tartarus.sdk.errors import NotFoundError
 from tartarus.sdk.sandbox import Sandbox
 from tartarus.sdk.snapshots import Snapshots
-from tartarus.server.serve import ServeOptions, serve, state_db_path
+from tartarus.server.serve import state_db_path
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose
 from tartarus.snapshots.pools import WarmPools
 from tartarus.snapshots.service import SandboxFacts, SnapshotService
@@ -39,7 +38,9 @@ from tests.support.probe_guests import build_probe_guest, xorshift_result
 from tests.support.snapshots import (
     GEN_ROUNDS,
     ProbeRuntimes,
+    isolated_settings,
     our_vmms,
+    serving,
     snapshot_mid_gen,
     snapshot_spinning,
     until,
@@ -58,11 +59,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        cache_dir=Path.home() / ".cache" / "tartarus",
-    )
+    return isolated_settings(tmp_path)
 
 
 @pytest.fixture
@@ -217,27 +214,8 @@ async def server(
     )
     record = await seed.adopt(spin_dir, Backend.MICROVM, FACTS, purpose=SnapshotPurpose.TEMPLATE)
     seed.catalog.close()
-    socket = settings.runtime_dir / "t.sock"
-    ready = anyio.Event()
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            lambda: serve(
-                settings,
-                ServeOptions(socket=socket, grace_s=1),
-                provider=runtimes,
-                on_ready=lambda _: ready.set(),
-                stop=stop,
-            )
-        )
-        with anyio.fail_after(30):
-            await ready.wait()
-        client = Client(Endpoint.unix(socket))
-        try:
-            yield client, record.id
-        finally:
-            await client.close()
-            stop.set()
+    async with serving(settings, runtimes) as client:
+        yield client, record.id
 
 
 async def test_sdk_restore_snapshot_fork_and_delete(

@@ -10,10 +10,15 @@ from typing import Any
 
 import anyio
 
+from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.config import Settings
+from tartarus.endpoint import Endpoint
 from tartarus.runtime.base import Runtime
 from tartarus.runtime.microvm import MicroVmRuntime
 from tartarus.runtime.types import SandboxSpec
 from tartarus.runtime.vmm_api import BootProtocol, MachineConfig, SerialFile, VmmProcess, VmState
+from tartarus.sdk.client import Client
+from tartarus.server.serve import ServeOptions, serve
 
 # `gen N` prints a dot each time the rounds left reach a multiple of 16384: with 20000
 # rounds the first dot comes after 3616 rounds, mid-computation.
@@ -113,3 +118,38 @@ class ProbeRuntimes:
 
     async def describe(self) -> dict[str, str]:
         return {"microvm": "restores only"}
+
+
+def isolated_settings(base: Path) -> Settings:
+    """Settings of a server of its own under `base` (the shared build cache)."""
+    return Settings(
+        state_dir=base / "state", runtime_dir=base / "run", cache_dir=Settings().cache_dir
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, provider: RuntimeProvider | None = None
+) -> AsyncIterator[Client]:
+    """`tartarus serve` in this process, on a unix socket in the runtime dir; yields a
+    client for it and stops the server (and its sandboxes) at the end."""
+    ready, stop = anyio.Event(), anyio.Event()
+    sock = settings.runtime_dir / "test.sock"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            lambda: serve(
+                settings,
+                ServeOptions(socket=sock, grace_s=1),
+                provider=provider,
+                on_ready=lambda _: ready.set(),
+                stop=stop,
+            )
+        )
+        with anyio.fail_after(60):
+            await ready.wait()
+        client = Client(Endpoint.unix(sock))
+        try:
+            yield client
+        finally:
+            await client.close()
+            stop.set()
