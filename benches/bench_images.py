@@ -11,7 +11,9 @@ registry, against skopeo and tar.
   oci:DIR` (pull and verify), then `tar -xzf` of each layer (unpack). Also unpack alone:
   our unpacker against `tar -xzf` on the same layer files. MB/s of compressed bytes.
 
-Run: `python -m benches.bench_images` (as root: builds the `base` template).
+- cold builds: `base` and `python` from empty caches (what CI and a fresh machine pay).
+
+Run: `python -m benches.bench_images` (as root: builds Debian templates).
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def stats_mbps(stats: Stats, size: int) -> float:
     return round(size / MB / (stats.p50_ms / 1000), 1)
 
 
+async def cold_builds(work: Path) -> dict[str, float]:
+    """First builds of `base` and `python` with empty caches, as on a fresh machine
+    (packages come from Debian's mirror)."""
+    out = {}
+    for template in ("base", "python"):
+        store = tmp_store(work / f"cold-{template}")
+        started = time.perf_counter()
+        await store.resolve(template)
+        out[template] = round(time.perf_counter() - started, 1)
+        shutil.rmtree(work / f"cold-{template}")
+        print(f"cold build of {template}: {out[template]} s")
+    return out
+
+
 async def cache_hits(work: Path) -> dict[str, Any]:
     store = tmp_store(work / "hit-store")
     started = time.perf_counter()
@@ -87,7 +103,8 @@ async def cache_hits(work: Path) -> dict[str, Any]:
         "first_build_s": round(first, 2),
         "resolve": api,
         "cli_build": cli_stats,
-        "under_1s": api.max_ms < 1000 and cli_stats.max_ms < 1000,
+        "resolve_under_1s": api.max_ms < 1000,
+        "cli_under_1s": cli_stats.max_ms < 1000,
     }
 
 
@@ -196,6 +213,7 @@ async def main() -> None:
         image = bench_image()
         load_before = os.getloadavg()
         results: dict[str, Any] = {
+            "cold_build_s": await cold_builds(work),
             "cache_hit": await cache_hits(work),
             "pull_unpack": await pull_and_unpack(work, image),
             "unpack_only": unpack_only(work, image),

@@ -6,6 +6,7 @@ docker-archive tarballs, hostile layers, and garbage collection of shared layers
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from tartarus.images import digest as digests
 from tartarus.images.errors import (
     DigestMismatchError,
+    DiskFullError,
     HostileArchiveError,
     ManifestError,
     RegistryError,
@@ -391,3 +393,31 @@ async def test_unreachable_registry_is_a_clear_error(tmp_path: Path) -> None:
     path = template_file(tmp_path, "gone", "{kind: oci, image: '127.0.0.1:9/none/such:1'}")
     with pytest.raises((RegistryError, aiohttp.ClientError, OSError)):
         await store.build(path)
+
+
+@pytest.mark.timeout(120)
+async def test_full_disk_is_a_clear_error_and_keeps_what_was_stored(tmp_path: Path) -> None:
+    require_root()
+    small = busybox_image(b"fits\n")
+    big = make_image([busybox_layer(), make_tar([file("data/big", os.urandom(24 << 20))])])
+    write_layout(tmp_path / "small", small, "v1")
+    write_layout(tmp_path / "big", big, "v1")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    await anyio.run_process(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)])
+    try:
+        store = tmp_store(disk)
+        fits = await store.build(
+            template_file(tmp_path, "fits", "{kind: oci-layout, path: small, ref: v1}"), ext4=False
+        )
+        with pytest.raises(DiskFullError, match="no space left"):
+            await store.build(
+                template_file(tmp_path, "big", "{kind: oci-layout, path: big, ref: v1}"),
+                ext4=False,
+            )
+        assert list((disk / "state/images/tmp").iterdir()) == []  # staging cleaned up
+        again = await store.resolve("fits", ext4=False)
+        assert again.rootfs == fits.rootfs
+        assert (again.rootfs / "etc/greeting").read_bytes() == b"fits\n"
+    finally:
+        await anyio.run_process(["umount", str(disk)])

@@ -15,7 +15,9 @@ from typing import Any
 import msgspec
 
 from tartarus import codec, paths
+from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
+from tartarus.secrets.settings import SecretsSettings
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -24,6 +26,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: Path = msgspec.field(default_factory=paths.default_cache_dir)
     state_dir: Path = msgspec.field(default_factory=paths.default_state_dir)
     runtime_dir: Path = msgspec.field(default_factory=paths.default_runtime_dir)
+    # Cerberus: authentication ([auth], docs/auth.md).
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    # Secret providers ([secrets], docs/auth.md).
+    secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
     # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
     # API's `PUT /v1/pools/{template}` overrides it).
     warm_pools: dict[str, int] = msgspec.field(default_factory=dict)

@@ -20,6 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from tartarus.agent.admission import AdmissionHook, AdmitAll, Admitted
 from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import (
     LIVE_STATES,
@@ -30,6 +31,7 @@ from tartarus.agent.store import (
     decode_cursor,
 )
 from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
 from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel
 from tartarus.server.problems import ApiError, not_found
@@ -76,7 +78,9 @@ class SandboxSource(Protocol):
     """Where a create can get a ready sandbox (Nyx: a warm pool, or a snapshot to
     restore); None means the manager starts one itself."""
 
-    async def acquire(self, request: CreateSandboxRequest) -> AcquiredSandbox | None: ...
+    async def acquire(
+        self, request: CreateSandboxRequest, caller: Principal
+    ) -> AcquiredSandbox | None: ...
 
 
 SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
@@ -91,18 +95,26 @@ def fingerprint(request: CreateSandboxRequest) -> str:
 
 
 class SandboxManager:
-    def __init__(self, store: Store, provider: RuntimeProvider, *, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        provider: RuntimeProvider,
+        *,
+        grace_s: float = 10.0,
+        admission: AdmissionHook | None = None,
+    ) -> None:
         self.store = store
         self.provider = provider
         self.grace_s = grace_s
-        self._live: dict[str, LiveSandbox] = {}
-        self._accepting = True
-        self._tasks: TaskGroup | None = None
+        self.admission = admission or AdmitAll()
         # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
         # run before a sandbox is torn down (it still runs) and after.
         self.source: SandboxSource | None = None
         self.before_teardown: list[SandboxHook] = []
         self.after_teardown: list[SandboxHook] = []
+        self._live: dict[str, LiveSandbox] = {}
+        self._accepting = True
+        self._tasks: TaskGroup | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SandboxManager]:
@@ -213,18 +225,24 @@ class SandboxManager:
     # --- changes ---------------------------------------------------------------------------
 
     async def create(
-        self, request: CreateSandboxRequest, idempotency_key: str | None = None
+        self,
+        request: CreateSandboxRequest,
+        idempotency_key: str | None = None,
+        *,
+        caller: Principal = SYSTEM,
     ) -> tuple[SandboxRecord, bool]:
-        """Creates and starts a sandbox; returns its record and whether it was a replay of
-        an earlier create with the same idempotency key."""
+        """Creates and starts a sandbox for `caller` (admission decides first); returns its
+        record and whether it was a replay of an earlier create with the same idempotency
+        key (keys are per tenant)."""
         if not self._accepting:
             raise ApiError(503, "shutting-down", "the server is shutting down")
         if idempotency_key is not None:
+            idempotency_key = f"{caller.tenant}/{idempotency_key}"
             claimed = self.store.claim_key(idempotency_key, fingerprint(request))
             if claimed is not None:
                 return self._replay(idempotency_key, request, *claimed), True
         try:
-            record = await self._create(request)
+            record = await self._create(request, caller)
         except BaseException:
             if idempotency_key is not None:
                 self.store.release_key(idempotency_key)
@@ -240,22 +258,33 @@ class SandboxManager:
             raise ApiError(
                 422,
                 "idempotency-key-reused",
-                f"Idempotency-Key {key!r} was used for a different request; use a new key",
+                f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request;"
+                " use a new key",
             )
         if sandbox_id is None:
             raise ApiError(
                 409,
                 "idempotency-key-in-flight",
-                f"a create with Idempotency-Key {key!r} is still running; retry shortly",
+                f"a create with Idempotency-Key {key.partition('/')[2]!r} is still running;"
+                " retry shortly",
                 headers={"Retry-After": "1"},
             )
         return self.record(sandbox_id)
 
-    async def _create(self, request: CreateSandboxRequest) -> SandboxRecord:
+    async def _create(self, request: CreateSandboxRequest, caller: Principal) -> SandboxRecord:
+        admitted = await self.admission.admit(caller, request)
+        try:
+            return await self._start(admitted, caller)
+        except BaseException:
+            admitted.release()
+            raise
+
+    async def _start(self, admitted: Admitted, caller: Principal) -> SandboxRecord:
+        request = admitted.request
         if self.source is not None:
-            acquired = await self.source.acquire(request)
+            acquired = await self.source.acquire(request, caller)
             if acquired is not None:
-                return await self._adopt(request, acquired)
+                return await self._adopt(admitted, acquired, caller)
         spec = SandboxSpec(
             id=new_sandbox_id(),
             template=request.template,
@@ -287,6 +316,9 @@ class SandboxManager:
                 network=spec.network,
                 trust=spec.trust,
                 backend_reason=reason,
+                tenant=caller.tenant,
+                owner=caller.subject,
+                secrets=request.secrets,
                 checkpoint_on_stop=request.checkpoint_on_stop,
             )
         )
@@ -303,6 +335,7 @@ class SandboxManager:
                 record.detail = f"could not start: {e}" if str(e) else "could not start"
                 self.store.save(record)
             raise
+        sandbox = admitted.bind(record, sandbox)
         record.state = SandboxState.RUNNING
         record.expires_at = time.time() + request.timeout_s
         self.store.save(record)
@@ -310,9 +343,10 @@ class SandboxManager:
         return record
 
     async def _adopt(
-        self, request: CreateSandboxRequest, acquired: AcquiredSandbox
+        self, admitted: Admitted, acquired: AcquiredSandbox, caller: Principal
     ) -> SandboxRecord:
         """Records a sandbox a source handed out (it already runs)."""
+        request = admitted.request
         now = time.time()
         try:
             record = self.store.insert(
@@ -329,6 +363,9 @@ class SandboxManager:
                     network=acquired.network,
                     trust=acquired.trust,
                     backend_reason=acquired.reason,
+                    tenant=caller.tenant,
+                    owner=caller.subject,
+                    secrets=request.secrets,
                     checkpoint_on_stop=request.checkpoint_on_stop,
                 )
             )
@@ -336,9 +373,10 @@ class SandboxManager:
             with anyio.CancelScope(shield=True):
                 await self._teardown(acquired.sandbox, grace_s=0)
             raise
+        sandbox = admitted.bind(record, acquired.sandbox)
         self._live[record.id] = LiveSandbox(
             record=record,
-            sandbox=acquired.sandbox,
+            sandbox=sandbox,
             runtime=acquired.runtime,
             attachments=dict(acquired.attachments),
         )
@@ -380,6 +418,7 @@ class SandboxManager:
                 live.record.ended_at = time.time()
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
+                self.admission.ended(live.record)
 
     @staticmethod
     async def _run_hooks(hooks: Sequence[SandboxHook], live: LiveSandbox, when: str) -> None:

@@ -67,6 +67,11 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     trust: TrustLevel = TrustLevel.UNTRUSTED
     backend_reason: str = ""
     detail: str = ""
+    # Who owns it: its tenant, and the principal that created it.
+    tenant: str = "default"
+    owner: str = ""
+    # Environment variable → secret reference (never the value), resolved at exec time.
+    secrets: dict[str, str] = msgspec.field(default_factory=dict)
     # Checkpoint (snapshot) the sandbox when it is stopped, before its teardown.
     checkpoint_on_stop: bool = False
     seq: int = 0
@@ -77,6 +82,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
 
 
 class ListFilter(msgspec.Struct, kw_only=True, frozen=True):
+    # None: every tenant's sandboxes.
+    tenant: str | None = None
     states: tuple[SandboxState, ...] = ()
     template: str | None = None
     backend: Backend | None = None
@@ -195,6 +202,9 @@ class Store:
         if flt.states:
             where.append(f"state IN ({','.join('?' * len(flt.states))})")
             args.extend(s.value for s in flt.states)
+        if flt.tenant is not None:
+            where.append("COALESCE(json_extract(doc, '$.tenant'), 'default') = ?")
+            args.append(flt.tenant)
         if flt.template is not None:
             where.append("template = ?")
             args.append(flt.template)

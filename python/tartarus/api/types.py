@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from tartarus.auth.principal import TENANT_PATTERN
 from tartarus.runtime.types import (
     Backend,
     FileInfo,
@@ -52,6 +53,15 @@ MetadataMap = Annotated[
     dict[
         Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")],
         Annotated[str, Meta(max_length=1024)],
+    ],
+    Meta(max_length=64),
+]
+TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN, examples=["acme"])]
+# Environment variable → secret reference, `provider:name` (docs/auth.md, "Secrets").
+SecretMap = Annotated[
+    dict[
+        Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
+        Annotated[str, Meta(min_length=3, max_length=512, pattern=r"^[a-z]+:[^\x00]+$")],
     ],
     Meta(max_length=64),
 ]
@@ -100,6 +110,8 @@ class CreateSandboxRequest(_Request, kw_only=True):
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     network: bool = False
     trust: TrustLevel = TrustLevel.UNTRUSTED
+    # Secrets the sandbox's commands get as environment variables, resolved at exec time.
+    secrets: SecretMap = msgspec.field(default_factory=dict)
     # Restore this snapshot instead of starting the template (its template, backend,
     # resources, network and trust apply; `template` and `backend` are ignored).
     from_snapshot: SnapshotId | None = None
@@ -124,6 +136,10 @@ class SandboxInfo(_Response, kw_only=True):
     backend_reason: str = ""
     # Why the sandbox stopped or failed, when it did.
     detail: str = ""
+    tenant: str = "default"
+    TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN, examples=["acme"])]
+    # Environment variable → secret reference (the references, never the values).
+    secrets: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class SandboxPage(_Response, kw_only=True):

@@ -6,10 +6,14 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
+from tartarus.cli.audit import audit_group
+from tartarus.cli.auth import auth_group
+from tartarus.cli.certs import certs_group
 from tartarus.cli.doctor import doctor
 from tartarus.cli.files import cp_command
 from tartarus.cli.init import init
 from tartarus.cli.kernel import kernel
+from tartarus.cli.policy import policy_group
 from tartarus.cli.remote import fail
 from tartarus.cli.sandboxes import (
     exec_command,
@@ -19,6 +23,7 @@ from tartarus.cli.sandboxes import (
     ps_command,
     run_command,
 )
+from tartarus.cli.secrets import secrets_group
 from tartarus.cli.serve import serve_command
 from tartarus.cli.snapshots import pool, snapshot
 from tartarus.cli.template import template
@@ -48,6 +53,11 @@ for command in (
     kernel,
     version_command,
     completion_command,
+    auth_group,
+    policy_group,
+    audit_group,
+    secrets_group,
+    certs_group,
 ):
     cli.add_command(command)
 

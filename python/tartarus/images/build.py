@@ -33,7 +33,7 @@ import msgspec
 
 from tartarus.images import debian, fsutil, rootfs
 from tartarus.images.blobs import BlobStore
-from tartarus.images.errors import BlobNotFoundError
+from tartarus.images.errors import BlobNotFoundError, DiskFullError, is_disk_full
 from tartarus.images.oci.image import (
     DockerArchiveSource,
     ImageSource,
@@ -458,6 +458,18 @@ class Builder:
     # -- stage 2: rootfs and ext4 ------------------------------------------------------
 
     async def rootfs(
+        self, loaded: LoadedTemplate, owner: str, *, ext4: bool, pull: bool
+    ) -> BuildRecord:
+        """Builds what is missing of the template's rootfs (and ext4 image)."""
+        try:
+            return await self._rootfs(loaded, owner, ext4=ext4, pull=pull)
+        except OSError as e:
+            # Staging directories are gone by now; what was stored before is intact.
+            if is_disk_full(e):
+                raise DiskFullError(f"building {loaded.template.id}", e.filename) from e
+            raise
+
+    async def _rootfs(
         self, loaded: LoadedTemplate, owner: str, *, ext4: bool, pull: bool
     ) -> BuildRecord:
         content = await self.content(loaded, owner, pull=pull)

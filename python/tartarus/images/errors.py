@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from tartarus.errors import TartarusError
 
 
@@ -62,6 +64,21 @@ class TemplateNotFoundError(ImageError):
 
 class TemplateDefinitionError(ImageError):
     """A template file does not parse or fails validation; the message names the file."""
+
+
+class DiskFullError(ImageError):
+    """The disk holding the store or the cache filled up; nothing half-built is kept."""
+
+    def __init__(self, where: str, path: str | None = None) -> None:
+        place = f" ({path})" if path else ""
+        super().__init__(
+            f"no space left on the device while {where}{place}; free space, run "
+            "`tartarus template gc`, or point state_dir/cache_dir at a larger disk"
+        )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class BuildError(ImageError):

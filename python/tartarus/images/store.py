@@ -25,6 +25,7 @@ import anyio.to_thread
 import msgspec
 
 from tartarus.config import Settings, load_settings
+from tartarus.images import fsutil
 from tartarus.images.blobs import BlobStore, GcReport, LocalBlobStore
 from tartarus.images.build import Builder, BuildRecord
 from tartarus.images.errors import TemplateNotFoundError
@@ -38,6 +39,9 @@ from tartarus.images.template import (
     to_json,
 )
 from tartarus.runtime.types import Backend, Resources
+
+# A partial download nobody resumed for this long is dropped by gc().
+STALE_DOWNLOAD_S = 7 * 24 * 3600
 
 
 def template_owner(template_id: str) -> str:
@@ -346,4 +350,16 @@ class TemplateStore:
         )
 
     async def gc(self) -> GcReport:
+        """Deletes unreferenced blobs, and downloads cut off more than a week ago."""
+        await anyio.to_thread.run_sync(self._sweep_downloads)
         return await self.blobs.gc()
+
+    def _sweep_downloads(self) -> None:
+        downloads = self.cache_dir / "downloads"
+        if not downloads.is_dir():
+            return
+        cutoff = time.time() - STALE_DOWNLOAD_S
+        for entry in downloads.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.lstat().st_mtime < cutoff:
+                    fsutil.remove_tree(entry)

@@ -26,7 +26,13 @@ from collections.abc import Callable
 
 import msgspec
 
-from tartarus.images.errors import HostileArchiveError, ImageError, InvalidArchiveError
+from tartarus.images.errors import (
+    DiskFullError,
+    HostileArchiveError,
+    ImageError,
+    InvalidArchiveError,
+    is_disk_full,
+)
 from tartarus.images.tar import EntryType, Readable, TarEntry, TarLimits, TarReader
 
 WHITEOUT_PREFIX = ".wh."
@@ -387,6 +393,8 @@ def unpack(
     except ImageError:
         raise
     except (OSError, ValueError, EOFError, zlib.error, lzma.LZMAError) as e:
+        if is_disk_full(e):
+            raise DiskFullError(f"unpacking {archive}", root) from e
         # EOFError / ValueError come from truncated or corrupt compressed streams.
         raise InvalidArchiveError(f"{archive}: cannot unpack {member!r}: {e}") from e
     finally:

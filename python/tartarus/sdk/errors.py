@@ -33,6 +33,15 @@ class AuthenticationError(ApiError):
     """Missing or wrong API key (401) or not the server's owner (403)."""
 
 
+class PermissionDeniedError(AuthenticationError):
+    """The caller is known but its roles do not allow this (403), or admission refused
+    it on policy."""
+
+
+class QuotaExceededError(ApiError):
+    """Admission refused the request: the tenant's quota is used up (429)."""
+
+
 class UnavailableError(ApiError):
     """The server cannot do it now (503): no backend, or it is shutting down."""
 
@@ -47,8 +56,12 @@ def error_for(status: int, type_: str, title: str, detail: str) -> ApiError:
         cls = NotFoundError
     elif status == 409:
         cls = ConflictError
-    elif status in (401, 403):
+    elif status == 401:
         cls = AuthenticationError
+    elif status == 403:
+        cls = PermissionDeniedError
+    elif status == 429:
+        cls = QuotaExceededError
     elif status == 503:
         cls = UnavailableError
     elif status in (400, 413, 422):

@@ -75,6 +75,7 @@ class Sandbox:
         memory_mib: int | None = None,
         network: bool = False,
         trusted: bool = False,
+        secrets: dict[str, str] | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
         url: str | None = None,
@@ -83,7 +84,9 @@ class Sandbox:
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
         seconds unless `set_timeout` moves the deadline. Retries of a failed request
-        reuse one idempotency key, so a retry never makes a second sandbox.
+        reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
+        environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
+        that every command gets, resolved by the server at exec time.
 
         `from_snapshot`: restore this snapshot (`sb.snapshot().id`) instead: the
         sandbox starts as the snapshotted one was, on its template, backend and
@@ -102,6 +105,7 @@ class Sandbox:
             metadata=metadata or {},
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+            secrets=secrets or {},
             from_snapshot=from_snapshot,
             checkpoint_on_stop=checkpoint_on_stop,
         )

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from tartarus import __version__
+from tartarus.api.security import KeyId, PolicyName
 from tartarus.api.types import Pid, PoolTemplate, Problem, SandboxId, SnapshotId
 from tartarus.server.problems import PROBLEM_MEDIA
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
@@ -22,9 +23,9 @@ PATH_PARAMS: dict[str, Any] = {
     "name": str,
     "snapshot_id": SnapshotId,
     "template": PoolTemplate,
+    "key_id": KeyId,
+    "policy": PolicyName,
 }
-
-_PATH_PARAM = re.compile(r"\{(\w+)\}")
 
 
 def _media_schema(media: str, body: Any, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
@@ -93,13 +94,15 @@ def build_document(ops: list[Operation]) -> dict[str, Any]:
             "operationId": op.operation_id,
             "summary": op.summary,
             "tags": [op.tag],
+            # What the caller's roles must grant (docs/auth.md).
+            "x-permission": op.permission,
         }
         doc = (op.handler.__doc__ or "").strip()
         if doc:
             entry["description"] = doc
         params: list[dict[str, Any]] = [
             {"name": name, "in": "path", "required": True, "schema": path_param_schema[name]}
-            for name in _PATH_PARAM.findall(op.path)
+            for name in op.path_params
         ]
         if op.query is not None:
             query_params, query_components = _query_parameters(op.query)
@@ -131,7 +134,7 @@ def build_document(ops: list[Operation]) -> dict[str, Any]:
                     for media, body in ((r.media, r.body), *r.alternatives)
                 }
             responses[str(r.status)] = response
-        for status in sorted({400, 413, 422, 500, *op.errors}):
+        for status in sorted({400, 401, 403, 413, 422, 500, *op.errors}):
             responses[str(status)] = {
                 "description": HTTPStatus(status).phrase,
                 "content": {PROBLEM_MEDIA: {"schema": refs[Problem]}},
@@ -151,7 +154,18 @@ def build_document(ops: list[Operation]) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key (tsk_...) or a JWT from a configured OIDC "
+                    "issuer; the owner's unix socket needs none",
+                }
+            },
+        },
+        "security": [{"bearer": []}, {}],
     }
 
 

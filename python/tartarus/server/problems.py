@@ -21,6 +21,8 @@ from tartarus.runtime.base import (
     SandboxError,
     SandboxNotFoundError,
 )
+from tartarus.secrets.providers import SecretError
+from tartarus.secrets.redaction import redact
 
 PROBLEM_MEDIA = "application/problem+json"
 TYPE_BASE = "https://tartarus.dev/problems/"
@@ -65,7 +67,8 @@ def problem_response(
         type=TYPE_BASE + slug,
         title=HTTPStatus(status).phrase,
         status=status,
-        detail=detail,
+        # Secrets never leave in an error, whatever raised it.
+        detail=redact(detail),
         instance=instance,
         errors=errors,
     )
@@ -104,6 +107,7 @@ def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
 # Most specific first: the first matching class decides the status.
 _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
     (SandboxNotFoundError, 404, "not-found"),
+    (SecretError, 503, "secret-unavailable"),
     (NotSupportedError, 409, "not-supported"),
     (BackendUnavailableError, 503, "backend-unavailable"),
     (ExecTimeoutError, 408, "timeout"),

@@ -7,6 +7,7 @@ so what the document says is what the handlers do.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,16 @@ class Operation:
     errors: tuple[int, ...] = ()
     headers: tuple[Header, ...] = ()
     websocket: bool = False
+    # What the caller must be allowed (`tartarus.auth.rbac`); the server refuses to
+    # start with a route that has none.
+    permission: str | None = None
+
+    @property
+    def path_params(self) -> list[str]:
+        return _PATH_PARAM.findall(self.path)
+
+
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
 
 
 @dataclass
@@ -89,6 +100,7 @@ class RouteTable:
         errors: tuple[int, ...] = (),
         headers: tuple[Header, ...] = (),
         websocket: bool = False,
+        permission: str | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.operations.append(
@@ -107,6 +119,7 @@ class RouteTable:
                     errors=errors,
                     headers=headers,
                     websocket=websocket,
+                    permission=permission,
                 )
             )
             return handler

@@ -23,12 +23,15 @@ from tartarus.agent.manager import SandboxManager
 from tartarus.agent.provider import HostRuntimes
 from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import Store
+from tartarus.auth.tls import ReloadingTls
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.errors import TartarusError
 from tartarus.paths import ensure_private_dir
+from tartarus.secrets.redaction import install_log_redaction
 from tartarus.server.app import build_app
 from tartarus.server.routes.service import ACCEPTING
+from tartarus.server.security import Security
 from tartarus.snapshots.nyx import Nyx
 
 log = logging.getLogger(__name__)
@@ -87,25 +90,28 @@ async def serve(
 ) -> None:
     runtime_dir = ensure_private_dir(settings.runtime_dir)
     ensure_private_dir(settings.state_dir)
-    if options.tcp is not None and options.api_key is None:
-        host, _ = _split_host_port(options.tcp)
-        if not _is_loopback(host):
-            raise TartarusError(
-                f"refusing to listen on {host} without an API key: set TARTARUS_API_KEY "
-                "(clients send it as a bearer token) or listen on 127.0.0.1"
-            )
     lock_fd = _lock(runtime_dir)
     store = Store(state_db_path(settings))
-    manager = SandboxManager(store, provider or HostRuntimes(settings), grace_s=options.grace_s)
-    nyx = Nyx.for_server(settings, manager, state_db_path(settings))
+    security = Security.open(settings, owner_uid=os.getuid(), static_key=options.api_key)
     try:
+        _refuse_open_exposure(options, security)
+        install_log_redaction()
+        tls = ReloadingTls(settings.auth.tls) if settings.auth.tls is not None else None
+        manager = SandboxManager(
+            store,
+            provider or HostRuntimes(settings),
+            grace_s=options.grace_s,
+            admission=security.judges,
+        )
+        nyx = Nyx.for_server(settings, manager, state_db_path(settings))
         async with manager.running(), nyx.running():
-            app = build_app(manager, owner_uid=os.getuid(), api_key=options.api_key, nyx=nyx)
+            manager.spawn(security.prune_forever)
+            app = build_app(manager, security, nyx)
             runner = web.AppRunner(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
             await runner.setup()
-            endpoints = await _listen(runner, options, settings)
+            endpoints = await _listen(runner, options, settings, tls)
             if on_ready is not None:
                 on_ready(endpoints)
             await _wait_for_stop(stop)
@@ -116,12 +122,26 @@ async def serve(
                 if endpoint.path is not None:
                     await anyio.Path(endpoint.path).unlink(missing_ok=True)
     finally:
+        await security.close()
         store.close()
         os.close(lock_fd)
 
 
+def _refuse_open_exposure(options: ServeOptions, security: Security) -> None:
+    """TCP beyond loopback only with some form of authentication configured."""
+    if options.tcp is None or security.authenticator.credentials_required():
+        return
+    host, _ = _split_host_port(options.tcp)
+    if not _is_loopback(host):
+        raise TartarusError(
+            f"refusing to listen on {host} without authentication: create an API key "
+            "(`tartarus auth keys create`), set TARTARUS_API_KEY, configure an OIDC "
+            "issuer or client certificates ([auth] in tartarus.toml), or listen on 127.0.0.1"
+        )
+
+
 async def _listen(
-    runner: web.AppRunner, options: ServeOptions, settings: Settings
+    runner: web.AppRunner, options: ServeOptions, settings: Settings, tls: ReloadingTls | None
 ) -> list[Endpoint]:
     endpoints: list[Endpoint] = []
     socket_path = options.socket or default_socket_path(settings)
@@ -136,13 +156,13 @@ async def _listen(
     endpoints.append(Endpoint.unix(socket_path))
     if options.tcp is not None:
         host, port = _split_host_port(options.tcp)
-        tcp = web.TCPSite(runner, host, port)
+        tcp = web.TCPSite(runner, host, port, ssl_context=None if tls is None else tls.context)
         await tcp.start()
         server = tcp._server  # the bound address is only known after start
         if server is not None:
             for sock in server.sockets:  # type: ignore[attr-defined]
                 bound_host, bound_port = sock.getsockname()[:2]
-                endpoints.append(Endpoint.tcp(bound_host, bound_port))
+                endpoints.append(Endpoint.tcp(bound_host, bound_port, tls=tls is not None))
     return endpoints
 
 

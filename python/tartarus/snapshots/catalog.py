@@ -84,6 +84,8 @@ class SnapshotRecord(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     # The guest memory's checksum was checked once (restores may skip reading it all).
     verified: bool = False
+    # Whose it is: the source sandbox's tenant, or "*" (every tenant) for a template's.
+    tenant: str = "default"
     seq: int = 0
 
     @property
@@ -176,12 +178,16 @@ class SnapshotCatalog:
         *,
         template: str | None = None,
         purposes: tuple[SnapshotPurpose, ...] = (),
+        tenants: tuple[str, ...] | None = None,
         after_seq: int = 0,
         limit: int = 1000,
     ) -> list[SnapshotRecord]:
-        """Records in creation order after `after_seq`."""
+        """Records in creation order after `after_seq` (of `tenants` only, if given)."""
         where = ["seq > ?"]
         args: list[object] = [after_seq]
+        if tenants is not None:
+            where.append(f"json_extract(doc, '$.tenant') IN ({','.join('?' * len(tenants))})")
+            args.extend(tenants)
         if template is not None:
             where.append("template = ?")
             args.append(template)

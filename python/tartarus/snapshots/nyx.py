@@ -22,6 +22,7 @@ from tartarus.agent.manager import AcquiredSandbox, LiveSandbox, SandboxManager,
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.snapshots import PruneBody
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
+from tartarus.auth.principal import Principal
 from tartarus.config import Settings
 from tartarus.images.blobs import GcReport
 from tartarus.images.store import TemplateStore
@@ -31,6 +32,7 @@ from tartarus.server.problems import ApiError
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tartarus.snapshots.pools import ORIGIN, WarmPools
 from tartarus.snapshots.service import (
+    SHARED_TENANT,
     Progress,
     SandboxFacts,
     SnapshotError,
@@ -49,7 +51,14 @@ def facts_of_live(live: LiveSandbox) -> SandboxFacts:
         network=r.network,
         trust=r.trust,
         origin=live.attachments.get(ORIGIN),
+        tenant=r.tenant,
     )
+
+
+def visible_tenants(caller: Principal) -> tuple[str, ...] | None:
+    """The snapshot tenants `caller` may see: its own and the shared ones (all for
+    cross-tenant principals)."""
+    return None if caller.cross_tenant else (caller.tenant, SHARED_TENANT)
 
 
 class Nyx:
@@ -86,9 +95,15 @@ class Nyx:
 
     # --- creates --------------------------------------------------------------------------
 
-    async def acquire(self, request: CreateSandboxRequest) -> AcquiredSandbox | None:
+    async def acquire(
+        self, request: CreateSandboxRequest, caller: Principal
+    ) -> AcquiredSandbox | None:
         if request.from_snapshot is None:
             return self.pools.claim(request)
+        record = self.service.catalog.get(request.from_snapshot)
+        tenants = visible_tenants(caller)
+        if record is None or (tenants is not None and record.tenant not in tenants):
+            raise ApiError(404, "not-found", str(SnapshotNotFoundError(request.from_snapshot)))
         spec = SandboxSpec(id=new_sandbox_id(), metadata=request.metadata, env=request.env)
         try:
             sandbox, runtime, facts = await self.service.restore(request.from_snapshot, spec)
@@ -137,6 +152,7 @@ class Nyx:
         sandbox_id: str,
         count: int,
         *,
+        caller: Principal,
         timeout_s: float | None = None,
         metadata: dict[str, str] | None = None,
     ) -> tuple[str, list[SandboxRecord]]:
@@ -154,7 +170,7 @@ class Nyx:
         records: list[SandboxRecord] = []
         try:
             for _ in range(count):
-                record, _ = await self.manager.create(request)
+                record, _ = await self.manager.create(request, caller=caller)
                 records.append(record)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -198,12 +214,14 @@ class Nyx:
         except SnapshotNotFoundError as e:
             raise ApiError(404, "not-found", str(e)) from e
 
-    async def prune(self, body: PruneBody) -> tuple[list[str], int]:
-        """Deletes the snapshots that match every condition of `body` (or only lists
-        them with `dry_run`); returns their ids and the bytes freed."""
+    async def prune(self, body: PruneBody, caller: Principal) -> tuple[list[str], int]:
+        """Deletes the snapshots `caller` may see that match every condition of `body`
+        (or only lists them with `dry_run`); returns their ids and the bytes freed."""
         now = time.time()
         matching = self.service.catalog.records(
-            template=body.template, purposes=tuple(body.purposes)
+            template=body.template,
+            purposes=tuple(body.purposes),
+            tenants=visible_tenants(caller),
         )
         groups: dict[tuple[str, SnapshotPurpose], list[SnapshotRecord]] = {}
         for record in matching:

@@ -61,6 +61,8 @@ class SnapshotNotFoundError(SnapshotError):
 
 
 SANDBOX_OWNER_PREFIX = "sandbox-snapshot:"
+# The tenant of a snapshot every tenant may use (a template's warm snapshot).
+SHARED_TENANT = "*"
 
 
 def sandbox_owner(sandbox_id: str) -> str:
@@ -86,6 +88,8 @@ class SandboxFacts(msgspec.Struct, frozen=True, kw_only=True):
     network: bool = False
     trust: TrustLevel = TrustLevel.UNTRUSTED
     origin: Origin | None = None
+    # Who owns snapshots of it ("*": every tenant, for template snapshots).
+    tenant: str = "default"
 
 
 class SnapshotService:
@@ -212,6 +216,7 @@ class SnapshotService:
             network=facts.network,
             trust=facts.trust,
             metadata=dict(metadata or {}),
+            tenant=facts.tenant,
         )
         try:
             return self.catalog.insert(record)
@@ -350,6 +355,7 @@ class SnapshotService:
                 resources=spec.resources,
                 network=spec.network,
                 trust=spec.trust,
+                tenant=SHARED_TENANT,
             )
             return await self.take(sandbox, facts, purpose=SnapshotPurpose.TEMPLATE, label=label)
         finally:
@@ -386,6 +392,7 @@ def facts_of(record: SnapshotRecord) -> SandboxFacts:
         network=record.network,
         trust=record.trust,
         origin=Origin(record.id, record.blob, record.parent, record.parent_blob),
+        tenant=record.tenant,
     )
 
 

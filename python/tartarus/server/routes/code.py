@@ -7,6 +7,7 @@ from aiohttp import web
 from tartarus.agent.code_kernel import CodeKernel
 from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import CodeExecution, RunCodeBody
+from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.server.context import live_sandbox
 from tartarus.server.routing import Reply, RouteTable, read_json, reply
 
@@ -30,6 +31,7 @@ def kernel_of(live: LiveSandbox) -> CodeKernel:
     body=RunCodeBody,
     replies=(Reply(200, CodeExecution),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def run_code(request: web.Request) -> web.StreamResponse:
     """Runs a cell of Python in an interpreter that lives as long as the sandbox, so

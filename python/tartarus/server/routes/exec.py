@@ -16,6 +16,7 @@ from tartarus.api.types import (
     StreamEvent,
     StreamExecBody,
 )
+from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.runtime.base import Execution
 from tartarus.runtime.types import ExecRequest, PtySize
 from tartarus.server.context import live_sandbox, manager
@@ -102,6 +103,7 @@ async def send_stream(
         Reply(202, ProcessStarted, description="Started in the background"),
     ),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def exec_command(request: web.Request) -> web.StreamResponse:
     """Runs `cmd` (a shell line, or an argv list) in the sandbox and returns its output
@@ -126,6 +128,7 @@ async def exec_command(request: web.Request) -> web.StreamResponse:
     body=StreamExecBody,
     replies=(Reply(200, StreamEvent, media=NDJSON, description="NDJSON events"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def exec_stream(request: web.Request) -> web.StreamResponse:
     """Runs a command and sends one JSON document per line as things happen: `started`

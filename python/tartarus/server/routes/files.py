@@ -16,6 +16,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from tartarus.api.types import FileList, FileWritten, MakeDirBody, RenameBody, SandboxPath
+from tartarus.auth.rbac import SANDBOX_EXEC, SANDBOX_READ
 from tartarus.runtime.types import FileInfo
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError
@@ -76,6 +77,7 @@ class RemoveQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     query=PathQuery,
     replies=(Reply(200, media=OCTETS, description="The file's bytes"),),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def download_file(request: web.Request) -> web.StreamResponse:
     """Streams the file's content as it is read, whatever its size."""
@@ -113,6 +115,7 @@ async def _bounded(request: web.Request) -> AsyncIterator[bytes]:
     body_required=False,
     replies=(Reply(201, FileWritten),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def upload_file(request: web.Request) -> web.StreamResponse:
     """Streams the body into the file, replacing it atomically: readers see the old
@@ -133,6 +136,7 @@ async def upload_file(request: web.Request) -> web.StreamResponse:
     query=RemoveQuery,
     replies=(Reply(204, description="Removed"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def remove_file(request: web.Request) -> web.StreamResponse:
     q = read_query(request, RemoveQuery)
@@ -151,6 +155,7 @@ async def remove_file(request: web.Request) -> web.StreamResponse:
     query=PathQuery,
     replies=(Reply(200, FileList),),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def list_files(request: web.Request) -> web.StreamResponse:
     path = sandbox_path(read_query(request, PathQuery).path)
@@ -165,6 +170,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     query=PathQuery,
     replies=(Reply(200, FileInfo),),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def stat_file(request: web.Request) -> web.StreamResponse:
     path = sandbox_path(read_query(request, PathQuery).path)
@@ -179,6 +185,7 @@ async def stat_file(request: web.Request) -> web.StreamResponse:
     body=MakeDirBody,
     replies=(Reply(204, description="Made (or already there)"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def make_dir(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, MakeDirBody)
@@ -194,6 +201,7 @@ async def make_dir(request: web.Request) -> web.StreamResponse:
     body=RenameBody,
     replies=(Reply(204, description="Renamed"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def rename_file(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, RenameBody)

@@ -15,6 +15,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from tartarus.api.types import LogEvent, LogPage
+from tartarus.auth.rbac import SANDBOX_READ
 from tartarus.runtime.types import LogEntry
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError
@@ -75,6 +76,7 @@ def _resume_from(request: web.Request, since: int) -> int:
         ),
     ),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def read_logs(request: web.Request) -> web.StreamResponse:
     """Everything the sandbox's processes wrote, in order, with sequence numbers. With

@@ -10,6 +10,7 @@ from msgspec import Meta
 
 from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import ProcessEntry, ProcessList, ResizeBody, StdinBody, StreamEvent
+from tartarus.auth.rbac import SANDBOX_EXEC, SANDBOX_READ
 from tartarus.runtime.base import Execution
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError
@@ -49,6 +50,7 @@ def owned_execution(live: LiveSandbox, pid: int) -> Execution:
     tag="processes",
     replies=(Reply(200, ProcessList),),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def list_processes(request: web.Request) -> web.StreamResponse:
     """Commands started in the sandbox, running or recently exited."""
@@ -87,6 +89,7 @@ class KillQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     query=KillQuery,
     replies=(Reply(204, description="Signalled"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def kill_process(request: web.Request) -> web.StreamResponse:
     q = read_query(request, KillQuery)
@@ -101,6 +104,7 @@ async def kill_process(request: web.Request) -> web.StreamResponse:
     tag="processes",
     replies=(Reply(200, StreamEvent, media=NDJSON, description="NDJSON events"),),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def attach_process(request: web.Request) -> web.StreamResponse:
     """Replays the process's buffered output, then follows it until it exits. Leaving
@@ -117,6 +121,7 @@ async def attach_process(request: web.Request) -> web.StreamResponse:
     body=StdinBody,
     replies=(Reply(204, description="Written"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def write_stdin(request: web.Request) -> web.StreamResponse:
     """For background processes started with `stdin_open` (or a pty): writes `data`,
@@ -138,6 +143,7 @@ async def write_stdin(request: web.Request) -> web.StreamResponse:
     body=ResizeBody,
     replies=(Reply(204, description="Resized"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def resize_process(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, ResizeBody)

@@ -19,8 +19,11 @@ from tartarus.api.types import (
     SandboxPage,
     SandboxStatsInfo,
     SetTimeoutRequest,
+    TenantName,
 )
+from tartarus.auth.rbac import SANDBOX_CREATE, SANDBOX_DELETE, SANDBOX_READ
 from tartarus.runtime.types import Backend, SandboxState
+from tartarus.server.access import principal_of, visible_tenant
 from tartarus.server.context import live_sandbox, manager
 from tartarus.server.problems import ApiError
 from tartarus.server.routing import Header, Reply, RouteTable, read_json, read_query, reply
@@ -49,6 +52,8 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         trust=record.trust,
         backend_reason=record.backend_reason,
         detail=record.detail,
+        tenant=record.tenant,
+        secrets=record.secrets,
     )
 
 
@@ -71,6 +76,7 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         Reply(200, SandboxInfo, description="A replay: the sandbox this key created before"),
     ),
     errors=(404, 409, 503),
+    permission=SANDBOX_CREATE,
 )
 async def create_sandbox(request: web.Request) -> web.StreamResponse:
     """Starts a sandbox from a template on the requested (or best available) backend. It
@@ -79,7 +85,7 @@ async def create_sandbox(request: web.Request) -> web.StreamResponse:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(422, "invalid-header", f"{IDEMPOTENCY_HEADER} must be 1-255 characters")
-    record, replayed = await manager(request).create(body, key)
+    record, replayed = await manager(request).create(body, key, caller=principal_of(request))
     headers = {"Location": f"/v1/sandboxes/{record.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -93,6 +99,7 @@ class ListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     template: only sandboxes of this template
     backend: only sandboxes on this backend
     metadata: only sandboxes whose metadata has KEY=VALUE (repeat for several)
+    tenant: only this tenant's sandboxes (operators; others always see only their own)
     limit: page size
     cursor: next_cursor from the previous page
     """
@@ -103,6 +110,7 @@ class ListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metadata: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+=.*$")]] = msgspec.field(
         default_factory=list
     )
+    tenant: TenantName | None = None
     limit: Annotated[int, Meta(ge=1, le=MAX_LIST_LIMIT)] = 100
     cursor: Cursor | None = None
 
@@ -114,12 +122,14 @@ class ListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tag="sandboxes",
     query=ListQuery,
     replies=(Reply(200, SandboxPage),),
+    permission=SANDBOX_READ,
 )
 async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     """Sandboxes in creation order, live and recently ended (kept 24 hours), a page at a
     time."""
     q = read_query(request, ListQuery)
     flt = ListFilter(
+        tenant=visible_tenant(principal_of(request), q.tenant),
         states=tuple(q.state),
         template=q.template,
         backend=q.backend,
@@ -141,6 +151,7 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     tag="sandboxes",
     replies=(Reply(200, SandboxInfo),),
     errors=(404,),
+    permission=SANDBOX_READ,
 )
 async def get_sandbox(request: web.Request) -> web.StreamResponse:
     return reply(sandbox_info(manager(request).record(request.match_info["id"])))
@@ -163,6 +174,7 @@ class DeleteQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     query=DeleteQuery,
     replies=(Reply(204, description="Stopped (or already ended)"),),
     errors=(404,),
+    permission=SANDBOX_DELETE,
 )
 async def delete_sandbox(request: web.Request) -> web.StreamResponse:
     """Kills the sandbox (after `grace_s` of SIGTERM if given) and frees everything it
@@ -180,6 +192,7 @@ async def delete_sandbox(request: web.Request) -> web.StreamResponse:
     body=SetTimeoutRequest,
     replies=(Reply(200, SandboxInfo),),
     errors=(404, 409),
+    permission=SANDBOX_CREATE,
 )
 async def set_sandbox_timeout(request: web.Request) -> web.StreamResponse:
     """The sandbox now stops `timeout_s` seconds from now (longer or shorter than before)."""
@@ -195,6 +208,7 @@ async def set_sandbox_timeout(request: web.Request) -> web.StreamResponse:
     tag="sandboxes",
     replies=(Reply(200, SandboxStatsInfo),),
     errors=(404, 409),
+    permission=SANDBOX_READ,
 )
 async def sandbox_stats(request: web.Request) -> web.StreamResponse:
     stats = await live_sandbox(request).sandbox.stats()

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from tartarus import __version__
 from tartarus.api.types import Health, Readiness, VersionInfo
+from tartarus.auth.rbac import AUTHENTICATED
 from tartarus.server.context import MANAGER, manager
 from tartarus.server.routing import Reply, RouteTable, reply
 
@@ -17,7 +18,14 @@ OPENAPI = web.AppKey("openapi", bytes)
 ACCEPTING = web.AppKey("accepting", list[bool])
 
 
-@routes.route("GET", "/v1/health", summary="Liveness", tag="service", replies=(Reply(200, Health),))
+@routes.route(
+    "GET",
+    "/v1/health",
+    summary="Liveness",
+    tag="service",
+    replies=(Reply(200, Health),),
+    permission=AUTHENTICATED,
+)
 async def health(request: web.Request) -> web.StreamResponse:
     """200 while the process serves requests."""
     return reply(Health())
@@ -29,6 +37,7 @@ async def health(request: web.Request) -> web.StreamResponse:
     summary="Readiness",
     tag="service",
     replies=(Reply(200, Readiness), Reply(503, Readiness, description="Not ready")),
+    permission=AUTHENTICATED,
 )
 async def ready(request: web.Request) -> web.StreamResponse:
     """200 when the server can create sandboxes: the state database answers and the
@@ -46,7 +55,12 @@ async def ready(request: web.Request) -> web.StreamResponse:
 
 
 @routes.route(
-    "GET", "/v1/version", summary="Version", tag="service", replies=(Reply(200, VersionInfo),)
+    "GET",
+    "/v1/version",
+    summary="Version",
+    tag="service",
+    replies=(Reply(200, VersionInfo),),
+    permission=AUTHENTICATED,
 )
 async def version(request: web.Request) -> web.StreamResponse:
     backends = await manager(request).provider.describe()
@@ -61,6 +75,7 @@ async def version(request: web.Request) -> web.StreamResponse:
     summary="This API's OpenAPI 3.1 document",
     tag="service",
     replies=(Reply(200, description="The OpenAPI document"),),
+    permission=AUTHENTICATED,
 )
 async def openapi_document(request: web.Request) -> web.StreamResponse:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")

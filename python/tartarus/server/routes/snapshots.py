@@ -24,14 +24,34 @@ from tartarus.api.snapshots import (
     TemplateSnapshotBody,
 )
 from tartarus.api.types import CreateSandboxRequest, SandboxInfo
-from tartarus.server.context import manager, nyx
+from tartarus.auth.rbac import (
+    SANDBOX_CREATE,
+    SANDBOX_DELETE,
+    SANDBOX_EXEC,
+    SANDBOX_READ,
+    TEMPLATE_MANAGE,
+)
+from tartarus.server.access import SHARED, principal_of, register_owner
+from tartarus.server.context import NYX, manager, nyx
 from tartarus.server.problems import ApiError
 from tartarus.server.routes.sandboxes import sandbox_info
 from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 from tartarus.snapshots.catalog import SnapshotRecord
+from tartarus.snapshots.nyx import visible_tenants
 from tartarus.snapshots.service import SnapshotNotFoundError
 
 routes = RouteTable()
+
+
+def _snapshot_owner(request: web.Request, snapshot_id: str) -> str | None:
+    service = request.app.get(NYX)
+    record = None if service is None else service.service.catalog.get(snapshot_id)
+    return None if record is None else record.tenant
+
+
+register_owner("snapshot_id", _snapshot_owner, lambda snapshot_id: f"snapshot {snapshot_id}")
+# Templates (and so their pools) are shared by every tenant.
+register_owner("template", lambda request, template: SHARED, lambda t: f"template {t}")
 
 
 def snapshot_entry(record: SnapshotRecord) -> SnapshotEntry:
@@ -67,6 +87,7 @@ def _record(request: web.Request) -> SnapshotRecord:
     body=SnapshotSandboxBody,
     replies=(Reply(201, SnapshotEntry, description="Taken; the sandbox keeps running"),),
     errors=(404, 409),
+    permission=SANDBOX_EXEC,
 )
 async def snapshot_sandbox(request: web.Request) -> web.StreamResponse:
     """Saves the sandbox as it is now (memory, processes, files) without stopping it.
@@ -88,13 +109,18 @@ async def snapshot_sandbox(request: web.Request) -> web.StreamResponse:
     body=ForkBody,
     replies=(Reply(201, ForkResult, description="The copies, running"),),
     errors=(404, 409),
+    permission=SANDBOX_CREATE,
 )
 async def fork_sandbox(request: web.Request) -> web.StreamResponse:
     """Starts `count` sandboxes that each begin as an exact copy of this one (its
     memory, processes and files, as of now) and then go their own way."""
     body = await read_json(request, ForkBody)
     snapshot_id, records = await nyx(request).fork(
-        request.match_info["id"], body.count, timeout_s=body.timeout_s, metadata=body.metadata
+        request.match_info["id"],
+        body.count,
+        caller=principal_of(request),
+        timeout_s=body.timeout_s,
+        metadata=body.metadata,
     )
     return reply(
         ForkResult(snapshot_id=snapshot_id, sandboxes=[sandbox_info(r) for r in records]),
@@ -109,12 +135,17 @@ async def fork_sandbox(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     query=SnapshotListQuery,
     replies=(Reply(200, SnapshotPage),),
+    permission=SANDBOX_READ,
 )
 async def list_snapshots(request: web.Request) -> web.StreamResponse:
     q = read_query(request, SnapshotListQuery)
     after = int(q.cursor) if q.cursor else 0
     records = nyx(request).service.catalog.records(
-        template=q.template, purposes=tuple(q.purpose), after_seq=after, limit=q.limit + 1
+        template=q.template,
+        purposes=tuple(q.purpose),
+        tenants=visible_tenants(principal_of(request)),
+        after_seq=after,
+        limit=q.limit + 1,
     )
     page = records[: q.limit]
     more = len(records) > q.limit
@@ -134,6 +165,7 @@ async def list_snapshots(request: web.Request) -> web.StreamResponse:
     body=TemplateSnapshotBody,
     replies=(Reply(201, SnapshotEntry),),
     errors=(404, 409),
+    permission=TEMPLATE_MANAGE,
 )
 async def create_template_snapshot(request: web.Request) -> web.StreamResponse:
     """Starts a sandbox of the template, runs the template's warm-up script, snapshots
@@ -154,6 +186,7 @@ async def create_template_snapshot(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     replies=(Reply(200, SnapshotEntry),),
     errors=(404,),
+    permission=SANDBOX_READ,
 )
 async def get_snapshot(request: web.Request) -> web.StreamResponse:
     return reply(snapshot_entry(_record(request)))
@@ -166,6 +199,7 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     replies=(Reply(204, description="Deleted; files no one else holds are gone"),),
     errors=(404,),
+    permission=SANDBOX_DELETE,
 )
 async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     """Forgets the snapshot and deletes its files, unless sandboxes restored from it or
@@ -182,6 +216,7 @@ async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     body=RestoreBody,
     replies=(Reply(201, SandboxInfo),),
     errors=(404, 409, 503),
+    permission=SANDBOX_CREATE,
 )
 async def restore_snapshot(request: web.Request) -> web.StreamResponse:
     """The same as creating a sandbox with `from_snapshot`."""
@@ -194,7 +229,7 @@ async def restore_snapshot(request: web.Request) -> web.StreamResponse:
         from_snapshot=record.id,
         checkpoint_on_stop=body.checkpoint_on_stop,
     )
-    created, _ = await manager(request).create(create)
+    created, _ = await manager(request).create(create, caller=principal_of(request))
     return reply(
         sandbox_info(created), status=201, headers={"Location": f"/v1/sandboxes/{created.id}"}
     )
@@ -207,10 +242,11 @@ async def restore_snapshot(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     body=PruneBody,
     replies=(Reply(200, PruneReport),),
+    permission=SANDBOX_DELETE,
 )
 async def prune_snapshots(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, PruneBody)
-    removed, freed = await nyx(request).prune(body)
+    removed, freed = await nyx(request).prune(body, principal_of(request))
     return reply(PruneReport(removed=removed, freed_bytes=freed, dry_run=body.dry_run))
 
 
@@ -220,6 +256,7 @@ async def prune_snapshots(request: web.Request) -> web.StreamResponse:
     summary="List warm pools",
     tag="snapshots",
     replies=(Reply(200, PoolList),),
+    permission=SANDBOX_READ,
 )
 async def list_pools(request: web.Request) -> web.StreamResponse:
     return reply(PoolList(items=nyx(request).pools.status()))
@@ -232,6 +269,7 @@ async def list_pools(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     body=SetPoolBody,
     replies=(Reply(200, PoolInfo),),
+    permission=TEMPLATE_MANAGE,
 )
 async def set_pool(request: web.Request) -> web.StreamResponse:
     """Keeps `size` restored, ready sandboxes of the template (0 empties the pool); a

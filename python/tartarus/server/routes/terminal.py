@@ -36,6 +36,7 @@ from tartarus.api.types import (
     WsResize,
     WsSignal,
 )
+from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.runtime.base import Execution
 from tartarus.runtime.types import OutputChunk
 from tartarus.server.context import live_sandbox
@@ -160,6 +161,7 @@ async def _first_exec_body(ws: web.WebSocketResponse) -> StreamExecBody:
     tag="exec",
     replies=(),
     websocket=True,
+    permission=SANDBOX_EXEC,
 )
 async def exec_websocket(request: web.Request) -> web.StreamResponse:
     live = live_sandbox(request)
@@ -180,6 +182,7 @@ async def exec_websocket(request: web.Request) -> web.StreamResponse:
     tag="processes",
     replies=(),
     websocket=True,
+    permission=SANDBOX_EXEC,
 )
 async def attach_websocket(request: web.Request) -> web.StreamResponse:
     live = live_sandbox(request)

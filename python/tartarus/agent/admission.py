@@ -1,0 +1,59 @@
+"""The seam between the sandbox manager and admission (the Judges, `tartarus.policy`).
+
+Before a sandbox is created the manager asks `AdmissionHook.admit`, which either
+refuses (raising a problem with the judges' verdicts) or returns an `Admitted`: the
+request to carry out (with policy defaults applied), a hold on the tenant's quota that
+the manager binds to the new sandbox or releases if creation fails, and a chance to wrap
+the runtime's sandbox (secrets are injected there, at exec time). `ended` gives the
+quota back when the sandbox ends.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tartarus.agent.store import SandboxRecord
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import Principal
+from tartarus.runtime.base import Sandbox
+
+
+class Admitted(Protocol):
+    @property
+    def request(self) -> CreateSandboxRequest: ...
+
+    def bind(self, record: SandboxRecord, sandbox: Sandbox) -> Sandbox:
+        """The sandbox was created: keep the hold for it; returns the sandbox the server
+        should use."""
+        ...
+
+    def release(self) -> None:
+        """Creation failed: give the hold back."""
+        ...
+
+
+class AdmissionHook(Protocol):
+    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted: ...
+
+    def ended(self, record: SandboxRecord) -> None: ...
+
+
+class _Admitted:
+    def __init__(self, request: CreateSandboxRequest) -> None:
+        self.request = request
+
+    def bind(self, record: SandboxRecord, sandbox: Sandbox) -> Sandbox:
+        return sandbox
+
+    def release(self) -> None:
+        pass
+
+
+class AdmitAll:
+    """No judges: every request is admitted as it is."""
+
+    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted:
+        return _Admitted(request)
+
+    def ended(self, record: SandboxRecord) -> None:
+        pass

@@ -1,0 +1,189 @@
+"""The Judges in session: every create request is ruled on before anything is queued.
+
+Order: Rhadamanthus (security policy), then the operator's plugin judges, then Minos
+(quota, which holds the tenant's share only once everyone else has agreed), then
+Aeacus writes the decision and every verdict to the audit log. If the audit log cannot
+be written the request is refused: nothing is admitted without a record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+import msgspec
+
+from tartarus.agent.admission import Admitted
+from tartarus.agent.store import SandboxRecord
+from tartarus.api.types import DEFAULT_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
+from tartarus.auth.principal import Principal
+from tartarus.errors import ConfigError
+from tartarus.policy.aeacus import AuditError, AuditLog
+from tartarus.policy.documents import PolicySpec
+from tartarus.policy.minos import Hold, Minos
+from tartarus.policy.rhadamanthus import Rhadamanthus
+from tartarus.policy.themis import PolicyStore
+from tartarus.policy.verdicts import AdmissionRequest, Judge, Verdict
+from tartarus.runtime.base import Sandbox
+from tartarus.runtime.types import Backend
+from tartarus.server.problems import ApiError
+
+log = logging.getLogger(__name__)
+
+PLUGIN_GROUP = "tartarus.judges"
+_API_RESOURCES = ResourcesBody()
+
+SandboxWrapper = Callable[[SandboxRecord, Sandbox], Sandbox]
+
+
+def load_plugins(group: str = PLUGIN_GROUP) -> list[Judge]:
+    """Every judge installed under the entry point group; a broken one stops the server
+    (admission must not silently lose a judge)."""
+    judges: list[Judge] = []
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        try:
+            judge = ep.load()()
+        except Exception as e:
+            raise ConfigError(
+                f"the admission judge plugin {ep.name!r} ({ep.value}) fails: {e}"
+            ) from e
+        if not callable(getattr(judge, "judge", None)) or not isinstance(
+            getattr(judge, "name", None), str
+        ):
+            raise ConfigError(
+                f"the admission judge plugin {ep.name!r} ({ep.value}) has no `name` and "
+                "async `judge(request)`"
+            )
+        judges.append(judge)
+    return judges
+
+
+def with_template_defaults(
+    policy: PolicySpec, request: CreateSandboxRequest
+) -> CreateSandboxRequest:
+    """Applies the template's defaults to fields the request left at the API default."""
+    defaults = policy.templates.defaults.get(request.template)
+    if defaults is None:
+        return request
+    res = request.resources
+    wanted = {
+        name: getattr(defaults.resources, name)
+        for name in ("vcpus", "memory_mib", "disk_mib", "pids")
+        if getattr(defaults.resources, name) is not None
+        and getattr(res, name) == getattr(_API_RESOURCES, name)
+    }
+    changes: dict[str, object] = {}
+    if wanted:
+        changes["resources"] = msgspec.structs.replace(res, **wanted)
+    if defaults.timeout_s is not None and request.timeout_s == DEFAULT_TIMEOUT_S:
+        changes["timeout_s"] = defaults.timeout_s
+    if defaults.backend is not None and request.backend is Backend.AUTO:
+        changes["backend"] = defaults.backend
+    return msgspec.structs.replace(request, **changes) if changes else request
+
+
+class _Admitted:
+    def __init__(self, request: CreateSandboxRequest, hold: Hold, wrap: SandboxWrapper) -> None:
+        self.request = request
+        self._hold = hold
+        self._wrap = wrap
+
+    def bind(self, record: SandboxRecord, sandbox: Sandbox) -> Sandbox:
+        self._hold.bind(record.id)
+        return self._wrap(record, sandbox)
+
+    def release(self) -> None:
+        self._hold.release()
+
+
+def _verdict_doc(v: Verdict) -> dict[str, object]:
+    return {"judge": v.judge, "allowed": v.allowed, "reason": v.reason}
+
+
+class Judges:
+    """The `AdmissionHook` the sandbox manager calls."""
+
+    def __init__(
+        self,
+        *,
+        policies: PolicyStore | None = None,
+        audit: AuditLog | None = None,
+        plugins: list[Judge] | None = None,
+        wrap: SandboxWrapper = lambda record, sandbox: sandbox,
+    ) -> None:
+        self.policies = policies
+        self.audit = audit
+        self.minos = Minos()
+        self.judges: list[Judge] = [Rhadamanthus(), *(plugins or [])]
+        self._wrap = wrap
+
+    def policy(self, tenant: str) -> PolicySpec:
+        return PolicySpec() if self.policies is None else self.policies.effective(tenant).spec
+
+    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted:
+        policy = self.policy(caller.tenant)
+        admission = AdmissionRequest(
+            caller=caller, request=with_template_defaults(policy, request), policy=policy
+        )
+        verdicts: list[Verdict] = []
+        for judge in self.judges:
+            try:
+                verdicts.append(await judge.judge(admission))
+            except Exception as e:
+                log.exception("admission judge %s failed", judge.name)
+                verdicts.append(
+                    Verdict(judge=judge.name, allowed=False, reason=f"the judge failed: {e}")
+                )
+        hold: Hold | None = None
+        if all(v.allowed for v in verdicts):
+            # No await between Minos's check and its hold: see tartarus.policy.minos.
+            verdict, hold = self.minos.rule(admission)
+            verdicts.append(verdict)
+        refused = [v for v in verdicts if not v.allowed]
+        try:
+            self._record(admission, verdicts, refused)
+        except AuditError as e:
+            if hold is not None:
+                hold.release()
+            raise ApiError(
+                503, "audit-unavailable", f"admission needs the audit log, which failed: {e}"
+            ) from e
+        if refused:
+            raise ApiError(
+                max(v.status for v in refused),
+                "admission-denied",
+                "; ".join(f"{v.judge}: {v.reason}" for v in refused),
+            )
+        assert hold is not None
+        return _Admitted(admission.request, hold, self._wrap)
+
+    def _record(
+        self, admission: AdmissionRequest, verdicts: list[Verdict], refused: list[Verdict]
+    ) -> None:
+        if self.audit is None:
+            return
+        caller, request = admission.caller, admission.request
+        self.audit.append(
+            kind="admission",
+            action="create_sandbox",
+            outcome="denied" if refused else "allowed",
+            tenant=caller.tenant,
+            subject=caller.subject,
+            method=caller.method.value,
+            credential=caller.credential,
+            resource={
+                "template": request.template,
+                "backend": request.backend.value,
+                "vcpus": f"{request.resources.vcpus:g}",
+                "memory_mib": str(request.resources.memory_mib),
+                "network": str(request.network).lower(),
+                "trust": request.trust.value,
+                "secrets": ",".join(sorted(request.secrets)),
+            },
+            verdicts=[_verdict_doc(v) for v in verdicts],
+            tags=admission.policy.audit.tags,
+        )
+
+    def ended(self, record: SandboxRecord) -> None:
+        self.minos.ended(record.tenant, record.id)

@@ -1,0 +1,132 @@
+//! Where the agent listens: a unix socket, a vsock port, or its own stdin/stdout.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nix::sys::socket::{
+    accept4, bind, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::conn::{serve, Agent};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    Vsock(u32),
+    Stdio,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, String> {
+        if spec == "stdio" {
+            return Ok(Listen::Stdio);
+        }
+        if let Some(path) = spec.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, e.g. unix:/run/agent.sock".into());
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        if let Some(port) = spec.strip_prefix("vsock:") {
+            return port
+                .parse()
+                .map(Listen::Vsock)
+                .map_err(|_| format!("vsock:{port}: the port must be a number"));
+        }
+        Err(format!(
+            "cannot listen on {spec:?}: expected unix:PATH, vsock:PORT or stdio"
+        ))
+    }
+}
+
+/// Accepts connections until the agent shuts down (or, for stdio, serves one).
+pub async fn run(agent: Arc<Agent>, listen: Listen) -> io::Result<()> {
+    match listen {
+        Listen::Stdio => {
+            serve(agent.clone(), tokio::io::stdin(), tokio::io::stdout()).await;
+            // The one connection is gone: nobody can reach the processes any more.
+            agent.shutdown.send_replace(Some(0.0));
+            Ok(())
+        }
+        Listen::Unix(path) => {
+            // Replace a stale socket from an earlier run, never another kind of file.
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                if meta.file_type().is_socket() {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+            let listener = UnixListener::bind(&path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", path.display()),
+                )
+            })?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                let (r, w) = stream.into_split();
+                tokio::spawn(serve(agent.clone(), r, w));
+            }
+        }
+        Listen::Vsock(port) => {
+            let fd = socket(
+                AddressFamily::Vsock,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )
+            .map_err(|e| io::Error::other(format!("vsock socket: {e}")))?;
+            bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))
+                .map_err(|e| io::Error::other(format!("bind vsock:{port}: {e}")))?;
+            nix::sys::socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
+            let listener = crate::fdio::register(fd)?;
+            loop {
+                let mut guard = listener.readable().await?;
+                let accepted = guard.try_io(|fd| {
+                    accept4(
+                        fd.get_ref(),
+                        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                    )
+                    .map_err(io::Error::from)
+                });
+                let Ok(result) = accepted else { continue };
+                let owned = match result {
+                    Ok(owned) => owned,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        eprintln!("tartarus-agent: vsock accept: {e}");
+                        continue;
+                    }
+                };
+                // A connected vsock socket reads and writes like a unix stream socket;
+                // tokio only needs the descriptor, never its address.
+                let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(owned))?;
+                let (r, w) = stream.into_split();
+                tokio::spawn(serve(agent.clone(), r, w));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs_parse() {
+        assert_eq!("stdio".parse::<Listen>(), Ok(Listen::Stdio));
+        assert_eq!("vsock:1024".parse::<Listen>(), Ok(Listen::Vsock(1024)));
+        assert_eq!(
+            "unix:/run/a.sock".parse::<Listen>(),
+            Ok(Listen::Unix("/run/a.sock".into()))
+        );
+        assert!("vsock:x".parse::<Listen>().is_err());
+        assert!("unix:".parse::<Listen>().is_err());
+        assert!("tcp:1".parse::<Listen>().is_err());
+    }
+}

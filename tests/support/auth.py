@@ -1,0 +1,81 @@
+"""Helpers for tests of Cerberus: keys made through the owner's unix socket, requests
+over TCP with a bearer token, sandbox records seeded into a server's state."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tartarus.agent.store import SandboxRecord, Store
+from tartarus.config import load_settings
+from tartarus.host.doctor import run_doctor
+from tartarus.runtime.types import Backend, SandboxState
+from tests.support.server import Reply, Server
+
+
+def make_key(server: Server, tenant: str, roles: list[str], name: str = "test") -> tuple[str, str]:
+    """Creates an API key as the local operator; returns (key id, token)."""
+    r = server.json("POST", "/v1/auth/keys", {"name": name, "roles": roles, "tenant": tenant})
+    assert r.status == 201, r.body
+    created = r.json()
+    return created["key"]["id"], created["token"]
+
+
+def call(
+    server: Server,
+    token: str | None,
+    method: str,
+    path: str,
+    payload: Any = None,
+    *,
+    body: bytes | None = None,
+) -> Reply:
+    """A request over TCP with `Authorization: Bearer <token>` (none if token is None)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(payload).encode()
+    return server.raw(method, path, body, headers, tcp=True)
+
+
+def seed_sandboxes(state_dir: Path, owners: dict[str, str]) -> None:
+    """Writes ended sandbox records (id → tenant) into a server's state before it starts."""
+    store = Store(state_dir / "server.db")
+    try:
+        for sandbox_id, tenant in owners.items():
+            store.insert(
+                SandboxRecord(
+                    id=sandbox_id,
+                    template="base",
+                    backend=Backend.JAIL,
+                    state=SandboxState.STOPPED,
+                    created_at=time.time(),
+                    ended_at=time.time(),
+                    tenant=tenant,
+                    detail="seeded by a test",
+                )
+            )
+    finally:
+        store.close()
+
+
+def require_sandbox_backend() -> str:
+    """The backend end-to-end tests of Cerberus use: `$TARTARUS_TEST_BACKEND`, else jail
+    or gvisor when the doctor says it runs here; skips with the measured reason."""
+    if importlib.util.find_spec("tartarus.runtime.selector") is None:
+        pytest.skip("this build has no sandbox backends yet (tartarus.runtime.selector)")
+    wanted = os.environ.get("TARTARUS_TEST_BACKEND")
+    report = run_doctor(load_settings())
+    reasons = []
+    for name in [wanted] if wanted else ["jail", "gvisor"]:
+        verdict = report.backend(name)
+        if verdict.available:
+            return name
+        reasons.append(f"{name}: {verdict.reason}")
+    pytest.skip("no usable sandbox backend: " + "; ".join(reasons))
