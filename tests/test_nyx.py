@@ -36,13 +36,12 @@ from tartarus.snapshots.pools import WarmPools
 from tartarus.snapshots.service import SandboxFacts, SnapshotService
 from tests.support.probe_guests import build_probe_guest, xorshift_result
 from tests.support.snapshots import (
-    GEN_ROUNDS,
     ProbeRuntimes,
     isolated_settings,
     our_vmms,
     serving,
-    snapshot_mid_gen,
     snapshot_spinning,
+    snapshot_when,
     until,
     wait_for,
 )
@@ -50,6 +49,7 @@ from tests.support.snapshots import (
 pytestmark = [pytest.mark.timeout(240), pytest.mark.anyio]
 
 TEMPLATE = "probe"
+LONG_ROUNDS = 200_000
 
 
 @pytest.fixture
@@ -71,10 +71,13 @@ def runtimes(settings: Settings, doctor_report: DoctorReport) -> ProbeRuntimes:
 
 @pytest.fixture
 async def probe_dir(tmp_path: Path) -> Path:
-    """A probe guest's full snapshot, paused mid-computation, as a backend writes it."""
+    """A probe guest's full snapshot, paused mid-computation, as a backend writes it.
+    The computation has seconds left, so restored sandboxes are still running when the
+    test snapshots them."""
     directory = tmp_path / "probe-snapshot"
     await anyio.Path(directory).mkdir()
-    await snapshot_mid_gen(build_probe_guest(), tmp_path, directory / "vm.snap")
+    program = f"gen {LONG_ROUNDS}"
+    await snapshot_when(build_probe_guest(), tmp_path, directory / "vm.snap", program, ".")
     return directory
 
 
@@ -139,7 +142,7 @@ async def test_snapshots_chain_and_their_files_go_when_nothing_holds_them(
     )
     assert isinstance(second, MicroVmSandbox)
     out = await finished_output(second)
-    assert f"compute={xorshift_result(GEN_ROUNDS):016x}" in out
+    assert f"compute={xorshift_result(LONG_ROUNDS):016x}" in out
     await second.kill()
     await service.release(second.id)
 
@@ -308,7 +311,7 @@ async def test_cli_lists_inspects_and_removes(server: tuple[Client, str]) -> Non
     _, out, _ = await cli("snapshot", "rm", child["id"], "--json")
     assert msgspec.json.decode(out) == {"removed": [child["id"]]}
     code, _, err = await cli("snapshot", "inspect", child["id"], check=False)
-    assert code == 3 and "no snapshot" in err
+    assert code == 3 and "not found" in err
     code, _, err = await cli("snapshot", "prune", check=False)
     assert code == 2 and "--older-than" in err
     _, out, _ = await cli("pool", "ls", "--json")
