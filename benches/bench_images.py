@@ -127,7 +127,9 @@ async def pull_and_unpack(work: Path, image: BuiltImage) -> dict[str, Any]:
                     blobs = LocalBlobStore(run / "store")
                     source = RegistrySource(client, ref, pulled.manifest, config, run / "dl")
                     root = await blobs.new_staging("bench")
-                    await lay_down(source, blobs, root, owner="bench", progress=ignore)
+                    await lay_down(
+                        source, blobs, root, owner="bench", progress=ignore, locks=run / "locks"
+                    )
                 finally:
                     shutil.rmtree(run)
 

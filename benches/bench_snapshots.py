@@ -169,7 +169,9 @@ async def clone_density(work: Path) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def probe_server(work: Path, pool: int) -> AsyncIterator[tuple[Client, str]]:
     settings = isolated_settings(work)
-    runtimes = ProbeRuntimes(MicroVmRuntime(settings=settings, doctor=run_doctor(settings)))
+    runtimes = ProbeRuntimes(
+        settings, MicroVmRuntime(settings=settings, doctor=run_doctor(settings))
+    )
     directory = work / "spin"
     directory.mkdir()
     await snapshot_spinning(build_probe_guest(), work, directory / "vm.snap")

@@ -7,14 +7,16 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import anyio
 import pytest
 
+from tartarus.binaries import find_binary
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient, open_unix_stream
-from tartarus.runtime.types import ExecRequest
+from tartarus.runtime.types import ExecRequest, PtySize
 from tests.conftest import REPO_ROOT
 from tests.support.agent import HostAgentSandbox, running_agent
 
@@ -185,3 +187,104 @@ def test_init_mode_reaps_orphaned_zombies(tmp_path: Path) -> None:
         anyio.run(check, sock_path)
         proc.wait(timeout=15)
         assert proc.returncode == 0
+
+
+def test_vsock_listener_starts(tmp_path: Path) -> None:
+    """The agent binds its vsock port and serves on. (Connecting needs a VM or the
+    vsock_loopback transport, which this host lacks: `connect((1, port))` times out.)"""
+    if not Path("/dev/vsock").exists():
+        pytest.skip("no /dev/vsock on this host")
+    port = 20000 + os.getpid() % 20000
+    agent = find_binary("tartarus-agent")
+    stderr = (tmp_path / "stderr").open("wb")
+    proc = subprocess.Popen([agent, "serve", "--listen", f"vsock:{port}"], stderr=stderr)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        stderr.close()
+    assert (tmp_path / "stderr").read_text() == ""
+
+
+def test_bad_command_lines_are_usage_errors() -> None:
+    agent = find_binary("tartarus-agent")
+    for argv in (["serve"], ["serve", "--listen", "tcp:1"], ["bogus"], []):
+        out = subprocess.run([agent, *argv], capture_output=True, text=True, check=False)
+        assert out.returncode == 2, argv
+        assert "usage: tartarus-agent" in out.stderr
+    version = subprocess.run([agent, "--version"], capture_output=True, text=True, check=True)
+    assert f"protocol {p.PROTOCOL_VERSION}" in version.stdout
+
+
+BUSYBOX_APPLETS = ("sh", "cat", "ls", "echo", "stty", "id", "tty", "mount", "sleep", "test")
+
+
+def _bare_rootfs(root: Path) -> None:
+    """A rootfs with busybox, the agent and /etc/passwd, and no /proc, /dev or /tmp."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox (Debian busybox-static) is not installed")
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\nguest:x:4242:4243::/:/bin/sh\n"
+    )
+    (root / "etc" / "group").write_text("root:x:0:\nguest:x:4243:\n")
+    (root / ".tartarus" / "run").mkdir(parents=True)
+    shutil.copy2(find_binary("tartarus-agent"), root / ".tartarus" / "tartarus-agent")
+
+
+@pytest.mark.timeout(60)
+def test_init_mode_prepares_a_bare_rootfs(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting and chroot need root (euid is {os.geteuid()})")
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not on PATH")
+    root = tmp_path / "root"
+    _bare_rootfs(root)
+    argv = [
+        unshare, "--mount", "--pid", "--fork", "--propagation", "private", "chroot", str(root),
+        "/.tartarus/tartarus-agent", "serve", "--listen", "unix:/.tartarus/run/agent.sock",
+        "--init",
+    ]  # fmt: skip
+
+    async def check(sock_path: Path) -> None:
+        sb = HostAgentSandbox(sock_path)
+        await sb.start()
+        try:
+
+            async def sh(script: str, **kw: object) -> bytes:
+                execution = await sb.exec(ExecRequest(shell=script, **kw))  # type: ignore[arg-type]
+                result = await execution.wait()
+                assert result.exit.ok, (script, result)
+                return result.stdout
+
+            assert b"tartarus-agent" in await sh("cat /proc/1/cmdline")
+            assert await sh("test -c /dev/null && test -c /dev/urandom && echo ok") == b"ok\n"
+            assert await sh("echo hi > /tmp/f && cat /tmp/f") == b"hi\n"
+            mounts = (await sh("cat /proc/mounts")).decode()
+            assert " /proc proc " in mounts and " /tmp tmpfs " in mounts
+            assert " /dev/pts devpts " in mounts
+            assert await sh("tty", pty=PtySize(rows=10, cols=40)) == b"/dev/pts/0\r\n"
+            assert await sh("id -u; id -g", user="guest") == b"4242\n4243\n"
+        finally:
+            await sb.stop(grace_s=2)
+
+    stderr = (tmp_path / "agent.stderr").open("wb")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr)
+    try:
+        anyio.run(check, root / ".tartarus" / "run" / "agent.sock")
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr.close()
+    # The mounts lived in the sandbox's own mount namespace and went with it.
+    assert str(root) not in Path("/proc/self/mounts").read_text()

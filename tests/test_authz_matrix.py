@@ -32,7 +32,12 @@ pytestmark = pytest.mark.timeout(300)
 
 OWN, OTHER = "acme", "globex"
 SANDBOX = {OWN: "sb-00000000000000a1", OTHER: "sb-00000000000000b2"}
-MISSING = {"id": "sb-ffffffffffffffff", "key_id": "ffffffffffff", "policy": "no-such-policy"}
+MISSING = {
+    "id": "sb-ffffffffffffffff",
+    "key_id": "ffffffffffff",
+    "policy": "no-such-policy",
+    "template": "no-such-template",
+}
 ROLES_FILE = yaml.safe_load(
     importlib.resources.files("tartarus.auth").joinpath("roles.yaml").read_text()
 )["roles"]
@@ -87,6 +92,8 @@ def _path(op: Operation, world: World, tenant: str, *, missing: bool = False) ->
             value = "global"
         elif param == "pid":
             value = "1"
+        elif param == "template":  # shared by every tenant
+            value = "base"
         else:
             pytest.fail(f"{op.operation_id}: the matrix does not know path parameter {param}")
         path = path.replace("{" + param + "}", value)

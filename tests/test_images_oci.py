@@ -5,6 +5,7 @@ docker-archive tarballs, hostile layers, and garbage collection of shared layers
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import textwrap
@@ -421,3 +422,27 @@ async def test_full_disk_is_a_clear_error_and_keeps_what_was_stored(tmp_path: Pa
         assert (again.rootfs / "etc/greeting").read_bytes() == b"fits\n"
     finally:
         await anyio.run_process(["umount", str(disk)])
+
+
+async def test_concurrent_pulls_of_one_image_fetch_each_layer_once(
+    tmp_path: Path, registry: Registry, session: aiohttp.ClientSession
+) -> None:
+    require_root()
+    image = busybox_image(b"together\n")
+    ref = f"{registry.host}/test/together:1"
+    await push_image(session, ref, image, tmp_path / "push")
+    store = tmp_store(tmp_path / "store")
+    events: list[Progress] = []
+    paths = [
+        template_file(tmp_path, name, f"{{kind: oci, image: '{ref}'}}", f"env: {{WHO: {name}}}\n")
+        for name in ("left", "right")
+    ]
+    async with anyio.create_task_group() as tg:
+        for path in paths:
+            tg.start_soon(functools.partial(store.build, path, ext4=False, progress=events.append))
+    for digest in image.layer_digests():
+        assert (await store.blobs.stat(digest)).refs == 2
+        finished = [
+            e for e in events if e.step == "download" and e.item == digest and e.done == e.total
+        ]
+        assert len(finished) == 1  # fetched by one build, found in the store by the other

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from tartarus.binaries import find_binary
@@ -21,8 +23,19 @@ from tartarus.images import AGENT_PATH, INIT_PATH
 from tartarus.images.errors import BuildError, TemplateDefinitionError, TemplateNotFoundError
 from tartarus.images.progress import Progress
 from tartarus.images.template import builtin_templates, load_template
+from tartarus.runtime import protocol as p
+from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime.agent_sandbox import AgentExecution, exec_message
+from tartarus.runtime.types import ExecRequest
 from tests.conftest import require_binary, require_root
-from tests.support.images import run_in_gvisor, shared_store, tmp_store
+from tests.support.images import (
+    gvisor_bundle,
+    run_in_gvisor,
+    runsc_argv,
+    runsc_delete,
+    shared_store,
+    tmp_store,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -146,6 +159,31 @@ async def test_python_template_runs_python_in_gvisor(tmp_path: Path) -> None:
     assert (t.rootfs / "etc/resolv.conf").read_text() == ""
     assert (t.rootfs / "etc/hostname").read_text() == "tartarus\n"
     assert not any((t.rootfs / "var/lib/apt/lists").glob("*_Packages"))
+
+
+@pytest.mark.timeout(900)
+async def test_python_runs_through_the_injected_agent_in_gvisor(tmp_path: Path) -> None:
+    """The template's own agent, serving over stdio as gVisor's PID 1 on the `python`
+    rootfs, runs python3: the path every gVisor sandbox takes."""
+    require_root()
+    require_binary("debootstrap")
+    t = await shared_store().resolve("python", ext4=False)
+    bundle = gvisor_bundle(
+        t.rootfs, [AGENT_PATH, "serve", "--listen", "stdio"], tmp_path, t.manifest.env
+    )
+    container = f"erebus-{uuid.uuid4().hex[:12]}"
+    try:
+        with anyio.fail_after(120):
+            async with await AgentClient.spawn(runsc_argv(bundle, container)) as client:
+                request = ExecRequest(argv=["python3", "-c", "import sys; print(sys.version)"])
+                stream = await client.start(exec_message(request))
+                started = await stream.reply()
+                assert isinstance(started, p.Started)
+                result = await AgentExecution(client, stream, started.pid, started.pty).wait()
+        assert result.exit.code == 0, result.stderr
+        assert result.stdout.startswith(b"3.11."), result.stdout
+    finally:
+        await anyio.to_thread.run_sync(runsc_delete, bundle, container)
 
 
 @pytest.mark.timeout(600)

@@ -66,7 +66,7 @@ def settings(tmp_path: Path) -> Settings:
 def runtimes(settings: Settings, doctor_report: DoctorReport) -> ProbeRuntimes:
     if not doctor_report.kernel.kvm.openable:
         pytest.skip(f"no usable /dev/kvm: {doctor_report.kernel.kvm.detail}")
-    return ProbeRuntimes(MicroVmRuntime(settings=settings, doctor=doctor_report))
+    return ProbeRuntimes(settings, MicroVmRuntime(settings=settings, doctor=doctor_report))
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ async def spin_dir(tmp_path: Path) -> Path:
 def service(settings: Settings, runtimes: ProbeRuntimes) -> SnapshotService:
     templates = TemplateStore(settings)
     catalog = SnapshotCatalog(state_db_path(settings))
-    return SnapshotService(catalog, templates.blobs, runtimes, templates)
+    return SnapshotService(catalog, templates.blobs, runtimes)
 
 
 FACTS = SandboxFacts(template=TEMPLATE)
@@ -121,7 +121,7 @@ async def test_snapshots_chain_and_their_files_go_when_nothing_holds_them(
     assert blob_dirs(settings) == {base.blob.removeprefix("sha256:")}
 
     spec = SandboxSpec(id="sb-00000000000000a1", template=TEMPLATE)
-    first, runtime, facts = await service.restore(base.id, spec)
+    first, runtime, facts, _ = await service.restore(base.id, spec)
     assert runtime.backend is Backend.MICROVM and facts.origin is not None
     assert service.get(base.id).verified, "the first restore checked the memory"
     assert isinstance(first, MicroVmSandbox)
@@ -137,7 +137,7 @@ async def test_snapshots_chain_and_their_files_go_when_nothing_holds_them(
     await first.kill()
     await service.release(first.id)
 
-    second, _, _ = await service.restore(
+    second, _, _, _ = await service.restore(
         child.id, SandboxSpec(id="sb-00000000000000a2", template=TEMPLATE)
     )
     assert isinstance(second, MicroVmSandbox)

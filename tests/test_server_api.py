@@ -217,3 +217,16 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     # A new server starts on the same dirs (the lock was released).
     with running_server(tmp_path) as again:
         assert again.raw("GET", "/v1/health").status == 200
+
+
+def test_templates(server: Server) -> None:
+    items = server.raw("GET", "/v1/templates").json()["items"]
+    names = {t["name"]: t for t in items}
+    assert {"base", "python"} <= set(names)
+    assert names["base"]["builtin"] is True
+    one = server.raw("GET", "/v1/templates/base")
+    assert one.status == 200
+    assert one.json()["name"] == "base"
+    r = server.raw("GET", "/v1/templates/no-such-template")
+    problem = assert_problem(r.status, r.headers, r.body, 404)
+    assert "no template named" in problem["detail"]

@@ -18,7 +18,14 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from tartarus.api.snapshots import SnapshotEntry
-from tartarus.api.types import CodeExecution, FileWritten, LogPage, SandboxInfo, SandboxStatsInfo
+from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
+    CodeExecution,
+    FileWritten,
+    LogPage,
+    SandboxInfo,
+    SandboxStatsInfo,
+)
 from tartarus.runtime.types import Backend, FileInfo, SandboxState
 from tartarus.sdk import sandbox as async_sandbox
 from tartarus.sdk.commands import CommandHandle as AsyncCommandHandle
@@ -101,7 +108,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandResult: ...
 
@@ -116,7 +123,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandHandle: ...
 
@@ -130,7 +137,7 @@ class Commands:
         user: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
         stdin: str | None = None,
     ) -> CommandResult | CommandHandle:
         """See `tartarus.Sandbox.commands.run`; callbacks run on the SDK's helper thread."""
@@ -215,7 +222,7 @@ class Pty:
         cmd: str | list[str] = "exec /bin/sh -i",
         cwd: str | None = None,
         envs: dict[str, str] | None = None,
-        timeout: float | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> PtyHandle:
         handle = self._portal.call(
             self._pty.create, rows=rows, cols=cols, cmd=cmd, cwd=cwd, envs=envs, timeout=timeout
@@ -255,7 +262,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,

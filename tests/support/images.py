@@ -26,34 +26,49 @@ def shared_store() -> TemplateStore:
     return TemplateStore(load_settings())
 
 
-def run_in_gvisor(
-    rootfs: Path, argv: list[str], workdir: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Runs `argv` in a throwaway gVisor sandbox whose read-only root is `rootfs`."""
-    require_root()
-    runsc = require_binary("runsc")
+def gvisor_bundle(rootfs: Path, argv: list[str], workdir: Path, env: dict[str, str]) -> Path:
+    """A hand-written OCI bundle: `argv` on the read-only `rootfs`."""
     bundle = workdir / f"bundle-{uuid.uuid4().hex[:8]}"
-    state = bundle / "state"
-    state.mkdir(parents=True)
-    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", **(env or {})}
+    (bundle / "state").mkdir(parents=True)
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", **env}
     spec = Spec(
         process=Process(args=argv, env=[f"{k}={v}" for k, v in environment.items()]),
         root=Root(path=str(rootfs), readonly=True),
     )
     write_bundle_config(bundle, spec)
+    return bundle
+
+
+def runsc_argv(bundle: Path, container: str) -> list[str]:
+    require_root()
+    runsc = require_binary("runsc")
+    return [runsc, *runsc_global_flags(bundle / "state"), "run", "--bundle", str(bundle), container]
+
+
+def runsc_delete(bundle: Path, container: str) -> None:
+    subprocess.run(
+        [
+            require_binary("runsc"),
+            *runsc_global_flags(bundle / "state"),
+            "delete",
+            "--force",
+            container,
+        ],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def run_in_gvisor(
+    rootfs: Path, argv: list[str], workdir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs `argv` in a throwaway gVisor sandbox whose read-only root is `rootfs`."""
+    bundle = gvisor_bundle(rootfs, argv, workdir, env or {})
     container = f"erebus-{uuid.uuid4().hex[:12]}"
     try:
         return subprocess.run(
-            [runsc, *runsc_global_flags(state), "run", "--bundle", str(bundle), container],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            runsc_argv(bundle, container), capture_output=True, text=True, timeout=120, check=False
         )
     finally:
-        subprocess.run(
-            [runsc, *runsc_global_flags(state), "delete", "--force", container],
-            capture_output=True,
-            check=False,
-            timeout=60,
-        )
+        runsc_delete(bundle, container)

@@ -8,18 +8,26 @@ went over the wire (status, headers, bytes), without the SDK in between.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from tartarus.config import load_settings
+from tartarus.host.doctor import run_doctor
 
 START_TIMEOUT_S = 60.0
 
@@ -103,8 +111,25 @@ class Server:
         return self.process.wait(timeout=timeout)
 
 
+@contextmanager
+def short_dir() -> Iterator[Path]:
+    """A private directory with a short path: backends put unix sockets a few levels
+    below the runtime dir, and a socket path may be at most 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def server_env(base: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARTARUS_")}
+    # The caller's server and settings stay out; binary overrides (`TARTARUS_*_BIN`) stay.
+    ours = {"TARTARUS_URL", "TARTARUS_API_KEY", "TARTARUS_CONFIG"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if (k not in ours and not k.endswith("_DIR")) or not k.startswith("TARTARUS_")
+    }
     env.update(
         TARTARUS_RUNTIME_DIR=str(base / "run"),
         TARTARUS_STATE_DIR=str(base / "state"),
@@ -185,3 +210,36 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def require_backend() -> str:
+    """The sandbox backend e2e tests use: `$TARTARUS_TEST_BACKEND`, else the first of
+    jail and gvisor that the doctor says runs here; skips with the reason otherwise."""
+    if importlib.util.find_spec("tartarus.runtime.selector") is None:
+        pytest.skip("this build has no sandbox backends yet (tartarus.runtime.selector)")
+    wanted = os.environ.get("TARTARUS_TEST_BACKEND")
+    report = run_doctor(load_settings())
+    candidates = [wanted] if wanted else ["jail", "gvisor"]
+    reasons = []
+    for name in candidates:
+        verdict = report.backend(name)
+        if verdict.available:
+            return name
+        reasons.append(f"{name}: {verdict.reason}")
+    pytest.skip("no usable sandbox backend: " + "; ".join(reasons))
+
+
+def processes_mentioning(text: str) -> list[tuple[int, str]]:
+    """Live processes whose command line contains `text` (e.g. a test's private dir):
+    what a leaked sandbox would look like."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append((int(entry.name), cmdline))
+    return found

@@ -10,12 +10,13 @@ from typing import Any
 
 import anyio
 
-from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.agent.provider import HostRuntimes
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
+from tartarus.images.store import TemplateManifest
 from tartarus.runtime.base import Runtime
 from tartarus.runtime.microvm import MicroVmRuntime
-from tartarus.runtime.types import SandboxSpec
+from tartarus.runtime.types import Backend, Resources, SandboxSpec
 from tartarus.runtime.vmm_api import BootProtocol, MachineConfig, SerialFile, VmmProcess, VmState
 from tartarus.sdk.client import Client
 from tartarus.server.serve import ServeOptions, serve
@@ -101,23 +102,59 @@ def our_vmms(root: Path) -> list[int]:
     return pids
 
 
-class ProbeRuntimes:
-    """The runtime provider: this host's real microVM runtime for every sandbox."""
+# The probe guests' "template": nothing to build, nothing to warm up.
+PROBE_MANIFEST = TemplateManifest(
+    id="probe",
+    description="probe guest snapshots",
+    source="test",
+    key="",
+    rootfs="",
+    ext4=None,
+    layers=[],
+    base="",
+    agent="",
+    env={},
+    workdir="/",
+    user=None,
+    entrypoint=[],
+    cmd=[],
+    resources=Resources(),
+    max_resources=None,
+    timeout_s=300.0,
+    backends=[Backend.MICROVM],
+    warmup=None,
+    size_bytes=0,
+    files=0,
+    built_at=0.0,
+    build_seconds=0.0,
+)
 
-    def __init__(self, runtime: MicroVmRuntime) -> None:
-        self.runtime = runtime
 
-    async def prepare(self, spec: SandboxSpec) -> SandboxSpec:
-        return spec
+class ProbeRuntimes(HostRuntimes):
+    """This host's runtimes as the server sees them, except that every sandbox is a
+    microVM (the real runtime) and templates need no build: for restoring probe-guest
+    snapshots, which is all a microVM can do on a host whose KVM cannot boot Linux."""
+
+    def __init__(self, settings: Settings, microvm: MicroVmRuntime) -> None:
+        super().__init__(settings)
+        self.microvm = microvm
+
+    def runtime(self, backend: Backend) -> Runtime:
+        return self.microvm
 
     async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
-        return self.runtime, "probe guests restore on this host's KVM"
+        return self.microvm, "probe guests restore on this host's KVM"
 
-    async def all_runtimes(self) -> list[Runtime]:
-        return [self.runtime]
+    async def prepare(
+        self, spec: SandboxSpec, backend: Backend
+    ) -> tuple[SandboxSpec, TemplateManifest]:
+        return spec, PROBE_MANIFEST
 
-    async def describe(self) -> dict[str, str]:
-        return {"microvm": "restores only"}
+    async def release(self, sandbox_id: str) -> None:
+        return None
+
+    async def reap_all(self) -> set[str]:
+        return set(await self.microvm.reap(keep=set()))
 
 
 def isolated_settings(base: Path) -> Settings:
@@ -129,7 +166,7 @@ def isolated_settings(base: Path) -> Settings:
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, provider: RuntimeProvider | None = None
+    settings: Settings, provider: HostRuntimes | None = None
 ) -> AsyncIterator[Client]:
     """`tartarus serve` in this process, on a unix socket in the runtime dir; yields a
     client for it and stops the server (and its sandboxes) at the end."""
@@ -140,7 +177,7 @@ async def serving(
             lambda: serve(
                 settings,
                 ServeOptions(socket=sock, grace_s=1),
-                provider=provider,
+                runtimes=provider,
                 on_ready=lambda _: ready.set(),
                 stop=stop,
             )

@@ -21,7 +21,7 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from tartarus.agent.admission import AdmissionHook, AdmitAll, Admitted
-from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.agent.provider import HostRuntimes
 from tartarus.agent.store import (
     LIVE_STATES,
     ListFilter,
@@ -55,8 +55,12 @@ class LiveSandbox:
     # Per-sandbox services (e.g. the code kernel) closed before the sandbox stops.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     attachments: dict[str, Any] = field(default_factory=dict)
+    # The template's working directory: where commands run unless they say otherwise.
+    workdir: str = "/"
     closing: bool = False
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Set once the sandbox has stopped: streams following it end then.
+    ended: anyio.Event = field(default_factory=anyio.Event)
 
 
 @dataclass(eq=False)
@@ -72,6 +76,7 @@ class AcquiredSandbox:
     # Shown as the record's backend_reason (e.g. "warm pool hit").
     reason: str
     attachments: dict[str, Any] = field(default_factory=dict)
+    workdir: str = "/"
 
 
 class SandboxSource(Protocol):
@@ -98,7 +103,7 @@ class SandboxManager:
     def __init__(
         self,
         store: Store,
-        provider: RuntimeProvider,
+        provider: HostRuntimes,
         *,
         grace_s: float = 10.0,
         admission: AdmissionHook | None = None,
@@ -145,14 +150,10 @@ class SandboxManager:
         their sandboxes are reaped and the records closed. Returns the ids closed."""
         orphans = self.store.live()
         self.store.release_unbound_keys()
-        reaped: set[str] = set()
-        for runtime in await self.provider.all_runtimes():
-            try:
-                reaped.update(await runtime.reap(keep=set()))
-            except Exception:
-                log.exception("reaping leftovers of the %s backend failed", runtime.backend)
+        reaped = await self.provider.reap_all()
         now = time.time()
         for record in orphans:
+            await self.provider.release(record.id)
             record.state = SandboxState.FAILED
             record.ended_at = now
             record.detail = (
@@ -274,12 +275,13 @@ class SandboxManager:
     async def _create(self, request: CreateSandboxRequest, caller: Principal) -> SandboxRecord:
         admitted = await self.admission.admit(caller, request)
         try:
-            return await self._start(admitted, caller)
+            return await self._place(admitted, caller)
         except BaseException:
             admitted.release()
             raise
 
-    async def _start(self, admitted: Admitted, caller: Principal) -> SandboxRecord:
+    async def _place(self, admitted: Admitted, caller: Principal) -> SandboxRecord:
+        """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
         if self.source is not None:
             acquired = await self.source.acquire(request, caller)
@@ -289,20 +291,43 @@ class SandboxManager:
             id=new_sandbox_id(),
             template=request.template,
             backend=request.backend,
-            resources=request.resources.to_runtime(),
             env=request.env,
             network=request.network,
             trust=request.trust,
             metadata=request.metadata,
         )
-        spec = await self.provider.prepare(spec)
         try:
             runtime, reason = await self.provider.select(spec)
         except BackendUnavailableError as e:
             if request.backend is Backend.AUTO:
                 raise
-            # The client asked for a backend this host lacks: its request to change.
-            raise ApiError(422, "backend-unavailable", str(e)) from e
+            # The client asked for a backend this host lacks: a conflict with this host,
+            # which another backend (or host) resolves; not a server failure.
+            raise ApiError(409, "backend-unavailable", str(e)) from e
+        spec, manifest = await self.provider.prepare(spec, runtime.backend)
+        try:
+            resources = request.resources.to_runtime()
+            check_limits(resources, manifest.max_resources, spec.template)
+            spec = msgspec.structs.replace(spec, resources=resources)
+            return await self._start(
+                spec, runtime, reason, admitted, caller, workdir=manifest.workdir
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.provider.release(spec.id)
+            raise
+
+    async def _start(
+        self,
+        spec: SandboxSpec,
+        runtime: Runtime,
+        reason: str,
+        admitted: Admitted,
+        caller: Principal,
+        *,
+        workdir: str,
+    ) -> SandboxRecord:
+        request = admitted.request
         record = self.store.insert(
             SandboxRecord(
                 id=spec.id,
@@ -339,7 +364,9 @@ class SandboxManager:
         record.state = SandboxState.RUNNING
         record.expires_at = time.time() + request.timeout_s
         self.store.save(record)
-        self._live[record.id] = LiveSandbox(record=record, sandbox=sandbox, runtime=runtime)
+        self._live[record.id] = LiveSandbox(
+            record=record, sandbox=sandbox, runtime=runtime, workdir=workdir
+        )
         return record
 
     async def _adopt(
@@ -372,6 +399,7 @@ class SandboxManager:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._teardown(acquired.sandbox, grace_s=0)
+                await self.provider.release(acquired.sandbox.id)
             raise
         sandbox = admitted.bind(record, acquired.sandbox)
         self._live[record.id] = LiveSandbox(
@@ -379,6 +407,7 @@ class SandboxManager:
             sandbox=sandbox,
             runtime=acquired.runtime,
             attachments=dict(acquired.attachments),
+            workdir=acquired.workdir,
         )
         return record
 
@@ -405,7 +434,11 @@ class SandboxManager:
                     return
                 live.closing = True
                 live.record.detail = detail
+                # Before the followers go: a checkpoint may still read the sandbox.
                 await self._run_hooks(self.before_teardown, live, "before teardown")
+                # Followers (logs, attach, websockets) end now, not when their backend
+                # stream notices the teardown.
+                live.ended.set()
                 for close in live.closers:
                     try:
                         await close()
@@ -413,11 +446,16 @@ class SandboxManager:
                         log.exception("closing a service of sandbox %s failed", live.record.id)
                 await self._teardown(live.sandbox, grace_s=grace_s)
                 await self._run_hooks(self.after_teardown, live, "after teardown")
+                try:
+                    await self.provider.release(live.record.id)
+                except Exception:
+                    log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
                 live.record.detail = detail
                 live.record.ended_at = time.time()
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
+                live.ended.set()
                 self.admission.ended(live.record)
 
     @staticmethod
@@ -444,6 +482,22 @@ class SandboxManager:
                 await sandbox.kill()
         except Exception:
             log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
+
+
+def check_limits(resources: Resources, limits: Resources | None, template: str) -> None:
+    if limits is None:
+        return
+    over = [
+        f"{name} {getattr(resources, name)} > {getattr(limits, name)}"
+        for name in ("vcpus", "memory_mib", "disk_mib", "pids")
+        if getattr(resources, name) > getattr(limits, name)
+    ]
+    if over:
+        raise ApiError(
+            409,
+            "over-template-limits",
+            f"the {template} template allows at most: {', '.join(over)}",
+        )
 
 
 def cursor_from(value: str | None) -> int:

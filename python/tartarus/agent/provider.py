@@ -1,58 +1,111 @@
-"""The node agent's `RuntimeProvider` over this host's backends.
+"""The node agent's `RuntimeProvider` over this host: backends from the selector
+(`tartarus.runtime.selector`), root filesystems from the template store (Erebus).
 
 The doctor's report is taken once, when the first sandbox needs a backend (it runs real
-probes: a KVM guest, a runsc container), then reused.
+probes: a KVM guest, a runsc container), then reused. One `Runtime` per backend lives
+as long as the server; backends keep their per-sandbox files under
+`RUNTIME_DIR/sandboxes`, which this server owns (one server per runtime dir), so
+reaping there after a crash touches nothing else.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 import anyio
+import msgspec
 
 from tartarus.config import Settings
 from tartarus.host.doctor import DoctorReport, run_doctor
+from tartarus.images import TemplateStore
+from tartarus.images.store import TemplateInfo, TemplateManifest
 from tartarus.runtime.base import BackendUnavailableError, Runtime
-from tartarus.runtime.types import SandboxSpec
+from tartarus.runtime.types import Backend, SandboxSpec
+
+log = logging.getLogger(__name__)
+
+# Backends whose leftovers are reaped after a crash (wasm sandboxes die with us).
+REAPED = (Backend.JAIL, Backend.GVISOR, Backend.MICROVM)
+
+
+def _selector() -> Any:
+    # Imported by name: builds without the backends (the selector) still serve the API.
+    try:
+        return importlib.import_module("tartarus.runtime.selector")
+    except ModuleNotFoundError as e:
+        raise BackendUnavailableError(
+            "this build of tartarus has no sandbox backends (tartarus.runtime.selector)"
+        ) from e
+
+
+def owner_of(sandbox_id: str) -> str:
+    """The blob-store owner that keeps a sandbox's template files alive while it runs."""
+    return f"sandbox:{sandbox_id}"
 
 
 class HostRuntimes:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.templates = TemplateStore(settings)
         self._report: DoctorReport | None = None
-        self._lock = anyio.Lock()
+        self._report_lock = anyio.Lock()
+        self._runtimes: dict[Backend, Runtime] = {}
 
     async def report(self) -> DoctorReport:
-        async with self._lock:
+        async with self._report_lock:
             if self._report is None:
                 self._report = await anyio.to_thread.run_sync(run_doctor, self.settings)
             return self._report
 
-    def _selector(self) -> Any:
-        try:
-            return importlib.import_module("tartarus.runtime.selector")
-        except ModuleNotFoundError as e:
-            raise BackendUnavailableError(
-                "this build of tartarus has no sandbox backends (tartarus.runtime.selector "
-                "is missing)"
-            ) from e
-
-    async def prepare(self, spec: SandboxSpec) -> SandboxSpec:
-        return spec
+    def runtime(self, backend: Backend) -> Runtime:
+        runtime = self._runtimes.get(backend)
+        if runtime is None:
+            runtime = self._runtimes[backend] = _selector().make_runtime(backend, self.settings)
+        return runtime
 
     async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
-        selector = self._selector()
-        runtime, reason = selector.select(spec, await self.report())
-        return runtime, str(reason)
+        backend, reasons = _selector().select_backend(spec, await self.report())
+        return self.runtime(backend), "; ".join(reasons)
 
-    async def all_runtimes(self) -> list[Runtime]:
-        return []
+    async def prepare(
+        self, spec: SandboxSpec, backend: Backend
+    ) -> tuple[SandboxSpec, TemplateManifest]:
+        """Builds (or finds) the template and pins its files for this sandbox."""
+        resolved = await self.templates.resolve(
+            spec.template, ext4=backend is Backend.MICROVM, owner=owner_of(spec.id)
+        )
+        manifest = resolved.manifest
+        spec = msgspec.structs.replace(
+            spec, rootfs=resolved.rootfs, env={**manifest.env, **spec.env}
+        )
+        return spec, manifest
+
+    async def release(self, sandbox_id: str) -> None:
+        await self.templates.release(owner_of(sandbox_id))
+
+    async def reap_all(self) -> set[str]:
+        reaped: set[str] = set()
+        for backend in REAPED:
+            try:
+                runtime = self.runtime(backend)
+                reaped.update(await runtime.reap(keep=set()))
+            except BackendUnavailableError:
+                continue
+            except Exception:
+                log.exception("reaping leftovers of the %s backend failed", backend.value)
+        return reaped
+
+    async def list_templates(self) -> list[TemplateInfo]:
+        return await self.templates.list()
+
+    async def template(self, name: str) -> TemplateInfo:
+        return await self.templates.inspect(name)
 
     async def describe(self) -> dict[str, str]:
-        if self._report is None:
-            return {}
+        report = await self.report()
         return {
             b.name: ("available" if b.available else "unavailable") + f": {b.reason}"
-            for b in self._report.backends
+            for b in report.backends
         }

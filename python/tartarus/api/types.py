@@ -38,10 +38,6 @@ SnapshotId = Annotated[
 TemplateName = Annotated[
     str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
 ]
-# A template named in a URL path (no `/`).
-PoolTemplate = Annotated[
-    str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
-]
 EnvMap = Annotated[
     dict[
         Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^=\x00]+$")],
@@ -87,7 +83,8 @@ class _Response(msgspec.Struct, kw_only=True):
 
 
 class ResourcesBody(_Request, kw_only=True):
-    """Limits of one sandbox (the backend enforces what it can: see docs/api.md)."""
+    """Limits of one sandbox (at most the template's `max_resources`; policy may set
+    per-template defaults)."""
 
     vcpus: Annotated[float, Meta(ge=0.05, le=64)] = 1.0
     memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] = 512
@@ -318,7 +315,7 @@ class LogEvent(_Response, kw_only=True):
 
 class LogPage(_Response, kw_only=True):
     items: list[LogEvent]
-    # Pass as `since` to continue after the last entry returned.
+    # Pass as `since` to continue after the last entry returned (sequence numbers start at 1).
     next_seq: int
 
 
@@ -366,9 +363,14 @@ class CodeExecution(_Response, kw_only=True):
 class TemplateEntry(_Response, kw_only=True):
     name: str
     description: str = ""
-    backends: list[Backend] = msgspec.field(default_factory=list)
+    builtin: bool = False
+    # Built: its root filesystem is ready; otherwise the first sandbox builds it.
     built: bool = False
+    # Backends the template is meant for (empty: any).
+    backends: list[Backend] = msgspec.field(default_factory=list)
     size_bytes: int | None = None
+    resources: Resources | None = None
+    timeout_s: float | None = None
 
 
 class TemplateList(_Response, kw_only=True):

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import sys
 import termios
 import tty
@@ -30,6 +31,21 @@ def raw_terminal(fd: int) -> Iterator[None]:
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _pollable(fd: int) -> bool:
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
+async def read_stdin(fd: int) -> bytes:
+    """Terminals, pipes and sockets are polled (a read that waits forever must not hold a
+    thread that would keep the process from exiting); files and /dev/null cannot be
+    polled but never block for long, so they are read on a worker thread."""
+    if _pollable(fd):
+        await anyio.wait_readable(fd)
+        return os.read(fd, 65536)
+    return await anyio.to_thread.run_sync(os.read, fd, 65536)
 
 
 def terminal_size() -> PtyBody:
@@ -63,10 +79,7 @@ async def interactive_exec(
 
                 async def pump_stdin() -> None:
                     while True:
-                        # A thread, because stdin may be a file or /dev/null (not pollable).
-                        data = await anyio.to_thread.run_sync(
-                            os.read, stdin_fd, 65536, abandon_on_cancel=True
-                        )
+                        data = await read_stdin(stdin_fd)
                         if not data:
                             await ws.send_str(_encoder.encode(WsEof()).decode())
                             return

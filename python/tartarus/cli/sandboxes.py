@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 import msgspec
@@ -79,9 +80,7 @@ async def _stream_to_terminal(
 @click.option(
     "--timeout",
     type=float,
-    default=DEFAULT_TIMEOUT_S,
-    show_default=True,
-    help="Seconds before the sandbox is stopped.",
+    help=f"Seconds before the sandbox is stopped [default: {DEFAULT_TIMEOUT_S:g}].",
 )
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment.")
 @click.option("-w", "--workdir", help="Working directory inside the sandbox.")
@@ -100,7 +99,7 @@ def run_command(
     *,
     template: str,
     backend: str,
-    timeout: float,
+    timeout: float | None,
     env: tuple[str, ...],
     workdir: str | None,
     memory_mib: int | None,
@@ -123,18 +122,14 @@ def run_command(
       tartarus run -i -- sh            # an interactive shell
     """
     cmd = _command(argv)
-    resources = ResourcesBody()
-    if memory_mib is not None or cpus is not None:
-        resources = ResourcesBody(
-            vcpus=cpus if cpus is not None else resources.vcpus,
-            memory_mib=memory_mib if memory_mib is not None else resources.memory_mib,
-        )
+    sizes: dict[str, Any] = {"vcpus": cpus, "memory_mib": memory_mib}
+    resources = ResourcesBody(**{k: v for k, v in sizes.items() if v is not None})
     request = CreateSandboxRequest(
         template=template,
         backend=Backend(backend),
         resources=resources,
         env=parse_pairs(env, "--env"),
-        timeout_s=timeout,
+        timeout_s=DEFAULT_TIMEOUT_S if timeout is None else timeout,
         metadata=parse_pairs(metadata, "--metadata"),
         network=network,
         trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,

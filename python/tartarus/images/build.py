@@ -15,7 +15,6 @@ store: an interrupted build leaves nothing visible.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import os
@@ -61,7 +60,6 @@ from tartarus.images.unpack import unpack
 
 T = TypeVar("T")
 EXT4_MEDIA_TYPE = "application/vnd.tartarus.rootfs.ext4"
-LOCK_POLL_S = 0.2
 
 
 class ImageConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -218,29 +216,14 @@ class Builder:
 
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
-        """An exclusive lock per build key, across processes (polled, so cancellable)."""
-        await anyio.Path(self.locks).mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            waited = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waited:
-                        self.progress(
-                            Progress(
-                                step="wait",
-                                message="another build of the same "
-                                "inputs is running; waiting for it",
-                            )
-                        )
-                        waited = True
-                    await anyio.sleep(LOCK_POLL_S)
+        """An exclusive lock per build key, across processes."""
+
+        def waiting() -> None:
+            message = "another build of the same inputs is running; waiting for it"
+            self.progress(Progress(step="wait", message=message))
+
+        async with fsutil.file_lock(self.locks / f"{key}.lock", waiting):
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     @contextlib.asynccontextmanager
     async def staging(self, label: str) -> AsyncIterator[Path]:
@@ -296,7 +279,9 @@ class Builder:
                 archive = debian.DebianArchive(await self.session(), base, cache, self.progress)
                 await archive.install(packages, staging)
             else:
-                await debian.debootstrap(base, staging, cache, self.progress)
+                # One debootstrap per suite at a time: they share the .deb cache.
+                async with self.lock(f"debootstrap-{base.suite}-{debian.debian_arch()}"):
+                    await debian.debootstrap(base, staging, cache, self.progress)
                 await debian.apt_install(staging, packages, self.progress, upgrade=True)
             return ImageConfig(), []
 
@@ -337,7 +322,7 @@ class Builder:
                 client, pinned, pulled.manifest, config, self.cache_dir / "downloads"
             )
             layers = await lay_down(
-                source, self.blobs, staging, owner=owner, progress=self.progress
+                source, self.blobs, staging, owner=owner, progress=self.progress, locks=self.locks
             )
             return image_config(config), layers
 
@@ -367,7 +352,7 @@ class Builder:
     def _local(self, source: ImageSource, digest: str) -> PreparedBase:
         async def populate(staging: Path, owner: str) -> tuple[ImageConfig, list[str]]:
             layers = await lay_down(
-                source, self.blobs, staging, owner=owner, progress=self.progress
+                source, self.blobs, staging, owner=owner, progress=self.progress, locks=self.locks
             )
             return image_config(source.config), layers
 

@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 
 from tartarus.images import digest as digests
+from tartarus.images import fsutil
 from tartarus.images.errors import ImageError
 from tartarus.images.progress import Progress, ProgressCallback
 
@@ -47,6 +48,23 @@ async def download(
 ) -> None:
     """Fetches into `dest` the content named by `digest` (and `size`, if known).
     `open_get(headers)` opens the GET (it adds auth and follows redirects)."""
+    # Two processes must not append to the same partial file.
+    async with fsutil.file_lock(dest.with_name(dest.name + ".lock")):
+        await _download(
+            open_get, dest, what=what, digest=digest, size=size, progress=progress, step=step
+        )
+
+
+async def _download(
+    open_get: Opener,
+    dest: Path,
+    *,
+    what: str,
+    digest: str,
+    size: int | None,
+    progress: ProgressCallback,
+    step: str,
+) -> None:
     if await anyio.Path(dest).exists():
         return
     partial = dest.with_name(dest.name + ".partial")

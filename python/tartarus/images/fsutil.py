@@ -3,14 +3,17 @@ digests, hardlink copies and removal of trees that may hold read-only directorie
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import msgspec
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -147,3 +150,29 @@ def hardlink_copy(src: Path, dst: Path) -> None:
 def disk_usage(root: Path) -> int:
     """Bytes of regular files under `root` (apparent size)."""
     return sum(st.st_size for _, st in walk(root) if stat.S_ISREG(st.st_mode))
+
+
+LOCK_POLL_S = 0.2
+
+
+@contextlib.asynccontextmanager
+async def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> AsyncIterator[None]:
+    """An exclusive lock on `path` across processes (and across tasks of one process:
+    each holder opens the file itself). Polled, so waiting is cancellable; the kernel
+    releases it if the holder dies. `on_wait` is called once if another holds it."""
+    await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                await anyio.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

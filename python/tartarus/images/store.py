@@ -360,6 +360,8 @@ class TemplateStore:
             return
         cutoff = time.time() - STALE_DOWNLOAD_S
         for entry in downloads.iterdir():
+            if entry.suffix == ".lock":
+                continue  # may be held right now; deleting it would split the lock
             with contextlib.suppress(FileNotFoundError):
                 if entry.lstat().st_mtime < cutoff:
                     fsutil.remove_tree(entry)

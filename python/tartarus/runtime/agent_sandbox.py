@@ -89,6 +89,7 @@ def exec_message(request: ExecRequest) -> p.Exec:
         pty=p.PtySize(rows=request.pty.rows, cols=request.pty.cols) if request.pty else None,
         timeout_s=float(request.timeout_s) if request.timeout_s is not None else None,
         background=request.background,
+        buffer_bytes=request.buffer_bytes,
     )
 
 

@@ -76,6 +76,9 @@ class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     pty: PtySize | None = None
     timeout_s: float | None = None
     background: bool = False
+    # Output kept for this process inside the sandbox (default 16 MiB); a reader that
+    # falls further behind loses the oldest chunks, counted in ExitStatus.dropped_chunks.
+    buffer_bytes: int | None = None
 
 
 Stream = Literal["stdout", "stderr"]

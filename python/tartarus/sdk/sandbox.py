@@ -22,6 +22,7 @@ import msgspec
 
 from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
+    DEFAULT_TIMEOUT_S,
     CodeExecution,
     CreateSandboxRequest,
     LogEvent,
@@ -67,7 +68,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = 300.0,
+        timeout: float = DEFAULT_TIMEOUT_S,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,

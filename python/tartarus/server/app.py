@@ -25,6 +25,7 @@ from tartarus.server.routes import (
     sandboxes,
     service,
     snapshots,
+    templates,
     terminal,
 )
 from tartarus.server.routes import exec as exec_routes
@@ -44,6 +45,7 @@ TABLES: tuple[RouteTable, ...] = (
     logs.routes,
     terminal.routes,
     code.routes,
+    templates.routes,
     keys.routes,
     policies.routes,
     audit.routes,
@@ -71,6 +73,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         }.get(e.status, e.text or e.reason)
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return problem_response(e.status, slug, detail, instance=request.path, headers=headers)
+    except ConnectionError:
+        # The client went away mid-response: nothing to answer, nothing to log loudly.
+        log.debug("client of %s %s disconnected", request.method, request.path)
+        raise
     except Exception as e:
         problem = from_exception(e)
         if problem is None:

@@ -10,7 +10,7 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.api.security import KeyId, PolicyName
-from tartarus.api.types import Pid, PoolTemplate, Problem, SandboxId, SnapshotId
+from tartarus.api.types import Pid, Problem, SandboxId, SnapshotId, TemplateName
 from tartarus.server.problems import PROBLEM_MEDIA
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
 
@@ -20,9 +20,8 @@ REF_TEMPLATE = "#/components/schemas/{name}"
 PATH_PARAMS: dict[str, Any] = {
     "id": SandboxId,
     "pid": Pid,
-    "name": str,
+    "template": TemplateName,
     "snapshot_id": SnapshotId,
-    "template": PoolTemplate,
     "key_id": KeyId,
     "policy": PolicyName,
 }

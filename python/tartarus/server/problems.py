@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from tartarus.api.types import Problem, ProblemField
+from tartarus.images.errors import ImageError, TemplateNotFoundError
 from tartarus.runtime.base import (
     BackendUnavailableError,
     ExecTimeoutError,
@@ -107,6 +108,9 @@ def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
 # Most specific first: the first matching class decides the status.
 _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
     (SandboxNotFoundError, 404, "not-found"),
+    (TemplateNotFoundError, 404, "template-not-found"),
+    # The template could not be built (a download, a build script): the host's problem.
+    (ImageError, 503, "template-unavailable"),
     (SecretError, 503, "secret-unavailable"),
     (NotSupportedError, 409, "not-supported"),
     (BackendUnavailableError, 503, "backend-unavailable"),
@@ -120,10 +124,33 @@ _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 
 
+# The agent's stable error codes (docs/protocol.md), for errors that carry one.
+_AGENT_CODES: dict[str, tuple[int, str]] = {
+    "not_found": (404, "file-not-found"),
+    "no_such_process": (404, "no-such-process"),
+    "no_such_handle": (404, "not-found"),
+    "permission_denied": (403, "permission-denied"),
+    "already_exists": (409, "file-conflict"),
+    "not_a_directory": (409, "file-conflict"),
+    "is_a_directory": (409, "file-conflict"),
+    "not_empty": (409, "file-conflict"),
+    "busy": (409, "busy"),
+    "invalid_argument": (409, "invalid-argument"),
+    "too_large": (413, "too-large"),
+    "io": (409, "sandbox-io-error"),
+    "shutting_down": (409, "sandbox-not-running"),
+    "connection": (409, "sandbox-not-running"),
+}
+
+
 def from_exception(exc: BaseException) -> ApiError | None:
     """Maps the runtime's errors to problems; None for anything unexpected (a 500)."""
     if isinstance(exc, ApiError):
         return exc
+    code = getattr(exc, "code", None)
+    if isinstance(exc, SandboxError) and isinstance(code, str) and code in _AGENT_CODES:
+        status, slug = _AGENT_CODES[code]
+        return ApiError(status, slug, str(exc))
     for cls, status, slug in _EXCEPTION_PROBLEMS:
         if isinstance(exc, cls):
             return ApiError(status, slug, str(exc))

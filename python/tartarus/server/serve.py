@@ -21,7 +21,6 @@ from aiohttp import web
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.runtimes import RuntimeProvider
 from tartarus.agent.store import Store
 from tartarus.auth.tls import ReloadingTls
 from tartarus.config import Settings
@@ -84,10 +83,12 @@ async def serve(
     settings: Settings,
     options: ServeOptions,
     *,
-    provider: RuntimeProvider | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
+    runtimes: HostRuntimes | None = None,
 ) -> None:
+    """Serves until SIGTERM/SIGINT or `stop`. `runtimes`: the host's backends (tests and
+    embedders may pass their own)."""
     runtime_dir = ensure_private_dir(settings.runtime_dir)
     ensure_private_dir(settings.state_dir)
     lock_fd = _lock(runtime_dir)
@@ -99,7 +100,7 @@ async def serve(
         tls = ReloadingTls(settings.auth.tls) if settings.auth.tls is not None else None
         manager = SandboxManager(
             store,
-            provider or HostRuntimes(settings),
+            runtimes or HostRuntimes(settings),
             grace_s=options.grace_s,
             admission=security.judges,
         )

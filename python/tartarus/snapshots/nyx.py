@@ -25,7 +25,6 @@ from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
 from tartarus.config import Settings
 from tartarus.images.blobs import GcReport
-from tartarus.images.store import TemplateStore
 from tartarus.runtime.base import SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.server.problems import ApiError
@@ -73,9 +72,8 @@ class Nyx:
     @classmethod
     def for_server(cls, settings: Settings, manager: SandboxManager, db_path: Path) -> Nyx:
         """Nyx over the server's state database and the image store's blobs."""
-        templates = TemplateStore(settings)
         catalog = SnapshotCatalog(db_path)
-        service = SnapshotService(catalog, templates.blobs, manager.provider, templates)
+        service = SnapshotService(catalog, manager.provider.templates.blobs, manager.provider)
         return cls(manager, service, WarmPools(service, catalog, settings.warm_pools))
 
     @asynccontextmanager
@@ -106,7 +104,9 @@ class Nyx:
             raise ApiError(404, "not-found", str(SnapshotNotFoundError(request.from_snapshot)))
         spec = SandboxSpec(id=new_sandbox_id(), metadata=request.metadata, env=request.env)
         try:
-            sandbox, runtime, facts = await self.service.restore(request.from_snapshot, spec)
+            sandbox, runtime, facts, workdir = await self.service.restore(
+                request.from_snapshot, spec
+            )
         except SnapshotNotFoundError as e:
             raise ApiError(404, "not-found", str(e)) from e
         except (SnapshotError, SandboxError) as e:
@@ -120,6 +120,7 @@ class Nyx:
             trust=facts.trust,
             reason=f"restored from snapshot {request.from_snapshot}",
             attachments={ORIGIN: facts.origin},
+            workdir=workdir,
         )
 
     # --- snapshots of live sandboxes ------------------------------------------------------

@@ -161,7 +161,7 @@ class WarmPools:
 
     async def _restore(self, snapshot: SnapshotRecord) -> AcquiredSandbox:
         spec = SandboxSpec(id=new_sandbox_id(), template=snapshot.template)
-        sandbox, runtime, facts = await self.service.restore(snapshot.id, spec)
+        sandbox, runtime, facts, workdir = await self.service.restore(snapshot.id, spec)
         return AcquiredSandbox(
             sandbox=sandbox,
             runtime=runtime,
@@ -171,6 +171,7 @@ class WarmPools:
             trust=facts.trust,
             reason=f"warm pool hit: restored from snapshot {snapshot.id}",
             attachments={ORIGIN: facts.origin},
+            workdir=workdir,
         )
 
     async def _discard(self, acquired: AcquiredSandbox) -> None:

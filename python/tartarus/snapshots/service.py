@@ -22,11 +22,10 @@ import anyio
 import msgspec
 
 from tartarus.agent.manager import new_sandbox_id
-from tartarus.agent.runtimes import RuntimeProvider
+from tartarus.agent.provider import HostRuntimes
 from tartarus.errors import TartarusError
 from tartarus.images.blobs import BlobStore, GcReport
-from tartarus.images.store import TemplateStore
-from tartarus.runtime.base import Runtime, Sandbox
+from tartarus.runtime.base import BackendUnavailableError, Runtime, Sandbox
 from tartarus.runtime.types import (
     Backend,
     ExecRequest,
@@ -99,13 +98,11 @@ class SnapshotService:
         self,
         catalog: SnapshotCatalog,
         blobs: BlobStore,
-        provider: RuntimeProvider,
-        templates: TemplateStore | None = None,
+        provider: HostRuntimes,
     ) -> None:
         self.catalog = catalog
         self.blobs = blobs
         self.provider = provider
-        self.templates = templates
 
     # --- queries ---------------------------------------------------------------------
 
@@ -246,9 +243,10 @@ class SnapshotService:
 
     async def restore(
         self, snapshot_id: str, spec: SandboxSpec
-    ) -> tuple[Sandbox, Runtime, SandboxFacts]:
-        """Starts a sandbox from a snapshot on the snapshot's backend. The sandbox holds
-        the snapshot's files until `release(sandbox id)`."""
+    ) -> tuple[Sandbox, Runtime, SandboxFacts, str]:
+        """Starts a sandbox from a snapshot on the snapshot's backend; returns it, its
+        runtime, what it is, and its working directory. The sandbox holds the
+        snapshot's files (and its template's) until `release(sandbox id)`."""
         record = self.get(snapshot_id)
         spec = msgspec.structs.replace(
             spec,
@@ -258,15 +256,15 @@ class SnapshotService:
             network=record.network,
             trust=record.trust,
         )
-        runtime, _ = await self.provider.select(spec)
-        if runtime.backend is not record.backend:
-            raise SnapshotError(
-                f"snapshot {snapshot_id} needs the {record.backend.value} backend, "
-                f"which this host does not offer"
-            )
-        owner = sandbox_owner(spec.id)
-        await self.blobs.add_refs(owner, self._blobs_of(record))
         try:
+            runtime = self.provider.runtime(record.backend)
+        except BackendUnavailableError as e:
+            raise SnapshotError(
+                f"snapshot {snapshot_id} needs the {record.backend.value} backend: {e}"
+            ) from e
+        await self.blobs.add_refs(sandbox_owner(spec.id), self._blobs_of(record))
+        try:
+            spec, manifest = await self.provider.prepare(spec, record.backend)
             sandbox = await runtime.restore(await self.files_of(record), spec)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -275,7 +273,7 @@ class SnapshotService:
         if not record.verified:
             record.verified = True
             self.catalog.save(record)
-        return sandbox, runtime, facts_of(record)
+        return sandbox, runtime, facts_of(record), manifest.workdir
 
     @staticmethod
     def _blobs_of(record: SnapshotRecord) -> list[str]:
@@ -283,7 +281,9 @@ class SnapshotService:
 
     async def release(self, sandbox_id: str) -> None:
         """A restored sandbox ended: its hold on snapshot files goes (files nobody else
-        holds are deleted)."""
+        holds are deleted). The manager releases a sandbox's template itself; this
+        also does for sandboxes it never saw (a pool's)."""
+        await self.provider.release(sandbox_id)
         if await self.blobs.release(sandbox_owner(sandbox_id)):
             await self.blobs.gc()
 
@@ -338,17 +338,21 @@ class SnapshotService:
             backend=backend,
             resources=resources or Resources(),
         )
-        say("preparing", f"resolving template {template}")
-        spec = await self.provider.prepare(spec)
         runtime, reason = await self.provider.select(spec)
+        say("preparing", f"resolving template {template}")
+        spec, manifest = await self.provider.prepare(spec, runtime.backend)
         say("starting", f"starting a {runtime.backend.value} sandbox ({reason})")
-        sandbox = await runtime.create(spec)
+        try:
+            sandbox = await runtime.create(spec)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.provider.release(spec.id)
+            raise
         try:
             await sandbox.start()
-            warmup = self._warmup_of(template)
-            if warmup:
+            if manifest.warmup:
                 say("warming", "running the template's warm-up script")
-                await self._warm_up(sandbox, warmup)
+                await self._warm_up(sandbox, manifest.warmup, manifest.workdir)
             say("snapshotting", "taking the snapshot")
             facts = SandboxFacts(
                 template=template,
@@ -364,17 +368,11 @@ class SnapshotService:
                     await sandbox.kill()
                 except Exception:
                     log.exception("stopping the template builder %s failed", sandbox.id)
+                await self.provider.release(spec.id)
 
-    def _warmup_of(self, template: str) -> str | None:
-        if self.templates is None:
-            return None
-        try:
-            return self.templates.definition(template).warmup
-        except TartarusError:
-            return None
-
-    async def _warm_up(self, sandbox: Sandbox, script: str) -> None:
-        execution = await sandbox.exec(ExecRequest(shell=script, timeout_s=WARMUP_TIMEOUT_S))
+    async def _warm_up(self, sandbox: Sandbox, script: str, workdir: str) -> None:
+        request = ExecRequest(shell=script, cwd=workdir, timeout_s=WARMUP_TIMEOUT_S)
+        execution = await sandbox.exec(request)
         result = await execution.wait()
         if not result.exit.ok:
             tail = (result.stderr or result.stdout)[-2000:].decode(errors="replace")

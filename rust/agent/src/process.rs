@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tartarus_proto::{codes, Exec, ExitInfo, Message, Output, ProcessInfo, PtySize, Stream};
@@ -34,7 +33,10 @@ const RETAINED_BYTES: usize = 64 << 20;
 /// Stdin accepted but not yet written to the child.
 const MAX_STDIN_PENDING: usize = 8 << 20;
 /// Size of one read from a child's output.
-const READ_BYTES: usize = 64 << 10;
+const READ_BYTES: usize = crate::ring::COALESCE_BYTES;
+/// Capacity asked for the output pipes, so a fast writer is not switched out every
+/// 64 KiB (the kernel's default) while the agent catches up.
+const PIPE_BYTES: i32 = 1 << 20;
 /// After a process exits, how long to keep draining output held open by its children.
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -490,6 +492,11 @@ fn set_cloexec(fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Best effort: the limit (/proc/sys/fs/pipe-max-size) may be lower.
+fn grow_pipe(fd: &OwnedFd) {
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+}
+
 fn spawn_child(
     reaper: &Reaper,
     mut cmd: Command,
@@ -566,10 +573,14 @@ fn spawn_child(
         pty_master = Some(pipe);
     } else {
         if let Some(out) = child.stdout.take() {
-            outputs.push((AsyncPipe::new(OwnedFd::from(out))?, Stream::Stdout));
+            let out = OwnedFd::from(out);
+            grow_pipe(&out);
+            outputs.push((AsyncPipe::new(out)?, Stream::Stdout));
         }
         if let Some(err) = child.stderr.take() {
-            outputs.push((AsyncPipe::new(OwnedFd::from(err))?, Stream::Stderr));
+            let err = OwnedFd::from(err);
+            grow_pipe(&err);
+            outputs.push((AsyncPipe::new(err)?, Stream::Stderr));
         }
         if let Some(input) = child.stdin.take() {
             stdin = Some(Arc::new(AsyncPipe::new(OwnedFd::from(input))?));
@@ -590,10 +601,9 @@ async fn read_output(pipe: AsyncPipe, stream: Stream, process: Arc<Process>, log
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                let data = Bytes::copy_from_slice(&buf[..n]);
                 let ts = unix_now();
-                process.output.push(process.pid, stream, ts, data.clone());
-                log.push(process.pid, stream, ts, data);
+                process.output.push(process.pid, stream, ts, &buf[..n]);
+                log.push(process.pid, stream, ts, &buf[..n]);
             }
         }
     }

@@ -1,6 +1,11 @@
 //! Bounded output buffers: each process keeps its recent output chunks, and the sandbox
 //! log keeps recent chunks of every process. When a buffer is over its byte limit the
 //! oldest chunks are evicted and counted; a producer never waits for a consumer.
+//!
+//! Small writes coalesce: output goes into an open tail chunk (same process and
+//! stream, up to 64 KiB) that is sealed when a reader asks for it. A reader that keeps
+//! up gets output as soon as it is written; one that lags gets fewer, larger chunks
+//! instead of a flood of tiny ones.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +18,11 @@ use tokio::sync::Notify;
 /// chunks is bounded too.
 const CHUNK_OVERHEAD: usize = 64;
 /// Largest batch of entries handed to a reader per wake-up.
-const BATCH_BYTES: usize = 256 << 10;
+const BATCH_BYTES: usize = 1 << 20;
+/// Largest chunk that small writes are coalesced into (and the size of one read).
+pub const COALESCE_BYTES: usize = 256 << 10;
+/// Smallest chunk size a ring splits or coalesces to.
+const MIN_CHUNK_BYTES: usize = 4 << 10;
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -30,9 +39,21 @@ impl Entry {
     }
 }
 
+/// The newest chunk while it can still grow.
+#[derive(Debug)]
+struct Tail {
+    seq: u64,
+    ts: f64,
+    pid: u32,
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
 #[derive(Debug)]
 struct State {
     entries: VecDeque<Entry>,
+    tail: Option<Tail>,
+    coalesce: usize,
     bytes: usize,
     limit: usize,
     /// Sequence number the next entry gets; sequence numbers start at 1.
@@ -59,10 +80,20 @@ pub struct Ring {
 }
 
 impl Ring {
+    /// A ring of `limit` bytes whose chunks are at most a quarter of it (4 KiB…256 KiB),
+    /// so eviction stays fine-grained and the newest chunk never overshoots the bound.
     pub fn new(limit: usize) -> Arc<Self> {
+        Self::with_coalescing(limit, (limit / 4).clamp(MIN_CHUNK_BYTES, COALESCE_BYTES))
+    }
+
+    /// A ring whose writes are split and coalesced into chunks of `coalesce` bytes
+    /// (0: every write is one chunk, as it came).
+    pub fn with_coalescing(limit: usize, coalesce: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
+                tail: None,
+                coalesce,
                 bytes: 0,
                 limit,
                 next_seq: 1,
@@ -79,31 +110,67 @@ impl Ring {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends a chunk; returns its sequence number.
-    pub fn push(&self, pid: u32, stream: Stream, ts: f64, data: Bytes) -> u64 {
-        let seq = {
-            let mut st = self.lock();
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            let entry = Entry {
-                seq,
-                ts,
-                pid,
-                stream,
-                data,
-            };
-            st.bytes += entry.cost();
-            st.entries.push_back(entry);
-            // The newest chunk is always kept, even when alone it exceeds the limit.
-            trim(&mut st, 1);
-            seq
+    /// Appends output; returns the sequence number of the chunk that holds its end.
+    pub fn push(&self, pid: u32, stream: Stream, ts: f64, data: &[u8]) -> u64 {
+        let piece = match self.lock().coalesce {
+            0 => data.len().max(1),
+            n => n,
         };
+        let mut seq = 0;
+        for part in data.chunks(piece) {
+            seq = self.push_piece(pid, stream, ts, part);
+        }
         self.notify.notify_waiters();
         seq
     }
 
+    fn push_piece(&self, pid: u32, stream: Stream, ts: f64, data: &[u8]) -> u64 {
+        {
+            let mut st = self.lock();
+            let limit = st.coalesce;
+            let grown = match &mut st.tail {
+                Some(t)
+                    if t.pid == pid && t.stream == stream && t.buf.len() + data.len() <= limit =>
+                {
+                    t.buf.extend_from_slice(data);
+                    Some(t.seq)
+                }
+                _ => None,
+            };
+            let seq = match grown {
+                Some(seq) => {
+                    st.bytes += data.len();
+                    seq
+                }
+                None => {
+                    seal(&mut st);
+                    let seq = st.next_seq;
+                    st.next_seq += 1;
+                    st.bytes += data.len() + CHUNK_OVERHEAD;
+                    st.tail = Some(Tail {
+                        seq,
+                        ts,
+                        pid,
+                        stream,
+                        buf: data.to_vec(),
+                    });
+                    if st.coalesce == 0 {
+                        seal(&mut st);
+                    }
+                    seq
+                }
+            };
+            // The newest chunk is always kept, even when alone it exceeds the limit.
+            trim(&mut st);
+            seq
+        }
+    }
+
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut st = self.lock();
+        seal(&mut st);
+        st.closed = true;
+        drop(st);
         self.notify.notify_waiters();
     }
 
@@ -111,7 +178,8 @@ impl Ring {
     pub fn shrink_to(&self, limit: usize) {
         let mut st = self.lock();
         st.limit = st.limit.min(limit);
-        trim(&mut st, 0);
+        seal(&mut st);
+        trim_all(&mut st);
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -128,7 +196,8 @@ impl Ring {
 
     /// Entries with `seq >= next`, up to `max_bytes` of data (at least one entry).
     pub fn read_from(&self, next: u64, max_bytes: usize) -> Batch {
-        let st = self.lock();
+        let mut st = self.lock();
+        seal(&mut st);
         let first = st.entries.front().map_or(st.next_seq, |e| e.seq);
         let missed = first.saturating_sub(next);
         let start = next.max(first);
@@ -215,11 +284,36 @@ where
     }
 }
 
-fn trim(st: &mut State, keep: usize) {
+/// Turns the open tail into an ordinary entry.
+fn seal(st: &mut State) {
+    if let Some(t) = st.tail.take() {
+        st.entries.push_back(Entry {
+            seq: t.seq,
+            ts: t.ts,
+            pid: t.pid,
+            stream: t.stream,
+            data: Bytes::from(t.buf),
+        });
+    }
+}
+
+/// Evicts the oldest entries while over the limit, keeping the newest chunk.
+fn trim(st: &mut State) {
+    let keep = if st.tail.is_some() { 0 } else { 1 };
     while st.bytes > st.limit && st.entries.len() > keep {
-        let Some(old) = st.entries.pop_front() else {
-            break;
-        };
+        evict_oldest(st);
+    }
+}
+
+/// Evicts while over the limit, down to nothing.
+fn trim_all(st: &mut State) {
+    while st.bytes > st.limit && !st.entries.is_empty() {
+        evict_oldest(st);
+    }
+}
+
+fn evict_oldest(st: &mut State) {
+    if let Some(old) = st.entries.pop_front() {
         st.bytes -= old.cost();
         st.evicted += 1;
     }
@@ -230,17 +324,12 @@ mod tests {
     use super::*;
 
     fn push(ring: &Ring, text: &str) -> u64 {
-        ring.push(
-            1,
-            Stream::Stdout,
-            0.0,
-            Bytes::copy_from_slice(text.as_bytes()),
-        )
+        ring.push(1, Stream::Stdout, 0.0, text.as_bytes())
     }
 
     #[test]
     fn sequence_starts_at_one_and_reads_resume() {
-        let ring = Ring::new(1 << 20);
+        let ring = Ring::with_coalescing(1 << 20, 0);
         assert_eq!(push(&ring, "a"), 1);
         assert_eq!(push(&ring, "b"), 2);
         let batch = ring.read_from(1, usize::MAX);
@@ -253,7 +342,7 @@ mod tests {
 
     #[test]
     fn eviction_drops_oldest_and_readers_count_the_gap() {
-        let ring = Ring::new(3 * (CHUNK_OVERHEAD + 10));
+        let ring = Ring::with_coalescing(3 * (CHUNK_OVERHEAD + 10), 0);
         for i in 0..10 {
             push(&ring, &format!("chunk-{i:04}"));
         }
@@ -266,7 +355,7 @@ mod tests {
 
     #[test]
     fn batches_respect_the_byte_budget() {
-        let ring = Ring::new(1 << 20);
+        let ring = Ring::with_coalescing(1 << 20, 0);
         for _ in 0..10 {
             push(&ring, "0123456789");
         }
@@ -276,7 +365,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_behind_an_eviction_skips_ahead() {
-        let ring = Ring::new(2 * (CHUNK_OVERHEAD + 1));
+        let ring = Ring::with_coalescing(2 * (CHUNK_OVERHEAD + 1), 0);
         for _ in 0..5 {
             push(&ring, "x");
         }
@@ -290,9 +379,26 @@ mod tests {
         assert_eq!((end, missed, seen), (PumpEnd::Closed, 3, vec![4, 5]));
     }
 
+    #[test]
+    fn small_writes_coalesce_until_a_reader_takes_them() {
+        let ring = Ring::new(1 << 20);
+        assert_eq!(push(&ring, "a"), 1);
+        assert_eq!(push(&ring, "b"), 1);
+        assert_eq!(ring.push(1, Stream::Stderr, 0.0, b"e"), 2);
+        assert_eq!(push(&ring, "c"), 3);
+        let batch = ring.read_from(1, usize::MAX);
+        let chunks: Vec<&[u8]> = batch.entries.iter().map(|e| e.data.as_ref()).collect();
+        assert_eq!(chunks, vec![&b"ab"[..], b"e", b"c"]);
+        // The tail was sealed by the read: new output starts a new chunk.
+        assert_eq!(push(&ring, "d"), 4);
+        let big = vec![0u8; COALESCE_BYTES];
+        assert_eq!(ring.push(1, Stream::Stdout, 0.0, &big), 5);
+        assert_eq!(ring.last_seq(), 5);
+    }
+
     #[tokio::test]
     async fn waiters_wake_on_push_and_close() {
-        let ring = Ring::new(1 << 20);
+        let ring = Ring::with_coalescing(1 << 20, 0);
         let r2 = ring.clone();
         let waiter = tokio::spawn(async move { r2.wait_from(1, usize::MAX).await });
         tokio::task::yield_now().await;

@@ -4,7 +4,6 @@ with whiteouts, through the hardened unpacker."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -165,6 +164,7 @@ async def lay_down(
     *,
     owner: str,
     progress: ProgressCallback,
+    locks: Path,
     limits: TarLimits | None = None,
 ) -> list[str]:
     """Stores every layer (held by `owner`) and unpacks them in order into `root`;
@@ -174,15 +174,21 @@ async def lay_down(
     slots = anyio.Semaphore(FETCH_CONCURRENCY)
 
     async def store(i: int, layer: m.Descriptor) -> None:
-        with contextlib.suppress(BlobNotFoundError):
-            await blobs.add_refs(owner, [layer.digest])  # shared with another image
-            ready[i].set()
-            return
-        async with slots:
-            path, movable = await source.fetch(layer)
-            await blobs.put_file(
-                path, owner=owner, expected=layer.digest, media_type=layer.media_type, move=movable
-            )
+        # One fetch per layer at a time, whichever image or process wants it.
+        async with slots, fsutil.file_lock(locks / f"layer-{digests.hex_of(layer.digest)}.lock"):
+            try:
+                await blobs.add_refs(
+                    owner, [layer.digest]
+                )  # stored already, maybe by another image
+            except BlobNotFoundError:
+                path, movable = await source.fetch(layer)
+                await blobs.put_file(
+                    path,
+                    owner=owner,
+                    expected=layer.digest,
+                    media_type=layer.media_type,
+                    move=movable,
+                )
         ready[i].set()
 
     try:

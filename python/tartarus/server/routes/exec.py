@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import anyio
+import msgspec
 from aiohttp import web
 
 from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import (
+    ErrorEvent,
     ExecBody,
     ExecOutcome,
     ProcessStarted,
@@ -17,7 +20,7 @@ from tartarus.api.types import (
     StreamExecBody,
 )
 from tartarus.auth.rbac import SANDBOX_EXEC
-from tartarus.runtime.base import Execution
+from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import ExecRequest, PtySize
 from tartarus.server.context import live_sandbox, manager
 from tartarus.server.routing import NDJSON, Reply, RouteTable, encode, read_json, reply
@@ -26,6 +29,8 @@ from tartarus.server.streams import collect, stream_events
 log = logging.getLogger(__name__)
 
 routes = RouteTable()
+
+DISCONNECT_POLL_S = 0.25
 
 
 def to_runtime_request(body: StreamExecBody, *, keep_stdin: bool = False) -> ExecRequest:
@@ -47,7 +52,10 @@ def to_runtime_request(body: StreamExecBody, *, keep_stdin: bool = False) -> Exe
 async def start(live: LiveSandbox, body: StreamExecBody, *, keep_stdin: bool = False) -> Execution:
     """Starts the command and feeds `stdin`, closing it unless `keep_stdin` (the caller
     goes on writing)."""
-    execution = await live.sandbox.exec(to_runtime_request(body, keep_stdin=keep_stdin))
+    request = to_runtime_request(body, keep_stdin=keep_stdin)
+    if request.cwd is None and live.workdir != "/":
+        request = msgspec.structs.replace(request, cwd=live.workdir)
+    execution = await live.sandbox.exec(request)
     if body.stdin is not None:
         if body.stdin:
             await execution.write_stdin(body.stdin.encode())
@@ -68,23 +76,50 @@ async def drain_background(live: LiveSandbox, execution: Execution) -> None:
         live.executions.pop(execution.pid, None)
 
 
+async def stream_over(request: web.Request, live: LiveSandbox) -> None:
+    """Returns when the client's connection closes or the sandbox stops: a streaming
+    handler waiting for output would notice neither by itself."""
+    while not live.ended.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        with anyio.move_on_after(DISCONNECT_POLL_S):
+            await live.ended.wait()
+
+
 async def send_stream(
-    request: web.Request, execution: Execution, *, kill_on_disconnect: bool
+    request: web.Request, live: LiveSandbox, execution: Execution, *, kill_on_disconnect: bool
 ) -> web.StreamResponse:
     """Writes NDJSON events; a foreground command whose client goes away is killed."""
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
     await response.prepare(request)
     finished = False
-    try:
+
+    async def pump() -> None:
+        nonlocal finished
         await response.write(encode(StartedEvent(pid=execution.pid)) + b"\n")
-        async for event in stream_events(execution):
-            await response.write(encode(event) + b"\n")
+        try:
+            async for event in stream_events(execution):
+                await response.write(encode(event) + b"\n")
+        except SandboxError as e:
+            await response.write(encode(ErrorEvent(detail=str(e))) + b"\n")
         finished = True
-    except (ConnectionResetError, ConnectionError):
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await stream_over(request, live)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await pump()
+            tg.cancel_scope.cancel()
+    except ConnectionError:
         log.debug("client left the stream of pid %s", execution.pid)
     finally:
         if not finished and kill_on_disconnect:
-            with contextlib.suppress(Exception):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await execution.kill()
     if finished:
         with contextlib.suppress(ConnectionError):
@@ -135,5 +170,6 @@ async def exec_stream(request: web.Request) -> web.StreamResponse:
     (with the pid), `output` (stream and text), then `exit`. The command is killed if the
     client disconnects before it exits."""
     body = await read_json(request, StreamExecBody)
-    execution = await start(live_sandbox(request), body)
-    return await send_stream(request, execution, kill_on_disconnect=True)
+    live = live_sandbox(request)
+    execution = await start(live, body)
+    return await send_stream(request, live, execution, kill_on_disconnect=True)

@@ -7,6 +7,7 @@ reconnects with `Last-Event-ID` (or `?since=`) resumes right after what it saw.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated
 
 import anyio
@@ -16,10 +17,14 @@ from msgspec import Meta
 
 from tartarus.api.types import LogEvent, LogPage
 from tartarus.auth.rbac import SANDBOX_READ
+from tartarus.runtime.base import SandboxError
 from tartarus.runtime.types import LogEntry
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError
+from tartarus.server.routes.exec import stream_over
 from tartarus.server.routing import SSE, Header, Reply, RouteTable, encode, read_query, reply
+
+log = logging.getLogger(__name__)
 
 routes = RouteTable()
 
@@ -30,7 +35,7 @@ SSE_KEEPALIVE_S = 15.0
 class LogQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Which part of the log.
 
-    since: the first sequence number wanted (0: from the start of what is kept)
+    since: return entries after this sequence number (0: from the start of what is kept)
     follow: keep the connection open and send new entries as server-sent events
     limit: at most this many entries (without follow)
     """
@@ -55,7 +60,7 @@ def _resume_from(request: web.Request, since: int) -> int:
     if last is None:
         return since
     try:
-        return max(since, int(last) + 1)
+        return max(since, int(last))
     except ValueError:
         raise ApiError(400, "invalid-header", "Last-Event-ID must be a sequence number") from None
 
@@ -84,14 +89,15 @@ async def read_logs(request: web.Request) -> web.StreamResponse:
     `data` a LogEvent document, its `id` the sequence number), until the sandbox stops."""
     q = read_query(request, LogQuery)
     since = _resume_from(request, q.since)
-    sandbox = live_sandbox(request).sandbox
+    live = live_sandbox(request)
+    sandbox = live.sandbox
     if not q.follow:
         items: list[LogEvent] = []
         async for entry in sandbox.logs(follow=False, since_seq=since):
             items.append(log_event(entry))
             if len(items) >= q.limit:
                 break
-        next_seq = items[-1].seq + 1 if items else since
+        next_seq = items[-1].seq if items else since
         return reply(LogPage(items=items, next_seq=next_seq))
 
     response = web.StreamResponse(
@@ -102,12 +108,22 @@ async def read_logs(request: web.Request) -> web.StreamResponse:
 
     async def pump() -> None:
         async with send:
-            async for entry in sandbox.logs(follow=True, since_seq=since):
-                await send.send(entry)
+            try:
+                async for entry in sandbox.logs(follow=True, since_seq=since):
+                    await send.send(entry)
+            except SandboxError as e:
+                # The sandbox went away under the follower: the log simply ends.
+                log.debug("log follow of %s ended: %s", live.record.id, e)
 
     with contextlib.suppress(ConnectionError):
         async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await stream_over(request, live)
+                tg.cancel_scope.cancel()
+
             tg.start_soon(pump)
+            tg.start_soon(watch)
             async with receive:
                 while True:
                     with anyio.move_on_after(SSE_KEEPALIVE_S) as idle:

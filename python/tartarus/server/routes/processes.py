@@ -109,8 +109,9 @@ async def kill_process(request: web.Request) -> web.StreamResponse:
 async def attach_process(request: web.Request) -> web.StreamResponse:
     """Replays the process's buffered output, then follows it until it exits. Leaving
     does not stop the process."""
-    execution = await live_sandbox(request).sandbox.attach(pid_of(request))
-    return await send_stream(request, execution, kill_on_disconnect=False)
+    live = live_sandbox(request)
+    execution = await live.sandbox.attach(pid_of(request))
+    return await send_stream(request, live, execution, kill_on_disconnect=False)
 
 
 @routes.route(

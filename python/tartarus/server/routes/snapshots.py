@@ -31,7 +31,7 @@ from tartarus.auth.rbac import (
     SANDBOX_READ,
     TEMPLATE_MANAGE,
 )
-from tartarus.server.access import SHARED, principal_of, register_owner
+from tartarus.server.access import principal_of, register_owner
 from tartarus.server.context import NYX, manager, nyx
 from tartarus.server.problems import ApiError
 from tartarus.server.routes.sandboxes import sandbox_info
@@ -50,8 +50,6 @@ def _snapshot_owner(request: web.Request, snapshot_id: str) -> str | None:
 
 
 register_owner("snapshot_id", _snapshot_owner, lambda snapshot_id: f"snapshot {snapshot_id}")
-# Templates (and so their pools) are shared by every tenant.
-register_owner("template", lambda request, template: SHARED, lambda t: f"template {t}")
 
 
 def snapshot_entry(record: SnapshotRecord) -> SnapshotEntry:

@@ -37,7 +37,7 @@ from tartarus.api.types import (
     WsSignal,
 )
 from tartarus.auth.rbac import SANDBOX_EXEC
-from tartarus.runtime.base import Execution
+from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import OutputChunk
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError, from_exception
@@ -57,12 +57,15 @@ _STREAM_BYTE = {"stdout": bytes([WS_STDOUT]), "stderr": bytes([WS_STDERR])}
 
 
 async def _pump_output(ws: web.WebSocketResponse, execution: Execution) -> None:
-    async for event in execution.events():
-        if isinstance(event, OutputChunk):
-            await ws.send_bytes(_STREAM_BYTE[event.stream] + event.data)
-        else:
-            await ws.send_str(encode(ExitEvent(exit=exit_info(event))).decode())
-            return
+    try:
+        async for event in execution.events():
+            if isinstance(event, OutputChunk):
+                await ws.send_bytes(_STREAM_BYTE[event.stream] + event.data)
+            else:
+                await ws.send_str(encode(ExitEvent(exit=exit_info(event))).decode())
+                return
+    except SandboxError as e:
+        await ws.send_str(encode(ErrorEvent(detail=str(e))).decode())
 
 
 async def _pump_input(ws: web.WebSocketResponse, execution: Execution | None) -> None:
@@ -114,7 +117,12 @@ async def _serve(
                 finished = True
                 tg.cancel_scope.cancel()
 
+            async def end_with_sandbox() -> None:
+                await live.ended.wait()
+                tg.cancel_scope.cancel()
+
             tg.start_soon(output_then_stop)
+            tg.start_soon(end_with_sandbox)
             await _pump_input(ws, control)
             # The client closed its side: stop waiting for output.
             tg.cancel_scope.cancel()

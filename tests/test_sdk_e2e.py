@@ -1,0 +1,259 @@
+"""The async and sync SDK end to end: a real `tartarus serve` with a real backend (jail
+or gVisor, whichever runs here), every SDK call, and bad input through the SDK."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tartarus import Sandbox
+from tartarus.runtime.types import FileKind, SandboxState
+from tartarus.sdk.client import Client
+from tartarus.sdk.errors import ConflictError, InvalidRequestError, NotFoundError
+from tartarus.sync import Sandbox as SyncSandbox
+from tests.support.server import Server, processes_mentioning, require_backend, running_server
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.anyio]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def backend() -> str:
+    return require_backend()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("sdk")
+    with running_server(base) as s:
+        yield s
+    assert processes_mentioning(str(base)) == []
+
+
+@pytest.fixture
+async def sb(server: Server, backend: str) -> AsyncIterator[Sandbox]:
+    async with Sandbox.create(backend=backend, url=server.url, timeout=120) as box:
+        yield box
+
+
+async def test_create_info_list_connect_kill(server: Server, backend: str) -> None:
+    sb = await Sandbox.create(
+        backend=backend, url=server.url, timeout=60, metadata={"suite": "sdk", "n": "1"}
+    )
+    try:
+        assert sb.id.startswith("sb-")
+        assert sb.info.state is SandboxState.RUNNING
+        assert sb.info.backend.value == backend
+        assert sb.info.backend_reason
+        listed = await Sandbox.list(url=server.url, metadata={"suite": "sdk", "n": "1"})
+        assert [i.id for i in listed] == [sb.id]
+        again = await Sandbox.connect(sb.id, url=server.url)
+        assert again.info.metadata == {"suite": "sdk", "n": "1"}
+        before = again.info.expires_at
+        await again.set_timeout(600)
+        assert again.info.expires_at is not None and before is not None
+        assert again.info.expires_at > before
+        await again.close()
+        assert await sb.is_running()
+    finally:
+        await sb.kill()
+    async with await Client.connect(server.url) as client:
+        gone = await Sandbox.connect(sb.id, client=client)
+        assert gone.info.state is SandboxState.STOPPED
+        assert gone.info.detail == "deleted"
+        assert not await gone.is_running()
+        with pytest.raises(ConflictError, match="stopped"):
+            await gone.commands.run("true")
+
+
+async def test_context_manager_kills(server: Server, backend: str) -> None:
+    async with Sandbox.create(backend=backend, url=server.url) as box:
+        sandbox_id = box.id
+    async with await Client.connect(server.url) as client:
+        info = (await Sandbox.connect(sandbox_id, client=client)).info
+        assert info.state is SandboxState.STOPPED
+
+
+async def test_run_foreground(sb: Sandbox) -> None:
+    r = await sb.commands.run("echo out; echo err >&2; exit 3")
+    assert (r.stdout, r.stderr, r.exit_code) == ("out\n", "err\n", 3)
+    assert r.error == "exited with code 3"
+    r = await sb.commands.run(
+        ["sh", "-c", 'echo "$GREETING from $(pwd)"'], envs={"GREETING": "hi"}, cwd="/tmp"
+    )
+    assert r.stdout == "hi from /tmp\n"
+    r = await sb.commands.run("cat", stdin="fed through stdin")
+    assert r.stdout == "fed through stdin"
+    r = await sb.commands.run("sleep 30", timeout=1)
+    assert r.timed_out
+    assert r.error == "timed out"
+
+
+async def test_run_streams_to_callbacks(sb: Sandbox) -> None:
+    seen: list[str] = []
+    errs: list[str] = []
+    r = await sb.commands.run(
+        "for i in 1 2 3; do echo line$i; sleep 0.1; done; echo bad >&2",
+        on_stdout=seen.append,
+        on_stderr=errs.append,
+    )
+    assert "".join(seen) == "line1\nline2\nline3\n" == r.stdout
+    assert "".join(errs) == "bad\n"
+    assert r.exit_code == 0
+
+
+async def test_background_handle(sb: Sandbox) -> None:
+    handle = await sb.commands.run("cat; echo done", background=True)
+    await handle.send_stdin("one\n")
+    await handle.send_stdin(b"two\n")
+    await handle.close_stdin()
+    result = await handle.wait()
+    assert result.stdout == "one\ntwo\ndone\n"
+    assert result.exit_code == 0
+    sleeper = await sb.commands.run("sleep 600", background=True)
+    assert sleeper.pid in [p.pid for p in await sb.commands.list() if p.running]
+    await sleeper.kill()
+    killed = await sleeper.wait()
+    assert killed.signal == 9
+    # Another client picks a running command up by pid and sees its output so far.
+    ticker = await sb.commands.run("echo first; sleep 600", background=True)
+    got = anyio.Event()
+    text: list[str] = []
+
+    def collect(data: str) -> None:
+        text.append(data)
+        if "first" in "".join(text):
+            got.set()
+
+    other = sb.commands.connect(ticker.pid, on_stdout=collect)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other.wait)
+        with anyio.fail_after(30):
+            await got.wait()
+        await sb.commands.kill(ticker.pid)
+
+
+async def test_files(sb: Sandbox, tmp_path: Path) -> None:
+    written = await sb.files.write("/tmp/hello.txt", "héllo")
+    assert written.size == len("héllo".encode())
+    assert await sb.files.read("/tmp/hello.txt") == "héllo"
+    blob = bytes(range(256)) * 4 + b"\xff\xfe\x00"
+    await sb.files.write("/tmp/blob.bin", blob)
+    assert await sb.files.read("/tmp/blob.bin", format="bytes") == blob
+    assert await sb.files.make_dir("/tmp/a/b/c") is True
+    assert await sb.files.make_dir("/tmp/a/b/c") is False
+    names = {e.name: e.kind for e in await sb.files.list("/tmp")}
+    assert names["hello.txt"] is FileKind.FILE
+    assert names["a"] is FileKind.DIR
+    moved = await sb.files.rename("/tmp/hello.txt", "/tmp/a/moved.txt")
+    assert moved.size == written.size
+    assert not await sb.files.exists("/tmp/hello.txt")
+    assert await sb.files.exists("/tmp/a/moved.txt")
+    await sb.files.remove("/tmp/a")
+    assert not await sb.files.exists("/tmp/a")
+    # Large files stream both ways without being held whole.
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(5 << 20))
+    up = await sb.files.upload(big, "/tmp/big.bin")
+    assert up.size == 5 << 20
+    back = tmp_path / "back.bin"
+    assert await sb.files.download("/tmp/big.bin", back) == 5 << 20
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
+    r = await sb.commands.run("wc -c < /tmp/big.bin")
+    assert r.stdout.strip() == str(5 << 20)
+
+
+async def test_file_errors(sb: Sandbox) -> None:
+    with pytest.raises(NotFoundError):
+        await sb.files.read("/no/such/file")
+    for bad in ["/tmp/../etc/passwd", "relative/path", "/tmp/\x00x"]:
+        with pytest.raises(InvalidRequestError):
+            await sb.files.read(bad)
+        with pytest.raises(InvalidRequestError):
+            await sb.files.write(bad, "x")
+    with pytest.raises(ConflictError):
+        await sb.files.remove("/")
+
+
+async def test_pty(sb: Sandbox) -> None:
+    term = await sb.pty.create(rows=30, cols=100)
+    await sb.pty.resize(term.pid, 40, 120)
+    await term.send_stdin("stty size; echo $((6*7)); exit 5\n")
+    chunks: list[bytes] = []
+    with anyio.fail_after(60):
+        exit_info = await term.wait_output(chunks.append)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "40 120" in text
+    assert "42" in text
+    assert exit_info.code == 5
+
+
+async def test_logs(sb: Sandbox) -> None:
+    await sb.commands.run("echo logged-line")
+    page = await sb.logs()
+    assert any("logged-line" in e.data for e in page.items)
+    seqs = [e.seq for e in page.items]
+    assert seqs == sorted(seqs) and seqs[0] >= 1
+    rest = await sb.logs(since=page.next_seq)
+    assert rest.items == []
+    # Follow from the last seen entry: only what comes after it.
+    followed: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def follow() -> None:
+            async for entry in sb.follow_logs(since=page.next_seq):
+                followed.append(entry.data)
+                if "after-follow" in entry.data:
+                    tg.cancel_scope.cancel()
+
+        tg.start_soon(follow)
+        await anyio.sleep(0.2)
+        await sb.commands.run("echo after-follow")
+        with anyio.fail_after(30):
+            await anyio.sleep_forever()
+    assert "logged-line" not in "".join(followed)
+
+
+async def test_stats(sb: Sandbox) -> None:
+    stats = await sb.stats()
+    assert stats.memory_bytes >= 0
+    assert stats.cpu_seconds >= 0
+
+
+async def test_sandbox_dies_at_its_timeout(server: Server, backend: str) -> None:
+    sb = await Sandbox.create(backend=backend, url=server.url, timeout=1)
+    try:
+        with anyio.fail_after(60):
+            for _ in range(600):
+                if (await sb.get_info()).state is not SandboxState.RUNNING:
+                    break
+                await anyio.sleep(0.2)
+        assert sb.info.state is SandboxState.STOPPED
+        assert sb.info.detail == "timed out"
+    finally:
+        await sb.close()
+
+
+def test_sync_sdk(server: Server, backend: str) -> None:
+    with SyncSandbox.create(backend=backend, url=server.url, timeout=60) as sb:
+        assert sb.commands.run("echo sync").stdout == "sync\n"
+        sb.files.write("/tmp/s.txt", "sync file")
+        assert sb.files.read("/tmp/s.txt") == "sync file"
+        assert [i.id for i in SyncSandbox.list(url=server.url)].count(sb.id) == 1
+        handle = sb.commands.run("cat", background=True)
+        handle.send_stdin("x")
+        handle.close_stdin()
+        assert handle.wait().stdout == "x"
+        sandbox_id = sb.id
+    again = SyncSandbox.connect(sandbox_id, url=server.url)
+    assert again.info.state is SandboxState.STOPPED
+    again.close()
