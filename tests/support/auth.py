@@ -16,6 +16,7 @@ from tartarus.agent.store import SandboxRecord, Store
 from tartarus.config import load_settings
 from tartarus.host.doctor import run_doctor
 from tartarus.runtime.types import Backend, SandboxState
+from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tests.support.server import Reply, Server
 
 
@@ -63,6 +64,29 @@ def seed_sandboxes(state_dir: Path, owners: dict[str, str]) -> None:
             )
     finally:
         store.close()
+
+
+def seed_snapshots(state_dir: Path, owners: dict[str, str]) -> None:
+    """Writes snapshot records (id → tenant) into a server's state before it starts; their
+    files do not exist (enough for access checks)."""
+    catalog = SnapshotCatalog(state_dir / "server.db")
+    try:
+        for snapshot_id, tenant in owners.items():
+            catalog.insert(
+                SnapshotRecord(
+                    id=snapshot_id,
+                    backend=Backend.GVISOR,
+                    template="base",
+                    purpose=SnapshotPurpose.USER,
+                    created_at=time.time(),
+                    size_bytes=0,
+                    blob="sha256:" + "0" * 64,
+                    blob_kind="tree",
+                    tenant=tenant,
+                )
+            )
+    finally:
+        catalog.close()
 
 
 def require_sandbox_backend() -> str:
