@@ -45,7 +45,7 @@ install: $(STAMPS)/install
 
 run: $(STAMPS)/install
 	$(VENV)/bin/tartarus doctor
-	@echo "The sandbox runtime is not built yet: this is the doctor's report of what this host can run."
+	$(VENV)/bin/tartarus run --explain -- sh -c 'echo "hello from a Tartarus sandbox"; uname -sr; id'
 
 lint: $(STAMPS)/install
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tartarus.config import load_settings
@@ -49,3 +50,15 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not on PATH (make test installs it with apt-get)")
     return path
+
+
+@pytest.fixture(scope="session")
+def base_rootfs() -> Path:
+    """The `base` template's root filesystem (busybox), built once by the image store
+    and cached under the user's cache directory like any template."""
+    from tartarus.images import TemplateStore  # noqa: PLC0415
+
+    async def resolve() -> Path:
+        return (await TemplateStore().resolve("base", ext4=False)).rootfs
+
+    return anyio.run(resolve)

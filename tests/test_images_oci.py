@@ -134,6 +134,19 @@ async def test_pushed_image_is_pulled_verified_and_runs(
     assert result.stdout == "hello from the registry\n"
 
 
+async def test_zstd_image_is_pulled_and_unpacked(
+    tmp_path: Path, registry: Registry, session: aiohttp.ClientSession
+) -> None:
+    require_root()
+    image = make_image([busybox_layer(), top_layer(b"zstd\n")], zstd=True)
+    ref = f"{registry.host}/test/zstd:1"
+    await push_image(session, ref, image, tmp_path / "push")
+    path = template_file(tmp_path, "zstd", f"{{kind: oci, image: '{ref}'}}")
+    t = await tmp_store(tmp_path / "store").build(path, ext4=False)
+    assert (t.rootfs / "etc/greeting").read_bytes() == b"zstd\n"
+    assert not (t.rootfs / "etc/remove-me").exists()
+
+
 async def test_tag_is_pinned_until_pull(
     tmp_path: Path, registry: Registry, session: aiohttp.ClientSession
 ) -> None:

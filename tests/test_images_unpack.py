@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -183,6 +184,17 @@ def test_gzip_bomb_is_stopped(sandbox: tuple[Path, Path]) -> None:
     with pytest.raises(HostileArchiveError, match="limit"):
         apply(root, bomb, limits=TarLimits(max_total_bytes=8 << 20))
     assert not (root / "zeros").exists() or (root / "zeros").stat().st_size == 0
+
+
+def test_zstd_layers_unpack_and_their_bombs_are_stopped(sandbox: tuple[Path, Path]) -> None:
+    root, _ = sandbox
+    compress = zstandard.ZstdCompressor().compress
+    apply(root, compress(make_tar([file("etc/zstd", b"zstd layer")])))
+    assert (root / "etc/zstd").read_bytes() == b"zstd layer"
+    bomb = compress(make_tar([file("zeros", bytes(64 << 20))]))
+    assert len(bomb) < 1 << 20
+    with pytest.raises(HostileArchiveError, match="limit"):
+        apply(root, bomb, limits=TarLimits(max_total_bytes=8 << 20))
 
 
 def test_total_size_limit_across_files(sandbox: tuple[Path, Path]) -> None:

@@ -59,7 +59,9 @@ def test_build_runs_every_step_and_caches_the_result(tmp_path: Path) -> None:
     phases = [e.phase for e in events]
     assert phases.index("unpack") < phases.index("configure") < phases.index("compile")
     assert phases[-1] == "install"
-    assert [e.detail for e in events if e.phase == "compile" and e.detail][-1] == "fake/file5.o"
+    compile_events = [e for e in events if e.phase == "compile"]
+    assert "fake/file5.o" in [e.detail for e in compile_events]
+    assert compile_events[-1].done == compile_events[-1].total == 5
     # Same inputs: the cache answers, nothing is rebuilt; scratch trees are gone.
     again = kernel_build.build_kernel(
         tmp_path / "cache", source=source, progress=lambda e: pytest.fail(f"rebuilt: {e}")
@@ -127,3 +129,21 @@ def test_hostile_source_tarball_cannot_escape(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a tarball")
     with pytest.raises(KernelBuildError, match="cannot unpack"):
         kernel_build.build_kernel(tmp_path / "cache", source=garbage)
+
+
+def test_cli_progress_bar_renders_every_phase(tmp_path: Path) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import Progress  # noqa: PLC0415
+
+    from tartarus.cli.kernel import _Bar  # noqa: PLC0415
+
+    out = io.StringIO()
+    source = _fake_source(tmp_path / "linux-source.tar.xz")
+    with Progress(console=Console(file=out, force_terminal=True, width=100)) as progress:
+        bar = _Bar(progress)
+        kernel_build.build_kernel(tmp_path / "cache", source=source, progress=bar)
+        progress.refresh()
+    text = out.getvalue()
+    for phase in ("unpack", "configure", "compile", "install"):
+        assert phase in text
+    assert all(t.completed == t.total for t in progress.tasks)

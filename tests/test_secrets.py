@@ -13,14 +13,20 @@ import msgspec
 import pytest
 
 from tartarus.agent.store import SandboxRecord
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import AuthMethod, Principal
+from tartarus.auth.rbac import default_roles
+from tartarus.policy.judges import Judges
 from tartarus.runtime.base import Sandbox
 from tartarus.runtime.types import Backend, ExecRequest, SandboxState
 from tartarus.secrets.inject import SecretEnvSandbox, SecretInjector
+from tartarus.secrets.judge import SecretsCheck
 from tartarus.secrets.local_store import Keyring, LocalSecretStore
 from tartarus.secrets.providers import EnvProvider, FileProvider, SecretError, SecretResolver
 from tartarus.secrets.redaction import RedactingFilter, redact, register
 from tartarus.secrets.settings import VaultSettings
 from tartarus.secrets.vault import VaultProvider
+from tartarus.server.problems import ApiError
 from tests.support.vault_kv2 import running_vault
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
@@ -197,3 +203,39 @@ def test_redaction_of_text_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     )
     assert RedactingFilter().filter(record)
     assert record.getMessage() == "got ***"
+
+
+class ProbeProvider:
+    """Records which names were asked for."""
+
+    scheme = "probe"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def resolve(self, tenant: str, name: str) -> str:
+        self.asked.append(name)
+        return "probe-value"
+
+
+async def test_admission_checks_references_resolve(store: LocalSecretStore) -> None:
+    store.put("acme", "present", "a-value-that-exists")
+    probe = ProbeProvider()
+    resolver = SecretResolver([store, probe])
+    judges = Judges(plugins=[SecretsCheck(resolver)])
+    who = Principal(
+        subject="key:acme",
+        tenant="acme",
+        roles=("developer",),
+        grants=default_roles().grants(("developer",)),
+        method=AuthMethod.API_KEY,
+    )
+    request = CreateSandboxRequest(secrets={"A": "local:present"})
+    assert (await judges.admit(who, request)).request.secrets == {"A": "local:present"}
+    with pytest.raises(ApiError) as missing:
+        await judges.admit(who, CreateSandboxRequest(secrets={"A": "local:absent"}))
+    assert missing.value.status == 422 and "local:absent" in missing.value.detail
+    # A reference the security policy refuses is never looked up.
+    with pytest.raises(ApiError) as refused:
+        await judges.admit(who, CreateSandboxRequest(secrets={"P": "probe:anything"}))
+    assert refused.value.status == 403 and probe.asked == []

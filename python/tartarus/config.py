@@ -17,6 +17,7 @@ import msgspec
 from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
+from tartarus.fleet.settings import FleetSettings
 from tartarus.secrets.settings import SecretsSettings
 
 
@@ -30,6 +31,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).
     secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
+    # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
+    fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
     # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
     # API's `PUT /v1/pools/{template}` overrides it).
     warm_pools: dict[str, int] = msgspec.field(default_factory=dict)

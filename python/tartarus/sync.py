@@ -27,6 +27,7 @@ from tartarus.api.types import (
     SandboxStatsInfo,
 )
 from tartarus.runtime.types import Backend, FileInfo, SandboxState
+from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk import sandbox as async_sandbox
 from tartarus.sdk.commands import CommandHandle as AsyncCommandHandle
 from tartarus.sdk.commands import CommandResult
@@ -271,6 +272,7 @@ class Sandbox:
         network: bool = False,
         trusted: bool = False,
         secrets: dict[str, str] | None = None,
+        placement: PlacementRules | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
         url: str | None = None,
@@ -289,6 +291,7 @@ class Sandbox:
                 network=network,
                 trusted=trusted,
                 secrets=secrets,
+                placement=placement,
                 from_snapshot=from_snapshot,
                 checkpoint_on_stop=checkpoint_on_stop,
                 url=url,

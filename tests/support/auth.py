@@ -3,18 +3,12 @@ over TCP with a bearer token, sandbox records seeded into a server's state."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tartarus.agent.store import SandboxRecord, Store
-from tartarus.config import load_settings
-from tartarus.host.doctor import run_doctor
 from tartarus.runtime.types import Backend, SandboxState
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tests.support.server import Reply, Server
@@ -87,19 +81,3 @@ def seed_snapshots(state_dir: Path, owners: dict[str, str]) -> None:
             )
     finally:
         catalog.close()
-
-
-def require_sandbox_backend() -> str:
-    """The backend end-to-end tests of Cerberus use: `$TARTARUS_TEST_BACKEND`, else jail
-    or gvisor when the doctor says it runs here; skips with the measured reason."""
-    if importlib.util.find_spec("tartarus.runtime.selector") is None:
-        pytest.skip("this build has no sandbox backends yet (tartarus.runtime.selector)")
-    wanted = os.environ.get("TARTARUS_TEST_BACKEND")
-    report = run_doctor(load_settings())
-    reasons = []
-    for name in [wanted] if wanted else ["jail", "gvisor"]:
-        verdict = report.backend(name)
-        if verdict.available:
-            return name
-        reasons.append(f"{name}: {verdict.reason}")
-    pytest.skip("no usable sandbox backend: " + "; ".join(reasons))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import anyio
+import zstandard
 from aiohttp import web
 
 from tartarus.images import digest as digests
@@ -232,9 +233,17 @@ class BuiltImage:
 
 
 def make_image(
-    layer_tars: list[bytes], *, env: list[str] | None = None, cmd: list[str] | None = None
+    layer_tars: list[bytes],
+    *,
+    env: list[str] | None = None,
+    cmd: list[str] | None = None,
+    zstd: bool = False,
 ) -> BuiltImage:
-    layers = [gzip.compress(t, compresslevel=1, mtime=0) for t in layer_tars]
+    if zstd:
+        layers = [zstandard.ZstdCompressor().compress(t) for t in layer_tars]
+    else:
+        layers = [gzip.compress(t, compresslevel=1, mtime=0) for t in layer_tars]
+    layer_type = m.OCI_LAYER_ZSTD if zstd else m.OCI_LAYER_GZIP
     config = json.dumps(
         {
             "architecture": m.host_platform_default().architecture,
@@ -253,7 +262,7 @@ def make_image(
                 "size": len(config),
             },
             "layers": [
-                {"mediaType": m.OCI_LAYER_GZIP, "digest": digests.of_bytes(b), "size": len(b)}
+                {"mediaType": layer_type, "digest": digests.of_bytes(b), "size": len(b)}
                 for b in layers
             ],
         }

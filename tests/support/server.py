@@ -139,15 +139,24 @@ def server_env(base: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_server(base: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    """Starts `tartarus serve --json --tcp 127.0.0.1:0` and waits for its announcement."""
+def start_server(
+    base: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    command: str = "serve",
+    listen: tuple[str, str] = ("--tcp", "127.0.0.1:0"),
+    prefix: tuple[str, ...] = (),
+) -> Server:
+    """Starts `tartarus serve --json --tcp 127.0.0.1:0` (or another `command` that
+    announces its endpoints, run under `prefix` such as `ip netns exec NS`) and waits for
+    its announcement."""
     env = env or server_env(base)
     base.mkdir(parents=True, exist_ok=True)
     log_path = base / "server.log"
     announce = base / "announce.json"
     with log_path.open("ab") as log, announce.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tartarus", "serve", "--json", "--tcp", "127.0.0.1:0", *args],
+            [*prefix, sys.executable, "-m", "tartarus", command, "--json", *listen, *args],
             stdout=out,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -177,7 +177,7 @@ async def serving(
             lambda: serve(
                 settings,
                 ServeOptions(socket=sock, grace_s=1),
-                runtimes=provider,
+                provider=provider,
                 on_ready=lambda _: ready.set(),
                 stop=stop,
             )

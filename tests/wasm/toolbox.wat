@@ -86,7 +86,7 @@
   (func $open (param $oflags i32) (result i32) (local $err i32)
     (local.set $err (call $path_open (i32.const 3) (i32.const 0)
       (call $arg (i32.const 2)) (call $strlen (call $arg (i32.const 2)))
-      (local.get $oflags) (i64.const -1) (i64.const -1) (i32.const 0) (i32.const 32)))
+      (local.get $oflags) (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 32)))
     (if (local.get $err) (then
       (call $write_str (i32.const 2) (call $arg (i32.const 2)))
       (drop (call $write (i32.const 2) (i32.const 129) (i32.const 1)))

@@ -107,11 +107,15 @@ class SandboxManager:
         *,
         grace_s: float = 10.0,
         admission: AdmissionHook | None = None,
+        timeout_grace_s: float | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
         self.grace_s = grace_s
         self.admission = admission or AdmitAll()
+        # Grace a sandbox gets when its deadline passes (node agents use a short one:
+        # Alecto kills a sandbox within a second of its timeout).
+        self.timeout_grace_s = grace_s if timeout_grace_s is None else timeout_grace_s
         # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
         # run before a sandbox is torn down (it still runs) and after.
         self.source: SandboxSource | None = None
@@ -178,7 +182,9 @@ class SandboxManager:
                 and live.record.expires_at <= now
             ]
             for live in due:
-                await self._end(live, SandboxState.STOPPED, "timed out", grace_s=self.grace_s)
+                await self._end(
+                    live, SandboxState.STOPPED, "timed out", grace_s=self.timeout_grace_s
+                )
 
     async def shutdown(self) -> None:
         """Refuses new sandboxes, then stops every live one with its grace period."""
@@ -231,10 +237,12 @@ class SandboxManager:
         idempotency_key: str | None = None,
         *,
         caller: Principal = SYSTEM,
+        sandbox_id: str | None = None,
     ) -> tuple[SandboxRecord, bool]:
         """Creates and starts a sandbox for `caller` (admission decides first); returns its
         record and whether it was a replay of an earlier create with the same idempotency
-        key (keys are per tenant)."""
+        key (keys are per tenant). `sandbox_id` is given when the fleet's scheduler named
+        the sandbox before sending it to this node."""
         if not self._accepting:
             raise ApiError(503, "shutting-down", "the server is shutting down")
         if idempotency_key is not None:
@@ -243,7 +251,7 @@ class SandboxManager:
             if claimed is not None:
                 return self._replay(idempotency_key, request, *claimed), True
         try:
-            record = await self._create(request, caller)
+            record = await self._create(request, caller, sandbox_id or new_sandbox_id())
         except BaseException:
             if idempotency_key is not None:
                 self.store.release_key(idempotency_key)
@@ -272,15 +280,17 @@ class SandboxManager:
             )
         return self.record(sandbox_id)
 
-    async def _create(self, request: CreateSandboxRequest, caller: Principal) -> SandboxRecord:
+    async def _create(
+        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
+    ) -> SandboxRecord:
         admitted = await self.admission.admit(caller, request)
         try:
-            return await self._place(admitted, caller)
+            return await self._place(admitted, caller, sandbox_id)
         except BaseException:
             admitted.release()
             raise
 
-    async def _place(self, admitted: Admitted, caller: Principal) -> SandboxRecord:
+    async def _place(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
         """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
         if self.source is not None:
@@ -288,7 +298,7 @@ class SandboxManager:
             if acquired is not None:
                 return await self._adopt(admitted, acquired, caller)
         spec = SandboxSpec(
-            id=new_sandbox_id(),
+            id=sandbox_id,
             template=request.template,
             backend=request.backend,
             env=request.env,
@@ -424,6 +434,20 @@ class SandboxManager:
             self.record(sandbox_id)  # 404 if it never existed
             return
         await self._end(live, SandboxState.STOPPED, "deleted", grace_s=grace_s)
+
+    async def end(
+        self, sandbox_id: str, state: SandboxState, detail: str, *, grace_s: float = 0.0
+    ) -> bool:
+        """Ends a live sandbox with `state` and `detail` (enforcement: a kill says why);
+        False if it was not live."""
+        live = self._live.get(sandbox_id)
+        if live is None or live.closing:
+            return False
+        await self._end(live, state, detail, grace_s=grace_s)
+        return True
+
+    def live_sandboxes(self) -> tuple[LiveSandbox, ...]:
+        return tuple(live for live in self._live.values() if not live.closing)
 
     async def _end(
         self, live: LiveSandbox, state: SandboxState, detail: str, grace_s: float

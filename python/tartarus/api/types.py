@@ -22,6 +22,7 @@ from tartarus.runtime.types import (
     Stream,
     TrustLevel,
 )
+from tartarus.scheduling.nodes import PlacementRules
 
 API_VERSION = "v1"
 
@@ -109,6 +110,8 @@ class CreateSandboxRequest(_Request, kw_only=True):
     trust: TrustLevel = TrustLevel.UNTRUSTED
     # Secrets the sandbox's commands get as environment variables, resolved at exec time.
     secrets: SecretMap = msgspec.field(default_factory=dict)
+    # Where it may run when a fleet of node agents serves this API (ignored on one host).
+    placement: PlacementRules | None = None
     # Restore this snapshot instead of starting the template (its template, backend,
     # resources, network and trust apply; `template` and `backend` are ignored).
     from_snapshot: SnapshotId | None = None
@@ -137,6 +140,8 @@ class SandboxInfo(_Response, kw_only=True):
     TenantName = Annotated[str, Meta(pattern=TENANT_PATTERN, examples=["acme"])]
     # Environment variable → secret reference (the references, never the values).
     secrets: dict[str, str] = msgspec.field(default_factory=dict)
+    # The node agent running it (many hosts; empty on a single host).
+    node: str = ""
 
 
 class SandboxPage(_Response, kw_only=True):

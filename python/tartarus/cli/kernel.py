@@ -31,7 +31,7 @@ class _Bar:
     def __call__(self, event: BuildProgress) -> None:
         task = self.tasks.get(event.phase)
         if task is None:
-            task = self.progress.add_task(event.phase, total=event.total)
+            task = self.progress.add_task(event.phase, total=event.total, detail="")
             self.tasks[event.phase] = task
         self.progress.update(
             task, completed=event.done, total=event.total, detail=event.detail[-40:]

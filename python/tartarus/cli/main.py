@@ -6,6 +6,7 @@ import click
 
 from tartarus import __version__
 from tartarus.cli.about import completion_command, version_command
+from tartarus.cli.agent import agent_command
 from tartarus.cli.audit import audit_group
 from tartarus.cli.auth import auth_group
 from tartarus.cli.certs import certs_group
@@ -47,6 +48,7 @@ for command in (
     snapshot,
     pool,
     serve_command,
+    agent_command,
     doctor,
     init,
     template,

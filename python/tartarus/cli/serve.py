@@ -13,6 +13,7 @@ import click
 from tartarus.cli.output import emit_json
 from tartarus.config import load_settings
 from tartarus.endpoint import Endpoint
+from tartarus.fleet.launch import serve_fleet
 from tartarus.server.serve import ServeOptions, serve
 
 
@@ -32,6 +33,14 @@ from tartarus.server.serve import ServeOptions, serve
     show_default=True,
     help="Seconds sandboxes get to stop on shutdown and at their timeout.",
 )
+@click.option(
+    "--state",
+    "state_url",
+    envvar="TARTARUS_STATE",
+    metavar="URL",
+    help="Serve a fleet of node agents from shared state: redis://HOST:PORT/DB (several "
+    "API servers side by side) or sqlite:///PATH (one) [env: TARTARUS_STATE].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Announce the endpoints as JSON on stdout.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every sandbox event.")
 @click.option(
@@ -42,6 +51,7 @@ def serve_command(
     socket_path: Path | None,
     tcp: str | None,
     grace_s: float,
+    state_url: str | None,
     as_json: bool,
     verbose: bool,
     detach: bool,
@@ -71,7 +81,11 @@ def serve_command(
                 click.echo(f"tartarus serve: listening on {e.url}", err=True)
         sys.stdout.flush()
 
-    anyio.run(lambda: serve(load_settings(), options, on_ready=announce))
+    settings = load_settings()
+    if state_url:
+        anyio.run(lambda: serve_fleet(settings, options, state_url, on_ready=announce))
+    else:
+        anyio.run(lambda: serve(settings, options, on_ready=announce))
 
 
 def _detach() -> None:

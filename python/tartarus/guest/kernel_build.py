@@ -270,6 +270,7 @@ def _compile(
         code = proc.wait()
     if code != 0:
         raise KernelBuildError(f"make vmlinux failed (exit {code}); see {log}")
+    progress(BuildProgress(phase="compile", done=steps, total=steps, detail="vmlinux"))
     return steps
 
 

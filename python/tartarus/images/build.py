@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import anyio
@@ -172,7 +172,14 @@ def copy_files(loaded: LoadedTemplate, root: Path) -> None:
     resolve inside the root; escaping symlinks are refused)."""
     if not loaded.template.files:
         return
-    buf = io.BytesIO()
+    # Spooled: small file sets stay in memory, large ones go to a temporary file.
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as buf:
+        _pack_files(loaded, buf)
+        buf.seek(0)
+        unpack(buf, str(root), archive=f"{loaded.source} files", whiteouts=False)
+
+
+def _pack_files(loaded: LoadedTemplate, buf: IO[bytes]) -> None:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in loaded.template.files:
             src = resolve_source(loaded, f.src)
@@ -185,8 +192,6 @@ def copy_files(loaded: LoadedTemplate, root: Path) -> None:
                 return info
 
             tar.add(src, arcname=f.dest.lstrip("/"), filter=owned_by_root)
-    buf.seek(0)
-    unpack(buf, str(root), archive=f"{loaded.source} files", whiteouts=False)
 
 
 class Builder:

@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import BinaryIO, Protocol, cast
 
 import msgspec
+import zstandard
 
 from tartarus.images.errors import HostileArchiveError, InvalidArchiveError
 
@@ -383,8 +384,6 @@ def open_decompressed(stream: Readable, archive: str) -> Readable:
     if kind == "bzip2":
         return bz2.BZ2File(raw)
     if kind == "zstd":
-        raise InvalidArchiveError(
-            f"{archive}: zstd-compressed archives are not supported yet; "
-            "re-push the image with gzip layers"
-        )
+        reader: Readable = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return reader
     return prepended

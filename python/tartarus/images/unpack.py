@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable
 
 import msgspec
+import zstandard
 
 from tartarus.images.errors import (
     DiskFullError,
@@ -392,7 +393,7 @@ def unpack(
                 break
     except ImageError:
         raise
-    except (OSError, ValueError, EOFError, zlib.error, lzma.LZMAError) as e:
+    except (OSError, ValueError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError) as e:
         if is_disk_full(e):
             raise DiskFullError(f"unpacking {archive}", root) from e
         # EOFError / ValueError come from truncated or corrupt compressed streams.

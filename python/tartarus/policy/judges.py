@@ -1,9 +1,10 @@
 """The Judges in session: every create request is ruled on before anything is queued.
 
-Order: Rhadamanthus (security policy), then the operator's plugin judges, then Minos
-(quota, which holds the tenant's share only once everyone else has agreed), then
-Aeacus writes the decision and every verdict to the audit log. If the audit log cannot
-be written the request is refused: nothing is admitted without a record.
+Order: Rhadamanthus (security policy), then the other judges (the secrets check, the
+operator's plugins), each only if all before it agreed, then Minos (quota, which holds
+the tenant's share only once everyone else has agreed), then Aeacus writes the
+decision and every verdict to the audit log. If the audit log cannot be written the
+request is refused: nothing is admitted without a record.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ class Judges:
         )
         verdicts: list[Verdict] = []
         for judge in self.judges:
+            # A judge sits only if those before it agreed: later ones (plugins, the
+            # secrets check) never act on a request the security policy refused.
             try:
                 verdicts.append(await judge.judge(admission))
             except Exception as e:
@@ -135,6 +138,8 @@ class Judges:
                 verdicts.append(
                     Verdict(judge=judge.name, allowed=False, reason=f"the judge failed: {e}")
                 )
+            if not verdicts[-1].allowed:
+                break
         hold: Hold | None = None
         if all(v.allowed for v in verdicts):
             # No await between Minos's check and its hold: see tartarus.policy.minos.

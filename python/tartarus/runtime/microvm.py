@@ -8,11 +8,11 @@ kernel (`tartarus kernel build`) with three virtio devices:
   wipes and removes when it exits (Lethe);
 - vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
   unix socket `vsock.sock` (`CONNECT 1024`).
-`start` returns once the agent accepts a connection. Lifecycle (start, status, stats,
-stop, kill, reap) goes through the VMM's control socket (`vmm_api.VmmProcess`).
-Running commands and files go to the agent; until the agent-backed sandbox base lands
-those operations raise `NotSupportedError`. On hosts whose KVM cannot run a full guest
-(the doctor decides) `create` raises `BackendUnavailableError` with the doctor's reason.
+`start` returns once the agent answers the protocol handshake over vsock. Lifecycle
+(start, status, stats, stop, kill, reap) goes through the VMM's control socket
+(`vmm_api.VmmProcess`); commands, processes, logs and files go to the agent
+(`AgentSandbox`). On hosts whose KVM cannot run a full guest (the doctor decides)
+`create` raises `BackendUnavailableError` with the doctor's reason.
 
 Snapshots (Nyx): `snapshot(dest_dir)` pauses the guest and writes `dest_dir/vm.snap`
 (`rust/vmm/src/snapshot/format.rs`) plus a sparse copy of each scratch disk
@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +41,14 @@ from tartarus import _core, codec
 from tartarus.config import Settings, load_settings
 from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
+from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import (
     BackendUnavailableError,
-    Execution,
-    NotSupportedError,
     SandboxError,
 )
 from tartarus.runtime.types import (
     Backend,
-    ExecRequest,
-    FileInfo,
-    LogEntry,
-    ProcessInfo,
     SandboxSpec,
     SandboxState,
     SandboxStats,
@@ -254,7 +249,7 @@ def _kill_recorded_vmm(workdir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-class MicroVmSandbox:
+class MicroVmSandbox(AgentSandbox):
     def __init__(
         self,
         spec: SandboxSpec,
@@ -262,6 +257,7 @@ class MicroVmSandbox:
         workdir: Path,
         settings: Settings | None = None,
     ) -> None:
+        super().__init__()
         self.spec = spec
         self.kernel = kernel
         self.workdir = workdir
@@ -336,6 +332,7 @@ class MicroVmSandbox:
             await self._vmm.configure(config)
             await self._vmm.start()
             await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+            self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.kill()
@@ -365,7 +362,9 @@ class MicroVmSandbox:
             )
             _, self.restore_report = await self._vmm.restore(options)
             if saved["vsock"]:
+                # The restore reset every vsock connection: the agent is reached anew.
                 await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+                self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.kill()
@@ -422,11 +421,17 @@ class MicroVmSandbox:
         )
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        if self._agent is not None:
+            # The agent stops the guest's processes (SIGTERM, grace, SIGKILL) first.
+            with contextlib.suppress(SandboxError):
+                await self.shutdown_agent(grace_s)
+            await self.close_agent()
         if self._vmm is not None:
             await self._vmm.stop(timeout_s=grace_s)
         await self._cleanup()
 
     async def kill(self) -> None:
+        await self.close_agent()
         if self._vmm is not None:
             await self._vmm.kill()
         await self._cleanup()
@@ -439,51 +444,6 @@ class MicroVmSandbox:
 
             await TemplateStore(self.settings).release(self._template_owner)
             self._template_owner = None
-
-    # The guest agent is reached over virtio-vsock, which the VMM does not offer yet.
-    async def exec(self, request: ExecRequest) -> Execution:
-        raise NotSupportedError(Backend.MICROVM, "exec")
-
-    async def processes(self) -> list[ProcessInfo]:
-        raise NotSupportedError(Backend.MICROVM, "processes")
-
-    async def attach(self, pid: int) -> Execution:
-        raise NotSupportedError(Backend.MICROVM, "attach")
-
-    async def kill_process(self, pid: int, signal: int = 9) -> None:
-        raise NotSupportedError(Backend.MICROVM, "kill_process")
-
-    async def logs(self, *, follow: bool = False, since_seq: int = 0) -> AsyncIterator[LogEntry]:
-        raise NotSupportedError(Backend.MICROVM, "logs")
-        yield  # pragma: no cover
-
-    async def read_file(self, path: str) -> bytes:
-        raise NotSupportedError(Backend.MICROVM, "read_file")
-
-    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        raise NotSupportedError(Backend.MICROVM, "write_file")
-
-    async def download(self, path: str) -> AsyncIterator[bytes]:
-        raise NotSupportedError(Backend.MICROVM, "download")
-        yield  # pragma: no cover
-
-    async def upload(self, path: str, chunks: AsyncIterable[bytes], *, mode: int = 0o644) -> int:
-        raise NotSupportedError(Backend.MICROVM, "upload")
-
-    async def list_dir(self, path: str) -> list[FileInfo]:
-        raise NotSupportedError(Backend.MICROVM, "list_dir")
-
-    async def stat(self, path: str) -> FileInfo:
-        raise NotSupportedError(Backend.MICROVM, "stat")
-
-    async def make_dir(self, path: str, *, parents: bool = True) -> None:
-        raise NotSupportedError(Backend.MICROVM, "make_dir")
-
-    async def remove(self, path: str, *, recursive: bool = False) -> None:
-        raise NotSupportedError(Backend.MICROVM, "remove")
-
-    async def rename(self, src: str, dst: str) -> None:
-        raise NotSupportedError(Backend.MICROVM, "rename")
 
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         """Pauses the guest, writes `vm.snap` (a diff against the snapshot this sandbox

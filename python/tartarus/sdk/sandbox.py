@@ -35,6 +35,7 @@ from tartarus.api.types import (
     SetTimeoutRequest,
 )
 from tartarus.runtime.types import Backend, SandboxState, TrustLevel
+from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import Commands
 from tartarus.sdk.errors import NotFoundError
@@ -77,6 +78,7 @@ class Sandbox:
         network: bool = False,
         trusted: bool = False,
         secrets: dict[str, str] | None = None,
+        placement: PlacementRules | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
         url: str | None = None,
@@ -87,7 +89,8 @@ class Sandbox:
         seconds unless `set_timeout` moves the deadline. Retries of a failed request
         reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
         environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
-        that every command gets, resolved by the server at exec time.
+        that every command gets, resolved by the server at exec time. `placement` says
+        where it may run when the server schedules a fleet of nodes (docs/fleet.md).
 
         `from_snapshot`: restore this snapshot (`sb.snapshot().id`) instead: the
         sandbox starts as the snapshotted one was, on its template, backend and
@@ -107,6 +110,7 @@ class Sandbox:
             network=network,
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
             secrets=secrets or {},
+            placement=placement,
             from_snapshot=from_snapshot,
             checkpoint_on_stop=checkpoint_on_stop,
         )

@@ -16,10 +16,11 @@ The middleware runs for every request, WebSocket upgrades and event streams incl
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,7 +49,11 @@ _SO_PEERCRED = struct.Struct("3i")
 # that a request may create (a new policy) answers its owner whether or not it exists.
 SHARED = "*"
 PLATFORM = ""
-OwnerLookup = Callable[[web.Request, str], str | None]
+OwnerLookup = Callable[[web.Request, str], str | Awaitable[str | None] | None]
+# Where a server that keeps no sandboxes itself (a fleet's API server) finds a sandbox's
+# tenant (None: no such sandbox).
+SandboxTenants = Callable[[str], Awaitable[str | None]]
+SANDBOX_TENANTS: web.AppKey[SandboxTenants] = web.AppKey("sandbox_tenants")
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,8 @@ def access_middleware(
             owner = OWNERS.get(param)
             if owner is None:
                 continue
-            tenant = owner.lookup(request, value)
+            found = owner.lookup(request, value)
+            tenant = await found if inspect.isawaitable(found) else found
             if tenant is None or not _visible(principal, tenant):
                 # Missing and not yours answer alike, before the handler reads anything,
                 # so neither the status nor the body tells whether the id exists.
@@ -260,7 +266,10 @@ def access_middleware(
     return check_access
 
 
-def _sandbox_owner(request: web.Request, sandbox_id: str) -> str | None:
+def _sandbox_owner(request: web.Request, sandbox_id: str) -> str | Awaitable[str | None] | None:
+    remote = request.app.get(SANDBOX_TENANTS)
+    if remote is not None:
+        return remote(sandbox_id)
     try:
         return request.app[MANAGER].record(sandbox_id).tenant
     except ApiError:

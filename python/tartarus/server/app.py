@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from tartarus.agent.manager import SandboxManager
 from tartarus.server import openapi
@@ -95,13 +96,21 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def build_app(
-    manager: SandboxManager, security: Security, nyx: Nyx | None = None
+    manager: SandboxManager,
+    security: Security,
+    *,
+    middlewares: Sequence[Middleware] = (),
+    tables: Sequence[RouteTable] = (),
+    nyx: Nyx | None = None,
 ) -> web.Application:
-    ops = operations()
+    """`middlewares` run after the access check; `tables` add routes (and their OpenAPI)."""
+    all_tables = (*TABLES, *tables)
+    ops = [op for table in all_tables for op in table.operations]
     app = web.Application(
         middlewares=[
             problem_middleware,
             access_middleware(security.authenticator, ops, security.audit),
+            *middlewares,
         ],
         client_max_size=MAX_JSON_BODY,
     )
@@ -112,6 +121,6 @@ def build_app(
     app[STARTED_AT] = time.time()
     app[ACCEPTING] = [True]
     app[OPENAPI] = openapi.encode_document(openapi.build_document(ops))
-    for table in TABLES:
+    for table in all_tables:
         table.install(app)
     return app

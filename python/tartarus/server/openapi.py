@@ -21,6 +21,7 @@ PATH_PARAMS: dict[str, Any] = {
     "id": SandboxId,
     "pid": Pid,
     "template": TemplateName,
+    "node": str,
     "snapshot_id": SnapshotId,
     "key_id": KeyId,
     "policy": PolicyName,

@@ -22,6 +22,7 @@ from tartarus.policy.aeacus import AuditLog
 from tartarus.policy.judges import Judges, load_plugins
 from tartarus.policy.themis import PolicyStore
 from tartarus.secrets.inject import SecretInjector
+from tartarus.secrets.judge import SecretsCheck
 from tartarus.secrets.local_store import LocalSecretStore
 from tartarus.secrets.providers import EnvProvider, FileProvider, SecretProvider, SecretResolver
 from tartarus.secrets.redaction import redact
@@ -68,7 +69,7 @@ class Security:
         judges = Judges(
             policies=policies,
             audit=audit,
-            plugins=load_plugins(),
+            plugins=[SecretsCheck(resolver), *load_plugins()],
             wrap=SecretInjector(resolver),
         )
         holder.append(judges)

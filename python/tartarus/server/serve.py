@@ -12,7 +12,8 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,7 @@ from tartarus.errors import TartarusError
 from tartarus.paths import ensure_private_dir
 from tartarus.secrets.redaction import install_log_redaction
 from tartarus.server.app import build_app
+from tartarus.server.plugins import ServerPlugin
 from tartarus.server.routes.service import ACCEPTING
 from tartarus.server.security import Security
 from tartarus.snapshots.nyx import Nyx
@@ -83,16 +85,17 @@ async def serve(
     settings: Settings,
     options: ServeOptions,
     *,
+    provider: HostRuntimes | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
-    runtimes: HostRuntimes | None = None,
+    plugins: Sequence[ServerPlugin] = (),
+    open_store: Callable[[Path], Store] = Store,
+    timeout_grace_s: float | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT or `stop`. `runtimes`: the host's backends (tests and
-    embedders may pass their own)."""
     runtime_dir = ensure_private_dir(settings.runtime_dir)
     ensure_private_dir(settings.state_dir)
     lock_fd = _lock(runtime_dir)
-    store = Store(state_db_path(settings))
+    store = open_store(state_db_path(settings))
     security = Security.open(settings, owner_uid=os.getuid(), static_key=options.api_key)
     try:
         _refuse_open_exposure(options, security)
@@ -100,14 +103,23 @@ async def serve(
         tls = ReloadingTls(settings.auth.tls) if settings.auth.tls is not None else None
         manager = SandboxManager(
             store,
-            runtimes or HostRuntimes(settings),
+            provider or HostRuntimes(settings),
             grace_s=options.grace_s,
             admission=security.judges,
+            timeout_grace_s=timeout_grace_s,
         )
         nyx = Nyx.for_server(settings, manager, state_db_path(settings))
-        async with manager.running(), nyx.running():
+        async with manager.running(), nyx.running(), AsyncExitStack() as extensions:
             manager.spawn(security.prune_forever)
-            app = build_app(manager, security, nyx)
+            app = build_app(
+                manager,
+                security,
+                middlewares=[m for p in plugins for m in p.middlewares()],
+                tables=[t for p in plugins for t in p.route_tables()],
+                nyx=nyx,
+            )
+            for plugin in plugins:
+                await extensions.enter_async_context(plugin.running(manager, app))
             runner = web.AppRunner(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
@@ -118,6 +130,7 @@ async def serve(
             await _wait_for_stop(stop)
             log.info("shutting down: draining requests, then stopping sandboxes")
             app[ACCEPTING][0] = False
+            await extensions.aclose()
             await runner.cleanup()
             for endpoint in endpoints:
                 if endpoint.path is not None:

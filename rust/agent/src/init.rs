@@ -13,7 +13,8 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
 }
 
 /// Mounts /proc, /dev (devtmpfs, or a tmpfs with the basic nodes), /dev/pts, /dev/shm
-/// and /tmp where they are missing. Each is skipped when already present.
+/// and /tmp where they are missing. Each is skipped when already present, except /tmp
+/// on a read-only root.
 pub fn setup_filesystems() {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if !Path::new("/proc/self").exists() {
@@ -61,7 +62,9 @@ pub fn setup_filesystems() {
             Some("mode=1777"),
         );
     }
-    if !Path::new("/tmp").exists() {
+    // A microVM boots from a read-only root image: /tmp exists there but cannot be
+    // written, so it gets a tmpfs like a missing one.
+    if !Path::new("/tmp").exists() || root_is_read_only() {
         mount_fs(
             "tmpfs",
             "/tmp",
@@ -70,6 +73,11 @@ pub fn setup_filesystems() {
             Some("mode=1777"),
         );
     }
+}
+
+fn root_is_read_only() -> bool {
+    nix::sys::statvfs::statvfs("/")
+        .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
 }
 
 fn make_device_nodes() {

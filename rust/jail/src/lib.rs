@@ -14,6 +14,7 @@ pub mod launch;
 pub mod mounts;
 pub mod namespaces;
 pub mod privileges;
+pub mod relay;
 
 pub use config::JailConfig;
 

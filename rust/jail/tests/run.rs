@@ -199,3 +199,41 @@ fn cgroup_limits_contain_a_fork_bomb_and_are_removed() {
         }
     }
 }
+
+/// Not root: the jail makes a user namespace (uid 0 inside maps to the caller) and
+/// still mounts, pivots and drops privileges; no cgroup without delegation. Files of the
+/// rootfs owned by host root stay read-only (their owner is not mapped); /tmp is ours.
+#[test]
+fn runs_rootless_in_a_user_namespace() {
+    let setpriv = "/usr/bin/setpriv";
+    // SAFETY: geteuid cannot fail.
+    if !Path::new(setpriv).exists() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: needs root to drop to nobody with {setpriv}");
+        return;
+    }
+    let Some(fx) = Fixture::new("rootless") else {
+        return;
+    };
+    let nobody = 65534;
+    for dir in [&fx.dir, &fx.dir.join("work")] {
+        std::os::unix::fs::chown(dir, Some(nobody), Some(nobody)).unwrap();
+    }
+    let config = fx.config("id -u; cat /proc/self/uid_map; echo scratch > /tmp/x && cat /tmp/x");
+    let path = fx.dir.join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = Command::new(setpriv)
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_tartarus-jail"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"0"), "{out:?}");
+    assert!(
+        lines[1].split_whitespace().eq(["0", "65534", "1"]),
+        "{out:?}"
+    );
+    assert_eq!(lines.get(2), Some(&"scratch"), "{out:?}");
+}

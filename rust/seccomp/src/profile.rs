@@ -162,7 +162,20 @@ impl Profile {
         }
         // Last: once installed, the allow list may forbid seccomp(2) itself.
         if self.default_action != Action::Allow {
-            let allowed = self.rule_map(self.allow.iter().map(|r| (&r.syscall, &r.args)))?;
+            // The allow list lets unconditionally denied syscalls through, so their deny
+            // filter decides: among equal verdicts (two errnos) the kernel keeps the last
+            // installed filter's, which would otherwise be the default's errno.
+            let denied = self
+                .deny
+                .iter()
+                .filter(|r| r.args.is_empty())
+                .map(|r| (&r.syscall, &r.args));
+            let allowed = self.rule_map(
+                self.allow
+                    .iter()
+                    .map(|r| (&r.syscall, &r.args))
+                    .chain(denied),
+            )?;
             filters.push(build(allowed, self.default_action, Action::Allow, arch)?);
         }
         Ok(CompiledProfile { filters })

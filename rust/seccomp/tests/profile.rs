@@ -110,3 +110,21 @@ fn deny_rule_beats_allow_and_default_allow() {
     );
     assert!(!dir.exists());
 }
+
+#[test]
+fn denied_errno_wins_over_the_default_errno() {
+    // clone3 is denied with ENOSYS (so libc falls back to clone) while anything else not
+    // allowed gets EPERM: a thread must still start under the default profile.
+    let out = run_confined(&jail_default(), "echo ok");
+    assert!(out.status.success());
+    let compiled = jail_default().compile().unwrap();
+    let handle = std::thread::spawn(move || {
+        compiled.install().unwrap();
+        // SAFETY: a raw clone3 with a null argument: only the errno matters.
+        let rc = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        let spawned = std::thread::spawn(|| 7).join().unwrap();
+        (rc, errno, spawned)
+    });
+    assert_eq!(handle.join().unwrap(), (-1, Some(libc::ENOSYS), 7));
+}

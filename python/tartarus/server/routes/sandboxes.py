@@ -54,6 +54,7 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         detail=record.detail,
         tenant=record.tenant,
         secrets=record.secrets,
+        node=record.node,
     )
 
 
@@ -81,11 +82,21 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
 async def create_sandbox(request: web.Request) -> web.StreamResponse:
     """Starts a sandbox from a template on the requested (or best available) backend. It
     runs until `timeout_s` passes or it is deleted, whether or not a client is connected."""
+    body, key = await create_input(request)
+    record, replayed = await manager(request).create(body, key, caller=principal_of(request))
+    return created_reply(record, replayed)
+
+
+async def create_input(request: web.Request) -> tuple[CreateSandboxRequest, str | None]:
+    """The create request's body and idempotency key (validated)."""
     body = await read_json(request, CreateSandboxRequest)
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None and not 1 <= len(key) <= 255:
         raise ApiError(422, "invalid-header", f"{IDEMPOTENCY_HEADER} must be 1-255 characters")
-    record, replayed = await manager(request).create(body, key, caller=principal_of(request))
+    return body, key
+
+
+def created_reply(record: SandboxRecord, replayed: bool) -> web.Response:
     headers = {"Location": f"/v1/sandboxes/{record.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -127,6 +138,13 @@ class ListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     """Sandboxes in creation order, live and recently ended (kept 24 hours), a page at a
     time."""
+    flt, cursor, limit = list_input(request)
+    page, next_seq = manager(request).list(flt, cursor=cursor, limit=limit)
+    return page_reply(page, next_seq)
+
+
+def list_input(request: web.Request) -> tuple[ListFilter, int, int]:
+    """The listing's filter (limited to what the caller may see), cursor and page size."""
     q = read_query(request, ListQuery)
     flt = ListFilter(
         tenant=visible_tenant(principal_of(request), q.tenant),
@@ -135,7 +153,10 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
         backend=q.backend,
         metadata=tuple(tuple(m.split("=", 1)) for m in q.metadata),  # type: ignore[misc]
     )
-    page, next_seq = manager(request).list(flt, cursor=cursor_from(q.cursor), limit=q.limit)
+    return flt, cursor_from(q.cursor), q.limit
+
+
+def page_reply(page: list[SandboxRecord], next_seq: int | None) -> web.Response:
     return reply(
         SandboxPage(
             items=[sandbox_info(r) for r in page],

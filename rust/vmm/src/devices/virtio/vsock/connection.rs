@@ -12,6 +12,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::packet::{Header, HOST_CID, TYPE_STREAM};
 
@@ -20,8 +21,10 @@ pub const CONN_BUF: u32 = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnState {
-    /// Host-initiated: REQUEST sent to the guest, waiting for RESPONSE.
-    Connecting,
+    /// Host-initiated: REQUEST sent to the guest, waiting for RESPONSE until the instant.
+    Connecting {
+        deadline: Instant,
+    },
     Established,
 }
 

@@ -20,6 +20,7 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -46,6 +47,10 @@ const MAX_CONNECTIONS: usize = 1024;
 /// Host ports for host-initiated streams are allocated from here up.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const CONNECT_LINE_MAX: usize = 32;
+/// How long the guest has to answer a host-initiated connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before accepting again after accept() failed (e.g. out of descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Snapshot state: the guest's CID. Connections are deliberately not saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +83,8 @@ pub struct Vsock {
     rx_starved: bool,
     reset_event_pending: bool,
     next_local_port: u32,
+    /// accept() failed: the listener is not polled until then (no busy loop on EMFILE).
+    accept_paused_until: Option<Instant>,
 }
 
 impl Vsock {
@@ -102,6 +109,7 @@ impl Vsock {
             rx_starved: false,
             reset_event_pending: false,
             next_local_port: FIRST_LOCAL_PORT,
+            accept_paused_until: None,
         })
     }
 
@@ -219,7 +227,7 @@ impl Vsock {
         };
         conn.update_peer_credit(&hdr);
         match hdr.op {
-            OP_RESPONSE if conn.state == ConnState::Connecting => {
+            OP_RESPONSE if matches!(conn.state, ConnState::Connecting { .. }) => {
                 conn.state = ConnState::Established;
                 conn.queue_reply(format!("OK {}\n", conn.local_port).as_bytes());
                 if conn.flush_to_host().is_err() {
@@ -274,21 +282,14 @@ impl Vsock {
 
     /// Accepts host connections and reads their `CONNECT <port>` lines.
     fn serve_host_side(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    if self.pending_host.len() >= MAX_PENDING_HOST {
-                        self.pending_host.pop_front();
-                    }
-                    self.pending_host.push_back(stream);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
+        let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|t| t > now) {
+            // Still backing off after an accept failure.
+        } else {
+            self.accept_paused_until = None;
+            self.accept_host_connections(now);
         }
+        self.expire_connects(now);
         let pending = std::mem::take(&mut self.pending_host);
         for mut stream in pending {
             match read_connect_line(&mut stream) {
@@ -314,6 +315,43 @@ impl Vsock {
         }
     }
 
+    fn accept_host_connections(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if self.pending_host.len() >= MAX_PENDING_HOST {
+                        self.pending_host.pop_front();
+                    }
+                    self.pending_host.push_back(stream);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Host connections the guest never answered are reset (the host sees EOF).
+    fn expire_connects(&mut self, now: Instant) {
+        let expired: Vec<_> = self
+            .conns
+            .iter()
+            .filter(
+                |(_, c)| matches!(c.state, ConnState::Connecting { deadline } if deadline <= now),
+            )
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            self.close(key, true);
+        }
+    }
+
     fn host_connect(&mut self, stream: UnixStream, port: u32) {
         if self.conns.len() >= MAX_CONNECTIONS {
             return;
@@ -322,7 +360,14 @@ impl Vsock {
         let key = (local_port, port);
         self.conns.insert(
             key,
-            Connection::new(stream, local_port, port, ConnState::Connecting),
+            Connection::new(
+                stream,
+                local_port,
+                port,
+                ConnState::Connecting {
+                    deadline: Instant::now() + CONNECT_TIMEOUT,
+                },
+            ),
         );
         self.queue_control(key, OP_REQUEST, 0);
     }
@@ -570,7 +615,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn backend_fds(&self) -> Vec<(RawFd, i16)> {
-        let mut fds = vec![(self.listener.as_raw_fd(), libc::POLLIN)];
+        let mut fds = Vec::new();
+        if self.accept_paused_until.is_none() {
+            fds.push((self.listener.as_raw_fd(), libc::POLLIN));
+        }
         fds.extend(
             self.pending_host
                 .iter()
@@ -589,6 +637,14 @@ impl VirtioDevice for Vsock {
             }
         }
         fds
+    }
+
+    fn backend_deadline(&self) -> Option<Instant> {
+        let connects = self.conns.values().filter_map(|c| match c.state {
+            ConnState::Connecting { deadline } => Some(deadline),
+            ConnState::Established => None,
+        });
+        connects.chain(self.accept_paused_until).min()
     }
 
     fn process_backend(&mut self, ctx: QueueContext<'_>) -> Result<bool, DeviceError> {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -284,6 +284,33 @@ fn draining_the_host_socket_returns_credit_to_the_guest() {
         last_fwd as usize, total,
         "the guest learns all its data was forwarded"
     );
+}
+
+#[test]
+fn unanswered_host_connections_time_out() {
+    let mut g = Guest::new();
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    let (req, _) = g.recv_wait();
+    assert_eq!(req.op, OP_REQUEST);
+    let deadline = g.d.transport.lock().unwrap().device().backend_deadline();
+    assert!(deadline.is_some_and(|d| d > Instant::now()));
+    // Pretend the guest stayed silent past the deadline.
+    {
+        let mut t = g.d.transport.lock().unwrap();
+        for conn in t.device_mut().conns.values_mut() {
+            conn.state = ConnState::Connecting {
+                deadline: Instant::now(),
+            };
+        }
+    }
+    g.backend();
+    let (rst, _) = g.recv_wait();
+    assert_eq!((rst.op, rst.dst_port), (OP_RST, 1024));
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4];
+    assert_eq!(host.read(&mut buf).unwrap(), 0);
+    assert_eq!(g.d.transport.lock().unwrap().device().connection_count(), 0);
 }
 
 #[test]

@@ -1,0 +1,161 @@
+"""Fleet benchmarks: scheduling decisions per second, and queue enqueue→dequeue latency
+on SQLite and on Redis Streams beside a bare XADD/XREADGROUP loop on the same
+redis-server (redis-py), in the same run.
+
+Run: `python -m benches.bench_fleet` (writes benches/results/fleet.json).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from tests.support.redis_server import redis_server
+
+from benches.harness import Stats, measure_async, ratio, report, write_result
+from tartarus.queue import Lane, QueueSettings, WorkQueue
+from tartarus.queue.redis_streams import RedisQueue
+from tartarus.queue.sqlite import SqliteQueue
+from tartarus.runtime.types import Backend, Resources
+from tartarus.scheduling.heat import Heat
+from tartarus.scheduling.nodes import (
+    NodeCapacity,
+    NodeSpec,
+    NodeState,
+    Placement,
+    PlacementRules,
+    Reservation,
+    Taint,
+)
+from tartarus.scheduling.registry import Registry, SqliteRegistry
+from tartarus.scheduling.registry_redis import RedisRegistry
+from tartarus.scheduling.scheduler import schedule
+
+NODES = 100
+DECISIONS = 2000
+MESSAGES = 500
+RESERVATIONS = 300
+
+
+def fleet_nodes() -> list[NodeState]:
+    nodes = []
+    for i in range(NODES):
+        spec = NodeSpec(
+            id=f"node-{i:03d}",
+            address=f"http://10.0.0.{i}:1",
+            capacity=NodeCapacity(vcpus=64, memory_mib=262144, backends=[Backend.JAIL]),
+            labels={"zone": f"z{i % 4}"},
+            taints=[Taint(key="gpu")] if i % 10 == 0 else [],
+            pool="hot" if i % 5 == 0 else "general",
+        )
+        reserved = [
+            Reservation(sandbox_id=f"s{i}-{j}", vcpus=0.5, memory_mib=256, groups=[f"g{j % 3}"])
+            for j in range(i % 20)
+        ]
+        nodes.append(NodeState(spec=spec, reservations=reserved))
+    return nodes
+
+
+def placement(i: int, *, affinity: bool = True) -> Placement:
+    groups = {"anti_affinity": ["db"], "affinity": ["g2"]} if affinity else {}
+    return Placement(
+        sandbox_id=f"sb-{i:016x}",
+        resources=Resources(vcpus=0.5, memory_mib=256),
+        rules=PlacementRules(node_selector={"zone": f"z{i % 4}"}, **groups),  # type: ignore[arg-type]
+    )
+
+
+def bench_decisions() -> dict[str, Any]:
+    nodes = fleet_nodes()
+    out: dict[str, Any] = {"nodes": NODES, "decisions": DECISIONS}
+    for affinity in (False, True):
+        started = time.perf_counter()
+        for i in range(DECISIONS):
+            schedule(placement(i, affinity=affinity), nodes, heat=Heat.WARM)
+        rate = DECISIONS / (time.perf_counter() - started)
+        rules = "labels, taints, pools, capacity" + (", affinity" if affinity else "")
+        print(f"scheduling: {rate:,.0f} decisions/s over {NODES} nodes ({rules}; no reservation)")
+        out["decisions_per_s" + ("_with_affinity" if affinity else "")] = round(rate, 1)
+    return out
+
+
+async def bench_reserve(registry: Registry, label: str) -> dict[str, Any]:
+    """Decision plus an atomic reservation in the registry, one at a time."""
+    for node in fleet_nodes()[:10]:
+        await registry.register(node.spec)
+    started = time.perf_counter()
+    for i in range(RESERVATIONS):
+        p = placement(i)
+        decision = schedule(p, await registry.nodes(), heat=Heat.WARM)
+        await registry.reserve(
+            decision.node_id,
+            Reservation(sandbox_id=p.sandbox_id, vcpus=0.5, memory_mib=256),
+        )
+    elapsed = time.perf_counter() - started
+    rate = RESERVATIONS / elapsed
+    print(f"placement with reservation ({label}, 10 nodes): {rate:,.0f}/s")
+    return {"placements_per_s": round(rate, 1), "nodes": 10}
+
+
+async def queue_round_trip(queue: WorkQueue) -> Stats:
+    async def once() -> None:
+        await queue.put(b"x" * 256, Lane.MAIN)
+        message = await queue.get("bench", timeout_s=5)
+        assert message is not None
+        await queue.ack(message)
+
+    return await measure_async(once, runs=MESSAGES, warmup=20)
+
+
+async def bare_round_trip(client: aioredis.Redis) -> Stats:
+    stream = f"bare:{uuid.uuid4().hex[:8]}"
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+
+    async def once() -> None:
+        await client.xadd(stream, {"body": b"x" * 256})
+        got: Any = await client.xreadgroup("g", "bench", {stream: ">"}, count=1, block=5000)
+        entry_id: bytes = got[0][1][0][0]
+        await client.xack(stream, "g", entry_id)
+        await client.xdel(stream, entry_id)
+
+    return await measure_async(once, runs=MESSAGES, warmup=20)
+
+
+async def main() -> None:
+    results: dict[str, Any] = {"scheduling": bench_decisions()}
+    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp) / "redis") as server:
+        client = aioredis.Redis.from_url(server.url)
+        sqlite_queue = SqliteQueue(Path(tmp) / "queue.db", "bench", QueueSettings())
+        redis_queue = RedisQueue(client, "bench", QueueSettings())
+        sqlite_stats = await queue_round_trip(sqlite_queue)
+        redis_stats = await queue_round_trip(redis_queue)
+        bare_stats = await bare_round_trip(client)
+        results["scheduling"]["with_reservation_sqlite"] = await bench_reserve(
+            SqliteRegistry(Path(tmp) / "registry.db"), "SQLite"
+        )
+        results["scheduling"]["with_reservation_redis"] = await bench_reserve(
+            RedisRegistry(client, prefix="bench:"), "Redis"
+        )
+        await client.aclose()
+    print("queue put→get→ack, one message at a time, 256-byte body:")
+    report("Redis Streams queue vs bare XADD/XREADGROUP", redis_stats, bare_stats, "bare redis-py")
+    report("SQLite queue vs bare XADD/XREADGROUP", sqlite_stats, bare_stats, "bare redis-py")
+    results["queue_round_trip"] = {
+        "what": "put, get and ack of one 256-byte message, sequential, same process",
+        "sqlite": sqlite_stats,
+        "redis_streams": redis_stats,
+        "bare_xadd_xreadgroup": bare_stats,
+        "ratio_redis_vs_bare": ratio(redis_stats, bare_stats),
+        "ratio_sqlite_vs_bare": ratio(sqlite_stats, bare_stats),
+    }
+    path = write_result("fleet", results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    anyio.run(main)

@@ -1,0 +1,240 @@
+"""Runtime benchmarks: per backend, sandbox create → first exec result against its raw
+peer in the same run (`runsc run`, `bwrap`, bare wasmtime-py), exec round trip into a
+running sandbox (p50/p99), and output streaming throughput (MB/s).
+
+    python -m benches.bench_runtime            # writes benches/results/runtime.json
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import wasmtime
+
+from benches.harness import Stats, measure, measure_async, ratio, report, write_result
+from tartarus.binaries import find_binary
+from tartarus.config import load_settings
+from tartarus.host.doctor import run_doctor
+from tartarus.host.tools import runsc_global_flags
+from tartarus.images import TemplateStore
+from tartarus.runtime import oci_spec as oci
+from tartarus.runtime.base import Runtime, Sandbox
+from tartarus.runtime.gvisor import GvisorRuntime
+from tartarus.runtime.jail import JailRuntime
+from tartarus.runtime.types import ExecRequest, OutputChunk, Resources, SandboxSpec
+from tartarus.runtime.wasm import WasmRuntime
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLBOX = ROOT / "tests" / "wasm" / "toolbox.wat"
+STREAM_BYTES = 16 << 20
+RUNS = {"jail": 30, "gvisor": 15, "wasm": 200}
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def next(self, prefix: str) -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+
+def spec(backend: str, name: str, rootfs: Path) -> SandboxSpec:
+    if backend == "wasm":
+        return SandboxSpec(id=name, wasm_module=TOOLBOX)
+    return SandboxSpec(
+        id=name, rootfs=rootfs, resources=Resources(memory_mib=256, pids=128, disk_mib=256)
+    )
+
+
+def echo_request(backend: str) -> ExecRequest:
+    return ExecRequest(argv=["toolbox", "echo", "hi"] if backend == "wasm" else ["echo", "hi"])
+
+
+async def create_to_first_result(
+    runtime: Runtime, backend: str, rootfs: Path, ids: Counter
+) -> Stats:
+    async def once() -> None:
+        sb = await runtime.create(spec(backend, ids.next("c"), rootfs))
+        started = time.perf_counter()
+        await sb.start()
+        result = await (await sb.exec(echo_request(backend))).wait()
+        samples.append(time.perf_counter() - started)
+        assert result.stdout == b"hi\n", result
+        await sb.kill()
+
+    samples: list[float] = []
+    for _ in range(2):
+        await once()
+    samples.clear()
+    for _ in range(RUNS[backend]):
+        await once()
+    return Stats.of(samples)
+
+
+def bwrap_echo(rootfs: Path) -> Callable[[], object]:
+    bwrap = shutil.which("bwrap")
+    assert bwrap, "bwrap missing (apt-get install bubblewrap)"
+    argv = [
+        bwrap, "--ro-bind", str(rootfs), "/", "--proc", "/proc", "--dev", "/dev",
+        "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent", "/bin/echo", "hi",
+    ]  # fmt: skip
+    return lambda: subprocess.run(argv, check=True, capture_output=True)
+
+
+def jail_binary_echo(rootfs: Path, work: Path) -> Callable[[], object]:
+    """`tartarus-jail run` of the echo itself (no agent): the jail against bwrap."""
+    config = work / "echo.json"
+    config.write_text(
+        f'{{"id":"bench","rootfs":"{rootfs}","work_dir":"{work / "w"}",'
+        '"argv":["/bin/echo","hi"],"scratch_mib":64}'
+    )
+    (work / "w").mkdir(exist_ok=True)
+    argv = [str(find_binary("tartarus-jail")), "run", "--config", str(config)]
+    return lambda: subprocess.run(argv, check=True, capture_output=True)
+
+
+def runsc_echo(rootfs: Path, work: Path) -> Callable[[], object]:
+    bundle = work / "bundle"
+    bundle.mkdir(exist_ok=True)
+    oci.write_bundle_config(
+        bundle,
+        oci.Spec(process=oci.Process(args=["/bin/echo", "hi"]), root=oci.Root(path=str(rootfs))),
+    )
+    state = work / "runsc"
+    state.mkdir(exist_ok=True)
+    ids = Counter()
+
+    def once() -> None:
+        flags = runsc_global_flags(state)
+        name = ids.next("peer")
+        subprocess.run(["runsc", *flags, "run", "--bundle", str(bundle), name], check=True,
+                       capture_output=True)  # fmt: skip
+
+    return once
+
+
+def bare_wasmtime_echo() -> Callable[[], object]:
+    """What a caller of wasmtime-py writes by hand: compile, link WASI, run, capture."""
+
+    def once() -> None:
+        engine = wasmtime.Engine()
+        module = wasmtime.Module.from_file(engine, str(TOOLBOX))
+        linker = wasmtime.Linker(engine)
+        linker.define_wasi()
+        store = wasmtime.Store(engine)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = ["toolbox", "echo", "hi"]
+        out: list[bytes] = []
+        wasi.stdout_custom = out.append
+        store.set_wasi(wasi)
+        instance = linker.instantiate(store, module)
+        start = instance.exports(store)["_start"]
+        assert isinstance(start, wasmtime.Func)
+        start(store)
+        assert b"".join(out) == b"hi\n"
+
+    return once
+
+
+async def exec_round_trip(sb: Sandbox, backend: str) -> Stats:
+    async def once() -> None:
+        await (await sb.exec(echo_request(backend))).wait()
+
+    return await measure_async(once, runs=200 if backend != "gvisor" else 100, warmup=5)
+
+
+async def stream_throughput(sb: Sandbox, backend: str) -> float:
+    if backend == "wasm":
+        request = ExecRequest(argv=["toolbox", "flood", str(STREAM_BYTES)])
+    else:
+        await sb.write_file("/tmp/stream", b"\xab" * STREAM_BYTES)
+        request = ExecRequest(argv=["cat", "/tmp/stream"])
+    started = time.perf_counter()
+    received = 0
+    execution = await sb.exec(request)
+    async for event in execution.events():
+        if isinstance(event, OutputChunk):
+            received += len(event.data)
+        else:
+            assert event.dropped_chunks == 0, event
+    elapsed = time.perf_counter() - started
+    assert received == STREAM_BYTES, received
+    return round(STREAM_BYTES / elapsed / 1e6, 1)
+
+
+async def bench_backend(
+    backend: str, runtime: Runtime, rootfs: Path, work: Path, peers: dict[str, Callable[[], object]]
+) -> dict[str, Any]:
+    ids = Counter()
+    ours = await create_to_first_result(runtime, backend, rootfs, ids)
+    out: dict[str, Any] = {"create_to_first_result": ours}
+    for peer_name, peer in peers.items():
+        peer_stats = await anyio.to_thread.run_sync(
+            functools.partial(measure, peer, runs=RUNS[backend])
+        )
+        line = report(f"{backend} create→first result", ours, peer_stats, peer_name)
+        out[f"peer_{peer_name}"] = peer_stats
+        out[f"ratio_vs_{peer_name}"] = ratio(ours, peer_stats)
+        out.setdefault("lines", []).append(line)
+    sb = await runtime.create(spec(backend, "steady", rootfs))
+    await sb.start()
+    try:
+        rt = await exec_round_trip(sb, backend)
+        mbps = await stream_throughput(sb, backend)
+    finally:
+        await sb.kill()
+    print(f"{backend} exec round trip: p50 {rt.p50_ms:.3f} ms p99 {rt.p99_ms:.3f} ms")
+    print(f"{backend} streaming: {mbps} MB/s")
+    out["exec_round_trip"] = rt
+    out["stream_mb_per_s"] = mbps
+    return out
+
+
+async def main() -> None:
+    settings = load_settings()
+    report_ = run_doctor(settings)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        work = Path(tmp)
+        rootfs = (await TemplateStore().resolve("base", ext4=False)).rootfs
+        plans: list[tuple[str, Runtime, dict[str, Callable[[], object]]]] = []
+        if report_.backend("jail").available:
+            plans.append(
+                (
+                    "jail",
+                    JailRuntime(work / "state"),
+                    {
+                        "bwrap": bwrap_echo(rootfs),
+                        "tartarus-jail-direct": jail_binary_echo(rootfs, work),
+                    },
+                )
+            )
+        if report_.backend("gvisor").available:
+            plans.append(
+                ("gvisor", GvisorRuntime(work / "state"), {"runsc-run": runsc_echo(rootfs, work)})
+            )
+        plans.append(
+            ("wasm", WasmRuntime(work / "state"), {"bare-wasmtime-py": bare_wasmtime_echo()})
+        )
+        for backend, runtime, peers in plans:
+            results[backend] = await bench_backend(backend, runtime, rootfs, work, peers)
+            await runtime.reap(set())
+    path = write_result("runtime", results)
+    print(f"wrote {path}")
+
+
+def run() -> None:
+    anyio.run(main)
+
+
+if __name__ == "__main__":
+    run()

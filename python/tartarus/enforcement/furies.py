@@ -1,0 +1,129 @@
+"""The Furies on a node: Tisiphone watches each sandbox's memory and CPU against its
+limits and acts per policy. (Alecto, the timeout, is the node's deadline loop; the node
+reports each timeout kill as her event. Megaera is on the API servers: `violations`.)
+
+Each action is an `EnforcementEvent` in the node's outbox, reported to the fleet. A
+`quarantine` action kills the sandbox and flags its tenant, so its next sandboxes run
+only in the quarantine pool (Typhon).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Protocol, runtime_checkable
+
+import anyio
+import msgspec
+from msgspec import Meta
+
+from tartarus.agent.manager import LiveSandbox, SandboxManager
+from tartarus.enforcement.records import Action, EnforcementEvent, Fury
+from tartarus.runtime.types import SandboxState
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+STATS_TIMEOUT_S = 2.0
+
+
+class LimitRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # The share of the sandbox's limit (memory limit; vCPUs for CPU) that triggers it.
+    share: Annotated[float, Meta(gt=0)]
+    action: Action
+
+
+class LimitPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    memory: list[LimitRule] = msgspec.field(
+        default_factory=lambda: [
+            LimitRule(share=0.8, action=Action.WARN),
+            LimitRule(share=0.95, action=Action.KILL),
+        ]
+    )
+    cpu: list[LimitRule] = msgspec.field(
+        default_factory=lambda: [LimitRule(share=0.95, action=Action.WARN)]
+    )
+    interval_s: Annotated[float, Meta(gt=0)] = 1.0
+
+
+class Sink(Protocol):
+    def event(self, event: EnforcementEvent) -> None: ...
+
+
+@runtime_checkable
+class Throttleable(Protocol):
+    """A sandbox whose backend can lower its CPU quota while it runs."""
+
+    async def throttle(self, vcpus: float) -> None: ...
+
+
+def triggered(rules: list[LimitRule], share: float) -> LimitRule | None:
+    """The strongest rule `share` reaches."""
+    reached = [r for r in rules if share >= r.share]
+    return max(reached, key=lambda r: r.share) if reached else None
+
+
+class Furies:
+    def __init__(self, manager: SandboxManager, policy: LimitPolicy, sink: Sink) -> None:
+        self.manager = manager
+        self.policy = policy
+        self.sink = sink
+        self._cpu: dict[str, float] = {}
+        self._fired: set[tuple[str, str, Action]] = set()
+
+    async def watch_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.policy.interval_s)
+            live = self.manager.live_sandboxes()
+            current = {x.record.id for x in live}
+            self._cpu = {k: v for k, v in self._cpu.items() if k in current}
+            for sandbox in live:
+                try:
+                    await self.check(sandbox)
+                except Exception:
+                    log.debug("could not check sandbox %s", sandbox.record.id, exc_info=True)
+
+    async def check(self, live: LiveSandbox) -> None:
+        with anyio.fail_after(STATS_TIMEOUT_S):
+            stats = await live.sandbox.stats()
+        record = live.record
+        limit = stats.memory_limit_bytes or record.resources.memory_mib * MIB
+        memory_share = stats.memory_bytes / limit if limit else 0.0
+        last = self._cpu.get(record.id)
+        self._cpu[record.id] = stats.cpu_seconds
+        cpu_share = (
+            (stats.cpu_seconds - last) / (self.policy.interval_s * record.resources.vcpus)
+            if last is not None
+            else 0.0
+        )
+        for metric, share, rules in (
+            ("memory", memory_share, self.policy.memory),
+            ("cpu", cpu_share, self.policy.cpu),
+        ):
+            rule = triggered(rules, share)
+            if rule is not None and (record.id, metric, rule.action) not in self._fired:
+                self._fired.add((record.id, metric, rule.action))
+                await self.act(live, metric, share, rule.action)
+
+    async def act(self, live: LiveSandbox, metric: str, share: float, action: Action) -> None:
+        record = live.record
+        detail = f"{metric} at {share:.0%} of its limit"
+        if action is Action.THROTTLE:
+            if isinstance(live.sandbox, Throttleable):
+                await live.sandbox.throttle(record.resources.vcpus / 2)
+                detail += f"; throttled to {record.resources.vcpus / 2:g} vCPUs"
+            else:
+                detail += f"; the {record.backend.value} backend cannot throttle, so only warned"
+        elif action in (Action.KILL, Action.QUARANTINE):
+            await self.manager.end(
+                record.id, SandboxState.FAILED, f"killed by Tisiphone ({action.value}): {detail}"
+            )
+        self.sink.event(
+            EnforcementEvent(
+                fury=Fury.TISIPHONE,
+                action=action,
+                sandbox_id=record.id,
+                detail=detail,
+                tenant=record.tenant,
+                value=share,
+            )
+        )

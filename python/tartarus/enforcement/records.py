@@ -1,0 +1,64 @@
+"""The records the error stream (Cocytus) and the Furies (Erinyes) write."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+import msgspec
+
+
+class ErrorCategory(StrEnum):
+    # The scheduler found no node for a sandbox before its placement deadline.
+    SCHEDULING = "scheduling"
+    # A node could not create or start a sandbox.
+    START = "start"
+    # A node stopped heart-beating; its sandboxes were failed or rescheduled.
+    NODE_LOST = "node-lost"
+    # The queue refused or dead-lettered a request.
+    QUEUE = "queue"
+    # An enforcement action failed (a kill that did not happen, say).
+    ENFORCEMENT = "enforcement"
+    # Anything an API server or a node did not expect.
+    INTERNAL = "internal"
+
+
+class ErrorRecord(msgspec.Struct, kw_only=True, frozen=True):
+    """One entry of the error stream."""
+
+    category: ErrorCategory
+    message: str
+    sandbox_id: str = ""
+    node_id: str = ""
+    trace: str = ""
+    ts: float = msgspec.field(default_factory=time.time)
+    id: str = ""
+
+
+class Fury(StrEnum):
+    ALECTO = "alecto"  # timeouts
+    TISIPHONE = "tisiphone"  # resource limits
+    MEGAERA = "megaera"  # policy violations
+
+
+class Action(StrEnum):
+    WARN = "warn"
+    THROTTLE = "throttle"
+    KILL = "kill"
+    QUARANTINE = "quarantine"
+    RECORD = "record"
+
+
+class EnforcementEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """One thing the Furies did (or saw), and why."""
+
+    fury: Fury
+    action: Action
+    sandbox_id: str
+    detail: str
+    node_id: str = ""
+    tenant: str = ""
+    # The measurement that triggered it (a share of the limit, seconds past the deadline).
+    value: float = 0.0
+    ts: float = msgspec.field(default_factory=time.time)
+    id: str = ""

@@ -1,0 +1,310 @@
+"""The fleet's sandbox records, shared by every API server: SQLite (one API server) or
+Redis (many). The same `SandboxRecord` the single-host server keeps, plus its node.
+
+Writes go through `update(id, change)`, a read-modify-write that is atomic (SQLite:
+BEGIN IMMEDIATE; Redis: WATCH/MULTI, retried on a conflict), so a node's report and the
+reaper failing that node cannot overwrite each other. Changes are announced (`notify`;
+Redis pub/sub across servers) so a create waiting for its sandbox wakes at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from tartarus.agent.store import ListFilter, SandboxRecord, Store
+from tartarus.queue.sqlite import immediate
+
+Change = Callable[[SandboxRecord], SandboxRecord | None]
+
+# Idempotency keys and ended records are kept this long.
+RETENTION_S = 24 * 3600.0
+# A waiter looks at the record this often even without a notification (pub/sub is
+# at-most-once).
+RECHECK_S = 0.5
+
+
+class SandboxBook(Protocol):
+    async def insert(self, record: SandboxRecord) -> SandboxRecord: ...
+
+    async def get(self, sandbox_id: str) -> SandboxRecord | None: ...
+
+    async def update(self, sandbox_id: str, change: Change) -> SandboxRecord | None:
+        """Applies `change` to the current record atomically; `change` returns the new
+        record, or None to leave it as it is. Returns what is stored afterwards."""
+        ...
+
+    async def page(
+        self, flt: ListFilter, *, after_seq: int, limit: int
+    ) -> tuple[list[SandboxRecord], int | None]: ...
+
+    async def on_node(self, node_id: str) -> list[SandboxRecord]:
+        """Live records placed on the node."""
+        ...
+
+    async def claim_key(self, key: str, fingerprint: str) -> tuple[str, str | None] | None: ...
+
+    async def bind_key(self, key: str, sandbox_id: str) -> None: ...
+
+    async def release_key(self, key: str) -> None: ...
+
+    async def purge(self, before: float) -> int: ...
+
+    async def ping(self) -> None: ...
+
+    async def wait(self, sandbox_id: str, timeout_s: float) -> None:
+        """Returns when the record may have changed, or after `timeout_s`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Waiters:
+    """In-process wake-ups for `wait`, keyed by sandbox id."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, anyio.Event] = {}
+
+    def wake(self, sandbox_id: str) -> None:
+        event = self._events.pop(sandbox_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, sandbox_id: str, timeout_s: float) -> None:
+        event = self._events.setdefault(sandbox_id, anyio.Event())
+        with anyio.move_on_after(min(timeout_s, RECHECK_S)):
+            await event.wait()
+
+
+class SqliteBook:
+    """The server's own SQLite store (same schema and migrations), for one API server."""
+
+    def __init__(self, path: Path) -> None:
+        self._store = Store(path)
+        self._waiters = Waiters()
+
+    async def insert(self, record: SandboxRecord) -> SandboxRecord:
+        inserted = self._store.insert(record)
+        self._waiters.wake(record.id)
+        return inserted
+
+    async def get(self, sandbox_id: str) -> SandboxRecord | None:
+        return self._store.get(sandbox_id)
+
+    async def update(self, sandbox_id: str, change: Change) -> SandboxRecord | None:
+        with immediate(self._store._db):
+            current = self._store.get(sandbox_id)
+            if current is None:
+                return None
+            updated = change(current)
+            if updated is None:
+                return current
+            self._store.save(updated)
+        self._waiters.wake(sandbox_id)
+        return updated
+
+    async def page(
+        self, flt: ListFilter, *, after_seq: int, limit: int
+    ) -> tuple[list[SandboxRecord], int | None]:
+        return self._store.list(flt, after_seq=after_seq, limit=limit)
+
+    async def on_node(self, node_id: str) -> list[SandboxRecord]:
+        return [r for r in self._store.live() if r.node == node_id]
+
+    async def claim_key(self, key: str, fingerprint: str) -> tuple[str, str | None] | None:
+        return self._store.claim_key(key, fingerprint)
+
+    async def bind_key(self, key: str, sandbox_id: str) -> None:
+        self._store.bind_key(key, sandbox_id)
+
+    async def release_key(self, key: str) -> None:
+        self._store.release_key(key)
+
+    async def purge(self, before: float) -> int:
+        return self._store.purge_ended(before)
+
+    async def ping(self) -> None:
+        self._store.ping()
+
+    async def wait(self, sandbox_id: str, timeout_s: float) -> None:
+        await self._waiters.wait(sandbox_id, timeout_s)
+
+    async def close(self) -> None:
+        self._store.close()
+
+
+class RedisBook:
+    """Keys: `sb:ID` (the record, JSON), `sb-seq` (counter), `sb-all` (sorted set of ids by
+    seq: listing order and cursors), `sb-node:NODE` (live ids per node), `idem:KEY`
+    (fingerprint and sandbox id, expiring), channel `sb-changed` (ids)."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "tartarus:") -> None:
+        self._redis = client
+        self._p = prefix
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder(SandboxRecord)
+        self._waiters = Waiters()
+        self.channel = f"{prefix}sb-changed"
+
+    def _key(self, sandbox_id: str) -> str:
+        return f"{self._p}sb:{sandbox_id}"
+
+    async def insert(self, record: SandboxRecord) -> SandboxRecord:
+        record.seq = int(await self._redis.incr(f"{self._p}sb-seq"))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(record.id), self._encoder.encode(record))
+            pipe.zadd(f"{self._p}sb-all", {record.id: record.seq})
+            pipe.publish(self.channel, record.id)
+            await pipe.execute()
+        return record
+
+    async def get(self, sandbox_id: str) -> SandboxRecord | None:
+        raw = await self._redis.get(self._key(sandbox_id))
+        return None if raw is None else self._decoder.decode(raw)
+
+    async def update(self, sandbox_id: str, change: Change) -> SandboxRecord | None:
+        key = self._key(sandbox_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return None
+                    current = self._decoder.decode(raw)
+                    updated = change(self._decoder.decode(raw))
+                    if updated is None:
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return current
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, self._encoder.encode(updated))
+                    self._index(pipe, current, updated)
+                    pipe.publish(self.channel, sandbox_id)
+                    await pipe.execute()
+                except WatchError:
+                    continue
+                return updated
+
+    def _index(
+        self, pipe: aioredis.client.Pipeline, old: SandboxRecord, new: SandboxRecord
+    ) -> None:
+        if old.node and (old.node != new.node or not new.live):
+            pipe.srem(f"{self._p}sb-node:{old.node}", new.id)
+        if new.node and new.live:
+            pipe.sadd(f"{self._p}sb-node:{new.node}", new.id)
+
+    async def _records(self, ids: list[str]) -> list[SandboxRecord]:
+        if not ids:
+            return []
+        raws = await self._redis.mget([self._key(i) for i in ids])
+        return [self._decoder.decode(raw) for raw in raws if raw is not None]
+
+    async def page(
+        self, flt: ListFilter, *, after_seq: int, limit: int
+    ) -> tuple[list[SandboxRecord], int | None]:
+        page: list[SandboxRecord] = []
+        start = after_seq
+        while len(page) <= limit:
+            ids = await self._redis.zrangebyscore(
+                f"{self._p}sb-all", f"({start}", "+inf", start=0, num=max(limit * 2, 64)
+            )
+            if not ids:
+                break
+            batch = await self._records([_text(i) for i in ids])
+            for record in batch:
+                start = max(start, record.seq)
+                if _matches(record, flt):
+                    page.append(record)
+                    if len(page) > limit:
+                        break
+            if len(batch) == 0:
+                break
+        more = len(page) > limit
+        page = page[:limit]
+        return page, (page[-1].seq if more and page else None)
+
+    async def on_node(self, node_id: str) -> list[SandboxRecord]:
+        ids = await self._redis.smembers(f"{self._p}sb-node:{node_id}")
+        records = await self._records(sorted(_text(i) for i in ids))
+        return [r for r in records if r.live and r.node == node_id]
+
+    async def claim_key(self, key: str, fingerprint: str) -> tuple[str, str | None] | None:
+        name = f"{self._p}idem:{key}"
+        claimed = await self._redis.set(
+            name, self._encoder.encode([fingerprint, None]), nx=True, ex=int(RETENTION_S)
+        )
+        if claimed:
+            return None
+        raw = await self._redis.get(name)
+        if raw is None:  # expired in between: claim again
+            return await self.claim_key(key, fingerprint)
+        earlier, sandbox_id = msgspec.json.decode(raw, type=tuple[str, str | None])
+        return earlier, sandbox_id
+
+    async def bind_key(self, key: str, sandbox_id: str) -> None:
+        name = f"{self._p}idem:{key}"
+        raw = await self._redis.get(name)
+        if raw is not None:
+            fingerprint, _ = msgspec.json.decode(raw, type=tuple[str, str | None])
+            await self._redis.set(
+                name, self._encoder.encode([fingerprint, sandbox_id]), ex=int(RETENTION_S)
+            )
+
+    async def release_key(self, key: str) -> None:
+        name = f"{self._p}idem:{key}"
+        raw = await self._redis.get(name)
+        if raw is not None and msgspec.json.decode(raw, type=tuple[str, str | None])[1] is None:
+            await self._redis.delete(name)
+
+    async def purge(self, before: float) -> int:
+        ids = await self._redis.zrange(f"{self._p}sb-all", 0, -1)
+        gone = [
+            r.id
+            for r in await self._records([_text(i) for i in ids])
+            if r.ended_at is not None and r.ended_at < before
+        ]
+        if gone:
+            await self._redis.zrem(f"{self._p}sb-all", *gone)
+            await self._redis.delete(*(self._key(i) for i in gone))
+        return len(gone)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def wait(self, sandbox_id: str, timeout_s: float) -> None:
+        await self._waiters.wait(sandbox_id, timeout_s)
+
+    async def listen(self) -> None:
+        """Wakes local waiters on every change any API server announces; runs until
+        cancelled."""
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    self._waiters.wake(_text(message["data"]))
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        """The client is shared and closed by its owner."""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _matches(record: SandboxRecord, flt: ListFilter) -> bool:
+    if flt.states and record.state not in flt.states:
+        return False
+    if flt.template is not None and record.template != flt.template:
+        return False
+    if flt.backend is not None and record.backend != flt.backend:
+        return False
+    return all(record.metadata.get(k) == v for k, v in flt.metadata)

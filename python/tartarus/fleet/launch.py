@@ -1,0 +1,205 @@
+"""Starts the two fleet processes: an API server over shared state (`serve --state`) and a
+node agent (`tartarus agent`). Both are `tartarus serve` with a plugin."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import secrets
+from collections.abc import Callable
+
+import anyio
+import msgspec
+
+from tartarus import __version__
+from tartarus.agent.provider import HostRuntimes
+from tartarus.config import Settings
+from tartarus.endpoint import Endpoint
+from tartarus.enforcement.furies import LimitPolicy
+from tartarus.errors import ConfigError
+from tartarus.fleet.coordinator import Coordinator
+from tartarus.fleet.host_usage import host_cpus, host_memory_mib
+from tartarus.fleet.node_agent import AgentOptions, NodeAgent, Outbox, ReportingStore
+from tartarus.fleet.routes import FleetPlugin
+from tartarus.fleet.state import FleetState, open_state
+from tartarus.runtime.base import BackendUnavailableError, Runtime
+from tartarus.runtime.types import Backend, SandboxSpec
+from tartarus.scheduling.nodes import GENERAL_POOL, NodeCapacity, NodeSpec, Taint
+from tartarus.server.serve import ServeOptions, serve
+
+log = logging.getLogger(__name__)
+
+# Grace between SIGTERM and the kill at a sandbox's deadline on a node (Alecto kills
+# within a second of the timeout).
+TIMEOUT_GRACE_S = 0.3
+
+
+class FleetBackends(HostRuntimes):
+    """The runtimes of an API server that runs no sandboxes itself: it describes the
+    fleet's backends and refuses to create anything locally (templates still resolve
+    here, for `/v1/templates`)."""
+
+    def __init__(self, settings: Settings, state: FleetState) -> None:
+        super().__init__(settings)
+        self._state = state
+
+    async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
+        raise BackendUnavailableError(
+            "this API server schedules sandboxes on node agents and runs none itself"
+        )
+
+    async def reap_all(self) -> set[str]:
+        return set()
+
+    async def describe(self) -> dict[str, str]:
+        counts: dict[str, int] = {}
+        for node in await self._state.registry.nodes():
+            for backend in node.spec.capacity.backends:
+                counts[backend.value] = counts.get(backend.value, 0) + 1
+        return {name: f"available on {n} node(s)" for name, n in sorted(counts.items())}
+
+
+async def serve_fleet(
+    settings: Settings,
+    options: ServeOptions,
+    state_url: str,
+    *,
+    on_ready: Callable[[list[Endpoint]], None] | None = None,
+    stop: anyio.Event | None = None,
+) -> None:
+    fleet = settings.fleet
+    async with open_state(
+        state_url, lanes=fleet.lanes, inbox=fleet.inbox, heartbeat_ttl_s=fleet.heartbeat_ttl_s
+    ) as state:
+        await state.ping()
+        coordinator = Coordinator(state, fleet, join_token=options.api_key or "")
+        await serve(
+            settings,
+            options,
+            provider=FleetBackends(settings, state),
+            plugins=[FleetPlugin(coordinator)],
+            on_ready=on_ready,
+            stop=stop,
+        )
+
+
+def node_id(settings: Settings, given: str | None) -> str:
+    """The node's name: given, or made once and kept in the state dir (a restarted agent
+    is the same node, so the fleet can tell it which sandboxes it still counts on)."""
+    if given:
+        return given
+    path = settings.state_dir / "node-id"
+    if path.is_file():
+        return path.read_text().strip()
+    made = f"node-{secrets.token_hex(4)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(made + "\n")
+    return made
+
+
+def load_provider(spec: str, settings: Settings) -> HostRuntimes:
+    """`MODULE:ATTR`, a callable taking the settings and returning a HostRuntimes (to
+    embed other backends)."""
+    module, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--runtime-provider {spec!r}: {e}") from e
+    provider: HostRuntimes = factory(settings)
+    return provider
+
+
+async def available_backends(provider: HostRuntimes) -> list[Backend]:
+    described = await provider.describe()
+    return [Backend(name) for name, verdict in described.items() if verdict.startswith("available")]
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything `tartarus agent` is told on its command line."""
+
+    join: list[str]
+    token: str
+    # HOST:PORT of the node's own API (exec, files and logs are forwarded there).
+    listen: str
+    # The URL API servers use to reach it (default: the listening address).
+    advertise: str | None = None
+    node_id: str | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    taints: list[Taint] = msgspec.field(default_factory=list)
+    pool: str = GENERAL_POOL
+    vcpus: float | None = None
+    memory_mib: int | None = None
+    max_sandboxes: int = 1000
+    # Default: every backend the doctor finds usable here.
+    backends: list[Backend] = msgspec.field(default_factory=list)
+    concurrency: int = 8
+    drain_timeout_s: float = 30.0
+    grace_s: float = 10.0
+    limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
+
+
+async def run_agent(
+    settings: Settings,
+    config: AgentConfig,
+    *,
+    provider: HostRuntimes | None = None,
+    on_ready: Callable[[list[Endpoint]], None] | None = None,
+    stop: anyio.Event | None = None,
+) -> None:
+    if not config.token:
+        raise ConfigError("a node agent needs the fleet's token: --token or TARTARUS_JOIN_TOKEN")
+    provider = provider or HostRuntimes(settings)
+    backends = config.backends or await available_backends(provider)
+    spec = NodeSpec(
+        id=node_id(settings, config.node_id),
+        address=config.advertise or "",
+        capacity=NodeCapacity(
+            vcpus=config.vcpus or host_cpus(),
+            memory_mib=config.memory_mib or host_memory_mib(),
+            backends=backends,
+            max_sandboxes=config.max_sandboxes,
+        ),
+        labels=config.labels,
+        taints=config.taints,
+        pool=config.pool,
+        version=__version__,
+    )
+    outbox = Outbox()
+    agent = NodeAgent(
+        AgentOptions(
+            join=config.join,
+            token=config.token,
+            concurrency=config.concurrency,
+            drain_timeout_s=config.drain_timeout_s,
+            limits=config.limits,
+        ),
+        spec,
+        outbox,
+    )
+
+    def announce(endpoints: list[Endpoint]) -> None:
+        tcp = next(e for e in endpoints if e.kind == "tcp")
+        if not config.advertise and tcp.host in ("0.0.0.0", "::"):  # noqa: S104
+            raise ConfigError(
+                "listening on every address: say where API servers reach this node with "
+                "--advertise http://HOST:PORT"
+            )
+        agent.listening(config.advertise or tcp.url)
+        if on_ready is not None:
+            on_ready(endpoints)
+
+    await serve(
+        settings,
+        ServeOptions(
+            tcp=config.listen,
+            api_key=config.token,
+            grace_s=config.grace_s,
+            socket=settings.runtime_dir / f"agent-{spec.id}.sock",
+        ),
+        provider=provider,
+        plugins=[agent],
+        open_store=lambda path: ReportingStore(path, outbox, spec.id),
+        timeout_grace_s=TIMEOUT_GRACE_S,
+        on_ready=announce,
+        stop=stop,
+    )

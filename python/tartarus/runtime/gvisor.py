@@ -1,0 +1,359 @@
+"""The gVisor backend: `runsc` (ptrace platform) runs the agent as the container's
+PID 1 on the template rootfs, read-only with an in-memory overlay (`--overlay2
+root:memory`) that disappears with the sandbox. No network unless the spec asks for one
+(then gVisor's netstack is swapped for the host's, `--network=host`). Memory, CPU and
+pids limits go into the OCI spec, which runsc enforces with a host cgroup around the
+whole sandbox.
+
+The agent listens on a unix socket of the sandbox's own (`/.tartarus/run`, a tmpfs
+inside gVisor). The host reaches it through `tartarus-jail relay`, started with `runsc
+exec` and bound in read-only: its stdin and stdout are the connection. A host-backed
+socket (`--host-uds=create`) would be quicker to reach, but runsc cannot checkpoint a
+sandbox that holds one ("encoding error at object transport.connectionedEndpoint").
+
+Snapshots are `runsc checkpoint` and `runsc restore`: the relay is closed first, so the
+sandbox holds no host socket, and reopened after.
+
+Per runtime, one private `runsc --root` under `<state>/gvisor/runsc`; per sandbox,
+`<state>/gvisor/<id>/` holds the bundle, the socket directory and runsc's logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Final
+
+import anyio
+import msgspec
+
+from tartarus.binaries import find_binary
+from tartarus.host.tools import runsc_global_flags
+from tartarus.runtime import oci_spec as oci
+from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime.base import SandboxError
+from tartarus.runtime.cgroups import CgroupReader, cgroup_dirs_of
+from tartarus.runtime.layout import (
+    AGENT_IN_SANDBOX,
+    AGENT_SOCKET,
+    SOCKET_DIR_IN_SANDBOX,
+    HostedAgentSandbox,
+    agent_argv,
+    new_sandbox_dir,
+    with_rootfs,
+)
+from tartarus.runtime.types import (
+    Backend,
+    SandboxSpec,
+    SandboxState,
+    SandboxStats,
+    SandboxStatus,
+    SnapshotInfo,
+)
+
+RUNSC_TIMEOUT_S: Final = 60.0
+RELAY_IN_SANDBOX: Final = "/.tartarus/tartarus-jail"
+CHECKPOINT_IMAGE: Final = "checkpoint.img"
+# Host threads and processes of gVisor itself (sentry, gofer, ptrace stubs), on top of
+# the sandbox's own pids limit, for the host cgroup's pids.max.
+SENTRY_THREADS: Final = 512
+
+
+class GvisorError(SandboxError):
+    pass
+
+
+def _container_name(sandbox_id: str) -> str:
+    # runsc ids allow [A-Za-z0-9_.-]; the suffix keeps a re-created id from colliding.
+    return f"tt-{sandbox_id}-{secrets.token_hex(3)}"
+
+
+def _sandbox_id(container: str) -> str:
+    return container.removeprefix("tt-").rsplit("-", 1)[0]
+
+
+# The jail's default set (rust/jail/src/config.rs): what the agent needs to run commands
+# as other users and own files. Without SYS_RESOURCE and SYS_ADMIN, RLIMIT_NPROC binds
+# root inside the sandbox too.
+_CAPS: Final = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_NET_BIND_SERVICE",
+)
+
+
+def _capabilities() -> oci.Capabilities:
+    caps = list(_CAPS)
+    return oci.Capabilities(bounding=caps, effective=caps, permitted=caps)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+class GvisorSandbox(HostedAgentSandbox):
+    BACKEND = Backend.GVISOR
+
+    def __init__(self, runtime: GvisorRuntime, spec: SandboxSpec, directory: Path) -> None:
+        super().__init__(spec, directory)
+        self._runtime = runtime
+        self.container = _container_name(spec.id)
+
+    @property
+    def bundle(self) -> Path:
+        return self._dir / "bundle"
+
+    async def _runsc(
+        self, *args: str, check: bool = True, detached: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        log = self._dir / "runsc.log" if detached else None
+        return await self._runtime.runsc(*args, network=self.spec.network, check=check, log=log)
+
+    async def start(self, *, restore_from: Path | None = None) -> None:
+        if self._state is SandboxState.RUNNING:
+            return
+        try:
+            await self._launch(restore_from)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
+            raise
+        self._state = SandboxState.RUNNING
+
+    async def _launch(self, restore_from: Path | None) -> None:
+        """Runs the container (fresh, or restored from a checkpoint) and connects."""
+        if restore_from is None:
+            command = ["run"]
+        else:
+            command = ["restore", "--image-path", str(restore_from)]
+        await self._runsc(
+            *command, "--detach", "--bundle", str(self.bundle), self.container, detached=True
+        )
+        await self._find_cgroup()
+        await self._connect()
+
+    async def _connect(self) -> None:
+        """Opens the agent connection: a relay inside the sandbox, over runsc exec."""
+        argv = self._runtime.runsc_argv(
+            "exec",
+            self.container,
+            RELAY_IN_SANDBOX,
+            "relay",
+            f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
+            network=self.spec.network,
+        )
+        with (self._dir / "relay.log").open("ab") as log:
+            self.agent = await AgentClient.spawn(argv, stderr=log.fileno())
+
+    async def _find_cgroup(self) -> None:
+        result = await self._runsc("state", self.container)
+        pid = json.loads(result.stdout).get("pid", 0)
+        if pid:
+            self._cgroup = CgroupReader(cgroup_dirs_of(pid))
+
+    async def status(self) -> SandboxStatus:
+        state = self._state
+        detail = ""
+        if state is SandboxState.RUNNING:
+            result = await self._runsc("state", self.container, check=False)
+            running = result.returncode == 0 and json.loads(result.stdout).get("status") == (
+                "running"
+            )
+            if not running:
+                state = SandboxState.FAILED
+                oom = self._cgroup.oom_kills()
+                detail = "killed by the host OOM killer" if oom else "the sandbox stopped"
+        return SandboxStatus(id=self.id, backend=Backend.GVISOR, state=state, detail=detail)
+
+    async def stats(self) -> SandboxStats:
+        """Memory and CPU from the host cgroup (what the sandbox really costs, gVisor
+        included); the process count from the agent (the host cgroup also counts the
+        sentry's own threads)."""
+        inside = await super().stats()
+        if not self._cgroup.dirs:
+            return inside
+        host = self._cgroup.stats()
+        return msgspec.structs.replace(host, pids=inside.pids)
+
+    async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
+        """`runsc checkpoint`, then the sandbox resumes from the image it just wrote
+        (runsc 2022's `--leave-running` hangs): processes pause for the checkpoint and
+        carry on. The agent connection is closed first (its relay is a process with host
+        pipes) and reopened after."""
+        await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        await self.close_agent()
+        await self._runsc("checkpoint", "--image-path", str(dest_dir), self.container)
+        await self._runtime.destroy(self.container)
+        self.container = _container_name(self.id)
+        try:
+            await self._launch(dest_dir)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
+            raise
+        size = await anyio.to_thread.run_sync(_dir_size, dest_dir)
+        return SnapshotInfo(
+            backend=Backend.GVISOR, path=dest_dir, size_bytes=size, source_sandbox=self.id
+        )
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._state is SandboxState.RUNNING:
+            with contextlib.suppress(SandboxError):
+                await self.shutdown_agent(grace_s)
+        await self.kill()
+
+    async def kill(self) -> None:
+        await self.close_agent()
+        await self._runtime.destroy(self.container)
+        self._state = SandboxState.STOPPED
+        await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
+
+
+class GvisorRuntime:
+    def __init__(self, state_dir: Path) -> None:
+        self._root = state_dir / "gvisor"
+        self.runsc_root = self._root / ".runsc"
+
+    @property
+    def backend(self) -> Backend:
+        return Backend.GVISOR
+
+    def runsc_argv(self, *args: str, network: bool = False) -> list[str]:
+        runsc = shutil.which("runsc")
+        if runsc is None:
+            raise GvisorError("runsc is not on PATH (apt-get install runsc)")
+        self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        flags = [f for f in runsc_global_flags(self.runsc_root) if not f.startswith("--network")]
+        flags += [f"--network={'host' if network else 'none'}", "--overlay2=root:memory"]
+        return [runsc, *flags, *args]
+
+    async def runsc(
+        self, *args: str, network: bool = False, check: bool = True, log: Path | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Runs runsc with this runtime's flags. Commands that leave a sandbox running
+        (`run --detach`, `restore --detach`) must pass `log`: the sandbox inherits
+        runsc's stdout and stderr, so pipes would never reach end of file."""
+        command = self.runsc_argv(*args, network=network)
+        with anyio.fail_after(RUNSC_TIMEOUT_S):
+            if log is None:
+                result = await anyio.run_process(command, check=False)
+            else:
+                with log.open("ab") as sink:
+                    result = await anyio.run_process(
+                        command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, check=False
+                    )
+        if check and result.returncode != 0:
+            detail = result.stderr or (await anyio.Path(log).read_bytes() if log else b"")
+            raise GvisorError(
+                f"runsc {args[0]} failed (exit {result.returncode}): "
+                f"{detail.decode(errors='replace').strip()[-800:]}"
+            )
+        return result
+
+    def _spec(self, spec: SandboxSpec, directory: Path) -> oci.Spec:
+        assert spec.rootfs is not None
+        r = spec.resources
+        env = [f"{k}={v}" for k, v in spec.env.items()]
+        if not any(e.startswith("PATH=") for e in env):
+            env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        return oci.Spec(
+            process=oci.Process(
+                args=agent_argv(),
+                env=env,
+                # The sentry enforces this inside; the host cgroup below only caps the sandbox
+                # as a whole (its own threads included).
+                rlimits=[oci.Rlimit(type="RLIMIT_NPROC", soft=r.pids, hard=r.pids)],
+                capabilities=_capabilities(),
+            ),
+            root=oci.Root(path=str(spec.rootfs), readonly=True),
+            mounts=[
+                oci.Mount(destination="/proc", type="proc", source="proc"),
+                oci.Mount(
+                    destination="/tmp", type="tmpfs", source="tmpfs", options=["nosuid", "nodev"]
+                ),
+                oci.Mount(
+                    destination=AGENT_IN_SANDBOX,
+                    type="bind",
+                    source=str(find_binary("tartarus-agent")),
+                    options=["rbind", "ro"],
+                ),
+                oci.Mount(
+                    destination=RELAY_IN_SANDBOX,
+                    type="bind",
+                    source=str(find_binary("tartarus-jail")),
+                    options=["rbind", "ro"],
+                ),
+                oci.Mount(
+                    destination=SOCKET_DIR_IN_SANDBOX,
+                    type="tmpfs",
+                    source="tmpfs",
+                    options=["nosuid", "nodev", "mode=700"],
+                ),
+            ],
+            linux=oci.Linux(
+                # With network, runsc's host stack only serves the netns it starts in.
+                namespaces=[
+                    oci.Namespace(type=t)
+                    for t in ("pid", "ipc", "uts", "mount", *(() if spec.network else ("network",)))
+                ],
+                resources=oci.Resources(
+                    memory=oci.MemoryLimits(limit=r.memory_mib << 20),
+                    cpu=oci.CpuLimits(quota=max(1000, int(r.vcpus * 100_000)), period=100_000),
+                    pids=oci.PidsLimits(limit=r.pids + SENTRY_THREADS),
+                ),
+            ),
+        )
+
+    async def _prepare(self, spec: SandboxSpec) -> GvisorSandbox:
+        spec = await with_rootfs(spec)
+        directory = new_sandbox_dir(self._root, spec, Backend.GVISOR.value)
+        (directory / "bundle").mkdir()
+        oci.write_bundle_config(directory / "bundle", self._spec(spec, directory))
+        return GvisorSandbox(self, spec, directory)
+
+    async def create(self, spec: SandboxSpec) -> GvisorSandbox:
+        return await self._prepare(spec)
+
+    async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> GvisorSandbox:
+        if snapshot.backend is not Backend.GVISOR:
+            raise GvisorError(f"a {snapshot.backend.value} snapshot cannot restore on gvisor")
+        if not (snapshot.path / CHECKPOINT_IMAGE).is_file():
+            raise GvisorError(f"{snapshot.path} holds no gVisor checkpoint image")
+        sandbox = await self._prepare(spec)
+        await sandbox.start(restore_from=snapshot.path)
+        return sandbox
+
+    async def destroy(self, container: str) -> None:
+        """Kills and deletes a container; a missing one is not an error."""
+        await self.runsc("kill", container, "KILL", check=False)
+        await self.runsc("delete", "--force", container, check=False)
+
+    async def containers(self) -> list[str]:
+        if not self.runsc_root.is_dir():
+            return []
+        result = await self.runsc("list", "-quiet", check=False)
+        return [line for line in result.stdout.decode().split() if line]
+
+    async def reap(self, keep: set[str]) -> list[str]:
+        """Deletes containers and sandbox directories of this runtime not in `keep`."""
+        removed: set[str] = set()
+        for container in await self.containers():
+            sandbox_id = _sandbox_id(container)
+            if sandbox_id not in keep:
+                await self.destroy(container)
+                removed.add(sandbox_id)
+        if self._root.is_dir():
+            for entry in self._root.iterdir():
+                if entry.name != self.runsc_root.name and entry.name not in keep:
+                    await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+                    removed.add(entry.name)
+        return sorted(removed)

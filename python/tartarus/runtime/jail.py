@@ -1,0 +1,313 @@
+"""The jail backend: `tartarus-jail` (Rust) runs the agent in fresh namespaces on an
+overlay of the template rootfs, under cgroup limits, reduced capabilities and Typhon's
+seccomp profile; the host talks to the agent over a unix socket in a directory bound
+into the jail at `/.tartarus/run`.
+
+Per sandbox, under `<state>/jail/<id>/`: `config.json` (what `tartarus-jail` runs),
+`started.json` (its `started` event: init's pid and the cgroup directories, kept for
+`reap`), `work/` (an empty mount point; the scratch tmpfs lives only inside the jail),
+`run/agent.sock` and `agent.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+import msgspec
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from tartarus import codec
+from tartarus.binaries import find_binary
+from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime.base import NotSupportedError, SandboxError
+from tartarus.runtime.cgroups import CgroupDir, CgroupReader
+from tartarus.runtime.layout import (
+    AGENT_IN_SANDBOX,
+    AGENT_SOCKET,
+    SOCKET_DIR_IN_SANDBOX,
+    HostedAgentSandbox,
+    agent_argv,
+    new_sandbox_dir,
+    reachable_socket,
+    wait_for_path,
+    with_rootfs,
+)
+from tartarus.runtime.types import (
+    Backend,
+    SandboxSpec,
+    SandboxState,
+    SandboxStats,
+    SandboxStatus,
+    SnapshotInfo,
+)
+
+START_TIMEOUT_S: Final = 30.0
+_EVENT_LINE_MAX: Final = 64 << 10
+
+
+class JailError(SandboxError):
+    pass
+
+
+class BindMount(msgspec.Struct, frozen=True):
+    source: Path
+    destination: str
+    readonly: bool = True
+
+
+class CgroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
+    parent: str
+    name: str
+    memory_bytes: int | None = None
+    pids: int | None = None
+    cpu_quota_us: int | None = None
+    cpu_period_us: int = 100_000
+
+
+class JailConfig(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Mirror of `tartarus-jail`'s config (rust/jail/src/config.rs)."""
+
+    id: str
+    rootfs: Path
+    work_dir: Path
+    argv: list[str]
+    hostname: str = "tartarus"
+    scratch_mib: int = 1024
+    network: bool = False
+    mounts: list[BindMount] = msgspec.field(default_factory=list)
+    cgroup: CgroupConfig | None = None
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    stdio: dict[str, Path] | None = None
+
+
+class CgroupDirs(msgspec.Struct, frozen=True):
+    dirs: list[CgroupDir]
+
+
+class StartedEvent(msgspec.Struct, frozen=True, tag="started", tag_field="event"):
+    pid: int
+    cgroup: CgroupDirs | None = None
+    user_namespace: bool = False
+
+    def cgroup_dirs(self) -> list[CgroupDir]:
+        return self.cgroup.dirs if self.cgroup else []
+
+
+class ExitedEvent(msgspec.Struct, frozen=True, tag="exited", tag_field="event"):
+    code: int
+    oom_kills: int = 0
+
+
+JailEvent = StartedEvent | ExitedEvent
+_decode_event: msgspec.json.Decoder[JailEvent] = msgspec.json.Decoder(
+    JailEvent, dec_hook=codec.dec_hook
+)
+
+
+class JailSandbox(HostedAgentSandbox):
+    BACKEND = Backend.JAIL
+
+    def __init__(self, spec: SandboxSpec, directory: Path) -> None:
+        super().__init__(spec, directory)
+        self._process: anyio.abc.Process | None = None
+        self._events: BufferedByteReceiveStream | None = None
+        self._started: StartedEvent | None = None
+
+    @property
+    def init_pid(self) -> int | None:
+        """Host pid of the jail's init (for tests and `reap`)."""
+        return self._started.pid if self._started else None
+
+    async def start(self) -> None:
+        if self._state is SandboxState.RUNNING:
+            return
+        jail = find_binary("tartarus-jail")
+        self._process = await anyio.open_process(
+            [str(jail), "run", "--config", str(self._dir / "config.json"), "--events-fd", "1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self._process.stdout is not None
+        self._events = BufferedByteReceiveStream(self._process.stdout)
+        try:
+            with anyio.fail_after(START_TIMEOUT_S):
+                event = await self._next_event()
+            if not isinstance(event, StartedEvent):
+                await self._failed_to_start()
+            assert isinstance(event, StartedEvent)
+            self._started = event
+            (self._dir / "started.json").write_bytes(codec.to_json(event))
+            self._cgroup = CgroupReader(event.cgroup_dirs())
+            socket_path = self._dir / "run" / AGENT_SOCKET
+            await wait_for_path(socket_path, START_TIMEOUT_S)
+            with reachable_socket(socket_path) as reachable:
+                self.agent = await AgentClient.connect_unix(reachable)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
+            raise
+        self._state = SandboxState.RUNNING
+
+    async def _next_event(self) -> JailEvent | None:
+        assert self._events is not None
+        try:
+            line = await self._events.receive_until(b"\n", _EVENT_LINE_MAX)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            return None
+        event: JailEvent = _decode_event.decode(line)
+        return event
+
+    async def _failed_to_start(self) -> None:
+        raise JailError(f"jail {self.id} ended before starting: {await self._stderr()}")
+
+    async def _stderr(self) -> str:
+        if self._process is None or self._process.stderr is None:
+            return ""
+        data = bytearray()
+        with anyio.move_on_after(5):
+            async for chunk in self._process.stderr:
+                data += chunk
+                if len(data) > 16 << 10:
+                    break
+        return data.decode(errors="replace").strip() or f"exit status {self._process.returncode}"
+
+    async def status(self) -> SandboxStatus:
+        state = self._state
+        if state is SandboxState.RUNNING and self._process and self._process.returncode is not None:
+            state = SandboxState.FAILED
+        return SandboxStatus(id=self.id, backend=Backend.JAIL, state=state)
+
+    async def stats(self) -> SandboxStats:
+        if not self._cgroup.dirs:
+            return await super().stats()
+        return self._cgroup.stats()
+
+    async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
+        raise NotSupportedError(Backend.JAIL, "snapshots")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        if self._state is SandboxState.RUNNING:
+            with contextlib.suppress(SandboxError):
+                await self.shutdown_agent(grace_s)
+            if self._process is not None:
+                with anyio.move_on_after(grace_s + 5):
+                    await self._process.wait()
+        await self.kill()
+
+    async def kill(self) -> None:
+        await self.close_agent()
+        process, self._process = self._process, None
+        if process is not None:
+            if process.returncode is None and self._started is not None:
+                # Killing init takes the whole PID namespace down; the supervisor then
+                # removes the cgroup and exits.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._started.pid, signal.SIGKILL)
+            with anyio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.aclose()
+        if self._cgroup.dirs:
+            await anyio.to_thread.run_sync(self._cgroup.kill_and_remove)
+        self._state = SandboxState.STOPPED
+        await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
+
+
+class JailRuntime:
+    """The jail backend on this host. Sandboxes live under `state_dir/jail/<id>`; their
+    cgroups under `tartarus/<hash of state_dir>` in each hierarchy, so runtimes with
+    different state directories (tests, several servers) never touch each other's."""
+
+    def __init__(self, state_dir: Path, *, cgroup_parent: str | None = None) -> None:
+        self._root = state_dir / "jail"
+        scope = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+        self.cgroup_parent = cgroup_parent or f"tartarus/{scope}"
+
+    @property
+    def backend(self) -> Backend:
+        return Backend.JAIL
+
+    def _config(self, spec: SandboxSpec, directory: Path) -> JailConfig:
+        assert spec.rootfs is not None
+        r = spec.resources
+        cgroup = None
+        if os.geteuid() == 0:
+            cgroup = CgroupConfig(
+                parent=self.cgroup_parent,
+                name=f"{spec.id}-{secrets.token_hex(3)}",
+                memory_bytes=r.memory_mib << 20,
+                pids=r.pids,
+                cpu_quota_us=max(1000, int(r.vcpus * 100_000)),
+            )
+        return JailConfig(
+            id=spec.id,
+            rootfs=spec.rootfs,
+            work_dir=directory / "work",
+            argv=agent_argv(),
+            scratch_mib=r.disk_mib,
+            network=spec.network,
+            mounts=[
+                BindMount(source=find_binary("tartarus-agent"), destination=AGENT_IN_SANDBOX),
+                BindMount(
+                    source=directory / "run", destination=SOCKET_DIR_IN_SANDBOX, readonly=False
+                ),
+            ],
+            cgroup=cgroup,
+            env=dict(spec.env),
+            stdio={"file": directory / "agent.log"},
+        )
+
+    async def create(self, spec: SandboxSpec) -> JailSandbox:
+        spec = await with_rootfs(spec)
+        directory = new_sandbox_dir(self._root, spec, Backend.JAIL.value)
+        (directory / "work").mkdir()
+        (directory / "run").mkdir(mode=0o700)
+        config = self._config(spec, directory)
+        (directory / "config.json").write_bytes(codec.to_json(config))
+        return JailSandbox(spec, directory)
+
+    async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> JailSandbox:
+        raise NotSupportedError(Backend.JAIL, "snapshots")
+
+    async def reap(self, keep: set[str]) -> list[str]:
+        """Kills jails this runtime left behind (after a crash) and removes their
+        cgroups and directories."""
+        removed: list[str] = []
+        if not self._root.is_dir():
+            return removed
+        for entry in sorted(self._root.iterdir()):
+            if entry.name in keep:
+                continue
+            started = entry / "started.json"
+            if started.is_file():
+                event = _decode_event.decode(started.read_bytes())
+                if isinstance(event, StartedEvent):
+                    if _is_jail_process(event.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(event.pid, signal.SIGKILL)
+                    reader = CgroupReader(event.cgroup_dirs())
+                    await anyio.to_thread.run_sync(reader.kill_and_remove)
+            await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+            removed.append(entry.name)
+        return removed
+
+
+def _is_jail_process(pid: int) -> bool:
+    """True if `pid` still is a tartarus-jail (and not a recycled pid)."""
+    try:
+        return b"tartarus-jail" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -1,0 +1,105 @@
+"""What the agent-backed backends (jail, gvisor) share: where the agent lives inside a
+sandbox, how it is started, and each sandbox's directory on the host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar, Final
+
+import anyio
+import msgspec
+
+from tartarus.runtime.agent_sandbox import AgentSandbox
+from tartarus.runtime.base import Execution, SandboxError
+from tartarus.runtime.cgroups import CgroupReader, OomAwareExecution
+from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec, SandboxState
+
+AGENT_IN_SANDBOX: Final = "/.tartarus/tartarus-agent"
+SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
+AGENT_SOCKET: Final = "agent.sock"
+
+
+def agent_argv() -> list[str]:
+    """How every agent-backed backend starts the agent inside the sandbox."""
+    return [
+        AGENT_IN_SANDBOX,
+        "serve",
+        "--listen",
+        f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
+    ]
+
+
+async def with_rootfs(spec: SandboxSpec) -> SandboxSpec:
+    """The spec with its template's root filesystem (built and cached by the image
+    store on first use) unless it names one already."""
+    if spec.rootfs is None:
+        from tartarus.images import TemplateStore  # noqa: PLC0415 - only when needed
+
+        template = await TemplateStore().resolve(spec.template, ext4=False)
+        spec = msgspec.structs.replace(spec, rootfs=template.rootfs)
+    return spec
+
+
+def new_sandbox_dir(root: Path, spec: SandboxSpec, backend: str) -> Path:
+    """Checks the spec has a rootfs directory and creates `root/<id>` (which must not
+    exist: ids are unique per runtime)."""
+    if spec.rootfs is None or not spec.rootfs.is_dir():
+        raise SandboxError(
+            f"the {backend} backend needs a template root filesystem directory, got {spec.rootfs}"
+        )
+    directory = root / spec.id
+    try:
+        directory.mkdir(parents=True)
+    except FileExistsError:
+        raise SandboxError(f"a {backend} sandbox named {spec.id!r} already exists") from None
+    return directory
+
+
+@contextlib.contextmanager
+def reachable_socket(path: Path) -> Iterator[str]:
+    """A path to connect to `path` by, short enough for AF_UNIX (108 bytes) however
+    deep the state directory is: through an O_PATH descriptor of its directory."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+async def wait_for_path(path: Path, timeout_s: float) -> None:
+    """Polls (every 0.5 ms: the agent binds its socket within milliseconds) until `path`
+    exists; the agent client then connects without its backoff."""
+    with anyio.move_on_after(timeout_s):
+        while not await anyio.Path(path).exists():  # noqa: ASYNC110 - no event to wait on
+            await anyio.sleep(0.0005)
+
+
+class HostedAgentSandbox(AgentSandbox):
+    """An agent-backed sandbox with a host directory and a host cgroup: exec results
+    learn about OOM kills from the cgroup (the agent inside cannot see them)."""
+
+    BACKEND: ClassVar[Backend]
+
+    def __init__(self, spec: SandboxSpec, directory: Path) -> None:
+        super().__init__()
+        self.spec = spec
+        self._dir = directory
+        self._state = SandboxState.CREATED
+        self._cgroup = CgroupReader([])
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def backend(self) -> Backend:
+        return self.BACKEND
+
+    async def exec(self, request: ExecRequest) -> Execution:  # type: ignore[override]
+        return OomAwareExecution(await super().exec(request), self._cgroup.oom_kills)

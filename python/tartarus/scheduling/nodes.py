@@ -1,0 +1,168 @@
+"""What the registry knows about a node, and what a sandbox asks of one."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from tartarus.errors import TartarusError
+from tartarus.runtime.types import Backend, Resources
+
+# Nodes in this pool only take quarantined work, and quarantined work only goes there.
+QUARANTINE_POOL = "quarantine"
+GENERAL_POOL = "general"
+
+LabelKey = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
+LabelValue = Annotated[str, Meta(max_length=63, pattern=r"^[A-Za-z0-9._-]*$")]
+PoolName = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[a-z0-9-]+$")]
+
+
+class InvalidSpecError(TartarusError):
+    pass
+
+
+class TaintEffect(StrEnum):
+    # Only sandboxes that tolerate the taint may be placed on the node.
+    NO_SCHEDULE = "NoSchedule"
+    # Other nodes are preferred; the node is still used when nothing else fits.
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+
+
+class Taint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    key: LabelKey
+    value: LabelValue = ""
+    effect: TaintEffect = TaintEffect.NO_SCHEDULE
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}:{self.effect.value}"
+
+
+class Toleration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    key: LabelKey
+    # None tolerates the key with any value.
+    value: LabelValue | None = None
+
+    def tolerates(self, taint: Taint) -> bool:
+        return self.key == taint.key and (self.value is None or self.value == taint.value)
+
+
+_TAINT = re.compile(
+    r"^([A-Za-z0-9._/-]+)(?:=([A-Za-z0-9._-]*))?(?::(NoSchedule|PreferNoSchedule))?$"
+)
+
+
+def parse_taint(text: str) -> Taint:
+    """`key=value:Effect` (value and effect optional; the effect defaults to NoSchedule)."""
+    match = _TAINT.match(text)
+    if match is None:
+        raise InvalidSpecError(
+            f"invalid taint {text!r}: use KEY[=VALUE][:NoSchedule|:PreferNoSchedule]"
+        )
+    key, value, effect = match.groups()
+    return Taint(key=key, value=value or "", effect=TaintEffect(effect or "NoSchedule"))
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9._/-]{1,63}", key):
+        raise InvalidSpecError(f"invalid label {text!r}: use KEY=VALUE")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{0,63}", value):
+        raise InvalidSpecError(f"invalid label value in {text!r}: letters, digits, . _ -")
+    return key, value
+
+
+class NodeCapacity(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    vcpus: Annotated[float, Meta(gt=0)]
+    memory_mib: Annotated[int, Meta(gt=0)]
+    backends: list[Backend]
+    max_sandboxes: Annotated[int, Meta(ge=1)] = 1000
+
+
+class NodeSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a node agent says about itself when it joins."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._-]+$")]
+    # Where API servers reach the node's own API (exec, files, logs are forwarded there).
+    address: str
+    capacity: NodeCapacity
+    labels: dict[LabelKey, LabelValue] = msgspec.field(default_factory=dict)
+    taints: list[Taint] = msgspec.field(default_factory=list)
+    pool: PoolName = GENERAL_POOL
+    version: str = ""
+
+
+class NodeUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Measured on the node at each heartbeat (host-wide utilisation, 0..1)."""
+
+    sandboxes: int = 0
+    cpu_utilisation: float = 0.0
+    memory_utilisation: float = 0.0
+
+
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    sandbox_id: str
+    vcpus: float
+    memory_mib: int
+    # Affinity groups of the sandbox (for affinity / anti-affinity of later ones).
+    groups: list[str] = msgspec.field(default_factory=list)
+
+
+class NodeState(msgspec.Struct, kw_only=True):
+    spec: NodeSpec
+    usage: NodeUsage = msgspec.field(default_factory=NodeUsage)
+    reservations: list[Reservation] = msgspec.field(default_factory=list)
+    draining: bool = False
+    joined_at: float = 0.0
+    last_seen: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def reserved_vcpus(self) -> float:
+        return sum(r.vcpus for r in self.reservations)
+
+    @property
+    def reserved_memory_mib(self) -> int:
+        return sum(r.memory_mib for r in self.reservations)
+
+    def group_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.reservations:
+            for g in r.groups:
+                counts[g] = counts.get(g, 0) + 1
+        return counts
+
+
+class PlacementRules(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a sandbox may run, as the client asks it (`placement` in a create request)."""
+
+    # Only nodes with all of these labels.
+    node_selector: dict[LabelKey, LabelValue] = msgspec.field(default_factory=dict)
+    # Taints this sandbox accepts.
+    tolerations: list[Toleration] = msgspec.field(default_factory=list)
+    # Groups this sandbox belongs to (what later affinity rules refer to).
+    groups: list[LabelKey] = msgspec.field(default_factory=list)
+    # Run on a node that already runs a sandbox of each of these groups (when any does).
+    affinity: list[LabelKey] = msgspec.field(default_factory=list)
+    # Never on a node that runs a sandbox of any of these groups.
+    anti_affinity: list[LabelKey] = msgspec.field(default_factory=list)
+    # The queue lane: swift (interactive), main, deep (batch). Default: from the heat class.
+    lane: Literal["swift", "main", "deep"] | None = None
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    """One scheduling question: everything the scheduler weighs for one sandbox."""
+
+    sandbox_id: str
+    resources: Resources
+    backend: Backend = Backend.AUTO
+    rules: PlacementRules = msgspec.field(default_factory=PlacementRules)
+    tenant: str = ""
+    template: str = "base"
+    quarantined: bool = False

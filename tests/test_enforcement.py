@@ -1,0 +1,195 @@
+"""Erinyes and Cocytus: Tisiphone's actions on real processes, Megaera's escalation, and
+the event/error logs on SQLite and Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from tartarus.agent.manager import SandboxManager
+from tartarus.agent.store import Store
+from tartarus.api.types import CreateSandboxRequest, ResourcesBody
+from tartarus.auth.principal import SYSTEM
+from tartarus.config import Settings
+from tartarus.enforcement.furies import Furies, LimitPolicy, LimitRule, triggered
+from tartarus.enforcement.log import RedisLog, SqliteLog
+from tartarus.enforcement.records import (
+    Action,
+    EnforcementEvent,
+    ErrorCategory,
+    ErrorRecord,
+    Fury,
+)
+from tartarus.enforcement.violations import QUARANTINE_AFTER, escalate, violation
+from tartarus.runtime.types import ExecRequest, SandboxState
+from tests.support.process_runtime import StandInProvider
+from tests.support.redis_server import RedisServer, redis_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[EnforcementEvent] = []
+
+    def event(self, event: EnforcementEvent) -> None:
+        self.items.append(event)
+
+
+@pytest.fixture
+async def manager(tmp_path: Path) -> AsyncIterator[SandboxManager]:
+    settings = Settings(
+        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state", runtime_dir=tmp_path / "run"
+    )
+    store = Store(tmp_path / "state.db")
+    async with SandboxManager(store, StandInProvider(settings)).running() as m:
+        yield m
+    store.close()
+
+
+async def sandbox_running(manager: SandboxManager, command: str, memory_mib: int = 64) -> str:
+    record, _ = await manager.create(
+        CreateSandboxRequest(resources=ResourcesBody(vcpus=0.5, memory_mib=memory_mib)),
+        caller=msgspec.structs.replace(SYSTEM, tenant="greedy"),
+    )
+    live = manager.live(record.id)
+    execution = await live.sandbox.exec(ExecRequest(shell=command, background=True))
+    live.executions[execution.pid] = execution
+    return record.id
+
+
+HOG = (
+    "python3 -c 'import time; a = bytearray(40 << 20); "
+    'a[::4096] = b"x" * len(a[::4096]); time.sleep(60)\''
+)
+SPIN = "python3 -c 'while True: pass'"
+
+
+async def watch_until(
+    furies: Furies, manager: SandboxManager, sandbox_id: str, done: object
+) -> None:
+    with anyio.fail_after(30):
+        while True:
+            live = manager.live_sandboxes()
+            for sandbox in live:
+                if sandbox.record.id == sandbox_id:
+                    await furies.check(sandbox)
+            if done():  # type: ignore[operator]
+                return
+            await anyio.sleep(furies.policy.interval_s)
+
+
+def test_the_strongest_rule_reached_wins() -> None:
+    rules = [LimitRule(share=0.5, action=Action.WARN), LimitRule(share=0.9, action=Action.KILL)]
+    assert triggered(rules, 0.4) is None
+    assert triggered(rules, 0.6) == rules[0]
+    assert triggered(rules, 0.95) == rules[1]
+
+
+async def test_memory_hog_warned_then_killed(manager: SandboxManager) -> None:
+    sink = Events()
+    policy = LimitPolicy(
+        memory=[LimitRule(share=0.2, action=Action.WARN), LimitRule(share=0.5, action=Action.KILL)],
+        cpu=[],
+        interval_s=0.2,
+    )
+    furies = Furies(manager, policy, sink)
+    sandbox_id = await sandbox_running(manager, HOG)
+    await watch_until(
+        furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
+    )
+    record = manager.record(sandbox_id)
+    assert record.detail.startswith("killed by Tisiphone (kill): memory at")
+    actions = [(e.fury, e.action) for e in sink.items]
+    assert actions[-1] == (Fury.TISIPHONE, Action.KILL)
+    assert sink.items[-1].tenant == "greedy" and sink.items[-1].value >= 0.5
+    # Each rule acts once per sandbox.
+    assert len(actions) == len(set(actions))
+
+
+async def test_quarantine_action_kills_and_names_the_tenant(manager: SandboxManager) -> None:
+    sink = Events()
+    policy = LimitPolicy(
+        memory=[LimitRule(share=0.3, action=Action.QUARANTINE)], cpu=[], interval_s=0.2
+    )
+    furies = Furies(manager, policy, sink)
+    sandbox_id = await sandbox_running(manager, HOG)
+    await watch_until(
+        furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
+    )
+    (event,) = sink.items
+    assert (event.action, event.tenant) == (Action.QUARANTINE, "greedy")
+
+
+async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager) -> None:
+    sink = Events()
+    policy = LimitPolicy(
+        memory=[], cpu=[LimitRule(share=0.3, action=Action.THROTTLE)], interval_s=0.5
+    )
+    furies = Furies(manager, policy, sink)
+    sandbox_id = await sandbox_running(manager, SPIN)
+    await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
+    (event,) = sink.items
+    assert event.action is Action.THROTTLE and "cannot throttle, so only warned" in event.detail
+    assert manager.record(sandbox_id).state is SandboxState.RUNNING
+    await manager.delete(sandbox_id)
+
+
+def test_megaera_quarantines_a_repeat_offender() -> None:
+    events = [violation(f"sb-{i:016x}", "mallory", "egress to 10.0.0.1") for i in range(3)]
+    assert escalate(events[:2], "mallory") is None
+    escalation = escalate(events, "mallory")
+    assert escalation is not None and escalation.action is Action.QUARANTINE
+    assert f"{QUARANTINE_AFTER} policy violations" in escalation.detail
+    assert escalate(events, "") is None
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_error_log_query_and_purge(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    client: aioredis.Redis | None = None
+    log: SqliteLog[ErrorRecord] | RedisLog[ErrorRecord]
+    if backend == "redis":
+        server: RedisServer = request.getfixturevalue("redis")
+        client = aioredis.Redis.from_url(server.url)
+        log = RedisLog(client, f"errors-{tmp_path.name}", ErrorRecord)
+    else:
+        log = SqliteLog(tmp_path / "log.db", "errors", ErrorRecord)
+    try:
+        first = await log.append(
+            ErrorRecord(category=ErrorCategory.START, message="no rootfs", sandbox_id="sb-1")
+        )
+        await log.append(
+            ErrorRecord(category=ErrorCategory.NODE_LOST, message="gone", node_id="node-a")
+        )
+        assert first
+        newest_first = await log.query()
+        assert [r.message for r in newest_first] == ["gone", "no rootfs"]
+        assert [r.message for r in await log.query({"node_id": "node-a"})] == ["gone"]
+        assert [r.id for r in await log.query({"category": "start"})] == [first]
+        assert await log.query(since=time.time() + 60) == []
+        await anyio.sleep(0.01)
+        assert await log.purge(time.time()) == 2
+        assert await log.query() == []
+    finally:
+        await log.close()
+        if client is not None:
+            await client.aclose()

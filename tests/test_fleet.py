@@ -1,0 +1,227 @@
+"""The fleet end to end on one host: an API server over SQLite state, node agents as
+separate processes, sandboxes placed, forwarded, lost and enforced."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+
+from tartarus.scheduling.nodes import PlacementRules, Toleration
+from tartarus.sync import Sandbox
+from tests.support.fleet import (
+    TOKEN,
+    call,
+    fleet_config,
+    nodes,
+    runtime_in_use,
+    start_agent,
+    start_api,
+    stop_process,
+    wait_for,
+)
+from tests.support.process_runtime import reap_leftovers
+from tests.support.server import Server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Server]:
+    print(f"sandboxes run on {runtime_in_use()}")
+    config = fleet_config(tmp_path / "config")
+    server = start_api(tmp_path / "api", f"sqlite:///{tmp_path / 'fleet.db'}", config=config)
+    try:
+        yield server
+    finally:
+        stop_process(server)
+
+
+def create(api: Server, **body: object) -> dict[str, object]:
+    reply = call(
+        api, "POST", "/v1/sandboxes", {"resources": {"vcpus": 0.25, "memory_mib": 64}, **body}
+    )
+    assert reply.status == 201, reply.body
+    result: dict[str, object] = reply.json()
+    return result
+
+
+def test_sandboxes_are_placed_by_labels_and_taints_and_forwarded(
+    api: Server, tmp_path: Path
+) -> None:
+    assert api.tcp_url is not None
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", "--label", "zone=a", "--cpus", "2")
+    b = start_agent(
+        tmp_path / "b", [api.tcp_url], "node-b", "--label", "zone=b", "--taint", "gpu=yes"
+    )
+    try:
+        wait_for(lambda: set(nodes(api)) == {"node-a", "node-b"}, what="both nodes")
+        plain = create(api)
+        assert plain["node"] == "node-a"  # node-b's taint is not tolerated
+        assert plain["state"] == "running"
+        gpu = create(
+            api,
+            placement={"node_selector": {"zone": "b"}, "tolerations": [{"key": "gpu"}]},
+        )
+        assert gpu["node"] == "node-b"
+        refused = call(
+            api,
+            "POST",
+            "/v1/sandboxes",
+            {"placement": {"node_selector": {"zone": "mars"}}},
+        )
+        assert refused.status == 503, refused.body
+        assert "label zone=mars missing" in refused.json()["detail"]
+        # The SDK asks for a placement the same way.
+        with Sandbox.create(
+            placement=PlacementRules(
+                node_selector={"zone": "b"}, tolerations=[Toleration(key="gpu", value="yes")]
+            ),
+            vcpus=0.25,
+            memory_mib=64,
+            url=api.tcp_url,
+            api_key=TOKEN,
+        ) as sdk_sandbox:
+            assert sdk_sandbox.info.node == "node-b"
+            assert sdk_sandbox.commands.run("echo from-sdk").stdout == "from-sdk\n"
+        # Exec goes to the node that runs the sandbox.
+        ran = call(api, "POST", f"/v1/sandboxes/{plain['id']}/exec", {"cmd": "echo hi"})
+        assert ran.status == 200, ran.body
+        assert ran.json()["stdout"] == "hi\n"
+        # Streams and WebSockets are relayed as they come.
+        streamed = call(
+            api, "POST", f"/v1/sandboxes/{plain['id']}/exec/stream", {"cmd": "echo streamed"}
+        )
+        lines = [json.loads(line) for line in streamed.body.splitlines()]
+        assert [e["type"] for e in lines] == ["started", "output", "exit"]
+        assert lines[1]["data"] == "streamed\n"
+        assert anyio.run(websocket_exec, api, str(plain["id"])) == b"over ws\n"
+        listed = call(api, "GET", "/v1/sandboxes?state=running").json()["items"]
+        assert {s["id"] for s in listed} == {plain["id"], gpu["id"]}
+        assert call(api, "DELETE", f"/v1/sandboxes/{plain['id']}").status == 204
+        got = call(api, "GET", f"/v1/sandboxes/{plain['id']}").json()
+        assert got["state"] == "stopped"
+        # The failed request is in the dead letters with its reason.
+        queue = call(api, "GET", "/v1/queue").json()
+        assert any("zone=mars" in d["reason"] for d in queue["dead_letters"])
+        errors = call(api, "GET", "/v1/errors?category=scheduling").json()["items"]
+        assert any("zone=mars" in e["message"] for e in errors)
+        metrics = call(api, "GET", "/metrics")
+        assert b"tartarus_queue_depth" in metrics.body
+    finally:
+        stop_process(a)
+        stop_process(b)
+
+
+async def websocket_exec(api: Server, sandbox_id: str) -> bytes:
+    assert api.tcp_url is not None
+    output = b""
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session,
+        session.ws_connect(f"{api.tcp_url}/v1/sandboxes/{sandbox_id}/exec/ws") as ws,
+    ):
+        await ws.send_str(json.dumps({"cmd": "echo over ws"}))
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                output += msg.data[1:]
+            elif msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data)["type"] == "exit":
+                break
+    return output
+
+
+def test_a_killed_agent_fails_its_sandboxes_with_the_reason(api: Server, tmp_path: Path) -> None:
+    assert api.tcp_url is not None
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    try:
+        wait_for(lambda: "node-a" in nodes(api), what="node-a")
+        sandbox = create(api)
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait()
+
+        def failed() -> bool:
+            got = call(api, "GET", f"/v1/sandboxes/{sandbox['id']}").json()
+            return bool(got["state"] == "failed" and "heartbeats" in got["detail"])
+
+        wait_for(failed, what="the sandbox to be failed with its node")
+        assert "node-a" not in nodes(api)
+        lost = call(api, "GET", "/v1/errors?category=node-lost").json()["items"]
+        assert any(e["sandbox_id"] == sandbox["id"] for e in lost)
+    finally:
+        stop_process(a)
+        reap_leftovers(tmp_path / "a")
+
+
+def test_timeout_kills_within_a_second_and_is_an_event(api: Server, tmp_path: Path) -> None:
+    assert api.tcp_url is not None
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    try:
+        wait_for(lambda: "node-a" in nodes(api), what="node-a")
+        sandbox = create(api, timeout_s=1)
+
+        def ended() -> dict[str, object] | None:
+            got: dict[str, object] = call(api, "GET", f"/v1/sandboxes/{sandbox['id']}").json()
+            return got if got["state"] != "running" else None
+
+        got = wait_for(ended, what="the timeout")
+        assert got["state"] == "stopped" and got["detail"] == "timed out"
+        events = wait_for(
+            lambda: call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"],
+            what="the Alecto event",
+        )
+        assert events[0]["fury"] == "alecto" and events[0]["action"] == "kill"
+        assert events[0]["value"] < 1.0  # seconds past the deadline
+    finally:
+        stop_process(a)
+
+
+def test_memory_hog_is_killed_per_policy(api: Server, tmp_path: Path) -> None:
+    assert api.tcp_url is not None
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    try:
+        wait_for(lambda: "node-a" in nodes(api), what="node-a")
+        sandbox = create(api, resources={"vcpus": 0.5, "memory_mib": 64})
+        # Touches 62 MiB of its 64 MiB, page by page, then waits.
+        hog = (
+            "python3 -c 'import time; a = bytearray(62 << 20); "
+            'a[::4096] = b"x" * len(a[::4096]); time.sleep(60)\''
+        )
+        call(api, "POST", f"/v1/sandboxes/{sandbox['id']}/exec", {"cmd": hog, "background": True})
+
+        def killed() -> dict[str, object] | None:
+            got: dict[str, object] = call(api, "GET", f"/v1/sandboxes/{sandbox['id']}").json()
+            return got if got["state"] == "failed" else None
+
+        got = wait_for(killed, what="Tisiphone's kill")
+        assert "killed by Tisiphone" in str(got["detail"])
+        events = call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"]
+        actions = {(e["fury"], e["action"]) for e in events}
+        assert ("tisiphone", "kill") in actions
+    finally:
+        stop_process(a)
+
+
+def test_draining_agent_leaves_and_its_queued_work_goes_elsewhere(
+    api: Server, tmp_path: Path
+) -> None:
+    assert api.tcp_url is not None
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    try:
+        wait_for(lambda: "node-a" in nodes(api), what="node-a")
+        sandbox = create(api)
+        a.process.send_signal(signal.SIGTERM)
+        assert a.process.wait(timeout=60) == 0
+        got = call(api, "GET", f"/v1/sandboxes/{sandbox['id']}").json()
+        assert got["state"] in ("stopped", "failed")
+        assert "node-a" not in nodes(api)
+        started = time.monotonic()
+        refused = call(api, "POST", "/v1/sandboxes", {})
+        assert refused.status == 503 and "tartarus agent --join" in refused.json()["detail"]
+        assert time.monotonic() - started < 60
+    finally:
+        stop_process(a)

@@ -1,0 +1,82 @@
+"""The selector: auto picks the strongest backend the host runs and explains itself;
+a requested backend the host cannot run is a clear error naming what is missing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tartarus.config import Settings
+from tartarus.host.doctor import BackendVerdict, DoctorReport
+from tartarus.runtime.base import BackendUnavailableError
+from tartarus.runtime.selector import select_backend, select_runtime
+from tartarus.runtime.types import Backend, SandboxSpec, TrustLevel
+
+
+def with_verdicts(report: DoctorReport, **available: bool) -> DoctorReport:
+    """The host's real report with some verdicts overridden (to walk every branch)."""
+    backends = [
+        BackendVerdict(b.name, available[b.name], f"{b.name} says {available[b.name]}")
+        if b.name in available
+        else b
+        for b in report.backends
+    ]
+    return msgspec.structs.replace(report, backends=backends)
+
+
+def test_wasm_module_goes_to_wasm(doctor_report: DoctorReport) -> None:
+    report = with_verdicts(doctor_report, wasm=True, gvisor=True)
+    backend, why = select_backend(SandboxSpec(id="x", wasm_module=Path("m.wasm")), report)
+    assert backend is Backend.WASM
+    assert "WebAssembly module" in why[0]
+
+
+def test_auto_prefers_microvm_then_gvisor_then_jail(doctor_report: DoctorReport) -> None:
+    spec = SandboxSpec(id="x", trust=TrustLevel.TRUSTED)
+    report = with_verdicts(doctor_report, microvm=True, gvisor=True, jail=True)
+    assert select_backend(spec, report)[0] is Backend.MICROVM
+    report = with_verdicts(doctor_report, microvm=False, gvisor=True, jail=True)
+    backend, why = select_backend(spec, report)
+    assert backend is Backend.GVISOR
+    assert why[1] == "microvm: unavailable, microvm says False"
+    report = with_verdicts(doctor_report, microvm=False, gvisor=False, jail=True)
+    assert select_backend(spec, report)[0] is Backend.JAIL
+
+
+def test_untrusted_work_skips_the_jail_unless_policy_allows(doctor_report: DoctorReport) -> None:
+    report = with_verdicts(doctor_report, microvm=False, gvisor=False, jail=True)
+    spec = SandboxSpec(id="x")
+    with pytest.raises(BackendUnavailableError, match="untrusted"):
+        select_backend(spec, report)
+    backend, why = select_backend(spec, report, allow_jail_untrusted=True)
+    assert backend is Backend.JAIL
+    assert any("allowed for untrusted work by policy" in line for line in why)
+
+
+def test_requested_backend_the_host_cannot_run_names_what_is_missing(
+    doctor_report: DoctorReport,
+) -> None:
+    report = with_verdicts(doctor_report, gvisor=False)
+    with pytest.raises(BackendUnavailableError, match=r"gvisor backend cannot run.*gvisor says"):
+        select_backend(SandboxSpec(id="x", backend=Backend.GVISOR), report)
+    with pytest.raises(BackendUnavailableError, match=r"needs a \.wasm module"):
+        select_backend(SandboxSpec(id="x", backend=Backend.WASM), doctor_report)
+
+
+def test_real_host_verdicts(doctor_report: DoctorReport, tmp_path: Path) -> None:
+    """On this host: the microvm request fails with the doctor's KVM reason when KVM
+    cannot run full guests; auto picks a backend the doctor says is available."""
+    if not doctor_report.kernel.kvm.full_guests:
+        with pytest.raises(BackendUnavailableError, match="KVM"):
+            select_backend(SandboxSpec(id="x", backend=Backend.MICROVM), doctor_report)
+    settings = Settings(runtime_dir=tmp_path)
+    try:
+        selection = select_runtime(SandboxSpec(id="x"), doctor_report, settings)
+    except BackendUnavailableError as e:
+        assert "no backend" in str(e)
+        return
+    assert doctor_report.backend(selection.backend.value).available
+    assert selection.runtime.backend is selection.backend
+    assert selection.explanation[-1].startswith(f"{selection.backend.value}: chosen")
