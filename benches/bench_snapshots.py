@@ -19,7 +19,8 @@ Run: `python -m benches.bench_snapshots`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -42,12 +43,15 @@ from tests.support.snapshots import (
     wait_for,
 )
 
-from benches.harness import Stats, report, write_result
+from benches.harness import Stats, ratio, report, write_result
+from tartarus.agent.manager import new_sandbox_id
+from tartarus.agent.provider import HostRuntimes
 from tartarus.api.types import CreateSandboxRequest, SandboxInfo
 from tartarus.host.doctor import run_doctor
 from tartarus.images.store import TemplateStore
+from tartarus.runtime.gvisor import GvisorRuntime
 from tartarus.runtime.microvm import MicroVmRuntime
-from tartarus.runtime.types import Backend
+from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.runtime.vmm_api import RestoreOptions, VmmProcess
 from tartarus.sdk.client import Client
 from tartarus.sdk.snapshots import Snapshots
@@ -56,6 +60,7 @@ from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose
 from tartarus.snapshots.service import SandboxFacts, SnapshotService
 
 RESTORE_RUNS = 40
+GVISOR_RUNS = 10
 CLONES = 100
 POOL_RUNS = 60
 MEMORY_MIB = 64
@@ -229,9 +234,63 @@ async def pool_creates(work: Path) -> dict[str, Any]:
 
 
 async def gvisor_restore(work: Path) -> dict[str, Any]:
-    if importlib.util.find_spec("tartarus.runtime.gvisor") is None:
-        return {"skipped": "the gvisor backend is not in this build yet"}
-    return {"skipped": "not measured in this run"}
+    """Ours: Nyx restoring a stored checkpoint (bundle, `runsc restore`, agent connected);
+    the peer: bare `runsc restore --detach` of the same image into the same bundle."""
+    settings = isolated_settings(work)
+    runtimes = HostRuntimes(settings)
+    verdict = (await runtimes.report()).backend("gvisor")
+    if not verdict.available:
+        return {"skipped": f"gvisor unavailable here: {verdict.reason}"}
+    service = SnapshotService(
+        SnapshotCatalog(state_db_path(settings)), runtimes.templates.blobs, runtimes
+    )
+    runtime = runtimes.runtime(Backend.GVISOR)
+    assert isinstance(runtime, GvisorRuntime)
+    spec, _ = await runtimes.prepare(
+        SandboxSpec(id=new_sandbox_id(), template="base"), Backend.GVISOR
+    )
+    sandbox = await runtime.create(spec)
+    await sandbox.start()
+    record = await service.take(
+        sandbox, SandboxFacts(template="base"), purpose=SnapshotPurpose.USER
+    )
+    bundle = work / "bundle"
+    shutil.copytree(sandbox.bundle, bundle)
+    await sandbox.kill()
+    await runtimes.release(spec.id)
+    image = await service.blobs.local_path(record.blob)
+
+    ours, raw = [], []
+    for i in range(GVISOR_RUNS):
+        clone = SandboxSpec(id=new_sandbox_id(), template="base")
+        started = time.perf_counter()
+        restored, _, _, _ = await service.restore(record.id, clone)
+        ours.append(time.perf_counter() - started)
+        await restored.kill()
+        await service.release(clone.id)
+        container = f"nyx-bench-{i}-{secrets.token_hex(4)}"
+        started = time.perf_counter()
+        await runtime.runsc(
+            "restore",
+            "--image-path",
+            str(image),
+            "--detach",
+            "--bundle",
+            str(bundle),
+            container,
+            log=work / "raw-restore.log",
+        )
+        raw.append(time.perf_counter() - started)
+        await runtime.destroy(container)
+    service.catalog.close()
+    a, b = Stats.of(ours), Stats.of(raw)
+    print(report("gVisor restore (Nyx, agent connected)", a, b, "raw runsc restore"))
+    return {
+        "checkpoint_bytes": record.size_bytes,
+        "nyx_restore_ms": a,
+        "raw_runsc_restore_ms": b,
+        "ratio": ratio(a, b),
+    }
 
 
 async def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import msgspec
 from aiohttp import web
 
 from tartarus.agent.store import encode_cursor
@@ -23,7 +24,7 @@ from tartarus.api.snapshots import (
     SnapshotSandboxBody,
     TemplateSnapshotBody,
 )
-from tartarus.api.types import CreateSandboxRequest, SandboxInfo
+from tartarus.api.types import CreateSandboxRequest, SandboxInfo, TemplateName
 from tartarus.auth.rbac import (
     SANDBOX_CREATE,
     SANDBOX_DELETE,
@@ -83,6 +84,7 @@ def _record(request: web.Request) -> SnapshotRecord:
     summary="Snapshot a running sandbox",
     tag="snapshots",
     body=SnapshotSandboxBody,
+    body_required=False,
     replies=(Reply(201, SnapshotEntry, description="Taken; the sandbox keeps running"),),
     errors=(404, 409),
     permission=SANDBOX_EXEC,
@@ -105,6 +107,7 @@ async def snapshot_sandbox(request: web.Request) -> web.StreamResponse:
     summary="Fork a running sandbox",
     tag="snapshots",
     body=ForkBody,
+    body_required=False,
     replies=(Reply(201, ForkResult, description="The copies, running"),),
     errors=(404, 409),
     permission=SANDBOX_CREATE,
@@ -212,6 +215,7 @@ async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     summary="Start a sandbox from a snapshot",
     tag="snapshots",
     body=RestoreBody,
+    body_required=False,
     replies=(Reply(201, SandboxInfo),),
     errors=(404, 409, 503),
     permission=SANDBOX_CREATE,
@@ -239,6 +243,7 @@ async def restore_snapshot(request: web.Request) -> web.StreamResponse:
     summary="Delete old snapshots",
     tag="snapshots",
     body=PruneBody,
+    body_required=False,
     replies=(Reply(200, PruneReport),),
     permission=SANDBOX_DELETE,
 )
@@ -267,6 +272,7 @@ async def list_pools(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     body=SetPoolBody,
     replies=(Reply(200, PoolInfo),),
+    errors=(422,),
     permission=TEMPLATE_MANAGE,
 )
 async def set_pool(request: web.Request) -> web.StreamResponse:
@@ -274,5 +280,9 @@ async def set_pool(request: web.Request) -> web.StreamResponse:
     create that asks for what they are is then a hand-over, not a start. The pool
     fills in the background (building the template's warm snapshot first if needed)."""
     body = await read_json(request, SetPoolBody)
-    info = nyx(request).pools.set_target(request.match_info["template"], body.size, body.backend)
-    return reply(info)
+    template = request.match_info["template"]
+    try:
+        msgspec.convert(template, TemplateName)
+    except msgspec.ValidationError as e:
+        raise ApiError(422, "invalid-template", f"{template!r} is not a template name: {e}") from e
+    return reply(nyx(request).pools.set_target(template, body.size, body.backend))
