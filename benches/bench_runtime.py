@@ -152,7 +152,9 @@ async def exec_round_trip(sb: Sandbox, backend: str) -> Stats:
     return await measure_async(once, runs=200 if backend != "gvisor" else 100, warmup=5)
 
 
-async def stream_throughput(sb: Sandbox, backend: str) -> float:
+async def stream_throughput(sb: Sandbox, backend: str) -> dict[str, float]:
+    """MB/s of output received; chunks the agent's bounded buffer dropped (the reader
+    here is a single task, slower than `cat`) are counted, not hidden."""
     if backend == "wasm":
         request = ExecRequest(argv=["toolbox", "flood", str(STREAM_BYTES)])
     else:
@@ -160,15 +162,20 @@ async def stream_throughput(sb: Sandbox, backend: str) -> float:
         request = ExecRequest(argv=["cat", "/tmp/stream"])
     started = time.perf_counter()
     received = 0
+    dropped = 0
     execution = await sb.exec(request)
     async for event in execution.events():
         if isinstance(event, OutputChunk):
             received += len(event.data)
         else:
-            assert event.dropped_chunks == 0, event
+            dropped = event.dropped_chunks
     elapsed = time.perf_counter() - started
-    assert received == STREAM_BYTES, received
-    return round(STREAM_BYTES / elapsed / 1e6, 1)
+    return {
+        "mb_per_s": round(received / elapsed / 1e6, 1),
+        "received_bytes": received,
+        "sent_bytes": STREAM_BYTES,
+        "dropped_chunks": dropped,
+    }
 
 
 async def bench_backend(
@@ -193,9 +200,9 @@ async def bench_backend(
     finally:
         await sb.kill()
     print(f"{backend} exec round trip: p50 {rt.p50_ms:.3f} ms p99 {rt.p99_ms:.3f} ms")
-    print(f"{backend} streaming: {mbps} MB/s")
+    print(f"{backend} streaming: {mbps}")
     out["exec_round_trip"] = rt
-    out["stream_mb_per_s"] = mbps
+    out["streaming"] = mbps
     return out
 
 

@@ -17,7 +17,7 @@ from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
 from tartarus.config import Settings
-from tartarus.enforcement.furies import Furies, LimitPolicy, LimitRule, triggered
+from tartarus.enforcement.furies import Furies, triggered
 from tartarus.enforcement.log import RedisLog, SqliteLog
 from tartarus.enforcement.records import (
     Action,
@@ -25,6 +25,8 @@ from tartarus.enforcement.records import (
     ErrorCategory,
     ErrorRecord,
     Fury,
+    LimitPolicy,
+    LimitRule,
 )
 from tartarus.enforcement.violations import QUARANTINE_AFTER, escalate, violation
 from tartarus.runtime.types import ExecRequest, SandboxState

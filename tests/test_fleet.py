@@ -31,11 +31,19 @@ from tests.support.server import Server
 
 pytestmark = pytest.mark.timeout(180)
 
+# Node agents' policy: warn at half the memory limit, kill at 70 % (below the kernel's own
+# OOM kill at 100 %, so the policy acts first).
+LIMITS = {
+    "memory": [{"share": 0.5, "action": "warn"}, {"share": 0.7, "action": "kill"}],
+    "cpu": [],
+    "interval_s": 0.5,
+}
+
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Server]:
     print(f"sandboxes run on {runtime_in_use()}")
-    config = fleet_config(tmp_path / "config")
+    config = fleet_config(tmp_path / "config", limits=LIMITS)
     server = start_api(tmp_path / "api", f"sqlite:///{tmp_path / 'fleet.db'}", config=config)
     try:
         yield server
@@ -137,7 +145,7 @@ async def websocket_exec(api: Server, sandbox_id: str) -> bytes:
 
 def test_a_killed_agent_fails_its_sandboxes_with_the_reason(api: Server, tmp_path: Path) -> None:
     assert api.tcp_url is not None
-    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", config=api.extra["config"])
     try:
         wait_for(lambda: "node-a" in nodes(api), what="node-a")
         sandbox = create(api)
@@ -159,7 +167,7 @@ def test_a_killed_agent_fails_its_sandboxes_with_the_reason(api: Server, tmp_pat
 
 def test_timeout_kills_within_a_second_and_is_an_event(api: Server, tmp_path: Path) -> None:
     assert api.tcp_url is not None
-    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", config=api.extra["config"])
     try:
         wait_for(lambda: "node-a" in nodes(api), what="node-a")
         sandbox = create(api, timeout_s=1)
@@ -182,13 +190,13 @@ def test_timeout_kills_within_a_second_and_is_an_event(api: Server, tmp_path: Pa
 
 def test_memory_hog_is_killed_per_policy(api: Server, tmp_path: Path) -> None:
     assert api.tcp_url is not None
-    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", config=api.extra["config"])
     try:
         wait_for(lambda: "node-a" in nodes(api), what="node-a")
         sandbox = create(api, resources={"vcpus": 0.5, "memory_mib": 64})
-        # Touches 62 MiB of its 64 MiB, page by page, then waits.
+        # Touches 52 MiB of its 64 MiB, page by page, then waits.
         hog = (
-            "python3 -c 'import time; a = bytearray(62 << 20); "
+            "python3 -c 'import time; a = bytearray(52 << 20); "
             'a[::4096] = b"x" * len(a[::4096]); time.sleep(60)\''
         )
         call(api, "POST", f"/v1/sandboxes/{sandbox['id']}/exec", {"cmd": hog, "background": True})
@@ -210,7 +218,7 @@ def test_draining_agent_leaves_and_its_queued_work_goes_elsewhere(
     api: Server, tmp_path: Path
 ) -> None:
     assert api.tcp_url is not None
-    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a")
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", config=api.extra["config"])
     try:
         wait_for(lambda: "node-a" in nodes(api), what="node-a")
         sandbox = create(api)

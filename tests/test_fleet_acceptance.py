@@ -68,6 +68,7 @@ class Fleet:
             *args,
             host=ns.address if ns else "127.0.0.1",
             prefix=ns.prefix if ns else (),
+            config=self.config,
         )
         self.agents[node_id] = agent
         return agent

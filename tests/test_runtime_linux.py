@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,11 @@ def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Back
 
 
 @pytest.fixture
-def runtime(backend: Backend, tmp_path: Path) -> Runtime:
-    return make_runtime(backend, tmp_path / "state")
+def runtime(backend: Backend, tmp_path: Path) -> Iterator[Runtime]:
+    rt = make_runtime(backend, tmp_path / "state")
+    yield rt
+    if isinstance(rt, JailRuntime):
+        rt.remove_cgroup_scope()
 
 
 def spec_for(rootfs: Path, name: str = "sb", **kw: Any) -> SandboxSpec:

@@ -33,7 +33,15 @@ def fleet_config(base: Path, **fleet: Any) -> Path:
     }
     lines = ["[fleet]"]
     for key, value in values.items():
+        if isinstance(value, dict):
+            continue
         lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            lines.append(f"[fleet.{key}]")
+            for inner, v in value.items():
+                text = json.dumps(v).replace('":', '" =')  # inline tables for lists of tables
+                lines.append(f"{inner} = {text}")
     base.mkdir(parents=True, exist_ok=True)
     path = base / "tartarus.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -55,7 +63,9 @@ def start_api(
     env = server_env(base, TARTARUS_API_KEY=TOKEN)
     if config is not None:
         env["TARTARUS_CONFIG"] = str(config)
-    return start_server(base, "--state", state_url, env=env, listen=("--tcp", f"{host}:0"))
+    server = start_server(base, "--state", state_url, env=env, listen=("--tcp", f"{host}:0"))
+    server.extra["config"] = config
+    return server
 
 
 def start_agent(
@@ -65,8 +75,11 @@ def start_agent(
     *extra: str,
     host: str = "127.0.0.1",
     prefix: tuple[str, ...] = (),
+    config: Path | None = None,
 ) -> Server:
     env = server_env(base, PYTHONPATH=str(REPO))
+    if config is not None:
+        env["TARTARUS_CONFIG"] = str(config)
     args = [a for url in join for a in ("--join", url)]
     args += ["--token", TOKEN, "--node-id", node_id, "--drain-timeout", "1", *runtime_args()]
     return start_server(

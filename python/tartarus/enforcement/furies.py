@@ -10,39 +10,18 @@ only in the quarantine pool (Typhon).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import anyio
-import msgspec
-from msgspec import Meta
 
 from tartarus.agent.manager import LiveSandbox, SandboxManager
-from tartarus.enforcement.records import Action, EnforcementEvent, Fury
+from tartarus.enforcement.records import Action, EnforcementEvent, Fury, LimitPolicy, LimitRule
 from tartarus.runtime.types import SandboxState
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 STATS_TIMEOUT_S = 2.0
-
-
-class LimitRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    # The share of the sandbox's limit (memory limit; vCPUs for CPU) that triggers it.
-    share: Annotated[float, Meta(gt=0)]
-    action: Action
-
-
-class LimitPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    memory: list[LimitRule] = msgspec.field(
-        default_factory=lambda: [
-            LimitRule(share=0.8, action=Action.WARN),
-            LimitRule(share=0.95, action=Action.KILL),
-        ]
-    )
-    cpu: list[LimitRule] = msgspec.field(
-        default_factory=lambda: [LimitRule(share=0.95, action=Action.WARN)]
-    )
-    interval_s: Annotated[float, Meta(gt=0)] = 1.0
 
 
 class Sink(Protocol):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 
 class ErrorCategory(StrEnum):
@@ -62,3 +64,22 @@ class EnforcementEvent(msgspec.Struct, kw_only=True, frozen=True):
     value: float = 0.0
     ts: float = msgspec.field(default_factory=time.time)
     id: str = ""
+
+
+class LimitRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # The share of the sandbox's limit (memory limit; vCPUs for CPU) that triggers it.
+    share: Annotated[float, Meta(gt=0)]
+    action: Action
+
+
+class LimitPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    memory: list[LimitRule] = msgspec.field(
+        default_factory=lambda: [
+            LimitRule(share=0.8, action=Action.WARN),
+            LimitRule(share=0.95, action=Action.KILL),
+        ]
+    )
+    cpu: list[LimitRule] = msgspec.field(
+        default_factory=lambda: [LimitRule(share=0.95, action=Action.WARN)]
+    )
+    interval_s: Annotated[float, Meta(gt=0)] = 1.0

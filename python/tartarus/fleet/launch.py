@@ -15,7 +15,6 @@ from tartarus import __version__
 from tartarus.agent.provider import HostRuntimes
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
-from tartarus.enforcement.furies import LimitPolicy
 from tartarus.errors import ConfigError
 from tartarus.fleet.coordinator import Coordinator
 from tartarus.fleet.host_usage import host_cpus, host_memory_mib
@@ -29,9 +28,9 @@ from tartarus.server.serve import ServeOptions, serve
 
 log = logging.getLogger(__name__)
 
-# Grace between SIGTERM and the kill at a sandbox's deadline on a node (Alecto kills
-# within a second of the timeout).
-TIMEOUT_GRACE_S = 0.3
+# Grace between SIGTERM and the kill at a sandbox's deadline on a node: none, Alecto
+# kills at once (within a second of the timeout, teardown included).
+TIMEOUT_GRACE_S = 0.0
 
 
 class FleetBackends(HostRuntimes):
@@ -135,7 +134,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     concurrency: int = 8
     drain_timeout_s: float = 30.0
     grace_s: float = 10.0
-    limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
 
 
 async def run_agent(
@@ -171,7 +169,7 @@ async def run_agent(
             token=config.token,
             concurrency=config.concurrency,
             drain_timeout_s=config.drain_timeout_s,
-            limits=config.limits,
+            limits=settings.fleet.limits,
         ),
         spec,
         outbox,

@@ -34,8 +34,14 @@ from aiohttp.typedefs import Middleware
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.store import SandboxRecord, Store
 from tartarus.auth.principal import SYSTEM
-from tartarus.enforcement.furies import Furies, LimitPolicy
-from tartarus.enforcement.records import Action, EnforcementEvent, ErrorRecord, Fury
+from tartarus.enforcement.furies import Furies
+from tartarus.enforcement.records import (
+    Action,
+    EnforcementEvent,
+    ErrorRecord,
+    Fury,
+    LimitPolicy,
+)
 from tartarus.fleet.host_usage import HostUsage
 from tartarus.fleet.wire import (
     Heartbeat,

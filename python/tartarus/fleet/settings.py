@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from tartarus.enforcement.records import LimitPolicy
 from tartarus.queue import QueueSettings
 from tartarus.scheduling.heat import PoolRouting
 from tartarus.scheduling.scheduler import Strategy
@@ -28,5 +29,7 @@ class FleetSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     schedulers: Annotated[int, Meta(ge=1, le=256)] = 8
     # Times work goes back to the lanes when its node dies before starting it.
     max_reschedules: Annotated[int, Meta(ge=0)] = 3
+    # Tisiphone's rules on every node agent (memory and CPU against each sandbox's limits).
+    limits: LimitPolicy = msgspec.field(default_factory=LimitPolicy)
     # Error records and enforcement events are kept this long.
     retention_s: Annotated[float, Meta(gt=0)] = 7 * 24 * 3600.0

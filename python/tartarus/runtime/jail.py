@@ -282,10 +282,19 @@ class JailRuntime:
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> JailSandbox:
         raise NotSupportedError(Backend.JAIL, "snapshots")
 
+    def remove_cgroup_scope(self) -> None:
+        """Removes this runtime's (empty) parent cgroups; one still in use stays."""
+        for mount in _cgroup_mounts():
+            with contextlib.suppress(OSError):
+                (mount / self.cgroup_parent).rmdir()
+
     async def reap(self, keep: set[str]) -> list[str]:
         """Kills jails this runtime left behind (after a crash) and removes their
-        cgroups and directories."""
+        cgroups and directories (and the parent cgroups when nothing is kept)."""
         removed: list[str] = []
+        if not keep:
+            with contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(self.remove_cgroup_scope)
         if not self._root.is_dir():
             return removed
         for entry in sorted(self._root.iterdir()):
@@ -303,6 +312,18 @@ class JailRuntime:
             await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
             removed.append(entry.name)
         return removed
+
+
+def _cgroup_mounts() -> list[Path]:
+    """Mount points of every cgroup hierarchy (v1 and v2)."""
+    mounts = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if right.split()[:1] in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
+                mounts.append(Path(fields[4]))
+    return mounts
 
 
 def _is_jail_process(pid: int) -> bool:
