@@ -91,20 +91,20 @@ class ForkResult(_Response, kw_only=True):
     sandboxes: list[SandboxInfo]
 
 
-class PruneBody(_Request, kw_only=True):
+class PruneQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Which snapshots to delete: all conditions must hold.
 
     older_than_s: taken more than this many seconds ago
     keep: per template and purpose, keep this many newest
     template: only this template's
-    purposes: only these purposes (default: user and terminate)
+    purpose: only these purposes (repeat for several; default: user and terminate)
     dry_run: report what would go, delete nothing
     """
 
     older_than_s: Annotated[float, Meta(ge=0)] | None = None
     keep: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     template: TemplateName | None = None
-    purposes: list[SnapshotPurpose] = msgspec.field(
+    purpose: list[SnapshotPurpose] = msgspec.field(
         default_factory=lambda: [SnapshotPurpose.USER, SnapshotPurpose.TERMINATE]
     )
     dry_run: bool = False

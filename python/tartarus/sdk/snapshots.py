@@ -19,7 +19,6 @@ from typing import Any
 from tartarus.api.snapshots import (
     PoolInfo,
     PoolList,
-    PruneBody,
     PruneReport,
     RestoreBody,
     SetPoolBody,
@@ -135,16 +134,15 @@ class Snapshots:
     ) -> PruneReport:
         """Deletes snapshots older than `older_than` seconds and/or beyond the newest
         `keep` per template (user and checkpoint snapshots unless `purposes` says)."""
-        fields: dict[str, Any] = {
+        params: dict[str, Any] = {
             "older_than_s": older_than,
             "keep": keep,
             "template": template,
             "dry_run": dry_run,
         }
         if purposes is not None:
-            fields["purposes"] = purposes
-        body = PruneBody(**fields)
-        return await self._client.call("POST", "/v1/snapshots/prune", PruneReport, json=body)
+            params["purpose"] = [p.value for p in purposes]
+        return await self._client.call("DELETE", "/v1/snapshots", PruneReport, params=params)
 
     # --- warm pools ---------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import anyio
 
 from tartarus.agent.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
 from tartarus.agent.store import SandboxRecord
-from tartarus.api.snapshots import PruneBody
+from tartarus.api.snapshots import PruneQuery
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
 from tartarus.config import Settings
@@ -215,13 +215,13 @@ class Nyx:
         except SnapshotNotFoundError as e:
             raise ApiError(404, "not-found", str(e)) from e
 
-    async def prune(self, body: PruneBody, caller: Principal) -> tuple[list[str], int]:
+    async def prune(self, body: PruneQuery, caller: Principal) -> tuple[list[str], int]:
         """Deletes the snapshots `caller` may see that match every condition of `body`
         (or only lists them with `dry_run`); returns their ids and the bytes freed."""
         now = time.time()
         matching = self.service.catalog.records(
             template=body.template,
-            purposes=tuple(body.purposes),
+            purposes=tuple(body.purpose),
             tenants=visible_tenants(caller),
         )
         groups: dict[tuple[str, SnapshotPurpose], list[SnapshotRecord]] = {}

@@ -14,7 +14,7 @@ from tartarus.api.snapshots import (
     ForkResult,
     PoolInfo,
     PoolList,
-    PruneBody,
+    PruneQuery,
     PruneReport,
     RestoreBody,
     SetPoolBody,
@@ -238,19 +238,20 @@ async def restore_snapshot(request: web.Request) -> web.StreamResponse:
 
 
 @routes.route(
-    "POST",
-    "/v1/snapshots/prune",
+    "DELETE",
+    "/v1/snapshots",
     summary="Delete old snapshots",
     tag="snapshots",
-    body=PruneBody,
-    body_required=False,
+    query=PruneQuery,
     replies=(Reply(200, PruneReport),),
     permission=SANDBOX_DELETE,
 )
 async def prune_snapshots(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request, PruneBody)
-    removed, freed = await nyx(request).prune(body, principal_of(request))
-    return reply(PruneReport(removed=removed, freed_bytes=freed, dry_run=body.dry_run))
+    """Deletes the caller's snapshots that match every condition (template snapshots
+    only when `purpose=template` is asked for)."""
+    q = read_query(request, PruneQuery)
+    removed, freed = await nyx(request).prune(q, principal_of(request))
+    return reply(PruneReport(removed=removed, freed_bytes=freed, dry_run=q.dry_run))
 
 
 @routes.route(
