@@ -45,7 +45,7 @@ install: $(STAMPS)/install
 
 run: $(STAMPS)/install
 	$(VENV)/bin/tartarus doctor
-	$(VENV)/bin/tartarus run --explain -- sh -c 'echo "hello from a Tartarus sandbox"; uname -sr; id'
+	$(PY) examples/quickstart.py
 
 lint: $(STAMPS)/install
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,6 @@ import anyio
 import msgspec
 import pytest
 
-from tartarus.binaries import find_binary
 from tartarus.codec import enc_hook
 from tartarus.config import Settings
 from tartarus.host.doctor import DoctorReport
@@ -28,7 +27,7 @@ from tartarus.runtime.microvm import (
 from tartarus.runtime.types import Resources, SandboxSpec
 from tartarus.runtime.vmm_api import BootProtocol, VmmProcess
 from tests.guest_rootfs import busybox_rootfs
-from tests.support.probe_guests import build_probe_guest
+from tests.support.probe_guests import build_probe_guest, vmm_binary
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 
@@ -45,9 +44,7 @@ def guest() -> Path:
 
 @pytest.fixture(scope="module")
 def vmm_bin(doctor_report: DoctorReport) -> str:
-    if not doctor_report.kernel.kvm.openable:
-        pytest.skip(f"no usable /dev/kvm: {doctor_report.kernel.kvm.detail}")
-    return str(find_binary("tartarus-vmm"))
+    return vmm_binary(doctor_report)
 
 
 def _sandbox(tmp_path: Path, guest: Path) -> MicroVmSandbox:
@@ -64,9 +61,9 @@ async def test_backend_config_boots_with_root_scratch_and_vsock(
     vmm_bin: str, guest: Path, tmp_path: Path
 ) -> None:
     sb = _sandbox(tmp_path, guest)
-    sb.workdir.mkdir(parents=True)
+    sb.run_dir.mkdir(parents=True)
     root = await sb.root_image()
-    scratch = await make_scratch_disk(sb.workdir / "scratch.ext4", 16)
+    scratch = await make_scratch_disk(sb.run_dir / "scratch.ext4", 16)
     config = sb.machine_config(root, scratch)
     assert AGENT_CMDLINE in config.cmdline
     assert [d.read_only for d in config.drives] == [True, False]
@@ -77,7 +74,7 @@ async def test_backend_config_boots_with_root_scratch_and_vsock(
     with anyio.fail_after(150):
         proc = await anyio.run_process([vmm_bin, "run", "--config", str(path)], check=False)
     assert json.loads(proc.stdout)["exit"] == {"reason": "reset"}, proc.stderr
-    serial = (sb.workdir / "console.log").read_text()
+    serial = (sb.run_dir / "console.log").read_text()
     assert serial == f"blk bench done capacity={root.stat().st_size // 512:016x}\n"
     # Lethe took the scratch disk with it; the vsock socket is gone too.
     assert not scratch.exists()
@@ -89,9 +86,9 @@ async def test_start_waits_until_the_guest_accepts_on_the_agent_port(
     vmm_bin: str, guest: Path, tmp_path: Path
 ) -> None:
     sb = _sandbox(tmp_path, guest)
-    sb.workdir.mkdir(parents=True)
+    sb.run_dir.mkdir(parents=True)
     root = await sb.root_image()
-    scratch = await make_scratch_disk(sb.workdir / "scratch.ext4", 16)
+    scratch = await make_scratch_disk(sb.run_dir / "scratch.ext4", 16)
     config = msgspec.structs.replace(
         sb.machine_config(root, scratch), cmdline="v", boot_protocol=BootProtocol.LINUX64
     )

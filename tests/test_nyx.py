@@ -102,7 +102,7 @@ FACTS = SandboxFacts(template=TEMPLATE)
 
 async def finished_output(sandbox: MicroVmSandbox) -> str:
     """Waits for the restored probe guest to finish; returns its console."""
-    return await wait_for(sandbox.workdir / "console.log", "compute=")
+    return await wait_for(sandbox.run_dir / "console.log", "compute=")
 
 
 def blob_dirs(settings: Settings) -> set[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -257,3 +259,60 @@ def test_sync_sdk(server: Server, backend: str) -> None:
     again = SyncSandbox.connect(sandbox_id, url=server.url)
     assert again.info.state is SandboxState.STOPPED
     again.close()
+
+
+async def test_run_code_needs_python(sb: Sandbox) -> None:
+    r = await sb.run_code("1 + 1")
+    assert r.error is not None
+    assert "python3 is not in this sandbox's template" in r.error.value
+
+
+@pytest.mark.timeout(900)  # the first sandbox of the python template builds it
+async def test_run_code_is_a_stateful_interpreter(server: Server, backend: str) -> None:
+    async with Sandbox.create("python", backend=backend, url=server.url) as sb:
+        r = await sb.run_code("x = 21\nprint('hi')\nx * 2")
+        assert r.error is None
+        assert [(i.text, i.is_main_result) for i in r.results] == [("42", True)]
+        assert r.stdout == ["hi\n"]
+        assert r.execution_count == 1
+        assert (await sb.run_code("x + 1")).results[0].text == "22"
+        err = await sb.run_code("def f():\n    return 1 / 0\nf()")
+        assert err.error is not None
+        assert err.error.name == "ZeroDivisionError"
+        assert '"<cell 3>", line 2, in f' in err.error.traceback
+        rich = await sb.run_code(
+            "import base64\n"
+            "class Both:\n"
+            "    def _repr_html_(self): return '<b>bold</b>'\n"
+            "    def _repr_png_(self): return base64.b64decode('iVBORw0KGgo=')\n"
+            "display(Both())\n"
+            "Both()"
+        )
+        assert [i.is_main_result for i in rich.results] == [False, True]
+        assert rich.results[1].html == "<b>bold</b>"
+        assert rich.results[1].png == "iVBORw0KGgo="
+        slow = await sb.run_code("import time\ntime.sleep(60)", timeout=1)
+        assert slow.error is not None
+        assert slow.error.name == "TimeoutError"
+        assert "interrupted" in slow.error.value
+        # The interrupt stopped the cell, not the interpreter: x is still there.
+        assert (await sb.run_code("x")).results[0].text == "21"
+
+
+@pytest.mark.timeout(900)
+def test_readme_quick_start_runs_as_written(server: Server, backend: str) -> None:
+    """The README's Python block, verbatim, against this server (the python template is
+    built by the test above, or here)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    env = dict(server.env, TARTARUS_URL=server.url)
+    out = subprocess.run(
+        [sys.executable, "-c", block],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "42\nhi\n42\n"

@@ -68,7 +68,7 @@ def test_idempotency_key(server: Server, backend: str) -> None:
     assert again.json()["id"] == first.json()["id"]
     other = dict(body, timeout_s=61)
     clash = server.raw("POST", "/v1/sandboxes", json.dumps(other), key)
-    assert clash.status == 422
+    assert clash.status == 409
     assert "different request" in clash.json()["detail"]
     listed = server.raw("GET", "/v1/sandboxes?metadata=t=idem").json()["items"]
     assert [i["id"] for i in listed] == [first.json()["id"]]

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,19 @@ import anyio
 import msgspec
 import pytest
 
-from tartarus.binaries import find_binary
 from tartarus.config import Settings, load_settings
 from tartarus.host.doctor import DoctorReport
 from tartarus.runtime.base import BackendUnavailableError
 from tartarus.runtime.microvm import MicroVmRuntime
 from tartarus.runtime.types import SandboxSpec
 from tartarus.runtime.vmm_api import MachineConfig, VmmError, VmmProcess, VmState
-from tests.support.probe_guests import build_probe_guest, xorshift_result
+from tests.support.probe_guests import (
+    build_probe_bzimage,
+    build_probe_guest,
+    seccomp_selftest,
+    vmm_binary,
+    xorshift_result,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,10 +46,7 @@ def guest() -> Path:
 
 @pytest.fixture(scope="module")
 def vmm_bin(doctor_report: DoctorReport) -> str:
-    kvm = doctor_report.kernel.kvm
-    if not kvm.openable:
-        pytest.skip(f"no usable /dev/kvm: {kvm.detail}")
-    return str(find_binary("tartarus-vmm"))
+    return vmm_binary(doctor_report)
 
 
 @pytest.fixture
@@ -167,12 +170,18 @@ def test_two_vcpus_boot(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
     assert r.exit == {"reason": "reset"}
 
 
-@pytest.mark.kvm_full
-def test_pvh_entry_runs_the_same_program(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
-    # On emulated KVM the 32-bit PVH entry triple-faults at its first instruction.
-    r = run_probe(vmm_bin, guest, tmp_path, "hello", boot_protocol="pvh")
-    assert r.serial == "hello from the probe guest\n"
-    assert r.exit == {"reason": "reset"}
+@pytest.mark.parametrize("program", ["hello", "mem", "compute 20000", "ports"])
+def test_pvh_entry_runs_the_same_programs(
+    vmm_bin: str, guest: Path, tmp_path: Path, program: str
+) -> None:
+    # The 32-bit entry with flat 4 GiB segments; the guest finds RAM in the PVH memmap.
+    for sub in ("pvh", "linux64"):
+        (tmp_path / sub).mkdir()
+    pvh = run_probe(vmm_bin, guest, tmp_path / "pvh", program, boot_protocol="pvh")
+    linux = run_probe(vmm_bin, guest, tmp_path / "linux64", program)
+    assert pvh.exit == linux.exit == {"reason": "reset"}
+    assert pvh.serial == linux.serial
+    assert "errors=0000000000000000" in pvh.serial or program != "mem"
 
 
 @pytest.mark.kvm_full
@@ -249,6 +258,75 @@ def test_bad_kernel_images_are_errors_not_crashes(
     assert r.serial == ""
 
 
+# ---- bzImage -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bzimage() -> Path:
+    return build_probe_bzimage()
+
+
+@pytest.mark.parametrize("program", ["hello", "mem", "compute 20000"])
+def test_bzimage_runs_the_same_programs(
+    vmm_bin: str, guest: Path, bzimage: Path, tmp_path: Path, program: str
+) -> None:
+    for sub in ("bz", "elf"):
+        (tmp_path / sub).mkdir()
+    bz = run_probe(vmm_bin, bzimage, tmp_path / "bz", program, boot_protocol="auto")
+    elf = run_probe(vmm_bin, guest, tmp_path / "elf", program)
+    assert bz.exit == elf.exit == {"reason": "reset"}, bz.stderr
+    assert bz.serial == elf.serial
+
+
+def _patched_bzimage(bzimage: Path, tmp_path: Path, patch: str) -> Path:
+    data = bytearray(bzimage.read_bytes())
+    if patch == "no_hdrs_magic":
+        data[0x202:0x206] = b"HdrX"
+    elif patch == "old_protocol":
+        struct.pack_into("<H", data, 0x206, 0x01FF)
+    elif patch == "not_loaded_high":
+        data[0x211] = 0
+    elif patch == "code32_below_1mib":
+        struct.pack_into("<I", data, 0x214, 0x1000)
+    elif patch == "setup_longer_than_file":
+        data[0x1F1] = 0xFF
+    elif patch == "payload_past_ram":
+        data += bytes(16 << 20)
+    elif patch == "truncated_header":
+        del data[0x210:]
+    path = tmp_path / f"{patch}.bzImage"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "no_hdrs_magic",
+        "old_protocol",
+        "not_loaded_high",
+        "code32_below_1mib",
+        "setup_longer_than_file",
+        "payload_past_ram",
+        "truncated_header",
+    ],
+)
+def test_bad_bzimages_are_errors_not_crashes(
+    vmm_bin: str, bzimage: Path, tmp_path: Path, patch: str
+) -> None:
+    path = _patched_bzimage(bzimage, tmp_path, patch)
+    r = run_vmm(vmm_bin, tmp_path, machine(path, tmp_path, "hello", memory_mib=8))
+    assert r.returncode == 3, r.stderr
+    assert "kernel" in r.stderr
+    assert r.serial == ""
+
+
+def test_a_bzimage_has_no_pvh_entry(vmm_bin: str, bzimage: Path, tmp_path: Path) -> None:
+    r = run_probe(vmm_bin, bzimage, tmp_path, "hello", boot_protocol="pvh")
+    assert r.returncode == 3
+    assert "no PVH entry note" in r.stderr
+
+
 @pytest.mark.parametrize(
     "override",
     [
@@ -280,21 +358,84 @@ def test_file_backed_memory_is_copy_on_write(vmm_bin: str, guest: Path, tmp_path
     assert backing.read_bytes() == b"\xab" * (16 << 20), "the backing file is never written"
 
 
+# ---- huge pages ---------------------------------------------------------------------
+
+HUGE_PAGES = 16  # a 32 MiB guest
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = int(value.split()[0])
+    return out
+
+
+def _huge_page_mappings(pid: int) -> int:
+    """How many of `pid`'s mappings use 2 MiB kernel pages."""
+    mappings = Path(f"/proc/{pid}/smaps").read_text().split("\nKernelPageSize:")
+    return sum(m.split()[0] == "2048" for m in mappings[1:])
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[int]:
+    """HUGE_PAGES free 2 MiB pages: raises vm.nr_hugepages as root when short (and lowers
+    it back after), else skips with what the host offers."""
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    info = _meminfo()
+    if info.get("Hugepagesize") != 2048:
+        pytest.skip(f"default huge page size is {info.get('Hugepagesize')} kB, not 2048")
+    added = 0
+    if info["HugePages_Free"] < HUGE_PAGES and os.geteuid() == 0:
+        total = int(nr.read_text())
+        with contextlib.suppress(OSError):
+            nr.write_text(str(total + HUGE_PAGES - info["HugePages_Free"]))
+        added = int(nr.read_text()) - total
+    free = _meminfo()["HugePages_Free"]
+    try:
+        if free < HUGE_PAGES:
+            pytest.skip(
+                f"{HUGE_PAGES} free 2 MiB huge pages needed; HugePages_Free is {free} "
+                f"after asking /proc/sys/vm/nr_hugepages for more (euid {os.geteuid()})"
+            )
+        yield HUGE_PAGES
+    finally:
+        if added > 0:
+            nr.write_text(str(max(0, int(nr.read_text()) - added)))
+
+
+@pytest.mark.anyio
+async def test_guest_ram_on_huge_pages(
+    vmm_bin: str, guest: Path, tmp_path: Path, huge_pages: int
+) -> None:
+    vmm = await VmmProcess.launch(tmp_path / "vm")
+    try:
+        cfg = machine(guest, tmp_path, "mem", memory_mib=2 * huge_pages)
+        cfg["memory"] = {"hugepages": True}
+        await vmm.configure(msgspec.convert(cfg, MachineConfig, dec_hook=_path))
+        await vmm.start()
+        report = await vmm.wait(60)
+        assert report.exit is not None and report.exit.reason == "reset"
+        assert f"errors={0:016x}" in (tmp_path / "serial.log").read_text()
+        assert _huge_page_mappings(vmm.process.pid) >= 1, "guest RAM is not on 2 MiB pages"
+    finally:
+        await vmm.stop()
+
+
+def test_a_short_huge_page_pool_is_a_clear_error(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
+    short = (_meminfo()["HugePages_Free"] + 64) * 2
+    r = run_probe(vmm_bin, guest, tmp_path, "hello", memory_mib=short, memory={"hugepages": True})
+    assert r.returncode == 3
+    assert "huge pages" in r.stderr and "nr_hugepages" in r.stderr
+    assert r.serial == ""
+
+
 # ---- seccomp ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("thread", ["api", "vcpu"])
 def test_a_forbidden_system_call_kills_the_vmm(vmm_bin: str, thread: str) -> None:
-    proc = subprocess.run(
-        [vmm_bin, "seccomp-selftest", thread],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert "api filter installed" in proc.stdout
-    assert "survived" not in proc.stdout
-    assert proc.returncode == -signal.SIGSYS
+    assert seccomp_selftest(vmm_bin, thread).returncode == -signal.SIGSYS
 
 
 def test_probe_guests_run_under_seccomp_and_without(

@@ -18,6 +18,7 @@ from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
 from tartarus.fleet.settings import FleetSettings
+from tartarus.runtime.vmm_jail import VmmJailSettings
 from tartarus.secrets.settings import SecretsSettings
 
 
@@ -31,6 +32,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).
     secrets: SecretsSettings = msgspec.field(default_factory=SecretsSettings)
+    # The microVM monitor's own jail ([vmm_jail], docs/configuration.md).
+    vmm_jail: VmmJailSettings = msgspec.field(default_factory=VmmJailSettings)
     # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
     fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
     # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tests.support.server import running_server
 
+OUR_TAGS = ("service", "sandboxes", "exec", "processes", "files", "logs", "code", "templates")
+
 
 def run(max_examples: int, seed: int, workdir: Path) -> tuple[list[str], int, str]:
     schemathesis = Path(sysconfig.get_path("scripts")) / "schemathesis"
@@ -38,6 +40,8 @@ def run(max_examples: int, seed: int, workdir: Path) -> tuple[list[str], int, st
             "120",
             "--generation-allow-x00",
             "false",
+            # The sandbox API (this module's scope); auth, policies and audit have theirs.
+            *[arg for tag in OUR_TAGS for arg in ("--include-tag", tag)],
         ]
         out = subprocess.run(command, capture_output=True, text=True, timeout=3000, check=False)
         healthy = server.raw("GET", "/v1/health").status == 200

@@ -19,7 +19,7 @@ import anyio
 import msgspec
 
 from tartarus.api.types import CodeError, CodeExecution, RichResult
-from tartarus.runtime.base import Execution, Sandbox
+from tartarus.runtime.base import Execution, Sandbox, SandboxError
 from tartarus.runtime.types import ExecRequest, OutputChunk
 
 KERNEL_SOURCE = (Path(__file__).parent / "kernel_main.py").read_text()
@@ -42,6 +42,15 @@ class KernelEvent(msgspec.Struct, kw_only=True):
 
 class KernelGoneError(Exception):
     pass
+
+
+class _Watchdog:
+    interrupted = False
+    killed = False
+
+
+def _timeout(message: str, traceback: str = "") -> CodeError:
+    return CodeError(name="TimeoutError", value=message, traceback=traceback)
 
 
 _events = msgspec.json.Decoder(KernelEvent)
@@ -81,43 +90,55 @@ class CodeKernel:
 
     async def run(self, code: str, timeout_s: float | None) -> CodeExecution:
         async with self._lock:
-            if self._execution is None:
-                await self._start()
-            assert self._execution is not None
-            request = msgspec.json.encode({"code": code}) + b"\n"
-            await self._execution.write_stdin(request)
             answer = _Answer()
             try:
-                with anyio.fail_after(timeout_s or DEFAULT_CELL_TIMEOUT_S):
+                if self._execution is None:
+                    await self._start()
+            except SandboxError as e:
+                answer.error = CodeError(
+                    name="KernelUnavailable", value=self._gone_message(e), traceback=""
+                )
+                return answer.result()
+            assert self._execution is not None
+            await self._execution.write_stdin(msgspec.json.encode({"code": code}) + b"\n")
+            watchdog = _Watchdog()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch, timeout_s or DEFAULT_CELL_TIMEOUT_S, watchdog)
+                    # Never cancelled: cancelling a read would end the event stream, and
+                    # the interpreter with it. The watchdog interrupts the cell instead.
                     await self._read_until_done(answer)
-            except TimeoutError:
-                await self._interrupt(answer)
+                    tg.cancel_scope.cancel()
             except KernelGoneError as e:
-                answer.error = CodeError(name="KernelDied", value=str(e), traceback="")
                 await self.close()
+                answer.error = (
+                    _timeout(
+                        "the cell ran past its timeout and the interpreter was restarted "
+                        "(its variables are gone)"
+                    )
+                    if watchdog.killed
+                    else CodeError(name="KernelDied", value=str(e), traceback="")
+                )
+                return answer.result()
+            if watchdog.interrupted:
+                answer.error = _timeout(
+                    "the cell ran past its timeout and was interrupted",
+                    answer.error.traceback if answer.error else "",
+                )
             return answer.result()
 
-    async def _interrupt(self, answer: _Answer) -> None:
+    async def _watch(self, timeout_s: float, watchdog: _Watchdog) -> None:
+        """SIGINT (a KeyboardInterrupt in the cell) at the deadline; a kill if that does
+        not end the cell."""
+        await anyio.sleep(timeout_s)
         assert self._execution is not None
-        with contextlib.suppress(Exception):
+        watchdog.interrupted = True
+        with contextlib.suppress(SandboxError):
             await self._sandbox.kill_process(self._execution.pid, signal.SIGINT)
-        try:
-            with anyio.fail_after(INTERRUPT_GRACE_S):
-                await self._read_until_done(answer)
-        except (TimeoutError, KernelGoneError):
-            await self.close()
-            answer.error = CodeError(
-                name="TimeoutError",
-                value="the cell ran past its timeout and the interpreter was restarted "
-                "(its variables are gone)",
-                traceback="",
-            )
-            return
-        answer.error = CodeError(
-            name="TimeoutError",
-            value="the cell ran past its timeout and was interrupted",
-            traceback=answer.error.traceback if answer.error else "",
-        )
+        await anyio.sleep(INTERRUPT_GRACE_S)
+        watchdog.killed = True
+        with contextlib.suppress(SandboxError):
+            await self._execution.kill()
 
     async def _read_until_done(self, answer: _Answer) -> None:
         assert self._stream is not None
@@ -141,9 +162,12 @@ class CodeKernel:
                 else:
                     answer.add_stdout(line.decode(errors="replace") + "\n")
 
-    def _gone_message(self, code: int | None) -> str:
+    def _gone_message(self, cause: int | SandboxError | None) -> str:
         tail = self._stderr_tail.decode(errors="replace").strip()
-        if code == 127 or "not found" in tail:
+        code = cause if isinstance(cause, int) else None
+        if isinstance(cause, SandboxError):
+            tail = str(cause)
+        if code == 127 or "not found" in tail or "No such file" in tail:
             return "python3 is not in this sandbox's template; use a template with Python"
         return f"the interpreter exited (code {code})" + (f": {tail}" if tail else "")
 
@@ -188,8 +212,8 @@ class _Answer:
     def result(self) -> CodeExecution:
         return CodeExecution(
             results=self.results,
-            stdout=self.stdout,
-            stderr=self.stderr,
+            stdout="".join(self.stdout).splitlines(keepends=True),
+            stderr="".join(self.stderr).splitlines(keepends=True),
             error=self.error,
             execution_count=self.count,
         )

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import io
 import json
+import signal
 import sys
 import traceback
 from typing import Any
@@ -120,6 +121,9 @@ def cell_traceback(error: BaseException) -> str:
 
 
 def main() -> None:
+    # A process started in the background may inherit SIGINT ignored; the server's
+    # interrupt (a cell past its timeout) must raise KeyboardInterrupt in the cell.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     namespace: dict[str, Any] = {"__name__": "__main__", "display": display}
     count = 0
     for line in sys.stdin:

@@ -265,7 +265,7 @@ class SandboxManager:
     ) -> SandboxRecord:
         if earlier != fingerprint(request):
             raise ApiError(
-                422,
+                409,
                 "idempotency-key-reused",
                 f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request;"
                 " use a new key",

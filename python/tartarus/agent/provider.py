@@ -10,9 +10,7 @@ reaping there after a crash touches nothing else.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
 
 import anyio
 import msgspec
@@ -22,22 +20,13 @@ from tartarus.host.doctor import DoctorReport, run_doctor
 from tartarus.images import TemplateStore
 from tartarus.images.store import TemplateInfo, TemplateManifest
 from tartarus.runtime.base import BackendUnavailableError, Runtime
+from tartarus.runtime.selector import make_runtime, select_backend
 from tartarus.runtime.types import Backend, SandboxSpec
 
 log = logging.getLogger(__name__)
 
 # Backends whose leftovers are reaped after a crash (wasm sandboxes die with us).
 REAPED = (Backend.JAIL, Backend.GVISOR, Backend.MICROVM)
-
-
-def _selector() -> Any:
-    # Imported by name: builds without the backends (the selector) still serve the API.
-    try:
-        return importlib.import_module("tartarus.runtime.selector")
-    except ModuleNotFoundError as e:
-        raise BackendUnavailableError(
-            "this build of tartarus has no sandbox backends (tartarus.runtime.selector)"
-        ) from e
 
 
 def owner_of(sandbox_id: str) -> str:
@@ -62,11 +51,11 @@ class HostRuntimes:
     def runtime(self, backend: Backend) -> Runtime:
         runtime = self._runtimes.get(backend)
         if runtime is None:
-            runtime = self._runtimes[backend] = _selector().make_runtime(backend, self.settings)
+            runtime = self._runtimes[backend] = make_runtime(backend, self.settings)
         return runtime
 
     async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
-        backend, reasons = _selector().select_backend(spec, await self.report())
+        backend, reasons = select_backend(spec, await self.report())
         return self.runtime(backend), "; ".join(reasons)
 
     async def prepare(

@@ -356,6 +356,7 @@ class CodeError(_Response, kw_only=True):
 
 class CodeExecution(_Response, kw_only=True):
     results: list[RichResult]
+    # What the cell printed, line by line (each line keeps its newline).
     stdout: list[str]
     stderr: list[str]
     error: CodeError | None = None

@@ -47,6 +47,30 @@ def _keyed(path: Path, key: str) -> int | None:
 _CONTROLLERS = ("memory", "pids", "cpu")
 
 
+def cgroup_mounts() -> list[Path]:
+    """Mount points of every cgroup hierarchy (v1 and v2)."""
+    mounts = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if right.split()[:1] in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
+                mounts.append(Path(fields[4]))
+    return mounts
+
+
+def remove_empty_cgroups(relative: str) -> None:
+    """Removes `relative` (e.g. `tartarus/vmm`) and its parents, bottom up, from every
+    hierarchy where they are empty; a cgroup still in use stays."""
+    levels = Path(relative).parts
+    for mount in cgroup_mounts():
+        for depth in range(len(levels), 0, -1):
+            try:
+                mount.joinpath(*levels[:depth]).rmdir()
+            except OSError:
+                break
+
+
 def cgroup_dirs_of(pid: int) -> list[CgroupDir]:
     """The cgroup directories a process belongs to, in every mounted hierarchy."""
     try:

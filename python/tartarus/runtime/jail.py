@@ -30,7 +30,7 @@ from tartarus import codec
 from tartarus.binaries import find_binary
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import NotSupportedError, SandboxError
-from tartarus.runtime.cgroups import CgroupDir, CgroupReader
+from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_mounts
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
@@ -284,7 +284,7 @@ class JailRuntime:
 
     def remove_cgroup_scope(self) -> None:
         """Removes this runtime's (empty) parent cgroups; one still in use stays."""
-        for mount in _cgroup_mounts():
+        for mount in cgroup_mounts():
             with contextlib.suppress(OSError):
                 (mount / self.cgroup_parent).rmdir()
 
@@ -312,18 +312,6 @@ class JailRuntime:
             await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
             removed.append(entry.name)
         return removed
-
-
-def _cgroup_mounts() -> list[Path]:
-    """Mount points of every cgroup hierarchy (v1 and v2)."""
-    mounts = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if right.split()[:1] in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
-                mounts.append(Path(fields[4]))
-    return mounts
 
 
 def _is_jail_process(pid: int) -> bool:

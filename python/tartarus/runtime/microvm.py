@@ -1,13 +1,16 @@
 """The microVM backend: one `tartarus-vmm` process (our Rust VMM on KVM) per sandbox.
 
 A sandbox is a VMM process under `<runtime_dir>/microvm/<id>/` booting the guest
-kernel (`tartarus kernel build`) with three virtio devices:
+kernel (`tartarus kernel build`). Running as root, the VMM enters its own jail
+(`vmm_jail`, `[vmm_jail]` settings): the kernel and root image bound read-only, the
+sandbox's `vm/` directory (console log, vsock socket, scratch disk) bound writable,
+its own uid, a cgroup for guest RAM plus overhead. Three virtio devices:
 - `/dev/vda`: the template's ext4 image (from `tartarus.images`, or made from
   `spec.rootfs`), read-only, with `/sbin/init` -> `tartarus-agent`;
 - `/dev/vdb`: a per-sandbox ext4 scratch disk of `resources.disk_mib`, which the VMM
   wipes and removes when it exits (Lethe);
 - vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
-  unix socket `vsock.sock` (`CONNECT 1024`).
+  unix socket `vm/vsock.sock` (`CONNECT 1024`).
 `start` returns once the agent answers the protocol handshake over vsock. Lifecycle
 (start, status, stats, stop, kill, reap) goes through the VMM's control socket
 (`vmm_api.VmmProcess`); commands, processes, logs and files go to the agent
@@ -47,6 +50,7 @@ from tartarus.runtime.base import (
     BackendUnavailableError,
     SandboxError,
 )
+from tartarus.runtime.cgroups import remove_empty_cgroups
 from tartarus.runtime.types import (
     Backend,
     SandboxSpec,
@@ -56,6 +60,8 @@ from tartarus.runtime.types import (
     SnapshotInfo,
 )
 from tartarus.runtime.vmm_api import (
+    JAIL_RUN_DIR,
+    JAIL_TEARDOWN_S,
     DriveConfig,
     MachineConfig,
     RestoreOptions,
@@ -66,7 +72,11 @@ from tartarus.runtime.vmm_api import (
     VmmProcess,
     VmState,
     VsockConfig,
+    give_to_jail,
+    jail_machine,
+    jail_restore,
 )
+from tartarus.runtime.vmm_jail import BindMount, JailConfig, sandbox_jail
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
@@ -179,14 +189,19 @@ class MicroVmRuntime:
         return sandbox
 
     async def reap(self, keep: set[str]) -> list[str]:
-        """Kills VMM processes left by a previous server and removes their directories."""
+        """Kills VMM processes left by a previous server and removes their directories
+        (and, when nothing is kept, the jails' empty parent cgroups)."""
         removed: list[str] = []
+        if not keep:
+            await anyio.to_thread.run_sync(
+                remove_empty_cgroups, self.settings.vmm_jail.cgroup_parent
+            )
         if not self.sandboxes_dir.is_dir():
             return removed
         for workdir in sorted(self.sandboxes_dir.iterdir()):
             if workdir.name in keep or not workdir.is_dir():
                 continue
-            _kill_recorded_vmm(workdir)
+            await _kill_recorded_vmm(workdir)
             shutil.rmtree(workdir, ignore_errors=True)
             removed.append(workdir.name)
         return removed
@@ -237,16 +252,34 @@ async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT)
     )
 
 
-def _kill_recorded_vmm(workdir: Path) -> None:
-    """Kills the VMM whose pid is recorded in `workdir`, if that pid is still our VMM."""
+async def _kill_recorded_vmm(workdir: Path) -> None:
+    """Kills the VMM whose pid is recorded in `workdir`, if that pid is still our VMM.
+    A jailed VMM's supervisor gets SIGTERM first, so it removes the jail's cgroup."""
     try:
-        pid = int((workdir / "vmm.pid").read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        pid = int(await anyio.Path(workdir / "vmm.pid").read_text())
+        cmdline = await anyio.Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return
-    if b"tartarus-vmm" in cmdline and str(workdir).encode() in cmdline:
+    if b"tartarus-vmm" not in cmdline or str(workdir).encode() not in cmdline:
+        return
+    if b"\0--jail\0" in cmdline:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(int(JAIL_TEARDOWN_S / 0.01)):
+            if not _alive(pid):
+                break
+            await anyio.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie has finished)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class MicroVmSandbox(AgentSandbox):
@@ -265,14 +298,20 @@ class MicroVmSandbox(AgentSandbox):
         self._vmm: VmmProcess | None = None
         self._template_owner: str | None = None
         self._drives: list[DriveConfig] = []
+        self._jailed = False
         # Set when restored: the snapshot directory whose memory this guest maps (the
         # parent of its diffs), and what the restore reported.
         self.restored_from: Path | None = None
         self.restore_report: RestoreReport | None = None
 
     @property
+    def run_dir(self) -> Path:
+        """What the VMM writes: console log, vsock socket, scratch disk (its jail's /run)."""
+        return self.workdir / "vm"
+
+    @property
     def vsock_path(self) -> Path:
-        return self.workdir / "vsock.sock"
+        return self.run_dir / "vsock.sock"
 
     @property
     def id(self) -> str:
@@ -290,13 +329,43 @@ class MicroVmSandbox(AgentSandbox):
             memory_mib=self.spec.resources.memory_mib,
             kernel=self.kernel,
             cmdline=f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}",
-            serial=SerialFile(path=self.workdir / "console.log"),
+            serial=SerialFile(path=self.run_dir / "console.log"),
             drives=[
                 DriveConfig(path=root_image, read_only=True, id="tartarus-root"),
                 DriveConfig(path=scratch_disk, id="tartarus-scratch", scratch=ScratchConfig()),
             ],
             vsock=VsockConfig(guest_cid=GUEST_CID, uds_path=self.vsock_path),
         )
+
+    def confine(self, machine: MachineConfig) -> tuple[MachineConfig, JailConfig | None]:
+        """The machine as the VMM will see it and its jail (None when `[vmm_jail]`
+        says the VMM runs unjailed: by default, when not running as root)."""
+        if not self.settings.vmm_jail.enabled():
+            return machine, None
+        jailed, mounts = jail_machine(machine, self.run_dir)
+        return jailed, self._jail(mounts, machine.memory_mib)
+
+    def confine_restore(
+        self, options: RestoreOptions, memory_mib: int
+    ) -> tuple[RestoreOptions, JailConfig | None]:
+        """A restore as the VMM will see it, and its jail (as `confine`)."""
+        if not self.settings.vmm_jail.enabled():
+            return options, None
+        jailed, mounts = jail_restore(options, self.run_dir)
+        return jailed, self._jail(mounts, memory_mib)
+
+    def _jail(self, mounts: list[BindMount], memory_mib: int) -> JailConfig:
+        jail = sandbox_jail(
+            self.settings.vmm_jail,
+            sandbox_id=self.id,
+            workdir=self.workdir,
+            runtime_dir=self.settings.runtime_dir,
+            mounts=mounts,
+            guest_memory_mib=memory_mib,
+            vcpus=self.spec.resources.vcpus,
+        )
+        give_to_jail(self.run_dir, jail)
+        return jail
 
     async def root_image(self) -> Path:
         """The read-only root: an image of `spec.rootfs`, or the template's ext4 image."""
@@ -320,16 +389,18 @@ class MicroVmSandbox(AgentSandbox):
     async def start(self) -> None:
         if self._vmm is not None:
             raise SandboxError(f"sandbox {self.id} is already started")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             root = await self.root_image()
             scratch = await make_scratch_disk(
-                self.workdir / "scratch.ext4", self.spec.resources.disk_mib
+                self.run_dir / "scratch.ext4", self.spec.resources.disk_mib
             )
-            self._vmm = await VmmProcess.launch(self.workdir)
-            config = self.machine_config(root, scratch)
-            self._drives = config.drives
-            await self._vmm.configure(config)
+            host_machine = self.machine_config(root, scratch)
+            machine, jail = self.confine(host_machine)
+            self._drives = host_machine.drives
+            self._jailed = jail is not None
+            self._vmm = await VmmProcess.launch(self.workdir, jail=jail)
+            await self._vmm.configure(machine)
             await self._vmm.start()
             await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
             self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
@@ -347,19 +418,21 @@ class MicroVmSandbox(AgentSandbox):
             saved = await anyio.to_thread.run_sync(_core.inspect_snapshot, image)
         except _core.SnapshotError as e:
             raise SandboxError(str(e)) from e
-        await anyio.Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        await anyio.Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         try:
             self._drives = await self._clone_drives(snapshot.path, saved["drives"])
-            self._vmm = await VmmProcess.launch(self.workdir)
             options = RestoreOptions(
                 snapshot=image,
                 base=snapshot.base / SNAPSHOT_FILE if snapshot.base else None,
-                serial=SerialFile(path=self.workdir / "console.log"),
+                serial=SerialFile(path=self.run_dir / "console.log"),
                 clone_id=clone_id_of(self.id),
                 verify_memory=verify_memory,
                 drives=self._drives,
                 vsock_uds_path=self.vsock_path if saved["vsock"] else None,
             )
+            options, jail = self.confine_restore(options, saved["memory_mib"])
+            self._jailed = jail is not None
+            self._vmm = await VmmProcess.launch(self.workdir, jail=jail)
             _, self.restore_report = await self._vmm.restore(options)
             if saved["vsock"]:
                 # The restore reset every vsock connection: the agent is reached anew.
@@ -380,7 +453,7 @@ class MicroVmSandbox(AgentSandbox):
         for i, raw in enumerate(saved):
             drive = codec.convert(raw, DriveConfig)
             if drive.scratch is not None:
-                copy = self.workdir / drive_copy_name(i)
+                copy = self.run_dir / drive_copy_name(i)
                 await sparse_copy(snapshot_dir / drive_copy_name(i), copy)
                 scratch = msgspec.structs.replace(drive.scratch, size_mib=None)
                 drive = msgspec.structs.replace(drive, path=copy, scratch=scratch)
@@ -457,9 +530,15 @@ class MicroVmSandbox(AgentSandbox):
             base = None
         kind = SnapshotKind.DIFF if base else SnapshotKind.FULL
         was_running = (await self._vmm.state()).state is VmState.RUNNING
+        # A jailed VMM writes into its run directory; the file is moved out after.
+        written = (self.run_dir if self._jailed else dest_dir) / SNAPSHOT_FILE
+        seen_as = Path(JAIL_RUN_DIR) / SNAPSHOT_FILE if self._jailed else written
         await self._vmm.pause()
         try:
-            report = await self._vmm.snapshot(dest_dir / SNAPSHOT_FILE, kind)
+            report = await self._vmm.snapshot(seen_as, kind)
+            if self._jailed:
+                await sparse_copy(written, dest_dir / SNAPSHOT_FILE)
+                await anyio.Path(written).unlink()
             # The guest is paused, so its disks hold what its memory believes they do.
             size = report.file_bytes
             for i, drive in enumerate(self._drives):

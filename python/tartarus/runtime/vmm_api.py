@@ -1,6 +1,8 @@
 """Control of one `tartarus-vmm` process (the microVM monitor, "the pit"): the wire
-types of its JSON API (mirrors of `rust/vmm/src/{api,config}.rs`) and `VmmProcess`,
-which launches the binary and drives it through `tartarus._core.VmmClient`.
+types of its JSON API (mirrors of `rust/vmm/src/{api,config}.rs`), `VmmProcess`,
+which launches the binary (in its jail, see `vmm_jail`) and drives it through
+`tartarus._core.VmmClient`, and `jail_machine`, which turns a machine's host paths into
+the jailed VMM's.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 from enum import StrEnum
 from pathlib import Path
@@ -19,8 +22,11 @@ import msgspec
 from tartarus import _core, codec
 from tartarus.binaries import find_binary
 from tartarus.runtime.base import SandboxError
+from tartarus.runtime.vmm_jail import BindMount, JailConfig
 
 DEFAULT_SERIAL_LIMIT = 16 << 20
+# How long a jail supervisor gets to kill its VMM and remove the cgroup.
+JAIL_TEARDOWN_S = 10.0
 
 
 class SerialNone(msgspec.Struct, frozen=True, tag="none", tag_field="kind"):
@@ -213,6 +219,136 @@ class RestoreReport(msgspec.Struct, frozen=True, kw_only=True):
     duration_us: int
 
 
+# The jailed VMM's writable directory: the serial log, the vsock socket, scratch disks.
+JAIL_RUN_DIR = "/run"
+JAIL_KERNEL = "/boot/vmlinux"
+JAIL_MEMORY = "/boot/memory"
+JAIL_SNAPSHOT = "/snapshot/vm.snap"
+JAIL_SNAPSHOT_BASE = "/snapshot/base.snap"
+
+
+class JailPaths:
+    """Host paths as a jailed VMM sees them, and the bind mounts that make it so.
+
+    `run_dir` (host) is bound writable at `/run`: files the VMM creates or removes (the
+    serial log, the vsock socket, scratch disks, snapshots it writes) must live there.
+    Other files (the kernel, a memory file, drives, snapshots it restores, a serial
+    socket) are bound one by one, read-only unless the VMM writes them.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.mounts = [BindMount(source=run_dir, destination=JAIL_RUN_DIR, readonly=False)]
+        self._home = run_dir.absolute()
+
+    def _in_run_dir(self, path: Path) -> Path | None:
+        if path.absolute().parent == self._home:
+            return Path(JAIL_RUN_DIR) / path.name
+        return None
+
+    def bound(self, path: Path, destination: str, *, readonly: bool = True) -> Path:
+        inside = self._in_run_dir(path)
+        if inside is not None:
+            return inside
+        self.mounts.append(BindMount(source=path, destination=destination, readonly=readonly))
+        return Path(destination)
+
+    def created(self, path: Path, what: str) -> Path:
+        inside = self._in_run_dir(path)
+        if inside is None:
+            raise SandboxError(
+                f"{what} {path} must be in the VMM's run directory {self.run_dir} when the "
+                "VMM is jailed: it creates or removes it there"
+            )
+        return inside
+
+    def serial(self, serial: SerialConfig) -> SerialConfig:
+        if isinstance(serial, SerialFile):
+            return SerialFile(path=self.created(serial.path, "the serial log"))
+        if isinstance(serial, SerialSocket):
+            return SerialSocket(path=self.bound(serial.path, "/serial.sock", readonly=False))
+        return serial
+
+    def drives(self, drives: list[DriveConfig]) -> list[DriveConfig]:
+        return [
+            msgspec.structs.replace(
+                d,
+                path=self.created(d.path, "scratch disk")
+                if d.scratch is not None
+                else self.bound(d.path, f"/drives/{i}", readonly=d.read_only),
+            )
+            for i, d in enumerate(drives)
+        ]
+
+
+def jail_machine(machine: MachineConfig, run_dir: Path) -> tuple[MachineConfig, list[BindMount]]:
+    """The machine as a jailed VMM sees it, and the bind mounts that make it so."""
+    paths = JailPaths(run_dir)
+    memory = machine.memory
+    if memory.file is not None:
+        memory = msgspec.structs.replace(memory, file=paths.bound(memory.file, JAIL_MEMORY))
+    vsock = machine.vsock
+    if vsock is not None:
+        uds_path = paths.created(vsock.uds_path, "the vsock socket")
+        vsock = msgspec.structs.replace(vsock, uds_path=uds_path)
+    jailed = msgspec.structs.replace(
+        machine,
+        kernel=paths.bound(machine.kernel, JAIL_KERNEL),
+        serial=paths.serial(machine.serial),
+        memory=memory,
+        drives=paths.drives(machine.drives),
+        vsock=vsock,
+    )
+    return jailed, paths.mounts
+
+
+def jail_restore(options: RestoreOptions, run_dir: Path) -> tuple[RestoreOptions, list[BindMount]]:
+    """A restore as a jailed VMM sees it (snapshots bound read-only), and its mounts."""
+    paths = JailPaths(run_dir)
+    vsock = options.vsock_uds_path
+    jailed = msgspec.structs.replace(
+        options,
+        snapshot=paths.bound(options.snapshot, JAIL_SNAPSHOT),
+        base=paths.bound(options.base, JAIL_SNAPSHOT_BASE) if options.base else None,
+        serial=paths.serial(options.serial) if options.serial else None,
+        drives=paths.drives(options.drives) if options.drives is not None else None,
+        vsock_uds_path=paths.created(vsock, "the vsock socket") if vsock else None,
+    )
+    return jailed, paths.mounts
+
+
+def check_jail_access(jail: JailConfig) -> None:
+    """Raises `SandboxError` naming a bound file the jailed uid could not open: a clear
+    error now rather than a refused `open` inside the VMM later."""
+    for mount in jail.mounts:
+        try:
+            st = mount.source.stat()
+        except OSError as e:
+            raise SandboxError(f"cannot bind {mount.source} into the VMM's jail: {e}") from e
+        need = (stat.S_IRUSR | (0 if mount.readonly else stat.S_IWUSR)) >> 6
+        if stat.S_ISDIR(st.st_mode):
+            need |= 1  # search
+        if st.st_uid == jail.uid:
+            have = (st.st_mode >> 6) & 7
+        elif st.st_gid == jail.gid:
+            have = (st.st_mode >> 3) & 7
+        else:
+            have = st.st_mode & 7
+        if have & need != need:
+            raise SandboxError(
+                f"{mount.source} (mode {stat.filemode(st.st_mode)}, owner "
+                f"{st.st_uid}:{st.st_gid}) is not {'readable' if mount.readonly else 'writable'} "
+                f"by the jailed VMM's uid {jail.uid}: make it so, or run the VMM unjailed "
+                '([vmm_jail] mode = "never")'
+            )
+
+
+def give_to_jail(run_dir: Path, jail: JailConfig) -> None:
+    """Hands the run directory and the files already in it to the jail's uid/gid."""
+    for path in [run_dir, *run_dir.iterdir()]:
+        os.lchown(path, jail.uid, jail.gid)
+
+
 class VmmError(SandboxError):
     """The VMM refused or failed a request; `kind` is the API's error category."""
 
@@ -224,9 +360,16 @@ class VmmError(SandboxError):
 class VmmProcess:
     """One `tartarus-vmm serve` process and its control socket under `workdir`."""
 
-    def __init__(self, process: anyio.abc.Process, workdir: Path, request_timeout_s: float):
+    def __init__(
+        self,
+        process: anyio.abc.Process,
+        workdir: Path,
+        request_timeout_s: float,
+        jail: JailConfig | None = None,
+    ):
         self.process = process
         self.workdir = workdir
+        self.jail = jail
         self.socket = workdir / "api.sock"
         self._client = _core.VmmClient(self.socket, request_timeout_s)
 
@@ -236,21 +379,28 @@ class VmmProcess:
         workdir: Path,
         *,
         seccomp: bool = True,
+        jail: JailConfig | None = None,
         startup_timeout_s: float = 10.0,
         request_timeout_s: float = 70.0,
     ) -> VmmProcess:
-        """Starts the VMM and waits until its socket answers."""
+        """Starts the VMM (in `jail` if given; machine paths are then the jail's, see
+        `jail_machine`) and waits until its socket answers."""
         await anyio.Path(workdir).mkdir(parents=True, exist_ok=True)
         socket = workdir / "api.sock"
         argv = [str(find_binary("tartarus-vmm")), "serve", "--api-sock", str(socket)]
         if not seccomp:
             argv.append("--no-seccomp")
+        if jail is not None:
+            check_jail_access(jail)
+            jail_file = workdir / "jail.json"
+            await anyio.Path(jail_file).write_bytes(codec.to_json(jail))
+            argv += ["--jail", str(jail_file)]
         with (workdir / "vmm.stderr").open("wb") as stderr:
             process = await anyio.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
             )
         await anyio.Path(workdir / "vmm.pid").write_text(str(process.pid))
-        vmm = cls(process, workdir, request_timeout_s)
+        vmm = cls(process, workdir, request_timeout_s, jail)
         with anyio.move_on_after(startup_timeout_s):
             while process.returncode is None:
                 with contextlib.suppress(VmmError):
@@ -331,7 +481,13 @@ class VmmProcess:
         return report
 
     async def kill(self) -> None:
-        """Kills the process (idempotent) and removes the socket."""
+        """Kills the process (idempotent) and removes the socket. A jailed VMM's
+        supervisor gets SIGTERM first: it kills the jail and removes its cgroup."""
+        if self.process.returncode is None and self.jail is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGTERM)
+            with anyio.move_on_after(JAIL_TEARDOWN_S):
+                await self.process.wait()
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGKILL)

@@ -31,7 +31,23 @@ PATH_PARAMS: dict[str, Any] = {
 def _media_schema(media: str, body: Any, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     if media == OCTETS:
         return {"type": "string", "contentMediaType": OCTETS}
-    if media in (NDJSON, SSE):
+    if media == SSE:
+        # Per event (OpenAPI 3.1 has no itemSchema; tools read `schema` as one event):
+        # `data` is a JSON document of the item type.
+        return {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "event": {"type": "string", "enum": ["log"]},
+                "id": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": JSON,
+                    "contentSchema": refs[body],
+                },
+            },
+        }
+    if media == NDJSON:
         # A stream of JSON documents, each matching the item schema.
         return {
             "type": "string",

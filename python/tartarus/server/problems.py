@@ -99,7 +99,7 @@ def validation_problem(error: msgspec.ValidationError, where: str) -> ApiError:
         pointer += "/" + unknown.group(1)
     return ApiError(
         422,
-        "invalid-" + where,
+        "invalid-" + where.replace(" ", "-"),
         f"invalid {where}: {message}" + (f" at {pointer}" if pointer else ""),
         errors=[ProblemField(pointer=pointer, detail=message)],
     )

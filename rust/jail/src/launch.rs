@@ -13,16 +13,13 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use nix::fcntl::OFlag;
-use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{pipe2, sethostname, Pid};
+use nix::unistd::{sethostname, Pid};
 use serde::Serialize;
 use tartarus_seccomp::{builtin, CompiledProfile};
 
@@ -31,6 +28,7 @@ use crate::config::{JailConfig, SeccompChoice, Stdio, UserNamespace};
 use crate::mounts;
 use crate::namespaces::{self, Namespaces};
 use crate::privileges;
+use crate::spawn::{spawn_held, Hold, Never, Report};
 use crate::{Context, JailError, Result};
 
 /// A line on the events channel (JSON, one per line).
@@ -155,50 +153,26 @@ fn supervise(
         ),
         _ => None,
     };
-    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).context(|| "pipe".into())?;
-    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).context(|| "pipe".into())?;
-    let mut ns = Namespaces::all(user_ns);
-    ns.net = !config.network;
-    // The cgroup namespace is entered later, once init sits in its cgroup.
-    ns.cgroup = false;
-    // SAFETY: tartarus-jail is single-threaded.
-    let child = unsafe { namespaces::fork_into(ns) }?;
-    let Some(child) = child else {
-        drop(go_w);
-        drop(err_r);
-        let err = jail_init(config, seccomp, keep, user_ns, go_r, &err_w, stdio_file);
-        let mut w = File::from(err_w);
-        let _ = w.write_all(err.to_string().as_bytes());
-        // SAFETY: _exit skips the parent's atexit handlers and buffers, as a fork child must.
-        unsafe { libc::_exit(126) };
+    let mut namespaces = Namespaces::all(user_ns);
+    namespaces.net = !config.network;
+    let hold = Hold {
+        namespaces,
+        cgroup,
+        id_map: user_ns.then_some((euid, egid)),
     };
-    drop(go_r);
-    drop(err_w);
-    FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
-    let setup = (|| {
-        if user_ns {
-            namespaces::write_id_maps(child, 0, euid, egid)?;
-        }
-        if let Some(cg) = cgroup {
-            cg.attach(child.as_raw())?;
-        }
-        File::from(go_w)
-            .write_all(b"g")
-            .context(|| "releasing the jail".into())
-    })();
-    // EOF once the program's exec succeeded; otherwise the reason it did not.
-    let mut failure = String::new();
-    let _ = File::from(err_r).read_to_string(&mut failure);
-    if setup.is_err() || !failure.is_empty() {
-        // SAFETY: kill takes plain integers.
-        unsafe { libc::kill(child.as_raw(), libc::SIGKILL) };
-        let _ = waitpid(child, None);
-        setup?;
-        return Err(JailError::Config(format!(
-            "jail {} failed to start: {failure}",
-            config.id
-        )));
+    // SAFETY: tartarus-jail is single-threaded.
+    let child = unsafe {
+        spawn_held(hold, |report| {
+            init_steps(config, seccomp, keep, user_ns, report, stdio_file)
+        })
     }
+    .map_err(|e| match e {
+        JailError::Config(failure) => {
+            JailError::Config(format!("jail {} failed to start: {failure}", config.id))
+        }
+        other => other,
+    })?;
+    FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
     install_forwarders()?;
     events(&Event::Started {
         pid: child.as_raw(),
@@ -218,46 +192,16 @@ fn supervise(
     Ok((code, oom_kills))
 }
 
-/// The jail's init. Returns only on failure (the caller reports it).
-fn jail_init(
-    config: &JailConfig,
-    seccomp: Option<&CompiledProfile>,
-    keep: &caps::CapsHashSet,
-    user_ns: bool,
-    go_r: OwnedFd,
-    err_w: &OwnedFd,
-    stdio_file: Option<File>,
-) -> JailError {
-    match init_steps(config, seccomp, keep, user_ns, go_r, err_w, stdio_file) {
-        Ok(never) => match never {},
-        Err(e) => e,
-    }
-}
-
-enum Never {}
-
+/// The jail's init, released by the supervisor (in its cgroup and namespaces). Returns
+/// only on failure (reported to the supervisor).
 fn init_steps(
     config: &JailConfig,
     seccomp: Option<&CompiledProfile>,
     keep: &caps::CapsHashSet,
     user_ns: bool,
-    go_r: OwnedFd,
-    err_w: &OwnedFd,
+    report: &Report,
     stdio_file: Option<File>,
 ) -> Result<Never> {
-    let mut go = [0u8; 1];
-    if File::from(go_r).read(&mut go).unwrap_or(0) != 1 {
-        return Err(JailError::Config(
-            "supervisor went away before release".into(),
-        ));
-    }
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers: the jail dies with its supervisor.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    // Now that init is in its cgroup, make that cgroup the namespace's root.
-    match unshare(CloneFlags::CLONE_NEWCGROUP) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-        Err(e) => return Err(e).context(|| "unshare(CLONE_NEWCGROUP)".into()),
-    }
     sethostname(&config.hostname).context(|| "sethostname".into())?;
     if !config.network {
         namespaces::loopback_up()?;
@@ -270,13 +214,7 @@ fn init_steps(
     }
     mounts::pivot_into(&root)?;
     nix::unistd::chdir(config.cwd.as_str()).context(|| format!("chdir {}", config.cwd))?;
-    privileges::apply_rlimits(&config.rlimits)?;
-    privileges::limit_bounding_set(keep)?;
-    if config.uid != 0 || config.gid != 0 {
-        privileges::switch_user(config.uid, config.gid)?;
-    }
-    privileges::limit_capabilities(keep)?;
-    tartarus_seccomp::set_no_new_privs().context(|| "no_new_privs".into())?;
+    privileges::drop_privileges(&config.rlimits, keep, config.uid, config.gid)?;
 
     let argv = cstrings(config.argv.iter().map(String::as_str))?;
     let mut env_pairs: Vec<String> = config.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -301,18 +239,23 @@ fn init_steps(
         profile.install()?;
     }
     install_forwarders()?;
+    let err_fd = report.raw_fd();
     // SAFETY: init is single-threaded; the child only dup2s and execs (or reports).
     match unsafe { nix::unistd::fork() }.context(|| "fork".into())? {
         nix::unistd::ForkResult::Child => {
             let reason = exec_program(&argv, &env, stdin.as_ref(), out.as_ref());
-            let _ = nix::unistd::write(err_w, reason.as_bytes());
+            if let Some(fd) = err_fd {
+                // SAFETY: the error pipe stays open in this child until it exits.
+                let _ =
+                    nix::unistd::write(unsafe { BorrowedFd::borrow_raw(fd) }, reason.as_bytes());
+            }
             // SAFETY: a fork child leaves without running the parent's cleanup.
             unsafe { libc::_exit(127) };
         }
         nix::unistd::ForkResult::Parent { child } => {
             FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
-            // SAFETY: closing our copy of the error pipe; the program's copy closes on exec.
-            unsafe { libc::close(err_w.as_raw_fd()) };
+            // The program's copy of the pipe closes on exec: that is the supervisor's EOF.
+            report.ready();
             reap_until(child)
         }
     }

@@ -15,6 +15,7 @@ pub mod mounts;
 pub mod namespaces;
 pub mod privileges;
 pub mod relay;
+pub mod spawn;
 
 pub use config::JailConfig;
 

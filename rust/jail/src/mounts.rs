@@ -80,6 +80,41 @@ pub fn prepare_root(rootfs: &Path, work_dir: &Path, size_mib: u64) -> Result<(Pa
     Ok((root, Scratch::ReadOnlyBind))
 }
 
+/// An empty root for a jail that needs no rootfs (the VMM's): a small tmpfs on
+/// `mountpoint`, visible only in this mount namespace. Bind what the jail needs into
+/// it with [`bind_inside`], then [`pivot_into`] it and [`seal_root`].
+pub fn prepare_empty_root(mountpoint: &Path, size_kib: u64) -> Result<PathBuf> {
+    fs::create_dir_all(mountpoint).context(|| format!("creating {}", mountpoint.display()))?;
+    let opts = format!("size={size_kib}k,mode=0755");
+    mount(
+        Some("tartarus-root"),
+        mountpoint,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(opts.as_str()),
+    )
+    .context(|| format!("mounting the jail root on {}", mountpoint.display()))?;
+    // bind_inside compares resolved paths against the root: hand out the resolved one.
+    fs::canonicalize(mountpoint).context(|| format!("resolving {}", mountpoint.display()))
+}
+
+/// Makes the (already pivoted) root filesystem read-only; bind mounts below it keep
+/// their own flags.
+pub fn seal_root() -> Result<()> {
+    mount(
+        NONE,
+        "/",
+        NONE,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        NONE,
+    )
+    .context(|| "remounting / read-only".into())
+}
+
 /// overlayfs option values treat `,` and `:` as separators.
 fn escape_overlay(p: &Path) -> String {
     p.display()

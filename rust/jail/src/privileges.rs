@@ -102,3 +102,33 @@ pub fn switch_user(uid: u32, gid: u32) -> Result<()> {
         }
     })
 }
+
+/// Sets `PR_SET_PDEATHSIG(SIGKILL)`: this process dies with its parent. A change of
+/// user or group id clears it, so [`drop_privileges`] sets it again.
+pub fn die_with_parent() -> Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(JailError::Os {
+            what: "PR_SET_PDEATHSIG".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// The last steps into a jail, in the order the kernel needs them: rlimits, the
+/// bounding set (needs CAP_SETPCAP), the user and group ids (when not root), the
+/// remaining capabilities, then `no_new_privs`. Still dies with its parent afterwards.
+pub fn drop_privileges(rlimits: &[Rlimit], keep: &CapsHashSet, uid: u32, gid: u32) -> Result<()> {
+    apply_rlimits(rlimits)?;
+    limit_bounding_set(keep)?;
+    if uid != 0 || gid != 0 {
+        switch_user(uid, gid)?;
+        die_with_parent()?;
+    }
+    limit_capabilities(keep)?;
+    tartarus_seccomp::set_no_new_privs().map_err(|source| JailError::Os {
+        what: "no_new_privs".into(),
+        source,
+    })
+}

@@ -26,7 +26,7 @@
     .set BOOT_E820_COUNT, 0x1e8
     .set BOOT_E820_TABLE, 0x2d0
     .set PVH_CMDLINE, 24
-    .set PVH_MEMMAP, 32
+    .set PVH_MEMMAP, 40             /* hvm_start_info.memmap_paddr */
     .set PVH_MEMMAP_COUNT, 48
     .set GAP_START, 0xd0000000
     .set GENERATION_PAGE, 0xfebff000

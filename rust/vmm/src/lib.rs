@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod jail;
 pub mod layout;
 pub mod machine;
 pub mod memory;

@@ -24,6 +24,11 @@ pub enum MemoryError {
     FileTooSmall { path: String, have: u64, need: u64 },
     #[error("cannot map {size} bytes of guest memory: {detail}")]
     Map { size: u64, detail: String },
+    #[error(
+        "cannot reserve {size} bytes of 2 MiB huge pages for guest memory ({detail}): \
+         reserve more in /proc/sys/vm/nr_hugepages, or drop memory.hugepages"
+    )]
+    HugePages { size: u64, detail: String },
     #[error("KVM rejected memory slot {slot}: {source}")]
     Slot {
         slot: u32,
@@ -97,14 +102,22 @@ fn map_guest_memory(
                 flags |= libc::MAP_ANONYMOUS;
                 if hugepages {
                     flags |= libc::MAP_HUGETLB;
+                    // Reserve the pages now: a short pool fails here, not with a SIGBUS later.
+                    flags &= !libc::MAP_NORESERVE;
                     builder = builder.with_hugetlbfs(true);
                 }
             }
         }
-        let region = builder
-            .with_mmap_flags(flags)
-            .build()
-            .map_err(|e| map_err(e.to_string()))?;
+        let region = builder.with_mmap_flags(flags).build().map_err(|e| {
+            if flags & libc::MAP_HUGETLB != 0 {
+                MemoryError::HugePages {
+                    size: len,
+                    detail: e.to_string(),
+                }
+            } else {
+                map_err(e.to_string())
+            }
+        })?;
         regions.push(
             GuestRegionMmap::new(region, GuestAddress(start))
                 .ok_or_else(|| map_err("region wraps the address space".into()))?,

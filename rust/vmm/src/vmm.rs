@@ -54,6 +54,8 @@ pub struct Vmm {
     virtio: Option<VirtioDevices>,
     metrics: Arc<Metrics>,
     vcpu_filter: Option<Arc<BpfProgram>>,
+    /// The jail's cap on guest RAM (its cgroup's memory limit is this plus overhead).
+    guest_memory_limit_mib: Option<u64>,
     stopped: bool,
 }
 
@@ -75,8 +77,14 @@ impl Vmm {
             virtio: None,
             metrics: Arc::new(Metrics::default()),
             vcpu_filter,
+            guest_memory_limit_mib: None,
             stopped: false,
         }
+    }
+
+    /// Refuses machines with more guest RAM than `mib` (the jail's memory budget).
+    pub fn limit_guest_memory(&mut self, mib: u64) {
+        self.guest_memory_limit_mib = Some(mib);
     }
 
     pub fn state(&self) -> VmState {
@@ -225,6 +233,18 @@ impl Handler for Vmm {
                 machine
                     .validate()
                     .map_err(|e| ApiError::new(ErrorKind::Config, e.to_string()))?;
+                if let Some(limit) = self.guest_memory_limit_mib {
+                    if machine.memory_mib > limit {
+                        return Err(ApiError::new(
+                            ErrorKind::Config,
+                            format!(
+                                "memory_mib is {}; this VMM's jail allows at most {limit} MiB \
+                                 of guest RAM (jail cgroup.guest_memory_mib)",
+                                machine.memory_mib
+                            ),
+                        ));
+                    }
+                }
                 self.config = Some(machine);
                 to_value(self.report())
             }

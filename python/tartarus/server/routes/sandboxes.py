@@ -64,6 +64,8 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
     summary="Create and start a sandbox",
     tag="sandboxes",
     body=CreateSandboxRequest,
+    # Every field has a default: an empty POST starts a `base` sandbox.
+    body_required=False,
     headers=(
         Header(
             IDEMPOTENCY_HEADER,

@@ -43,7 +43,7 @@ from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError, from_exception
 from tartarus.server.routes.exec import start
 from tartarus.server.routes.processes import pid_of
-from tartarus.server.routing import RouteTable, encode
+from tartarus.server.routing import RouteTable, decode_json, encode
 from tartarus.server.streams import exit_info
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,7 @@ async def _first_exec_body(ws: web.WebSocketResponse) -> StreamExecBody:
         raise ApiError(408, "timeout", "no exec request within 30 s") from None
     if first.type != WSMsgType.TEXT:
         raise ApiError(400, "invalid-message", "the first message must be an exec request (text)")
-    try:
-        return msgspec.json.decode(first.data, type=StreamExecBody, strict=False)
-    except msgspec.DecodeError as e:
-        raise ApiError(422, "invalid-body", f"invalid exec request: {e}") from e
+    return decode_json(first.data, StreamExecBody, "exec request")
 
 
 @routes.route(

@@ -38,8 +38,15 @@ fn base(entry: u64) -> u64 {
         | ((entry & 0x0000_0000_ffff_0000) >> 16)
 }
 
+/// The segment limit in bytes, as KVM (and the VMCS) hold it: the descriptor's 20-bit
+/// limit, in 4 KiB units when the granularity bit is set.
 fn limit(entry: u64) -> u32 {
-    (((entry & 0x000f_0000_0000_0000) >> 32) | (entry & 0x0000_0000_0000_ffff)) as u32
+    let raw = (((entry & 0x000f_0000_0000_0000) >> 32) | (entry & 0x0000_0000_0000_ffff)) as u32;
+    if bits(entry, 55, 1) == 1 {
+        (raw << 12) | 0xfff
+    } else {
+        raw
+    }
 }
 
 fn bits(entry: u64, shift: u32, width: u32) -> u8 {
@@ -83,7 +90,16 @@ mod tests {
     #[test]
     fn protected_mode_code_segment_is_32_bit() {
         let cs = segment_from_gdt(GDT_PROTECTED_MODE[1], 1);
-        assert_eq!((cs.l, cs.db, cs.g, cs.limit), (0, 1, 1, 0xfffff));
+        // A 4 GiB flat segment: the PVH entry sits at 1 MiB, beyond a 20-bit byte limit.
+        assert_eq!((cs.l, cs.db, cs.g, cs.limit), (0, 1, 1, 0xffff_ffff));
+        let ds = segment_from_gdt(GDT_PROTECTED_MODE[2], 2);
+        assert_eq!((ds.db, ds.g, ds.limit), (1, 1, 0xffff_ffff));
+    }
+
+    #[test]
+    fn byte_granular_limits_are_kept() {
+        let tss = segment_from_gdt(GDT_PROTECTED_MODE[3], 3);
+        assert_eq!((tss.g, tss.limit), (0, 0x67));
     }
 
     #[test]
@@ -97,7 +113,8 @@ mod tests {
             let e = gdt_entry(flags & 0xf0ff, b, l);
             let seg = segment_from_gdt(e, 3);
             prop_assert_eq!(seg.base, u64::from(b));
-            prop_assert_eq!(seg.limit, l);
+            let bytes = if flags & 0x8000 != 0 { (l << 12) | 0xfff } else { l };
+            prop_assert_eq!(seg.limit, bytes);
             prop_assert_eq!(seg.selector, 24);
         }
     }
