@@ -11,10 +11,10 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -33,7 +33,7 @@ from tartarus.agent.store import (
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
-from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState
+from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel
 from tartarus.server.problems import ApiError, not_found
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,34 @@ class LiveSandbox:
     ended: anyio.Event = field(default_factory=anyio.Event)
 
 
+@dataclass(eq=False)
+class AcquiredSandbox:
+    """A running sandbox a `SandboxSource` hands out instead of a fresh one."""
+
+    sandbox: Sandbox
+    runtime: Runtime
+    template: str
+    resources: Resources
+    network: bool
+    trust: TrustLevel
+    # Shown as the record's backend_reason (e.g. "warm pool hit").
+    reason: str
+    attachments: dict[str, Any] = field(default_factory=dict)
+    workdir: str = "/"
+
+
+class SandboxSource(Protocol):
+    """Where a create can get a ready sandbox (Nyx: a warm pool, or a snapshot to
+    restore); None means the manager starts one itself."""
+
+    async def acquire(
+        self, request: CreateSandboxRequest, caller: Principal
+    ) -> AcquiredSandbox | None: ...
+
+
+SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
+
+
 def new_sandbox_id() -> str:
     return "sb-" + secrets.token_hex(8)
 
@@ -90,6 +118,11 @@ class SandboxManager:
         # Grace a sandbox gets when its deadline passes (node agents use a short one:
         # Alecto kills a sandbox within a second of its timeout).
         self.timeout_grace_s = grace_s if timeout_grace_s is None else timeout_grace_s
+        # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
+        # run before a sandbox is torn down (it still runs) and after.
+        self.source: SandboxSource | None = None
+        self.before_teardown: list[SandboxHook] = []
+        self.after_teardown: list[SandboxHook] = []
         self._live: dict[str, LiveSandbox] = {}
         self._accepting = True
         self._tasks: TaskGroup | None = None
@@ -272,6 +305,10 @@ class SandboxManager:
     async def _place(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
         """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
+        if self.source is not None:
+            acquired = await self.source.acquire(request, caller)
+            if acquired is not None:
+                return await self._adopt(admitted, acquired, caller)
         spec = SandboxSpec(
             id=sandbox_id,
             template=request.template,
@@ -329,6 +366,7 @@ class SandboxManager:
                 tenant=caller.tenant,
                 owner=caller.subject,
                 secrets=request.secrets,
+                checkpoint_on_stop=request.checkpoint_on_stop,
             )
         )
         sandbox: Sandbox | None = None
@@ -350,6 +388,48 @@ class SandboxManager:
         self.store.save(record)
         self._live[record.id] = LiveSandbox(
             record=record, sandbox=sandbox, runtime=runtime, workdir=workdir
+        )
+        return record
+
+    async def _adopt(
+        self, admitted: Admitted, acquired: AcquiredSandbox, caller: Principal
+    ) -> SandboxRecord:
+        """Records a sandbox a source handed out (it already runs)."""
+        request = admitted.request
+        now = time.time()
+        try:
+            record = self.store.insert(
+                SandboxRecord(
+                    id=acquired.sandbox.id,
+                    template=acquired.template,
+                    backend=acquired.runtime.backend,
+                    requested_backend=request.backend,
+                    state=SandboxState.RUNNING,
+                    created_at=now,
+                    expires_at=now + request.timeout_s,
+                    resources=acquired.resources,
+                    metadata=request.metadata,
+                    network=acquired.network,
+                    trust=acquired.trust,
+                    backend_reason=acquired.reason,
+                    tenant=caller.tenant,
+                    owner=caller.subject,
+                    secrets=request.secrets,
+                    checkpoint_on_stop=request.checkpoint_on_stop,
+                )
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._teardown(acquired.sandbox, grace_s=0)
+                await self.provider.release(acquired.sandbox.id)
+            raise
+        sandbox = admitted.bind(record, acquired.sandbox)
+        self._live[record.id] = LiveSandbox(
+            record=record,
+            sandbox=sandbox,
+            runtime=acquired.runtime,
+            attachments=dict(acquired.attachments),
+            workdir=acquired.workdir,
         )
         return record
 
@@ -389,6 +469,9 @@ class SandboxManager:
                 if live.record.state not in LIVE_STATES:
                     return
                 live.closing = True
+                live.record.detail = detail
+                # Before the followers go: a checkpoint may still read the sandbox.
+                await self._run_hooks(self.before_teardown, live, "before teardown")
                 # Followers (logs, attach, websockets) end now, not when their backend
                 # stream notices the teardown.
                 live.ended.set()
@@ -398,9 +481,10 @@ class SandboxManager:
                     except Exception:
                         log.exception("closing a service of sandbox %s failed", live.record.id)
                 await self._teardown(live.sandbox, grace_s=grace_s)
-                # The sandbox ended when its teardown did; unpinning its template writes
-                # to the blob store, shared with every build on the host, and may wait.
+                # The sandbox ended when its teardown did; the hooks and unpinning its
+                # template (a write to the blob store shared with every build) may wait.
                 ended_at = time.time()
+                await self._run_hooks(self.after_teardown, live, "after teardown")
                 try:
                     await self.provider.release(live.record.id)
                 except Exception:
@@ -412,6 +496,14 @@ class SandboxManager:
                 self._live.pop(live.record.id, None)
                 live.ended.set()
                 self.admission.ended(live.record)
+
+    @staticmethod
+    async def _run_hooks(hooks: Sequence[SandboxHook], live: LiveSandbox, when: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(live)
+            except Exception:
+                log.exception("a hook %s of sandbox %s failed", when, live.record.id)
 
     async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
         try:

@@ -170,9 +170,14 @@ class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A backend snapshot on local disk; the snapshot store (Nyx) files it in the blob store."""
+    """A backend snapshot on local disk; the snapshot store (Nyx) files it in the blob store.
+
+    `path` is a file or a directory, as the backend writes it. `base` is set for an
+    incremental snapshot: the snapshot `path` applies on top of (needed to restore it).
+    """
 
     backend: Backend
     path: Path
     size_bytes: int
     source_sandbox: str
+    base: Path | None = None
