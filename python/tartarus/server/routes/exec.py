@@ -22,8 +22,8 @@ from tartarus.api.types import (
 from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import ExecRequest, PtySize
-from tartarus.server.problems import ApiError
 from tartarus.server.context import live_sandbox, manager
+from tartarus.server.problems import ApiError
 from tartarus.server.routing import NDJSON, Reply, RouteTable, encode, read_json, reply
 from tartarus.server.streams import collect, stream_events
 
@@ -146,7 +146,12 @@ async def send_stream(
     body=ExecBody,
     replies=(
         Reply(200, ExecOutcome, description="The command finished"),
-        Reply(202, ProcessStarted, description="Started in the background"),
+        Reply(
+            202,
+            ProcessStarted,
+            description="Started in the background",
+            provides=(("pid", "/pid"),),
+        ),
     ),
     errors=(404, 409, 422),
     permission=SANDBOX_EXEC,
