@@ -13,6 +13,7 @@ import anyio.lowlevel
 import msgspec
 import pytest
 
+from tartarus.agent.admission import AdmitAll, TemplateDefaults
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import AuthMethod, Principal
@@ -22,7 +23,7 @@ from tartarus.policy.aeacus import AuditLog
 from tartarus.policy.documents import PolicyError, PolicySpec
 from tartarus.policy.judges import Judges, load_plugins, with_template_defaults
 from tartarus.policy.themis import PolicyStore, VersionConflictError
-from tartarus.runtime.types import Backend, SandboxState
+from tartarus.runtime.types import Backend, Resources, SandboxState
 from tartarus.server.problems import ApiError
 from tests.support.auth import call, make_key
 from tests.support.server import running_server, server_env
@@ -162,9 +163,14 @@ def judges_with(tmp_path: Path, *docs: str) -> Judges:
     return Judges(policies=store, audit=AuditLog(tmp_path / "audit.db"))
 
 
-async def refusal(judges: Judges, who: Principal, request: CreateSandboxRequest) -> ApiError:
+async def refusal(
+    judges: Judges,
+    who: Principal,
+    request: CreateSandboxRequest,
+    defaults: TemplateDefaults | None = None,
+) -> ApiError:
     with pytest.raises(ApiError) as caught:
-        await judges.admit(who, request)
+        await judges.admit(who, request, defaults)
     return caught.value
 
 
@@ -255,6 +261,30 @@ async def test_minos_cpu_memory_and_per_template_limits(tmp_path: Path) -> None:
     assert "template 'big'" in e.detail
     # Quotas are per tenant.
     await judges.admit(principal("acme"), create(resources={"vcpus": 6}))
+
+
+async def test_a_templates_own_defaults_count_in_admission(tmp_path: Path) -> None:
+    """The template's own resources and timeout are filled in before the judges sit
+    (after the policy's defaults for it), so quotas judge what the sandbox will get."""
+    judges = judges_with(tmp_path, GLOBAL)
+    big = TemplateDefaults(
+        resources=Resources(vcpus=1, memory_mib=3000, disk_mib=256, pids=128), timeout_s=60
+    )
+    who = principal("globex")
+    admitted = await judges.admit(who, create(), big)
+    assert admitted.request.resources.memory_mib == 3000 and admitted.request.timeout_s == 60
+    # 3000 MiB are held now: a second one would pass 4096 (with the API's 512 it would not).
+    e = await refusal(judges, who, create(), big)
+    assert e.status == 429 and "MiB of memory" in e.detail
+    # The request's own numbers win; so do the policy's defaults for the template.
+    mine = await judges.admit(principal("hooli"), create(resources={"memory_mib": 100}), big)
+    assert mine.request.resources.memory_mib == 100 and mine.request.resources.disk_mib == 256
+    python = await judges.admit(principal("initech"), create(template="python"), big)
+    assert python.request.resources.memory_mib == 1024 and python.request.timeout_s == 900
+    assert python.request.resources.pids == 128
+    # Without judges the template's defaults still apply.
+    plain = await AdmitAll().admit(who, create(), big)
+    assert plain.request.resources.memory_mib == 3000 and plain.request.timeout_s == 60
 
 
 def write_plugin(root: Path, body: str, name: str = "veto") -> None:

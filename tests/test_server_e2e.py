@@ -75,6 +75,16 @@ def test_idempotency_key(server: Server, backend: str) -> None:
     delete(server, first.json()["id"])
 
 
+def test_template_defaults_fill_what_the_request_leaves_out(server: Server, backend: str) -> None:
+    """The base template's own resources (base.yaml) where the request names none."""
+    info = create(server, backend)
+    assert info["resources"] == {"vcpus": 1.0, "memory_mib": 128, "disk_mib": 256, "pids": 128}
+    mine = create(server, backend, resources={"memory_mib": 300})
+    assert mine["resources"]["memory_mib"] == 300 and mine["resources"]["pids"] == 128
+    delete(server, info["id"])
+    delete(server, mine["id"])
+
+
 def test_pagination(server: Server, backend: str) -> None:
     ids = [create(server, backend, metadata={"batch": "pages"})["id"] for _ in range(5)]
     try:

@@ -6,16 +6,67 @@ request to carry out (with policy defaults applied), a hold on the tenant's quot
 the manager binds to the new sandbox or releases if creation fails, and a chance to wrap
 the runtime's sandbox (secrets are injected there, at exec time). `ended` gives the
 quota back when the sandbox ends.
+
+Defaults are filled in before any judge sits, so quotas judge the numbers the sandbox
+will get: what the request names, else the policy's defaults for the template, else the
+template's own (`TemplateDefaults`), else the API's.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import msgspec
+
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
 from tartarus.runtime.base import Sandbox
+from tartarus.runtime.types import Backend, Resources
+
+_API = CreateSandboxRequest()
+RESOURCE_FIELDS = ("vcpus", "memory_mib", "disk_mib", "pids")
+
+
+class TemplateDefaults(msgspec.Struct, frozen=True, kw_only=True):
+    """A template's own resources and timeout (from its definition)."""
+
+    resources: Resources
+    timeout_s: float
+
+
+def fill_defaults(
+    request: CreateSandboxRequest,
+    *,
+    resources: Resources | msgspec.Struct,
+    timeout_s: float | None,
+    backend: Backend | None = None,
+) -> CreateSandboxRequest:
+    """`request` with the fields it left at the API's defaults taken from these
+    (a resource field or argument that is None leaves the field as it is)."""
+    res = request.resources
+    wanted = {
+        name: getattr(resources, name)
+        for name in RESOURCE_FIELDS
+        if getattr(resources, name) is not None
+        and getattr(res, name) == getattr(_API.resources, name)
+    }
+    changes: dict[str, object] = {}
+    if wanted:
+        changes["resources"] = msgspec.structs.replace(res, **wanted)
+    if timeout_s is not None and request.timeout_s == _API.timeout_s:
+        changes["timeout_s"] = timeout_s
+    if backend is not None and request.backend is Backend.AUTO:
+        changes["backend"] = backend
+    return msgspec.structs.replace(request, **changes) if changes else request
+
+
+def with_template_file_defaults(
+    request: CreateSandboxRequest, defaults: TemplateDefaults | None
+) -> CreateSandboxRequest:
+    if defaults is None:
+        return request
+    return fill_defaults(request, resources=defaults.resources, timeout_s=defaults.timeout_s)
 
 
 class Admitted(Protocol):
@@ -33,7 +84,15 @@ class Admitted(Protocol):
 
 
 class AdmissionHook(Protocol):
-    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted: ...
+    async def admit(
+        self,
+        caller: Principal,
+        request: CreateSandboxRequest,
+        defaults: TemplateDefaults | None = None,
+    ) -> Admitted:
+        """`defaults`: the template's own, for what neither the request nor the policy
+        sets."""
+        ...
 
     def ended(self, record: SandboxRecord) -> None: ...
 
@@ -52,8 +111,13 @@ class _Admitted:
 class AdmitAll:
     """No judges: every request is admitted as it is."""
 
-    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted:
-        return _Admitted(request)
+    async def admit(
+        self,
+        caller: Principal,
+        request: CreateSandboxRequest,
+        defaults: TemplateDefaults | None = None,
+    ) -> Admitted:
+        return _Admitted(with_template_file_defaults(request, defaults))
 
     def ended(self, record: SandboxRecord) -> None:
         pass

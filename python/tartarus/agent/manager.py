@@ -295,7 +295,11 @@ class SandboxManager:
     async def _create(
         self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
     ) -> SandboxRecord:
-        admitted = await self.admission.admit(caller, request)
+        # The template's own defaults count in admission, so quotas judge what it gets.
+        defaults = (
+            None if request.from_snapshot else self.provider.template_defaults(request.template)
+        )
+        admitted = await self.admission.admit(caller, request, defaults)
         try:
             return await self._place(admitted, caller, sandbox_id)
         except BaseException:

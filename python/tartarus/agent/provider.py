@@ -16,9 +16,11 @@ from collections.abc import Sequence
 import anyio
 import msgspec
 
+from tartarus.agent.admission import TemplateDefaults
 from tartarus.config import Settings
 from tartarus.host.doctor import BackendVerdict, DoctorReport, run_doctor
 from tartarus.images import TemplateStore
+from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.store import TemplateInfo, TemplateManifest
 from tartarus.runtime.base import BackendUnavailableError, Runtime
 from tartarus.runtime.selector import make_runtime, select_backend
@@ -107,6 +109,15 @@ class HostRuntimes:
 
     async def template(self, name: str) -> TemplateInfo:
         return await self.templates.inspect(name)
+
+    def template_defaults(self, name: str) -> TemplateDefaults | None:
+        """The template's own resources and timeout, from its definition (no build
+        needed); None for a name no template has (creating it fails later, as before)."""
+        try:
+            template = self.templates.definition(name)
+        except TemplateNotFoundError:
+            return None
+        return TemplateDefaults(resources=template.resources, timeout_s=template.timeout_s)
 
     async def describe(self) -> dict[str, str]:
         report = await self.report()

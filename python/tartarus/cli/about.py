@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.shell_completion import get_completion_class
 
 from tartarus import __version__
-from tartarus.api.types import VersionInfo
-from tartarus.cli.output import console, emit_json
+from tartarus.cli.output import emit_json
 from tartarus.cli.remote import connect, run_async, url_option
 from tartarus.errors import TartarusError
+
+if TYPE_CHECKING:
+    from tartarus.api.types import VersionInfo
 
 
 @click.command("version")
@@ -31,17 +34,20 @@ def version_command(*, as_json: bool, client_only: bool, url: str | None) -> Non
     if as_json:
         emit_json({"client": __version__, "server": server, "server_error": error})
         return
-    console.print(f"client: tartarus {__version__}", highlight=False)
+    # Plain text: the quickest command should not pay for importing rich.
+    click.echo(f"client: tartarus {__version__}")
     if server is not None:
-        console.print(f"server: tartarus {server.version} (API {server.api})", highlight=False)
+        click.echo(f"server: tartarus {server.version} (API {server.api})")
         for name, verdict in sorted(server.backends.items()):
-            console.print(f"  {name}: {verdict}", highlight=False)
+            click.echo(f"  {name}: {verdict}")
     elif error is not None:
-        console.print(f"server: unreachable ({error})", highlight=False)
+        click.echo(f"server: unreachable ({error})")
 
 
 @run_async
 async def _server_version(url: str | None) -> VersionInfo:
+    from tartarus.api.types import VersionInfo  # noqa: PLC0415 (only with a server)
+
     async with await connect(url) as client:
         return await client.call("GET", "/v1/version", VersionInfo)
 

@@ -14,20 +14,22 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 import anyio
 import click
 
 from tartarus.cli.output import err_console
 from tartarus.errors import TartarusError
-from tartarus.sdk.client import Client
 from tartarus.sdk.errors import (
     ConflictError,
     NotFoundError,
     ServerUnreachableError,
     UnavailableError,
 )
+
+if TYPE_CHECKING:
+    from tartarus.sdk.client import Client
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,6 +81,9 @@ def run_async(
 
 
 async def connect(url: str | None) -> Client:
+    # The HTTP client (aiohttp) is imported by the commands that talk to a server only.
+    from tartarus.sdk.client import Client  # noqa: PLC0415
+
     return await Client.connect(url)
 
 

@@ -10,10 +10,8 @@ from typing import ParamSpec, TypeVar
 
 import anyio
 import click
-from rich.table import Table
 
 from tartarus.cli.output import console, emit_json, human_bytes
-from tartarus.cli.progress import progress_bars
 from tartarus.cli.remote import EXIT_NOT_FOUND, fail
 from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.store import TemplateInfo, TemplateStore
@@ -53,6 +51,8 @@ def build(name_or_file: str, pull: bool, no_ext4: bool, as_json: bool) -> None:
     path = Path(name_or_file)
     target: str | Path = path if path.suffix in (".yaml", ".yml", ".toml") else name_or_file
 
+    from tartarus.cli.progress import progress_bars  # noqa: PLC0415 (rich.progress)
+
     async def run() -> None:
         with progress_bars(not as_json) as progress:
             resolved = await store.build(target, ext4=not no_ext4, pull=pull, progress=progress)
@@ -83,6 +83,8 @@ def list_(as_json: bool) -> None:
     if as_json:
         emit_json(infos)
         return
+    from rich.table import Table  # noqa: PLC0415 (people only; --json skips rich)
+
     table = Table(title="templates")
     for column in ("id", "built", "size", "base", "description"):
         table.add_column(column)
@@ -99,6 +101,8 @@ def list_(as_json: bool) -> None:
 
 
 def _render(info: TemplateInfo) -> None:
+    from rich.table import Table  # noqa: PLC0415 (people only; --json skips rich)
+
     table = Table(title=f"template {info.id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")

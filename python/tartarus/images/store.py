@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -27,7 +28,6 @@ import msgspec
 from tartarus.config import Settings, load_settings
 from tartarus.images import fsutil
 from tartarus.images.blobs import BlobStore, GcReport, LocalBlobStore
-from tartarus.images.build import Builder, BuildRecord
 from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.progress import ProgressCallback, ignore
 from tartarus.images.template import (
@@ -39,6 +39,9 @@ from tartarus.images.template import (
     to_json,
 )
 from tartarus.runtime.types import Backend, Resources
+
+if TYPE_CHECKING:
+    from tartarus.images.build import BuildRecord
 
 # A partial download nobody resumed for this long is dropped by gc().
 STALE_DOWNLOAD_S = 7 * 24 * 3600
@@ -252,6 +255,9 @@ class TemplateStore:
         owner: str | None,
         progress: ProgressCallback | None,
     ) -> ResolvedTemplate:
+        # The builder pulls in the HTTP client (aiohttp); listing and lookups do not.
+        from tartarus.images.build import Builder  # noqa: PLC0415
+
         builder = Builder(self.blobs, self.cache_dir, progress or ignore)
         tid = loaded.template.id
         try:

@@ -13,11 +13,14 @@ import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-import msgspec
-
-from tartarus.agent.admission import Admitted
+from tartarus.agent.admission import (
+    Admitted,
+    TemplateDefaults,
+    fill_defaults,
+    with_template_file_defaults,
+)
 from tartarus.agent.store import SandboxRecord
-from tartarus.api.types import DEFAULT_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
+from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
 from tartarus.errors import ConfigError
 from tartarus.policy.aeacus import AuditError, AuditLog
@@ -27,13 +30,11 @@ from tartarus.policy.rhadamanthus import Rhadamanthus
 from tartarus.policy.themis import PolicyStore
 from tartarus.policy.verdicts import AdmissionRequest, Judge, Verdict
 from tartarus.runtime.base import Sandbox
-from tartarus.runtime.types import Backend
 from tartarus.server.problems import ApiError
 
 log = logging.getLogger(__name__)
 
 PLUGIN_GROUP = "tartarus.judges"
-_API_RESOURCES = ResourcesBody()
 
 SandboxWrapper = Callable[[SandboxRecord, Sandbox], Sandbox]
 
@@ -63,25 +64,17 @@ def load_plugins(group: str = PLUGIN_GROUP) -> list[Judge]:
 def with_template_defaults(
     policy: PolicySpec, request: CreateSandboxRequest
 ) -> CreateSandboxRequest:
-    """Applies the template's defaults to fields the request left at the API default."""
+    """Applies the policy's defaults for the template to fields the request left at the
+    API default."""
     defaults = policy.templates.defaults.get(request.template)
     if defaults is None:
         return request
-    res = request.resources
-    wanted = {
-        name: getattr(defaults.resources, name)
-        for name in ("vcpus", "memory_mib", "disk_mib", "pids")
-        if getattr(defaults.resources, name) is not None
-        and getattr(res, name) == getattr(_API_RESOURCES, name)
-    }
-    changes: dict[str, object] = {}
-    if wanted:
-        changes["resources"] = msgspec.structs.replace(res, **wanted)
-    if defaults.timeout_s is not None and request.timeout_s == DEFAULT_TIMEOUT_S:
-        changes["timeout_s"] = defaults.timeout_s
-    if defaults.backend is not None and request.backend is Backend.AUTO:
-        changes["backend"] = defaults.backend
-    return msgspec.structs.replace(request, **changes) if changes else request
+    return fill_defaults(
+        request,
+        resources=defaults.resources,
+        timeout_s=defaults.timeout_s,
+        backend=defaults.backend,
+    )
 
 
 class _Admitted:
@@ -122,11 +115,16 @@ class Judges:
     def policy(self, tenant: str) -> PolicySpec:
         return PolicySpec() if self.policies is None else self.policies.effective(tenant).spec
 
-    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted:
+    async def admit(
+        self,
+        caller: Principal,
+        request: CreateSandboxRequest,
+        defaults: TemplateDefaults | None = None,
+    ) -> Admitted:
         policy = self.policy(caller.tenant)
-        admission = AdmissionRequest(
-            caller=caller, request=with_template_defaults(policy, request), policy=policy
-        )
+        # The policy's defaults first, so they win over the template's own.
+        request = with_template_file_defaults(with_template_defaults(policy, request), defaults)
+        admission = AdmissionRequest(caller=caller, request=request, policy=policy)
         verdicts: list[Verdict] = []
         for judge in self.judges:
             # A judge sits only if those before it agreed: later ones (plugins, the
