@@ -305,6 +305,13 @@ async def test_cli_lists_inspects_and_removes(server: tuple[Client, str]) -> Non
     _, out, _ = await cli("snapshot", "create", restored["id"], "--json")
     child = msgspec.json.decode(out)
     assert child["parent"] == snapshot_id
+    _, out, _ = await cli("snapshot", "prune", "--keep", "0", "--dry-run", "--json")
+    dry = msgspec.json.decode(out)
+    assert dry["removed"] == [child["id"]] and dry["dry_run"], "template snapshots stay"
+    code, _, err = await cli("snapshot", "prune", "--older-than", "soon", check=False)
+    assert code == 2 and "soon" in err
+    _, out, _ = await cli("snapshot", "list", "-p", "user", "-q")
+    assert out.split() == [child["id"]], "a dry run deletes nothing"
     _, out, _ = await cli("snapshot", "rm", child["id"], "--json")
     assert msgspec.json.decode(out) == {"removed": [child["id"]]}
     code, _, err = await cli("snapshot", "inspect", child["id"], check=False)
@@ -313,4 +320,8 @@ async def test_cli_lists_inspects_and_removes(server: tuple[Client, str]) -> Non
     assert code == 2 and "--older-than" in err
     _, out, _ = await cli("pool", "ls", "--json")
     assert msgspec.json.decode(out) == []
+    _, out, _ = await cli("pool", "set", TEMPLATE, "0", "--json")
+    assert msgspec.json.decode(out)["target"] == 0
+    code, _, err = await cli("pool", "set", TEMPLATE, "65", check=False)
+    assert code == 2 and "65" in err
     await (await Sandbox.connect(restored["id"], client=client)).kill()
