@@ -532,7 +532,7 @@ class Coordinator:
                 "sandbox-not-running",
                 f"sandbox {sandbox_id} runs on node {record.node}, which is not reachable",
             )
-        return await self.proxy.forward(request, node.spec.address, node.id)
+        return await self.proxy.forward(request, node)
 
     async def delete(self, request: web.Request, sandbox_id: str) -> web.StreamResponse:
         record = await self.record(sandbox_id)
@@ -540,9 +540,7 @@ class Coordinator:
             return web.Response(status=204)
         node = await self.state.registry.node(record.node) if record.node else None
         if node is not None and record.state is not SandboxState.CREATED:
-            status, body = await self.proxy.call(
-                "DELETE", node.spec.address, request.rel_url.path_qs, node.id
-            )
+            status, body = await self.proxy.call("DELETE", node, request.rel_url.path_qs)
             if status >= 400 and status not in (404, 409):
                 return web.Response(status=status, body=body, content_type=PROBLEM_MEDIA)
         detail = "deleted" if node is not None else "deleted (its node was not reachable)"

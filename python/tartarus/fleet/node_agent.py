@@ -43,6 +43,7 @@ from tartarus.enforcement.records import (
     LimitPolicy,
 )
 from tartarus.fleet.host_usage import HostUsage
+from tartarus.fleet.join_credentials import ClientTls, JoinCredentials
 from tartarus.fleet.wire import (
     Heartbeat,
     Job,
@@ -155,7 +156,7 @@ class ReportingStore(Store):
 
 class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     join: list[str]
-    token: str
+    credentials: JoinCredentials
     # Sandboxes created at once.
     concurrency: int = 8
     drain_timeout_s: float = 30.0
@@ -179,6 +180,7 @@ class NodeAgent:
         self._url_index = 0
         self._session: aiohttp.ClientSession | None = None
         self._usage = HostUsage()
+        self._tls = ClientTls(options.credentials)
         self._joined = anyio.Event()
         self._heartbeat_s = 1.0
 
@@ -203,19 +205,32 @@ class NodeAgent:
     def _next_server(self) -> None:
         self._url_index += 1
 
+    async def _client(self) -> aiohttp.ClientSession:
+        """The session to the API servers, made again when the agent's certificate files
+        change (a renewed certificate is used from the next request on)."""
+        if self._session is not None and self._tls.changed():
+            await self._session.close()
+            self._session = None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=5.0),
+                connector=aiohttp.TCPConnector(ssl=self._tls.context() or True),
+            )
+        return self._session
+
     async def _call(
         self, method: str, path: str, body: Any = None, reply: type[T] | None = None
     ) -> T | None:
         """One request to the current API server; raises FleetUnreachableError (and moves
         to the next server) when it cannot be reached or fails, KeyError on 404."""
-        assert self._session is not None
+        session = await self._client()
         try:
-            async with self._session.request(
+            async with session.request(
                 method,
                 self._base + path,
                 data=None if body is None else _encode(body),
                 headers={
-                    "Authorization": f"Bearer {self.options.token}",
+                    **self.options.credentials.headers(),
                     "Content-Type": "application/json",
                 },
             ) as response:
@@ -227,7 +242,7 @@ class NodeAgent:
                         f"{method} {path}: HTTP {response.status}: {raw[:300]!r}"
                     )
                 return None if reply is None else msgspec.json.decode(raw, type=reply)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
             self._next_server()
             raise FleetUnreachableError(f"{method} {path}: {e}") from e
 
@@ -249,9 +264,7 @@ class NodeAgent:
     @asynccontextmanager
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
         del app
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=5.0)
-        )
+        await self._client()
         furies = Furies(manager, self.options.limits, self.outbox)
         try:
             async with anyio.create_task_group() as tg:
@@ -268,7 +281,8 @@ class NodeAgent:
                         await self._drain(manager)
                     tg.cancel_scope.cancel()
         finally:
-            await self._session.close()
+            if self._session is not None:
+                await self._session.close()
 
     async def _stay_joined(self, manager: SandboxManager) -> None:
         await self._listening.wait()

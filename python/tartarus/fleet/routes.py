@@ -5,7 +5,8 @@
   runs the sandbox. The request and response types are the single-host ones, so clients
   cannot tell one host from many.
 - `/v1/nodes/...`: node agents join, heartbeat, pull work and report (they authenticate
-  like any client: the server's API key as a bearer token).
+  with the server's API key as a bearer token, or with a client certificate naming the
+  node: such an agent may act for that node only).
 - Operators: nodes, queue depth and dead letters, the error stream (Cocytus), enforcement
   events, the quarantine list, scaler metrics, and Prometheus text at `/metrics`.
 """
@@ -269,7 +270,10 @@ class NodeList(msgspec.Struct, kw_only=True):
 )
 async def list_nodes(request: web.Request) -> web.StreamResponse:
     """Live nodes with their capacity, measured use and reservations."""
-    return reply(NodeList(items=await coordinator(request).state.registry.nodes()))
+    items = await coordinator(request).state.registry.nodes()
+    for node in items:
+        node.spec = node.spec.public()
+    return reply(NodeList(items=items))
 
 
 class QueueInfo(msgspec.Struct, kw_only=True):
