@@ -22,8 +22,8 @@ from tartarus.api.types import (
 from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import ExecRequest, PtySize
-from tartarus.server.problems import ApiError
 from tartarus.server.context import live_sandbox, manager
+from tartarus.server.problems import ApiError
 from tartarus.server.routing import NDJSON, Reply, RouteTable, encode, read_json, reply
 from tartarus.server.streams import collect, stream_events
 
