@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -71,12 +72,19 @@ def _end(record: SandboxRecord, state: SandboxState, detail: str) -> SandboxReco
 
 
 class Coordinator:
-    def __init__(self, state: FleetState, settings: FleetSettings, *, join_token: str) -> None:
+    def __init__(
+        self,
+        state: FleetState,
+        settings: FleetSettings,
+        *,
+        join_token: str,
+        node_tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.state = state
         self.settings = settings
         self.join_token = join_token
         self.server_id = f"api-{secrets.token_hex(4)}"
-        self.proxy = NodeProxy(join_token)
+        self.proxy = NodeProxy(join_token, node_tls)
         self.metrics = FleetMetrics(self)
         # The server's Judges (set when the server starts; all admitted until then).
         self.admission: AdmissionHook = AdmitAll()

@@ -9,6 +9,7 @@ so `tartarus certs issue --agent NAME` renews an agent's certificate without a r
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 from pathlib import Path
 
@@ -74,6 +75,30 @@ class ClientTls:
 
     def _stamps(self) -> tuple[int, ...]:
         return tuple(p.stat().st_mtime_ns for p in self.credentials.files)
+
+    def hint(self) -> str:
+        """Why a connection may have failed: with TLS 1.3 an API server that refuses a
+        client certificate just closes the connection, so the agent says what it can."""
+        c = self.credentials
+        if c.cert is None:
+            return ""
+        try:
+            cert = x509.load_pem_x509_certificate(c.cert.read_bytes())
+        except (OSError, ValueError) as e:
+            return f" (the client certificate {c.cert} cannot be read: {e})"
+        now = dt.datetime.now(dt.UTC)
+        if cert.not_valid_after_utc < now:
+            return (
+                f" (the client certificate {c.cert} expired at {cert.not_valid_after_utc:%F %T}"
+                " UTC: renew it with `tartarus certs issue --agent NAME`)"
+            )
+        if cert.not_valid_before_utc > now:
+            start = cert.not_valid_before_utc
+            return f" (the client certificate {c.cert} is not valid before {start:%F %T} UTC)"
+        return (
+            f" (if the API server closes the connection, check that its client_ca signed "
+            f"the client certificate {c.cert})"
+        )
 
     def changed(self) -> bool:
         """Whether the files changed since the context was built (False if unreadable)."""

@@ -12,6 +12,7 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.agent.provider import HostRuntimes
+from tartarus.auth.tls import client_context
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
 from tartarus.errors import ConfigError
@@ -71,7 +72,14 @@ async def serve_fleet(
         state_url, lanes=fleet.lanes, inbox=fleet.inbox, heartbeat_ttl_s=fleet.heartbeat_ttl_s
     ) as state:
         await state.ping()
-        coordinator = Coordinator(state, fleet, join_token=options.api_key or "")
+        tls = settings.auth.tls
+        coordinator = Coordinator(
+            state,
+            fleet,
+            join_token=options.api_key or "",
+            # Nodes that serve https have certificates from the fleet's CA.
+            node_tls=client_context(tls.client_ca) if tls and tls.client_ca else None,
+        )
         await serve(
             settings,
             options,

@@ -244,7 +244,7 @@ class NodeAgent:
                 return None if reply is None else msgspec.json.decode(raw, type=reply)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             self._next_server()
-            raise FleetUnreachableError(f"{method} {path}: {e}") from e
+            raise FleetUnreachableError(f"{method} {path}: {e}{self._tls.hint()}") from e
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Retries `call` with backoff until it gets through (a network cut ends)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 
 import aiohttp
 import anyio
@@ -46,14 +47,19 @@ def _headers(request_headers: object) -> dict[str, str]:
 
 
 class NodeProxy:
-    def __init__(self, token: str) -> None:
+    """`tls`: how to check nodes that serve https (the fleet's CA, `[auth.tls]
+    client_ca`, which also signs the nodes' own certificates)."""
+
+    def __init__(self, token: str, tls: ssl.SSLContext | None = None) -> None:
         self._token = token
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+                connector=aiohttp.TCPConnector(ssl=self._tls or True),
                 auto_decompress=False,
                 max_line_size=32 << 20,
                 max_field_size=1 << 16,

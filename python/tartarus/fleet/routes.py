@@ -167,8 +167,8 @@ async def join_node(request: web.Request) -> web.StreamResponse:
 )
 async def node_heartbeat(request: web.Request) -> web.StreamResponse:
     """404 means the fleet forgot the node (its TTL ran out): it must join again."""
-    beat = await read_json(request, Heartbeat)
     node_id = node_of(request)
+    beat = await read_json(request, Heartbeat)
     if not await coordinator(request).state.registry.heartbeat(
         node_id, beat.usage, draining=beat.draining
     ):
@@ -189,8 +189,8 @@ async def node_heartbeat(request: web.Request) -> web.StreamResponse:
 async def take_work(request: web.Request) -> web.StreamResponse:
     """Waits up to `wait_s` for the first item of the node's inbox, then takes what else
     is there (up to `max`)."""
-    ask = await read_json(request, WorkRequest)
     node_id = node_of(request)
+    ask = await read_json(request, WorkRequest)
     coord = coordinator(request)
     if await coord.state.registry.node(node_id) is None:
         raise not_found(f"node {node_id} (join again)")
@@ -215,8 +215,9 @@ async def take_work(request: web.Request) -> web.StreamResponse:
     permission=NODE_AGENT,
 )
 async def work_done(request: web.Request) -> web.StreamResponse:
+    node_id = node_of(request)
     done = await read_json(request, WorkDone)
-    keep = await coordinator(request).work_done(node_of(request), done)
+    keep = await coordinator(request).work_done(node_id, done)
     return reply(WorkVerdict(keep=keep))
 
 
@@ -231,8 +232,9 @@ async def work_done(request: web.Request) -> web.StreamResponse:
 )
 async def node_report(request: web.Request) -> web.StreamResponse:
     """Sandbox state changes, enforcement events and errors the node saw, oldest first."""
+    node_id = node_of(request)
     report = await read_json(request, NodeReport)
-    await coordinator(request).report(node_of(request), report)
+    await coordinator(request).report(node_id, report)
     return web.Response(status=204)
 
 
