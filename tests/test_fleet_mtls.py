@@ -126,7 +126,11 @@ def test_agents_join_by_certificate_and_bad_ones_are_refused(
         # The key API servers use on the node is never listed.
         assert joined()["node-1"]["spec"]["access_key"] == ""
         for refused in (expired, foreign):
-            wait_for(lambda r=refused: "joining the fleet" in r.log(), what="a refused join")
+
+            def tried(agent: Server = refused) -> bool:
+                return "joining the fleet" in agent.log()
+
+            wait_for(tried, what="a refused join")
         assert "node-2.pem expired at" in expired.log()
         assert "check that its client_ca signed the client certificate" in foreign.log()
         assert set(joined()) == {"node-1"}
