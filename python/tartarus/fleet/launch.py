@@ -1,5 +1,6 @@
-"""Starts the two fleet processes: an API server over shared state (`serve --state`) and a
-node agent (`tartarus agent`). Both are `tartarus serve` with a plugin."""
+"""Starts the two fleet processes, an API server over shared state (`serve --state`) and a
+node agent (`tartarus agent`), and a single-host `tartarus serve`: all three are
+`tartarus serve` with plugins (every one serves `/metrics`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
 from tartarus.errors import ConfigError
 from tartarus.fleet.coordinator import Coordinator
+from tartarus.fleet.host_metrics import CountingStore, HostMetrics, MetricsPlugin
 from tartarus.fleet.host_usage import host_cpus, host_memory_mib
 from tartarus.fleet.join_credentials import JoinCredentials
 from tartarus.fleet.node_agent import AgentOptions, NodeAgent, Outbox, ReportingStore
@@ -84,10 +86,27 @@ async def serve_fleet(
             settings,
             options,
             provider=FleetBackends(settings, state),
-            plugins=[FleetPlugin(coordinator)],
+            plugins=[FleetPlugin(coordinator), MetricsPlugin(coordinator.metrics)],
             on_ready=on_ready,
             stop=stop,
         )
+
+
+async def serve_host(
+    settings: Settings,
+    options: ServeOptions,
+    *,
+    on_ready: Callable[[list[Endpoint]], None] | None = None,
+) -> None:
+    """A single-host `tartarus serve`, with its host's metrics at `/metrics`."""
+    metrics = HostMetrics()
+    await serve(
+        settings,
+        options,
+        plugins=[MetricsPlugin(metrics)],
+        open_store=lambda path: CountingStore(path, metrics),
+        on_ready=on_ready,
+    )
 
 
 def node_id(settings: Settings, given: str | None) -> str:
@@ -168,6 +187,7 @@ async def run_agent(
         access_key="" if token else node_key,
     )
     outbox = Outbox()
+    metrics = HostMetrics(spec.id, spec.pool)
     agent = NodeAgent(
         AgentOptions(
             join=config.join,
@@ -200,8 +220,8 @@ async def run_agent(
             socket=settings.runtime_dir / f"agent-{spec.id}.sock",
         ),
         provider=provider,
-        plugins=[agent],
-        open_store=lambda path: ReportingStore(path, outbox, spec.id),
+        plugins=[agent, MetricsPlugin(metrics)],
+        open_store=lambda path: ReportingStore(path, metrics, outbox, spec.id),
         timeout_grace_s=TIMEOUT_GRACE_S,
         on_ready=announce,
         stop=stop,

@@ -32,7 +32,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tartarus.agent.manager import SandboxManager
-from tartarus.agent.store import SandboxRecord, Store
+from tartarus.agent.store import SandboxRecord
 from tartarus.auth.principal import SYSTEM
 from tartarus.enforcement.furies import Furies
 from tartarus.enforcement.records import (
@@ -41,7 +41,9 @@ from tartarus.enforcement.records import (
     ErrorRecord,
     Fury,
     LimitPolicy,
+    PeakUse,
 )
+from tartarus.fleet.host_metrics import CountingStore, HostMetrics
 from tartarus.fleet.host_usage import HostUsage
 from tartarus.fleet.join_credentials import ClientTls, JoinCredentials
 from tartarus.fleet.wire import (
@@ -79,6 +81,7 @@ class Outbox:
         self.records: dict[str, SandboxRecord] = {}
         self.events: list[EnforcementEvent] = []
         self.errors: list[ErrorRecord] = []
+        self.peaks: list[PeakUse] = []
         self._ready: anyio.Event | None = None
 
     def _wake(self) -> None:
@@ -99,8 +102,12 @@ class Outbox:
         self.errors.append(error)
         self._wake()
 
+    def peak(self, peak: PeakUse) -> None:
+        self.peaks.append(peak)
+        self._wake()
+
     def __bool__(self) -> bool:
-        return bool(self.records or self.events or self.errors)
+        return bool(self.records or self.events or self.errors or self.peaks)
 
     async def wait(self) -> None:
         while not self:
@@ -111,7 +118,10 @@ class Outbox:
     def take(self) -> NodeReport:
         records = list(self.records.values())[:REPORT_BATCH]
         return NodeReport(
-            records=records, events=self.events[:REPORT_BATCH], errors=self.errors[:REPORT_BATCH]
+            records=records,
+            events=self.events[:REPORT_BATCH],
+            errors=self.errors[:REPORT_BATCH],
+            peaks=self.peaks[:REPORT_BATCH],
         )
 
     def sent(self, report: NodeReport) -> None:
@@ -120,13 +130,15 @@ class Outbox:
                 del self.records[r.id]
         del self.events[: len(report.events)]
         del self.errors[: len(report.errors)]
+        del self.peaks[: len(report.peaks)]
 
 
-class ReportingStore(Store):
-    """The node's own SQLite store, which also hands every change to the outbox."""
+class ReportingStore(CountingStore):
+    """The node's own SQLite store, which also hands every change to the outbox (and
+    counts launches for the node's `/metrics`)."""
 
-    def __init__(self, path: Path, outbox: Outbox, node_id: str) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, metrics: HostMetrics, outbox: Outbox, node_id: str) -> None:
+        super().__init__(path, metrics)
         self.outbox = outbox
         self.node_id = node_id
 

@@ -8,7 +8,8 @@
   with the server's API key as a bearer token, or with a client certificate naming the
   node: such an agent may act for that node only).
 - Operators: nodes, queue depth and dead letters, the error stream (Cocytus), enforcement
-  events, the quarantine list, scaler metrics, and Prometheus text at `/metrics`.
+  events, the quarantine list, scaler metrics (Prometheus text at `/metrics` comes from
+  `host_metrics`, as on every server).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from tartarus.fleet.wire import (
     WorkRequest,
     WorkVerdict,
 )
+from tartarus.policy.judges import Judges
 from tartarus.queue import DeadLetter, Lane, LaneDepth, Message
 from tartarus.scheduling.nodes import NodeSpec, NodeState
 from tartarus.server.access import SANDBOX_TENANTS, SHARED, principal_of, register_owner
@@ -53,7 +55,6 @@ from tartarus.server.routes.sandboxes import (
 from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 nodes = RouteTable()
 operators = RouteTable()
@@ -514,20 +515,6 @@ async def scaler_metrics(request: web.Request) -> web.StreamResponse:
     return reply(coordinator(request).metrics.snapshot)
 
 
-@operators.route(
-    "GET",
-    "/metrics",
-    summary="Prometheus metrics",
-    tag="fleet",
-    replies=(Reply(200, description="Prometheus text exposition format (text/plain)"),),
-    permission=ADMIN_TENANTS,
-)
-async def prometheus(request: web.Request) -> web.StreamResponse:
-    return web.Response(
-        body=coordinator(request).metrics.render(), headers={"Content-Type": PROMETHEUS_TEXT}
-    )
-
-
 class FleetPlugin:
     """Plugs the coordinator into `tartarus serve` (see `tartarus.server.plugins`)."""
 
@@ -546,5 +533,8 @@ class FleetPlugin:
         app[COORDINATOR] = self.coordinator
         app[SANDBOX_TENANTS] = self.coordinator.sandbox_tenant
         self.coordinator.admission = manager.admission
+        if isinstance(manager.admission, Judges):
+            # Minos counts across every API server of the fleet.
+            manager.admission.shared = self.coordinator.state.quota
         async with self.coordinator.running():
             yield
