@@ -2,7 +2,9 @@
 on SQLite and on Redis Streams beside a bare XADD/XREADGROUP loop on the same
 redis-server (redis-py), and a fleet-wide quota hold + release (Minos in Redis and in
 SQLite) beside the single-host in-memory Minos, in the same run; plus a count check:
-two Redis clients (two API servers) racing past a quota admit exactly the quota.
+two Redis clients (two API servers) racing past a quota admit exactly the quota; and
+Alecto: how late after its deadline a jail sandbox's teardown finishes (the value of
+each timeout's event), beside coreutils `timeout -s KILL` killing a `sleep`.
 
 Run: `python -m benches.bench_fleet` (writes benches/results/fleet.json).
 """
@@ -19,11 +21,17 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 from tests.support.redis_server import redis_server
+from tests.support.server import short_dir
 
 from benches.harness import Stats, measure, measure_async, ratio, report, write_result
-from tartarus.api.types import CreateSandboxRequest
+from tartarus.agent.manager import SandboxManager
+from tartarus.agent.provider import HostRuntimes
+from tartarus.agent.store import Store
+from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
+from tartarus.config import Settings
 from tartarus.fleet.quota import FleetQuota, RedisQuota, SqliteQuota
+from tartarus.paths import default_cache_dir
 from tartarus.policy.documents import PolicySpec, Quotas
 from tartarus.policy.minos import Minos, Usage
 from tartarus.policy.verdicts import AdmissionRequest
@@ -201,6 +209,56 @@ async def quota_race(url: str) -> dict[str, Any]:
     }
 
 
+ALECTO_SANDBOXES = 10
+
+
+async def alecto() -> dict[str, Any]:
+    """Jail sandboxes with a 1 s timeout on a node's manager (no grace): seconds between
+    each deadline and the end of its teardown; the peer is `timeout -s KILL 1 sleep 5`."""
+    late: list[float] = []
+    with short_dir() as base:
+        settings = Settings(
+            cache_dir=default_cache_dir(), state_dir=base / "state", runtime_dir=base / "run"
+        )
+        store = Store(base / "state.db")
+        provider = HostRuntimes(settings, only=[Backend.JAIL])
+        async with SandboxManager(store, provider, timeout_grace_s=0).running() as manager:
+            ids = []
+            for _ in range(ALECTO_SANDBOXES):
+                record, _ = await manager.create(
+                    CreateSandboxRequest(
+                        backend=Backend.JAIL,
+                        timeout_s=1,
+                        resources=ResourcesBody(vcpus=0.1, memory_mib=32),
+                    ),
+                    caller=SYSTEM,
+                )
+                ids.append(record.id)
+            with anyio.fail_after(60):
+                while manager.live_count():  # noqa: ASYNC110 - the manager has no event for it
+                    await anyio.sleep(0.05)
+            for sandbox_id in ids:
+                ended = store.get(sandbox_id)
+                assert ended is not None and ended.detail == "timed out", ended
+                assert ended.ended_at is not None and ended.expires_at is not None
+                late.append(ended.ended_at - ended.expires_at)
+        store.close()
+    peer: list[float] = []
+    for _ in range(ALECTO_SANDBOXES):
+        started = time.perf_counter()
+        await anyio.run_process(["timeout", "-s", "KILL", "1", "sleep", "5"], check=False)
+        peer.append(time.perf_counter() - started - 1.0)
+    ours, theirs = Stats.of(late), Stats.of(peer)
+    report("Alecto: teardown after the deadline vs timeout -s KILL", ours, theirs, "timeout")
+    return {
+        "what": "seconds from a sandbox's deadline to the end of its teardown (jail, no grace)",
+        "sandboxes": ALECTO_SANDBOXES,
+        "late": ours,
+        "timeout_kill_sleep": theirs,
+        "ratio": ratio(ours, theirs),
+    }
+
+
 async def main() -> None:
     results: dict[str, Any] = {"scheduling": bench_decisions()}
     with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp) / "redis") as server:
@@ -242,6 +300,7 @@ async def main() -> None:
         "ratio_redis_vs_bare": ratio(redis_stats, bare_stats),
         "ratio_sqlite_vs_bare": ratio(sqlite_stats, bare_stats),
     }
+    results["alecto"] = await alecto()
     path = write_result("fleet", results)
     print(f"wrote {path}")
 
