@@ -5,11 +5,14 @@
 //! `track_dirty_pages`) records guest writes since the last time it was read. For a
 //! machine restored from a snapshot, guest memory is a private mapping of the snapshot
 //! file, so every page anyone wrote (the guest, or the VMM on its behalf) has become a
-//! private copy; `/proc/self/pagemap` says which, exactly.
+//! private copy; `/proc/self/pagemap` says which, exactly. The jail has no /proc, so a
+//! jailed VMM opens the file before it enters ([`open_pagemap`]); the open file keeps
+//! reading this process's page table after the chroot and the privilege drop.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -108,10 +111,28 @@ const PAGEMAP_PRESENT: u64 = 1 << 63;
 const PAGEMAP_SWAPPED: u64 = 1 << 62;
 const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
 
+/// This process's `/proc/self/pagemap`, opened on first use. The file describes the
+/// address space of the process that opened it, so a forked child must open its own:
+/// the jail calls this in the VMM process, before its root loses /proc.
+static PAGEMAP: OnceLock<File> = OnceLock::new();
+
+pub fn open_pagemap() -> io::Result<&'static File> {
+    if let Some(file) = PAGEMAP.get() {
+        return Ok(file);
+    }
+    let file = File::open("/proc/self/pagemap").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot open /proc/self/pagemap (a jailed VMM opens it before entering): {e}"),
+        )
+    })?;
+    Ok(PAGEMAP.get_or_init(|| file))
+}
+
 /// Pages of a private file mapping that were written since it was mapped: they are
 /// private (anonymous) copies now, present or swapped out.
 pub fn copied_pages(mem: &GuestMemoryMmap) -> io::Result<PageFlags> {
-    let pagemap = File::open("/proc/self/pagemap")?;
+    let pagemap = open_pagemap()?;
     let mut out = Vec::new();
     let mut entries = vec![0u8; 8 * 4096];
     for region in mem.iter() {
