@@ -10,9 +10,7 @@ runtime provider: the real microVM runtime for every spec. gVisor end to end is 
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,8 +35,10 @@ from tartarus.snapshots.service import SandboxFacts, SnapshotService
 from tests.support.probe_guests import build_probe_guest, xorshift_result
 from tests.support.snapshots import (
     ProbeRuntimes,
+    end_leftover_vmms,
     isolated_settings,
     our_vmms,
+    run_cli,
     serving,
     snapshot_spinning,
     snapshot_when,
@@ -63,10 +63,14 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def runtimes(settings: Settings, doctor_report: DoctorReport) -> ProbeRuntimes:
+async def runtimes(
+    settings: Settings, doctor_report: DoctorReport, tmp_path: Path
+) -> AsyncIterator[ProbeRuntimes]:
     if not doctor_report.kernel.kvm.openable:
         pytest.skip(f"no usable /dev/kvm: {doctor_report.kernel.kvm.detail}")
-    return ProbeRuntimes(settings, MicroVmRuntime(settings=settings, doctor=doctor_report))
+    yield ProbeRuntimes(settings, MicroVmRuntime(settings=settings, doctor=doctor_report))
+    # A test that failed half-way must not leave VMMs running on the machine.
+    await end_leftover_vmms(tmp_path)
 
 
 @pytest.fixture
@@ -286,16 +290,9 @@ async def test_pool_hits_checkpoint_on_stop_and_prune(
 
 async def test_cli_lists_inspects_and_removes(server: tuple[Client, str]) -> None:
     client, snapshot_id = server
-    url = f"unix:{client.endpoint.path}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TARTARUS_")}
 
     async def cli(*args: str, check: bool = True) -> tuple[int, str, str]:
-        proc = await anyio.run_process(
-            [sys.executable, "-m", "tartarus", *args, "--url", url], env=env, check=False
-        )
-        if check:
-            assert proc.returncode == 0, proc.stderr.decode()
-        return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+        return await run_cli(client, *args, check=check)
 
     _, out, _ = await cli("snapshot", "list", "--json")
     listed = msgspec.json.decode(out)
@@ -308,6 +305,13 @@ async def test_cli_lists_inspects_and_removes(server: tuple[Client, str]) -> Non
     _, out, _ = await cli("snapshot", "create", restored["id"], "--json")
     child = msgspec.json.decode(out)
     assert child["parent"] == snapshot_id
+    _, out, _ = await cli("snapshot", "prune", "--keep", "0", "--dry-run", "--json")
+    dry = msgspec.json.decode(out)
+    assert dry["removed"] == [child["id"]] and dry["dry_run"], "template snapshots stay"
+    code, _, err = await cli("snapshot", "prune", "--older-than", "soon", check=False)
+    assert code == 2 and "soon" in err
+    _, out, _ = await cli("snapshot", "list", "-p", "user", "-q")
+    assert out.split() == [child["id"]], "a dry run deletes nothing"
     _, out, _ = await cli("snapshot", "rm", child["id"], "--json")
     assert msgspec.json.decode(out) == {"removed": [child["id"]]}
     code, _, err = await cli("snapshot", "inspect", child["id"], check=False)
@@ -316,4 +320,8 @@ async def test_cli_lists_inspects_and_removes(server: tuple[Client, str]) -> Non
     assert code == 2 and "--older-than" in err
     _, out, _ = await cli("pool", "ls", "--json")
     assert msgspec.json.decode(out) == []
+    _, out, _ = await cli("pool", "set", TEMPLATE, "0", "--json")
+    assert msgspec.json.decode(out)["target"] == 0
+    code, _, err = await cli("pool", "set", TEMPLATE, "65", check=False)
+    assert code == 2 and "65" in err
     await (await Sandbox.connect(restored["id"], client=client)).kill()

@@ -23,7 +23,9 @@ from tartarus import _core
 from tartarus.binaries import find_binary
 from tartarus.config import Settings
 from tartarus.host.doctor import DoctorReport
-from tartarus.runtime.microvm import MicroVmRuntime, clone_id_of
+from tartarus.runtime import protocol as p
+from tartarus.runtime.agent_client import AgentClient, AgentError
+from tartarus.runtime.microvm import MicroVmRuntime, clone_id_of, reseed_guest
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState, SnapshotInfo
 from tartarus.runtime.vmm_api import (
     DriveConfig,
@@ -35,6 +37,7 @@ from tartarus.runtime.vmm_api import (
     VmmError,
     VmState,
 )
+from tests.support.agent import running_agent
 from tests.support.probe_guests import build_probe_guest, walk_result, xorshift_result
 from tests.support.snapshots import GEN_ROUNDS, machine, our_vmms, vmm_at, wait_for
 from tests.support.snapshots import snapshot_mid_gen as take_mid_gen
@@ -162,6 +165,29 @@ async def test_clones_share_the_snapshot_pages_they_did_not_write(
             fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", block, re.M))
             assert int(fields["Size"]) == 64 << 10
             assert int(fields["Anonymous"]) < 1024, "hardly any page was copied"
+
+
+# ---- the guest's RNG after a restore ----------------------------------------------
+
+
+async def test_a_restored_guest_agent_reseeds_its_rng(tmp_path: Path) -> None:
+    """What the microVM backend sends the guest agent once it reconnects after a
+    restore, against a real agent (on a unix socket here: no Linux guest runs on this
+    host's KVM). As root it credits the bytes and reseeds the kernel RNG at once."""
+    with running_agent(tmp_path) as (proc, socket):
+        async with await AgentClient.connect_unix(socket) as agent:
+            assert agent.hello is not None and "reseed" in agent.hello.features
+            assert await reseed_guest(agent, generation=1)
+            for size in (0, 15, 513):
+                with pytest.raises(AgentError, match=f"not {size}") as e:
+                    await agent.call(p.Reseed(entropy=b"\1" * size, generation=1))
+                assert e.value.code == "invalid_argument"
+            # An agent from before reseeding existed: the restore goes on, with a warning.
+            assert agent.hello is not None
+            agent.hello = msgspec.structs.replace(agent.hello, features=["exec"])
+            assert not await reseed_guest(agent, generation=2)
+            await agent.call_expect(p.Ping(), p.Pong)
+        assert proc.poll() is None
 
 
 # ---- diff snapshots ----------------------------------------------------------------

@@ -4,6 +4,9 @@ snapshotted in the middle of a computation."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,20 @@ def our_vmms(root: Path) -> list[int]:
     return pids
 
 
+async def end_leftover_vmms(root: Path) -> list[int]:
+    """SIGTERMs VMMs a failed test left under `root` (a jailed VMM's supervisor then
+    removes its jail and cgroup) and waits for them; returns the pids it found."""
+    found = our_vmms(root)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for _ in range(200):  # up to 10 s
+        if not our_vmms(root):
+            break
+        await anyio.sleep(0.05)
+    return found
+
+
 # The probe guests' "template": nothing to build, nothing to warm up.
 PROBE_MANIFEST = TemplateManifest(
     id="probe",
@@ -190,3 +207,17 @@ async def serving(
         finally:
             await client.close()
             stop.set()
+
+
+async def run_cli(client: Client, *args: str, check: bool = True) -> tuple[int, str, str]:
+    """`tartarus ARGS --url` the server `client` talks to; returns (code, out, err)."""
+    assert client.endpoint.path is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TARTARUS_")}
+    proc = await anyio.run_process(
+        [sys.executable, "-m", "tartarus", *args, "--url", f"unix:{client.endpoint.path}"],
+        env=env,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr.decode()
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()

@@ -89,9 +89,12 @@ class AdmissionHook(Protocol):
         caller: Principal,
         request: CreateSandboxRequest,
         defaults: TemplateDefaults | None = None,
+        *,
+        hold_as: str | None = None,
     ) -> Admitted:
         """`defaults`: the template's own, for what neither the request nor the policy
-        sets."""
+        sets. `hold_as`: a fleet's API server holds the tenant's quota share in shared
+        state under this sandbox id (and releases it there when the sandbox ends)."""
         ...
 
     def ended(self, record: SandboxRecord) -> None: ...
@@ -116,6 +119,8 @@ class AdmitAll:
         caller: Principal,
         request: CreateSandboxRequest,
         defaults: TemplateDefaults | None = None,
+        *,
+        hold_as: str | None = None,
     ) -> Admitted:
         return _Admitted(with_template_file_defaults(request, defaults))
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 from pathlib import Path
@@ -45,7 +47,8 @@ from tartarus import _core, codec
 from tartarus.config import Settings, load_settings
 from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
-from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime import protocol as p
+from tartarus.runtime.agent_client import AgentClient, AgentError
 from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import (
     BackendUnavailableError,
@@ -78,6 +81,8 @@ from tartarus.runtime.vmm_api import (
     jail_restore,
 )
 from tartarus.runtime.vmm_jail import BindMount, JailConfig, sandbox_jail
+
+log = logging.getLogger(__name__)
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
@@ -251,6 +256,31 @@ async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT)
     raise SandboxError(
         f"the guest agent did not answer on vsock port {port} within {timeout_s:.0f} s ({last})"
     )
+
+
+# Fresh host entropy a restored guest's RNG is reseeded with.
+RESEED_BYTES = 32
+
+
+async def reseed_guest(agent: AgentClient, generation: int) -> bool:
+    """Has the agent of a guest restored from a snapshot mix fresh host entropy into
+    its kernel's RNG and reseed it: clones of one snapshot share their RNG state
+    until then. Returns False (and logs) for an agent too old to do it; a refusal
+    raises `SandboxError`, since a clone that cannot diverge must not serve."""
+    if agent.hello is None or "reseed" not in agent.hello.features:
+        agent_version = agent.hello.agent if agent.hello else "unknown"
+        log.warning(
+            "the guest agent (%s) cannot reseed its RNG after a restore; rebuild the "
+            "template's snapshot with this version's agent",
+            agent_version,
+        )
+        return False
+    request = p.Reseed(entropy=secrets.token_bytes(RESEED_BYTES), generation=generation)
+    try:
+        await agent.call_expect(request, p.Ok)
+    except AgentError as e:
+        raise SandboxError(f"the restored guest could not reseed its RNG: {e}") from e
+    return True
 
 
 async def _kill_recorded_vmm(workdir: Path) -> None:
@@ -434,11 +464,14 @@ class MicroVmSandbox(AgentSandbox):
             options, jail = self.confine_restore(options, saved["memory_mib"])
             self._jailed = jail is not None
             self._vmm = await VmmProcess.launch(self.workdir, jail=jail)
-            _, self.restore_report = await self._vmm.restore(options)
+            _, report = await self._vmm.restore(options)
+            self.restore_report = report
             if saved["vsock"]:
-                # The restore reset every vsock connection: the agent is reached anew.
+                # The restore reset every vsock connection: the agent is reached anew,
+                # and reseeds the RNG state this clone shares with its siblings.
                 await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
                 self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
+                await reseed_guest(self.agent, report.generation)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.kill()

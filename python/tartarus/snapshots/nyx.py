@@ -25,7 +25,8 @@ from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
 from tartarus.config import Settings
 from tartarus.images.blobs import GcReport
-from tartarus.runtime.base import SandboxError
+from tartarus.images.oci.image import first_error
+from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.server.problems import ApiError
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
@@ -40,6 +41,9 @@ from tartarus.snapshots.service import (
 )
 
 log = logging.getLogger(__name__)
+
+# How many copies a fork restores at once.
+FORK_CONCURRENCY = 4
 
 
 def facts_of_live(live: LiveSandbox) -> SandboxFacts:
@@ -145,6 +149,8 @@ class Nyx:
                     label=label,
                     metadata=metadata,
                 )
+            except NotSupportedError:
+                raise  # 409 not-supported: this backend cannot snapshot at all
             except (SnapshotError, SandboxError) as e:
                 raise ApiError(409, "snapshot-failed", f"cannot snapshot {sandbox_id}: {e}") from e
 
@@ -168,20 +174,31 @@ class Nyx:
             metadata={**original.metadata, **(metadata or {}), "tartarus.forked_from": sandbox_id},
             from_snapshot=snap.id,
         )
-        records: list[SandboxRecord] = []
+        made: dict[int, SandboxRecord] = {}
+        # Restores overlap (a restore mostly waits for the backend's processes), a few
+        # at a time so a large fork does not swamp the host.
+        limiter = anyio.CapacityLimiter(FORK_CONCURRENCY)
+
+        async def copy(index: int) -> None:
+            async with limiter:
+                made[index], _ = await self.manager.create(request, caller=caller)
+
         try:
-            for _ in range(count):
-                record, _ = await self.manager.create(request, caller=caller)
-                records.append(record)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for i in range(count):
+                        tg.start_soon(copy, i)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
         except BaseException:
             with anyio.CancelScope(shield=True):
-                for record in records:
+                for record in made.values():
                     await self.manager.delete(record.id)
             raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self.service.delete(snap.id)
-        return snap.id, records
+        return snap.id, [made[i] for i in range(count)]
 
     async def build_template(
         self,

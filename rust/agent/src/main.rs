@@ -14,6 +14,7 @@ mod listen;
 mod process;
 mod reaper;
 mod reply;
+mod reseed;
 mod ring;
 mod scratch;
 mod stats;
