@@ -118,8 +118,9 @@ def agent_command(
 ) -> None:
     """Run a node agent (Hecatoncheir) that joins a fleet and runs its sandboxes.
 
-    It registers with an API server started with `tartarus serve --state ...`,
-    heartbeats, takes the sandboxes the scheduler gives it, reports their state, and
+    It registers with an API server started with `tartarus serve --state ...`
+    (authenticated by the fleet's token, or by its client certificate: --ca, --cert,
+    --key), heartbeats, takes the sandboxes the scheduler gives it, reports their state, and
     serves their exec, files and logs to the API servers. It keeps its sandboxes through
     a network cut. SIGTERM drains it: no new work, running sandboxes get --drain-timeout
     seconds, then it stops them and leaves the fleet.
