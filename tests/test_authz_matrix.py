@@ -25,15 +25,17 @@ import yaml
 from tartarus.auth.rbac import ROUTE_PERMISSIONS, default_roles
 from tartarus.server.app import operations
 from tartarus.server.routing import JSON, Operation
-from tests.support.auth import call, make_key, seed_sandboxes
+from tests.support.auth import call, make_key, seed_sandboxes, seed_snapshots
 from tests.support.server import Reply, Server, running_server, server_env
 
 pytestmark = pytest.mark.timeout(300)
 
 OWN, OTHER = "acme", "globex"
 SANDBOX = {OWN: "sb-00000000000000a1", OTHER: "sb-00000000000000b2"}
+SNAPSHOT = {OWN: "snap-00000000000000a1", OTHER: "snap-00000000000000b2"}
 MISSING = {
     "id": "sb-ffffffffffffffff",
+    "snapshot_id": "snap-ffffffffffffffff",
     "key_id": "ffffffffffff",
     "policy": "no-such-policy",
     "template": "no-such-template",
@@ -67,6 +69,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("matrix")
     seed_sandboxes(base / "state", {SANDBOX[OWN]: OWN, SANDBOX[OTHER]: OTHER})
+    seed_snapshots(base / "state", {SNAPSHOT[OWN]: OWN, SNAPSHOT[OTHER]: OTHER})
     with running_server(base, env=server_env(base)) as server:
         tokens = {
             (tenant, role): make_key(server, tenant, [role], f"{tenant}-{role}")[1]
@@ -86,6 +89,8 @@ def _path(op: Operation, world: World, tenant: str, *, missing: bool = False) ->
             value = MISSING[param]
         elif param == "id":
             value = SANDBOX[tenant]
+        elif param == "snapshot_id":
+            value = SNAPSHOT[tenant]
         elif param == "key_id":
             value = world.key_ids[tenant]
         elif param == "policy":
@@ -115,10 +120,10 @@ def _problem(reply: Reply) -> dict[str, Any]:
 
 
 def _resource_owner(op: Operation) -> str | None:
-    """Whose resource the path names: a tenant's (`id`, `key_id`), the platform's
-    (`policy`), or none."""
+    """Whose resource the path names: a tenant's (`id`, `key_id`, `snapshot_id`), the
+    platform's (`policy`), or none."""
     params = set(op.path_params)
-    if params & {"id", "key_id"}:
+    if params & {"id", "key_id", "snapshot_id"}:
         return "tenant"
     if "policy" in params:
         return "platform"
@@ -145,7 +150,11 @@ def test_route_matrix(world: World, op: Operation) -> None:
                     world, op, world.tokens[(OWN, role)], _path(op, world, target, missing=True)
                 )
                 got, want = _problem(reply), _problem(missing)
-                for param, value in (("id", SANDBOX[target]), ("key_id", world.key_ids[target])):
+                for param, value in (
+                    ("id", SANDBOX[target]),
+                    ("key_id", world.key_ids[target]),
+                    ("snapshot_id", SNAPSHOT[target]),
+                ):
                     for field in ("detail", "instance"):
                         got[field] = got.get(field, "").replace(value, MISSING[param])
                 if reply.status != 404 or got != want:

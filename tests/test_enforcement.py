@@ -1,5 +1,5 @@
-"""Erinyes and Cocytus: Tisiphone's actions on real processes, Megaera's escalation, and
-the event/error logs on SQLite and Redis."""
+"""Erinyes and Cocytus: Tisiphone's actions on real jails (the base template, busybox),
+Megaera's escalation, and the event/error logs on SQLite and Redis."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tartarus.agent.manager import SandboxManager
+from tartarus.agent.provider import HostRuntimes
 from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
@@ -29,9 +30,12 @@ from tartarus.enforcement.records import (
     LimitRule,
 )
 from tartarus.enforcement.violations import QUARANTINE_AFTER, escalate, violation
-from tartarus.runtime.types import ExecRequest, SandboxState
-from tests.support.process_runtime import StandInProvider
+from tartarus.host.doctor import DoctorReport
+from tartarus.paths import default_cache_dir
+from tartarus.runtime.types import Backend, ExecRequest, SandboxState
+from tests.support.fleet import HOG, require_jail
 from tests.support.redis_server import RedisServer, redis_server
+from tests.support.server import short_dir
 
 pytestmark = pytest.mark.anyio
 
@@ -50,19 +54,26 @@ class Events:
 
 
 @pytest.fixture
-async def manager(tmp_path: Path) -> AsyncIterator[SandboxManager]:
-    settings = Settings(
-        cache_dir=tmp_path / "cache", state_dir=tmp_path / "state", runtime_dir=tmp_path / "run"
-    )
-    store = Store(tmp_path / "state.db")
-    async with SandboxManager(store, StandInProvider(settings)).running() as m:
-        yield m
-    store.close()
+async def manager(doctor_report: DoctorReport) -> AsyncIterator[SandboxManager]:
+    require_jail(doctor_report)
+    with short_dir() as base:
+        settings = Settings(
+            cache_dir=default_cache_dir(), state_dir=base / "state", runtime_dir=base / "run"
+        )
+        store = Store(base / "state.db")
+        provider = HostRuntimes(settings, only=[Backend.JAIL])
+        async with SandboxManager(store, provider, timeout_grace_s=0).running() as m:
+            yield m
+        store.close()
+        assert await provider.reap_all() == set()  # the manager left no jail behind
 
 
 async def sandbox_running(manager: SandboxManager, command: str, memory_mib: int = 64) -> str:
     record, _ = await manager.create(
-        CreateSandboxRequest(resources=ResourcesBody(vcpus=0.5, memory_mib=memory_mib)),
+        CreateSandboxRequest(
+            backend=Backend.JAIL,
+            resources=ResourcesBody(vcpus=0.5, memory_mib=memory_mib),
+        ),
         caller=msgspec.structs.replace(SYSTEM, tenant="greedy"),
     )
     live = manager.live(record.id)
@@ -71,11 +82,7 @@ async def sandbox_running(manager: SandboxManager, command: str, memory_mib: int
     return record.id
 
 
-HOG = (
-    "python3 -c 'import time; a = bytearray(40 << 20); "
-    'a[::4096] = b"x" * len(a[::4096]); time.sleep(60)\''
-)
-SPIN = "python3 -c 'while True: pass'"
+SPIN = "while :; do :; done"
 
 
 async def watch_until(
@@ -107,7 +114,7 @@ async def test_memory_hog_warned_then_killed(manager: SandboxManager) -> None:
         interval_s=0.2,
     )
     furies = Furies(manager, policy, sink)
-    sandbox_id = await sandbox_running(manager, HOG)
+    sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
         furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
     )
@@ -126,7 +133,7 @@ async def test_quarantine_action_kills_and_names_the_tenant(manager: SandboxMana
         memory=[LimitRule(share=0.3, action=Action.QUARANTINE)], cpu=[], interval_s=0.2
     )
     furies = Furies(manager, policy, sink)
-    sandbox_id = await sandbox_running(manager, HOG)
+    sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
         furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
     )

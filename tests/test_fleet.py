@@ -1,5 +1,5 @@
 """The fleet end to end on one host: an API server over SQLite state, node agents as
-separate processes, sandboxes placed, forwarded, lost and enforced."""
+separate processes, sandboxes (real jails) placed, forwarded, lost and enforced."""
 
 from __future__ import annotations
 
@@ -13,20 +13,23 @@ import aiohttp
 import anyio
 import pytest
 
+from tartarus.host.doctor import DoctorReport
 from tartarus.scheduling.nodes import PlacementRules, Toleration
 from tartarus.sync import Sandbox
 from tests.support.fleet import (
+    HOG,
+    SANDBOX,
     TOKEN,
     call,
     fleet_config,
     nodes,
-    runtime_in_use,
+    reap_leftovers,
+    require_jail,
     start_agent,
     start_api,
     stop_process,
     wait_for,
 )
-from tests.support.process_runtime import reap_leftovers
 from tests.support.server import Server
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,8 +44,8 @@ LIMITS = {
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Server]:
-    print(f"sandboxes run on {runtime_in_use()}")
+def api(tmp_path: Path, doctor_report: DoctorReport) -> Iterator[Server]:
+    require_jail(doctor_report)
     config = fleet_config(tmp_path / "config", limits=LIMITS)
     server = start_api(tmp_path / "api", f"sqlite:///{tmp_path / 'fleet.db'}", config=config)
     try:
@@ -53,7 +56,10 @@ def api(tmp_path: Path) -> Iterator[Server]:
 
 def create(api: Server, **body: object) -> dict[str, object]:
     reply = call(
-        api, "POST", "/v1/sandboxes", {"resources": {"vcpus": 0.25, "memory_mib": 64}, **body}
+        api,
+        "POST",
+        "/v1/sandboxes",
+        {**SANDBOX, "resources": {"vcpus": 0.25, "memory_mib": 64}, **body},
     )
     assert reply.status == 201, reply.body
     result: dict[str, object] = reply.json()
@@ -82,7 +88,7 @@ def test_sandboxes_are_placed_by_labels_and_taints_and_forwarded(
             api,
             "POST",
             "/v1/sandboxes",
-            {"placement": {"node_selector": {"zone": "mars"}}},
+            {**SANDBOX, "placement": {"node_selector": {"zone": "mars"}}},
         )
         assert refused.status == 503, refused.body
         assert "label zone=mars missing" in refused.json()["detail"]
@@ -91,6 +97,7 @@ def test_sandboxes_are_placed_by_labels_and_taints_and_forwarded(
             placement=PlacementRules(
                 node_selector={"zone": "b"}, tolerations=[Toleration(key="gpu", value="yes")]
             ),
+            backend="jail",
             vcpus=0.25,
             memory_mib=64,
             url=api.tcp_url,
@@ -194,22 +201,48 @@ def test_memory_hog_is_killed_per_policy(api: Server, tmp_path: Path) -> None:
     try:
         wait_for(lambda: "node-a" in nodes(api), what="node-a")
         sandbox = create(api, resources={"vcpus": 0.5, "memory_mib": 64})
-        # Touches 52 MiB of its 64 MiB, page by page, then waits.
-        hog = (
-            "python3 -c 'import time; a = bytearray(52 << 20); "
-            'a[::4096] = b"x" * len(a[::4096]); time.sleep(60)\''
-        )
-        call(api, "POST", f"/v1/sandboxes/{sandbox['id']}/exec", {"cmd": hog, "background": True})
+        # 52 MiB of its 64 MiB: past the policy's kill at 70 %, short of the kernel's limit.
+        hog = {"cmd": HOG.format(mib=52), "background": True}
+        assert call(api, "POST", f"/v1/sandboxes/{sandbox['id']}/exec", hog).status == 202
 
         def killed() -> dict[str, object] | None:
             got: dict[str, object] = call(api, "GET", f"/v1/sandboxes/{sandbox['id']}").json()
             return got if got["state"] == "failed" else None
 
         got = wait_for(killed, what="Tisiphone's kill")
-        assert "killed by Tisiphone" in str(got["detail"])
-        events = call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"]
-        actions = {(e["fury"], e["action"]) for e in events}
-        assert ("tisiphone", "kill") in actions
+        assert "killed by Tisiphone (kill): memory at" in str(got["detail"])
+        events = wait_for(
+            lambda: call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"],
+            what="Tisiphone's event",
+        )
+        assert ("tisiphone", "kill") in {(e["fury"], e["action"]) for e in events}
+    finally:
+        stop_process(a)
+
+
+def test_hog_past_its_limit_is_oom_killed_and_reported(api: Server, tmp_path: Path) -> None:
+    """With no rule that kills, the kernel enforces the jail's memory limit: the hog is
+    OOM killed (the exec says so), the sandbox carries on, and Tisiphone records it."""
+    assert api.tcp_url is not None
+    warn_only = {"memory": [{"share": 0.5, "action": "warn"}], "cpu": [], "interval_s": 0.5}
+    config = fleet_config(tmp_path / "warn-only", limits=warn_only)
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", config=config)
+    try:
+        wait_for(lambda: "node-a" in nodes(api), what="node-a")
+        sandbox = create(api, resources={"vcpus": 0.5, "memory_mib": 64})
+        ran = call(api, "POST", f"/v1/sandboxes/{sandbox['id']}/exec", {"cmd": HOG.format(mib=96)})
+        assert ran.status == 200, ran.body
+        assert ran.json()["oom_killed"] is True
+        after = call(api, "POST", f"/v1/sandboxes/{sandbox['id']}/exec", {"cmd": "echo alive"})
+        assert after.json()["stdout"] == "alive\n"
+
+        def oom_event() -> list[dict[str, object]]:
+            items = call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"]
+            return [e for e in items if (e["fury"], e["action"]) == ("tisiphone", "oom-kill")]
+
+        (event,) = wait_for(oom_event, what="the oom-kill event")
+        assert "killed 1 process(es) at the memory limit (64 MiB)" in str(event["detail"])
+        assert call(api, "GET", f"/v1/sandboxes/{sandbox['id']}").json()["state"] == "running"
     finally:
         stop_process(a)
 
@@ -228,7 +261,7 @@ def test_draining_agent_leaves_and_its_queued_work_goes_elsewhere(
         assert got["state"] in ("stopped", "failed")
         assert "node-a" not in nodes(api)
         started = time.monotonic()
-        refused = call(api, "POST", "/v1/sandboxes", {})
+        refused = call(api, "POST", "/v1/sandboxes", SANDBOX)
         assert refused.status == 503 and "tartarus agent --join" in refused.json()["detail"]
         assert time.monotonic() - started < 60
     finally:

@@ -1,5 +1,6 @@
 """Acceptance for many hosts: a real redis-server, two API servers sharing it, three node
-agents as separate processes, each in its own network namespace (veth to a bridge).
+agents as separate processes, each in its own network namespace (veth to a bridge),
+running every sandbox in a real jail.
 
 - 200 sandboxes scheduled across the agents respecting labels, taints, capacity and
   quarantine;
@@ -22,20 +23,22 @@ from typing import Any
 
 import pytest
 
+from tartarus.host.doctor import DoctorReport
 from tests.support import netns
 from tests.support.fleet import (
+    SANDBOX,
     call,
     fleet_config,
     nodes,
-    runtime_in_use,
+    reap_leftovers,
+    require_jail,
     start_agent,
     start_api,
     stop_process,
     wait_for,
 )
-from tests.support.process_runtime import reap_leftovers
 from tests.support.redis_server import RedisServer, redis_server
-from tests.support.server import Server, start_server
+from tests.support.server import Server, processes_mentioning, start_server
 
 TINY = {"vcpus": 0.05, "memory_mib": 16}
 PLAIN_CAPACITY = 110  # node-a's --max-sandboxes
@@ -82,9 +85,9 @@ AGENTS = {
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, doctor_report: DoctorReport) -> Iterator[Fleet]:
+    require_jail(doctor_report)
     why = netns.unavailable()
-    print(f"sandboxes run on {runtime_in_use()}")
     print("agents in network namespaces" if why is None else f"agents on loopback: {why}")
     with (
         redis_server(tmp_path / "redis") as redis,
@@ -108,10 +111,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             # What a SIGKILLed agent left behind (its restart reaps it too).
             for node_id in AGENTS:
                 reap_leftovers(tmp_path / node_id)
+    assert processes_mentioning(str(tmp_path)) == []  # no jail (or agent) leaked
 
 
 def create(api: Server, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    reply = call(api, "POST", "/v1/sandboxes", {"resources": TINY, **body}, timeout=120)
+    reply = call(api, "POST", "/v1/sandboxes", {**SANDBOX, "resources": TINY, **body}, timeout=120)
     return reply.status, reply.json()
 
 

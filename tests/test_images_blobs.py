@@ -12,6 +12,7 @@ import pytest
 
 from tartarus.images.blobs import BlobKind, BlobStore, LocalBlobStore
 from tartarus.images.errors import BlobNotFoundError, DigestMismatchError
+from tartarus.images.fsutil import atomic_write
 
 pytestmark = pytest.mark.anyio
 
@@ -174,3 +175,21 @@ def test_concurrent_commits_and_gc_never_lose_referenced_blobs(tmp_path: Path) -
             assert (await store.local_path(b.digest)).is_file()
 
     anyio.run(check)
+
+
+async def test_concurrent_atomic_writes_of_one_file_all_land(tmp_path: Path) -> None:
+    """Tasks of one process pinning the same template at once write one pin file through
+    worker threads: each write needs a temp file of its own, or one renames another's
+    away (FileNotFoundError) or publishes a half-written file."""
+    target = tmp_path / "pins" / "template.json"
+    contents = {bytes([65 + i]) * 4096 for i in range(8)}
+
+    async def writer(data: bytes) -> None:
+        for _ in range(25):
+            await anyio.to_thread.run_sync(atomic_write, target, data)
+
+    async with anyio.create_task_group() as tg:
+        for data in contents:
+            tg.start_soon(writer, data)
+    assert target.read_bytes() in contents
+    assert [p.name for p in target.parent.iterdir()] == ["template.json"]  # no temp files left

@@ -28,6 +28,7 @@ def test_base_fragment_has_what_a_microvm_needs() -> None:
         "CONFIG_VIRTIO_BLK",
         "CONFIG_VIRTIO_VSOCKETS",
         "CONFIG_EXT4_FS",
+        "CONFIG_OVERLAY_FS",
         "CONFIG_SERIAL_8250_CONSOLE",
     ):
         assert base[needed] == "y", needed

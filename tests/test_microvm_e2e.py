@@ -20,6 +20,7 @@ from tartarus.guest import kernel_build
 from tartarus.runtime.base import Runtime, Sandbox, SandboxError
 from tartarus.runtime.types import ExecRequest, ExecResult, Resources, SandboxSpec, SandboxState
 from tests.guest_rootfs import busybox_rootfs
+from tests.support.scratch_disk import read_ext4_file
 
 pytestmark = [pytest.mark.kvm_full, pytest.mark.anyio, pytest.mark.timeout(900)]
 
@@ -87,14 +88,14 @@ async def test_boots_to_agent_ready_and_runs_a_command(runtime: Runtime, rootfs:
         result = await _run(sb, "/bin/echo", "hello from the guest")
         assert result.stdout == b"hello from the guest\n"
         assert result.exit.code == 0
-        # PID 1 is the agent, booted from the read-only template image.
+        # PID 1 is the agent, booted from the read-only template image, which it put
+        # under a writable overlay on the scratch disk.
         init = await _run(sb, "/bin/cat", "/proc/1/cmdline")
         assert b"tartarus-agent" in init.stdout
         mounts = (await _run(sb, "/bin/cat", "/proc/mounts")).stdout.decode()
         assert any(
-            line.split()[1] == "/" and "ro" in line.split()[3].split(",")
-            for line in mounts.splitlines()
-        )
+            line.split()[1] == "/" and line.split()[2] == "overlay" for line in mounts.splitlines()
+        ), mounts
     finally:
         await sb.stop(grace_s=5)
 
@@ -137,6 +138,30 @@ async def test_files_round_trip_on_the_scratch_disk(runtime: Runtime, rootfs: Pa
             await sb.stat("/tmp/work")
     finally:
         await sb.stop(grace_s=5)
+
+
+async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
+    runtime: Runtime, rootfs: Path
+) -> None:
+    from tartarus.runtime.microvm import MicroVmSandbox  # noqa: PLC0415 - kvm hosts only
+
+    sb = await _started(runtime, _spec(rootfs, "overlay"))
+    assert isinstance(sb, MicroVmSandbox)
+    scratch = sb.workdir / "scratch.ext4"
+    try:
+        payload = os.urandom(1 << 20)
+        await sb.make_dir("/root", parents=True)
+        await sb.write_file("/root/data", payload)
+        assert await sb.read_file("/root/data") == payload
+        r = await _run(sb, "/bin/sh", "-c", "echo x > /etc/x && cat /etc/x && sync")
+        assert r.stdout == b"x\n"
+        # The guest's writes are on the scratch disk, not in the template image.
+        assert read_ext4_file(scratch, "/overlay/upper/root/data") == payload
+        assert not (rootfs / "etc" / "x").exists()
+    finally:
+        await sb.kill()
+    assert not scratch.exists(), "the scratch disk is gone with the sandbox"
+    assert not sb.workdir.exists()
 
 
 async def test_ten_concurrent_microvms_are_isolated(runtime: Runtime, rootfs: Path) -> None:

@@ -349,3 +349,22 @@ async def test_reap_removes_what_a_crashed_server_left(
     await assert_no_leftovers(lost, runtime, tmp_path / "state")
     await lost.kill()  # releases our handle on the (already dead) supervisor
     await keep.kill()
+
+
+async def test_reap_finds_a_jail_whose_start_its_host_never_saw(
+    base_rootfs: Path, tmp_path: Path, doctor_report: DoctorReport
+) -> None:
+    """The host died between spawning `tartarus-jail` and reading its `started` event
+    (no started.json): reap finds the jail through its supervisor and the cgroup its
+    config names, and kills it."""
+    if not doctor_report.backend("jail").available:
+        pytest.skip(f"jail cannot run here: {doctor_report.backend('jail').reason}")
+    runtime = JailRuntime(tmp_path / "state")
+    lost = await runtime.create(spec_for(base_rootfs, "unseen"))
+    await lost.start()
+    assert isinstance(lost, JailSandbox)
+    (lost._dir / "started.json").unlink()
+    assert await JailRuntime(tmp_path / "state").reap(set()) == ["unseen"]
+    await anyio.to_thread.run_sync(assert_gone, lost, tmp_path / "state")
+    await lost.kill()  # releases our handle on the (already dead) supervisor
+    runtime.remove_cgroup_scope()

@@ -3,15 +3,18 @@ a requested backend the host cannot run is a clear error naming what is missing.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
+from tartarus.agent.provider import REAPED, HostRuntimes
 from tartarus.config import Settings
 from tartarus.host.doctor import BackendVerdict, DoctorReport
 from tartarus.runtime.base import BackendUnavailableError
-from tartarus.runtime.selector import select_backend, select_runtime
+from tartarus.runtime.selector import make_runtime, select_backend, select_runtime
 from tartarus.runtime.types import Backend, SandboxSpec, TrustLevel
 
 
@@ -80,3 +83,20 @@ def test_real_host_verdicts(doctor_report: DoctorReport, tmp_path: Path) -> None
     assert doctor_report.backend(selection.backend.value).available
     assert selection.runtime.backend is selection.backend
     assert selection.explanation[-1].startswith(f"{selection.backend.value}: chosen")
+
+
+def test_every_reaped_backend_is_made_and_reaps_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node agent reaps every backend when it starts: each must instantiate (by its
+    real class name) and reap an empty state without an error in the log."""
+    settings = Settings(
+        runtime_dir=tmp_path / "run", state_dir=tmp_path / "state", cache_dir=tmp_path / "cache"
+    )
+    for backend in REAPED:
+        runtime = make_runtime(backend, settings)
+        assert runtime.backend is backend
+        assert anyio.run(runtime.reap, set()) == []
+    with caplog.at_level(logging.ERROR):
+        assert anyio.run(HostRuntimes(settings).reap_all) == set()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

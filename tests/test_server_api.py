@@ -219,6 +219,35 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
         assert again.raw("GET", "/v1/health").status == 200
 
 
+# Sends itself SIGTERM the moment it is announced ready, as a supervisor may.
+SIGTERM_AT_READY = """
+import os, signal, anyio
+from tartarus.config import load_settings
+from tartarus.server.serve import ServeOptions, serve
+
+def ready(endpoints):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+anyio.run(lambda: serve(load_settings(), ServeOptions(), on_ready=ready))
+print("stopped cleanly")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_at_the_moment_of_readiness_stops_cleanly(tmp_path: Path) -> None:
+    """The stop handlers are installed before readiness is announced: a SIGTERM that
+    arrives right after the announcement is a clean stop, not death by signal."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_READY],
+        env=server_env(tmp_path),
+        capture_output=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr.decode()[-2000:])
+    assert done.stdout == b"stopped cleanly\n"
+
+
 def test_templates(server: Server) -> None:
     items = server.raw("GET", "/v1/templates").json()["items"]
     names = {t["name"]: t for t in items}

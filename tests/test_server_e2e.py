@@ -102,6 +102,12 @@ def test_exec_forms(server: Server, backend: str) -> None:
         r = server.json("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": ["sh", "-c", "echo a; exit 4"]})
         assert r.status == 200
         assert (r.json()["stdout"], r.json()["exit_code"]) == ("a\n", 4)
+        # A program that does not exist is the request's fault, not a missing sandbox.
+        for route in ("exec", "exec/stream"):
+            r = server.json("POST", f"/v1/sandboxes/{sb}/{route}", {"cmd": ["/no/such/prog"]})
+            assert r.status == 422, r.body
+            assert r.json()["type"].endswith("/cannot-start")
+        assert server.raw("GET", f"/v1/sandboxes/{sb}").status == 200
         r = server.json("POST", f"/v1/sandboxes/{sb}/exec/stream", {"cmd": "echo x; echo y >&2"})
         events = [json.loads(line) for line in r.body.splitlines()]
         assert events[0]["type"] == "started"

@@ -6,6 +6,12 @@ from typing import Any
 __version__: str
 
 def probe_host(disk_path: str | PathLike[str]) -> dict[str, Any]: ...
+def inspect_snapshot(path: str | PathLike[str], verify_memory: bool = False) -> dict[str, Any]:
+    """Checks a microVM snapshot file and returns its header and state summary."""
+    ...
+
+class SnapshotError(Exception):
+    """A microVM snapshot file is unusable or unreadable; the message says why."""
 
 class VmmError(Exception):
     """A tartarus-vmm request failed. `args` is `(kind, message)`: `kind` is `connect`,

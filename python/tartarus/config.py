@@ -36,6 +36,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     vmm_jail: VmmJailSettings = msgspec.field(default_factory=VmmJailSettings)
     # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
     fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
+    # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
+    # API's `PUT /v1/pools/{template}` overrides it).
+    warm_pools: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 ENV_PREFIX = "TARTARUS_"

@@ -7,6 +7,7 @@ works from scripts, notebooks and threads alike.
 
 from __future__ import annotations
 
+import builtins
 import functools
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
@@ -16,6 +17,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from tartarus.api.snapshots import SnapshotEntry
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
     CodeExecution,
@@ -271,6 +273,8 @@ class Sandbox:
         trusted: bool = False,
         secrets: dict[str, str] | None = None,
         placement: PlacementRules | None = None,
+        from_snapshot: str | None = None,
+        checkpoint_on_stop: bool = False,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -288,6 +292,8 @@ class Sandbox:
                 trusted=trusted,
                 secrets=secrets,
                 placement=placement,
+                from_snapshot=from_snapshot,
+                checkpoint_on_stop=checkpoint_on_stop,
                 url=url,
                 api_key=api_key,
             )
@@ -354,6 +360,21 @@ class Sandbox:
 
     def logs(self, *, since: int = 0, limit: int = 1000) -> LogPage:
         return self._portal.call(self._sb.logs, since=since, limit=limit)
+
+    def snapshot(self, *, label: str = "", metadata: dict[str, str] | None = None) -> SnapshotEntry:
+        """See `tartarus.Sandbox.snapshot`."""
+        return self._portal.call(self._sb.snapshot, label=label, metadata=metadata)
+
+    def fork(
+        self,
+        count: int = 1,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> builtins.list[Sandbox]:
+        """See `tartarus.Sandbox.fork`; each copy has its own connection and helper thread."""
+        forks = self._portal.call(self._sb.fork, count, timeout=timeout, metadata=metadata)
+        return [Sandbox(_Portal(), fork) for fork in forks]
 
     def kill(self, *, grace: float = 0.0) -> None:
         try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from tartarus.agent.store import SandboxRecord, Store
 from tartarus.runtime.types import Backend, SandboxState
+from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tests.support.server import Reply, Server
 
 
@@ -57,3 +58,26 @@ def seed_sandboxes(state_dir: Path, owners: dict[str, str]) -> None:
             )
     finally:
         store.close()
+
+
+def seed_snapshots(state_dir: Path, owners: dict[str, str]) -> None:
+    """Writes snapshot records (id → tenant) into a server's state before it starts; their
+    files do not exist (enough for access checks)."""
+    catalog = SnapshotCatalog(state_dir / "server.db")
+    try:
+        for snapshot_id, tenant in owners.items():
+            catalog.insert(
+                SnapshotRecord(
+                    id=snapshot_id,
+                    backend=Backend.GVISOR,
+                    template="base",
+                    purpose=SnapshotPurpose.USER,
+                    created_at=time.time(),
+                    size_bytes=0,
+                    blob="sha256:" + "0" * 64,
+                    blob_kind="tree",
+                    tenant=tenant,
+                )
+            )
+    finally:
+        catalog.close()

@@ -1,8 +1,8 @@
 """Fleet processes for tests: API servers (`tartarus serve --state URL`) and node agents
 (`tartarus agent --join ...`), each a real process with its own dirs under tmp_path.
 
-Agents use the real jail when this build has one (`process_runtime.real_jail_available`)
-and otherwise the stand-in process runtime, named in the test output.
+Agents offer the jail backend (`--backend jail`: the fastest real isolation here) and
+sandboxes ask for it (`SANDBOX`), so every sandbox of the fleet tests is a real jail.
 """
 
 from __future__ import annotations
@@ -14,12 +14,37 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.process_runtime import real_jail_available
+import anyio
+import pytest
+
+from tartarus.config import Settings
+from tartarus.host.doctor import DoctorReport
+from tartarus.images import TemplateStore
+from tartarus.paths import default_cache_dir
+from tartarus.runtime.jail import JailRuntime
+from tartarus.runtime.selector import sandbox_state_dir
+from tartarus.runtime.types import Backend
 from tests.support.server import Reply, Server, server_env, start_server
 
 REPO = Path(__file__).resolve().parent.parent.parent
 TOKEN = "fleet-test-token-0123456789abcdef"
-STAND_IN = "tests.support.process_runtime:stand_in"
+# What every test sandbox asks for: the jail, on the base (busybox) template.
+SANDBOX = {"backend": "jail", "template": "base"}
+# A memory hog for the base template: busybox awk holds `mib` strings of 1 MiB (each
+# page written), then waits.
+HOG = (
+    'awk \'BEGIN {{ s = sprintf("%1048576s", ""); '
+    'for (i = 0; i < {mib}; i++) a[i] = s i; system("sleep 60") }}\''
+)
+
+
+def require_jail(report: DoctorReport) -> None:
+    """Skips with the doctor's reason where the jail cannot run."""
+    verdict = report.backend(Backend.JAIL.value)
+    if not verdict.available:
+        pytest.skip(
+            f"the fleet tests run sandboxes in the jail, which cannot run here: {verdict.reason}"
+        )
 
 
 def fleet_config(base: Path, **fleet: Any) -> Path:
@@ -48,15 +73,6 @@ def fleet_config(base: Path, **fleet: Any) -> Path:
     return path
 
 
-def runtime_args() -> list[str]:
-    return [] if real_jail_available() is None else ["--runtime-provider", STAND_IN]
-
-
-def runtime_in_use() -> str:
-    why = real_jail_available()
-    return "the jail" if why is None else f"the stand-in process runtime ({why})"
-
-
 def start_api(
     base: Path, state_url: str, *, host: str = "127.0.0.1", config: Path | None = None
 ) -> Server:
@@ -80,8 +96,13 @@ def start_agent(
     env = server_env(base, PYTHONPATH=str(REPO))
     if config is not None:
         env["TARTARUS_CONFIG"] = str(config)
+    if prefix:
+        # An agent in a network namespace cannot reach the Debian mirror the base
+        # template is built from: fill its template store (state dir) first.
+        anyio.run(build_base_template, Path(env["TARTARUS_STATE_DIR"]))
     args = [a for url in join for a in ("--join", url)]
-    args += ["--token", TOKEN, "--node-id", node_id, "--drain-timeout", "1", *runtime_args()]
+    args += ["--token", TOKEN, "--node-id", node_id, "--drain-timeout", "1"]
+    args += ["--backend", "jail"]
     return start_server(
         base,
         *args,
@@ -91,6 +112,11 @@ def start_agent(
         listen=("--listen", f"{host}:0"),
         prefix=prefix,
     )
+
+
+async def build_base_template(state_dir: Path) -> None:
+    settings = Settings(state_dir=state_dir, cache_dir=default_cache_dir())
+    await TemplateStore(settings).resolve(SANDBOX["template"], ext4=False)
 
 
 def auth() -> dict[str, str]:
@@ -137,3 +163,10 @@ def stop_process(server: Server) -> None:
         except Exception:
             server.process.kill()
             server.process.wait()
+
+
+def reap_leftovers(agent_base: Path) -> list[str]:
+    """Kills the jails (and removes their cgroups) that an agent whose dirs are under
+    `agent_base` left behind when it was SIGKILLed."""
+    settings = Settings(runtime_dir=agent_base / "run", state_dir=agent_base / "state")
+    return anyio.run(JailRuntime(sandbox_state_dir(settings)).reap, set())

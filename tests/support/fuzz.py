@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tests.support.server import running_server
 
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 OUR_TAGS = ("service", "sandboxes", "exec", "processes", "files", "logs", "code", "templates")
 
 
@@ -30,6 +31,8 @@ def run(max_examples: int, seed: int, workdir: Path) -> tuple[list[str], int, st
         assert server.tcp_url is not None
         command = [
             str(schemathesis),
+            "--config-file",
+            str(CONFIG),
             "run",
             f"{server.tcp_url}/v1/openapi.json",
             "--max-examples",
@@ -63,8 +66,10 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(output)
     if args.markdown is not None:
-        origin = command[2].split("/v1")[0]
+        url = next(arg for arg in command if arg.endswith("/v1/openapi.json"))
+        origin = url.split("/v1")[0]
         shown = " ".join(["schemathesis", *command[1:]]).replace(origin, "http://127.0.0.1:PORT")
+        shown = shown.replace(str(CONFIG), "tests/support/schemathesis.toml")
         args.markdown.write_text(
             "# API fuzzing (schemathesis)\n\n"
             f"Run on {dt.date.today().isoformat()} with\n\n"

@@ -62,6 +62,18 @@ def xorshift_result(rounds: int) -> int:
     return x ^ total
 
 
+def walk_result(rounds: int, memory_mib: int) -> int:
+    """What the guest's `walk N` program prints: round i is added to page i mod P of
+    the P pages from 2 MiB to the top of RAM; the result is the sum of each page's
+    value times (its index + 1), 64-bit."""
+    pages = ((memory_mib << 20) - (2 << 20)) // 4096
+    mask = (1 << 64) - 1
+    values = [0] * pages
+    for i in range(rounds):
+        values[i % pages] += i
+    return sum(v * (j + 1) for j, v in enumerate(values)) & mask
+
+
 def _cache_dir(name: str, extra: bytes = b"") -> Path:
     """The cache directory for guest `name`, keyed by its sources (and `extra`)."""
     digest = hashlib.sha256(extra)

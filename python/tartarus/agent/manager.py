@@ -11,10 +11,10 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -33,7 +33,7 @@ from tartarus.agent.store import (
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
-from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState
+from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel
 from tartarus.server.problems import ApiError, not_found
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ TEARDOWN_SLACK_S = 15.0
 # Ended sandboxes are remembered this long (for `inspect` and `ps -a`).
 RETENTION_S = 24 * 3600.0
 EXPIRY_TICK_S = 0.25
+# The shortest sleep of the expiry loop (no busy loop on a deadline already handled).
+EXPIRY_MIN_S = 0.005
 
 
 @dataclass(eq=False)
@@ -61,6 +63,34 @@ class LiveSandbox:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Set once the sandbox has stopped: streams following it end then.
     ended: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(eq=False)
+class AcquiredSandbox:
+    """A running sandbox a `SandboxSource` hands out instead of a fresh one."""
+
+    sandbox: Sandbox
+    runtime: Runtime
+    template: str
+    resources: Resources
+    network: bool
+    trust: TrustLevel
+    # Shown as the record's backend_reason (e.g. "warm pool hit").
+    reason: str
+    attachments: dict[str, Any] = field(default_factory=dict)
+    workdir: str = "/"
+
+
+class SandboxSource(Protocol):
+    """Where a create can get a ready sandbox (Nyx: a warm pool, or a snapshot to
+    restore); None means the manager starts one itself."""
+
+    async def acquire(
+        self, request: CreateSandboxRequest, caller: Principal
+    ) -> AcquiredSandbox | None: ...
+
+
+SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
 
 
 def new_sandbox_id() -> str:
@@ -88,6 +118,11 @@ class SandboxManager:
         # Grace a sandbox gets when its deadline passes (node agents use a short one:
         # Alecto kills a sandbox within a second of its timeout).
         self.timeout_grace_s = grace_s if timeout_grace_s is None else timeout_grace_s
+        # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
+        # run before a sandbox is torn down (it still runs) and after.
+        self.source: SandboxSource | None = None
+        self.before_teardown: list[SandboxHook] = []
+        self.after_teardown: list[SandboxHook] = []
         self._live: dict[str, LiveSandbox] = {}
         self._accepting = True
         self._tasks: TaskGroup | None = None
@@ -137,9 +172,18 @@ class SandboxManager:
         return [r.id for r in orphans]
 
     async def expire_forever(self) -> None:
-        """Stops sandboxes whose deadline passed; runs until cancelled."""
+        """Stops sandboxes whose deadline passed; runs until cancelled. It wakes at the
+        next deadline (at least every tick, since deadlines move), and ends every
+        sandbox due at once in parallel, so none waits for another's teardown."""
         while True:
-            await anyio.sleep(EXPIRY_TICK_S)
+            now = time.time()
+            deadlines = [
+                live.record.expires_at
+                for live in self._live.values()
+                if not live.closing and live.record.expires_at is not None
+            ]
+            next_due = min([EXPIRY_TICK_S, *(d - now for d in deadlines)])
+            await anyio.sleep(max(EXPIRY_MIN_S, next_due))
             now = time.time()
             due = [
                 live
@@ -148,10 +192,11 @@ class SandboxManager:
                 and live.record.expires_at is not None
                 and live.record.expires_at <= now
             ]
-            for live in due:
-                await self._end(
-                    live, SandboxState.STOPPED, "timed out", grace_s=self.timeout_grace_s
-                )
+            async with anyio.create_task_group() as tg:
+                for live in due:
+                    tg.start_soon(
+                        self._end, live, SandboxState.STOPPED, "timed out", self.timeout_grace_s
+                    )
 
     async def shutdown(self) -> None:
         """Refuses new sandboxes, then stops every live one with its grace period."""
@@ -260,6 +305,10 @@ class SandboxManager:
     async def _place(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
         """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
+        if self.source is not None:
+            acquired = await self.source.acquire(request, caller)
+            if acquired is not None:
+                return await self._adopt(admitted, acquired, caller)
         spec = SandboxSpec(
             id=sandbox_id,
             template=request.template,
@@ -317,6 +366,7 @@ class SandboxManager:
                 tenant=caller.tenant,
                 owner=caller.subject,
                 secrets=request.secrets,
+                checkpoint_on_stop=request.checkpoint_on_stop,
             )
         )
         sandbox: Sandbox | None = None
@@ -338,6 +388,48 @@ class SandboxManager:
         self.store.save(record)
         self._live[record.id] = LiveSandbox(
             record=record, sandbox=sandbox, runtime=runtime, workdir=workdir
+        )
+        return record
+
+    async def _adopt(
+        self, admitted: Admitted, acquired: AcquiredSandbox, caller: Principal
+    ) -> SandboxRecord:
+        """Records a sandbox a source handed out (it already runs)."""
+        request = admitted.request
+        now = time.time()
+        try:
+            record = self.store.insert(
+                SandboxRecord(
+                    id=acquired.sandbox.id,
+                    template=acquired.template,
+                    backend=acquired.runtime.backend,
+                    requested_backend=request.backend,
+                    state=SandboxState.RUNNING,
+                    created_at=now,
+                    expires_at=now + request.timeout_s,
+                    resources=acquired.resources,
+                    metadata=request.metadata,
+                    network=acquired.network,
+                    trust=acquired.trust,
+                    backend_reason=acquired.reason,
+                    tenant=caller.tenant,
+                    owner=caller.subject,
+                    secrets=request.secrets,
+                    checkpoint_on_stop=request.checkpoint_on_stop,
+                )
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._teardown(acquired.sandbox, grace_s=0)
+                await self.provider.release(acquired.sandbox.id)
+            raise
+        sandbox = admitted.bind(record, acquired.sandbox)
+        self._live[record.id] = LiveSandbox(
+            record=record,
+            sandbox=sandbox,
+            runtime=acquired.runtime,
+            attachments=dict(acquired.attachments),
+            workdir=acquired.workdir,
         )
         return record
 
@@ -377,6 +469,9 @@ class SandboxManager:
                 if live.record.state not in LIVE_STATES:
                     return
                 live.closing = True
+                live.record.detail = detail
+                # Before the followers go: a checkpoint may still read the sandbox.
+                await self._run_hooks(self.before_teardown, live, "before teardown")
                 # Followers (logs, attach, websockets) end now, not when their backend
                 # stream notices the teardown.
                 live.ended.set()
@@ -386,17 +481,29 @@ class SandboxManager:
                     except Exception:
                         log.exception("closing a service of sandbox %s failed", live.record.id)
                 await self._teardown(live.sandbox, grace_s=grace_s)
+                # The sandbox ended when its teardown did; the hooks and unpinning its
+                # template (a write to the blob store shared with every build) may wait.
+                ended_at = time.time()
+                await self._run_hooks(self.after_teardown, live, "after teardown")
                 try:
                     await self.provider.release(live.record.id)
                 except Exception:
                     log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
                 live.record.detail = detail
-                live.record.ended_at = time.time()
+                live.record.ended_at = ended_at
                 self.store.save(live.record)
                 self._live.pop(live.record.id, None)
                 live.ended.set()
                 self.admission.ended(live.record)
+
+    @staticmethod
+    async def _run_hooks(hooks: Sequence[SandboxHook], live: LiveSandbox, when: str) -> None:
+        for hook in hooks:
+            try:
+                await hook(live)
+            except Exception:
+                log.exception("a hook %s of sandbox %s failed", when, live.record.id)
 
     async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
         try:

@@ -11,12 +11,13 @@ reaping there after a crash touches nothing else.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import anyio
 import msgspec
 
 from tartarus.config import Settings
-from tartarus.host.doctor import DoctorReport, run_doctor
+from tartarus.host.doctor import BackendVerdict, DoctorReport, run_doctor
 from tartarus.images import TemplateStore
 from tartarus.images.store import TemplateInfo, TemplateManifest
 from tartarus.runtime.base import BackendUnavailableError, Runtime
@@ -35,9 +36,13 @@ def owner_of(sandbox_id: str) -> str:
 
 
 class HostRuntimes:
-    def __init__(self, settings: Settings) -> None:
+    """`only`: the backends this host may use (a node agent's `--backend`); the others
+    count as unavailable, so `auto` never picks one the node did not offer."""
+
+    def __init__(self, settings: Settings, *, only: Sequence[Backend] = ()) -> None:
         self.settings = settings
         self.templates = TemplateStore(settings)
+        self._only = frozenset(b.value for b in only)
         self._report: DoctorReport | None = None
         self._report_lock = anyio.Lock()
         self._runtimes: dict[Backend, Runtime] = {}
@@ -45,7 +50,18 @@ class HostRuntimes:
     async def report(self) -> DoctorReport:
         async with self._report_lock:
             if self._report is None:
-                self._report = await anyio.to_thread.run_sync(run_doctor, self.settings)
+                report = await anyio.to_thread.run_sync(run_doctor, self.settings)
+                if self._only:
+                    report = msgspec.structs.replace(
+                        report,
+                        backends=[
+                            b
+                            if b.name in self._only
+                            else BackendVerdict(b.name, False, "not offered by this node")
+                            for b in report.backends
+                        ],
+                    )
+                self._report = report
             return self._report
 
     def runtime(self, backend: Backend) -> Runtime:

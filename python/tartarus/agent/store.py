@@ -74,6 +74,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     secrets: dict[str, str] = msgspec.field(default_factory=dict)
     # The node agent that runs it (many hosts; empty on a single host).
     node: str = ""
+    # Checkpoint (snapshot) the sandbox when it is stopped, before its teardown.
+    checkpoint_on_stop: bool = False
     seq: int = 0
 
     @property

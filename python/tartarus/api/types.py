@@ -33,6 +33,9 @@ MAX_EXEC_TIMEOUT_S = 3600.0
 MAX_LIST_LIMIT = 500
 
 SandboxId = Annotated[str, Meta(pattern=r"^sb-[0-9a-f]{16}$", examples=["sb-0123456789abcdef"])]
+SnapshotId = Annotated[
+    str, Meta(pattern=r"^snap-[0-9a-f]{16}$", examples=["snap-0123456789abcdef"])
+]
 TemplateName = Annotated[
     str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
 ]
@@ -109,6 +112,12 @@ class CreateSandboxRequest(_Request, kw_only=True):
     secrets: SecretMap = msgspec.field(default_factory=dict)
     # Where it may run when a fleet of node agents serves this API (ignored on one host).
     placement: PlacementRules | None = None
+    # Restore this snapshot instead of starting the template (its template, backend,
+    # resources, network and trust apply; `template` and `backend` are ignored).
+    from_snapshot: SnapshotId | None = None
+    # Take a snapshot of the sandbox when it is stopped (deleted, timed out, or the
+    # server shuts down), before it is torn down.
+    checkpoint_on_stop: bool = False
 
 
 class SandboxInfo(_Response, kw_only=True):
@@ -372,19 +381,6 @@ class TemplateEntry(_Response, kw_only=True):
 
 class TemplateList(_Response, kw_only=True):
     items: list[TemplateEntry]
-
-
-class SnapshotEntry(_Response, kw_only=True):
-    id: str
-    source_sandbox: str
-    backend: Backend
-    template: str
-    created_at: dt.datetime
-    size_bytes: int
-
-
-class SnapshotList(_Response, kw_only=True):
-    items: list[SnapshotEntry]
 
 
 # --- service -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tartarus.cli.output import emit_json
 from tartarus.config import load_settings
 from tartarus.endpoint import Endpoint
 from tartarus.errors import ConfigError
-from tartarus.fleet.launch import AgentConfig, load_provider, run_agent
+from tartarus.fleet.launch import AgentConfig, run_agent
 from tartarus.runtime.types import Backend
 from tartarus.scheduling.nodes import InvalidSpecError, parse_label, parse_taint
 
@@ -70,7 +70,6 @@ from tartarus.scheduling.nodes import InvalidSpecError, parse_label, parse_taint
     show_default=True,
     help="On SIGTERM, seconds to let sandboxes finish before they are stopped.",
 )
-@click.option("--runtime-provider", hidden=True, metavar="MODULE:ATTR")
 @click.option("--json", "as_json", is_flag=True, help="Announce the endpoints as JSON.")
 @click.option("-v", "--verbose", is_flag=True)
 def agent_command(
@@ -89,7 +88,6 @@ def agent_command(
     backends: tuple[str, ...],
     concurrency: int,
     drain_timeout: float,
-    runtime_provider: str | None,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -126,7 +124,6 @@ def agent_command(
     except InvalidSpecError as e:
         raise click.UsageError(str(e)) from e
     settings = load_settings()
-    provider = load_provider(runtime_provider, settings) if runtime_provider else None
 
     def announce(endpoints: list[Endpoint]) -> None:
         if as_json:
@@ -137,6 +134,6 @@ def agent_command(
         sys.stdout.flush()
 
     try:
-        anyio.run(lambda: run_agent(settings, config, provider=provider, on_ready=announce))
+        anyio.run(lambda: run_agent(settings, config, on_ready=announce))
     except ConfigError as e:
         raise click.UsageError(str(e)) from e

@@ -26,6 +26,7 @@ from tartarus.cli.sandboxes import (
 )
 from tartarus.cli.secrets import secrets_group
 from tartarus.cli.serve import serve_command
+from tartarus.cli.snapshots import pool, snapshot
 from tartarus.cli.template import template
 from tartarus.errors import TartarusError
 
@@ -44,6 +45,8 @@ for command in (
     kill_command,
     inspect_command,
     cp_command,
+    snapshot,
+    pool,
     serve_command,
     agent_command,
     doctor,

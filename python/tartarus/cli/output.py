@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from typing import Any
 
@@ -26,3 +27,19 @@ def human_bytes(n: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def relative_time(when: dt.datetime | None) -> str:
+    """ "in 5m" or "3.2h ago"; "-" for no time."""
+    if when is None:
+        return "-"
+    seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    span = abs(seconds)
+    text = (
+        f"{span:.0f}s"
+        if span < 120
+        else f"{span / 60:.0f}m"
+        if span < 7200
+        else f"{span / 3600:.1f}h"
+    )
+    return f"in {text}" if seconds > 0 else f"{text} ago"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 from typing import Any
 
@@ -20,7 +19,7 @@ from tartarus.api.types import (
     StreamExecBody,
 )
 from tartarus.cli.interactive import interactive_exec
-from tartarus.cli.output import console, emit_json, err_console
+from tartarus.cli.output import console, emit_json, err_console, relative_time
 from tartarus.cli.remote import (
     EXIT_TARTARUS_FAILED,
     connect,
@@ -272,21 +271,6 @@ async def _exec(
         return signal_exit_code(exit_info.code, exit_info.signal, exit_info.timed_out)
 
 
-def _ago(when: dt.datetime | None) -> str:
-    if when is None:
-        return "-"
-    seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
-    span = abs(seconds)
-    text = (
-        f"{span:.0f}s"
-        if span < 120
-        else f"{span / 60:.0f}m"
-        if span < 7200
-        else f"{span / 3600:.1f}h"
-    )
-    return f"in {text}" if seconds > 0 else f"{text} ago"
-
-
 @click.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Include stopped and failed ones.")
 @click.option("-m", "--metadata", multiple=True, metavar="KEY=VALUE", help="Filter by label.")
@@ -315,8 +299,8 @@ def ps_command(
             info.template,
             info.backend.value,
             info.state.value,
-            _ago(info.created_at),
-            _ago(info.expires_at),
+            relative_time(info.created_at),
+            relative_time(info.expires_at),
         )
     console.print(table)
 

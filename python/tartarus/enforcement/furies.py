@@ -1,6 +1,8 @@
 """The Furies on a node: Tisiphone watches each sandbox's memory and CPU against its
-limits and acts per policy. (Alecto, the timeout, is the node's deadline loop; the node
-reports each timeout kill as her event. Megaera is on the API servers: `violations`.)
+limits and acts per policy, and records each process the kernel killed at the memory
+limit (an `oom-kill` event: the limit enforced itself before a rule could act).
+(Alecto, the timeout, is the node's deadline loop; the node reports each timeout kill
+as her event. Megaera is on the API servers: `violations`.)
 
 Each action is an `EnforcementEvent` in the node's outbox, reported to the fleet. A
 `quarantine` action kills the sandbox and flags its tenant, so its next sandboxes run
@@ -47,6 +49,7 @@ class Furies:
         self.policy = policy
         self.sink = sink
         self._cpu: dict[str, float] = {}
+        self._oom_kills: dict[str, int] = {}
         self._fired: set[tuple[str, str, Action]] = set()
 
     async def watch_forever(self) -> None:
@@ -55,6 +58,7 @@ class Furies:
             live = self.manager.live_sandboxes()
             current = {x.record.id for x in live}
             self._cpu = {k: v for k, v in self._cpu.items() if k in current}
+            self._oom_kills = {k: v for k, v in self._oom_kills.items() if k in current}
             for sandbox in live:
                 try:
                     await self.check(sandbox)
@@ -74,6 +78,15 @@ class Furies:
             if last is not None
             else 0.0
         )
+        if stats.oom_kills > self._oom_kills.get(record.id, 0):
+            new = stats.oom_kills - self._oom_kills.get(record.id, 0)
+            self._oom_kills[record.id] = stats.oom_kills
+            self._event(
+                live,
+                Action.OOM_KILL,
+                f"the kernel killed {new} process(es) at the memory limit ({limit // MIB} MiB)",
+                float(new),
+            )
         for metric, share, rules in (
             ("memory", memory_share, self.policy.memory),
             ("cpu", cpu_share, self.policy.cpu),
@@ -96,13 +109,16 @@ class Furies:
             await self.manager.end(
                 record.id, SandboxState.FAILED, f"killed by Tisiphone ({action.value}): {detail}"
             )
+        self._event(live, action, detail, share)
+
+    def _event(self, live: LiveSandbox, action: Action, detail: str, value: float) -> None:
         self.sink.event(
             EnforcementEvent(
                 fury=Fury.TISIPHONE,
                 action=action,
-                sandbox_id=record.id,
+                sandbox_id=live.record.id,
                 detail=detail,
-                tenant=record.tenant,
-                value=share,
+                tenant=live.record.tenant,
+                value=value,
             )
         )

@@ -49,6 +49,8 @@ class Action(StrEnum):
     KILL = "kill"
     QUARANTINE = "quarantine"
     RECORD = "record"
+    # Seen, not chosen: the kernel killed a process at the sandbox's memory limit.
+    OOM_KILL = "oom-kill"
 
 
 class EnforcementEvent(msgspec.Struct, kw_only=True, frozen=True):

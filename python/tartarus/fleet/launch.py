@@ -3,7 +3,6 @@ node agent (`tartarus agent`). Both are `tartarus serve` with a plugin."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -96,18 +95,6 @@ def node_id(settings: Settings, given: str | None) -> str:
     return made
 
 
-def load_provider(spec: str, settings: Settings) -> HostRuntimes:
-    """`MODULE:ATTR`, a callable taking the settings and returning a HostRuntimes (to
-    embed other backends)."""
-    module, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--runtime-provider {spec!r}: {e}") from e
-    provider: HostRuntimes = factory(settings)
-    return provider
-
-
 async def available_backends(provider: HostRuntimes) -> list[Backend]:
     described = await provider.describe()
     return [Backend(name) for name, verdict in described.items() if verdict.startswith("available")]
@@ -140,13 +127,12 @@ async def run_agent(
     settings: Settings,
     config: AgentConfig,
     *,
-    provider: HostRuntimes | None = None,
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
 ) -> None:
     if not config.token:
         raise ConfigError("a node agent needs the fleet's token: --token or TARTARUS_JOIN_TOKEN")
-    provider = provider or HostRuntimes(settings)
+    provider = HostRuntimes(settings, only=config.backends)
     backends = config.backends or await available_backends(provider)
     spec = NodeSpec(
         id=node_id(settings, config.node_id),

@@ -15,6 +15,7 @@ import lzma
 import os
 import platform
 import re
+import secrets
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
@@ -249,7 +250,7 @@ class DebianArchive:
             if resp.status != 200:
                 raise ImageError(f"GET {url}: HTTP {resp.status}; is the suite name right?")
             data = await download.read_bounded(resp, MAX_RELEASE_BYTES, f"GET {url}")
-        tmp = self.cache / f"InRelease.{os.getpid()}.{self.base.suite}"
+        tmp = self.cache / f"InRelease.{os.getpid()}.{secrets.token_hex(6)}.{self.base.suite}"
         await anyio.Path(self.cache).mkdir(parents=True, exist_ok=True)
         await anyio.Path(tmp).write_bytes(data)
         try:

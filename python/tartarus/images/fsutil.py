@@ -8,6 +8,7 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,8 +43,10 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Writes `data` to `path` so readers see the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A name of its own per call: tasks and threads of one process may write the same
+    # path at once (a pid-named temp file would be renamed away under one of them).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:

@@ -47,16 +47,32 @@ def _keyed(path: Path, key: str) -> int | None:
 _CONTROLLERS = ("memory", "pids", "cpu")
 
 
-def cgroup_mounts() -> list[Path]:
-    """Mount points of every cgroup hierarchy (v1 and v2)."""
-    mounts = []
+def cgroup_hierarchies() -> list[tuple[Literal["v1", "v2"], Path]]:
+    """Version and mount point of every cgroup hierarchy."""
+    mounts: list[tuple[Literal["v1", "v2"], Path]] = []
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             left, _, right = line.partition(" - ")
             fields = left.split()
-            if right.split()[:1] in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
-                mounts.append(Path(fields[4]))
+            fstype = right.split()[:1]
+            if fstype in (["cgroup"], ["cgroup2"]) and len(fields) > 4:
+                mounts.append(("v2" if fstype == ["cgroup2"] else "v1", Path(fields[4])))
     return mounts
+
+
+def cgroup_mounts() -> list[Path]:
+    """Mount points of every cgroup hierarchy (v1 and v2)."""
+    return [mount for _, mount in cgroup_hierarchies()]
+
+
+def cgroup_dirs_named(relative: str) -> list[CgroupDir]:
+    """The directories of cgroup `relative` (e.g. `tartarus/x/sb-1`) that exist, in every
+    hierarchy."""
+    return [
+        CgroupDir(version=version, path=mount / relative)
+        for version, mount in cgroup_hierarchies()
+        if (mount / relative).is_dir()
+    ]
 
 
 def remove_empty_cgroups(relative: str) -> None:
@@ -151,7 +167,11 @@ class CgroupReader:
         if not pids:
             pids = len(self.pids())
         return SandboxStats(
-            cpu_seconds=round(cpu_s, 6), memory_bytes=memory, memory_limit_bytes=limit, pids=pids
+            cpu_seconds=round(cpu_s, 6),
+            memory_bytes=memory,
+            memory_limit_bytes=limit,
+            pids=pids,
+            oom_kills=self.oom_kills(),
         )
 
     def pids(self) -> set[int]:

@@ -4,9 +4,9 @@ seccomp profile; the host talks to the agent over a unix socket in a directory b
 into the jail at `/.tartarus/run`.
 
 Per sandbox, under `<state>/jail/<id>/`: `config.json` (what `tartarus-jail` runs),
-`started.json` (its `started` event: init's pid and the cgroup directories, kept for
-`reap`), `work/` (an empty mount point; the scratch tmpfs lives only inside the jail),
-`run/agent.sock` and `agent.log`.
+`supervisor.pid` and `started.json` (its `started` event: init's pid and the cgroup
+directories), both kept for `reap`, `work/` (an empty mount point; the scratch tmpfs
+lives only inside the jail), `run/agent.sock` and `agent.log`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Final
 
@@ -30,7 +31,7 @@ from tartarus import codec
 from tartarus.binaries import find_binary
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import NotSupportedError, SandboxError
-from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_mounts
+from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_dirs_named, cgroup_mounts
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
@@ -52,6 +53,9 @@ from tartarus.runtime.types import (
 )
 
 START_TIMEOUT_S: Final = 30.0
+# How long `reap` waits for a killed supervisor to go.
+REAP_WAIT_S: Final = 5.0
+SUPERVISOR_PID: Final = "supervisor.pid"
 _EVENT_LINE_MAX: Final = 64 << 10
 
 
@@ -138,6 +142,9 @@ class JailSandbox(HostedAgentSandbox):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        # Written before the jail reports anything: if this process dies before it reads
+        # the `started` event, `reap` still finds the jail by its supervisor.
+        (self._dir / SUPERVISOR_PID).write_text(f"{self._process.pid}\n")
         assert self._process.stdout is not None
         self._events = BufferedByteReceiveStream(self._process.stdout)
         try:
@@ -300,23 +307,58 @@ class JailRuntime:
         for entry in sorted(self._root.iterdir()):
             if entry.name in keep:
                 continue
-            started = entry / "started.json"
-            if started.is_file():
-                event = _decode_event.decode(started.read_bytes())
-                if isinstance(event, StartedEvent):
-                    if _is_jail_process(event.pid):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(event.pid, signal.SIGKILL)
-                    reader = CgroupReader(event.cgroup_dirs())
-                    await anyio.to_thread.run_sync(reader.kill_and_remove)
+            await anyio.to_thread.run_sync(self._reap_one, entry)
             await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
             removed.append(entry.name)
         return removed
 
+    def _reap_one(self, directory: Path) -> None:
+        """Kills one jail left behind and removes its cgroups. Its init and everything
+        in its cgroup are killed (found through its `started` event when its host read
+        one, else through the cgroup its config names); its supervisor then reaps init,
+        removes the cgroup and exits, and is killed if it does not (one stopped before
+        the jail's cgroup existed: its init dies with it, PR_SET_PDEATHSIG)."""
+        dirs: list[CgroupDir] = []
+        with contextlib.suppress(OSError, msgspec.DecodeError):
+            event = _decode_event.decode((directory / "started.json").read_bytes())
+            if isinstance(event, StartedEvent):
+                dirs = event.cgroup_dirs()
+                _kill_jail_process(event.pid, directory)
+        if not dirs:
+            with contextlib.suppress(OSError, msgspec.DecodeError):
+                config = msgspec.json.decode(
+                    (directory / "config.json").read_bytes(),
+                    type=JailConfig,
+                    dec_hook=codec.dec_hook,
+                )
+                if config.cgroup is not None:
+                    dirs = cgroup_dirs_named(f"{config.cgroup.parent}/{config.cgroup.name}")
+        cgroup = CgroupReader(dirs)
+        for pid in cgroup.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            supervisor = int((directory / SUPERVISOR_PID).read_text())
+            deadline = time.monotonic() + REAP_WAIT_S
+            while _is_jail_process(supervisor, directory) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _kill_jail_process(supervisor, directory)
+        cgroup.kill_and_remove()
 
-def _is_jail_process(pid: int) -> bool:
-    """True if `pid` still is a tartarus-jail (and not a recycled pid)."""
+
+def _is_jail_process(pid: int, directory: Path) -> bool:
+    """True if `pid` still is a tartarus-jail (supervisor or init) of the jail in
+    `directory` (and not a recycled pid)."""
     try:
-        return b"tartarus-jail" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return b"tartarus-jail" in cmdline and os.fsencode(directory / "config.json") in cmdline
+
+
+def _kill_jail_process(pid: int, directory: Path) -> bool:
+    if not _is_jail_process(pid, directory):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True

@@ -8,7 +8,8 @@ its own uid, a cgroup for guest RAM plus overhead. Three virtio devices:
 - `/dev/vda`: the template's ext4 image (from `tartarus.images`, or made from
   `spec.rootfs`), read-only, with `/sbin/init` -> `tartarus-agent`;
 - `/dev/vdb`: a per-sandbox ext4 scratch disk of `resources.disk_mib`, which the VMM
-  wipes and removes when it exits (Lethe);
+  wipes and removes when it exits (Lethe); the agent (PID 1) makes it the upper layer
+  of an overlay over the read-only root (`tartarus.scratch=`), so `/` is writable;
 - vsock: the agent listens on guest port 1024; the host reaches it through the hybrid
   unix socket `vm/vsock.sock` (`CONNECT 1024`).
 `start` returns once the agent answers the protocol handshake over vsock. Lifecycle
@@ -16,28 +17,41 @@ its own uid, a cgroup for guest RAM plus overhead. Three virtio devices:
 (`vmm_api.VmmProcess`); commands, processes, logs and files go to the agent
 (`AgentSandbox`). On hosts whose KVM cannot run a full guest (the doctor decides)
 `create` raises `BackendUnavailableError` with the doctor's reason.
+
+Snapshots (Nyx): `snapshot(dest_dir)` pauses the guest and writes `dest_dir/vm.snap`
+(`rust/vmm/src/snapshot/format.rs`) plus a sparse copy of each scratch disk
+(`drive<N>.img`), then lets the guest go on. A sandbox restored from a snapshot takes a
+diff against it (only the pages it changed; `SnapshotInfo.base` names the parent
+directory). `restore` only needs a KVM it can open, since nothing boots: each clone
+gets its own copy of the scratch disks and its own vsock socket, and reads its sandbox
+id as its clone id from the generation device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import anyio
+import msgspec
 
+from tartarus import _core, codec
 from tartarus.config import Settings, load_settings
 from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
-from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime import protocol as p
+from tartarus.runtime.agent_client import AgentClient, AgentError
 from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import (
     BackendUnavailableError,
-    NotSupportedError,
     SandboxError,
 )
 from tartarus.runtime.cgroups import remove_empty_cgroups
@@ -50,24 +64,31 @@ from tartarus.runtime.types import (
     SnapshotInfo,
 )
 from tartarus.runtime.vmm_api import (
+    JAIL_RUN_DIR,
     JAIL_TEARDOWN_S,
     DriveConfig,
     MachineConfig,
+    RestoreOptions,
+    RestoreReport,
     ScratchConfig,
     SerialFile,
+    SnapshotKind,
     VmmProcess,
     VmState,
     VsockConfig,
     give_to_jail,
     jail_machine,
+    jail_restore,
 )
-from tartarus.runtime.vmm_jail import JailConfig, sandbox_jail
+from tartarus.runtime.vmm_jail import BindMount, JailConfig, sandbox_jail
+
+log = logging.getLogger(__name__)
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux"
-# The root image read-only, the agent as PID 1 serving vsock port 1024 (after `--`,
-# the kernel passes arguments to init).
+# The root image read-only, the scratch disk for the agent's overlay root, the agent as
+# PID 1 serving vsock port 1024 (after `--`, the kernel passes arguments to init).
 AGENT_PORT = 1024
 GUEST_CID = 3
 AGENT_CMDLINE = (
@@ -83,6 +104,34 @@ _STATES = {
     VmState.PAUSED: SandboxState.PAUSED,
 }
 _CLEAN_EXITS = {"reset", "shutdown", "halt", "stopped"}
+SNAPSHOT_FILE = "vm.snap"
+
+
+def clone_id_of(sandbox_id: str) -> int:
+    """The number a restored guest reads as its clone id: the sandbox id's 64 bits."""
+    digits = sandbox_id.removeprefix("sb-")
+    try:
+        return int(digits, 16) & (2**64 - 1)
+    except ValueError:
+        return int.from_bytes(sandbox_id.encode()[:8].ljust(8, b"\0"), "little")
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def drive_copy_name(index: int) -> str:
+    return f"drive{index}.img"
+
+
+async def sparse_copy(src: Path, dst: Path) -> None:
+    """Copies a disk image keeping its holes (and sharing blocks where the filesystem can)."""
+    result = await anyio.run_process(
+        ["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=False
+    )
+    if result.returncode != 0:
+        raise SandboxError(f"cannot copy {src} to {dst}: {result.stderr.decode()[-300:]}")
 
 
 class MicroVmRuntime:
@@ -98,6 +147,9 @@ class MicroVmRuntime:
         self.settings = settings or load_settings()
         self.kernel = kernel
         self._doctor = doctor
+        # Snapshot files whose guest memory this process checked once; later restores
+        # of the same (unchanged) file skip reading all of it again.
+        self._verified: set[tuple[str, int, int, int]] = set()
 
     @property
     def backend(self) -> Backend:
@@ -124,7 +176,23 @@ class MicroVmRuntime:
         return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id, self.settings)
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> MicroVmSandbox:
-        raise NotSupportedError(Backend.MICROVM, "restore")
+        """Starts a VMM restored from `snapshot` (a directory `snapshot()` wrote); the
+        sandbox is running when this returns."""
+        if snapshot.backend is not Backend.MICROVM:
+            raise SandboxError(f"a {snapshot.backend.value} snapshot cannot restore a microVM")
+        kvm = (self._doctor or run_doctor(self.settings)).kernel.kvm
+        if not kvm.openable:
+            raise BackendUnavailableError(f"microvm restore needs /dev/kvm: {kvm.detail}")
+        files = [d / SNAPSHOT_FILE for d in (snapshot.path, snapshot.base) if d is not None]
+        try:
+            keys = [_file_key(f) for f in files]
+        except OSError as e:
+            raise SandboxError(f"snapshot {snapshot.path} cannot be read: {e}") from e
+        verify = not all(k in self._verified for k in keys)
+        sandbox = MicroVmSandbox(spec, None, self.sandboxes_dir / spec.id, self.settings)
+        await sandbox.start_restored(snapshot, verify_memory=verify)
+        self._verified.update(keys)
+        return sandbox
 
     async def reap(self, keep: set[str]) -> list[str]:
         """Kills VMM processes left by a previous server and removes their directories
@@ -190,6 +258,31 @@ async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT)
     )
 
 
+# Fresh host entropy a restored guest's RNG is reseeded with.
+RESEED_BYTES = 32
+
+
+async def reseed_guest(agent: AgentClient, generation: int) -> bool:
+    """Has the agent of a guest restored from a snapshot mix fresh host entropy into
+    its kernel's RNG and reseed it: clones of one snapshot share their RNG state
+    until then. Returns False (and logs) for an agent too old to do it; a refusal
+    raises `SandboxError`, since a clone that cannot diverge must not serve."""
+    if agent.hello is None or "reseed" not in agent.hello.features:
+        agent_version = agent.hello.agent if agent.hello else "unknown"
+        log.warning(
+            "the guest agent (%s) cannot reseed its RNG after a restore; rebuild the "
+            "template's snapshot with this version's agent",
+            agent_version,
+        )
+        return False
+    request = p.Reseed(entropy=secrets.token_bytes(RESEED_BYTES), generation=generation)
+    try:
+        await agent.call_expect(request, p.Ok)
+    except AgentError as e:
+        raise SandboxError(f"the restored guest could not reseed its RNG: {e}") from e
+    return True
+
+
 async def _kill_recorded_vmm(workdir: Path) -> None:
     """Kills the VMM whose pid is recorded in `workdir`, if that pid is still our VMM.
     A jailed VMM's supervisor gets SIGTERM first, so it removes the jail's cgroup."""
@@ -222,7 +315,11 @@ def _alive(pid: int) -> bool:
 
 class MicroVmSandbox(AgentSandbox):
     def __init__(
-        self, spec: SandboxSpec, kernel: Path, workdir: Path, settings: Settings | None = None
+        self,
+        spec: SandboxSpec,
+        kernel: Path | None,
+        workdir: Path,
+        settings: Settings | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -231,6 +328,12 @@ class MicroVmSandbox(AgentSandbox):
         self.settings = settings or load_settings()
         self._vmm: VmmProcess | None = None
         self._template_owner: str | None = None
+        self._drives: list[DriveConfig] = []
+        self._jailed = False
+        # Set when restored: the snapshot directory whose memory this guest maps (the
+        # parent of its diffs), and what the restore reported.
+        self.restored_from: Path | None = None
+        self.restore_report: RestoreReport | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -250,6 +353,8 @@ class MicroVmSandbox(AgentSandbox):
         return Backend.MICROVM
 
     def machine_config(self, root_image: Path, scratch_disk: Path) -> MachineConfig:
+        if self.kernel is None:
+            raise SandboxError(f"sandbox {self.id} has no guest kernel to boot")
         return MachineConfig(
             vcpus=max(1, math.ceil(self.spec.resources.vcpus)),
             memory_mib=self.spec.resources.memory_mib,
@@ -269,17 +374,29 @@ class MicroVmSandbox(AgentSandbox):
         if not self.settings.vmm_jail.enabled():
             return machine, None
         jailed, mounts = jail_machine(machine, self.run_dir)
+        return jailed, self._jail(mounts, machine.memory_mib)
+
+    def confine_restore(
+        self, options: RestoreOptions, memory_mib: int
+    ) -> tuple[RestoreOptions, JailConfig | None]:
+        """A restore as the VMM will see it, and its jail (as `confine`)."""
+        if not self.settings.vmm_jail.enabled():
+            return options, None
+        jailed, mounts = jail_restore(options, self.run_dir)
+        return jailed, self._jail(mounts, memory_mib)
+
+    def _jail(self, mounts: list[BindMount], memory_mib: int) -> JailConfig:
         jail = sandbox_jail(
             self.settings.vmm_jail,
             sandbox_id=self.id,
             workdir=self.workdir,
             runtime_dir=self.settings.runtime_dir,
             mounts=mounts,
-            guest_memory_mib=machine.memory_mib,
+            guest_memory_mib=memory_mib,
             vcpus=self.spec.resources.vcpus,
         )
         give_to_jail(self.run_dir, jail)
-        return jailed, jail
+        return jail
 
     async def root_image(self) -> Path:
         """The read-only root: an image of `spec.rootfs`, or the template's ext4 image."""
@@ -309,7 +426,10 @@ class MicroVmSandbox(AgentSandbox):
             scratch = await make_scratch_disk(
                 self.run_dir / "scratch.ext4", self.spec.resources.disk_mib
             )
-            machine, jail = self.confine(self.machine_config(root, scratch))
+            host_machine = self.machine_config(root, scratch)
+            machine, jail = self.confine(host_machine)
+            self._drives = host_machine.drives
+            self._jailed = jail is not None
             self._vmm = await VmmProcess.launch(self.workdir, jail=jail)
             await self._vmm.configure(machine)
             await self._vmm.start()
@@ -319,6 +439,65 @@ class MicroVmSandbox(AgentSandbox):
             with anyio.CancelScope(shield=True):
                 await self.kill()
             raise
+
+    async def start_restored(self, snapshot: SnapshotInfo, *, verify_memory: bool) -> None:
+        """Launches a VMM and restores `snapshot` (a full one, or a diff on its base)."""
+        if self._vmm is not None:
+            raise SandboxError(f"sandbox {self.id} is already started")
+        image = snapshot.path / SNAPSHOT_FILE
+        try:
+            saved = await anyio.to_thread.run_sync(_core.inspect_snapshot, image)
+        except _core.SnapshotError as e:
+            raise SandboxError(str(e)) from e
+        await anyio.Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self._drives = await self._clone_drives(snapshot.path, saved["drives"])
+            options = RestoreOptions(
+                snapshot=image,
+                base=snapshot.base / SNAPSHOT_FILE if snapshot.base else None,
+                serial=SerialFile(path=self.run_dir / "console.log"),
+                clone_id=clone_id_of(self.id),
+                verify_memory=verify_memory,
+                drives=self._drives,
+                vsock_uds_path=self.vsock_path if saved["vsock"] else None,
+            )
+            options, jail = self.confine_restore(options, saved["memory_mib"])
+            self._jailed = jail is not None
+            self._vmm = await VmmProcess.launch(self.workdir, jail=jail)
+            _, report = await self._vmm.restore(options)
+            self.restore_report = report
+            if saved["vsock"]:
+                # The restore reset every vsock connection: the agent is reached anew,
+                # and reseeds the RNG state this clone shares with its siblings.
+                await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+                self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
+                await reseed_guest(self.agent, report.generation)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.kill()
+            raise
+        self.restored_from = snapshot.base or snapshot.path
+
+    async def _clone_drives(
+        self, snapshot_dir: Path, saved: list[dict[str, Any]]
+    ) -> list[DriveConfig]:
+        """The snapshot's disks for this clone: its own copy of each scratch disk (the
+        VMM adopts and wipes it), the shared read-only images as they are."""
+        drives = []
+        for i, raw in enumerate(saved):
+            drive = codec.convert(raw, DriveConfig)
+            if drive.scratch is not None:
+                copy = self.run_dir / drive_copy_name(i)
+                await sparse_copy(snapshot_dir / drive_copy_name(i), copy)
+                scratch = msgspec.structs.replace(drive.scratch, size_mib=None)
+                drive = msgspec.structs.replace(drive, path=copy, scratch=scratch)
+            elif not await anyio.Path(drive.path).exists():
+                raise SandboxError(
+                    f"disk {drive.path} that the snapshot was taken with is gone; "
+                    "rebuild the snapshot from its template"
+                )
+            drives.append(drive)
+        return drives
 
     async def status(self) -> SandboxStatus:
         if self._vmm is None:
@@ -374,4 +553,39 @@ class MicroVmSandbox(AgentSandbox):
             self._template_owner = None
 
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
-        raise NotSupportedError(Backend.MICROVM, "snapshot")
+        """Pauses the guest, writes `vm.snap` (a diff against the snapshot this sandbox
+        was restored from, while that is still there) and copies of the scratch disks
+        into `dest_dir`, then lets the guest go on."""
+        if self._vmm is None:
+            raise SandboxError(f"sandbox {self.id} is not started")
+        await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        base = self.restored_from
+        if base is not None and not await anyio.Path(base / SNAPSHOT_FILE).exists():
+            base = None
+        kind = SnapshotKind.DIFF if base else SnapshotKind.FULL
+        was_running = (await self._vmm.state()).state is VmState.RUNNING
+        # A jailed VMM writes into its run directory; the file is moved out after.
+        written = (self.run_dir if self._jailed else dest_dir) / SNAPSHOT_FILE
+        seen_as = Path(JAIL_RUN_DIR) / SNAPSHOT_FILE if self._jailed else written
+        await self._vmm.pause()
+        try:
+            report = await self._vmm.snapshot(seen_as, kind)
+            if self._jailed:
+                await sparse_copy(written, dest_dir / SNAPSHOT_FILE)
+                await anyio.Path(written).unlink()
+            # The guest is paused, so its disks hold what its memory believes they do.
+            size = report.file_bytes
+            for i, drive in enumerate(self._drives):
+                if drive.scratch is not None:
+                    await sparse_copy(drive.path, dest_dir / drive_copy_name(i))
+                    size += (await anyio.Path(drive.path).stat()).st_size
+        finally:
+            if was_running:
+                await self._vmm.resume()
+        return SnapshotInfo(
+            backend=Backend.MICROVM,
+            path=dest_dir,
+            size_bytes=size,
+            source_sandbox=self.id,
+            base=base,
+        )

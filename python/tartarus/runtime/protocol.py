@@ -243,6 +243,14 @@ class Shutdown(_Msg, tag="shutdown"):
     grace_s: float = 10.0
 
 
+class Reseed(_Msg, tag="reseed"):
+    """Mix `entropy` (16-512 bytes) into the guest kernel's RNG and reseed it: sent to
+    a guest restored from a snapshot, whose RNG state its clones share."""
+
+    entropy: bytes
+    generation: int
+
+
 # ---- responses and events (agent -> client) ----
 
 
@@ -359,6 +367,7 @@ Request = (
     | Rename
     | GetStats
     | Shutdown
+    | Reseed
 )
 Response = (
     HelloOk

@@ -7,7 +7,6 @@ untrusted work when policy says so). Every decision comes with its reasons, whic
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,15 +47,9 @@ def make_runtime(backend: Backend, settings: Settings) -> Runtime:
 
         return GvisorRuntime(state)
     if backend is Backend.MICROVM:
-        try:
-            # Built by the VMM work; absent from builds without it.
-            microvm = importlib.import_module("tartarus.runtime.microvm")
-        except ImportError as e:
-            raise BackendUnavailableError(
-                f"the microvm backend is not part of this build ({e})"
-            ) from e
-        runtime: Runtime = microvm.MicrovmRuntime(state)
-        return runtime
+        from tartarus.runtime.microvm import MicroVmRuntime  # noqa: PLC0415
+
+        return MicroVmRuntime(settings=settings)
     raise BackendUnavailableError(f"{backend.value} is not a backend that can be instantiated")
 
 

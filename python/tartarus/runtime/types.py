@@ -157,6 +157,9 @@ class SandboxStats(msgspec.Struct, frozen=True, kw_only=True):
     memory_bytes: int
     memory_limit_bytes: int | None = None
     pids: int = 0
+    # Processes the kernel killed at the memory limit since the sandbox started (backends
+    # with a host cgroup; 0 elsewhere).
+    oom_kills: int = 0
 
 
 class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -167,9 +170,14 @@ class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A backend snapshot on local disk; the snapshot store (Nyx) files it in the blob store."""
+    """A backend snapshot on local disk; the snapshot store (Nyx) files it in the blob store.
+
+    `path` is a file or a directory, as the backend writes it. `base` is set for an
+    incremental snapshot: the snapshot `path` applies on top of (needed to restore it).
+    """
 
     backend: Backend
     path: Path
     size_bytes: int
     source_sandbox: str
+    base: Path | None = None

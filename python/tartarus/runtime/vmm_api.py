@@ -115,6 +115,7 @@ class MachineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     wall_clock_limit_ms: int | None = None
     drives: list[DriveConfig] = msgspec.field(default_factory=list)
     vsock: VsockConfig | None = None
+    track_dirty_pages: bool = False
 
 
 class VmExit(msgspec.Struct, frozen=True, kw_only=True):
@@ -172,73 +173,148 @@ class VmmMetrics(msgspec.Struct, frozen=True, kw_only=True):
     serial_dropped_bytes: int = 0
 
 
+class SnapshotKind(StrEnum):
+    FULL = "full"
+    DIFF = "diff"
+
+
+class SnapshotReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What the VMM's `snapshot` wrote (`rust/vmm/src/snapshot/mod.rs`)."""
+
+    path: Path
+    id: str
+    kind: SnapshotKind
+    parent: str | None = None
+    file_bytes: int
+    memory_bytes: int
+    pages: int
+    vcpus: int
+    duration_us: int
+
+
+class RestoreOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The `restore` request: a full snapshot, or a diff and its `base`."""
+
+    snapshot: Path
+    base: Path | None = None
+    serial: SerialConfig | None = None
+    wall_clock_limit_ms: int | None = None
+    track_dirty_pages: bool | None = None
+    # This clone's disks (the snapshot's, in order; scratch disks are its own copies).
+    drives: list[DriveConfig] | None = None
+    vsock_uds_path: Path | None = None
+    clone_id: int = 0
+    verify_memory: bool = True
+    resume: bool = True
+
+
+class RestoreReport(msgspec.Struct, frozen=True, kw_only=True):
+    snapshot_id: str
+    kind: SnapshotKind
+    base_id: str | None = None
+    generation: int
+    clone_id: int
+    vm_id: str
+    memory_verified: bool
+    duration_us: int
+
+
 # The jailed VMM's writable directory: the serial log, the vsock socket, scratch disks.
 JAIL_RUN_DIR = "/run"
 JAIL_KERNEL = "/boot/vmlinux"
 JAIL_MEMORY = "/boot/memory"
+JAIL_SNAPSHOT = "/snapshot/vm.snap"
+JAIL_SNAPSHOT_BASE = "/snapshot/base.snap"
 
 
-def jail_machine(machine: MachineConfig, run_dir: Path) -> tuple[MachineConfig, list[BindMount]]:
-    """The machine as a jailed VMM sees it, and the bind mounts that make it so.
+class JailPaths:
+    """Host paths as a jailed VMM sees them, and the bind mounts that make it so.
 
     `run_dir` (host) is bound writable at `/run`: files the VMM creates or removes (the
-    serial log, the vsock socket, scratch disks) must live there. Other files (the
-    kernel, a memory file, drives, a serial socket) are bound one by one, read-only
-    unless the VMM writes them.
+    serial log, the vsock socket, scratch disks, snapshots it writes) must live there.
+    Other files (the kernel, a memory file, drives, snapshots it restores, a serial
+    socket) are bound one by one, read-only unless the VMM writes them.
     """
-    mounts = [BindMount(source=run_dir, destination=JAIL_RUN_DIR, readonly=False)]
-    home = run_dir.absolute()
 
-    def in_run_dir(path: Path) -> Path | None:
-        if path.absolute().parent == home:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.mounts = [BindMount(source=run_dir, destination=JAIL_RUN_DIR, readonly=False)]
+        self._home = run_dir.absolute()
+
+    def _in_run_dir(self, path: Path) -> Path | None:
+        if path.absolute().parent == self._home:
             return Path(JAIL_RUN_DIR) / path.name
         return None
 
-    def bound(path: Path, destination: str, *, readonly: bool = True) -> Path:
-        inside = in_run_dir(path)
+    def bound(self, path: Path, destination: str, *, readonly: bool = True) -> Path:
+        inside = self._in_run_dir(path)
         if inside is not None:
             return inside
-        mounts.append(BindMount(source=path, destination=destination, readonly=readonly))
+        self.mounts.append(BindMount(source=path, destination=destination, readonly=readonly))
         return Path(destination)
 
-    def created(path: Path, what: str) -> Path:
-        inside = in_run_dir(path)
+    def created(self, path: Path, what: str) -> Path:
+        inside = self._in_run_dir(path)
         if inside is None:
             raise SandboxError(
-                f"{what} {path} must be in the VMM's run directory {run_dir} when the VMM "
-                "is jailed: it creates or removes it there"
+                f"{what} {path} must be in the VMM's run directory {self.run_dir} when the "
+                "VMM is jailed: it creates or removes it there"
             )
         return inside
 
-    serial: SerialConfig = machine.serial
-    if isinstance(serial, SerialFile):
-        serial = SerialFile(path=created(serial.path, "the serial log"))
-    elif isinstance(serial, SerialSocket):
-        serial = SerialSocket(path=bound(serial.path, "/serial.sock", readonly=False))
+    def serial(self, serial: SerialConfig) -> SerialConfig:
+        if isinstance(serial, SerialFile):
+            return SerialFile(path=self.created(serial.path, "the serial log"))
+        if isinstance(serial, SerialSocket):
+            return SerialSocket(path=self.bound(serial.path, "/serial.sock", readonly=False))
+        return serial
+
+    def drives(self, drives: list[DriveConfig]) -> list[DriveConfig]:
+        return [
+            msgspec.structs.replace(
+                d,
+                path=self.created(d.path, "scratch disk")
+                if d.scratch is not None
+                else self.bound(d.path, f"/drives/{i}", readonly=d.read_only),
+            )
+            for i, d in enumerate(drives)
+        ]
+
+
+def jail_machine(machine: MachineConfig, run_dir: Path) -> tuple[MachineConfig, list[BindMount]]:
+    """The machine as a jailed VMM sees it, and the bind mounts that make it so."""
+    paths = JailPaths(run_dir)
     memory = machine.memory
     if memory.file is not None:
-        memory = msgspec.structs.replace(memory, file=bound(memory.file, JAIL_MEMORY))
-    drives = [
-        msgspec.structs.replace(
-            d,
-            path=created(d.path, "scratch disk")
-            if d.scratch is not None
-            else bound(d.path, f"/drives/{i}", readonly=d.read_only),
-        )
-        for i, d in enumerate(machine.drives)
-    ]
+        memory = msgspec.structs.replace(memory, file=paths.bound(memory.file, JAIL_MEMORY))
     vsock = machine.vsock
     if vsock is not None:
-        vsock = msgspec.structs.replace(vsock, uds_path=created(vsock.uds_path, "the vsock socket"))
+        uds_path = paths.created(vsock.uds_path, "the vsock socket")
+        vsock = msgspec.structs.replace(vsock, uds_path=uds_path)
     jailed = msgspec.structs.replace(
         machine,
-        kernel=bound(machine.kernel, JAIL_KERNEL),
-        serial=serial,
+        kernel=paths.bound(machine.kernel, JAIL_KERNEL),
+        serial=paths.serial(machine.serial),
         memory=memory,
-        drives=drives,
+        drives=paths.drives(machine.drives),
         vsock=vsock,
     )
-    return jailed, mounts
+    return jailed, paths.mounts
+
+
+def jail_restore(options: RestoreOptions, run_dir: Path) -> tuple[RestoreOptions, list[BindMount]]:
+    """A restore as a jailed VMM sees it (snapshots bound read-only), and its mounts."""
+    paths = JailPaths(run_dir)
+    vsock = options.vsock_uds_path
+    jailed = msgspec.structs.replace(
+        options,
+        snapshot=paths.bound(options.snapshot, JAIL_SNAPSHOT),
+        base=paths.bound(options.base, JAIL_SNAPSHOT_BASE) if options.base else None,
+        serial=paths.serial(options.serial) if options.serial else None,
+        drives=paths.drives(options.drives) if options.drives is not None else None,
+        vsock_uds_path=paths.created(vsock, "the vsock socket") if vsock else None,
+    )
+    return jailed, paths.mounts
 
 
 def check_jail_access(jail: JailConfig) -> None:
@@ -377,6 +453,18 @@ class VmmProcess:
 
     async def wait(self, timeout_s: float) -> StateReport:
         return await self._report("wait", timeout_ms=max(0, int(timeout_s * 1000)))
+
+    async def snapshot(self, path: Path, kind: SnapshotKind = SnapshotKind.FULL) -> SnapshotReport:
+        """Writes a snapshot of the running or paused guest; the guest is left as it was."""
+        answer = await self.request({"op": "snapshot", "path": str(path), "kind": kind.value})
+        return codec.convert(answer["snapshot"], SnapshotReport)
+
+    async def restore(self, options: RestoreOptions) -> tuple[StateReport, RestoreReport]:
+        """Builds this (fresh) VMM's machine from a snapshot."""
+        body = msgspec.to_builtins(options, enc_hook=codec.enc_hook)
+        answer = await self.request({"op": "restore", **body})
+        report = codec.convert(answer.pop("restore"), RestoreReport)
+        return codec.convert(answer, StateReport), report
 
     async def metrics(self) -> VmmMetrics:
         return codec.convert(await self.request({"op": "metrics"}), VmmMetrics)

@@ -49,6 +49,10 @@ class Client:
             return cls(Endpoint.parse(url), api_key=api_key)
         return cls(await ensure_local_server(load_settings()), api_key=api_key)
 
+    def copy(self) -> Client:
+        """Another client for the same server and API key, with its own connections."""
+        return Client(self.endpoint, api_key=self._api_key)
+
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector: aiohttp.BaseConnector

@@ -10,6 +10,7 @@ its client otherwise: it runs until its timeout, `kill()`, or the server stops.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from types import TracebackType
@@ -19,6 +20,7 @@ import aiohttp
 import anyio
 import msgspec
 
+from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
     CodeExecution,
@@ -77,6 +79,8 @@ class Sandbox:
         trusted: bool = False,
         secrets: dict[str, str] | None = None,
         placement: PlacementRules | None = None,
+        from_snapshot: str | None = None,
+        checkpoint_on_stop: bool = False,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -86,7 +90,11 @@ class Sandbox:
         reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
         environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
         that every command gets, resolved by the server at exec time. `placement` says
-        where it may run when the server schedules a fleet of nodes (docs/fleet.md)."""
+        where it may run when the server schedules a fleet of nodes (docs/fleet.md).
+
+        `from_snapshot`: restore this snapshot (`sb.snapshot().id`) instead: the
+        sandbox starts as the snapshotted one was, on its template, backend and
+        resources. `checkpoint_on_stop`: snapshot the sandbox when it is stopped."""
         resources = ResourcesBody()
         if vcpus is not None:
             resources = msgspec.structs.replace(resources, vcpus=vcpus)
@@ -103,6 +111,8 @@ class Sandbox:
             trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
             secrets=secrets or {},
             placement=placement,
+            from_snapshot=from_snapshot,
+            checkpoint_on_stop=checkpoint_on_stop,
         )
 
         async def make() -> Sandbox:
@@ -194,6 +204,35 @@ class Sandbox:
 
     async def stats(self) -> SandboxStatsInfo:
         return await self._client.call("GET", f"/v1/sandboxes/{self.id}/stats", SandboxStatsInfo)
+
+    async def snapshot(
+        self, *, label: str = "", metadata: dict[str, str] | None = None
+    ) -> SnapshotEntry:
+        """Saves the sandbox as it is now (memory, processes, files); it keeps running.
+        Start copies with `Sandbox.create(from_snapshot=snapshot.id)`."""
+        return await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/snapshots",
+            SnapshotEntry,
+            json=SnapshotSandboxBody(label=label, metadata=metadata or {}),
+        )
+
+    async def fork(
+        self,
+        count: int = 1,
+        *,
+        timeout: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> builtins.list[Sandbox]:
+        """`count` new sandboxes, each an exact copy of this one as it is now, that then
+        go their own way (each handle has its own connection)."""
+        result = await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/fork",
+            ForkResult,
+            json=ForkBody(count=count, timeout_s=timeout, metadata=metadata or {}),
+        )
+        return [Sandbox(self._client.copy(), info) for info in result.sandboxes]
 
     async def kill(self, *, grace: float = 0.0) -> None:
         """Stops the sandbox (after `grace` seconds of SIGTERM) and closes this handle."""

@@ -13,7 +13,7 @@ from aiohttp.typedefs import Handler, Middleware
 from tartarus.agent.manager import SandboxManager
 from tartarus.server import openapi
 from tartarus.server.access import access_middleware
-from tartarus.server.context import MANAGER, STARTED_AT
+from tartarus.server.context import MANAGER, NYX, STARTED_AT
 from tartarus.server.problems import from_exception, problem_response
 from tartarus.server.routes import (
     audit,
@@ -25,6 +25,7 @@ from tartarus.server.routes import (
     processes,
     sandboxes,
     service,
+    snapshots,
     templates,
     terminal,
 )
@@ -32,6 +33,7 @@ from tartarus.server.routes import exec as exec_routes
 from tartarus.server.routes.service import ACCEPTING, OPENAPI
 from tartarus.server.routing import MAX_JSON_BODY, Operation, RouteTable
 from tartarus.server.security import SECURITY, Security
+from tartarus.snapshots.nyx import Nyx
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ TABLES: tuple[RouteTable, ...] = (
     keys.routes,
     policies.routes,
     audit.routes,
+    snapshots.routes,
 )
 
 
@@ -98,6 +101,7 @@ def build_app(
     *,
     middlewares: Sequence[Middleware] = (),
     tables: Sequence[RouteTable] = (),
+    nyx: Nyx | None = None,
 ) -> web.Application:
     """`middlewares` run after the access check; `tables` add routes (and their OpenAPI)."""
     all_tables = (*TABLES, *tables)
@@ -112,6 +116,8 @@ def build_app(
     )
     app[MANAGER] = manager
     app[SECURITY] = security
+    if nyx is not None:
+        app[NYX] = nyx
     app[STARTED_AT] = time.time()
     app[ACCEPTING] = [True]
     app[OPENAPI] = openapi.encode_document(openapi.build_document(ops))

@@ -10,7 +10,7 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.api.security import KeyId, PolicyName
-from tartarus.api.types import Pid, Problem, SandboxId, TemplateName
+from tartarus.api.types import Pid, Problem, SandboxId, SnapshotId, TemplateName
 from tartarus.server.problems import PROBLEM_MEDIA
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
 
@@ -22,7 +22,7 @@ PATH_PARAMS: dict[str, Any] = {
     "pid": Pid,
     "template": TemplateName,
     "node": str,
-    "snapshot_id": str,
+    "snapshot_id": SnapshotId,
     "key_id": KeyId,
     "policy": PolicyName,
 }

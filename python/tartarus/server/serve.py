@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from tartarus.server.app import build_app
 from tartarus.server.plugins import ServerPlugin
 from tartarus.server.routes.service import ACCEPTING
 from tartarus.server.security import Security
+from tartarus.snapshots.nyx import Nyx
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,15 @@ async def serve(
             admission=security.judges,
             timeout_grace_s=timeout_grace_s,
         )
-        async with manager.running(), AsyncExitStack() as extensions:
+        nyx = Nyx.for_server(settings, manager, state_db_path(settings))
+        async with manager.running(), nyx.running(), AsyncExitStack() as extensions:
             manager.spawn(security.prune_forever)
             app = build_app(
                 manager,
                 security,
                 middlewares=[m for p in plugins for m in p.middlewares()],
                 tables=[t for p in plugins for t in p.route_tables()],
+                nyx=nyx,
             )
             for plugin in plugins:
                 await extensions.enter_async_context(plugin.running(manager, app))
@@ -121,10 +124,13 @@ async def serve(
                 app, handle_signals=False, access_log=None, shutdown_timeout=options.drain_s
             )
             await runner.setup()
-            endpoints = await _listen(runner, options, settings, tls)
-            if on_ready is not None:
-                on_ready(endpoints)
-            await _wait_for_stop(stop)
+            # The handlers are in place before anyone is told the server is ready: a
+            # SIGTERM sent right after the announcement is a clean stop, not a kill.
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                endpoints = await _listen(runner, options, settings, tls)
+                if on_ready is not None:
+                    on_ready(endpoints)
+                await _wait_for_stop(signals, stop)
             log.info("shutting down: draining requests, then stopping sandboxes")
             app[ACCEPTING][0] = False
             await extensions.aclose()
@@ -177,14 +183,13 @@ async def _listen(
     return endpoints
 
 
-async def _wait_for_stop(stop: anyio.Event | None) -> None:
+async def _wait_for_stop(signals: AsyncIterator[int], stop: anyio.Event | None) -> None:
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
+            async for _ in signals:
+                tg.cancel_scope.cancel()
+                return
 
         tg.start_soon(on_signal)
         if stop is not None:

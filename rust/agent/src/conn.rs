@@ -42,6 +42,7 @@ pub const FEATURES: &[&str] = &[
     "files",
     "stream-files",
     "stats",
+    "reseed",
 ];
 
 /// What the whole agent shares between connections.
@@ -601,6 +602,9 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
                 .await
                 .map(Message::StatsResult)
         }
+        Message::Reseed { entropy, .. } => blocking(move || crate::reseed::reseed(&entropy))
+            .await
+            .map(|_| Message::Ok {}),
         Message::Shutdown { grace_s } => {
             agent.shutdown.send_replace(Some(grace_s));
             // The main task terminates the processes and then lets the agent exit;

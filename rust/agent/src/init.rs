@@ -1,9 +1,12 @@
-//! PID-1 duties for `--init`: the file systems a bare rootfs lacks, and a clean exit.
+//! PID-1 duties for `--init`: the file systems a bare rootfs lacks (and the microVM's
+//! scratch disk), and a clean exit.
 
 use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use crate::{cmdline, scratch};
 
 fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
@@ -14,8 +17,10 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
 
 /// Mounts /proc, /dev (devtmpfs, or a tmpfs with the basic nodes), /dev/pts, /dev/shm
 /// and /tmp where they are missing. Each is skipped when already present, except /tmp
-/// on a read-only root.
-pub fn setup_filesystems() {
+/// where it cannot be written. In between, sets up the scratch disk that the kernel
+/// command line (read from `kernel_cmdline`) names, if any: it needs /proc and /dev, and
+/// the overlay root it makes has a writable /tmp.
+pub fn setup_filesystems(kernel_cmdline: &Path) {
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if !Path::new("/proc/self").exists() {
         mount_fs("proc", "/proc", "proc", nosuid_nodev, None);
@@ -41,6 +46,7 @@ pub fn setup_filesystems() {
             make_device_nodes();
         }
     }
+    setup_scratch(kernel_cmdline);
     if !Path::new("/dev/pts/ptmx").exists() {
         mount_fs(
             "devpts",
@@ -62,9 +68,9 @@ pub fn setup_filesystems() {
             Some("mode=1777"),
         );
     }
-    // A microVM boots from a read-only root image: /tmp exists there but cannot be
-    // written, so it gets a tmpfs like a missing one.
-    if !Path::new("/tmp").exists() || root_is_read_only() {
+    // A microVM without a usable scratch disk runs on the read-only root image: /tmp
+    // exists there but cannot be written, so it gets a tmpfs like a missing one.
+    if !Path::new("/tmp").exists() || is_read_only("/tmp") {
         mount_fs(
             "tmpfs",
             "/tmp",
@@ -75,9 +81,27 @@ pub fn setup_filesystems() {
     }
 }
 
-fn root_is_read_only() -> bool {
-    nix::sys::statvfs::statvfs("/")
+fn is_read_only(path: &str) -> bool {
+    nix::sys::statvfs::statvfs(path)
         .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
+fn setup_scratch(kernel_cmdline: &Path) {
+    let text = match std::fs::read_to_string(kernel_cmdline) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!(
+                "tartarus-agent: cannot read the kernel command line {}: {e}; no scratch disk",
+                kernel_cmdline.display()
+            );
+            return;
+        }
+    };
+    match cmdline::scratch(&text) {
+        Ok(Some(scratch)) => scratch::setup(&scratch),
+        Ok(None) => {}
+        Err(e) => eprintln!("tartarus-agent: {e}; the scratch disk is not used"),
+    }
 }
 
 fn make_device_nodes() {

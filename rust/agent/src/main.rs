@@ -5,6 +5,7 @@
 //! files. With `--init` it is the sandbox's PID 1: it mounts what a bare rootfs lacks,
 //! reaps orphans and turns SIGTERM into a graceful shutdown.
 
+mod cmdline;
 mod conn;
 mod fdio;
 mod files;
@@ -13,7 +14,9 @@ mod listen;
 mod process;
 mod reaper;
 mod reply;
+mod reseed;
 mod ring;
+mod scratch;
 mod stats;
 mod user;
 
@@ -36,11 +39,14 @@ const LOG_BYTES: usize = 16 << 20;
 const SIGTERM_GRACE_S: f64 = 5.0;
 
 const USAGE: &str = "usage: tartarus-agent serve --listen unix:PATH|vsock:PORT|stdio [--init]
+                            [--kernel-cmdline FILE]
        tartarus-agent --version";
 
 struct Options {
     listen: Listen,
     init: bool,
+    /// Where `--init` reads the kernel command line (tests point it at a file).
+    kernel_cmdline: PathBuf,
 }
 
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
@@ -60,6 +66,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         Some("serve") => {
             let mut listen = None;
             let mut init = false;
+            let mut kernel_cmdline = PathBuf::from(cmdline::KERNEL_CMDLINE);
             let mut rest = args[1..].iter();
             while let Some(arg) = rest.next() {
                 match arg.as_str() {
@@ -68,6 +75,10 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                         listen = Some(spec.parse()?);
                     }
                     "--init" => init = true,
+                    "--kernel-cmdline" => {
+                        let path = rest.next().ok_or("--kernel-cmdline needs a value")?;
+                        kernel_cmdline = PathBuf::from(path);
+                    }
                     other => match other.strip_prefix("--listen=") {
                         Some(spec) => listen = Some(spec.parse()?),
                         None => return Err(format!("unknown option {other:?}")),
@@ -75,7 +86,11 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                 }
             }
             let listen = listen.ok_or("serve needs --listen")?;
-            Ok(Some(Options { listen, init }))
+            Ok(Some(Options {
+                listen,
+                init,
+                kernel_cmdline,
+            }))
         }
         Some(other) => Err(format!("unknown command {other:?}")),
         None => Err("no command".into()),
@@ -93,7 +108,7 @@ fn main() -> ExitCode {
         }
     };
     if options.init {
-        init::setup_filesystems();
+        init::setup_filesystems(&options.kernel_cmdline);
     }
     if nix::unistd::getpid().as_raw() != 1 {
         // Orphans of our processes come back to us to be reaped, as they would to init.

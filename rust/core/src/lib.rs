@@ -18,6 +18,30 @@ create_exception!(
     "A tartarus-vmm request failed: `kind` says why (connect, io, decode, or the API's error kind)."
 );
 
+create_exception!(
+    _core,
+    SnapshotError,
+    PyException,
+    "A microVM snapshot file is unusable (corrupted, truncated, another format version) or unreadable."
+);
+
+/// Checks a microVM snapshot file (its guest memory too with `verify_memory`, which
+/// reads the whole file) and returns what it holds as a dict.
+#[pyfunction]
+#[pyo3(signature = (path, verify_memory = false))]
+fn inspect_snapshot<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    verify_memory: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let summary = py
+        .detach(|| tartarus_vmm::snapshot::inspect(&path, verify_memory))
+        .map_err(|e| SnapshotError::new_err(e.to_string()))?;
+    let json = serde_json::to_string(&summary)
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot encode snapshot summary: {e}")))?;
+    json_to_dict(py, &json)
+}
+
 /// Probes the host (KVM flavour by running guest code, cgroups, seccomp, user
 /// namespaces, /dev/net/tun, memory, free disk at `disk_path`) and returns a dict.
 #[pyfunction]
@@ -83,6 +107,8 @@ impl VmmClient {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(probe_host, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_snapshot, m)?)?;
+    m.add("SnapshotError", m.py().get_type::<SnapshotError>())?;
     m.add_class::<VmmClient>()?;
     m.add("VmmError", m.py().get_type::<VmmError>())?;
     Ok(())

@@ -268,6 +268,14 @@ pub enum Message {
     Shutdown {
         grace_s: f64,
     },
+    /// Sent by the host to a guest restored from a snapshot: mix `entropy` into the
+    /// kernel's random number generator and reseed it now, so clones that share one
+    /// memory image (RNG state included) diverge. `generation` counts restores.
+    Reseed {
+        #[serde(with = "serde_bytes")]
+        entropy: Vec<u8>,
+        generation: u64,
+    },
 
     // ---- responses and events ----
     HelloOk(HelloOk),
@@ -343,6 +351,7 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "rename",
     "get_stats",
     "shutdown",
+    "reseed",
     "hello_ok",
     "pong",
     "ok",
@@ -401,6 +410,7 @@ impl Message {
                 | Rename { .. }
                 | GetStats {}
                 | Shutdown { .. }
+                | Reseed { .. }
         )
     }
 
@@ -434,6 +444,7 @@ impl Message {
             Rename { .. } => "rename",
             GetStats {} => "get_stats",
             Shutdown { .. } => "shutdown",
+            Reseed { .. } => "reseed",
             HelloOk(_) => "hello_ok",
             Pong {} => "pong",
             Ok {} => "ok",

@@ -252,6 +252,16 @@ pub fn valid() -> Vec<(&'static str, Envelope)> {
         ("get_stats", m(25, Message::GetStats {})),
         ("shutdown", m(26, Message::Shutdown { grace_s: 10.0 })),
         (
+            "reseed",
+            m(
+                27,
+                Message::Reseed {
+                    entropy: (0..32).collect(),
+                    generation: 3,
+                },
+            ),
+        ),
+        (
             "hello_ok",
             m(
                 0,

@@ -41,6 +41,8 @@ fn every_message_type_has_a_vector() {
 
 #[test]
 fn valid_vectors_round_trip() {
+    // Requests come first in MESSAGE_TYPES, then the replies from `hello_ok` on.
+    let first_response = MESSAGE_TYPES.iter().position(|t| *t == "hello_ok").unwrap();
     for (name, envelope) in vectors::valid() {
         let bytes = encode_frame(&envelope).unwrap();
         let back = decode_checked(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -51,7 +53,7 @@ fn valid_vectors_round_trip() {
                 .iter()
                 .position(|t| *t == back.body.type_name())
                 .unwrap()
-                < 26,
+                < first_response,
             "{name}"
         );
     }

@@ -10,6 +10,10 @@
  *   hello          print a greeting, reset
  *   mem            write then verify a pattern in every 4 KiB page of RAM above the image
  *   compute [N]    N rounds of xorshift64 (default 200000), a '.' every 16384 rounds
+ *   gen [N]        compute N, then print what the generation device (clone identity)
+ *                  says: generation, clone index, VM id and entropy (first 8 bytes)
+ *   walk [N]       N rounds adding the round number to the next page of RAM above the
+ *                  image (a '.' every 4096 rounds), then print a weighted sum of pages
  *   ports          unclaimed port and MMIO reads and writes, report what came back
  *   spin           print, then loop forever
  *   int3           execute int3 (an exception)
@@ -25,6 +29,7 @@
     .set PVH_MEMMAP, 40             /* hvm_start_info.memmap_paddr */
     .set PVH_MEMMAP_COUNT, 48
     .set GAP_START, 0xd0000000
+    .set GENERATION_PAGE, 0xfebff000
 
     .section .note.Xen, "a", @note
     .balign 4
@@ -150,6 +155,10 @@ main:
     je prog_spin
     cmp al, 'i'
     je prog_int3
+    cmp al, 'g'
+    je prog_gen
+    cmp al, 'w'
+    je prog_walk
     lea rsi, [rip + msg_unknown]
     call puts
     jmp reset
@@ -218,11 +227,108 @@ prog_mem:
 
 /* compute [N]: xorshift64, printing a progress dot every 16384 rounds. */
 prog_compute:
+    lea rsi, [r12 + 7]
+    call parse_count
+    call compute
+    mov r10, rax
+    call newline
+    lea rsi, [rip + msg_compute]
+    call puts
+    mov rax, r10
+    call puthex
+    call newline
+    jmp reset
+
+/* gen [N]: compute, then report the clone identity from the generation device. */
+prog_gen:
+    lea rsi, [r12 + 3]
+    call parse_count
+    call compute
+    mov r10, rax
+    call newline
+    lea rsi, [rip + msg_compute]
+    call puts
+    mov rax, r10
+    call puthex
+    mov rbx, GENERATION_PAGE
+    lea rsi, [rip + msg_gen_magic]
+    call puts
+    mov eax, dword ptr [rbx]
+    call puthex
+    lea rsi, [rip + msg_gen_generation]
+    call puts
+    mov rax, [rbx + 8]
+    call puthex
+    lea rsi, [rip + msg_gen_clone]
+    call puts
+    mov rax, [rbx + 16]
+    call puthex
+    lea rsi, [rip + msg_gen_vmid]
+    call puts
+    mov rax, [rbx + 24]
+    call puthex
+    lea rsi, [rip + msg_gen_entropy]
+    call puts
+    mov rax, [rbx + 48]
+    call puthex
+    call newline
+    jmp reset
+
+/* walk [N]: memory that changes as the guest runs (for diff snapshots). */
+prog_walk:
+    lea rsi, [r12 + 4]
+    call parse_count
+    mov r14, offset _end
+    add r14, 0x1fffff
+    and r14, ~0x1fffff              /* first page */
+    mov r15, r13
+    sub r15, r14
+    shr r15, 12                     /* page count */
+    xor r8, r8                      /* round */
+    xor r9, r9                      /* page index */
+60: cmp r8, rcx
+    jae 62f
+    mov rax, r9
+    shl rax, 12
+    add [r14 + rax], r8
+    inc r8
+    inc r9
+    cmp r9, r15
+    jb 61f
+    xor r9, r9
+61: test r8d, 0xfff
+    jnz 60b
+    mov al, '.'
+    mov dx, COM1
+    out dx, al
+    jmp 60b
+62: xor r10, r10                    /* sum of page value * (page index + 1) */
+    xor r9, r9
+63: cmp r9, r15
+    jae 64f
+    mov rax, r9
+    shl rax, 12
+    mov rax, [r14 + rax]
+    lea rdx, [r9 + 1]
+    imul rax, rdx
+    add r10, rax
+    inc r9
+    jmp 63b
+64: call newline
+    lea rsi, [rip + msg_walk]
+    call puts
+    mov rax, r10
+    call puthex
+    call newline
+    jmp reset
+
+/* rsi: the byte after a program name; " N" gives rcx = N, anything else 200000. */
+parse_count:
     mov rcx, 200000
-    cmp byte ptr [r12 + 7], ' '
+    cmp byte ptr [rsi], ' '
     jne 21f
     xor rcx, rcx
-    lea rsi, [r12 + 8]
+    inc rsi
 20: movzx eax, byte ptr [rsi]
     sub eax, '0'
     cmp eax, 9
@@ -231,7 +337,11 @@ prog_compute:
     add rcx, rax
     inc rsi
     jmp 20b
-21: mov r8, 0x2545f4914f6cdd1d
+21: ret
+
+/* rcx rounds of xorshift64; returns rax = x ^ (sum of every x). */
+compute:
+    mov r8, 0x2545f4914f6cdd1d
     xor r9, r9
 22: test rcx, rcx
     jz 23f
@@ -252,14 +362,9 @@ prog_compute:
     mov dx, COM1
     out dx, al
     jmp 22b
-23: call newline
-    lea rsi, [rip + msg_compute]
-    call puts
-    mov rax, r8
+23: mov rax, r8
     xor rax, r9
-    call puthex
-    call newline
-    jmp reset
+    ret
 
 /* ports: accesses nobody claims must be answered like an empty bus. */
 prog_ports:
@@ -318,6 +423,12 @@ msg_pages:      .asciz " pages="
 msg_errors:     .asciz " errors="
 msg_top:        .asciz " top="
 msg_compute:    .asciz "compute="
+msg_walk:       .asciz "walk="
+msg_gen_magic:  .asciz " magic="
+msg_gen_generation: .asciz " generation="
+msg_gen_clone:  .asciz " clone="
+msg_gen_vmid:   .asciz " vmid="
+msg_gen_entropy: .asciz " entropy="
 msg_ports_in:   .asciz "\nports in="
 msg_ports_mmio: .asciz " mmio="
 msg_ports_top:  .asciz " top="

@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::MachineConfig;
+use crate::snapshot::format::SnapshotKind;
+use crate::snapshot::RestoreOptions;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
@@ -40,6 +42,15 @@ pub enum Request {
     },
     /// Stops the guest if it runs, answers, and ends the VMM process.
     Stop {},
+    /// Pauses the guest (if it runs), writes a snapshot to `path`, and leaves the
+    /// guest as it was (running again, or paused).
+    Snapshot {
+        path: std::path::PathBuf,
+        #[serde(default)]
+        kind: SnapshotKind,
+    },
+    /// Builds the machine from a snapshot instead of `configure` + `start`.
+    Restore(RestoreOptions),
 }
 
 /// Categories a client can act on without parsing messages.
@@ -54,6 +65,9 @@ pub enum ErrorKind {
     Config,
     /// Building or booting the VM failed (kernel, memory, KVM).
     Boot,
+    /// A snapshot file is unusable: corrupted, truncated, from another version, or not
+    /// the parent a diff needs.
+    Snapshot,
     /// Something inside the VMM failed.
     Internal,
 }
@@ -192,6 +206,19 @@ mod tests {
         );
         let r = parse_request(br#"{"op":"configure","machine":{"memory_mib":8,"kernel":"/k"}}"#);
         assert!(matches!(r, Ok(Request::Configure { .. })));
+        assert_eq!(
+            parse_request(br#"{"op":"snapshot","path":"/s"}"#).unwrap(),
+            Request::Snapshot {
+                path: "/s".into(),
+                kind: SnapshotKind::Full
+            }
+        );
+        let r = parse_request(br#"{"op":"restore","snapshot":"/s","clone_id":3}"#).unwrap();
+        let Request::Restore(o) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((o.clone_id, o.resume, o.verify_memory), (3, true, true));
+        assert!(parse_request(br#"{"op":"restore","snapshot":"/s","bogus":1}"#).is_err());
     }
 
     #[test]

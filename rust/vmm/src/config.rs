@@ -54,6 +54,10 @@ pub struct MachineConfig {
     /// virtio-vsock with a hybrid unix-socket host side.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Have KVM log the pages the guest writes, so that diff snapshots can be taken
+    /// after a full one (machines restored from a snapshot can take diffs without it).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn one() -> u8 {

@@ -133,12 +133,21 @@ impl Control {
     }
 
     /// Where a vCPU thread waits while paused. Returns false when it must stop.
-    pub fn checkpoint(&self) -> bool {
+    /// `before_park` runs (without the lock) each time the thread is about to park, so
+    /// that a parked vCPU has no half-finished work (a snapshot may read it).
+    pub fn checkpoint(&self, before_park: &mut dyn FnMut()) -> bool {
         let mut inner = self.lock();
+        let mut ready = false;
         loop {
             match inner.target {
                 Target::Run => return true,
                 Target::Stop => return false,
+                Target::Pause if !ready => {
+                    drop(inner);
+                    before_park();
+                    ready = true;
+                    inner = self.lock();
+                }
                 Target::Pause => {
                     inner.parked += 1;
                     self.cond.notify_all();
@@ -146,6 +155,15 @@ impl Control {
                     inner.parked -= 1;
                 }
             }
+        }
+    }
+
+    /// Makes vCPU threads park as soon as they start (a restored machine waiting for
+    /// `resume`). Call before the threads are started.
+    pub fn hold(&self) {
+        let mut inner = self.lock();
+        if inner.target == Target::Run {
+            inner.target = Target::Pause;
         }
     }
 
@@ -175,7 +193,7 @@ impl Control {
     /// Pauses every vCPU; returns once all of them are parked (or gone).
     pub fn pause(&self) {
         let mut inner = self.lock();
-        if inner.target != Target::Run {
+        if inner.target == Target::Stop {
             return;
         }
         inner.target = Target::Pause;
@@ -264,11 +282,13 @@ mod tests {
             std::thread::spawn(move || {
                 c.register_current_thread();
                 let mut rounds = 0u64;
-                while c.checkpoint() {
+                let mut flushes = 0;
+                while c.checkpoint(&mut || flushes += 1) {
                     rounds += 1;
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 c.unregister_current_thread();
+                assert!(flushes >= 1, "the thread got ready before it parked");
                 rounds
             })
         };

@@ -283,6 +283,9 @@ pub fn run_jailed(
     // SAFETY: the caller guarantees this process is single-threaded.
     let spawned = unsafe {
         spawn_held(hold, |report| {
+            // Diff snapshots read the page table through it; the jail has no /proc.
+            crate::snapshot::memory::open_pagemap()
+                .map_err(|e| bad(format!("cannot prepare diff snapshots: {e}")))?;
             enter(config)?;
             if !report.parent_alive() {
                 return Err(bad("the supervisor went away".into()));

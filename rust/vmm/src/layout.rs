@@ -40,6 +40,9 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 /// IOAPIC and LAPIC register windows (inside the MMIO gap, above the device windows).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// The generation device's page (clone identity, see `devices::generation`): the last
+/// page below the IOAPIC, at a fixed address a guest can rely on.
+pub const GENERATION_DEVICE_START: u64 = IOAPIC_START - 0x1000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// First GSI handed to MMIO devices (0-4 are legacy: timer, keyboard, cascade, COM2, COM1).
 pub const IRQ_BASE: u32 = 5;
@@ -90,6 +93,7 @@ mod tests {
         assert!(PDE_START + PAGING_MAX_PDS * 0x1000 <= CMDLINE_START);
         assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
         assert!(IOAPIC_START > MMIO_GAP_START && APIC_START < MMIO_GAP_END);
+        assert!(GENERATION_DEVICE_START > MMIO_GAP_START + MMIO_DEVICE_SIZE);
     };
 
     proptest! {

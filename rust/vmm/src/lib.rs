@@ -3,8 +3,9 @@
 //!
 //! `boot` loads a kernel and writes what it reads at entry, `devices` holds the buses
 //! and the devices on them, `vcpu` runs guest code, `machine` ties a VM together,
-//! `api` serves the control socket, `seccomp` and `jail` confine the process, and
-//! `probe` is the KVM flavour check the doctor runs.
+//! `api` serves the control socket, `snapshot` saves and restores machines (Nyx),
+//! `seccomp` and `jail` confine the process, and `probe` is the KVM flavour check the
+//! doctor runs.
 
 pub mod api;
 pub mod boot;
@@ -19,5 +20,6 @@ pub mod memory;
 pub mod metrics;
 pub mod probe;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;

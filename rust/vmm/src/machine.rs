@@ -14,16 +14,18 @@ use crate::boot::regs::{setup_lapic, setup_msrs, setup_registers, EntryMode};
 use crate::boot::{cmdline::parse_cmdline, cpuid::filter_cpuid, prepare_boot, BootError};
 use crate::config::{ConfigError, MachineConfig};
 use crate::control::{install_kick_handler, Control, VmExit};
+use crate::devices::generation::{GenerationDevice, GenerationState, GENERATION_PAGE_SIZE};
 use crate::devices::legacy::{
-    ResetHandler, SerialDevice, I8042, I8042_PORT_BASE, I8042_PORT_SIZE, SERIAL_IRQ,
-    SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
+    ResetHandler, SerialDevice, SerialSnapshot, I8042, I8042_PORT_BASE, I8042_PORT_SIZE,
+    SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
 };
 use crate::devices::serial_output::SerialOutput;
 use crate::devices::{DeviceError, DeviceManager};
-use crate::layout::{ram_ranges, KVM_TSS_ADDRESS};
+use crate::layout::{ram_ranges, GENERATION_DEVICE_START, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, register_guest_memory, MemoryError};
 use crate::metrics::Metrics;
-use crate::vcpu::Vcpu;
+use crate::snapshot::lineage::Lineage;
+use crate::vcpu::{SharedVcpu, Vcpu};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -46,6 +48,10 @@ pub enum MachineError {
     Thread(std::io::Error),
     #[error("the machine was already started")]
     AlreadyStarted,
+    #[error("cannot restore device state: {0}")]
+    DeviceState(String),
+    #[error("cannot draw random bytes for the generation device: {0}")]
+    Random(std::io::Error),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
@@ -64,17 +70,107 @@ impl ResetHandler for ResetToExit {
     }
 }
 
+pub type SharedSerial = Arc<Mutex<SerialDevice<SerialOutput>>>;
+
+/// Loads saved VM and vCPU state into a restored machine's new VM and vCPUs.
+pub type LoadHook<'a> = &'a mut dyn FnMut(&VmFd, &[VcpuFd]) -> Result<(), MachineError>;
+
+/// What a restored machine is built from (besides the state `LoadHook` loads).
+pub struct RestoredParts {
+    pub config: MachineConfig,
+    pub mem: GuestMemoryMmap,
+    pub entry: EntryMode,
+    pub serial: SerialSnapshot,
+    pub generation: GenerationState,
+    pub lineage: Lineage,
+}
+
 pub struct Machine {
     config: MachineConfig,
     // Field order matters for drop: threads are joined in Drop before memory goes.
     threads: Vec<JoinHandle<()>>,
-    pending_vcpus: Vec<VcpuFd>,
+    vcpus: Vec<SharedVcpu>,
+    started: bool,
     devices: Arc<DeviceManager>,
+    serial: SharedSerial,
+    generation: Arc<Mutex<GenerationDevice>>,
     control: Arc<Control>,
     metrics: Arc<Metrics>,
     entry: EntryMode,
-    _vm: Arc<VmFd>,
+    /// Where guest memory came from and what was written since (for diff snapshots).
+    pub lineage: Lineage,
+    vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+}
+
+/// A VM with memory and devices but no vCPUs: what booting and restoring share.
+struct Parts {
+    vm: Arc<VmFd>,
+    control: Arc<Control>,
+    devices: DeviceManager,
+    serial: SharedSerial,
+    generation: Arc<Mutex<GenerationDevice>>,
+}
+
+/// Creates the VM around `mem`: interrupt controllers, PIT, memory slots, the serial
+/// port (fresh, or in `serial_state`), the i8042, the generation device, then the
+/// caller's extra devices.
+fn assemble(
+    kvm: &Kvm,
+    config: &MachineConfig,
+    metrics: &Metrics,
+    mem: &GuestMemoryMmap,
+    serial_state: Option<&SerialSnapshot>,
+    generation: GenerationState,
+    extra_devices: DeviceHook<'_>,
+) -> Result<Parts, MachineError> {
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+    register_guest_memory(&vm, mem, config.track_dirty_pages)?;
+
+    let control = Arc::new(Control::default());
+    let mut devices = DeviceManager::new(vm.clone());
+    let serial_out = SerialOutput::open(
+        &config.serial,
+        config.serial_limit_bytes,
+        metrics.serial.clone(),
+    )
+    .map_err(MachineError::Serial)?;
+    let irq = devices.irq_eventfd(SERIAL_IRQ)?;
+    let serial = match serial_state {
+        Some(state) => SerialDevice::from_snapshot(state, irq, serial_out)
+            .map_err(MachineError::DeviceState)?,
+        None => SerialDevice::new(irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    devices.register_pio_device(SERIAL_PORT_BASE, SERIAL_PORT_SIZE, serial.clone())?;
+    let i8042 = I8042::new(ResetToExit(control.clone()));
+    devices.register_pio_device(
+        I8042_PORT_BASE,
+        I8042_PORT_SIZE,
+        Arc::new(Mutex::new(i8042)),
+    )?;
+    let generation = Arc::new(Mutex::new(GenerationDevice::new(generation)));
+    devices.register_fixed_mmio_device(
+        GENERATION_DEVICE_START,
+        GENERATION_PAGE_SIZE,
+        generation.clone(),
+    )?;
+    extra_devices(&mut devices, mem)?;
+    Ok(Parts {
+        vm,
+        control,
+        devices,
+        serial,
+        generation,
+    })
 }
 
 impl Machine {
@@ -89,41 +185,19 @@ impl Machine {
         config.validate()?;
         let ranges = ram_ranges(config.memory_bytes());
         let mem = create_guest_memory(&ranges, &config.memory)?;
-        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
-        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(kvm_err("set TSS address"))?;
-        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-        register_guest_memory(&vm, &mem)?;
-
-        let control = Arc::new(Control::default());
-        let mut devices = DeviceManager::new(vm.clone());
-        let serial_out = SerialOutput::open(
-            &config.serial,
-            config.serial_limit_bytes,
-            metrics.serial.clone(),
-        )
-        .map_err(MachineError::Serial)?;
-        let serial = SerialDevice::new(devices.irq_eventfd(SERIAL_IRQ)?, serial_out);
-        devices.register_pio_device(
-            SERIAL_PORT_BASE,
-            SERIAL_PORT_SIZE,
-            Arc::new(Mutex::new(serial)),
+        let generation = GenerationState::first().map_err(MachineError::Random)?;
+        let parts = assemble(
+            kvm,
+            &config,
+            &metrics,
+            &mem,
+            None,
+            generation,
+            extra_devices,
         )?;
-        let i8042 = I8042::new(ResetToExit(control.clone()));
-        devices.register_pio_device(
-            I8042_PORT_BASE,
-            I8042_PORT_SIZE,
-            Arc::new(Mutex::new(i8042)),
-        )?;
-        extra_devices(&mut devices, &mem)?;
 
         let mut cmdline = parse_cmdline(&config.cmdline).map_err(BootError::from)?;
-        devices.add_to_cmdline(&mut cmdline)?;
+        parts.devices.add_to_cmdline(&mut cmdline)?;
         let boot = prepare_boot(
             &mem,
             &ranges,
@@ -136,9 +210,10 @@ impl Machine {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported CPUID"))?;
-        let mut pending_vcpus = Vec::with_capacity(config.vcpus as usize);
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
-            let fd = vm
+            let fd = parts
+                .vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create vCPU"))?;
             let mut own = cpuid.clone();
@@ -147,33 +222,102 @@ impl Machine {
             setup_msrs(&fd).map_err(BootError::from)?;
             setup_registers(&fd, &boot.entry, id == 0).map_err(BootError::from)?;
             setup_lapic(&fd).map_err(BootError::from)?;
-            pending_vcpus.push(fd);
+            vcpus.push(Arc::new(Mutex::new(fd)));
         }
-        Ok(Machine {
+        Ok(Machine::from_parts(
+            parts,
+            config,
+            vcpus,
+            metrics,
+            boot.entry,
+            mem,
+            Lineage::default(),
+        ))
+    }
+
+    /// Builds a VM around restored memory with fresh vCPUs and the devices
+    /// `extra_devices` adds in their saved state; `load` puts the saved VM and vCPU
+    /// state into the vCPUs. Nothing runs until `start`.
+    pub fn restore(
+        kvm: &Kvm,
+        parts: RestoredParts,
+        metrics: Arc<Metrics>,
+        extra_devices: DeviceHook<'_>,
+        load: LoadHook<'_>,
+    ) -> Result<Machine, MachineError> {
+        let RestoredParts {
+            config,
+            mem,
+            entry,
+            serial,
+            generation,
+            lineage,
+        } = parts;
+        config.validate()?;
+        let parts = assemble(
+            kvm,
+            &config,
+            &metrics,
+            &mem,
+            Some(&serial),
+            generation,
+            extra_devices,
+        )?;
+        let mut fds = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            fds.push(
+                parts
+                    .vm
+                    .create_vcpu(u64::from(id))
+                    .map_err(kvm_err("create vCPU"))?,
+            );
+        }
+        load(&parts.vm, &fds)?;
+        let vcpus = fds.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect();
+        Ok(Machine::from_parts(
+            parts, config, vcpus, metrics, entry, mem, lineage,
+        ))
+    }
+
+    fn from_parts(
+        parts: Parts,
+        config: MachineConfig,
+        vcpus: Vec<SharedVcpu>,
+        metrics: Arc<Metrics>,
+        entry: EntryMode,
+        mem: GuestMemoryMmap,
+        lineage: Lineage,
+    ) -> Machine {
+        Machine {
             config,
             threads: Vec::new(),
-            pending_vcpus,
-            devices: Arc::new(devices),
-            control,
+            vcpus,
+            started: false,
+            devices: Arc::new(parts.devices),
+            serial: parts.serial,
+            generation: parts.generation,
+            control: parts.control,
             metrics,
-            entry: boot.entry,
-            _vm: vm,
+            entry,
+            lineage,
+            vm: parts.vm,
             mem,
-        })
+        }
     }
 
     /// Starts one thread per vCPU (each installing `vcpu_filter` first, if given) and
     /// the wall-clock watchdog.
     pub fn start(&mut self, vcpu_filter: Option<Arc<BpfProgram>>) -> Result<(), MachineError> {
-        if self.pending_vcpus.is_empty() {
+        if self.started {
             return Err(MachineError::AlreadyStarted);
         }
+        self.started = true;
         install_kick_handler().map_err(MachineError::Thread)?;
         self.metrics.note_start();
-        for (id, fd) in self.pending_vcpus.drain(..).enumerate() {
+        for (id, fd) in self.vcpus.iter().enumerate() {
             let vcpu = Vcpu {
                 id: id as u8,
-                fd,
+                fd: fd.clone(),
                 devices: self.devices.clone(),
                 control: self.control.clone(),
                 metrics: self.metrics.clone(),
@@ -234,8 +378,28 @@ impl Machine {
         &self.mem
     }
 
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    pub fn vcpus(&self) -> &[SharedVcpu] {
+        &self.vcpus
+    }
+
+    pub fn serial(&self) -> &SharedSerial {
+        &self.serial
+    }
+
+    pub fn generation(&self) -> GenerationState {
+        self.generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
+            .clone()
+    }
+
     pub fn started(&self) -> bool {
-        self.pending_vcpus.is_empty()
+        self.started
     }
 
     /// Stops the guest (if it still runs) and waits up to `timeout` for the vCPU threads.

@@ -9,6 +9,8 @@
 //!     serve the control API on PATH (and boot FILE right away if given)
 //! tartarus-vmm seccomp-selftest api|vcpu [--jail FILE]
 //!     install that thread's filter, then make a call it forbids: the process must die
+//! tartarus-vmm inspect-snapshot FILE [--verify]
+//!     check a snapshot (its memory too with --verify) and print what it holds (JSON)
 //! ```
 //! `--jail FILE` (JSON, see `jail::JailConfig`) runs the VMM in its own jail; the
 //! machine's paths are then paths inside it. /dev/kvm, the API socket and the
@@ -36,7 +38,8 @@ use tartarus_vmm::vmm::Vmm;
 const USAGE: &str = "usage: tartarus-vmm --version | probe | \
 run --config FILE [--jail FILE] [--no-seccomp] | \
 serve --api-sock PATH [--config FILE] [--jail FILE] [--no-seccomp] | \
-seccomp-selftest api|vcpu [--jail FILE]";
+seccomp-selftest api|vcpu [--jail FILE] | \
+inspect-snapshot FILE [--verify]";
 
 const EXIT_GUEST_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -262,6 +265,28 @@ fn selftest_body(kind: &str) -> u8 {
     EXIT_GUEST_FAILED
 }
 
+/// Exit status 0 and the summary, or 1 and why the snapshot is refused.
+fn inspect_snapshot(rest: &[String]) -> ExitCode {
+    let (path, verify) = match rest {
+        [path] => (path, false),
+        [path, flag] if flag == "--verify" => (path, true),
+        _ => {
+            eprintln!("usage: tartarus-vmm inspect-snapshot FILE [--verify]");
+            return ExitCode::from(2);
+        }
+    };
+    match tartarus_vmm::snapshot::inspect(std::path::Path::new(path), verify) {
+        Ok(summary) => {
+            println!("{}", json!(summary));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tartarus-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     mark_process_start();
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -271,6 +296,9 @@ fn main() -> ExitCode {
     };
     if command == "seccomp-selftest" {
         return ExitCode::from(seccomp_selftest(&argv[1..]));
+    }
+    if command == "inspect-snapshot" {
+        return inspect_snapshot(&argv[1..]);
     }
     let args = match parse_args(&argv[1..]) {
         Ok(a) => a,

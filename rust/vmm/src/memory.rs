@@ -3,7 +3,7 @@
 
 use std::fs::File;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -41,41 +41,66 @@ pub fn create_guest_memory(
     ranges: &[(u64, u64)],
     backing: &MemoryBacking,
 ) -> Result<GuestMemoryMmap, MemoryError> {
-    let file = match &backing.file {
+    match &backing.file {
         Some(path) => {
             let shown = path.display().to_string();
             let f = File::open(path).map_err(|source| MemoryError::OpenFile {
                 path: shown.clone(),
                 source,
             })?;
-            let need: u64 = ranges.iter().map(|r| r.1).sum();
-            let have = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if have < need {
-                return Err(MemoryError::FileTooSmall {
-                    path: shown,
-                    have,
-                    need,
-                });
-            }
-            Some(f)
+            map_guest_memory(ranges, Some((&f, 0, &shown)), false)
         }
-        None => None,
-    };
-    let mut regions = Vec::with_capacity(ranges.len());
+        None => map_guest_memory(ranges, None, backing.hugepages),
+    }
+}
+
+/// Maps guest RAM privately from `file` starting at `offset` (a snapshot's memory
+/// section): pages are shared with every other mapping of the file until written.
+pub fn map_guest_memory_from(
+    ranges: &[(u64, u64)],
+    file: &File,
+    offset: u64,
+    shown: &str,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    map_guest_memory(ranges, Some((file, offset, shown)), false)
+}
+
+fn map_guest_memory(
+    ranges: &[(u64, u64)],
+    file: Option<(&File, u64, &str)>,
+    hugepages: bool,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let mut file_offset = 0u64;
+    if let Some((f, offset, shown)) = file {
+        let need: u64 = ranges
+            .iter()
+            .map(|r| r.1)
+            .sum::<u64>()
+            .saturating_add(offset);
+        let have = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if have < need {
+            return Err(MemoryError::FileTooSmall {
+                path: shown.to_string(),
+                have,
+                need,
+            });
+        }
+        file_offset = offset;
+    }
+    let mut regions = Vec::with_capacity(ranges.len());
     for &(start, len) in ranges {
         let map_err = |detail: String| MemoryError::Map { size: len, detail };
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
         let mut builder = MmapRegionBuilder::new(len as usize).with_mmap_prot(prot);
-        match &file {
-            Some(f) => {
+        match file {
+            Some((f, _, _)) => {
                 let clone = f.try_clone().map_err(|e| map_err(e.to_string()))?;
                 builder = builder.with_file_offset(FileOffset::new(clone, file_offset));
             }
             None => {
                 flags |= libc::MAP_ANONYMOUS;
-                if backing.hugepages {
+                if hugepages {
                     flags |= libc::MAP_HUGETLB;
                     // Reserve the pages now: a short pool fails here, not with a SIGBUS later.
                     flags &= !libc::MAP_NORESERVE;
@@ -105,13 +130,22 @@ pub fn create_guest_memory(
     })
 }
 
-/// Tells KVM about every region of `mem`.
-pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Tells KVM about every region of `mem` (slot numbers follow region order); with
+/// `log_dirty`, KVM records which pages the guest writes (for diff snapshots).
+pub fn register_guest_memory(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,

@@ -2,7 +2,8 @@
 //! system calls its work needs; anything else kills the whole process.
 //!
 //! The API thread installs its filter once the VMM is set up (KVM open, jail entered);
-//! it still builds the VM, so it keeps memory mapping, KVM ioctls and thread creation.
+//! it still builds (or restores) the VM and writes snapshots, so it keeps memory
+//! mapping, KVM ioctls, thread creation and file writes.
 //! vCPU threads inherit that filter and add a much narrower one: `KVM_RUN` and a few
 //! register reads, writes to the serial sink and eventfds, futexes, and exiting.
 
@@ -120,6 +121,10 @@ const API_ONLY: &[i64] = &[
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_shutdown,
+    // Snapshots: written under a temporary name, synced, renamed into place.
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
 ];

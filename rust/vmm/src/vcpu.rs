@@ -2,7 +2,7 @@
 //! every other way `KVM_RUN` can end into a `VmExit` (never a hang, never a panic).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -11,10 +11,27 @@ use crate::control::{Control, VmExit};
 use crate::devices::DeviceManager;
 use crate::metrics::Metrics;
 
+/// A vCPU's descriptor, shared by its thread (which holds the lock while in
+/// `KVM_RUN`) and the machine (which reads and writes state while the vCPU is parked).
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
+pub fn lock_vcpu(fd: &SharedVcpu) -> MutexGuard<'_, VcpuFd> {
+    fd.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Lets KVM finish the instruction whose port or MMIO access was just served (it
+/// completes it on the next `KVM_RUN`), without running any further guest code, so
+/// the registers a snapshot reads are those after the instruction.
+fn complete_pending_io(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+}
+
 /// Everything a vCPU thread needs.
 pub struct Vcpu {
     pub id: u8,
-    pub fd: VcpuFd,
+    pub fd: SharedVcpu,
     pub devices: Arc<DeviceManager>,
     pub control: Arc<Control>,
     pub metrics: Arc<Metrics>,
@@ -30,18 +47,23 @@ enum Step {
 
 impl Vcpu {
     /// Runs until the VM stops; records the exit reason in `control`.
-    pub fn run(mut self) {
+    pub fn run(self) {
         self.control.register_current_thread();
-        while self.control.checkpoint() {
-            match self.run_once() {
+        let shared = self.fd.clone();
+        while self
+            .control
+            .checkpoint(&mut || complete_pending_io(&mut lock_vcpu(&shared)))
+        {
+            let mut fd = lock_vcpu(&self.fd);
+            match self.run_once(&mut fd) {
                 Step::Continue => {}
                 Step::Exit(exit) => {
                     self.control.request_exit(exit);
                     break;
                 }
                 Step::TripleFault => {
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                    let sregs = self.fd.get_sregs().ok();
+                    let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                    let sregs = fd.get_sregs().ok();
                     let exit = VmExit::Shutdown {
                         detail: format!(
                             "triple fault at rip {rip:#x} (cr0 {:#x}, efer {:#x})",
@@ -53,7 +75,7 @@ impl Vcpu {
                     break;
                 }
                 Step::InternalError => {
-                    let exit = self.internal_error();
+                    let exit = self.internal_error(&mut fd);
                     self.control.request_exit(exit);
                     break;
                 }
@@ -62,10 +84,10 @@ impl Vcpu {
         self.control.unregister_current_thread();
     }
 
-    fn run_once(&mut self) -> Step {
+    fn run_once(&self, fd: &mut VcpuFd) -> Step {
         let id = self.id;
         let m = &self.metrics;
-        let exit = self.fd.run();
+        let exit = fd.run();
         if exit.is_ok() {
             m.note_exit();
         }
@@ -127,13 +149,13 @@ impl Vcpu {
     }
 
     /// Reads KVM's internal-error report: suberror, its data words, and where the guest was.
-    fn internal_error(&mut self) -> VmExit {
-        let run = self.fd.get_kvm_run();
+    fn internal_error(&self, fd: &mut VcpuFd) -> VmExit {
+        let run = fd.get_kvm_run();
         // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the active
         // member of the exit union; it is plain old data.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let rip = self.fd.get_regs().ok().map(|r| r.rip);
+        let rip = fd.get_regs().ok().map(|r| r.rip);
         VmExit::InternalError {
             vcpu: self.id,
             suberror: internal.suberror,

@@ -18,6 +18,7 @@ use crate::devices::virtio::attach::{attach, VirtioDevices};
 use crate::devices::{DeviceError, DeviceManager};
 use crate::machine::{Machine, MachineError};
 use crate::metrics::Metrics;
+use crate::snapshot::{self, RestoreOptions, SnapshotError};
 
 /// Longest `wait` a client may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -149,6 +150,57 @@ impl Vmm {
         Ok(())
     }
 
+    fn restore(&mut self, options: RestoreOptions) -> Result<Value, ApiError> {
+        if self.config.is_some() || self.machine.is_some() {
+            return Err(invalid(
+                "restore needs a fresh VMM: this one is already configured",
+            ));
+        }
+        let snapshot::Restored {
+            mut machine,
+            virtio,
+            report,
+        } = snapshot::restore(&self.kvm, &options, self.metrics.clone()).map_err(snapshot_error)?;
+        self.virtio = Some(virtio);
+        if !options.resume {
+            machine.control().hold();
+        }
+        machine
+            .start(self.vcpu_filter.clone())
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        self.config = Some(machine.config().clone());
+        self.machine = Some(machine);
+        let mut value = to_value(self.report())?;
+        value["restore"] = to_value(report)?;
+        Ok(value)
+    }
+
+    fn snapshot(
+        &mut self,
+        path: &std::path::Path,
+        kind: snapshot::format::SnapshotKind,
+    ) -> Result<Value, ApiError> {
+        let was_running = self.state() == VmState::Running;
+        let machine = match (self.state(), self.machine.as_mut()) {
+            (VmState::Running | VmState::Paused, Some(m)) => m,
+            (state, _) => {
+                return Err(invalid(
+                    format!("the VM is {state:?}; only a running or paused VM can be snapshotted")
+                        .to_lowercase(),
+                ))
+            }
+        };
+        machine.control().pause();
+        let taken = snapshot::take(machine, self.virtio.as_ref(), &self.kvm, path, kind);
+        if was_running {
+            machine.control().resume();
+        }
+        let report = taken.map_err(snapshot_error)?;
+        let mut value = to_value(self.report())?;
+        value["snapshot"] = to_value(report)?;
+        Ok(value)
+    }
+
     fn running_machine(&self) -> Result<&Machine, ApiError> {
         match (self.state(), &self.machine) {
             (VmState::Running | VmState::Paused, Some(m)) => Ok(m),
@@ -223,6 +275,8 @@ impl Handler for Vmm {
                 self.wait(Duration::from_millis(timeout_ms).min(MAX_WAIT));
                 to_value(self.report())
             }
+            Request::Snapshot { path, kind } => self.snapshot(&path, kind),
+            Request::Restore(options) => self.restore(options),
             Request::Stop {} => {
                 let clean = self.shutdown();
                 let mut report = to_value(self.report())?;
@@ -235,4 +289,13 @@ impl Handler for Vmm {
     fn finished(&self) -> bool {
         self.stopped
     }
+}
+
+fn snapshot_error(e: SnapshotError) -> ApiError {
+    let kind = if e.is_bad_snapshot() {
+        ErrorKind::Snapshot
+    } else {
+        ErrorKind::Internal
+    };
+    ApiError::new(kind, e.to_string())
 }

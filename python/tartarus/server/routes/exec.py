@@ -23,6 +23,7 @@ from tartarus.auth.rbac import SANDBOX_EXEC
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import ExecRequest, PtySize
 from tartarus.server.context import live_sandbox, manager
+from tartarus.server.problems import ApiError
 from tartarus.server.routing import NDJSON, Reply, RouteTable, encode, read_json, reply
 from tartarus.server.streams import collect, stream_events
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 routes = RouteTable()
 
 DISCONNECT_POLL_S = 0.25
+
+# The agent's codes for a command that could not be started as asked.
+_CANNOT_START = frozenset({"not_found", "permission_denied", "not_a_directory", "is_a_directory"})
 
 
 def to_runtime_request(body: StreamExecBody, *, keep_stdin: bool = False) -> ExecRequest:
@@ -55,7 +59,14 @@ async def start(live: LiveSandbox, body: StreamExecBody, *, keep_stdin: bool = F
     request = to_runtime_request(body, keep_stdin=keep_stdin)
     if request.cwd is None and live.workdir != "/":
         request = msgspec.structs.replace(request, cwd=live.workdir)
-    execution = await live.sandbox.exec(request)
+    try:
+        execution = await live.sandbox.exec(request)
+    except SandboxError as e:
+        # The sandbox exists; what is missing is the program (or cwd) the request
+        # names, so a 404 would wrongly say the sandbox is gone.
+        if getattr(e, "code", None) in _CANNOT_START:
+            raise ApiError(422, "cannot-start", str(e)) from e
+        raise
     if body.stdin is not None:
         if body.stdin:
             await execution.write_stdin(body.stdin.encode())
@@ -137,7 +148,7 @@ async def send_stream(
         Reply(200, ExecOutcome, description="The command finished"),
         Reply(202, ProcessStarted, description="Started in the background"),
     ),
-    errors=(404, 409),
+    errors=(404, 409, 422),
     permission=SANDBOX_EXEC,
 )
 async def exec_command(request: web.Request) -> web.StreamResponse:
@@ -162,7 +173,7 @@ async def exec_command(request: web.Request) -> web.StreamResponse:
     tag="exec",
     body=StreamExecBody,
     replies=(Reply(200, StreamEvent, media=NDJSON, description="NDJSON events"),),
-    errors=(404, 409),
+    errors=(404, 409, 422),
     permission=SANDBOX_EXEC,
 )
 async def exec_stream(request: web.Request) -> web.StreamResponse:

@@ -9,7 +9,8 @@ use super::gdt::{segment_from_gdt, GDT_LONG_MODE, GDT_PROTECTED_MODE};
 use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER};
 
 /// How the guest is entered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EntryMode {
     /// Linux 64-bit boot protocol: long mode, paging on, `rsi` = boot_params.
     Long64 {

@@ -4,8 +4,10 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -44,9 +46,58 @@ impl<R: ResetHandler> Trigger for ResetTrigger<R> {
     }
 }
 
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The COM1 UART on the PIO bus.
 pub struct SerialDevice<W: Write + Send> {
-    serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, W>,
+    serial: Serial<EventFdTrigger, NoEvents, W>,
 }
 
 impl<W: Write + Send> SerialDevice<W> {
@@ -54,6 +105,26 @@ impl<W: Write + Send> SerialDevice<W> {
         SerialDevice {
             serial: Serial::new(EventFdTrigger(interrupt), out),
         }
+    }
+
+    /// A UART in a saved state (a restored snapshot); refuses an impossible state.
+    pub fn from_snapshot(
+        state: &SerialSnapshot,
+        interrupt: EventFd,
+        out: W,
+    ) -> Result<Self, String> {
+        Serial::from_state(
+            &SerialState::from(state),
+            EventFdTrigger(interrupt),
+            NoEvents,
+            out,
+        )
+        .map(|serial| SerialDevice { serial })
+        .map_err(|e| format!("invalid saved serial state: {e:?}"))
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.serial.state().into()
     }
 }
 
@@ -127,6 +198,22 @@ mod tests {
         );
         dev.pio_write(PioAddress(I8042_PORT_BASE), 4, &[0xfe]);
         assert!(flag.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn serial_state_survives_a_round_trip_and_a_full_fifo_is_refused() {
+        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), Vec::new());
+        dev.pio_write(PioAddress(SERIAL_PORT_BASE), 7, &[0x5a]);
+        dev.pio_write(PioAddress(SERIAL_PORT_BASE), 1, &[0x02]);
+        let saved = dev.snapshot();
+        let back =
+            SerialDevice::from_snapshot(&saved, EventFd::new(0).unwrap(), Vec::new()).unwrap();
+        assert_eq!(back.snapshot(), saved);
+        let bad = SerialSnapshot {
+            in_buffer: vec![0; 1 << 16],
+            ..saved
+        };
+        assert!(SerialDevice::from_snapshot(&bad, EventFd::new(0).unwrap(), Vec::new()).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! `irq_eventfd` gives the eventfd that raises that GSI, `register_mmio_device` puts
 //! the device on the bus and on the kernel command line.
 
+pub mod generation;
 pub mod legacy;
 pub mod serial_output;
 pub mod virtio;
@@ -25,7 +26,7 @@ use vm_device::{MutDeviceMmio, MutDevicePio};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::layout::{IOAPIC_START, IRQ_BASE, IRQ_MAX, MMIO_DEVICE_SIZE, MMIO_GAP_START};
+use crate::layout::{GENERATION_DEVICE_START, IRQ_BASE, IRQ_MAX, MMIO_DEVICE_SIZE, MMIO_GAP_START};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -85,7 +86,7 @@ impl DeviceManager {
 
     /// Reserves the next MMIO window and GSI for a device.
     pub fn allocate_mmio_slot(&mut self) -> Result<MmioSlot, DeviceError> {
-        if self.next_mmio + MMIO_DEVICE_SIZE > IOAPIC_START {
+        if self.next_mmio + MMIO_DEVICE_SIZE > GENERATION_DEVICE_START {
             return Err(DeviceError::NoMmioSpace);
         }
         if self.next_irq > IRQ_MAX {
@@ -125,12 +126,26 @@ impl DeviceManager {
     where
         D: MutDeviceMmio + Send + 'static,
     {
-        let range = MmioRange::new(MmioAddress(slot.base), slot.size).map_err(DeviceError::Bus)?;
-        self.io
-            .register_mmio(range, device)
-            .map_err(DeviceError::Bus)?;
+        self.register_fixed_mmio_device(slot.base, slot.size, device)?;
         self.mmio_slots.push(slot);
         Ok(())
+    }
+
+    /// Puts a device at a fixed MMIO window that is not announced on the command line
+    /// (the guest knows the address, e.g. the generation device).
+    pub fn register_fixed_mmio_device<D>(
+        &mut self,
+        base: u64,
+        size: u64,
+        device: Arc<Mutex<D>>,
+    ) -> Result<(), DeviceError>
+    where
+        D: MutDeviceMmio + Send + 'static,
+    {
+        let range = MmioRange::new(MmioAddress(base), size).map_err(DeviceError::Bus)?;
+        self.io
+            .register_mmio(range, device)
+            .map_err(DeviceError::Bus)
     }
 
     /// Puts a port-I/O device on `size` ports starting at `base`.

@@ -3,7 +3,7 @@
 //! irqfd, and a `virtio_mmio.device=` entry on the kernel command line.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
@@ -130,17 +130,38 @@ pub struct VirtioSnapshot {
     pub vsock: Option<TransportState<VsockState>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl VirtioDevices {
-    /// Captures every device (call with the vCPUs paused).
+/// The device transports, locked: no worker touches guest memory, a disk or a queue
+/// while this lives (a snapshot holds it until guest memory is written).
+pub struct QuietDevices<'a> {
+    blocks: Vec<MutexGuard<'a, MmioTransport<Block>>>,
+    vsock: Option<MutexGuard<'a, MmioTransport<Vsock>>>,
+}
+
+impl QuietDevices<'_> {
     pub fn save(&self) -> VirtioSnapshot {
         VirtioSnapshot {
-            blocks: self.blocks.iter().map(|t| lock(t).save()).collect(),
-            vsock: self.vsock.as_ref().map(|t| lock(t).save()),
+            blocks: self.blocks.iter().map(|t| t.save()).collect(),
+            vsock: self.vsock.as_ref().map(|t| t.save()),
         }
+    }
+}
+
+impl VirtioDevices {
+    /// Locks every transport (disks first, then vsock, always in this order).
+    pub fn quiesce(&self) -> QuietDevices<'_> {
+        QuietDevices {
+            blocks: self.blocks.iter().map(|t| lock(t)).collect(),
+            vsock: self.vsock.as_ref().map(|t| lock(t)),
+        }
+    }
+
+    /// Captures every device (call with the vCPUs paused).
+    pub fn save(&self) -> VirtioSnapshot {
+        self.quiesce().save()
     }
 
     /// Restores devices created from the same machine config; vsock connections are

@@ -446,6 +446,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = state.status;
         self.config_generation = state.config_generation;
         self.interrupt.set_status(state.interrupt_status);
+        // Buffers the driver queued before the snapshot (e.g. requests a rate limit held
+        // back) are served by the worker's next pass: the driver will not notify again.
+        self.pending_notify = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            .fold(0, |bits, (i, _)| bits | 1 << i);
+        if let Some(wake) = &self.wake {
+            let _ = wake.write(1);
+        }
         Ok(())
     }
 }
