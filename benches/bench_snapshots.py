@@ -7,7 +7,8 @@
   to the same point. Firecracker reports about 3 ms on bare metal for its restore.
 - clone density: 100 clones of one snapshot whose guest wrote all of its 64 MiB;
   RSS and PSS per clone from /proc/PID/smaps_rollup, idle (paused) and after running
-  a while, against one freshly booted VM that wrote the same memory (nothing shared).
+  2 s (a guest that keeps writing a page per round, and one that only loops), against
+  one freshly booted VM that wrote the same memory (nothing shared).
 - gVisor: restore through the backend against raw `runsc restore` of the same
   checkpoint, when the gVisor backend is available on this host.
 - warm pools: `POST /v1/sandboxes` when the pool has a ready sandbox (goal: p50 ≤ 2 ms)
@@ -130,11 +131,8 @@ def per_clone(pids: list[int]) -> dict[str, float]:
     }
 
 
-async def clone_density(work: Path) -> dict[str, Any]:
-    """The guest walks every page of RAM once (15872 pages: past the 4th dot) first."""
-    guest = build_probe_guest()
-    snap = work / "walk.snap"
-    await snapshot_when(guest, work, snap, "walk 100000000", "....")
+async def clones_of(snap: Path, work: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-clone memory of CLONES restores of `snap`: paused, then after running 2 s."""
     async with contextlib.AsyncExitStack() as stack:
         clones: list[VmmProcess] = []
         for i in range(CLONES):
@@ -149,24 +147,37 @@ async def clone_density(work: Path) -> dict[str, Any]:
         for vmm in clones:
             await vmm.resume()
         await anyio.sleep(2)
-        running = per_clone(pids)
+        return idle, per_clone(pids)
 
+
+async def clone_density(work: Path) -> dict[str, Any]:
+    """`walk` wrote all its RAM before the snapshot (every page once, 15872 pages by the
+    4th dot) and goes on writing a page per round after the restore: the worst case,
+    every clone copies what it writes. `spin` only loops: clones that mostly read."""
+    guest = build_probe_guest()
+    walk, spin = work / "walk.snap", work / "spin.snap"
+    await snapshot_when(guest, work / "w", walk, "walk 100000000", "....")
+    walk_idle, walk_running = await clones_of(walk, work / "walk-clones")
+    await snapshot_spinning(guest, work / "s", spin)
+    _, spin_running = await clones_of(spin, work / "spin-clones")
+    async with vmm_at(work / "fresh") as fresh:
         serial = work / "fresh.log"
-        fresh = await stack.enter_async_context(vmm_at(work / "fresh"))
         await fresh.configure(machine(guest, serial, "walk 100000000"))
         await fresh.start()
         await wait_for(serial, "....")
         alone = per_clone([fresh.process.pid])
     print(
         f"clone density ({CLONES} clones of a guest that wrote its {MEMORY_MIB} MiB): "
-        f"PSS per clone idle {idle['pss_mib']} MiB, running 2 s {running['pss_mib']} MiB | "
-        f"a fresh VM alone: PSS {alone['pss_mib']} MiB"
+        f"PSS per clone paused {walk_idle['pss_mib']} MiB, still writing after 2 s "
+        f"{walk_running['pss_mib']} MiB; {CLONES} clones of a spinning guest after 2 s "
+        f"{spin_running['pss_mib']} MiB | a fresh VM alone: PSS {alone['pss_mib']} MiB"
     )
     return {
         "clones": CLONES,
         "guest_memory_mib": MEMORY_MIB,
-        "per_clone_idle": idle,
-        "per_clone_after_running_2s": running,
+        "per_clone_idle": walk_idle,
+        "per_clone_after_running_2s": walk_running,
+        "per_clone_spinning_guest_after_2s": spin_running,
         "peer_fresh_vm_same_memory": alone,
     }
 

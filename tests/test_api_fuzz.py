@@ -1,6 +1,7 @@
-"""schemathesis against the live server with the real backend: no 5xx, every response
-as the OpenAPI document says (the committed run with more examples is
-docs/api-fuzzing.md)."""
+"""schemathesis against the live server with the real backend, every operation: no 5xx,
+every response as the OpenAPI document says, stateful sequences through its links (the
+committed run is docs/api-fuzzing.md). Deterministic: a fixed seed and few examples per
+operation, so it takes a couple of minutes."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from tartarus.enforcement.records import (
     Fury,
     LimitPolicy,
     LimitRule,
+    PeakUse,
 )
 from tartarus.enforcement.violations import QUARANTINE_AFTER, escalate, violation
 from tartarus.host.doctor import DoctorReport
@@ -48,9 +49,13 @@ def anyio_backend() -> str:
 class Events:
     def __init__(self) -> None:
         self.items: list[EnforcementEvent] = []
+        self.peaks: list[PeakUse] = []
 
     def event(self, event: EnforcementEvent) -> None:
         self.items.append(event)
+
+    def peak(self, peak: PeakUse) -> None:
+        self.peaks.append(peak)
 
 
 @pytest.fixture
@@ -153,6 +158,22 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
     assert event.action is Action.THROTTLE and "cannot throttle, so only warned" in event.detail
     assert manager.record(sandbox_id).state is SandboxState.RUNNING
     await manager.delete(sandbox_id)
+
+
+async def test_peak_use_is_reported_when_the_sandbox_ends(manager: SandboxManager) -> None:
+    sink = Events()
+    policy = LimitPolicy(memory=[LimitRule(share=0.5, action=Action.WARN)], cpu=[], interval_s=0.2)
+    furies = Furies(manager, policy, sink)
+    sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
+    await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
+    assert sink.peaks == []  # reported when the sandbox ends, not before
+    await manager.delete(sandbox_id)
+    await furies.watch_once()
+    (peak,) = sink.peaks
+    assert (peak.sandbox_id, peak.template, peak.tenant) == (sandbox_id, "base", "greedy")
+    assert peak.memory_share >= 0.5
+    await furies.watch_once()
+    assert len(sink.peaks) == 1  # once
 
 
 def test_megaera_quarantines_a_repeat_offender() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import anyio
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tartarus.host.doctor import DoctorReport
 from tartarus.scheduling.nodes import PlacementRules, Toleration
@@ -264,5 +265,44 @@ def test_draining_agent_leaves_and_its_queued_work_goes_elsewhere(
         refused = call(api, "POST", "/v1/sandboxes", SANDBOX)
         assert refused.status == 503 and "tartarus agent --join" in refused.json()["detail"]
         assert time.monotonic() - started < 60
+    finally:
+        stop_process(a)
+
+
+def enqueued(api: Server, lane: str) -> float:
+    text = call(api, "GET", "/metrics").body.decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tartarus_queue_enqueued_total" and sample.labels["lane"] == lane:
+                return float(sample.value)
+    return 0.0
+
+
+def test_heat_class_learns_from_history(api: Server, tmp_path: Path) -> None:
+    """A cold request (0.25 vCPU, 64 MiB: the swift lane) whose template's sandboxes
+    have used most of their memory is one class hotter next time: warm, the main lane."""
+    assert api.tcp_url is not None
+    warn = {"memory": [{"share": 0.8, "action": "warn"}], "cpu": [], "interval_s": 0.5}
+    config = fleet_config(tmp_path / "warn", limits=warn)
+    a = start_agent(tmp_path / "a", [api.tcp_url], "node-a", config=config)
+    try:
+        wait_for(lambda: "node-a" in nodes(api), what="node-a")
+        first = create(api)
+        assert (enqueued(api, "swift"), enqueued(api, "main")) == (1, 0)
+        hog = {"cmd": HOG.format(mib=56), "background": True}
+        assert call(api, "POST", f"/v1/sandboxes/{first['id']}/exec", hog).status == 202
+        # Tisiphone's warning says a sample saw at least 80 % of the limit.
+        wait_for(
+            lambda: call(api, "GET", f"/v1/events?sandbox={first['id']}").json()["items"],
+            what="a sample past 80 %",
+        )
+        assert call(api, "DELETE", f"/v1/sandboxes/{first['id']}").status == 204
+
+        def hotter() -> bool:
+            got = create(api)
+            assert call(api, "DELETE", f"/v1/sandboxes/{got['id']}").status == 204
+            return enqueued(api, "main") == 1
+
+        wait_for(hotter, what="the history to make the next one warm")
     finally:
         stop_process(a)

@@ -20,6 +20,7 @@ from tartarus.host.doctor import DoctorReport
 from tartarus.images.store import TemplateStore
 from tartarus.runtime.types import Backend
 from tartarus.sdk.client import Client
+from tartarus.sdk.errors import ConflictError, InvalidRequestError
 from tartarus.sdk.sandbox import Sandbox
 from tartarus.sdk.snapshots import Snapshots
 from tartarus.snapshots.catalog import SnapshotPurpose
@@ -184,3 +185,26 @@ async def test_template_snapshot_runs_the_warmup_and_fills_a_warm_pool(
     await snaps.set_pool("warm", 0)
     await snaps.delete(entry["id"])
     assert await snaps.list() == []
+
+
+async def test_backends_without_snapshots_and_bad_forks_are_refused(client: Client) -> None:
+    snaps = Snapshots(client, owns_client=False)
+    gvisor = await Sandbox.create("base", backend=Backend.GVISOR, client=client)
+    try:
+        for count in (0, 51):
+            with pytest.raises(InvalidRequestError, match="count"):
+                await gvisor.fork(count=count)
+    finally:
+        await gvisor.kill()
+    jail = await Sandbox.create("base", backend=Backend.JAIL, client=client)
+    try:
+        with pytest.raises(ConflictError) as e:
+            await jail.snapshot()
+        assert e.value.type.endswith("/not-supported") and "jail" in e.value.detail
+        with pytest.raises(ConflictError) as e:
+            await jail.fork(count=2)
+        assert e.value.type.endswith("/not-supported")
+        assert (await jail.commands.run("echo still here")).stdout.strip() == "still here"
+    finally:
+        await jail.kill()
+    assert await snaps.list() == [], "nothing half-made is left"

@@ -334,6 +334,9 @@ def test_policy_cli_and_api(tmp_path: Path) -> None:
         assert effective["spec"]["resources"]["max_sandboxes"] == 10
         history = json.loads(tartarus("history", "global", "--json").stdout)
         assert [v["comment"] for v in history] == ["", "more room", "rollback to version 1"]
+        # What does not exist is 404, not a validation error.
+        assert server.json("POST", "/v1/policies/global/rollback", {"version": 99}).status == 404
+        assert server.raw("DELETE", "/v1/policies/no-such").status == 404
         bad = tmp_path / "bad.yaml"
         bad.write_text("name: global\nspec: {resources: {max_sandbox: 3}}\n")
         assert tartarus("apply", str(bad)).returncode == 1

@@ -67,6 +67,15 @@ def test_openapi_document_is_valid_openapi_31(server: Server) -> None:
     # Every request type forbids unknown fields, so the schema says so too.
     create = doc["components"]["schemas"]["CreateSandboxRequest"]
     assert create.get("additionalProperties") is False
+    # Operations that need an id are linked from the ones that make it (OpenAPI links).
+    created = doc["paths"]["/v1/sandboxes"]["post"]["responses"]["201"]["links"]
+    assert created["exec_command"]["parameters"] == {"id": "$response.body#/id"}
+    assert "list_sandboxes" not in created
+    started = doc["paths"]["/v1/sandboxes/{id}/exec"]["post"]["responses"]["202"]["links"]
+    assert started["kill_process"]["parameters"] == {
+        "id": "$request.path.id",
+        "pid": "$response.body#/pid",
+    }
 
 
 def test_malformed_json_is_400(server: Server) -> None:

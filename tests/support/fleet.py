@@ -92,7 +92,10 @@ def start_agent(
     host: str = "127.0.0.1",
     prefix: tuple[str, ...] = (),
     config: Path | None = None,
+    credentials: Sequence[str] = ("--token", TOKEN),
 ) -> Server:
+    """Starts `tartarus agent`; `credentials`: how it authenticates (the fleet's token,
+    or `--ca/--cert/--key`)."""
     env = server_env(base, PYTHONPATH=str(REPO))
     if config is not None:
         env["TARTARUS_CONFIG"] = str(config)
@@ -101,7 +104,7 @@ def start_agent(
         # template is built from: fill its template store (state dir) first.
         anyio.run(build_base_template, Path(env["TARTARUS_STATE_DIR"]))
     args = [a for url in join for a in ("--join", url)]
-    args += ["--token", TOKEN, "--node-id", node_id, "--drain-timeout", "1"]
+    args += [*credentials, "--node-id", node_id, "--drain-timeout", "1"]
     args += ["--backend", "jail"]
     return start_server(
         base,

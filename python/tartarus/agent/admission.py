@@ -33,7 +33,12 @@ class Admitted(Protocol):
 
 
 class AdmissionHook(Protocol):
-    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted: ...
+    async def admit(
+        self, caller: Principal, request: CreateSandboxRequest, *, hold_as: str | None = None
+    ) -> Admitted:
+        """`hold_as`: a fleet's API server holds the tenant's quota share in shared state
+        under this sandbox id (and releases it there when the sandbox ends)."""
+        ...
 
     def ended(self, record: SandboxRecord) -> None: ...
 
@@ -52,7 +57,9 @@ class _Admitted:
 class AdmitAll:
     """No judges: every request is admitted as it is."""
 
-    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted:
+    async def admit(
+        self, caller: Principal, request: CreateSandboxRequest, *, hold_as: str | None = None
+    ) -> Admitted:
         return _Admitted(request)
 
     def ended(self, record: SandboxRecord) -> None:

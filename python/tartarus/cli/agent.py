@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import anyio
 import click
@@ -13,6 +14,7 @@ from tartarus.cli.output import emit_json
 from tartarus.config import load_settings
 from tartarus.endpoint import Endpoint
 from tartarus.errors import ConfigError
+from tartarus.fleet.join_credentials import JoinCredentials
 from tartarus.fleet.launch import AgentConfig, run_agent
 from tartarus.runtime.types import Backend
 from tartarus.scheduling.nodes import InvalidSpecError, parse_label, parse_taint
@@ -30,8 +32,28 @@ from tartarus.scheduling.nodes import InvalidSpecError, parse_label, parse_taint
 @click.option(
     "--token",
     envvar="TARTARUS_JOIN_TOKEN",
-    required=True,
-    help="The fleet's token (the API servers' TARTARUS_API_KEY) [env: TARTARUS_JOIN_TOKEN].",
+    default="",
+    help="The fleet's token (the API servers' TARTARUS_API_KEY) [env: TARTARUS_JOIN_TOKEN]; "
+    "not needed with --cert.",
+)
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TARTARUS_JOIN_CA",
+    help="CA of the API servers' TLS certificates (https:// URLs) [env: TARTARUS_JOIN_CA].",
+)
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TARTARUS_JOIN_CERT",
+    help="This agent's client certificate (`tartarus certs issue --agent NAME`): the agent "
+    "joins as that name, without a token [env: TARTARUS_JOIN_CERT].",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TARTARUS_JOIN_KEY",
+    help="The client certificate's key [env: TARTARUS_JOIN_KEY].",
 )
 @click.option(
     "--listen",
@@ -76,6 +98,9 @@ def agent_command(
     *,
     join: tuple[str, ...],
     token: str,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
     listen: str,
     advertise: str | None,
     node_id: str | None,
@@ -107,7 +132,7 @@ def agent_command(
     try:
         config = AgentConfig(
             join=list(join),
-            token=token,
+            credentials=JoinCredentials(token=token, ca=ca, cert=cert, key=key),
             listen=listen,
             advertise=advertise,
             node_id=node_id,

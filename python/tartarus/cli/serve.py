@@ -13,8 +13,8 @@ import click
 from tartarus.cli.output import emit_json
 from tartarus.config import load_settings
 from tartarus.endpoint import Endpoint
-from tartarus.fleet.launch import serve_fleet
-from tartarus.server.serve import ServeOptions, serve
+from tartarus.fleet.launch import serve_fleet, serve_host
+from tartarus.server.serve import ServeOptions
 
 
 @click.command("serve")
@@ -85,7 +85,7 @@ def serve_command(
     if state_url:
         anyio.run(lambda: serve_fleet(settings, options, state_url, on_ready=announce))
     else:
-        anyio.run(lambda: serve(settings, options, on_ready=announce))
+        anyio.run(lambda: serve_host(settings, options, on_ready=announce))
 
 
 def _detach() -> None:

@@ -6,7 +6,8 @@ as her event. Megaera is on the API servers: `violations`.)
 
 Each action is an `EnforcementEvent` in the node's outbox, reported to the fleet. A
 `quarantine` action kills the sandbox and flags its tenant, so its next sandboxes run
-only in the quarantine pool (Typhon).
+only in the quarantine pool (Typhon). When a sandbox ends, the most it used of what it
+asked for (`PeakUse`) goes to the fleet too: the history heat classes learn from.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ import logging
 from typing import Protocol, runtime_checkable
 
 import anyio
+import msgspec
 
 from tartarus.agent.manager import LiveSandbox, SandboxManager
-from tartarus.enforcement.records import Action, EnforcementEvent, Fury, LimitPolicy, LimitRule
+from tartarus.enforcement.records import (
+    Action,
+    EnforcementEvent,
+    Fury,
+    LimitPolicy,
+    LimitRule,
+    PeakUse,
+)
 from tartarus.runtime.types import SandboxState
 
 log = logging.getLogger(__name__)
@@ -28,6 +37,8 @@ STATS_TIMEOUT_S = 2.0
 
 class Sink(Protocol):
     def event(self, event: EnforcementEvent) -> None: ...
+
+    def peak(self, peak: PeakUse) -> None: ...
 
 
 @runtime_checkable
@@ -51,19 +62,29 @@ class Furies:
         self._cpu: dict[str, float] = {}
         self._oom_kills: dict[str, int] = {}
         self._fired: set[tuple[str, str, Action]] = set()
+        self._peaks: dict[str, PeakUse] = {}
 
     async def watch_forever(self) -> None:
         while True:
             await anyio.sleep(self.policy.interval_s)
-            live = self.manager.live_sandboxes()
-            current = {x.record.id for x in live}
-            self._cpu = {k: v for k, v in self._cpu.items() if k in current}
-            self._oom_kills = {k: v for k, v in self._oom_kills.items() if k in current}
-            for sandbox in live:
-                try:
-                    await self.check(sandbox)
-                except Exception:
-                    log.debug("could not check sandbox %s", sandbox.record.id, exc_info=True)
+            await self.watch_once()
+
+    async def watch_once(self) -> None:
+        live = self.manager.live_sandboxes()
+        self.forget_ended({x.record.id for x in live})
+        for sandbox in live:
+            try:
+                await self.check(sandbox)
+            except Exception:
+                log.debug("could not check sandbox %s", sandbox.record.id, exc_info=True)
+
+    def forget_ended(self, current: set[str]) -> None:
+        """Drops what was kept about sandboxes that ended, and reports their peak use."""
+        self._cpu = {k: v for k, v in self._cpu.items() if k in current}
+        self._oom_kills = {k: v for k, v in self._oom_kills.items() if k in current}
+        self._fired = {f for f in self._fired if f[0] in current}
+        for sandbox_id in [k for k in self._peaks if k not in current]:
+            self.sink.peak(self._peaks.pop(sandbox_id))
 
     async def check(self, live: LiveSandbox) -> None:
         with anyio.fail_after(STATS_TIMEOUT_S):
@@ -78,6 +99,7 @@ class Furies:
             if last is not None
             else 0.0
         )
+        self._note_peak(live, cpu_share, memory_share)
         if stats.oom_kills > self._oom_kills.get(record.id, 0):
             new = stats.oom_kills - self._oom_kills.get(record.id, 0)
             self._oom_kills[record.id] = stats.oom_kills
@@ -95,6 +117,17 @@ class Furies:
             if rule is not None and (record.id, metric, rule.action) not in self._fired:
                 self._fired.add((record.id, metric, rule.action))
                 await self.act(live, metric, share, rule.action)
+
+    def _note_peak(self, live: LiveSandbox, cpu_share: float, memory_share: float) -> None:
+        record = live.record
+        peak = self._peaks.get(record.id) or PeakUse(
+            sandbox_id=record.id, template=record.template, tenant=record.tenant
+        )
+        self._peaks[record.id] = msgspec.structs.replace(
+            peak,
+            cpu_share=max(peak.cpu_share, cpu_share),
+            memory_share=max(peak.memory_share, memory_share),
+        )
 
     async def act(self, live: LiveSandbox, metric: str, share: float, action: Action) -> None:
         record = live.record

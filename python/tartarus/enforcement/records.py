@@ -68,6 +68,17 @@ class EnforcementEvent(msgspec.Struct, kw_only=True, frozen=True):
     id: str = ""
 
 
+class PeakUse(msgspec.Struct, kw_only=True, frozen=True):
+    """The most a sandbox used of what it asked for (shares of its vCPUs and memory
+    limit, as Tisiphone sampled them), reported when it ends: Phlegethon's history."""
+
+    sandbox_id: str
+    template: str
+    tenant: str = ""
+    cpu_share: float = 0.0
+    memory_share: float = 0.0
+
+
 class LimitRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # The share of the sandbox's limit (memory limit; vCPUs for CPU) that triggers it.
     share: Annotated[float, Meta(gt=0)]

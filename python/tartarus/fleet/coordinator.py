@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
@@ -41,7 +42,7 @@ from tartarus.fleet.state import FleetState
 from tartarus.fleet.wire import Job, NodeReport, WorkDone
 from tartarus.queue import Lane, Message, QueueFullError
 from tartarus.runtime.types import SandboxState
-from tartarus.scheduling.heat import classify, default_lane
+from tartarus.scheduling.heat import classify, default_lane, hottest
 from tartarus.scheduling.nodes import Placement, PlacementRules, Reservation
 from tartarus.scheduling.scheduler import NoNodeFitsError, schedule
 from tartarus.server.problems import PROBLEM_MEDIA, ApiError, not_found
@@ -71,12 +72,19 @@ def _end(record: SandboxRecord, state: SandboxState, detail: str) -> SandboxReco
 
 
 class Coordinator:
-    def __init__(self, state: FleetState, settings: FleetSettings, *, join_token: str) -> None:
+    def __init__(
+        self,
+        state: FleetState,
+        settings: FleetSettings,
+        *,
+        join_token: str,
+        node_tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.state = state
         self.settings = settings
         self.join_token = join_token
         self.server_id = f"api-{secrets.token_hex(4)}"
-        self.proxy = NodeProxy(join_token)
+        self.proxy = NodeProxy(join_token, node_tls)
         self.metrics = FleetMetrics(self)
         # The server's Judges (set when the server starts; all admitted until then).
         self.admission: AdmissionHook = AdmitAll()
@@ -91,6 +99,7 @@ class Coordinator:
                 tg.start_soon(self._forever, self.schedule_once, f"{self.server_id}-{worker}")
             tg.start_soon(self._every, self.settings.heartbeat_ttl_s / 2, self.reap)
             tg.start_soon(self._every, 60.0, self.purge)
+            tg.start_soon(self._every, 30.0, self.settle_quota)
             tg.start_soon(self._every, 2.0, self.metrics.refresh)
             if isinstance(self.state.book, RedisBook):
                 tg.start_soon(self._forever, self._listen)
@@ -145,6 +154,31 @@ class Coordinator:
         except Exception:
             log.exception("could not record an error in the error stream: %s", message)
 
+    async def _update(
+        self, sandbox_id: str, change: Callable[[SandboxRecord], SandboxRecord | None]
+    ) -> SandboxRecord | None:
+        """Every change of a fleet record goes through here: when the record has ended,
+        its tenant's quota share is given back (on every path that ends a sandbox)."""
+        stored = await self.state.book.update(sandbox_id, change)
+        if stored is not None and not stored.live:
+            await self.state.quota.release(stored.tenant, stored.id)
+        return stored
+
+    async def settle_quota(self, grace_s: float = 60.0) -> int:
+        """Gives back holds whose sandbox ended or was never recorded (a server that
+        died between admitting and recording); returns how many."""
+        released = 0
+        cutoff = time.time() - grace_s
+        for tenant, holds in (await self.state.quota.holds()).items():
+            for sandbox_id, held in holds.items():
+                record = await self.state.book.get(sandbox_id)
+                if (record is None and held.since < cutoff) or (
+                    record is not None and not record.live
+                ):
+                    await self.state.quota.release(tenant, sandbox_id)
+                    released += 1
+        return released
+
     # --- creating -----------------------------------------------------------------------
 
     async def create(
@@ -158,12 +192,18 @@ class Coordinator:
             claimed = await book.claim_key(key, fingerprint(request))
             if claimed is not None:
                 return await self._replay(key, request, *claimed), True
+        sandbox_id = new_sandbox_id()
         try:
-            # The Judges (policy rules, template defaults, audit) decide here; the hold is
-            # let go once the request is queued: quotas are per API server for now.
-            admitted = await self.admission.admit(caller, request)
-            admitted.release()
-            record = await self._enqueue(admitted.request, caller)
+            # The Judges (policy rules, template defaults, audit) decide here; the quota
+            # share is held fleet-wide under the sandbox's id until its record ends.
+            admitted = await self.admission.admit(caller, request, hold_as=sandbox_id)
+            admitted.release()  # a local hold, if any: the shared one counts
+            try:
+                record = await self._enqueue(admitted.request, caller, sandbox_id)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.state.quota.release(caller.tenant, sandbox_id)
+                raise
         except BaseException:
             if key is not None:
                 with anyio.CancelScope(shield=True):
@@ -201,16 +241,21 @@ class Coordinator:
         subjects += [f"group:{g}" for g in groups]
         return any(s in flagged for s in subjects if not s.endswith(":"))
 
-    async def _enqueue(self, request: CreateSandboxRequest, caller: Principal) -> SandboxRecord:
+    async def _enqueue(
+        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
+    ) -> SandboxRecord:
         tenant = caller.tenant
         registry = self.state.registry
-        history = await registry.heat_history(f"template:{request.template}")
-        heat = classify(request.resources.to_runtime(), history)
+        histories = [
+            await registry.heat_history(f"template:{request.template}"),
+            await registry.heat_history(f"tenant:{tenant}"),
+        ]
+        heat = classify(request.resources.to_runtime(), hottest(histories))
         rules = request.placement or PlacementRules()
         lane = Lane(rules.lane) if rules.lane else default_lane(heat)
         record = await self.state.book.insert(
             SandboxRecord(
-                id=new_sandbox_id(),
+                id=sandbox_id,
                 template=request.template,
                 backend=request.backend,
                 requested_backend=request.backend,
@@ -240,7 +285,7 @@ class Coordinator:
             await self.state.lanes.put(_encode(job), lane)
         except QueueFullError as e:
             refused = f"refused: {e}"
-            await self.state.book.update(record.id, lambda r: _end(r, SandboxState.FAILED, refused))
+            await self._update(record.id, lambda r: _end(r, SandboxState.FAILED, refused))
             await self.error(ErrorCategory.QUEUE, str(e), sandbox_id=record.id)
             raise ApiError(429, "queue-full", str(e), headers={"Retry-After": "1"}) from e
         self.metrics.enqueued.labels(lane.value).inc()
@@ -333,7 +378,7 @@ class Coordinator:
                     extended = anyio.current_time()
                 await anyio.sleep(0.2)
         self.metrics.decisions.observe(time.perf_counter() - started)
-        placed = await self.state.book.update(
+        placed = await self._update(
             job.sandbox_id,
             lambda r: (
                 msgspec.structs.replace(
@@ -359,7 +404,7 @@ class Coordinator:
         )
 
     async def _unschedulable(self, message: Message, job: Job, reason: str) -> None:
-        await self.state.book.update(
+        await self._update(
             job.sandbox_id, lambda r: _end(r, SandboxState.FAILED, reason) if r.live else None
         )
         await self.state.lanes.bury(message, reason)
@@ -370,7 +415,7 @@ class Coordinator:
     async def apply(self, node_id: str, reported: SandboxRecord) -> SandboxRecord | None:
         """Takes a node's view of one of its sandboxes; ignored unless the fleet placed it
         there and still thinks it is live (a node cut off and declared lost is fenced)."""
-        stored = await self.state.book.update(
+        stored = await self._update(
             reported.id,
             lambda r: node_owned(r, reported) if r.node == node_id and r.live else None,
         )
@@ -402,6 +447,10 @@ class Coordinator:
         for err in report.errors:
             self.metrics.errors.labels(err.category.value).inc()
             await self.state.errors.append(msgspec.structs.replace(err, node_id=node_id))
+        for peak in report.peaks:
+            # Phlegethon learns: the template's and the tenant's history of use.
+            for subject in (f"template:{peak.template}", f"tenant:{peak.tenant}"):
+                await self.state.registry.record_heat(subject, peak.cpu_share, peak.memory_share)
 
     async def violation(self, sandbox_id: str, detail: str) -> EnforcementEvent:
         """Megaera: records a policy violation; enough of them quarantine the tenant."""
@@ -444,7 +493,7 @@ class Coordinator:
             await self._reschedule(job, reason)
         for record in await self.state.book.on_node(node_id):
             await self.state.registry.release(record.id)
-            failed = await self.state.book.update(
+            failed = await self._update(
                 record.id,
                 lambda r: (
                     _end(r, SandboxState.FAILED, f"lost: {reason}")
@@ -464,7 +513,7 @@ class Coordinator:
         await self.state.registry.release(job.sandbox_id)
         if job.reschedules >= self.settings.max_reschedules:
             detail = f"gave up after {job.reschedules} reschedules; last: {reason}"
-            await self.state.book.update(
+            await self._update(
                 job.sandbox_id, lambda r: _end(r, SandboxState.FAILED, detail) if r.live else None
             )
             await self.error(ErrorCategory.SCHEDULING, detail, sandbox_id=job.sandbox_id)
@@ -474,7 +523,7 @@ class Coordinator:
             reschedules=job.reschedules + 1,
             place_by=time.time() + self.settings.placement_timeout_s,
         )
-        moved = await self.state.book.update(
+        moved = await self._update(
             job.sandbox_id,
             lambda r: (
                 msgspec.structs.replace(
@@ -492,9 +541,7 @@ class Coordinator:
             await self.state.lanes.put(_encode(again), job.lane)
         except QueueFullError as e:
             detail = f"{reason}; then {e}"
-            await self.state.book.update(
-                job.sandbox_id, lambda r: _end(r, SandboxState.FAILED, detail)
-            )
+            await self._update(job.sandbox_id, lambda r: _end(r, SandboxState.FAILED, detail))
             await self.error(ErrorCategory.QUEUE, str(e), sandbox_id=job.sandbox_id)
 
     async def purge(self) -> None:
@@ -532,7 +579,7 @@ class Coordinator:
                 "sandbox-not-running",
                 f"sandbox {sandbox_id} runs on node {record.node}, which is not reachable",
             )
-        return await self.proxy.forward(request, node.spec.address, node.id)
+        return await self.proxy.forward(request, node)
 
     async def delete(self, request: web.Request, sandbox_id: str) -> web.StreamResponse:
         record = await self.record(sandbox_id)
@@ -540,15 +587,13 @@ class Coordinator:
             return web.Response(status=204)
         node = await self.state.registry.node(record.node) if record.node else None
         if node is not None and record.state is not SandboxState.CREATED:
-            status, body = await self.proxy.call(
-                "DELETE", node.spec.address, request.rel_url.path_qs, node.id
-            )
+            status, body = await self.proxy.call("DELETE", node, request.rel_url.path_qs)
             if status >= 400 and status not in (404, 409):
                 return web.Response(status=status, body=body, content_type=PROBLEM_MEDIA)
         detail = "deleted" if node is not None else "deleted (its node was not reachable)"
         if record.state is SandboxState.CREATED:
             detail = "deleted before it started"
-        await self.state.book.update(
+        await self._update(
             sandbox_id, lambda r: _end(r, SandboxState.STOPPED, detail) if r.live else None
         )
         if node is None or record.state is SandboxState.CREATED:

@@ -1,5 +1,6 @@
-"""Starts the two fleet processes: an API server over shared state (`serve --state`) and a
-node agent (`tartarus agent`). Both are `tartarus serve` with a plugin."""
+"""Starts the two fleet processes, an API server over shared state (`serve --state`) and a
+node agent (`tartarus agent`), and a single-host `tartarus serve`: all three are
+`tartarus serve` with plugins (every one serves `/metrics`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.agent.provider import HostRuntimes
+from tartarus.auth.tls import client_context
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
 from tartarus.errors import ConfigError
 from tartarus.fleet.coordinator import Coordinator
+from tartarus.fleet.host_metrics import CountingStore, HostMetrics, MetricsPlugin
 from tartarus.fleet.host_usage import host_cpus, host_memory_mib
+from tartarus.fleet.join_credentials import JoinCredentials
 from tartarus.fleet.node_agent import AgentOptions, NodeAgent, Outbox, ReportingStore
 from tartarus.fleet.routes import FleetPlugin
 from tartarus.fleet.state import FleetState, open_state
@@ -70,15 +74,39 @@ async def serve_fleet(
         state_url, lanes=fleet.lanes, inbox=fleet.inbox, heartbeat_ttl_s=fleet.heartbeat_ttl_s
     ) as state:
         await state.ping()
-        coordinator = Coordinator(state, fleet, join_token=options.api_key or "")
+        tls = settings.auth.tls
+        coordinator = Coordinator(
+            state,
+            fleet,
+            join_token=options.api_key or "",
+            # Nodes that serve https have certificates from the fleet's CA.
+            node_tls=client_context(tls.client_ca) if tls and tls.client_ca else None,
+        )
         await serve(
             settings,
             options,
             provider=FleetBackends(settings, state),
-            plugins=[FleetPlugin(coordinator)],
+            plugins=[FleetPlugin(coordinator), MetricsPlugin(coordinator.metrics)],
             on_ready=on_ready,
             stop=stop,
         )
+
+
+async def serve_host(
+    settings: Settings,
+    options: ServeOptions,
+    *,
+    on_ready: Callable[[list[Endpoint]], None] | None = None,
+) -> None:
+    """A single-host `tartarus serve`, with its host's metrics at `/metrics`."""
+    metrics = HostMetrics()
+    await serve(
+        settings,
+        options,
+        plugins=[MetricsPlugin(metrics)],
+        open_store=lambda path: CountingStore(path, metrics),
+        on_ready=on_ready,
+    )
 
 
 def node_id(settings: Settings, given: str | None) -> str:
@@ -104,7 +132,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything `tartarus agent` is told on its command line."""
 
     join: list[str]
-    token: str
+    credentials: JoinCredentials
     # HOST:PORT of the node's own API (exec, files and logs are forwarded there).
     listen: str
     # The URL API servers use to reach it (default: the listening address).
@@ -130,12 +158,21 @@ async def run_agent(
     on_ready: Callable[[list[Endpoint]], None] | None = None,
     stop: anyio.Event | None = None,
 ) -> None:
-    if not config.token:
-        raise ConfigError("a node agent needs the fleet's token: --token or TARTARUS_JOIN_TOKEN")
+    config.credentials.check()
+    # The key API servers use on this node's own API: the fleet's token, or (an agent
+    # that joins by certificate knows none) one made now and handed over at the join.
+    token = config.credentials.token
+    node_key = token or secrets.token_urlsafe(32)
+    named = config.credentials.certificate_name()
+    if named is not None and config.node_id not in (None, named):
+        raise ConfigError(
+            f"--node-id {config.node_id} differs from the certificate's name {named}: "
+            "an agent joins as the node its certificate names"
+        )
     provider = HostRuntimes(settings, only=config.backends)
     backends = config.backends or await available_backends(provider)
     spec = NodeSpec(
-        id=node_id(settings, config.node_id),
+        id=node_id(settings, config.node_id or named),
         address=config.advertise or "",
         capacity=NodeCapacity(
             vcpus=config.vcpus or host_cpus(),
@@ -147,12 +184,14 @@ async def run_agent(
         taints=config.taints,
         pool=config.pool,
         version=__version__,
+        access_key="" if token else node_key,
     )
     outbox = Outbox()
+    metrics = HostMetrics(spec.id, spec.pool)
     agent = NodeAgent(
         AgentOptions(
             join=config.join,
-            token=config.token,
+            credentials=config.credentials,
             concurrency=config.concurrency,
             drain_timeout_s=config.drain_timeout_s,
             limits=settings.fleet.limits,
@@ -176,13 +215,13 @@ async def run_agent(
         settings,
         ServeOptions(
             tcp=config.listen,
-            api_key=config.token,
+            api_key=node_key,
             grace_s=config.grace_s,
             socket=settings.runtime_dir / f"agent-{spec.id}.sock",
         ),
         provider=provider,
-        plugins=[agent],
-        open_store=lambda path: ReportingStore(path, outbox, spec.id),
+        plugins=[agent, MetricsPlugin(metrics)],
+        open_store=lambda path: ReportingStore(path, metrics, outbox, spec.id),
         timeout_grace_s=TIMEOUT_GRACE_S,
         on_ready=announce,
         stop=stop,

@@ -1,6 +1,7 @@
 """Scaler metrics: per-node CPU and memory utilisation, queue depth per lane, launch and
-error counts. Served as Prometheus text at `/metrics` (prometheus-client) and as JSON at
-`/v1/fleet/metrics` for the scaler (Persephone).
+error counts. Served as Prometheus text at `/metrics` (prometheus-client) and, on a
+fleet's API servers, as JSON at `/v1/fleet/metrics` for the scaler (Persephone). A
+single host serves the same names (`tartarus.fleet.host_metrics`).
 
 Gauges come from a snapshot refreshed every couple of seconds (the registry and queue
 are read asynchronously; a scrape only renders). Counters count what this API server
@@ -16,6 +17,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tartarus.queue import Lane, LaneDepth
+from tartarus.scheduling.nodes import NodeUsage
 
 if TYPE_CHECKING:
     from tartarus.fleet.coordinator import Coordinator
@@ -55,9 +57,12 @@ def _total(counter: Counter) -> int:
     )
 
 
-class FleetMetrics:
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coordinator = coordinator
+class Instruments:
+    """The metrics every server exposes at `/metrics`, in one registry: a fleet's API
+    servers, node agents and a single-host `tartarus serve` alike (same names, so one
+    dashboard reads them all)."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.launches = Counter(
@@ -102,6 +107,27 @@ class FleetMetrics:
             ["node", "pool"],
             registry=r,
         )
+
+    def set_node(self, node_id: str, pool: str, usage: NodeUsage, reserved_ratio: float) -> None:
+        labels = (node_id, pool)
+        self.node_cpu.labels(*labels).set(usage.cpu_utilisation)
+        self.node_memory.labels(*labels).set(usage.memory_utilisation)
+        self.node_sandboxes.labels(*labels).set(usage.sandboxes)
+        self.node_reserved.labels(*labels).set(reserved_ratio)
+
+    def set_depth(self, depth: dict[Lane, LaneDepth]) -> None:
+        for lane, d in depth.items():
+            self.queue_depth.labels(lane.value, "waiting").set(d.waiting)
+            self.queue_depth.labels(lane.value, "in_flight").set(d.in_flight)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class FleetMetrics(Instruments):
+    def __init__(self, coordinator: Coordinator) -> None:
+        super().__init__()
+        self._coordinator = coordinator
         self.snapshot = ScalerMetrics(at=0.0, nodes=[], queue={}, launches=0, errors=0)
 
     async def refresh(self) -> None:
@@ -112,12 +138,8 @@ class FleetMetrics:
             gauge.clear()
         out = []
         for node in nodes:
-            labels = (node.id, node.spec.pool)
             cap = node.spec.capacity
-            self.node_cpu.labels(*labels).set(node.usage.cpu_utilisation)
-            self.node_memory.labels(*labels).set(node.usage.memory_utilisation)
-            self.node_sandboxes.labels(*labels).set(node.usage.sandboxes)
-            self.node_reserved.labels(*labels).set(node.reserved_vcpus / cap.vcpus)
+            self.set_node(node.id, node.spec.pool, node.usage, node.reserved_vcpus / cap.vcpus)
             out.append(
                 NodeMetrics(
                     id=node.id,
@@ -132,9 +154,7 @@ class FleetMetrics:
                     capacity_memory_mib=cap.memory_mib,
                 )
             )
-        for lane, d in depth.items():
-            self.queue_depth.labels(lane.value, "waiting").set(d.waiting)
-            self.queue_depth.labels(lane.value, "in_flight").set(d.in_flight)
+        self.set_depth(depth)
         self.snapshot = ScalerMetrics(
             at=time.time(),
             nodes=out,
@@ -142,6 +162,3 @@ class FleetMetrics:
             launches=_total(self.launches),
             errors=_total(self.errors),
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

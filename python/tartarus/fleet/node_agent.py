@@ -32,7 +32,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tartarus.agent.manager import SandboxManager
-from tartarus.agent.store import SandboxRecord, Store
+from tartarus.agent.store import SandboxRecord
 from tartarus.auth.principal import SYSTEM
 from tartarus.enforcement.furies import Furies
 from tartarus.enforcement.records import (
@@ -41,8 +41,11 @@ from tartarus.enforcement.records import (
     ErrorRecord,
     Fury,
     LimitPolicy,
+    PeakUse,
 )
+from tartarus.fleet.host_metrics import CountingStore, HostMetrics
 from tartarus.fleet.host_usage import HostUsage
+from tartarus.fleet.join_credentials import ClientTls, JoinCredentials
 from tartarus.fleet.wire import (
     Heartbeat,
     Job,
@@ -78,6 +81,7 @@ class Outbox:
         self.records: dict[str, SandboxRecord] = {}
         self.events: list[EnforcementEvent] = []
         self.errors: list[ErrorRecord] = []
+        self.peaks: list[PeakUse] = []
         self._ready: anyio.Event | None = None
 
     def _wake(self) -> None:
@@ -98,8 +102,12 @@ class Outbox:
         self.errors.append(error)
         self._wake()
 
+    def peak(self, peak: PeakUse) -> None:
+        self.peaks.append(peak)
+        self._wake()
+
     def __bool__(self) -> bool:
-        return bool(self.records or self.events or self.errors)
+        return bool(self.records or self.events or self.errors or self.peaks)
 
     async def wait(self) -> None:
         while not self:
@@ -110,7 +118,10 @@ class Outbox:
     def take(self) -> NodeReport:
         records = list(self.records.values())[:REPORT_BATCH]
         return NodeReport(
-            records=records, events=self.events[:REPORT_BATCH], errors=self.errors[:REPORT_BATCH]
+            records=records,
+            events=self.events[:REPORT_BATCH],
+            errors=self.errors[:REPORT_BATCH],
+            peaks=self.peaks[:REPORT_BATCH],
         )
 
     def sent(self, report: NodeReport) -> None:
@@ -119,13 +130,15 @@ class Outbox:
                 del self.records[r.id]
         del self.events[: len(report.events)]
         del self.errors[: len(report.errors)]
+        del self.peaks[: len(report.peaks)]
 
 
-class ReportingStore(Store):
-    """The node's own SQLite store, which also hands every change to the outbox."""
+class ReportingStore(CountingStore):
+    """The node's own SQLite store, which also hands every change to the outbox (and
+    counts launches for the node's `/metrics`)."""
 
-    def __init__(self, path: Path, outbox: Outbox, node_id: str) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, metrics: HostMetrics, outbox: Outbox, node_id: str) -> None:
+        super().__init__(path, metrics)
         self.outbox = outbox
         self.node_id = node_id
 
@@ -155,7 +168,7 @@ class ReportingStore(Store):
 
 class AgentOptions(msgspec.Struct, frozen=True, kw_only=True):
     join: list[str]
-    token: str
+    credentials: JoinCredentials
     # Sandboxes created at once.
     concurrency: int = 8
     drain_timeout_s: float = 30.0
@@ -179,6 +192,7 @@ class NodeAgent:
         self._url_index = 0
         self._session: aiohttp.ClientSession | None = None
         self._usage = HostUsage()
+        self._tls = ClientTls(options.credentials)
         self._joined = anyio.Event()
         self._heartbeat_s = 1.0
 
@@ -203,19 +217,32 @@ class NodeAgent:
     def _next_server(self) -> None:
         self._url_index += 1
 
+    async def _client(self) -> aiohttp.ClientSession:
+        """The session to the API servers, made again when the agent's certificate files
+        change (a renewed certificate is used from the next request on)."""
+        if self._session is not None and self._tls.changed():
+            await self._session.close()
+            self._session = None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=5.0),
+                connector=aiohttp.TCPConnector(ssl=self._tls.context() or True),
+            )
+        return self._session
+
     async def _call(
         self, method: str, path: str, body: Any = None, reply: type[T] | None = None
     ) -> T | None:
         """One request to the current API server; raises FleetUnreachableError (and moves
         to the next server) when it cannot be reached or fails, KeyError on 404."""
-        assert self._session is not None
+        session = await self._client()
         try:
-            async with self._session.request(
+            async with session.request(
                 method,
                 self._base + path,
                 data=None if body is None else _encode(body),
                 headers={
-                    "Authorization": f"Bearer {self.options.token}",
+                    **self.options.credentials.headers(),
                     "Content-Type": "application/json",
                 },
             ) as response:
@@ -227,9 +254,9 @@ class NodeAgent:
                         f"{method} {path}: HTTP {response.status}: {raw[:300]!r}"
                     )
                 return None if reply is None else msgspec.json.decode(raw, type=reply)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
             self._next_server()
-            raise FleetUnreachableError(f"{method} {path}: {e}") from e
+            raise FleetUnreachableError(f"{method} {path}: {e}{self._tls.hint()}") from e
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Retries `call` with backoff until it gets through (a network cut ends)."""
@@ -249,9 +276,7 @@ class NodeAgent:
     @asynccontextmanager
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
         del app
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S, sock_connect=5.0)
-        )
+        await self._client()
         furies = Furies(manager, self.options.limits, self.outbox)
         try:
             async with anyio.create_task_group() as tg:
@@ -268,7 +293,8 @@ class NodeAgent:
                         await self._drain(manager)
                     tg.cancel_scope.cancel()
         finally:
-            await self._session.close()
+            if self._session is not None:
+                await self._session.close()
 
     async def _stay_joined(self, manager: SandboxManager) -> None:
         await self._listening.wait()

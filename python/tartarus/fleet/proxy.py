@@ -3,7 +3,8 @@
 A node agent serves the same `/v1` API as a single-host server (it is one, with its own
 embedded node agent), so forwarding is plain HTTP: the method, path, query and body go
 as they came, streamed both ways (exec output, SSE logs, file transfers), with the
-node's credentials in place of the client's. WebSocket exec and attach are relayed
+node's credentials in place of the client's (the key the node gave when it joined, or
+the fleet's token). WebSocket exec and attach are relayed
 frame by frame.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 
 import aiohttp
 import anyio
 from aiohttp import WSMsgType, web
 
+from tartarus.scheduling.nodes import NodeState
 from tartarus.server.problems import ApiError
 
 log = logging.getLogger(__name__)
@@ -44,14 +47,19 @@ def _headers(request_headers: object) -> dict[str, str]:
 
 
 class NodeProxy:
-    def __init__(self, token: str) -> None:
+    """`tls`: how to check nodes that serve https (the fleet's CA, `[auth.tls]
+    client_ca`, which also signs the nodes' own certificates)."""
+
+    def __init__(self, token: str, tls: ssl.SSLContext | None = None) -> None:
         self._token = token
+        self._tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+                connector=aiohttp.TCPConnector(ssl=self._tls or True),
                 auto_decompress=False,
                 max_line_size=32 << 20,
                 max_field_size=1 << 16,
@@ -62,11 +70,15 @@ class NodeProxy:
         if self._session is not None:
             await self._session.close()
 
+    def _auth(self, node: NodeState) -> str:
+        return f"Bearer {node.spec.access_key or self._token}"
+
     async def call(
-        self, method: str, base_url: str, path_qs: str, node_id: str, *, json: bytes | None = None
+        self, method: str, node: NodeState, path_qs: str, *, json: bytes | None = None
     ) -> tuple[int, bytes]:
         """One request to a node, answered in full: (status, body)."""
-        headers = {"Authorization": f"Bearer {self._token}"}
+        base_url, node_id = node.spec.address, node.id
+        headers = {"Authorization": self._auth(node)}
         if json is not None:
             headers["Content-Type"] = "application/json"
         try:
@@ -82,13 +94,12 @@ class NodeProxy:
                 headers={"Retry-After": "2"},
             ) from e
 
-    async def forward(
-        self, request: web.Request, base_url: str, node_id: str
-    ) -> web.StreamResponse:
+    async def forward(self, request: web.Request, node: NodeState) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request, base_url, node_id)
+            return await self._websocket(request, node)
+        base_url, node_id = node.spec.address, node.id
         headers = _headers(request.headers)
-        headers["Authorization"] = f"Bearer {self._token}"
+        headers["Authorization"] = self._auth(node)
         body = request.content.iter_chunked(CHUNK) if request.body_exists else None
         try:
             upstream = await self._client().request(
@@ -122,13 +133,12 @@ class NodeProxy:
                 await response.write_eof()
             return response
 
-    async def _websocket(
-        self, request: web.Request, base_url: str, node_id: str
-    ) -> web.StreamResponse:
+    async def _websocket(self, request: web.Request, node: NodeState) -> web.StreamResponse:
+        node_id = node.id
         try:
             upstream = await self._client().ws_connect(
-                base_url + request.rel_url.path_qs,
-                headers={"Authorization": f"Bearer {self._token}"},
+                node.spec.address + request.rel_url.path_qs,
+                headers={"Authorization": self._auth(node)},
                 max_msg_size=1 << 22,
             )
         except aiohttp.ClientError as e:

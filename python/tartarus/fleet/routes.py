@@ -5,9 +5,11 @@
   runs the sandbox. The request and response types are the single-host ones, so clients
   cannot tell one host from many.
 - `/v1/nodes/...`: node agents join, heartbeat, pull work and report (they authenticate
-  like any client: the server's API key as a bearer token).
+  with the server's API key as a bearer token, or with a client certificate naming the
+  node: such an agent may act for that node only).
 - Operators: nodes, queue depth and dead letters, the error stream (Cocytus), enforcement
-  events, the quarantine list, scaler metrics, and Prometheus text at `/metrics`.
+  events, the quarantine list, scaler metrics (Prometheus text at `/metrics` comes from
+  `host_metrics`, as on every server).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tartarus.fleet.wire import (
     WorkRequest,
     WorkVerdict,
 )
+from tartarus.policy.judges import Judges
 from tartarus.queue import DeadLetter, Lane, LaneDepth, Message
 from tartarus.scheduling.nodes import NodeSpec, NodeState
 from tartarus.server.access import SANDBOX_TENANTS, SHARED, principal_of, register_owner
@@ -52,7 +55,6 @@ from tartarus.server.routes.sandboxes import (
 from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 nodes = RouteTable()
 operators = RouteTable()
@@ -166,8 +168,8 @@ async def join_node(request: web.Request) -> web.StreamResponse:
 )
 async def node_heartbeat(request: web.Request) -> web.StreamResponse:
     """404 means the fleet forgot the node (its TTL ran out): it must join again."""
-    beat = await read_json(request, Heartbeat)
     node_id = node_of(request)
+    beat = await read_json(request, Heartbeat)
     if not await coordinator(request).state.registry.heartbeat(
         node_id, beat.usage, draining=beat.draining
     ):
@@ -188,8 +190,8 @@ async def node_heartbeat(request: web.Request) -> web.StreamResponse:
 async def take_work(request: web.Request) -> web.StreamResponse:
     """Waits up to `wait_s` for the first item of the node's inbox, then takes what else
     is there (up to `max`)."""
-    ask = await read_json(request, WorkRequest)
     node_id = node_of(request)
+    ask = await read_json(request, WorkRequest)
     coord = coordinator(request)
     if await coord.state.registry.node(node_id) is None:
         raise not_found(f"node {node_id} (join again)")
@@ -214,8 +216,9 @@ async def take_work(request: web.Request) -> web.StreamResponse:
     permission=NODE_AGENT,
 )
 async def work_done(request: web.Request) -> web.StreamResponse:
+    node_id = node_of(request)
     done = await read_json(request, WorkDone)
-    keep = await coordinator(request).work_done(node_of(request), done)
+    keep = await coordinator(request).work_done(node_id, done)
     return reply(WorkVerdict(keep=keep))
 
 
@@ -230,8 +233,9 @@ async def work_done(request: web.Request) -> web.StreamResponse:
 )
 async def node_report(request: web.Request) -> web.StreamResponse:
     """Sandbox state changes, enforcement events and errors the node saw, oldest first."""
+    node_id = node_of(request)
     report = await read_json(request, NodeReport)
-    await coordinator(request).report(node_of(request), report)
+    await coordinator(request).report(node_id, report)
     return web.Response(status=204)
 
 
@@ -269,7 +273,10 @@ class NodeList(msgspec.Struct, kw_only=True):
 )
 async def list_nodes(request: web.Request) -> web.StreamResponse:
     """Live nodes with their capacity, measured use and reservations."""
-    return reply(NodeList(items=await coordinator(request).state.registry.nodes()))
+    items = await coordinator(request).state.registry.nodes()
+    for node in items:
+        node.spec = node.spec.public()
+    return reply(NodeList(items=items))
 
 
 class QueueInfo(msgspec.Struct, kw_only=True):
@@ -508,20 +515,6 @@ async def scaler_metrics(request: web.Request) -> web.StreamResponse:
     return reply(coordinator(request).metrics.snapshot)
 
 
-@operators.route(
-    "GET",
-    "/metrics",
-    summary="Prometheus metrics",
-    tag="fleet",
-    replies=(Reply(200, description="Prometheus text exposition format (text/plain)"),),
-    permission=ADMIN_TENANTS,
-)
-async def prometheus(request: web.Request) -> web.StreamResponse:
-    return web.Response(
-        body=coordinator(request).metrics.render(), headers={"Content-Type": PROMETHEUS_TEXT}
-    )
-
-
 class FleetPlugin:
     """Plugs the coordinator into `tartarus serve` (see `tartarus.server.plugins`)."""
 
@@ -540,5 +533,8 @@ class FleetPlugin:
         app[COORDINATOR] = self.coordinator
         app[SANDBOX_TENANTS] = self.coordinator.sandbox_tenant
         self.coordinator.admission = manager.admission
+        if isinstance(manager.admission, Judges):
+            # Minos counts across every API server of the fleet.
+            manager.admission.shared = self.coordinator.state.quota
         async with self.coordinator.running():
             yield

@@ -15,6 +15,7 @@ from tartarus.enforcement.log import RedisLog, SqliteLog
 from tartarus.enforcement.records import EnforcementEvent, ErrorRecord
 from tartarus.errors import ConfigError
 from tartarus.fleet.book import RedisBook, SandboxBook, SqliteBook
+from tartarus.fleet.quota import FleetQuota, RedisQuota, SqliteQuota
 from tartarus.queue import QueueSettings, WorkQueue
 from tartarus.queue.redis_streams import RedisQueue
 from tartarus.queue.sqlite import SqliteQueue
@@ -34,6 +35,7 @@ class FleetState:
     lanes: WorkQueue
     registry: Registry
     book: SandboxBook
+    quota: FleetQuota
     errors: RedisLog[ErrorRecord] | SqliteLog[ErrorRecord]
     events: RedisLog[EnforcementEvent] | SqliteLog[EnforcementEvent]
     inbox_settings: QueueSettings
@@ -80,6 +82,7 @@ async def open_state(
             lanes=RedisQueue(client, LANES_QUEUE, lanes),
             registry=RedisRegistry(client, ttl_s=heartbeat_ttl_s),
             book=RedisBook(client),
+            quota=RedisQuota(client),
             errors=RedisLog(client, "errors", ErrorRecord),
             events=RedisLog(client, "events", EnforcementEvent),
             inbox_settings=inbox,
@@ -97,6 +100,7 @@ async def open_state(
             lanes=SqliteQueue(path, LANES_QUEUE, lanes),
             registry=SqliteRegistry(path, ttl_s=heartbeat_ttl_s),
             book=SqliteBook(path),
+            quota=SqliteQuota(path),
             errors=SqliteLog(path, "errors", ErrorRecord),
             events=SqliteLog(path, "events", EnforcementEvent),
             inbox_settings=inbox,
@@ -109,6 +113,7 @@ async def open_state(
                 sqlite_state.lanes,
                 sqlite_state.registry,
                 sqlite_state.book,
+                sqlite_state.quota,
                 sqlite_state.errors,
                 sqlite_state.events,
                 *sqlite_state._inboxes.values(),

@@ -7,7 +7,7 @@ import msgspec
 
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
-from tartarus.enforcement.records import EnforcementEvent, ErrorRecord
+from tartarus.enforcement.records import EnforcementEvent, ErrorRecord, PeakUse
 from tartarus.queue import Lane, Message
 from tartarus.scheduling.heat import Heat
 from tartarus.scheduling.nodes import NodeUsage
@@ -71,6 +71,8 @@ class NodeReport(msgspec.Struct, kw_only=True, frozen=True):
     records: list[SandboxRecord] = msgspec.field(default_factory=list)
     events: list[EnforcementEvent] = msgspec.field(default_factory=list)
     errors: list[ErrorRecord] = msgspec.field(default_factory=list)
+    # Peak use of sandboxes that ended (heat history).
+    peaks: list[PeakUse] = msgspec.field(default_factory=list)
 
 
 encode = msgspec.json.Encoder().encode

@@ -22,7 +22,7 @@ from tartarus.auth.principal import Principal
 from tartarus.errors import ConfigError
 from tartarus.policy.aeacus import AuditError, AuditLog
 from tartarus.policy.documents import PolicySpec
-from tartarus.policy.minos import Hold, Minos
+from tartarus.policy.minos import Hold, Minos, SharedHolds, rule_shared
 from tartarus.policy.rhadamanthus import Rhadamanthus
 from tartarus.policy.themis import PolicyStore
 from tartarus.policy.verdicts import AdmissionRequest, Judge, Verdict
@@ -85,17 +85,24 @@ def with_template_defaults(
 
 
 class _Admitted:
-    def __init__(self, request: CreateSandboxRequest, hold: Hold, wrap: SandboxWrapper) -> None:
+    """`hold` is None when the share is held in shared state (whoever asked for that
+    releases it)."""
+
+    def __init__(
+        self, request: CreateSandboxRequest, hold: Hold | None, wrap: SandboxWrapper
+    ) -> None:
         self.request = request
         self._hold = hold
         self._wrap = wrap
 
     def bind(self, record: SandboxRecord, sandbox: Sandbox) -> Sandbox:
-        self._hold.bind(record.id)
+        if self._hold is not None:
+            self._hold.bind(record.id)
         return self._wrap(record, sandbox)
 
     def release(self) -> None:
-        self._hold.release()
+        if self._hold is not None:
+            self._hold.release()
 
 
 def _verdict_doc(v: Verdict) -> dict[str, object]:
@@ -116,13 +123,19 @@ class Judges:
         self.policies = policies
         self.audit = audit
         self.minos = Minos()
+        # Set on a fleet's API servers: quota holds shared by all of them.
+        self.shared: SharedHolds | None = None
         self.judges: list[Judge] = [Rhadamanthus(), *(plugins or [])]
         self._wrap = wrap
 
     def policy(self, tenant: str) -> PolicySpec:
         return PolicySpec() if self.policies is None else self.policies.effective(tenant).spec
 
-    async def admit(self, caller: Principal, request: CreateSandboxRequest) -> Admitted:
+    async def admit(
+        self, caller: Principal, request: CreateSandboxRequest, *, hold_as: str | None = None
+    ) -> Admitted:
+        """`hold_as`: with shared holds, the sandbox id to hold the quota share under,
+        in the shared state (the caller releases it when that sandbox ends)."""
         policy = self.policy(caller.tenant)
         admission = AdmissionRequest(
             caller=caller, request=with_template_defaults(policy, request), policy=policy
@@ -141,16 +154,22 @@ class Judges:
             if not verdicts[-1].allowed:
                 break
         hold: Hold | None = None
+        shared = self.shared if hold_as is not None else None
         if all(v.allowed for v in verdicts):
-            # No await between Minos's check and its hold: see tartarus.policy.minos.
-            verdict, hold = self.minos.rule(admission)
-            verdicts.append(verdict)
+            if shared is not None and hold_as is not None:
+                verdicts.append(await rule_shared(admission, shared, hold_as))
+            else:
+                # No await between Minos's check and its hold: see tartarus.policy.minos.
+                verdict, hold = self.minos.rule(admission)
+                verdicts.append(verdict)
         refused = [v for v in verdicts if not v.allowed]
         try:
             self._record(admission, verdicts, refused)
         except AuditError as e:
             if hold is not None:
                 hold.release()
+            if shared is not None and hold_as is not None and not refused:
+                await shared.release(caller.tenant, hold_as)
             raise ApiError(
                 503, "audit-unavailable", f"admission needs the audit log, which failed: {e}"
             ) from e
@@ -160,7 +179,6 @@ class Judges:
                 "admission-denied",
                 "; ".join(f"{v.judge}: {v.reason}" for v in refused),
             )
-        assert hold is not None
         return _Admitted(admission.request, hold, self._wrap)
 
     def _record(

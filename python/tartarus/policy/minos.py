@@ -4,12 +4,17 @@ Each admitted request holds its share (one sandbox, its vCPUs, its memory, one i
 of its template) from the moment it is admitted until the sandbox ends or its creation
 fails. The check and the hold happen together with no await in between, so concurrent
 creates on one event loop can never be admitted past a limit.
+
+API servers of a fleet hold in shared state instead (`SharedHolds`, implemented in
+`tartarus.fleet.quota`), where the check and the hold are one atomic step, so the quota
+holds across all of them.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from typing import Protocol
 
 import msgspec
 
@@ -23,6 +28,34 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     template: str
     vcpus: float
     memory_mib: int
+
+
+class SharedHolds(Protocol):
+    """Holds in state shared by many API servers, keyed by the sandbox's id."""
+
+    async def hold(self, tenant: str, sandbox_id: str, want: Usage, quotas: Quotas) -> str | None:
+        """Holds `want` atomically, or returns why the tenant's quota refuses it."""
+        ...
+
+    async def release(self, tenant: str, sandbox_id: str) -> None: ...
+
+
+def wanted(admission: AdmissionRequest) -> Usage:
+    request = admission.request
+    return Usage(
+        template=request.template,
+        vcpus=request.resources.vcpus,
+        memory_mib=request.resources.memory_mib,
+    )
+
+
+async def rule_shared(admission: AdmissionRequest, holds: SharedHolds, sandbox_id: str) -> Verdict:
+    """Minos's ruling with the hold kept in `holds` under `sandbox_id` (when admitted)."""
+    tenant = admission.caller.tenant
+    refusal = await holds.hold(tenant, sandbox_id, wanted(admission), admission.policy.resources)
+    if refusal is not None:
+        return Verdict(judge=NAME, allowed=False, reason=refusal, status=429)
+    return Verdict(judge=NAME, allowed=True, reason=f"tenant {tenant} holds its share fleet-wide")
 
 
 class Hold:
@@ -51,15 +84,9 @@ class Minos:
     def rule(self, admission: AdmissionRequest) -> tuple[Verdict, Hold | None]:
         """Admits within the tenant's quota and holds the share, or refuses (429)."""
         tenant = admission.caller.tenant
-        request = admission.request
-        quotas = admission.policy.resources
-        want = Usage(
-            template=request.template,
-            vcpus=request.resources.vcpus,
-            memory_mib=request.resources.memory_mib,
-        )
+        want = wanted(admission)
         held = list(self._held.get(tenant, {}).values())
-        refusal = _over(quotas, tenant, held, want)
+        refusal = over_quota(admission.policy.resources, tenant, held, want)
         if refusal is not None:
             return Verdict(judge=NAME, allowed=False, reason=refusal, status=429), None
         key = ("ticket", next(self._tickets))
@@ -90,7 +117,8 @@ class Minos:
                 del self._held[tenant]
 
 
-def _over(quotas: Quotas, tenant: str, held: list[Usage], want: Usage) -> str | None:
+def over_quota(quotas: Quotas, tenant: str, held: list[Usage], want: Usage) -> str | None:
+    """Why `want` does not fit beside what the tenant holds, or None if it does."""
     if quotas.max_sandboxes is not None and len(held) + 1 > quotas.max_sandboxes:
         return (
             f"tenant {tenant} already runs {len(held)} of its {quotas.max_sandboxes} "

@@ -46,6 +46,10 @@ class VersionConflictError(PolicyError):
     """Someone changed the policy since the version the writer started from."""
 
 
+class PolicyNotFoundError(PolicyError):
+    """No such policy document, or no such version of it."""
+
+
 class Version(msgspec.Struct, kw_only=True):
     name: str
     version: int
@@ -257,7 +261,7 @@ class PolicyStore:
         """Makes `version`'s content current again, as a new version."""
         old = self.version(name, version)
         if old is None:
-            raise PolicyError(f"policy {name!r} has no version {version}")
+            raise PolicyNotFoundError(f"policy {name!r} has no version {version}")
         return self._write(
             name,
             old.tenant,
@@ -271,7 +275,7 @@ class PolicyStore:
     def delete(self, name: str, *, author: str, if_version: int | None = None) -> Version:
         current = self.current(name)
         if current is None or current.deleted:
-            raise PolicyError(f"no policy {name!r}")
+            raise PolicyNotFoundError(f"no policy {name!r}")
         return self._write(
             name,
             current.tenant,
@@ -287,7 +291,7 @@ class PolicyStore:
         for number in (from_version, to_version):
             v = self.version(name, number)
             if v is None:
-                raise PolicyError(f"policy {name!r} has no version {number}")
+                raise PolicyNotFoundError(f"policy {name!r} has no version {number}")
             texts.append("" if v.deleted else canonical_yaml(v.parsed()))
         return "".join(
             difflib.unified_diff(

@@ -343,6 +343,10 @@ class JailRuntime:
             while _is_jail_process(supervisor, directory) and time.monotonic() < deadline:
                 time.sleep(0.01)
             _kill_jail_process(supervisor, directory)
+        # Any other tartarus-jail of this directory: one whose host died while it was
+        # starting, before a pid file, an event or a cgroup could name it.
+        for pid in _jail_processes(directory):
+            _kill_jail_process(pid, directory)
         cgroup.kill_and_remove()
 
 
@@ -354,6 +358,15 @@ def _is_jail_process(pid: int, directory: Path) -> bool:
     except OSError:
         return False
     return b"tartarus-jail" in cmdline and os.fsencode(directory / "config.json") in cmdline
+
+
+def _jail_processes(directory: Path) -> list[int]:
+    """Pids of every tartarus-jail process of the jail in `directory`."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _is_jail_process(int(entry.name), directory)
+    ]
 
 
 def _kill_jail_process(pid: int, directory: Path) -> bool:

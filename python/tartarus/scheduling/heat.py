@@ -52,6 +52,12 @@ class HeatHistory(msgspec.Struct, kw_only=True):
         )
 
 
+def hottest(histories: list[HeatHistory | None]) -> HeatHistory | None:
+    """The history that burned hottest (the template's or the tenant's, say)."""
+    known = [h for h in histories if h is not None and h.samples > 0]
+    return max(known, key=lambda h: max(h.cpu_share, h.memory_share), default=None)
+
+
 def classify(resources: Resources, history: HeatHistory | None = None) -> Heat:
     heat = Heat.INFERNO
     for candidate, (vcpus, memory_mib) in THRESHOLDS.items():

@@ -93,6 +93,12 @@ class NodeSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     taints: list[Taint] = msgspec.field(default_factory=list)
     pool: PoolName = GENERAL_POOL
     version: str = ""
+    # The key API servers use on the node's own API when the node joined with a client
+    # certificate (empty: they use the fleet's token). Never listed (`public`).
+    access_key: str = ""
+
+    def public(self) -> NodeSpec:
+        return msgspec.structs.replace(self, access_key="")
 
 
 class NodeUsage(msgspec.Struct, frozen=True, kw_only=True):

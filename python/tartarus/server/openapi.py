@@ -92,6 +92,30 @@ def _query_parameters(query: type[msgspec.Struct]) -> tuple[list[dict[str, Any]]
     return params, components
 
 
+def _links(source: Operation, provides: dict[str, str], ops: list[Operation]) -> dict[str, Any]:
+    """OpenAPI links from a reply that supplies path parameters (`provides`: name ->
+    JSON pointer into its body) to every operation that takes them, the rest of whose
+    path parameters the source's own path has: what a client (or a fuzzer) does next
+    with what it just got."""
+    links: dict[str, Any] = {}
+    for target in ops:
+        wanted = target.path_params
+        if target is source or target.websocket or not set(wanted) & set(provides):
+            continue
+        if not set(wanted) <= set(provides) | set(source.path_params):
+            continue
+        links[target.operation_id] = {
+            "operationId": target.operation_id,
+            "parameters": {
+                name: f"$response.body#{provides[name]}"
+                if name in provides
+                else f"$request.path.{name}"
+                for name in wanted
+            },
+        }
+    return links
+
+
 def build_document(ops: list[Operation]) -> dict[str, Any]:
     types = _collect_types(ops)
     schemas, components = msgspec.json.schema_components(types, ref_template=REF_TEMPLATE)
@@ -149,6 +173,8 @@ def build_document(ops: list[Operation]) -> dict[str, Any]:
                     media: {"schema": _media_schema(media, body, refs)}
                     for media, body in ((r.media, r.body), *r.alternatives)
                 }
+            if r.provides:
+                response["links"] = _links(op, dict(r.provides), ops)
             responses[str(r.status)] = response
         for status in sorted({400, 401, 403, 413, 422, 500, *op.errors}):
             responses[str(status)] = {

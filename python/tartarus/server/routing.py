@@ -44,6 +44,13 @@ class Reply:
     description: str = ""
     # Other media types the same status may carry (media, item type), e.g. SSE.
     alternatives: tuple[tuple[str, Any], ...] = ()
+    # Path parameters this reply's body supplies, as JSON pointers into it (`{"id":
+    # "/id"}`): the document links it to every operation that takes them (OpenAPI links).
+    provides: tuple[tuple[str, str], ...] = ()
+
+
+# What a reply carrying a SandboxInfo supplies to the operations on that sandbox.
+SANDBOX_ID = (("id", "/id"),)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tartarus.auth.principal import Principal
 from tartarus.config import Settings
 from tartarus.images.blobs import GcReport
 from tartarus.images.oci.image import first_error
-from tartarus.runtime.base import SandboxError
+from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.server.problems import ApiError
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
@@ -149,6 +149,8 @@ class Nyx:
                     label=label,
                     metadata=metadata,
                 )
+            except NotSupportedError:
+                raise  # 409 not-supported: this backend cannot snapshot at all
             except (SnapshotError, SandboxError) as e:
                 raise ApiError(409, "snapshot-failed", f"cannot snapshot {sandbox_id}: {e}") from e
 

@@ -146,7 +146,12 @@ async def send_stream(
     body=ExecBody,
     replies=(
         Reply(200, ExecOutcome, description="The command finished"),
-        Reply(202, ProcessStarted, description="Started in the background"),
+        Reply(
+            202,
+            ProcessStarted,
+            description="Started in the background",
+            provides=(("pid", "/pid"),),
+        ),
     ),
     errors=(404, 409, 422),
     permission=SANDBOX_EXEC,

@@ -27,6 +27,9 @@ from tartarus.server.security import SECURITY, security_of
 
 routes = RouteTable()
 
+# What a created key supplies to the operations on it.
+KEY_ID = (("key_id", "/key/id"),)
+
 
 def _time(ts: float | None) -> dt.datetime | None:
     return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
@@ -114,7 +117,14 @@ async def whoami(request: web.Request) -> web.StreamResponse:
     summary="Create an API key",
     tag="auth",
     body=CreateKeyRequest,
-    replies=(Reply(201, KeyCreated, description="Created; the token is shown only now"),),
+    replies=(
+        Reply(
+            201,
+            KeyCreated,
+            description="Created; the token is shown only now",
+            provides=KEY_ID,
+        ),
+    ),
     errors=(403, 404),
     permission=ADMIN_KEYS,
 )
@@ -200,7 +210,14 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
     summary="Rotate an API key",
     tag="auth",
     body=RotateKeyRequest,
-    replies=(Reply(201, KeyCreated, description="The new key; the old one ends after grace_s"),),
+    replies=(
+        Reply(
+            201,
+            KeyCreated,
+            description="The new key; the old one ends after grace_s",
+            provides=KEY_ID,
+        ),
+    ),
     errors=(404, 409),
     permission=ADMIN_KEYS,
 )

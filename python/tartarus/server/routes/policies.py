@@ -23,13 +23,20 @@ from tartarus.api.security import (
 from tartarus.api.types import TenantName
 from tartarus.auth.rbac import AUTHENTICATED, POLICY_MANAGE
 from tartarus.policy.documents import PolicyError, parse_document
-from tartarus.policy.themis import PolicyStore, Version, VersionConflictError
+from tartarus.policy.themis import (
+    PolicyNotFoundError,
+    PolicyStore,
+    Version,
+    VersionConflictError,
+)
 from tartarus.server.access import PLATFORM, principal_of, register_owner, visible_tenant
 from tartarus.server.problems import ApiError, not_found
 from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 from tartarus.server.security import security_of
 
 routes = RouteTable()
+
+POLICY = (("policy", "/name"),)
 
 
 def _time(ts: float) -> dt.datetime:
@@ -66,6 +73,8 @@ def version_info(v: Version) -> PolicyVersion:
 def _problem(e: PolicyError) -> ApiError:
     if isinstance(e, VersionConflictError):
         return ApiError(409, "version-conflict", str(e))
+    if isinstance(e, PolicyNotFoundError):
+        return ApiError(404, "not-found", str(e))
     return ApiError(422, "invalid-policy", str(e))
 
 
@@ -137,7 +146,7 @@ def _check_name(document: str, name: str) -> None:
     summary="Apply a policy document",
     tag="policies",
     body=ApplyPolicyRequest,
-    replies=(Reply(200, PolicyVersion, description="The new current version"),),
+    replies=(Reply(200, PolicyVersion, description="The new current version", provides=POLICY),),
     errors=(409,),
     permission=POLICY_MANAGE,
 )
@@ -246,7 +255,7 @@ async def diff_policy(request: web.Request) -> web.StreamResponse:
     try:
         diff = store.diff(name, from_, to)
     except PolicyError as e:
-        raise ApiError(404, "not-found", str(e)) from e
+        raise _problem(e) from e
     return reply(PolicyDiff(name=name, from_version=from_, to_version=to, diff=diff))
 
 

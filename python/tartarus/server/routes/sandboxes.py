@@ -26,7 +26,15 @@ from tartarus.runtime.types import Backend, SandboxState
 from tartarus.server.access import principal_of, visible_tenant
 from tartarus.server.context import live_sandbox, manager
 from tartarus.server.problems import ApiError
-from tartarus.server.routing import Header, Reply, RouteTable, read_json, read_query, reply
+from tartarus.server.routing import (
+    SANDBOX_ID,
+    Header,
+    Reply,
+    RouteTable,
+    read_json,
+    read_query,
+    reply,
+)
 
 routes = RouteTable()
 
@@ -75,8 +83,13 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         ),
     ),
     replies=(
-        Reply(201, SandboxInfo, description="Created and running"),
-        Reply(200, SandboxInfo, description="A replay: the sandbox this key created before"),
+        Reply(201, SandboxInfo, description="Created and running", provides=SANDBOX_ID),
+        Reply(
+            200,
+            SandboxInfo,
+            description="A replay: the sandbox this key created before",
+            provides=SANDBOX_ID,
+        ),
     ),
     errors=(404, 409, 503),
     permission=SANDBOX_CREATE,

@@ -36,12 +36,14 @@ from tartarus.server.access import principal_of, register_owner
 from tartarus.server.context import NYX, manager, nyx
 from tartarus.server.problems import ApiError
 from tartarus.server.routes.sandboxes import sandbox_info
-from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
+from tartarus.server.routing import SANDBOX_ID, Reply, RouteTable, read_json, read_query, reply
 from tartarus.snapshots.catalog import SnapshotRecord
 from tartarus.snapshots.nyx import visible_tenants
 from tartarus.snapshots.service import SnapshotNotFoundError
 
 routes = RouteTable()
+
+SNAPSHOT_ID = (("snapshot_id", "/id"),)
 
 
 def _snapshot_owner(request: web.Request, snapshot_id: str) -> str | None:
@@ -85,7 +87,14 @@ def _record(request: web.Request) -> SnapshotRecord:
     tag="snapshots",
     body=SnapshotSandboxBody,
     body_required=False,
-    replies=(Reply(201, SnapshotEntry, description="Taken; the sandbox keeps running"),),
+    replies=(
+        Reply(
+            201,
+            SnapshotEntry,
+            description="Taken; the sandbox keeps running",
+            provides=SNAPSHOT_ID,
+        ),
+    ),
     errors=(404, 409),
     permission=SANDBOX_EXEC,
 )
@@ -108,7 +117,14 @@ async def snapshot_sandbox(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     body=ForkBody,
     body_required=False,
-    replies=(Reply(201, ForkResult, description="The copies, running"),),
+    replies=(
+        Reply(
+            201,
+            ForkResult,
+            description="The copies, running",
+            provides=(("id", "/sandboxes/0/id"),),
+        ),
+    ),
     errors=(404, 409),
     permission=SANDBOX_CREATE,
 )
@@ -164,7 +180,7 @@ async def list_snapshots(request: web.Request) -> web.StreamResponse:
     summary="Build a template's warm snapshot",
     tag="snapshots",
     body=TemplateSnapshotBody,
-    replies=(Reply(201, SnapshotEntry),),
+    replies=(Reply(201, SnapshotEntry, provides=SNAPSHOT_ID),),
     errors=(404, 409),
     permission=TEMPLATE_MANAGE,
 )
@@ -216,7 +232,7 @@ async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     tag="snapshots",
     body=RestoreBody,
     body_required=False,
-    replies=(Reply(201, SandboxInfo),),
+    replies=(Reply(201, SandboxInfo, provides=SANDBOX_ID),),
     errors=(404, 409, 503),
     permission=SANDBOX_CREATE,
 )
@@ -272,7 +288,7 @@ async def list_pools(request: web.Request) -> web.StreamResponse:
     summary="Set a warm pool's size",
     tag="snapshots",
     body=SetPoolBody,
-    replies=(Reply(200, PoolInfo),),
+    replies=(Reply(200, PoolInfo, provides=(("template", "/template"),)),),
     errors=(422,),
     permission=TEMPLATE_MANAGE,
 )

@@ -1,0 +1,131 @@
+"""`/metrics` (Prometheus text) on every server: a fleet's API servers serve the fleet's
+metrics (`FleetMetrics`), a single-host `tartarus serve` and each node agent serve their
+own host's, under the same names:
+
+- `tartarus_node_cpu_utilisation`, `tartarus_node_memory_utilisation`,
+  `tartarus_node_sandboxes` for this host, measured at each scrape;
+- `tartarus_queue_depth{lane,state}`: a single host has no queue (a create runs at
+  once), so every lane reads 0 there; `tartarus_sandboxes_creating` counts the creates
+  in progress instead;
+- `tartarus_sandbox_launches_total` and `tartarus_errors_total{category="start"}`,
+  counted as the server's store records sandboxes starting or failing to start.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import Gauge
+
+from tartarus.agent.manager import SandboxManager
+from tartarus.agent.store import SandboxRecord, Store
+from tartarus.auth.rbac import ADMIN_TENANTS
+from tartarus.enforcement.records import ErrorCategory
+from tartarus.fleet.host_usage import HostUsage
+from tartarus.fleet.metrics import Instruments
+from tartarus.queue import LANES, LaneDepth
+from tartarus.runtime.types import SandboxState
+from tartarus.scheduling.nodes import GENERAL_POOL, NodeUsage
+from tartarus.server.routing import Reply, RouteTable
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+METRICS = web.AppKey("metrics", Instruments)
+
+routes = RouteTable()
+
+
+@routes.route(
+    "GET",
+    "/metrics",
+    summary="Prometheus metrics",
+    tag="metrics",
+    replies=(Reply(200, description="Prometheus text exposition format (text/plain)"),),
+    permission=ADMIN_TENANTS,
+)
+async def prometheus(request: web.Request) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    if isinstance(metrics, HostMetrics):
+        metrics.refresh()
+    return web.Response(body=metrics.render(), headers={"Content-Type": PROMETHEUS_TEXT})
+
+
+class HostMetrics(Instruments):
+    """One host's metrics; `observe` is fed every record the store writes."""
+
+    def __init__(self, node_id: str | None = None, pool: str = GENERAL_POOL) -> None:
+        super().__init__()
+        self.node_id = node_id or socket.gethostname()
+        self.pool = pool
+        self.creating = Gauge(
+            "tartarus_sandboxes_creating",
+            "Creates in progress on this host",
+            registry=self.registry,
+        )
+        self._usage = HostUsage()
+        self._states: dict[str, SandboxState] = {}
+        self.manager: SandboxManager | None = None
+
+    def observe(self, record: SandboxRecord) -> None:
+        before = self._states.get(record.id)
+        state = record.state
+        if state is SandboxState.RUNNING and before is not SandboxState.RUNNING:
+            self.launches.inc()
+        if state is SandboxState.FAILED and before in (None, SandboxState.CREATED):
+            self.errors.labels(ErrorCategory.START.value).inc()
+        if record.live:
+            self._states[record.id] = state
+        else:
+            self._states.pop(record.id, None)
+
+    def refresh(self) -> None:
+        live = self.manager.live_count() if self.manager is not None else 0
+        usage = NodeUsage(
+            sandboxes=live,
+            cpu_utilisation=self._usage.cpu(),
+            memory_utilisation=self._usage.memory(),
+        )
+        self.set_node(self.node_id, self.pool, usage, 0.0)
+        self.set_depth({lane: LaneDepth(waiting=0, in_flight=0) for lane in LANES})
+        self.creating.set(sum(1 for s in self._states.values() if s is SandboxState.CREATED))
+
+
+class CountingStore(Store):
+    """The server's SQLite store, telling the host's metrics about every record it writes."""
+
+    def __init__(self, path: Path, metrics: HostMetrics) -> None:
+        super().__init__(path)
+        self.metrics = metrics
+
+    def insert(self, record: SandboxRecord) -> SandboxRecord:
+        inserted = super().insert(record)
+        self.metrics.observe(inserted)
+        return inserted
+
+    def save(self, record: SandboxRecord) -> None:
+        super().save(record)
+        self.metrics.observe(record)
+
+
+class MetricsPlugin:
+    """Serves `metrics` at `/metrics` (see `tartarus.server.plugins`)."""
+
+    def __init__(self, metrics: Instruments) -> None:
+        self.metrics = metrics
+
+    def middlewares(self) -> list[Middleware]:
+        return []
+
+    def route_tables(self) -> list[RouteTable]:
+        return [routes]
+
+    @asynccontextmanager
+    async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
+        app[METRICS] = self.metrics
+        if isinstance(self.metrics, HostMetrics):
+            self.metrics.manager = manager
+        yield
