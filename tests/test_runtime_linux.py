@@ -313,7 +313,9 @@ async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
     try:
         await sb.exec(
             ExecRequest(
-                shell="i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+                # Renamed into place: a read never sees the file truncated mid-write.
+                shell="i=0; while true; do i=$((i+1)); echo $i > /tmp/c; mv /tmp/c /tmp/count;"
+                " sleep 0.05; done",
                 background=True,
             )
         )

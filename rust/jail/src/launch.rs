@@ -29,6 +29,7 @@ use crate::mounts;
 use crate::namespaces::{self, Namespaces};
 use crate::privileges;
 use crate::spawn::{spawn_held, Hold, Never, Report};
+use crate::supervisor::Lockdown;
 use crate::{Context, JailError, Result};
 
 /// A line on the events channel (JSON, one per line).
@@ -143,6 +144,7 @@ fn supervise(
     (euid, egid): (u32, u32),
     events: &mut dyn FnMut(&Event),
 ) -> Result<(i32, u64)> {
+    let lockdown = Lockdown::prepare()?;
     let stdio_file = match &config.stdio {
         Stdio::File(path) => Some(
             OpenOptions::new()
@@ -174,6 +176,8 @@ fn supervise(
     })?;
     FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
     install_forwarders()?;
+    // Everything the supervisor needs from here on is in its profile.
+    lockdown.engage()?;
     events(&Event::Started {
         pid: child.as_raw(),
         cgroup,

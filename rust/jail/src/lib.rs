@@ -6,7 +6,7 @@
 //!
 //! The building blocks are public so other jails (the VMM's) can reuse them:
 //! [`namespaces`], [`mounts`], [`cgroup`], [`privileges`]. [`launch`] puts them
-//! together for `tartarus-jail run`.
+//! together for `tartarus-jail run`; [`supervisor`] confines the process that waits.
 
 pub mod cgroup;
 pub mod config;
@@ -16,6 +16,7 @@ pub mod namespaces;
 pub mod privileges;
 pub mod relay;
 pub mod spawn;
+pub mod supervisor;
 
 pub use config::JailConfig;
 

@@ -237,3 +237,46 @@ fn runs_rootless_in_a_user_namespace() {
     );
     assert_eq!(lines.get(2), Some(&"scratch"), "{out:?}");
 }
+
+/// Once the child runs, the supervisor itself is under its seccomp profile, and still
+/// forwards a signal and cleans up under it.
+#[test]
+fn the_supervisor_is_confined_and_still_cleans_up() {
+    let Some(fx) = Fixture::new("supervisor") else {
+        return;
+    };
+    let path = fx.dir.join("config.json");
+    std::fs::write(&path, fx.config("sleep 30").to_string()).unwrap();
+    let events = fx.dir.join("events");
+    let file = std::fs::File::create(&events).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tartarus-jail"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .args(["--events-fd", "1"])
+        .stdout(file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&events)
+        .unwrap()
+        .contains("started")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the jail never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    assert_eq!(mode, Some("2"), "{status}");
+    // SAFETY: kill takes plain integers; the child is ours and still running.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = child.wait().unwrap();
+    assert_eq!(code.code(), Some(128 + libc::SIGTERM), "{code:?}");
+    let text = std::fs::read_to_string(&events).unwrap();
+    assert!(text.contains("\"exited\""), "{text}");
+}

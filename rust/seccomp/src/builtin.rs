@@ -349,3 +349,65 @@ pub fn jail_default() -> Profile {
         skip_unknown: true,
     }
 }
+
+/// What a jail's supervisor still does once its child runs: wait for it, forward
+/// signals, report events, read its cgroup's counters, kill what is left and remove the
+/// cgroup, then exit. No exec, no sockets, no mounts, no ptrace, no namespaces.
+const SUPERVISOR_ALLOWED: &[&str] = &[
+    // the cgroup's files and the events descriptor
+    "openat",
+    "read",
+    "write",
+    "writev",
+    "close",
+    "lseek",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "getdents64",
+    "rmdir",
+    "unlinkat",
+    "fcntl",
+    // the child
+    "wait4",
+    "waitid",
+    "kill",
+    // signals and their forwarding
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "restart_syscall",
+    // the allocator, time, and the way out (including a panic's abort)
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "madvise",
+    "futex",
+    "clock_gettime",
+    "clock_nanosleep",
+    "nanosleep",
+    "sched_yield",
+    "getrandom",
+    "getpid",
+    "gettid",
+    "tgkill",
+    "exit",
+    "exit_group",
+];
+
+/// The supervisor's own profile: anything not listed fails with EPERM (a clear error
+/// in its report rather than a silent kill of the process that cleans up the jail).
+pub fn supervisor() -> Profile {
+    Profile {
+        name: "jail-supervisor".into(),
+        default_action: Action::Errno(EPERM),
+        allow: SUPERVISOR_ALLOWED
+            .iter()
+            .map(|n| SyscallRule::any(n))
+            .collect(),
+        deny: Vec::new(),
+        skip_unknown: true,
+    }
+}

@@ -32,6 +32,7 @@ use tartarus_jail::cgroup::{Cgroup, Hierarchies, Limits};
 use tartarus_jail::config::{BindMount, Rlimit};
 use tartarus_jail::namespaces::Namespaces;
 use tartarus_jail::spawn::{spawn_held, Hold};
+use tartarus_jail::supervisor::Lockdown;
 use tartarus_jail::{mounts, privileges, JailError};
 
 /// Where the jail root is mounted (in the VMM's mount namespace only) by default.
@@ -266,6 +267,7 @@ pub fn run_jailed(
                 .into(),
         ));
     }
+    let lockdown = Lockdown::prepare()?;
     let cgroup = Cgroup::create(
         &Hierarchies::detect()?,
         &config.cgroup.parent,
@@ -300,7 +302,7 @@ pub fn run_jailed(
             return Err(e);
         }
     };
-    let code = supervise(pid);
+    let code = supervise(pid, &lockdown);
     cgroup.kill_all(Duration::from_secs(5));
     let oom_kills = cgroup.stats().oom_kills;
     if let Err(e) = cgroup.remove(Duration::from_secs(5)) {
@@ -340,7 +342,7 @@ fn enter(config: &JailConfig) -> Result<(), JailError> {
 }
 
 /// Waits for the jailed VMM; returns its exit status (128 + signal if killed).
-fn supervise(pid: Pid) -> i32 {
+fn supervise(pid: Pid, lockdown: &Lockdown) -> i32 {
     JAILED_VMM.store(pid.as_raw(), Ordering::SeqCst);
     let action = SigAction::new(
         SigHandler::Handler(kill_jail),
@@ -357,6 +359,11 @@ fn supervise(pid: Pid) -> i32 {
         if let Err(e) = unsafe { signal::sigaction(sig, &action) } {
             eprintln!("tartarus-vmm: jail: sigaction {sig}: {e}");
         }
+    }
+    // Waiting and the cgroup's clean-up are all the supervisor does from here on.
+    if let Err(e) = lockdown.engage() {
+        eprintln!("tartarus-vmm: jail: cannot confine the supervisor, stopping the VMM: {e}");
+        kill_jail(0);
     }
     loop {
         match waitpid(pid, None) {
