@@ -17,6 +17,7 @@ import msgspec
 
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, SandboxState, TrustLevel
+from tartarus.sqlite_wal import enable_wal
 
 LIVE_STATES = (SandboxState.CREATED, SandboxState.RUNNING, SandboxState.PAUSED)
 
@@ -107,7 +108,7 @@ class Store:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA foreign_keys=ON")

@@ -34,6 +34,7 @@ import msgspec
 from tartarus.images import digest as digests
 from tartarus.images import fsutil
 from tartarus.images.errors import BlobNotFoundError, DigestMismatchError, ImageError
+from tartarus.sqlite_wal import enable_wal
 
 T = TypeVar("T")
 
@@ -201,7 +202,7 @@ class LocalBlobStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self._db_path, timeout=60.0, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db)
             # WAL + NORMAL: durable across process crashes; a power cut can lose only the
             # last transactions, which leaves orphans (swept by gc), never corruption.
             db.execute("PRAGMA synchronous=NORMAL")

@@ -39,6 +39,7 @@ from tartarus.images.template import (
     to_json,
 )
 from tartarus.runtime.types import Backend, Resources
+from tartarus.sqlite_wal import enable_wal
 
 if TYPE_CHECKING:
     from tartarus.images.build import BuildRecord
@@ -166,7 +167,7 @@ class TemplateStore:
     def _db(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self._db_path, timeout=60.0, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db)
             yield db
         finally:
             db.close()

@@ -23,6 +23,7 @@ import msgspec
 
 from tartarus.auth.principal import Principal
 from tartarus.errors import TartarusError
+from tartarus.sqlite_wal import enable_wal
 
 GENESIS = "0" * 64
 
@@ -107,7 +108,7 @@ class AuditLog:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         self._db.execute("PRAGMA busy_timeout=5000")

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from msgspec import Meta
 
 from tartarus.secrets.providers import SecretError
+from tartarus.sqlite_wal import enable_wal
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 SecretName = Annotated[str, Meta(pattern=NAME_PATTERN)]
@@ -151,7 +152,7 @@ class LocalSecretStore:
         self._keyring: Keyring | None = None
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
 

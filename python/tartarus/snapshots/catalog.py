@@ -19,6 +19,7 @@ import msgspec
 
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, TrustLevel
+from tartarus.sqlite_wal import enable_wal
 
 SCHEMA_VERSION = 1
 
@@ -114,7 +115,7 @@ class SnapshotCatalog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)

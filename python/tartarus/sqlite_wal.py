@@ -1,0 +1,26 @@
+"""Opening SQLite databases that several processes share in WAL mode."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+# Switching to WAL takes an exclusive lock that SQLite does not wait for with its busy
+# handler, so two processes opening a fresh database at once can see "database is
+# locked" however long their timeout is.
+_RETRY_S = 0.01
+
+
+def enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Puts `db` in WAL mode (it persists in the file), retrying while another process
+    holds the lock for the same switch; gives up with SQLite's error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(_RETRY_S)
+        else:
+            return
