@@ -70,6 +70,41 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
+/// Who started the supervisor, and the signal the kernel sends when that thread dies.
+static PARENT: AtomicI32 = AtomicI32::new(0);
+const PARENT_GONE: Signal = Signal::SIGUSR1;
+
+extern "C" fn kill_jail(_: libc::c_int) {
+    let pid = FORWARD_TO.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe and takes plain integers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Ends the jail (its init, so the whole pid namespace) when whoever started the
+/// supervisor dies: nobody is left who can reach the sandbox, and the supervisor still
+/// removes the cgroup and reports on its way out.
+fn end_with_parent() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(kill_jail),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only calls kill(2), which is async-signal-safe.
+    unsafe { signal::sigaction(PARENT_GONE, &action) }.context(|| "sigaction SIGUSR1".into())?;
+    // SAFETY: prctl(PR_SET_PDEATHSIG, sig) takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_GONE as libc::c_ulong) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(|| "PR_SET_PDEATHSIG".into());
+    }
+    // The parent may have died before the request above: then no signal comes.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != PARENT.load(Ordering::SeqCst) {
+        kill_jail(0);
+    }
+    Ok(())
+}
+
 fn install_forwarders() -> Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(forward),
@@ -86,6 +121,8 @@ fn install_forwarders() -> Result<()> {
 /// Runs the jail to completion. `events` receives the `Started` and `Exited` lines.
 /// Returns the exit code for the supervisor (the program's).
 pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
+    // SAFETY: getppid cannot fail.
+    PARENT.store(unsafe { libc::getppid() }, Ordering::SeqCst);
     config.validate()?;
     let seccomp = match &config.seccomp {
         SeccompChoice::Default => Some(builtin::jail_default().compile()?),
@@ -176,6 +213,7 @@ fn supervise(
     })?;
     FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
     install_forwarders()?;
+    end_with_parent()?;
     // Everything the supervisor needs from here on is in its profile.
     lockdown.engage()?;
     events(&Event::Started {

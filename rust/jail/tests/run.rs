@@ -280,3 +280,40 @@ fn the_supervisor_is_confined_and_still_cleans_up() {
     let text = std::fs::read_to_string(&events).unwrap();
     assert!(text.contains("\"exited\""), "{text}");
 }
+
+/// When the process that started the jail dies, the jail ends with it, and the
+/// supervisor still reports (a host process killed with SIGKILL leaves no sandbox).
+#[test]
+fn the_jail_ends_when_its_starter_dies() {
+    let Some(fx) = Fixture::new("orphan") else {
+        return;
+    };
+    let path = fx.dir.join("config.json");
+    std::fs::write(&path, fx.config("sleep 30").to_string()).unwrap();
+    let events = fx.dir.join("events");
+    // The shell starts the jail in the background and exits, as a crashed host would.
+    let status = Command::new("/bin/sh")
+        .args([
+            "-c",
+            r#""$0" run --config "$1" --events-fd 3 3>"$2" & sleep 0.5"#,
+        ])
+        .arg(env!("CARGO_BIN_EXE_tartarus-jail"))
+        .arg(&path)
+        .arg(&events)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&events).unwrap_or_default();
+        if text.contains("\"exited\"") {
+            assert!(text.contains("\"started\""), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the jail outlived its starter: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
