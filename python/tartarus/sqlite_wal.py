@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
 # Switching to WAL takes an exclusive lock that SQLite does not wait for with its busy
 # handler, so two processes opening a fresh database at once can see "database is
@@ -24,3 +25,14 @@ def enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
             time.sleep(_RETRY_S)
         else:
             return
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """A state database shared by threads and processes: autocommit (callers open their
+    own transactions), WAL, synchronous=NORMAL, and a 5 s wait for a busy lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    enable_wal(db)
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db

@@ -17,7 +17,7 @@ import msgspec
 
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, SandboxState, TrustLevel
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import open_db
 
 LIVE_STATES = (SandboxState.CREATED, SandboxState.RUNNING, SandboxState.PAUSED)
 
@@ -106,11 +106,7 @@ def decode_cursor(cursor: str) -> int:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        enable_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_db(path)
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
         self._encoder = msgspec.json.Encoder()

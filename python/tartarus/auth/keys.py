@@ -14,14 +14,13 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
 from pathlib import Path
 
 import msgspec
 
 from tartarus.errors import TartarusError
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import open_db
 
 PREFIX = "tsk_"
 _KEY = re.compile(r"^tsk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -85,11 +84,7 @@ class KeyStore:
     """API keys in SQLite (`STATE_DIR/auth.db`)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        enable_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_db(path)
         self._db.executescript(SCHEMA)
         self._last_used: dict[str, float] = {}
 

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 
-from tartarus.queue.sqlite import open_db
+from tartarus.sqlite_wal import open_db
 
 R = TypeVar("R", bound=msgspec.Struct)
 

@@ -21,7 +21,8 @@ from redis.exceptions import WatchError
 
 from tartarus.policy.documents import Quotas
 from tartarus.policy.minos import Usage, over_quota
-from tartarus.queue.sqlite import immediate, open_db
+from tartarus.queue.sqlite import immediate
+from tartarus.sqlite_wal import open_db
 
 
 class Held(msgspec.Struct, frozen=True, kw_only=True):

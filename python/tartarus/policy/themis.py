@@ -11,7 +11,6 @@ any document changes, in this process or another.
 from __future__ import annotations
 
 import difflib
-import sqlite3
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tartarus.policy.documents import (
     parse_document,
     to_spec,
 )
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import open_db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy_versions (
@@ -92,11 +91,7 @@ def _version(row: tuple[object, ...]) -> Version:
 
 class PolicyStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        enable_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_db(path)
         self._db.executescript(SCHEMA)
         self._cache: dict[str, Effective] = {}
         self._cache_mark: int | None = None

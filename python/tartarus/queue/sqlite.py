@@ -26,7 +26,7 @@ from tartarus.queue.base import (
     QueueSettings,
     poison_reason,
 )
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import open_db
 
 POLL_S = 0.05
 
@@ -55,15 +55,6 @@ CREATE TABLE IF NOT EXISTS queue_dead (
 );
 CREATE INDEX IF NOT EXISTS queue_dead_by_queue ON queue_dead(queue, seq);
 """
-
-
-def open_db(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    enable_wal(db)
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
 
 
 class SqliteQueue:

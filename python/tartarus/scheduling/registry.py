@@ -16,9 +16,10 @@ from typing import Protocol
 
 import msgspec
 
-from tartarus.queue.sqlite import immediate, open_db
+from tartarus.queue.sqlite import immediate
 from tartarus.scheduling.heat import HeatHistory
 from tartarus.scheduling.nodes import NodeSpec, NodeState, NodeUsage, Reservation
+from tartarus.sqlite_wal import open_db
 
 DEFAULT_TTL_S = 10.0
 

@@ -9,7 +9,6 @@ the sandbox store's migrations. A snapshot's files are blobs in the blob store
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -19,7 +18,7 @@ import msgspec
 
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, TrustLevel
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import open_db
 
 SCHEMA_VERSION = 1
 
@@ -113,11 +112,7 @@ class SnapshotCatalog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        enable_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_db(path)
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM nyx_meta WHERE key='schema'").fetchone()
         if row is None:
