@@ -105,8 +105,9 @@ FACTS = SandboxFacts(template=TEMPLATE)
 
 
 async def finished_output(sandbox: MicroVmSandbox) -> str:
-    """Waits for the restored probe guest to finish; returns its console."""
-    return await wait_for(sandbox.run_dir / "console.log", "compute=")
+    """Waits for the restored probe guest to print its whole result line; returns its
+    console."""
+    return await wait_for(sandbox.run_dir / "console.log", "compute=", whole_line=True)
 
 
 def blob_dirs(settings: Settings) -> set[str]:

@@ -50,12 +50,18 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> 
             await anyio.sleep(0.01)
 
 
-async def wait_for(path: Path, text: str, count: int = 1, timeout_s: float = 60) -> str:
+async def wait_for(
+    path: Path, text: str, count: int = 1, timeout_s: float = 60, *, whole_line: bool = False
+) -> str:
+    """Waits until `text` appears `count` times in the file; with `whole_line`, also
+    until the line of its last appearance is complete (a guest prints byte by byte)."""
     with anyio.fail_after(timeout_s):
         while True:
             apath = anyio.Path(path)
             content = await apath.read_text() if await apath.exists() else ""
-            if content.count(text) >= count:
+            if content.count(text) >= count and (
+                not whole_line or "\n" in content.rpartition(text)[2]
+            ):
                 return content
             await anyio.sleep(0.005)
 
