@@ -11,12 +11,18 @@ import shutil
 from pathlib import Path
 
 import anyio
+import hypothesis
 import pytest
 
 from tartarus.config import load_settings
 from tartarus.host.doctor import DoctorReport, run_doctor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Properties are about behaviour, not speed: a per-example deadline only turns a busy
+# CI machine into a flaky failure. Tests that want fewer or more examples still say so.
+hypothesis.settings.register_profile("tartarus", deadline=None)
+hypothesis.settings.load_profile("tartarus")
 
 
 @pytest.fixture(scope="session")

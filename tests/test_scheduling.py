@@ -238,7 +238,8 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
         yield server
 
 
-TTL_S = 0.5
+# Long enough that a loaded CI machine does not miss a heartbeat between two sleeps.
+TTL_S = 1.5
 
 
 @pytest.fixture(params=["sqlite", "redis"])
