@@ -14,6 +14,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,35 @@ async def test_killing_the_supervisor_tears_the_jail_down(
     await vmm.kill()  # SIGTERM to the supervisor: SIGKILL for the jail, cgroup removed
     assert vmm.process.returncode == 128 + signal.SIGKILL
     assert_nothing_left(j, [pid, vmm.process.pid])
+
+
+def test_the_jail_ends_when_its_starter_dies(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
+    """A crashed host process must not leave a VMM running that nobody can reach."""
+    j = jailed(guest, tmp_path, "spin", guest_memory_mib=64)
+    machine, jail = (
+        write(tmp_path / "machine.json", j.machine),
+        write(tmp_path / "jail.json", j.jail),
+    )
+    # The shell starts the jailed VMM in the background and exits, as a crashed server would.
+    starter = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            '"$0" run --config "$1" --jail "$2" >/dev/null 2>&1 & echo $!; sleep 1',
+            vmm_bin,
+            str(machine),
+            str(jail),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    supervisor = int(starter.stdout)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{supervisor}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_nothing_left(j, [supervisor])
 
 
 @pytest.mark.anyio

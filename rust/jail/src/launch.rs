@@ -3,8 +3,8 @@
 //! Three processes:
 //! - the supervisor (this process, on the host): creates the cgroup, forks the jail's
 //!   init into new namespaces, writes its id maps, moves it into the cgroup, reports
-//!   events, forwards SIGTERM/SIGINT/SIGHUP, and when the jail ends reports how and
-//!   removes the cgroup;
+//!   events, and stays as its [`Supervisor`] (stop signals forwarded, the jail ended
+//!   if the starter dies); when the jail ends it reports how and removes the cgroup;
 //! - the jail's init (PID 1 inside): builds the filesystem, pivots into it, drops
 //!   privileges, installs the seccomp profile, forks the program, forwards signals to
 //!   it and reaps orphans; when the program exits, init exits and the kernel kills
@@ -14,10 +14,8 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{sethostname, Pid};
 use serde::Serialize;
@@ -29,7 +27,7 @@ use crate::mounts;
 use crate::namespaces::{self, Namespaces};
 use crate::privileges;
 use crate::spawn::{spawn_held, Hold, Never, Report};
-use crate::supervisor::Lockdown;
+use crate::supervisor::{self, OnStop, Supervisor};
 use crate::{Context, JailError, Result};
 
 /// A line on the events channel (JSON, one per line).
@@ -52,77 +50,11 @@ pub enum Event<'a> {
     },
 }
 
-/// Signals the supervisor forwards to the jail's init, and init to the program.
-const FORWARDED: [Signal; 4] = [
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-];
-
-static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(sig: libc::c_int) {
-    let pid = FORWARD_TO.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe and takes plain integers.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// Who started the supervisor, and the signal the kernel sends when that thread dies.
-static PARENT: AtomicI32 = AtomicI32::new(0);
-const PARENT_GONE: Signal = Signal::SIGUSR1;
-
-extern "C" fn kill_jail(_: libc::c_int) {
-    let pid = FORWARD_TO.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe and takes plain integers.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// Ends the jail (its init, so the whole pid namespace) when whoever started the
-/// supervisor dies: nobody is left who can reach the sandbox, and the supervisor still
-/// removes the cgroup and reports on its way out.
-fn end_with_parent() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(kill_jail),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-    unsafe { signal::sigaction(PARENT_GONE, &action) }.context(|| "sigaction SIGUSR1".into())?;
-    // SAFETY: prctl(PR_SET_PDEATHSIG, sig) takes no pointers.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_GONE as libc::c_ulong) } != 0 {
-        return Err(std::io::Error::last_os_error()).context(|| "PR_SET_PDEATHSIG".into());
-    }
-    // The parent may have died before the request above: then no signal comes.
-    // SAFETY: getppid cannot fail.
-    if unsafe { libc::getppid() } != PARENT.load(Ordering::SeqCst) {
-        kill_jail(0);
-    }
-    Ok(())
-}
-
-fn install_forwarders() -> Result<()> {
-    let action = SigAction::new(
-        SigHandler::Handler(forward),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in FORWARDED {
-        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-        unsafe { signal::sigaction(sig, &action) }.context(|| format!("sigaction {sig}"))?;
-    }
-    Ok(())
-}
-
 /// Runs the jail to completion. `events` receives the `Started` and `Exited` lines.
 /// Returns the exit code for the supervisor (the program's).
 pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
-    // SAFETY: getppid cannot fail.
-    PARENT.store(unsafe { libc::getppid() }, Ordering::SeqCst);
+    // First, so the parent it remembers is the one that started this process.
+    let supervisor = Supervisor::prepare()?;
     config.validate()?;
     let seccomp = match &config.seccomp {
         SeccompChoice::Default => Some(builtin::jail_default().compile()?),
@@ -155,12 +87,12 @@ pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
         None => None,
     };
     let result = supervise(
+        &supervisor,
         config,
         cgroup.as_ref(),
         seccomp.as_ref(),
         &keep,
-        user_ns,
-        (euid, egid),
+        user_ns.then_some((euid, egid)),
         events,
     );
     if let Some(cg) = &cgroup {
@@ -173,15 +105,15 @@ pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
 }
 
 fn supervise(
+    supervisor: &Supervisor,
     config: &JailConfig,
     cgroup: Option<&Cgroup>,
     seccomp: Option<&CompiledProfile>,
     keep: &caps::CapsHashSet,
-    user_ns: bool,
-    (euid, egid): (u32, u32),
+    id_map: Option<(u32, u32)>,
     events: &mut dyn FnMut(&Event),
 ) -> Result<(i32, u64)> {
-    let lockdown = Lockdown::prepare()?;
+    let user_ns = id_map.is_some();
     let stdio_file = match &config.stdio {
         Stdio::File(path) => Some(
             OpenOptions::new()
@@ -197,7 +129,7 @@ fn supervise(
     let hold = Hold {
         namespaces,
         cgroup,
-        id_map: user_ns.then_some((euid, egid)),
+        id_map,
     };
     // SAFETY: tartarus-jail is single-threaded.
     let child = unsafe {
@@ -211,25 +143,13 @@ fn supervise(
         }
         other => other,
     })?;
-    FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
-    install_forwarders()?;
-    end_with_parent()?;
-    // Everything the supervisor needs from here on is in its profile.
-    lockdown.engage()?;
+    supervisor.watch(child, OnStop::Forward)?;
     events(&Event::Started {
         pid: child.as_raw(),
         cgroup,
         user_namespace: user_ns,
     });
-    let code = loop {
-        match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => break code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context(|| "waiting for the jail".into()),
-        }
-    };
+    let code = supervisor::wait_for(child)?;
     let oom_kills = cgroup.map_or(0, |cg| cg.stats().oom_kills);
     Ok((code, oom_kills))
 }
@@ -280,7 +200,7 @@ fn init_steps(
     if let Some(profile) = seccomp {
         profile.install()?;
     }
-    install_forwarders()?;
+    supervisor::pass_stop_signals(OnStop::Forward)?;
     let err_fd = report.raw_fd();
     // SAFETY: init is single-threaded; the child only dup2s and execs (or reports).
     match unsafe { nix::unistd::fork() }.context(|| "fork".into())? {
@@ -295,7 +215,7 @@ fn init_steps(
             unsafe { libc::_exit(127) };
         }
         nix::unistd::ForkResult::Parent { child } => {
-            FORWARD_TO.store(child.as_raw(), Ordering::SeqCst);
+            supervisor::set_child(child);
             // The program's copy of the pipe closes on exec: that is the supervisor's EOF.
             report.ready();
             reap_until(child)

@@ -6,7 +6,8 @@
 //!
 //! The building blocks are public so other jails (the VMM's) can reuse them:
 //! [`namespaces`], [`mounts`], [`cgroup`], [`privileges`]. [`launch`] puts them
-//! together for `tartarus-jail run`; [`supervisor`] confines the process that waits.
+//! together for `tartarus-jail run`; [`supervisor`] is the process on the host that waits
+//! for a jail, ends it with its starter and confines itself.
 
 pub mod cgroup;
 pub mod config;

@@ -1,22 +1,142 @@
-//! The supervisor's own confinement: once the jail's child runs, the process that
-//! waits for it and cleans up its cgroup keeps only the syscalls that takes
-//! ([`tartarus_seccomp::builtin::supervisor`]), so a compromise of it gains little.
+//! The supervisor: the process on the host that started a jail and waits for it. Both
+//! jails use it (`tartarus-jail run` and the VMM's `--jail`):
+//! - it passes the usual stop signals on to the jailed child, or turns them into a
+//!   SIGKILL of the child (a PID 1 ignores signals it has no handler for);
+//! - it ends the jail when whoever started the supervisor dies (`PR_SET_PDEATHSIG`),
+//!   since nobody is left who can reach the sandbox; the supervisor still removes the
+//!   cgroup and reports on its way out;
+//! - once the child runs it keeps only the syscalls waiting and cleaning up take
+//!   ([`tartarus_seccomp::builtin::supervisor`]), so a compromise of it gains little.
+//!
+//! The jail's init passes stop signals on to its program the same way
+//! ([`pass_stop_signals`], [`set_child`]).
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
 use tartarus_seccomp::{builtin, CompiledProfile};
 
-use crate::Result;
+use crate::{Context, Result};
 
-/// Compiled before the child starts, so a profile that cannot compile stops the jail
-/// before anything runs.
-pub struct Lockdown(CompiledProfile);
+/// Signals a supervisor is asked to stop with.
+const STOP_SIGNALS: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
 
-impl Lockdown {
+/// The kernel sends this when the thread that started the supervisor dies.
+const PARENT_GONE: Signal = Signal::SIGUSR1;
+
+/// The jailed child (set once it exists) and who started the supervisor. Statics
+/// because signal handlers can reach nothing else.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+static PARENT: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe and takes plain integers.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+extern "C" fn kill_child(_: libc::c_int) {
+    forward(libc::SIGKILL);
+}
+
+/// What a stop signal sent to the supervisor does to the jailed child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStop {
+    /// The child gets the same signal (the jail's init passes it on to the program).
+    Forward,
+    /// The child is killed at once.
+    Kill,
+}
+
+/// Made before the child exists: it remembers who started the supervisor and compiles
+/// the supervisor's profile, so a profile that cannot compile stops the jail before
+/// anything runs.
+pub struct Supervisor {
+    lockdown: CompiledProfile,
+}
+
+impl Supervisor {
     pub fn prepare() -> Result<Self> {
-        Ok(Self(builtin::supervisor().compile()?))
+        // SAFETY: getppid cannot fail.
+        PARENT.store(unsafe { libc::getppid() }, Ordering::SeqCst);
+        Ok(Self {
+            lockdown: builtin::supervisor().compile()?,
+        })
     }
 
-    /// Installs the filter on the calling (single-threaded) supervisor.
-    pub fn engage(&self) -> Result<()> {
-        Ok(self.0.install()?)
+    /// Takes charge of `child`: signal handlers, the parent-death signal, then the
+    /// supervisor's own seccomp filter (the process must be single-threaded). If any
+    /// step fails the child is killed, since it would be left unguarded.
+    pub fn watch(&self, child: Pid, on_stop: OnStop) -> Result<()> {
+        set_child(child);
+        let steps = || -> Result<()> {
+            pass_stop_signals(on_stop)?;
+            end_with_parent()?;
+            Ok(self.lockdown.install()?)
+        };
+        steps().inspect_err(|_| kill_child(0))
+    }
+}
+
+/// The process stop signals go to from now on.
+pub fn set_child(child: Pid) {
+    CHILD.store(child.as_raw(), Ordering::SeqCst);
+}
+
+/// Installs the handlers that pass stop signals on to the child (none until
+/// [`set_child`]).
+pub fn pass_stop_signals(on_stop: OnStop) -> Result<()> {
+    let handler = match on_stop {
+        OnStop::Forward => forward as extern "C" fn(libc::c_int),
+        OnStop::Kill => kill_child,
+    };
+    STOP_SIGNALS
+        .into_iter()
+        .try_for_each(|sig| install(sig, handler))
+}
+
+fn install(sig: Signal, handler: extern "C" fn(libc::c_int)) -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(handler),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: every handler here only calls kill(2), which is async-signal-safe.
+    unsafe { signal::sigaction(sig, &action) }.context(|| format!("sigaction {sig}"))?;
+    Ok(())
+}
+
+fn end_with_parent() -> Result<()> {
+    install(PARENT_GONE, kill_child)?;
+    // SAFETY: prctl(PR_SET_PDEATHSIG, sig) takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_GONE as libc::c_ulong) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(|| "PR_SET_PDEATHSIG".into());
+    }
+    // The parent may have died before the request above: then no signal comes.
+    // SAFETY: getppid cannot fail.
+    if unsafe { libc::getppid() } != PARENT.load(Ordering::SeqCst) {
+        kill_child(0);
+    }
+    Ok(())
+}
+
+/// Waits until `child` ends; its exit code, or 128 + the signal that ended it.
+pub fn wait_for(child: Pid) -> Result<i32> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context(|| "waiting for the jail".into()),
+        }
     }
 }

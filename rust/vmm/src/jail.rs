@@ -14,25 +14,23 @@
 //! - an unprivileged uid/gid, no capabilities (bounding set included), rlimits,
 //!   `no_new_privs`; then the per-thread seccomp filters of [`crate::seccomp`].
 //!
-//! The supervisor waits for the VMM, turns SIGTERM/SIGINT/SIGHUP/SIGQUIT into a
-//! SIGKILL of the whole jail (a PID 1 ignores signals it has no handler for), removes
-//! the cgroup when the jail is gone and exits with the VMM's status (128 + signal if a
-//! signal ended it). The VMM dies with its supervisor. Paths in the machine
+//! The supervisor ([`tartarus_jail::supervisor`]) waits for the VMM, turns
+//! SIGTERM/SIGINT/SIGHUP/SIGQUIT into a SIGKILL of the whole jail (a PID 1 ignores
+//! signals it has no handler for), ends the jail when the process that started the VMM
+//! dies, removes the cgroup when the jail is gone and exits with the VMM's status
+//! (128 + signal if a signal ended it). The VMM dies with its supervisor. Paths in the machine
 //! configuration are paths inside the jail.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tartarus_jail::cgroup::{Cgroup, Hierarchies, Limits};
 use tartarus_jail::config::{BindMount, Rlimit};
 use tartarus_jail::namespaces::Namespaces;
 use tartarus_jail::spawn::{spawn_held, Hold};
-use tartarus_jail::supervisor::Lockdown;
+use tartarus_jail::supervisor::{self, OnStop, Supervisor};
 use tartarus_jail::{mounts, privileges, JailError};
 
 /// Where the jail root is mounted (in the VMM's mount namespace only) by default.
@@ -239,16 +237,6 @@ impl JailConfig {
     }
 }
 
-static JAILED_VMM: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn kill_jail(_: libc::c_int) {
-    let pid = JAILED_VMM.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe and takes plain integers.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
 /// Enters the jail and runs `vmm` there; this process becomes the supervisor and
 /// exits when the jail is gone, so this returns only if the jail could not be set up
 /// (nothing is left behind then). `vmm` returns the VMM's exit status.
@@ -267,7 +255,7 @@ pub fn run_jailed(
                 .into(),
         ));
     }
-    let lockdown = Lockdown::prepare()?;
+    let supervisor = Supervisor::prepare()?;
     let cgroup = Cgroup::create(
         &Hierarchies::detect()?,
         &config.cgroup.parent,
@@ -302,7 +290,7 @@ pub fn run_jailed(
             return Err(e);
         }
     };
-    let code = supervise(pid, &lockdown);
+    let code = supervise(pid, &supervisor);
     cgroup.kill_all(Duration::from_secs(5));
     let oom_kills = cgroup.stats().oom_kills;
     if let Err(e) = cgroup.remove(Duration::from_secs(5)) {
@@ -342,41 +330,23 @@ fn enter(config: &JailConfig) -> Result<(), JailError> {
 }
 
 /// Waits for the jailed VMM; returns its exit status (128 + signal if killed).
-fn supervise(pid: Pid, lockdown: &Lockdown) -> i32 {
-    JAILED_VMM.store(pid.as_raw(), Ordering::SeqCst);
-    let action = SigAction::new(
-        SigHandler::Handler(kill_jail),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        // SAFETY: the handler only calls kill(2), which is async-signal-safe.
-        if let Err(e) = unsafe { signal::sigaction(sig, &action) } {
-            eprintln!("tartarus-vmm: jail: sigaction {sig}: {e}");
-        }
+fn supervise(pid: Pid, supervisor: &Supervisor) -> i32 {
+    if let Err(e) = supervisor.watch(pid, OnStop::Kill) {
+        eprintln!("tartarus-vmm: jail: cannot guard the VMM, it was stopped: {e}");
     }
-    // Waiting and the cgroup's clean-up are all the supervisor does from here on.
-    if let Err(e) = lockdown.engage() {
-        eprintln!("tartarus-vmm: jail: cannot confine the supervisor, stopping the VMM: {e}");
-        kill_jail(0);
-    }
-    loop {
-        match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => return code,
-            Ok(WaitStatus::Signaled(_, sig, _)) => {
+    match supervisor::wait_for(pid) {
+        Ok(code) => {
+            if let Some(sig) = code
+                .checked_sub(128)
+                .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
+            {
                 eprintln!("tartarus-vmm: jail: the VMM was killed by {sig}");
-                return 128 + sig as i32;
             }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                eprintln!("tartarus-vmm: jail: waiting for the VMM: {e}");
-                return 125;
-            }
+            code
+        }
+        Err(e) => {
+            eprintln!("tartarus-vmm: jail: {e}");
+            125
         }
     }
 }
