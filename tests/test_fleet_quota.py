@@ -73,6 +73,26 @@ def test_two_api_servers_never_admit_past_the_quota(tmp_path: Path) -> None:
                 stop_process(api)
 
 
+def test_the_template_s_own_resources_are_what_the_quota_judges(tmp_path: Path) -> None:
+    """The base template asks for 128 MiB (base.yaml): a create that names no resources
+    fits a 200 MiB quota, as on one host, instead of being judged at the API's 512."""
+    config = fleet_config(tmp_path / "config", placement_timeout_s=30.0, create_timeout_s=0.5)
+    policy = "name: global\nspec:\n  resources: {max_memory_mib: 200}\n"
+    with redis_server(tmp_path / "redis") as server:
+        api = start_api(tmp_path / "api", server.url, config=config)
+        try:
+            assert call(api, "PUT", "/v1/policies/global", {"document": policy}).status == 200
+            first = call(api, "POST", "/v1/sandboxes", SANDBOX)
+            assert first.status == 503, first.body  # admitted, queued: no node yet
+            (queued,) = call(api, "GET", "/v1/sandboxes?state=created").json()["items"]
+            assert queued["resources"]["memory_mib"] == 128
+            # A second one would hold 256 MiB: past the quota.
+            second = call(api, "POST", "/v1/sandboxes", SANDBOX)
+            assert second.status == 429 and "minos" in second.json()["detail"], second.body
+        finally:
+            stop_process(api)
+
+
 def record(sandbox_id: str, state: SandboxState) -> SandboxRecord:
     return SandboxRecord(
         id=sandbox_id,

@@ -296,10 +296,7 @@ class SandboxManager:
         self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
     ) -> SandboxRecord:
         # The template's own defaults count in admission, so quotas judge what it gets.
-        defaults = (
-            None if request.from_snapshot else self.provider.template_defaults(request.template)
-        )
-        admitted = await self.admission.admit(caller, request, defaults)
+        admitted = await self.admission.admit(caller, request, self.provider.defaults_for(request))
         try:
             return await self._place(admitted, caller, sandbox_id)
         except BaseException:

@@ -17,6 +17,7 @@ import anyio
 import msgspec
 
 from tartarus.agent.admission import TemplateDefaults
+from tartarus.api.types import CreateSandboxRequest
 from tartarus.config import Settings
 from tartarus.host.doctor import BackendVerdict, DoctorReport, run_doctor
 from tartarus.images import TemplateStore
@@ -110,11 +111,14 @@ class HostRuntimes:
     async def template(self, name: str) -> TemplateInfo:
         return await self.templates.inspect(name)
 
-    def template_defaults(self, name: str) -> TemplateDefaults | None:
-        """The template's own resources and timeout, from its definition (no build
-        needed); None for a name no template has (creating it fails later, as before)."""
+    def defaults_for(self, request: CreateSandboxRequest) -> TemplateDefaults | None:
+        """The template's own resources and timeout for a create, from its definition
+        (no build needed), to count in admission; None for a restore (the snapshot
+        decides) or a name no template has (creating it fails later, as before)."""
+        if request.from_snapshot:
+            return None
         try:
-            template = self.templates.definition(name)
+            template = self.templates.definition(request.template)
         except TemplateNotFoundError:
             return None
         return TemplateDefaults(resources=template.resources, timeout_s=template.timeout_s)

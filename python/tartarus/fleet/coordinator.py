@@ -27,7 +27,7 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from tartarus.agent.admission import AdmissionHook, AdmitAll
+from tartarus.agent.admission import AdmissionHook, AdmitAll, TemplateDefaults
 from tartarus.agent.manager import fingerprint, new_sandbox_id
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
@@ -86,8 +86,12 @@ class Coordinator:
         self.server_id = f"api-{secrets.token_hex(4)}"
         self.proxy = NodeProxy(join_token, node_tls)
         self.metrics = FleetMetrics(self)
-        # The server's Judges (set when the server starts; all admitted until then).
+        # The server's Judges and its templates' own defaults (set when the server
+        # starts; all admitted as asked until then).
         self.admission: AdmissionHook = AdmitAll()
+        self.template_defaults: Callable[[CreateSandboxRequest], TemplateDefaults | None] = (
+            lambda request: None
+        )
 
     # --- running ------------------------------------------------------------------------
 
@@ -196,7 +200,9 @@ class Coordinator:
         try:
             # The Judges (policy rules, template defaults, audit) decide here; the quota
             # share is held fleet-wide under the sandbox's id until its record ends.
-            admitted = await self.admission.admit(caller, request, hold_as=sandbox_id)
+            admitted = await self.admission.admit(
+                caller, request, self.template_defaults(request), hold_as=sandbox_id
+            )
             admitted.release()  # a local hold, if any: the shared one counts
             try:
                 record = await self._enqueue(admitted.request, caller, sandbox_id)

@@ -529,10 +529,12 @@ class FleetPlugin:
 
     @asynccontextmanager
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
-        # Sandboxes run on the node agents; the manager lends its admission judges.
+        # Sandboxes run on the node agents; the manager lends its admission judges and
+        # its templates.
         app[COORDINATOR] = self.coordinator
         app[SANDBOX_TENANTS] = self.coordinator.sandbox_tenant
         self.coordinator.admission = manager.admission
+        self.coordinator.template_defaults = manager.provider.defaults_for
         if isinstance(manager.admission, Judges):
             # Minos counts across every API server of the fleet.
             manager.admission.shared = self.coordinator.state.quota
