@@ -135,10 +135,21 @@ class GvisorSandbox(HostedAgentSandbox):
             command = ["run"]
         else:
             command = ["restore", "--image-path", str(restore_from)]
+        # runsc writes the sandbox's host pid here: its cgroup is found without
+        # another runsc (a `runsc state` costs ~20 ms).
+        pid_file = self._dir / "sandbox.pid"
+        pid_file.unlink(missing_ok=True)
         await self._runsc(
-            *command, "--detach", "--bundle", str(self.bundle), self.container, detached=True
+            *command,
+            "--detach",
+            "--pid-file",
+            str(pid_file),
+            "--bundle",
+            str(self.bundle),
+            self.container,
+            detached=True,
         )
-        await self._find_cgroup()
+        self._find_cgroup(pid_file)
         await self._connect()
 
     async def _connect(self) -> None:
@@ -154,11 +165,10 @@ class GvisorSandbox(HostedAgentSandbox):
         with (self._dir / "relay.log").open("ab") as log:
             self.agent = await AgentClient.spawn(argv, stderr=log.fileno())
 
-    async def _find_cgroup(self) -> None:
-        result = await self._runsc("state", self.container)
-        pid = json.loads(result.stdout).get("pid", 0)
-        if pid:
-            self._cgroup = CgroupReader(cgroup_dirs_of(pid))
+    def _find_cgroup(self, pid_file: Path) -> None:
+        pid = pid_file.read_text().strip() if pid_file.is_file() else ""
+        if pid.isdigit() and int(pid) > 0:
+            self._cgroup = CgroupReader(cgroup_dirs_of(int(pid)))
 
     async def status(self) -> SandboxStatus:
         state = self._state
