@@ -281,19 +281,18 @@ async def gvisor_restore(work: Path) -> dict[str, Any]:
         await service.release(clone.id)
         container = f"nyx-bench-{i}-{secrets.token_hex(4)}"
         started = time.perf_counter()
-        runsc = await runtime.run_detached(
+        await runtime.runsc(
             "restore",
             "--image-path",
             str(image),
+            "--detach",
             "--bundle",
             str(bundle),
             container,
-            network=False,
             log=work / "raw-restore.log",
         )
         raw.append(time.perf_counter() - started)
         await runtime.destroy(container)
-        await runsc.aclose()
     service.catalog.close()
     a, b = Stats.of(ours), Stats.of(raw)
     print(report("gVisor restore (Nyx, agent connected)", a, b, "raw runsc restore"))

@@ -15,7 +15,6 @@ from tartarus.binaries import find_binary
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient, AgentError
 from tartarus.runtime.agent_sandbox import AgentExecution
-from tartarus.runtime.layout import wait_for_path
 from tartarus.runtime.types import ExecRequest, ExitStatus, FileKind, OutputChunk, PtySize
 from tests.support.agent import HostAgentSandbox, running_agent
 
@@ -357,29 +356,6 @@ async def test_agent_over_stdio(tmp_path: Path) -> None:
         assert isinstance(output, p.Output) and output.data == b"via stdio\n"
         assert isinstance(await stream.next(), p.Exit)
     assert client._process is None  # aclose reaped the agent
-
-
-async def test_agent_serves_stdio_and_a_socket_side_by_side(tmp_path: Path) -> None:
-    """gVisor's agent: the host that started it on stdio, relays on its unix socket; it
-    ends when stdio closes, whoever else is connected."""
-    socket = tmp_path / "agent.sock"
-    client = await AgentClient.spawn(
-        [find_binary("tartarus-agent"), "serve", "--listen", "stdio", "--listen", f"unix:{socket}"]
-    )
-    async with client:
-        await wait_for_path(socket, 10)
-        other = await AgentClient.connect_unix(socket)
-        async with other:
-            for speaker in (client, other):
-                stream = await speaker.start(p.Exec(argv=["echo", "both"]))
-                assert isinstance(await stream.next(), p.Started)
-                output = await stream.next()
-                assert isinstance(output, p.Output) and output.data == b"both\n"
-            process = client._process
-            assert process is not None
-            await client.aclose()  # stdio closes: the agent ends
-            with anyio.fail_after(15):
-                assert await process.wait() == 0
 
 
 async def test_shutdown_terminates_processes_and_exits(tmp_path: Path) -> None:

@@ -162,14 +162,6 @@ class AgentClient:
         process = await anyio.open_process(
             [str(a) for a in argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
         )
-        return await cls.over_process(process, timeout_s=timeout_s)
-
-    @classmethod
-    async def over_process(
-        cls, process: anyio.abc.Process, *, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    ) -> AgentClient:
-        """Speaks to the agent over `process`'s stdin and stdout: the agent's own, or
-        pipes `process` handed to it. `aclose` closes them and waits for `process`."""
         assert process.stdin is not None and process.stdout is not None
         client = cls(StapledByteStream(process.stdin, process.stdout))
         client._process = process

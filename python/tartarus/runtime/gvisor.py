@@ -5,16 +5,14 @@ root:memory`) that disappears with the sandbox. No network unless the spec asks 
 pids limits go into the OCI spec, which runsc enforces with a host cgroup around the
 whole sandbox.
 
-The agent listens on the container's stdin and stdout, pipes this process hands to
-`runsc run --detach`: runsc checkpoints and restores pipes, where it cannot checkpoint a
-sandbox holding a host-backed socket (`--host-uds=create`: "encoding error at object
-transport.connectionedEndpoint"). It also listens on a unix socket of the sandbox's own
-(`/.tartarus/run`, a tmpfs inside gVisor), reached through `tartarus-jail relay` started
-with `runsc exec`: that is how the host speaks to a restored copy, whose stdio carries
-the conversation of the sandbox it was copied from.
+The agent listens on a unix socket of the sandbox's own (`/.tartarus/run`, a tmpfs
+inside gVisor). The host reaches it through `tartarus-jail relay`, started with `runsc
+exec` and bound in read-only: its stdin and stdout are the connection. A host-backed
+socket (`--host-uds=create`) would be quicker to reach, but runsc cannot checkpoint a
+sandbox that holds one ("encoding error at object transport.connectionedEndpoint").
 
-Snapshots are `runsc checkpoint` and `runsc restore`: a relay is closed first (a process
-with host pipes a restore could not give back), and the connection reopened after.
+Snapshots are `runsc checkpoint` and `runsc restore`: the relay is closed first, so the
+sandbox holds no host socket, and reopened after.
 
 Per runtime, one private `runsc --root` under `<state>/gvisor/runsc`; per sandbox,
 `<state>/gvisor/<id>/` holds the bundle, the socket directory and runsc's logs.
@@ -109,16 +107,16 @@ class GvisorSandbox(HostedAgentSandbox):
         super().__init__(spec, directory)
         self._runtime = runtime
         self.container = _container_name(spec.id)
-        # A restored container's stdio pipes, kept open while the relay is the
-        # connection: the agent ends when they close, as with the host that started it.
-        self._lifeline: anyio.abc.Process | None = None
 
     @property
     def bundle(self) -> Path:
         return self._dir / "bundle"
 
-    async def _runsc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return await self._runtime.runsc(*args, network=self.spec.network, check=check)
+    async def _runsc(
+        self, *args: str, check: bool = True, detached: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        log = self._dir / "runsc.log" if detached else None
+        return await self._runtime.runsc(*args, network=self.spec.network, check=check, log=log)
 
     async def start(self, *, restore_from: Path | None = None) -> None:
         if self._state is SandboxState.RUNNING:
@@ -132,10 +130,7 @@ class GvisorSandbox(HostedAgentSandbox):
         self._state = SandboxState.RUNNING
 
     async def _launch(self, restore_from: Path | None) -> None:
-        """Runs the container (fresh, or restored from a checkpoint) and connects: a
-        fresh agent speaks on the container's stdio, pipes to this process; a restored
-        one through a relay (its stdio is the connection of the sandbox it was copied
-        from, mid-conversation)."""
+        """Runs the container (fresh, or restored from a checkpoint) and connects."""
         if restore_from is None:
             command = ["run"]
         else:
@@ -144,22 +139,18 @@ class GvisorSandbox(HostedAgentSandbox):
         # another runsc (a `runsc state` costs ~20 ms).
         pid_file = self._dir / "sandbox.pid"
         pid_file.unlink(missing_ok=True)
-        runsc = await self._runtime.run_detached(
+        await self._runsc(
             *command,
+            "--detach",
             "--pid-file",
             str(pid_file),
             "--bundle",
             str(self.bundle),
             self.container,
-            network=self.spec.network,
-            log=self._dir / "runsc.log",
+            detached=True,
         )
         self._find_cgroup(pid_file)
-        if restore_from is None:
-            self.agent = await AgentClient.over_process(runsc)
-        else:
-            self._lifeline = runsc
-            await self._connect()
+        await self._connect()
 
     async def _connect(self) -> None:
         """Opens the agent connection: a relay inside the sandbox, over runsc exec."""
@@ -206,15 +197,12 @@ class GvisorSandbox(HostedAgentSandbox):
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         """`runsc checkpoint`, then the sandbox resumes from the image it just wrote
         (runsc 2022's `--leave-running` hangs): processes pause for the checkpoint and
-        carry on. The container's stdio pipes go into the checkpoint (a restore hands
-        the copy new ones); a relay, a process whose host pipes no restore could give
-        back, is closed first. The agent connection is reopened after."""
+        carry on. The agent connection is closed first (its relay is a process with host
+        pipes) and reopened after."""
         await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
-        if self._lifeline is not None:
-            await self.close_agent()
+        await self.close_agent()
         await self._runsc("checkpoint", "--image-path", str(dest_dir), self.container)
         await self._runtime.destroy(self.container)
-        await self._close_connections()
         self.container = _container_name(self.id)
         try:
             await self._launch(dest_dir)
@@ -233,23 +221,11 @@ class GvisorSandbox(HostedAgentSandbox):
                 await self.shutdown_agent(grace_s)
         await self.kill()
 
-    async def _close_connections(self) -> None:
-        await self.close_agent()
-        lifeline, self._lifeline = self._lifeline, None
-        if lifeline is not None:
-            await lifeline.aclose()
-
     async def kill(self) -> None:
-        await self._close_connections()
+        await self.close_agent()
         await self._runtime.destroy(self.container)
         self._state = SandboxState.STOPPED
         await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
-
-
-def _failed(command: str, code: int, detail: bytes) -> GvisorError:
-    return GvisorError(
-        f"runsc {command} failed (exit {code}): {detail.decode(errors='replace').strip()[-800:]}"
-    )
 
 
 class GvisorRuntime:
@@ -271,39 +247,27 @@ class GvisorRuntime:
         return [runsc, *flags, *args]
 
     async def runsc(
-        self, *args: str, network: bool = False, check: bool = True
+        self, *args: str, network: bool = False, check: bool = True, log: Path | None = None
     ) -> subprocess.CompletedProcess[bytes]:
-        """Runs runsc with this runtime's flags, to completion."""
+        """Runs runsc with this runtime's flags. Commands that leave a sandbox running
+        (`run --detach`, `restore --detach`) must pass `log`: the sandbox inherits
+        runsc's stdout and stderr, so pipes would never reach end of file."""
         command = self.runsc_argv(*args, network=network)
         with anyio.fail_after(RUNSC_TIMEOUT_S):
-            result = await anyio.run_process(command, check=False)
+            if log is None:
+                result = await anyio.run_process(command, check=False)
+            else:
+                with log.open("ab") as sink:
+                    result = await anyio.run_process(
+                        command, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, check=False
+                    )
         if check and result.returncode != 0:
-            raise _failed(args[0], result.returncode, result.stderr)
-        return result
-
-    async def run_detached(self, *args: str, network: bool, log: Path) -> anyio.abc.Process:
-        """`runsc run|restore --detach ...`: runsc exits once the container runs, and
-        the container keeps the pipes given as its stdin and stdout; the returned
-        (ended) process holds this side of them. Pipes survive a checkpoint, where a
-        host socket would not ("encoding error at object
-        transport.connectionedEndpoint"). runsc's own output goes to `log`."""
-        command = self.runsc_argv(args[0], "--detach", *args[1:], network=network)
-        with log.open("ab") as sink:
-            process = await anyio.open_process(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink
+            detail = result.stderr or (await anyio.Path(log).read_bytes() if log else b"")
+            raise GvisorError(
+                f"runsc {args[0]} failed (exit {result.returncode}): "
+                f"{detail.decode(errors='replace').strip()[-800:]}"
             )
-        try:
-            with anyio.fail_after(RUNSC_TIMEOUT_S):
-                code = await process.wait()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                process.kill()
-                await process.aclose()
-            raise
-        if code != 0:
-            await process.aclose()
-            raise _failed(args[0], code, await anyio.Path(log).read_bytes())
-        return process
+        return result
 
     def _spec(self, spec: SandboxSpec, directory: Path) -> oci.Spec:
         assert spec.rootfs is not None
@@ -313,7 +277,7 @@ class GvisorRuntime:
             env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         return oci.Spec(
             process=oci.Process(
-                args=agent_argv(stdio=True),
+                args=agent_argv(),
                 env=env,
                 # The sentry enforces this inside; the host cgroup below only caps the sandbox
                 # as a whole (its own threads included).

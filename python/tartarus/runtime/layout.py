@@ -22,14 +22,11 @@ SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
 AGENT_SOCKET: Final = "agent.sock"
 
 
-def agent_argv(*, stdio: bool = False) -> list[str]:
-    """How every agent-backed backend starts the agent inside the sandbox: on its unix
-    socket, and with `stdio` on its stdin and stdout too (the agent then ends when they
-    close)."""
+def agent_argv() -> list[str]:
+    """How every agent-backed backend starts the agent inside the sandbox."""
     return [
         AGENT_IN_SANDBOX,
         "serve",
-        *(["--listen", "stdio"] if stdio else []),
         "--listen",
         f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
     ]

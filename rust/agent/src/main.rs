@@ -38,14 +38,12 @@ const LOG_BYTES: usize = 16 << 20;
 /// Grace period for processes when the agent gets SIGTERM.
 const SIGTERM_GRACE_S: f64 = 5.0;
 
-const USAGE: &str = "usage: tartarus-agent serve --listen unix:PATH|vsock:PORT|stdio [--listen ...]
-                            [--init] [--kernel-cmdline FILE]
+const USAGE: &str = "usage: tartarus-agent serve --listen unix:PATH|vsock:PORT|stdio [--init]
+                            [--kernel-cmdline FILE]
        tartarus-agent --version";
 
 struct Options {
-    /// Served side by side (gVisor: stdio for the host that started the sandbox, a unix
-    /// socket inside for the relays that reach a restored copy).
-    listen: Vec<Listen>,
+    listen: Listen,
     init: bool,
     /// Where `--init` reads the kernel command line (tests point it at a file).
     kernel_cmdline: PathBuf,
@@ -66,7 +64,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             Ok(None)
         }
         Some("serve") => {
-            let mut listen = Vec::new();
+            let mut listen = None;
             let mut init = false;
             let mut kernel_cmdline = PathBuf::from(cmdline::KERNEL_CMDLINE);
             let mut rest = args[1..].iter();
@@ -74,7 +72,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                 match arg.as_str() {
                     "--listen" => {
                         let spec = rest.next().ok_or("--listen needs a value")?;
-                        listen.push(spec.parse()?);
+                        listen = Some(spec.parse()?);
                     }
                     "--init" => init = true,
                     "--kernel-cmdline" => {
@@ -82,14 +80,12 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                         kernel_cmdline = PathBuf::from(path);
                     }
                     other => match other.strip_prefix("--listen=") {
-                        Some(spec) => listen.push(spec.parse()?),
+                        Some(spec) => listen = Some(spec.parse()?),
                         None => return Err(format!("unknown option {other:?}")),
                     },
                 }
             }
-            if listen.is_empty() {
-                return Err("serve needs --listen".into());
-            }
+            let listen = listen.ok_or("serve needs --listen")?;
             Ok(Some(Options {
                 listen,
                 init,
@@ -156,17 +152,14 @@ async fn run(options: Options) -> ExitCode {
     let registry = Registry::new(reaper, Ring::new(LOG_BYTES), PathBuf::from("/etc"));
     let agent = Agent::new(registry);
 
-    let mut servers = tokio::task::JoinSet::new();
-    for listen in options.listen {
-        servers.spawn(listen::run(agent.clone(), listen));
-    }
+    let server = tokio::spawn(listen::run(agent.clone(), options.listen));
     let mut shutdown = agent.shutdown.subscribe();
     let grace = tokio::select! {
         _ = sigterm.recv() => SIGTERM_GRACE_S,
         _ = sigint.recv() => SIGTERM_GRACE_S,
         requested = shutdown.wait_for(Option::is_some) => requested.ok().and_then(|g| *g).unwrap_or(0.0),
-        result = servers.join_next() => {
-            if let Some(Ok(Err(e))) = result {
+        result = server => {
+            if let Ok(Err(e)) = result {
                 eprintln!("tartarus-agent: {e}");
                 return ExitCode::FAILURE;
             }
