@@ -341,6 +341,25 @@ async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
     await assert_no_leftovers(restored, runtime, tmp_path / "state")
 
 
+async def test_gvisor_sandbox_answers_after_each_snapshot_in_place(
+    runtime: Runtime, base_rootfs: Path, tmp_path: Path
+) -> None:
+    """Snapshot after snapshot, the sandbox resumes from its own image and answers."""
+    if runtime.backend is not Backend.GVISOR:
+        pytest.skip("only gvisor checkpoints")
+    sb = await runtime.create(spec_for(base_rootfs, "again"))
+    await sb.start()
+    try:
+        for round_ in range(3):
+            for _ in range(20):
+                assert (await (await sb.exec(ExecRequest(argv=["true"]))).wait()).exit.code == 0
+            await sb.snapshot(tmp_path / f"snap{round_}")
+            result = await (await sb.exec(ExecRequest(argv=["echo", f"round {round_}"]))).wait()
+            assert result.stdout == f"round {round_}\n".encode()
+    finally:
+        await sb.kill()
+
+
 async def test_reap_removes_what_a_crashed_server_left(
     runtime: Runtime, base_rootfs: Path, tmp_path: Path
 ) -> None:
