@@ -10,6 +10,10 @@ inside gVisor). The host reaches it through `tartarus-jail relay`, started with 
 exec` and bound in read-only: its stdin and stdout are the connection. A host-backed
 socket (`--host-uds=create`) would be quicker to reach, but runsc cannot checkpoint a
 sandbox that holds one ("encoding error at object transport.connectionedEndpoint").
+The container's stdio would be quicker still and runsc does checkpoint pipes, but a copy
+restored while the agent was blocked reading them died now and then (SIGSEGV in the
+agent's main thread after runsc restarted its `read(0)`, seen in the `--strace` boot
+log of this runsc), so stdio stays unused.
 
 Snapshots are `runsc checkpoint` and `runsc restore`: the relay is closed first, so the
 sandbox holds no host socket, and reopened after.
