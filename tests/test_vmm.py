@@ -28,6 +28,7 @@ from tartarus.runtime.base import BackendUnavailableError
 from tartarus.runtime.microvm import MicroVmRuntime
 from tartarus.runtime.types import SandboxSpec
 from tartarus.runtime.vmm_api import MachineConfig, VmmError, VmmProcess, VmState
+from tests.support.hugepages import free_huge_pages, meminfo
 from tests.support.probe_guests import (
     build_probe_bzimage,
     build_probe_guest,
@@ -363,14 +364,6 @@ def test_file_backed_memory_is_copy_on_write(vmm_bin: str, guest: Path, tmp_path
 HUGE_PAGES = 16  # a 32 MiB guest
 
 
-def _meminfo() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        out[key] = int(value.split()[0])
-    return out
-
-
 def _huge_page_mappings(pid: int) -> int:
     """How many of `pid`'s mappings use 2 MiB kernel pages."""
     mappings = Path(f"/proc/{pid}/smaps").read_text().split("\nKernelPageSize:")
@@ -379,29 +372,8 @@ def _huge_page_mappings(pid: int) -> int:
 
 @pytest.fixture
 def huge_pages() -> Iterator[int]:
-    """HUGE_PAGES free 2 MiB pages: raises vm.nr_hugepages as root when short (and lowers
-    it back after), else skips with what the host offers."""
-    nr = Path("/proc/sys/vm/nr_hugepages")
-    info = _meminfo()
-    if info.get("Hugepagesize") != 2048:
-        pytest.skip(f"default huge page size is {info.get('Hugepagesize')} kB, not 2048")
-    added = 0
-    if info["HugePages_Free"] < HUGE_PAGES and os.geteuid() == 0:
-        total = int(nr.read_text())
-        with contextlib.suppress(OSError):
-            nr.write_text(str(total + HUGE_PAGES - info["HugePages_Free"]))
-        added = int(nr.read_text()) - total
-    free = _meminfo()["HugePages_Free"]
-    try:
-        if free < HUGE_PAGES:
-            pytest.skip(
-                f"{HUGE_PAGES} free 2 MiB huge pages needed; HugePages_Free is {free} "
-                f"after asking /proc/sys/vm/nr_hugepages for more (euid {os.geteuid()})"
-            )
-        yield HUGE_PAGES
-    finally:
-        if added > 0:
-            nr.write_text(str(max(0, int(nr.read_text()) - added)))
+    with free_huge_pages(HUGE_PAGES) as count:
+        yield count
 
 
 @pytest.mark.anyio
@@ -423,7 +395,7 @@ async def test_guest_ram_on_huge_pages(
 
 
 def test_a_short_huge_page_pool_is_a_clear_error(vmm_bin: str, guest: Path, tmp_path: Path) -> None:
-    short = (_meminfo()["HugePages_Free"] + 64) * 2
+    short = (meminfo()["HugePages_Free"] + 64) * 2
     r = run_probe(vmm_bin, guest, tmp_path, "hello", memory_mib=short, memory={"hugepages": True})
     assert r.returncode == 3
     assert "huge pages" in r.stderr and "nr_hugepages" in r.stderr

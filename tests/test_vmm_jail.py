@@ -61,11 +61,19 @@ from tartarus.runtime.vmm_jail import (
 )
 from tests.conftest import require_root
 from tests.guest_rootfs import busybox_rootfs
+from tests.support.hugepages import free_huge_pages
 from tests.support.probe_guests import build_probe_guest, seccomp_selftest, vmm_binary
 
 pytestmark = pytest.mark.timeout(120)
 
 UID = 4_042_424
+# Whether this host's cgroups have the hugetlb controller (v1 mount or offered by v2).
+HUGETLB = any(
+    "hugetlb" in (m / "cgroup.controllers").read_text().split()
+    if (m / "cgroup.controllers").exists()
+    else (m / "hugetlb.2MB.limit_in_bytes").exists()
+    for m in cgroup_mounts()
+)
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
@@ -177,6 +185,26 @@ def memory_limit_file(jail: JailConfig) -> Path:
     return mounts[""] / jail.cgroup.parent / jail.id / "memory.max"
 
 
+def hugetlb_limit(jail: JailConfig) -> int | None:
+    """The jail's cap on 2 MiB huge pages, where the host has the hugetlb controller."""
+    mounts = _cgroup_mounts()
+    if "hugetlb" in mounts:
+        file = mounts["hugetlb"] / jail.cgroup.parent / jail.id / "hugetlb.2MB.limit_in_bytes"
+    else:
+        file = mounts[""] / jail.cgroup.parent / jail.id / "hugetlb.2MB.max"
+    return int(file.read_text()) if file.exists() else None
+
+
+def hugetlb_reserved(jail: JailConfig) -> int:
+    """Bytes of 2 MiB huge pages reserved in the jail's name."""
+    mounts = _cgroup_mounts()
+    if "hugetlb" in mounts:
+        file = mounts["hugetlb"] / jail.cgroup.parent / jail.id / "hugetlb.2MB.rsvd.usage_in_bytes"
+    else:
+        file = mounts[""] / jail.cgroup.parent / jail.id / "hugetlb.2MB.rsvd.current"
+    return int(file.read_text())
+
+
 def pids_limit(jail: JailConfig) -> int:
     mounts = _cgroup_mounts()
     base = mounts.get("pids", mounts[""])
@@ -227,6 +255,9 @@ def assert_jailed(pid: int, j: Jailed) -> None:
         int(memory_limit_file(j.jail).read_text()) == (guest_mib + j.jail.cgroup.overhead_mib) << 20
     )
     assert pids_limit(j.jail) == j.jail.cgroup.pids
+    # Guest RAM on huge pages is not charged to memory: hugetlb caps it at the guest's size.
+    if HUGETLB:
+        assert hugetlb_limit(j.jail) == guest_mib << 20
     # No mount of the jail is visible on the host.
     assert str(j.jail.chroot_base) not in Path("/proc/self/mountinfo").read_text()
 
@@ -388,6 +419,34 @@ async def test_a_second_vmm_with_the_same_jail_id_is_refused(
     finally:
         await first.stop()
     assert_nothing_left(j, [first.process.pid])
+
+
+@pytest.mark.anyio
+async def test_guest_ram_on_huge_pages_is_charged_to_the_jail(
+    vmm_bin: str, guest: Path, tmp_path: Path
+) -> None:
+    if not HUGETLB:
+        pytest.skip("this host's cgroups have no hugetlb controller")
+    with free_huge_pages(16) as pages:
+        guest_mib = 2 * pages
+        j = jailed(
+            guest,
+            tmp_path,
+            "spin",
+            memory_mib=guest_mib,
+            memory=MemoryBacking(hugepages=True),
+            guest_memory_mib=guest_mib,
+        )
+        vmm = await VmmProcess.launch(tmp_path / "api", jail=j.jail)
+        try:
+            await vmm.configure(j.machine)
+            await vmm.start()
+            assert_jailed(jailed_vmm_pid(vmm.process.pid), j)
+            # Reserved when mapped (no MAP_NORESERVE): the whole guest, in the jail's name.
+            assert hugetlb_reserved(j.jail) == guest_mib << 20
+        finally:
+            await vmm.stop()
+    assert_nothing_left(j, [vmm.process.pid])
 
 
 @pytest.mark.anyio

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Context, Result};
 
-pub const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+pub const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "hugetlb"];
 
 /// Where the host mounts its cgroup hierarchies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -117,6 +117,10 @@ pub struct Limits {
     pub pids: Option<u64>,
     pub cpu_quota_us: Option<u64>,
     pub cpu_period_us: u64,
+    /// 2 MiB huge pages the cgroup may reserve and use: huge pages are not charged to
+    /// memory. None leaves the hugetlb controller out.
+    #[serde(default)]
+    pub hugetlb_2mb_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +146,9 @@ impl Cgroup {
         let mut v2_controllers = Vec::new();
         let mut v1_dirs: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
         for controller in CONTROLLERS {
+            if controller == "hugetlb" && limits.hugetlb_2mb_bytes.is_none() {
+                continue;
+            }
             if let Some(mount) = h.v1.get(controller) {
                 v1_dirs
                     .entry(mount.clone())
@@ -198,6 +205,12 @@ impl Cgroup {
                     if let (true, Some(q)) = (has("cpu"), limits.cpu_quota_us) {
                         write(p, "cpu.max", &format!("{q} {}", limits.cpu_period_us))?;
                     }
+                    if let (true, Some(bytes)) = (has("hugetlb"), limits.hugetlb_2mb_bytes) {
+                        write(p, "hugetlb.2MB.max", &bytes.to_string())?;
+                        // Reservations (mmap time, kernels from 5.7): a clear ENOMEM
+                        // instead of a SIGBUS at the first touch past the limit.
+                        write_optional(p, "hugetlb.2MB.rsvd.max", &bytes.to_string())?;
+                    }
                 }
                 Version::V1 => {
                     if let (true, Some(bytes)) = (has("memory"), limits.memory_bytes) {
@@ -212,6 +225,10 @@ impl Cgroup {
                     if let (true, Some(q)) = (has("cpu"), limits.cpu_quota_us) {
                         write(p, "cpu.cfs_period_us", &limits.cpu_period_us.to_string())?;
                         write(p, "cpu.cfs_quota_us", &q.to_string())?;
+                    }
+                    if let (true, Some(bytes)) = (has("hugetlb"), limits.hugetlb_2mb_bytes) {
+                        write(p, "hugetlb.2MB.limit_in_bytes", &bytes.to_string())?;
+                        write_optional(p, "hugetlb.2MB.rsvd.limit_in_bytes", &bytes.to_string())?;
                     }
                 }
             }

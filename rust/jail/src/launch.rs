@@ -76,6 +76,7 @@ pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
                 pids: cg.pids,
                 cpu_quota_us: cg.cpu_quota_us,
                 cpu_period_us: cg.cpu_period_us,
+                hugetlb_2mb_bytes: None,
             };
             Some(Cgroup::create(
                 &Hierarchies::detect()?,

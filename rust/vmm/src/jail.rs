@@ -225,7 +225,8 @@ impl JailConfig {
         Ok(guest)
     }
 
-    /// The cgroup limits for a guest of `guest_mib`.
+    /// The cgroup limits for a guest of `guest_mib`. Guest RAM on huge pages is not
+    /// charged to memory, so the hugetlb controller caps it at the guest's size.
     pub fn limits(&self, guest_mib: u64) -> Limits {
         let memory_mib = guest_mib.saturating_add(self.cgroup.overhead_mib);
         Limits {
@@ -233,6 +234,7 @@ impl JailConfig {
             pids: Some(self.cgroup.pids),
             cpu_quota_us: self.cgroup.cpu_quota_us,
             cpu_period_us: self.cgroup.cpu_period_us,
+            hugetlb_2mb_bytes: Some(guest_mib.saturating_mul(1 << 20)),
         }
     }
 }
@@ -369,6 +371,7 @@ mod tests {
         let limits = c.limits(64);
         assert_eq!(limits.memory_bytes, Some((64 + DEFAULT_OVERHEAD_MIB) << 20));
         assert_eq!(limits.pids, Some(DEFAULT_PIDS));
+        assert_eq!(limits.hugetlb_2mb_bytes, Some(64 << 20));
         assert_eq!(limits.cpu_quota_us, None);
     }
 
