@@ -150,7 +150,7 @@ fn supervise(
         cgroup,
         user_namespace: user_ns,
     });
-    let code = supervisor::wait_for(child)?;
+    let code = supervisor::wait_for(child)?.code();
     let oom_kills = cgroup.map_or(0, |cg| cg.stats().oom_kills);
     Ok((code, oom_kills))
 }

@@ -129,12 +129,29 @@ fn end_with_parent() -> Result<()> {
     Ok(())
 }
 
-/// Waits until `child` ends; its exit code, or 128 + the signal that ended it.
-pub fn wait_for(child: Pid) -> Result<i32> {
+/// How the jailed child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    Exited(i32),
+    Killed(Signal),
+}
+
+impl Ended {
+    /// The exit code, or 128 + the signal that ended it (as a shell reports it).
+    pub fn code(self) -> i32 {
+        match self {
+            Ended::Exited(code) => code,
+            Ended::Killed(sig) => 128 + sig as i32,
+        }
+    }
+}
+
+/// Waits until `child` ends.
+pub fn wait_for(child: Pid) -> Result<Ended> {
     loop {
         match waitpid(child, None) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(WaitStatus::Exited(_, code)) => return Ok(Ended::Exited(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(Ended::Killed(sig)),
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e).context(|| "waiting for the jail".into()),
         }

@@ -18,8 +18,8 @@
 //! SIGTERM/SIGINT/SIGHUP/SIGQUIT into a SIGKILL of the whole jail (a PID 1 ignores
 //! signals it has no handler for), ends the jail when the process that started the VMM
 //! dies, removes the cgroup when the jail is gone and exits with the VMM's status
-//! (128 + signal if a signal ended it). The VMM dies with its supervisor. Paths in the machine
-//! configuration are paths inside the jail.
+//! (128 + signal if a signal ended it). The VMM dies with its supervisor. Paths in the
+//! machine configuration are paths inside the jail.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use tartarus_jail::cgroup::{Cgroup, Hierarchies, Limits};
 use tartarus_jail::config::{BindMount, Rlimit};
 use tartarus_jail::namespaces::Namespaces;
 use tartarus_jail::spawn::{spawn_held, Hold};
-use tartarus_jail::supervisor::{self, OnStop, Supervisor};
+use tartarus_jail::supervisor::{self, Ended, OnStop, Supervisor};
 use tartarus_jail::{mounts, privileges, JailError};
 
 /// Where the jail root is mounted (in the VMM's mount namespace only) by default.
@@ -337,14 +337,11 @@ fn supervise(pid: Pid, supervisor: &Supervisor) -> i32 {
         eprintln!("tartarus-vmm: jail: cannot guard the VMM, it was stopped: {e}");
     }
     match supervisor::wait_for(pid) {
-        Ok(code) => {
-            if let Some(sig) = code
-                .checked_sub(128)
-                .and_then(|n| nix::sys::signal::Signal::try_from(n).ok())
-            {
+        Ok(ended) => {
+            if let Ended::Killed(sig) = ended {
                 eprintln!("tartarus-vmm: jail: the VMM was killed by {sig}");
             }
-            code
+            ended.code()
         }
         Err(e) => {
             eprintln!("tartarus-vmm: jail: {e}");
