@@ -85,6 +85,19 @@ impl Drop for Fixture {
     }
 }
 
+/// Polls the events file until it holds `needle` (10 s at most); returns its text.
+fn events_with(path: &Path, needle: &str, what: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -256,17 +269,7 @@ fn the_supervisor_is_confined_and_still_cleans_up() {
         .stdout(file)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !std::fs::read_to_string(&events)
-        .unwrap()
-        .contains("started")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the jail never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    events_with(&events, "\"started\"", "the jail never started");
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let mode = status
         .lines()
@@ -303,17 +306,6 @@ fn the_jail_ends_when_its_starter_dies() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&events).unwrap_or_default();
-        if text.contains("\"exited\"") {
-            assert!(text.contains("\"started\""), "{text}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the jail outlived its starter: {text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let text = events_with(&events, "\"exited\"", "the jail outlived its starter");
+    assert!(text.contains("\"started\""), "{text}");
 }
