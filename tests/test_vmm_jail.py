@@ -67,13 +67,6 @@ from tests.support.probe_guests import build_probe_guest, seccomp_selftest, vmm_
 pytestmark = pytest.mark.timeout(120)
 
 UID = 4_042_424
-# Whether this host's cgroups have the hugetlb controller (v1 mount or offered by v2).
-HUGETLB = any(
-    "hugetlb" in (m / "cgroup.controllers").read_text().split()
-    if (m / "cgroup.controllers").exists()
-    else (m / "hugetlb.2MB.limit_in_bytes").exists()
-    for m in cgroup_mounts()
-)
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
@@ -178,37 +171,42 @@ def cgroup_dirs(jail: JailConfig) -> list[Path]:
     return [m / jail.cgroup.parent / jail.id for m in set(cgroup_mounts())]
 
 
+def has_hugetlb() -> bool:
+    """Whether this host's cgroups have the hugetlb controller (v1 mount or offered by v2)."""
+    mounts = _cgroup_mounts()
+    unified = mounts[""] / "cgroup.controllers" if "" in mounts else None
+    return "hugetlb" in mounts or (unified is not None and "hugetlb" in unified.read_text().split())
+
+
+def jail_cgroup_file(jail: JailConfig, controller: str, v1_name: str, v2_name: str) -> Path:
+    """A file of `controller` in the jail's cgroup: in the controller's v1 hierarchy if
+    the host mounts one, else in the unified hierarchy."""
+    mounts = _cgroup_mounts()
+    if controller in mounts:
+        return mounts[controller] / jail.cgroup.parent / jail.id / v1_name
+    return mounts[""] / jail.cgroup.parent / jail.id / v2_name
+
+
 def memory_limit_file(jail: JailConfig) -> Path:
-    mounts = _cgroup_mounts()
-    if "memory" in mounts:
-        return mounts["memory"] / jail.cgroup.parent / jail.id / "memory.limit_in_bytes"
-    return mounts[""] / jail.cgroup.parent / jail.id / "memory.max"
+    return jail_cgroup_file(jail, "memory", "memory.limit_in_bytes", "memory.max")
 
 
-def hugetlb_limit(jail: JailConfig) -> int | None:
-    """The jail's cap on 2 MiB huge pages, where the host has the hugetlb controller."""
-    mounts = _cgroup_mounts()
-    if "hugetlb" in mounts:
-        file = mounts["hugetlb"] / jail.cgroup.parent / jail.id / "hugetlb.2MB.limit_in_bytes"
-    else:
-        file = mounts[""] / jail.cgroup.parent / jail.id / "hugetlb.2MB.max"
-    return int(file.read_text()) if file.exists() else None
+def hugetlb_limit(jail: JailConfig) -> int:
+    """The jail's cap on 2 MiB huge pages."""
+    file = jail_cgroup_file(jail, "hugetlb", "hugetlb.2MB.limit_in_bytes", "hugetlb.2MB.max")
+    return int(file.read_text())
 
 
 def hugetlb_reserved(jail: JailConfig) -> int:
     """Bytes of 2 MiB huge pages reserved in the jail's name."""
-    mounts = _cgroup_mounts()
-    if "hugetlb" in mounts:
-        file = mounts["hugetlb"] / jail.cgroup.parent / jail.id / "hugetlb.2MB.rsvd.usage_in_bytes"
-    else:
-        file = mounts[""] / jail.cgroup.parent / jail.id / "hugetlb.2MB.rsvd.current"
+    file = jail_cgroup_file(
+        jail, "hugetlb", "hugetlb.2MB.rsvd.usage_in_bytes", "hugetlb.2MB.rsvd.current"
+    )
     return int(file.read_text())
 
 
 def pids_limit(jail: JailConfig) -> int:
-    mounts = _cgroup_mounts()
-    base = mounts.get("pids", mounts[""])
-    return int((base / jail.cgroup.parent / jail.id / "pids.max").read_text())
+    return int(jail_cgroup_file(jail, "pids", "pids.max", "pids.max").read_text())
 
 
 def status(pid: int) -> dict[str, str]:
@@ -256,7 +254,7 @@ def assert_jailed(pid: int, j: Jailed) -> None:
     )
     assert pids_limit(j.jail) == j.jail.cgroup.pids
     # Guest RAM on huge pages is not charged to memory: hugetlb caps it at the guest's size.
-    if HUGETLB:
+    if has_hugetlb():
         assert hugetlb_limit(j.jail) == guest_mib << 20
     # No mount of the jail is visible on the host.
     assert str(j.jail.chroot_base) not in Path("/proc/self/mountinfo").read_text()
@@ -425,7 +423,7 @@ async def test_a_second_vmm_with_the_same_jail_id_is_refused(
 async def test_guest_ram_on_huge_pages_is_charged_to_the_jail(
     vmm_bin: str, guest: Path, tmp_path: Path
 ) -> None:
-    if not HUGETLB:
+    if not has_hugetlb():
         pytest.skip("this host's cgroups have no hugetlb controller")
     with free_huge_pages(16) as pages:
         guest_mib = 2 * pages
