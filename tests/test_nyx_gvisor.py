@@ -24,7 +24,7 @@ from tartarus.sdk.errors import ConflictError, InvalidRequestError
 from tartarus.sdk.sandbox import Sandbox
 from tartarus.sdk.snapshots import Snapshots
 from tartarus.snapshots.catalog import SnapshotPurpose
-from tests.support.snapshots import isolated_settings, run_cli, serving, until
+from tests.support.snapshots import isolated_settings, moved_past, run_cli, serving, until
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.anyio]
 
@@ -83,14 +83,13 @@ async def test_twenty_forks_see_the_parent_and_diverge(client: Client) -> None:
                 state = await read(f, "/tmp/state")
                 before = int(await read(f, "/tmp/count"))
                 await f.commands.run(f"echo clone-{i} > /tmp/state")
+
                 # With 20 copies on a small CI machine one loop turn (a fork and an exec
-                # of mv under ptrace) can outlast a single command, so the copy is
-                # polled: a live counter moves on within the bound, a stopped one never.
-                after = before
-                with anyio.move_on_after(120):
-                    while after <= before:
-                        await anyio.sleep(0.1)
-                        after = int(await read(f, "/tmp/count"))
+                # of mv under ptrace) can outlast a single command: the copy is polled.
+                async def count() -> int:
+                    return int(await read(f, "/tmp/count"))
+
+                after = await moved_past(count, before, timeout_s=120)
                 seen[f.id] = (state, before, after, await read(f, "/tmp/state"))
 
             async with anyio.create_task_group() as tg:

@@ -28,6 +28,7 @@ from tartarus.runtime.types import (
     SandboxState,
 )
 from tests.runtime_checks import expected_flood
+from tests.support.snapshots import moved_past
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 
@@ -327,13 +328,12 @@ async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
     assert snap.size_bytes > 0
     restored = await runtime.restore(snap, spec_for(base_rootfs, "counter2"))
     try:
-        first = int(await restored.read_file("/tmp/count"))
-        # Polled: under load one loop turn can take longer than any fixed pause.
-        second = first
-        with anyio.move_on_after(60):
-            while second <= first:
-                await anyio.sleep(0.1)
-                second = int(await restored.read_file("/tmp/count"))
+
+        async def count() -> int:
+            return int(await restored.read_file("/tmp/count"))
+
+        first = await count()
+        second = await moved_past(count, first, timeout_s=60)
     finally:
         await restored.kill()
     assert first >= at_snapshot - 5  # continued from the checkpoint, not from 1

@@ -50,6 +50,18 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 60) -> 
             await anyio.sleep(0.01)
 
 
+async def moved_past(read: Callable[[], Awaitable[int]], past: int, timeout_s: float) -> int:
+    """Reads a counter until it passes `past` or `timeout_s` runs out, and returns the
+    last value read for the caller to assert on: under load one turn of a counting loop
+    can outlast any fixed pause, but a live counter moves on within the bound."""
+    value = past
+    with anyio.move_on_after(timeout_s):
+        while value <= past:
+            await anyio.sleep(0.1)
+            value = await read()
+    return value
+
+
 async def wait_for(
     path: Path, text: str, count: int = 1, timeout_s: float = 60, *, whole_line: bool = False
 ) -> str:
