@@ -290,7 +290,7 @@ class RedisBook:
                 if message.get("type") == "message":
                     self._waiters.wake(_text(message["data"]))
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     async def close(self) -> None:
         """The client is shared and closed by its owner."""
