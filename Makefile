@@ -7,38 +7,64 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMPS  := .stamps
 DIST    := dist
+# uv installs the locked Python dependencies; it lives in its own small venv, itself
+# installed from requirements/uv.txt (pinned with hashes).
+TOOLS   := .tools
+UV      := $(TOOLS)/bin/uv
+# Every stage's time goes to .stamps/stages.tsv; scripts/lanes.py prints them at the end.
+STAGE   := scripts/stage
 PYTEST_ARGS ?=
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
 RUST_SRC := Cargo.toml Cargo.lock $(shell find rust -type f \( -name '*.rs' -o -name Cargo.toml \) 2>/dev/null)
 PY_SRC   := pyproject.toml $(shell find python build_backend -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) -not -path '*/__pycache__/*' 2>/dev/null)
 DATA_SRC := $(shell find python -type f -not -name '*.py' -not -name '*.pyi' -not -name '*.so' -not -path '*/_bin/*' -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: help run test lint typecheck rust-check pytest bench clean system install
+.PHONY: help run test lint typecheck rust-check pytest bench clean system install lock stage-reset
 
 help:
 	@echo "make run    set everything up and run a sandbox on the best backend"
-	@echo "make test   set everything up and run the whole suite"
+	@echo "make test   set everything up and run the whole suite (per-lane times at the end)"
 	@echo "make bench  run the benchmarks (results in benches/results/)"
+	@echo "make lock   upgrade the locked Python dependencies (uv.lock, requirements/uv.txt)"
 
 $(STAMPS):
 	@mkdir -p $@
 
 $(STAMPS)/system: scripts/bootstrap-system.sh scripts/system-packages.txt | $(STAMPS)
-	scripts/bootstrap-system.sh
+	$(STAGE) system setup -- scripts/bootstrap-system.sh
 	@touch $@
 
-$(STAMPS)/venv: pyproject.toml $(STAMPS)/system
+$(STAMPS)/tools: requirements/uv.txt $(STAMPS)/system
+	test -x $(TOOLS)/bin/python || python3 -m venv $(TOOLS)
+	$(STAGE) uv setup -- $(TOOLS)/bin/python -m pip install -q --disable-pip-version-check \
+		--require-hashes -r requirements/uv.txt
+	@touch $@
+
+# The Python dependencies come from uv.lock only (hashes checked); an out-of-date lock
+# stops here and names the command that updates it.
+$(STAMPS)/venv: uv.lock pyproject.toml $(STAMPS)/tools
+	UV=$(UV) scripts/check-lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(STAGE) dependencies setup -- $(UV) sync --frozen --extra dev --no-install-project \
+		--python $(PY)
 	@touch $@
 
-# The wheel is what users get: build it, then install it (with dev extras) into .venv.
+# The wheel is what users get: build it with the locked maturin, then install it.
 $(STAMPS)/install: $(STAMPS)/venv $(RUST_SRC) $(PY_SRC) $(DATA_SRC)
 	rm -rf $(DIST)
-	$(PY) -m pip wheel -q --no-deps -w $(DIST) .
-	$(PY) -m pip install -q --force-reinstall --no-deps $(DIST)/tartarus-*.whl
-	$(PY) -m pip install -q "$$(ls $(DIST)/tartarus-*.whl)[dev]"
+	$(STAGE) wheel setup -- $(UV) build --quiet --wheel --no-build-isolation --python $(PY) \
+		--out-dir $(DIST)
+	$(UV) pip install --quiet --python $(PY) --no-deps --reinstall $(DIST)/tartarus-*.whl
 	@touch $@
+
+# The one deliberate way to move the Python dependencies: upgrade, then commit.
+lock: $(STAMPS)/tools
+	$(UV) lock --upgrade
+	echo uv | $(UV) pip compile - --upgrade --generate-hashes --no-header --quiet \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -o requirements/uv.txt
+	@echo "lock: review 'git diff uv.lock requirements/uv.txt', run make test, commit both"
 
 system: $(STAMPS)/system
 install: $(STAMPS)/install
@@ -48,26 +74,31 @@ run: $(STAMPS)/install
 	$(PY) examples/quickstart.py
 
 lint: $(STAMPS)/install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(STAGE) ruff setup -- $(VENV)/bin/ruff check .
+	$(STAGE) ruff-format setup -- $(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMPS)/install
-	$(VENV)/bin/mypy
+	$(STAGE) mypy setup -- $(VENV)/bin/mypy
 
 rust-check: $(STAMPS)/system
-	cargo fmt --all --check
-	cargo clippy --workspace --all-targets --locked -- -D warnings
-	cargo test --workspace --locked
+	$(STAGE) cargo-fmt setup -- cargo fmt --all --check
+	$(STAGE) clippy setup -- cargo clippy --workspace --all-targets --locked -- -D warnings
+	$(STAGE) cargo-test setup -- cargo test --workspace --locked
 
+# One lane only, or a few tests: make pytest PYTEST_ARGS='tests/test_x.py -k name'
 pytest: $(STAMPS)/install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# pytest runs last so its summary line ends the output.
-test: lint typecheck rust-check
-	$(MAKE) --no-print-directory pytest
+stage-reset: | $(STAMPS)
+	@rm -f $(STAMPS)/stages.tsv
+
+# The pytest lanes run last; their summary (time per stage and lane, then the count of
+# every test) ends the output.
+test: stage-reset lint typecheck rust-check
+	$(PY) scripts/lanes.py $(PYTEST_ARGS)
 
 bench: $(STAMPS)/install
 	@for b in benches/bench_*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) -m benches.$$(basename $$b .py) || exit 1; done
 
 clean:
-	rm -rf $(STAMPS) $(DIST) target python/tartarus/_bin
+	rm -rf $(STAMPS) $(DIST) $(TOOLS) target python/tartarus/_bin

@@ -30,8 +30,8 @@ if ! command -v cargo >/dev/null; then
     echo "bootstrap: no Rust toolchain; installing stable with rustup (https://rustup.rs)"
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
         --component clippy,rustfmt
-    echo "bootstrap: now run: source \$HOME/.cargo/env, then make again" >&2
-    exit 1
+    # make puts ~/.cargo/bin on PATH; a shell outside make needs `source ~/.cargo/env`.
+    export PATH="$HOME/.cargo/bin:$PATH"
 fi
 for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
