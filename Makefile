@@ -21,7 +21,7 @@ RUST_SRC := Cargo.toml Cargo.lock $(shell find rust -type f \( -name '*.rs' -o -
 PY_SRC   := pyproject.toml $(shell find python build_backend -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) -not -path '*/__pycache__/*' 2>/dev/null)
 DATA_SRC := $(shell find python -type f -not -name '*.py' -not -name '*.pyi' -not -name '*.so' -not -path '*/_bin/*' -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: help run test lint typecheck rust-check pytest bench clean system install lock stage-reset
+.PHONY: help run test lint typecheck rust-check artefacts pytest bench clean system install lock stage-reset
 
 help:
 	@echo "make run    set everything up and run a sandbox on the best backend"
@@ -46,7 +46,7 @@ $(STAMPS)/tools: requirements/uv.txt $(STAMPS)/system
 # stops here and names the command that updates it.
 $(STAMPS)/venv: uv.lock pyproject.toml $(STAMPS)/tools
 	UV=$(UV) scripts/check-lock
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(UV) venv --quiet --python python3 $(VENV)
 	$(STAGE) dependencies setup -- $(UV) sync --frozen --extra dev --no-install-project \
 		--python $(PY)
 	@touch $@
@@ -85,6 +85,14 @@ rust-check: $(STAMPS)/system
 	$(STAGE) clippy setup -- cargo clippy --workspace --all-targets --locked -- -D warnings
 	$(STAGE) cargo-test setup -- cargo test --workspace --locked
 
+# The heavy artefacts tests use, built once and cached by their inputs under
+# ~/.cache/tartarus (a cache hit takes a second): the guest kernel and the templates.
+# Built here, not inside a test, so parallel test workers never build them twice.
+artefacts: $(STAMPS)/install
+	$(STAGE) kernel artefacts -- $(VENV)/bin/tartarus kernel build
+	$(STAGE) template-base artefacts -- $(VENV)/bin/tartarus template build base
+	$(STAGE) template-python artefacts -- $(VENV)/bin/tartarus template build python
+
 # One lane only, or a few tests: make pytest PYTEST_ARGS='tests/test_x.py -k name'
 pytest: $(STAMPS)/install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -94,7 +102,7 @@ stage-reset: | $(STAMPS)
 
 # The pytest lanes run last; their summary (time per stage and lane, then the count of
 # every test) ends the output.
-test: stage-reset lint typecheck rust-check
+test: stage-reset lint typecheck rust-check artefacts
 	$(PY) scripts/lanes.py $(PYTEST_ARGS)
 
 bench: $(STAMPS)/install
