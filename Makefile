@@ -57,7 +57,7 @@ typecheck: $(STAMPS)/install
 rust-check: $(STAMPS)/system
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
-	cargo test --workspace --locked
+	scripts/rust-test-probe
 
 pytest: $(STAMPS)/install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
