@@ -59,6 +59,21 @@ def require_binary(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def guest_kernel() -> Path:
+    """The guest kernel (`vmlinux`, serial console on ttyS0) that `tartarus kernel build`
+    caches: found in the cache, built on first use. `$TARTARUS_TEST_KERNEL` overrides it
+    with another vmlinux. Only `kvm_full` tests use it, and those are skipped at
+    collection on hosts without full KVM, so such a host never builds it."""
+    if override := os.environ.get("TARTARUS_TEST_KERNEL"):
+        return Path(override)
+    from tartarus.guest import kernel_build  # noqa: PLC0415
+
+    cache_dir = load_settings().cache_dir
+    manifest = kernel_build.build_kernel(cache_dir)
+    return kernel_build.kernel_dir(cache_dir, manifest.id) / "vmlinux"
+
+
+@pytest.fixture(scope="session")
 def base_rootfs() -> Path:
     """The `base` template's root filesystem (busybox), built once by the image store
     and cached under the user's cache directory like any template."""

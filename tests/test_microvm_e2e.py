@@ -16,7 +16,6 @@ import anyio
 import pytest
 
 from tartarus.config import load_settings
-from tartarus.guest import kernel_build
 from tartarus.runtime.base import Runtime, Sandbox, SandboxError
 from tartarus.runtime.types import ExecRequest, ExecResult, Resources, SandboxSpec, SandboxState
 from tests.guest_rootfs import busybox_rootfs
@@ -30,24 +29,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Path:
-    manifest = kernel_build.build_kernel(load_settings().cache_dir)
-    return kernel_build.kernel_dir(load_settings().cache_dir, manifest.id) / "vmlinux"
-
-
 @pytest.fixture
 def rootfs(tmp_path: Path) -> Path:
     return busybox_rootfs(tmp_path / "rootfs")
 
 
 @pytest.fixture
-def runtime(kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+def runtime(guest_kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Runtime:
     # A private runtime dir: sockets and disks of these tests live (and die) there.
     monkeypatch.setenv("TARTARUS_RUNTIME_DIR", str(tmp_path / "run"))
     from tartarus.runtime.microvm import MicroVmRuntime  # noqa: PLC0415 - kvm hosts only
 
-    return MicroVmRuntime(kernel=kernel, settings=load_settings())
+    return MicroVmRuntime(kernel=guest_kernel, settings=load_settings())
 
 
 def _spec(rootfs: Path, name: str, memory_mib: int = 256) -> SandboxSpec:

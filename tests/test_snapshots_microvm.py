@@ -413,19 +413,18 @@ async def test_microvm_backend_restores_and_takes_diffs(
 
 
 @pytest.mark.kvm_full
-async def test_linux_microvm_snapshot_restores_as_clones(vmm_bin: str, tmp_path: Path) -> None:
+async def test_linux_microvm_snapshot_restores_as_clones(
+    vmm_bin: str, guest_kernel: Path, tmp_path: Path
+) -> None:
     """On hardware KVM: a Linux guest booted to its console, snapshotted, and restored
     as three clones that each keep running."""
-    kernel = os.environ.get("TARTARUS_TEST_KERNEL")
-    if not kernel:
-        pytest.skip("set TARTARUS_TEST_KERNEL to a vmlinux with serial console support")
     serial = tmp_path / "boot.log"
     snap = tmp_path / "linux.snap"
     async with vmm_at(tmp_path / "boot") as vmm:
         await vmm.configure(
             MachineConfig(
                 memory_mib=256,
-                kernel=Path(kernel),
+                kernel=guest_kernel,
                 cmdline="console=ttyS0 reboot=k panic=-1 pci=off",
                 serial=SerialFile(path=serial),
             )

@@ -186,13 +186,10 @@ def test_pvh_entry_runs_the_same_programs(
 
 
 @pytest.mark.kvm_full
-def test_linux_guest_boots_to_its_console(vmm_bin: str, tmp_path: Path) -> None:
-    kernel = os.environ.get("TARTARUS_TEST_KERNEL")
-    if not kernel:
-        pytest.skip("set TARTARUS_TEST_KERNEL to a vmlinux with serial console support")
+def test_linux_guest_boots_to_its_console(vmm_bin: str, guest_kernel: Path, tmp_path: Path) -> None:
     config = {
         "memory_mib": 256,
-        "kernel": kernel,
+        "kernel": str(guest_kernel),
         "cmdline": "console=ttyS0 reboot=k panic=-1 pci=off",
         "serial": {"kind": "file", "path": str(tmp_path / "serial.log")},
         "wall_clock_limit_ms": 30_000,

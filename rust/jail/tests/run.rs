@@ -1,5 +1,9 @@
 //! `tartarus-jail run` end to end: real namespaces, overlay, cgroups and seccomp, with
 //! a busybox rootfs (Debian's busybox-static).
+//!
+//! Tests that need something of the host are `#[ignore = "needs ..."]`: `cargo test`
+//! lists them as ignored, and `scripts/rust-test-probe` runs each one where it finds
+//! what the test needs (and says why it leaves out the others).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,11 +18,11 @@ struct Fixture {
 
 impl Fixture {
     /// A busybox rootfs and an empty work dir under a unique temporary directory.
-    fn new(name: &str) -> Option<Self> {
-        if !Path::new(BUSYBOX).exists() {
-            eprintln!("SKIP: {BUSYBOX} missing (apt-get install busybox-static)");
-            return None;
-        }
+    fn new(name: &str) -> Self {
+        assert!(
+            Path::new(BUSYBOX).exists(),
+            "{BUSYBOX} missing (apt-get install busybox-static)"
+        );
         let dir = std::env::temp_dir().join(format!("tjail-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let bin = dir.join("rootfs/bin");
@@ -32,7 +36,7 @@ impl Fixture {
                 std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
             }
         }
-        Some(Self { dir })
+        Self { dir }
     }
 
     fn config(&self, script: &str) -> Value {
@@ -103,10 +107,9 @@ fn stdout(out: &Output) -> String {
 }
 
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn runs_a_command_in_fresh_namespaces() {
-    let Some(fx) = Fixture::new("echo") else {
-        return;
-    };
+    let fx = Fixture::new("echo");
     let (out, events) =
         fx.run(&fx.config("echo hello; hostname; cat /proc/self/status | grep -c Seccomp:.2"));
     assert_eq!(stdout(&out), "hello\ntartarus\n1\n", "{out:?}");
@@ -119,10 +122,9 @@ fn runs_a_command_in_fresh_namespaces() {
 }
 
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn exit_code_and_bad_config_are_reported() {
-    let Some(fx) = Fixture::new("exit") else {
-        return;
-    };
+    let fx = Fixture::new("exit");
     let (out, _) = fx.run(&fx.config("exit 7"));
     assert_eq!(out.status.code(), Some(7));
     let mut config = fx.config("true");
@@ -143,10 +145,9 @@ fn exit_code_and_bad_config_are_reported() {
 }
 
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn writes_land_in_scratch_and_vanish() {
-    let Some(fx) = Fixture::new("scratch") else {
-        return;
-    };
+    let fx = Fixture::new("scratch");
     let (out, _) = fx.run(&fx.config("echo data > /etc/new && cat /etc/new && mkdir /opt"));
     assert_eq!(stdout(&out), "data\n", "{out:?}");
     assert!(!fx.dir.join("rootfs/etc/new").exists());
@@ -155,10 +156,9 @@ fn writes_land_in_scratch_and_vanish() {
 }
 
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn host_paths_are_unreachable_and_network_is_loopback_only() {
-    let Some(fx) = Fixture::new("escape") else {
-        return;
-    };
+    let fx = Fixture::new("escape");
     let script = "cat /etc/shadow; ls /work /root /home 2>&1 | wc -l; ip -o link | wc -l";
     let (out, _) = fx.run(&fx.config(script));
     let text = stdout(&out);
@@ -167,10 +167,9 @@ fn host_paths_are_unreachable_and_network_is_loopback_only() {
 }
 
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn bind_mounts_cannot_be_steered_outside_by_symlinks() {
-    let Some(fx) = Fixture::new("symlink") else {
-        return;
-    };
+    let fx = Fixture::new("symlink");
     std::os::unix::fs::symlink("/tmp", fx.dir.join("rootfs/escape")).unwrap();
     let mut config = fx.config("true");
     config["mounts"] = json!([{"source": fx.dir.join("work"), "destination": "/escape/x"}]);
@@ -183,15 +182,9 @@ fn bind_mounts_cannot_be_steered_outside_by_symlinks() {
 }
 
 #[test]
+#[ignore = "needs busybox, root, cgroups; run where a probe finds it"]
 fn cgroup_limits_contain_a_fork_bomb_and_are_removed() {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: cgroup limits need root");
-        return;
-    }
-    let Some(fx) = Fixture::new("pids") else {
-        return;
-    };
+    let fx = Fixture::new("pids");
     let name = format!("t{}", std::process::id());
     // The inner shell forks until it fails; the outer counts with a glob (no fork).
     let mut config = fx
@@ -217,16 +210,9 @@ fn cgroup_limits_contain_a_fork_bomb_and_are_removed() {
 /// still mounts, pivots and drops privileges; no cgroup without delegation. Files of the
 /// rootfs owned by host root stay read-only (their owner is not mapped); /tmp is ours.
 #[test]
+#[ignore = "needs busybox, root, setpriv, userns; run where a probe finds it"]
 fn runs_rootless_in_a_user_namespace() {
-    let setpriv = "/usr/bin/setpriv";
-    // SAFETY: geteuid cannot fail.
-    if !Path::new(setpriv).exists() || unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP: needs root to drop to nobody with {setpriv}");
-        return;
-    }
-    let Some(fx) = Fixture::new("rootless") else {
-        return;
-    };
+    let fx = Fixture::new("rootless");
     let nobody = 65534;
     for dir in [&fx.dir, &fx.dir.join("work")] {
         std::os::unix::fs::chown(dir, Some(nobody), Some(nobody)).unwrap();
@@ -234,7 +220,7 @@ fn runs_rootless_in_a_user_namespace() {
     let config = fx.config("id -u; cat /proc/self/uid_map; echo scratch > /tmp/x && cat /tmp/x");
     let path = fx.dir.join("config.json");
     std::fs::write(&path, config.to_string()).unwrap();
-    let out = Command::new(setpriv)
+    let out = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg(env!("CARGO_BIN_EXE_tartarus-jail"))
         .args(["run", "--config"])
@@ -254,10 +240,9 @@ fn runs_rootless_in_a_user_namespace() {
 /// Once the child runs, the supervisor itself is under its seccomp profile, and still
 /// forwards a signal and cleans up under it.
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn the_supervisor_is_confined_and_still_cleans_up() {
-    let Some(fx) = Fixture::new("supervisor") else {
-        return;
-    };
+    let fx = Fixture::new("supervisor");
     let path = fx.dir.join("config.json");
     std::fs::write(&path, fx.config("sleep 30").to_string()).unwrap();
     let events = fx.dir.join("events");
@@ -287,10 +272,9 @@ fn the_supervisor_is_confined_and_still_cleans_up() {
 /// When the process that started the jail dies, the jail ends with it, and the
 /// supervisor still reports (a host process killed with SIGKILL leaves no sandbox).
 #[test]
+#[ignore = "needs busybox; run where a probe finds it"]
 fn the_jail_ends_when_its_starter_dies() {
-    let Some(fx) = Fixture::new("orphan") else {
-        return;
-    };
+    let fx = Fixture::new("orphan");
     let path = fx.dir.join("config.json");
     std::fs::write(&path, fx.config("sleep 30").to_string()).unwrap();
     let events = fx.dir.join("events");

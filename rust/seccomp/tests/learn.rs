@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
 use std::process::Command;
 
 use proptest::prelude::*;
@@ -179,25 +178,17 @@ fn resumed_call_without_its_start_still_counts() {
     assert_eq!(summary.syscalls.get("wait4"), Some(&1));
 }
 
-fn strace() -> Option<&'static str> {
-    ["/usr/bin/strace", "/bin/strace"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-}
-
 /// Learns a profile from a real `strace -f` run, then runs the same program under it
 /// (it works) and a program that needs one more syscall (that call is denied).
+/// `scripts/rust-test-probe` runs it where strace is on PATH.
 #[test]
+#[ignore = "needs strace; run where a probe finds it"]
 fn learned_profile_runs_the_traced_program_and_nothing_more() {
-    let Some(strace) = strace() else {
-        eprintln!("SKIP: strace is not installed (scripts/system-packages.txt lists it)");
-        return;
-    };
     let dir = std::env::temp_dir().join(format!("typhon-learn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("trace.txt");
     let script = "echo learned | cat";
-    let status = Command::new(strace)
+    let status = Command::new("strace")
         .args(["-f", "-qq", "-o"])
         .arg(&log)
         .args(["/bin/sh", "-c", script])
