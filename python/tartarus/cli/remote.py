@@ -60,7 +60,8 @@ def exit_code_for(error: TartarusError) -> int:
 
 
 def fail(error: TartarusError, *, code: int | None = None) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {error}", highlight=False)
+    # One line however long (a path, a URL): the terminal wraps it, copying keeps it whole.
+    err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
     sys.exit(exit_code_for(error) if code is None else code)
 
 

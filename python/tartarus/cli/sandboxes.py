@@ -188,7 +188,7 @@ async def _run(
                     client, info.id, StreamExecBody(cmd=cmd, cwd=workdir)
                 )
         except TartarusError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False)
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             exit_info, stdout, stderr = ExitInfo(code=EXIT_TARTARUS_FAILED), "", ""
         finally:
             if not keep:
