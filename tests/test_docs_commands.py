@@ -16,10 +16,11 @@ otherwise. What the comments may say, in words a reader understands too:
 - `# ... Ctrl-C ...`: runs until stopped; Ctrl-C is pressed once it waits (status 130).
 
 An HTML comment right before the block, `<!-- console: needs=WHAT[,WHAT] -->`, names
-what the block needs of the host: `root`, or `kernel` (the guest kernel already built
-and cached for the current inputs: building it takes minutes). A block whose needs the
-host lacks is skipped with the measured reason. `timeout=S` there sets the block's time
-limit (default 180 s).
+what the block needs of the host: `root`; `isolation` (a backend for untrusted work,
+microvm or gvisor, which `auto` picks); or `kernel` (the guest kernel already built
+and cached for the current inputs: building it takes minutes, and the kernel tests do
+it). A block whose needs the host lacks is skipped with the measured reason.
+`timeout=S` there sets the block's time limit (default 180 s).
 """
 
 from __future__ import annotations
@@ -120,8 +121,15 @@ def console_blocks(paths: list[Path]) -> Iterator[Block]:
 BLOCKS = list(console_blocks(DOCS))
 
 
-def missing(need: str) -> str | None:
+def missing(need: str, report: DoctorReport) -> str | None:
     """Why this host cannot give a block `need`, or None if it can."""
+    if need == "isolation":
+        verdicts = {name: report.backend(name) for name in ("microvm", "gvisor")}
+        if any(v.available for v in verdicts.values()):
+            return None
+        return "no backend for untrusted work: " + "; ".join(
+            f"{name}: {v.reason}" for name, v in verdicts.items()
+        )
     if need == "root":
         return None if os.geteuid() == 0 else f"needs root (euid is {os.geteuid()})"
     if need == "kernel":
@@ -163,7 +171,7 @@ def test_blocks_were_found() -> None:
 def test_console_block_runs_as_written(
     block: Block, docs_env: dict[str, str], tmp_path: Path, doctor_report: DoctorReport
 ) -> None:
-    reasons = [reason for need in block.needs if (reason := missing(need))]
+    reasons = [reason for need in block.needs if (reason := missing(need, doctor_report))]
     if reasons:
         pytest.skip("; ".join(reasons))
     full_kvm = doctor_report.kernel.kvm.full_guests
