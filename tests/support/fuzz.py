@@ -73,13 +73,13 @@ def main() -> int:
         shown = shown.replace(origin, "http://127.0.0.1:PORT").replace(repo, "")
         args.markdown.write_text(
             "# API fuzzing (schemathesis)\n\n"
-            f"Run on {dt.date.today().isoformat()} with\n\n"
-            "```console\n"
-            f"$ .venv/bin/python -m tests.support.fuzz --max-examples {args.max_examples} "
+            f"Run on {dt.date.today().isoformat()} in a checkout (it rewrites this page) with\n\n"
+            "```sh\n"
+            f".venv/bin/python -m tests.support.fuzz --max-examples {args.max_examples} "
             f"--seed {args.seed} --markdown {args.markdown}\n"
             "```\n\n"
             "which starts a fresh `tartarus serve` with the real backend and runs\n\n"
-            f"```console\n$ {shown}\n```\n\n"
+            f"```sh\n{shown}\n```\n\n"
             "Every operation is fuzzed (sandboxes, exec, processes, files, logs, code, "
             "snapshots, pools, templates, API keys, policies, audit, service). The document's "
             "OpenAPI links (from `provides` on a route's reply) carry a created sandbox's id, "

@@ -8,11 +8,16 @@ more, which `tartarus version --client-only` or `tartarus template list` never n
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
+from typing import Any
 
 import click
 
 from tartarus import __version__
 from tartarus.errors import TartarusError
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 # Command name -> (module, attribute), in the order `--help` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,6 +60,14 @@ class LazyGroup(click.Group):
         if not isinstance(command, click.Command):
             raise TypeError(f"{where[0]}.{where[1]} is not a click command")
         return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Ctrl-C ends any command quietly, with the shell's status for SIGINT
+            # (click would print "Aborted!" and exit 1).
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

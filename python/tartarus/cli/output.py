@@ -11,23 +11,47 @@ import msgspec
 from tartarus.codec import to_json
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from rich.console import Console
 
 
 class _LazyConsole:
     """A rich Console made on first use: rich costs tens of milliseconds to import, and
-    `--json` output and quick commands never print through it."""
+    `--json` output and quick commands never print through it.
+
+    `__getattr__` forwards ordinary attributes only: Python looks special methods up on
+    the type, so `with console:` (which rich's Live, Progress and Status do on every
+    refresh) needs `__enter__` and `__exit__` spelled out here."""
 
     def __init__(self, *, stderr: bool) -> None:
         self._stderr = stderr
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def real(self) -> Console:
+        """The rich Console itself, made now if it was not yet."""
         if self._console is None:
             from rich.console import Console  # noqa: PLC0415
 
             self._console = Console(stderr=self._stderr)
-        return getattr(self._console, name)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+    def __enter__(self) -> Console:
+        return self.real().__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.real().__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"<lazy {self.real()!r}>"
 
 
 console = cast("Console", _LazyConsole(stderr=False))

@@ -59,5 +59,11 @@ def progress_bars(enabled: bool = True) -> Iterator[ProgressCallback]:
         bars.update(status, description=f"[cyan]{event.step}[/cyan] {message}")
 
     with bars:
-        yield on_event
+        try:
+            yield on_event
+        except BaseException:
+            # A failed build: its error says it all, half-drawn bars would only blur it.
+            for task in bars.task_ids:
+                bars.update(task, visible=False)
+            raise
         bars.update(status, description="[green]done[/green]", total=1, completed=1)

@@ -4,7 +4,7 @@ Exit codes scripts can rely on (docs/cli.md has the table):
 
 - 0 success; 1 an error Tartarus reported; 2 a usage error (bad flags);
 - 3 the sandbox (or file, process) does not exist; 4 it is not running;
-- 69 no server or no backend is available;
+- 69 no server or no backend is available; 130 Ctrl-C interrupted the command;
 - `run` and `exec` pass the sandboxed command's exit code through; a command killed by
   signal N gives 128+N, a timed-out one 124, and Tartarus's own failure 125.
 """
@@ -22,6 +22,7 @@ import click
 from tartarus.cli.output import err_console
 from tartarus.errors import TartarusError
 from tartarus.sdk.errors import (
+    ApiError,
     ConflictError,
     NotFoundError,
     ServerUnreachableError,
@@ -50,6 +51,10 @@ url_option = click.option(
 
 
 def exit_code_for(error: TartarusError) -> int:
+    # A requested backend this host lacks is a 409 (another host may have it), but for
+    # the CLI it is what 69 means: no backend can run the sandbox here.
+    if isinstance(error, ApiError) and error.type.endswith("/backend-unavailable"):
+        return EXIT_UNAVAILABLE
     if isinstance(error, NotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(error, ConflictError):
@@ -60,7 +65,8 @@ def exit_code_for(error: TartarusError) -> int:
 
 
 def fail(error: TartarusError, *, code: int | None = None) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {error}", highlight=False)
+    # One line however long (a path, a URL): the terminal wraps it, copying keeps it whole.
+    err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
     sys.exit(exit_code_for(error) if code is None else code)
 
 

@@ -89,6 +89,13 @@ async def _stream_to_terminal(
 @click.option("--network", is_flag=True, help="Give the sandbox network access.")
 @click.option("--trusted", is_flag=True, help="Trusted work: allows the light jail backend.")
 @click.option("--keep", is_flag=True, help="Leave the sandbox running afterwards.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print only the sandbox's id, not the command's output "
+    "(for scripts: SB=$(tartarus run --keep -q -- true)).",
+)
 @click.option("-i", "--interactive", is_flag=True, help="Attach stdin (a terminal if it is one).")
 @click.option("--explain", is_flag=True, help="Say which backend was picked and why.")
 @click.option("-m", "--metadata", multiple=True, metavar="KEY=VALUE", help="Labels to attach.")
@@ -107,6 +114,7 @@ def run_command(
     network: bool,
     trusted: bool,
     keep: bool,
+    quiet: bool,
     interactive: bool,
     explain: bool,
     metadata: tuple[str, ...],
@@ -120,7 +128,10 @@ def run_command(
       tartarus run -- echo hello
       tartarus run -t python -- python3 -c 'print(6 * 7)'
       tartarus run -i -- sh            # an interactive shell
+      SB=$(tartarus run --keep -q -- true)
     """
+    if quiet and (interactive or as_json):
+        raise click.UsageError("-q/--quiet goes with neither -i nor --json")
     cmd = _command(argv)
     sizes: dict[str, Any] = {"vcpus": cpus, "memory_mib": memory_mib}
     resources = ResourcesBody(**{k: v for k, v in sizes.items() if v is not None})
@@ -139,6 +150,7 @@ def run_command(
         cmd,
         workdir=workdir,
         keep=keep,
+        quiet=quiet,
         interactive=interactive,
         explain=explain,
         as_json=as_json,
@@ -154,6 +166,7 @@ async def _run(
     *,
     workdir: str | None,
     keep: bool,
+    quiet: bool,
     interactive: bool,
     explain: bool,
     as_json: bool,
@@ -172,7 +185,7 @@ async def _run(
                     client, info.id, cmd, tty_mode=sys.stdin.isatty(), env={}, cwd=workdir
                 )
                 stdout = stderr = ""
-            elif as_json:
+            elif as_json or quiet:
                 body = StreamExecBody(cmd=cmd, cwd=workdir)
                 result = await consume(
                     client.events("POST", f"/v1/sandboxes/{info.id}/exec/stream", json=body),
@@ -188,7 +201,7 @@ async def _run(
                     client, info.id, StreamExecBody(cmd=cmd, cwd=workdir)
                 )
         except TartarusError as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False)
+            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
             exit_info, stdout, stderr = ExitInfo(code=EXIT_TARTARUS_FAILED), "", ""
         finally:
             if not keep:
@@ -203,6 +216,8 @@ async def _run(
                     "kept": keep,
                 }
             )
+        elif quiet:
+            click.echo(info.id)
         elif keep:
             err_console.print(f"sandbox {info.id} keeps running", highlight=False)
         return signal_exit_code(exit_info.code, exit_info.signal, exit_info.timed_out)

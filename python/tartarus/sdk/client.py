@@ -187,6 +187,10 @@ class Client:
         try:
             return await self._get_session().ws_connect(path, max_msg_size=1 << 22)
         except aiohttp.WSServerHandshakeError as e:
+            if e.status >= 400:
+                # The handshake drops the server's problem document: the same request
+                # without the upgrade gets it (and raises it, e.g. "sandbox ... not found").
+                (await self._send("GET", path)).release()
             raise error_for(e.status, "about:blank", e.message, str(e)) from e
 
 
