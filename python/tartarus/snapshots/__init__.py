@@ -13,8 +13,31 @@ that a create is a hand-over.
   checkpoint-on-stop).
 """
 
-from tartarus.snapshots.catalog import PoolTarget, SnapshotCatalog, SnapshotPurpose, SnapshotRecord
-from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tartarus.snapshots.catalog import (
+        PoolTarget,
+        SnapshotCatalog,
+        SnapshotPurpose,
+        SnapshotRecord,
+    )
+    from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
+
+# Where each re-exported name lives: loaded on first use (PEP 562), so importing one
+# submodule (the API's bodies, the SDK) does not load the whole snapshot service.
+_HOMES = {
+    "PoolTarget": "catalog",
+    "SnapshotCatalog": "catalog",
+    "SnapshotPurpose": "catalog",
+    "SnapshotRecord": "catalog",
+    "SnapshotError": "service",
+    "SnapshotNotFoundError": "service",
+    "SnapshotService": "service",
+}
 
 __all__ = [
     "PoolTarget",
@@ -25,3 +48,10 @@ __all__ = [
     "SnapshotRecord",
     "SnapshotService",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
