@@ -403,6 +403,9 @@ class VersionInfo(_Response, kw_only=True):
     backends: dict[str, str]
 
 
+PROBLEM_MEDIA = "application/problem+json"
+
+
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
     """RFC 9457 problem details, `application/problem+json`."""
 
