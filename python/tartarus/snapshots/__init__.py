@@ -15,8 +15,9 @@ that a create is a hand-over.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tartarus.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from tartarus.snapshots.catalog import (
@@ -26,18 +27,6 @@ if TYPE_CHECKING:
         SnapshotRecord,
     )
     from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
-
-# Where each re-exported name lives: loaded on first use (PEP 562), so importing one
-# submodule (the API's bodies, the SDK) does not load the whole snapshot service.
-_HOMES = {
-    "PoolTarget": "catalog",
-    "SnapshotCatalog": "catalog",
-    "SnapshotPurpose": "catalog",
-    "SnapshotRecord": "catalog",
-    "SnapshotError": "service",
-    "SnapshotNotFoundError": "service",
-    "SnapshotService": "service",
-}
 
 __all__ = [
     "PoolTarget",
@@ -49,9 +38,16 @@ __all__ = [
     "SnapshotService",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+# Loaded on first use, so importing one submodule does not load the snapshot service.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "PoolTarget": "catalog",
+        "SnapshotCatalog": "catalog",
+        "SnapshotPurpose": "catalog",
+        "SnapshotRecord": "catalog",
+        "SnapshotError": "service",
+        "SnapshotNotFoundError": "service",
+        "SnapshotService": "service",
+    },
+)
