@@ -18,13 +18,12 @@ from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import AuthMethod, Principal
 from tartarus.auth.rbac import default_roles
-from tartarus.errors import ConfigError
+from tartarus.errors import AdmissionDeniedError, ConfigError
 from tartarus.policy.aeacus import AuditLog
 from tartarus.policy.documents import PolicyError, PolicySpec
 from tartarus.policy.judges import Judges, load_plugins, with_template_defaults
 from tartarus.policy.themis import PolicyStore, VersionConflictError
 from tartarus.runtime.types import Backend, Resources, SandboxState
-from tartarus.server.problems import ApiError
 from tests.support.auth import call, make_key
 from tests.support.server import running_server, server_env
 
@@ -168,8 +167,8 @@ async def refusal(
     who: Principal,
     request: CreateSandboxRequest,
     defaults: TemplateDefaults | None = None,
-) -> ApiError:
-    with pytest.raises(ApiError) as caught:
+) -> AdmissionDeniedError:
+    with pytest.raises(AdmissionDeniedError) as caught:
         await judges.admit(who, request, defaults)
     return caught.value
 
@@ -213,13 +212,13 @@ async def test_untrusted_jail_with_network_is_refused_even_when_jail_is_allowed(
 async def test_minos_holds_under_50_concurrent_admissions(tmp_path: Path) -> None:
     judges = judges_with(tmp_path, GLOBAL, ACME)  # acme may hold 3 sandboxes
     admitted: list[object] = []
-    refused: list[ApiError] = []
+    refused: list[AdmissionDeniedError] = []
 
     async def one(i: int) -> None:
         await anyio.lowlevel.checkpoint()
         try:
             admitted.append(await judges.admit(principal(), create(template="base")))
-        except ApiError as e:
+        except AdmissionDeniedError as e:
             refused.append(e)
 
     async with anyio.create_task_group() as tg:

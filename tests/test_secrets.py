@@ -16,6 +16,7 @@ from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import AuthMethod, Principal
 from tartarus.auth.rbac import default_roles
+from tartarus.errors import AdmissionDeniedError
 from tartarus.policy.judges import Judges
 from tartarus.runtime.base import Sandbox
 from tartarus.runtime.types import Backend, ExecRequest, SandboxState
@@ -26,7 +27,6 @@ from tartarus.secrets.providers import EnvProvider, FileProvider, SecretError, S
 from tartarus.secrets.redaction import RedactingFilter, redact, register
 from tartarus.secrets.settings import VaultSettings
 from tartarus.secrets.vault import VaultProvider
-from tartarus.server.problems import ApiError
 from tests.support.vault_kv2 import running_vault
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.anyio]
@@ -232,10 +232,10 @@ async def test_admission_checks_references_resolve(store: LocalSecretStore) -> N
     )
     request = CreateSandboxRequest(secrets={"A": "local:present"})
     assert (await judges.admit(who, request)).request.secrets == {"A": "local:present"}
-    with pytest.raises(ApiError) as missing:
+    with pytest.raises(AdmissionDeniedError) as missing:
         await judges.admit(who, CreateSandboxRequest(secrets={"A": "local:absent"}))
     assert missing.value.status == 422 and "local:absent" in missing.value.detail
     # A reference the security policy refuses is never looked up.
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(AdmissionDeniedError) as refused:
         await judges.admit(who, CreateSandboxRequest(secrets={"P": "probe:anything"}))
     assert refused.value.status == 403 and probe.asked == []

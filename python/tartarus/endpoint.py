@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
-from tartarus.config import Settings
 from tartarus.errors import ConfigError
+
+if TYPE_CHECKING:
+    # Only named: the configuration loads every component's settings, the SDK none.
+    from tartarus.config import Settings
 
 SOCKET_NAME = "tartarus.sock"
 

@@ -17,6 +17,8 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from tartarus.api.placement import PlacementRules
+from tartarus.api.sandbox import Backend, FileInfo, SandboxState
 from tartarus.api.snapshots import SnapshotEntry
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
@@ -26,8 +28,6 @@ from tartarus.api.types import (
     SandboxInfo,
     SandboxStatsInfo,
 )
-from tartarus.runtime.types import Backend, FileInfo, SandboxState
-from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk import sandbox as async_sandbox
 from tartarus.sdk.commands import CommandHandle as AsyncCommandHandle
 from tartarus.sdk.commands import CommandResult

@@ -32,9 +32,15 @@ from tartarus.agent.store import (
 )
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import SYSTEM, Principal
+from tartarus.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    SandboxNotRunningError,
+    UnavailableError,
+)
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
 from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel
-from tartarus.server.problems import ApiError, not_found
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,21 @@ def new_sandbox_id() -> str:
 
 def fingerprint(request: CreateSandboxRequest) -> str:
     return hashlib.sha256(msgspec.json.encode(request, order="sorted")).hexdigest()
+
+
+# Idempotency keys are stored as `tenant/key`; errors name the key the client sent.
+def key_reused_detail(key: str) -> str:
+    return (
+        f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request; use a new key"
+    )
+
+
+def key_in_flight(key: str) -> ConflictError:
+    return ConflictError(
+        f"a create with Idempotency-Key {key.partition('/')[2]!r} is still running; retry shortly",
+        slug="idempotency-key-in-flight",
+        retry_after=1,
+    )
 
 
 class SandboxManager:
@@ -218,7 +239,7 @@ class SandboxManager:
             return live.record
         record = self.store.get(sandbox_id)
         if record is None:
-            raise not_found(f"sandbox {sandbox_id}")
+            raise NotFoundError(f"sandbox {sandbox_id} not found")
         return record
 
     def live(self, sandbox_id: str) -> LiveSandbox:
@@ -227,9 +248,7 @@ class SandboxManager:
         if live is not None and not live.closing:
             return live
         record = self.record(sandbox_id)
-        raise ApiError(
-            409,
-            "sandbox-not-running",
+        raise SandboxNotRunningError(
             f"sandbox {sandbox_id} is {'stopping' if live else record.state.value}"
             + (f" ({record.detail})" if record.detail else ""),
         )
@@ -256,7 +275,7 @@ class SandboxManager:
         key (keys are per tenant). `sandbox_id` is given when the fleet's scheduler named
         the sandbox before sending it to this node."""
         if not self._accepting:
-            raise ApiError(503, "shutting-down", "the server is shutting down")
+            raise UnavailableError("the server is shutting down", slug="shutting-down")
         if idempotency_key is not None:
             idempotency_key = f"{caller.tenant}/{idempotency_key}"
             claimed = self.store.claim_key(idempotency_key, fingerprint(request))
@@ -276,20 +295,9 @@ class SandboxManager:
         self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
     ) -> SandboxRecord:
         if earlier != fingerprint(request):
-            raise ApiError(
-                409,
-                "idempotency-key-reused",
-                f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request;"
-                " use a new key",
-            )
+            raise ConflictError(key_reused_detail(key), slug="idempotency-key-reused")
         if sandbox_id is None:
-            raise ApiError(
-                409,
-                "idempotency-key-in-flight",
-                f"a create with Idempotency-Key {key.partition('/')[2]!r} is still running;"
-                " retry shortly",
-                headers={"Retry-After": "1"},
-            )
+            raise key_in_flight(key)
         return self.record(sandbox_id)
 
     async def _create(
@@ -326,7 +334,7 @@ class SandboxManager:
                 raise
             # The client asked for a backend this host lacks: a conflict with this host,
             # which another backend (or host) resolves; not a server failure.
-            raise ApiError(409, "backend-unavailable", str(e)) from e
+            raise ConflictError(str(e), slug="backend-unavailable") from e
         spec, manifest = await self.provider.prepare(spec, runtime.backend)
         try:
             resources = request.resources.to_runtime()
@@ -533,10 +541,9 @@ def check_limits(resources: Resources, limits: Resources | None, template: str) 
         if getattr(resources, name) > getattr(limits, name)
     ]
     if over:
-        raise ApiError(
-            409,
-            "over-template-limits",
+        raise ConflictError(
             f"the {template} template allows at most: {', '.join(over)}",
+            slug="over-template-limits",
         )
 
 
@@ -546,4 +553,4 @@ def cursor_from(value: str | None) -> int:
     try:
         return decode_cursor(value)
     except StoreError as e:
-        raise ApiError(422, "invalid-cursor", str(e)) from e
+        raise InvalidRequestError(str(e), slug="invalid-cursor") from e

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
+from tartarus.api.sandbox import Backend, Resources
 from tartarus.api.types import (
     MAX_LIST_LIMIT,
     Cursor,
@@ -20,13 +22,24 @@ from tartarus.api.types import (
     _Request,
     _Response,
 )
-from tartarus.runtime.types import Backend, Resources
-from tartarus.snapshots.catalog import SnapshotPurpose
 
 MAX_FORK = 50
 MAX_POOL_SIZE = 64
 
 Label = Annotated[str, Meta(max_length=256)]
+
+
+class SnapshotPurpose(StrEnum):
+    """Why a snapshot exists; it decides who may delete it and when."""
+
+    # Asked for by a user (`sandbox.snapshot()`, `tartarus snapshot create`).
+    USER = "user"
+    # A template booted and warmed up: what warm pools restore from.
+    TEMPLATE = "template"
+    # Taken to fork a sandbox; removed once the clones exist (they hold its files).
+    FORK = "fork"
+    # Taken when a sandbox that asked for it was stopped.
+    TERMINATE = "terminate"
 
 
 class SnapshotEntry(_Response, kw_only=True):

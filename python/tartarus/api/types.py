@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from tartarus.auth.principal import TENANT_PATTERN
-from tartarus.runtime.types import (
+from tartarus.api.placement import PlacementRules
+from tartarus.api.sandbox import (
     Backend,
     FileInfo,
     Resources,
@@ -22,9 +22,10 @@ from tartarus.runtime.types import (
     Stream,
     TrustLevel,
 )
-from tartarus.scheduling.nodes import PlacementRules
 
 API_VERSION = "v1"
+# What a tenant name may look like (it appears in paths, keys and audit entries).
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 # Limits a client can rely on; the server enforces them and documents them in the schema.
 MAX_TIMEOUT_S = 24 * 3600.0
@@ -400,6 +401,9 @@ class VersionInfo(_Response, kw_only=True):
     api: str = API_VERSION
     python: str
     backends: dict[str, str]
+
+
+PROBLEM_MEDIA = "application/problem+json"
 
 
 class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):

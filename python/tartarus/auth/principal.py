@@ -9,8 +9,6 @@ import msgspec
 from tartarus.auth.rbac import ADMIN_TENANTS, permits
 
 DEFAULT_TENANT = "default"
-# What a tenant name may look like (it appears in paths, keys and audit entries).
-TENANT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class AuthMethod(StrEnum):

@@ -24,8 +24,9 @@ import anyio
 import jwt
 import msgspec
 
+from tartarus.api.types import TENANT_PATTERN
 from tartarus.auth.errors import AuthenticationError
-from tartarus.auth.principal import TENANT_PATTERN, AuthMethod, Principal
+from tartarus.auth.principal import AuthMethod, Principal
 from tartarus.auth.rbac import Roles
 from tartarus.auth.settings import AuthSettings, OidcIssuer
 

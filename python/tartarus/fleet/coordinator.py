@@ -25,15 +25,23 @@ from contextlib import asynccontextmanager
 
 import anyio
 import msgspec
-from aiohttp import web
 
 from tartarus.agent.admission import AdmissionHook, AdmitAll, TemplateDefaults
-from tartarus.agent.manager import fingerprint, new_sandbox_id
+from tartarus.agent.manager import fingerprint, key_in_flight, key_reused_detail, new_sandbox_id
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
 from tartarus.enforcement.violations import escalate, violation
+from tartarus.errors import (
+    ConflictError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    SandboxNotRunningError,
+    UnavailableError,
+)
 from tartarus.fleet.book import RedisBook
 from tartarus.fleet.metrics import FleetMetrics
 from tartarus.fleet.proxy import NodeProxy
@@ -43,9 +51,8 @@ from tartarus.fleet.wire import Job, NodeReport, WorkDone
 from tartarus.queue import Lane, Message, QueueFullError
 from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.heat import classify, default_lane, hottest
-from tartarus.scheduling.nodes import Placement, PlacementRules, Reservation
+from tartarus.scheduling.nodes import NodeState, Placement, PlacementRules, Reservation
 from tartarus.scheduling.scheduler import NoNodeFitsError, schedule
-from tartarus.server.problems import PROBLEM_MEDIA, ApiError, not_found
 
 log = logging.getLogger(__name__)
 
@@ -223,21 +230,10 @@ class Coordinator:
         self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
     ) -> SandboxRecord:
         if earlier != fingerprint(request):
-            raise ApiError(
-                422,
-                "idempotency-key-reused",
-                f"Idempotency-Key {key.partition('/')[2]!r} was used for a different request;"
-                " use a new key",
-            )
+            raise InvalidRequestError(key_reused_detail(key), slug="idempotency-key-reused")
         record = None if sandbox_id is None else await self.state.book.get(sandbox_id)
         if record is None or record.state is SandboxState.CREATED:
-            raise ApiError(
-                409,
-                "idempotency-key-in-flight",
-                f"a create with Idempotency-Key {key.partition('/')[2]!r} is still running;"
-                " retry shortly",
-                headers={"Retry-After": "1"},
-            )
+            raise key_in_flight(key)
         return record
 
     async def _quarantined(self, request: CreateSandboxRequest, tenant: str) -> bool:
@@ -293,7 +289,7 @@ class Coordinator:
             refused = f"refused: {e}"
             await self._update(record.id, lambda r: _end(r, SandboxState.FAILED, refused))
             await self.error(ErrorCategory.QUEUE, str(e), sandbox_id=record.id)
-            raise ApiError(429, "queue-full", str(e), headers={"Retry-After": "1"}) from e
+            raise OverloadedError(str(e), slug="queue-full", retry_after=1) from e
         self.metrics.enqueued.labels(lane.value).inc()
         return record
 
@@ -302,23 +298,21 @@ class Coordinator:
         while True:
             record = await self.state.book.get(sandbox_id)
             if record is None:
-                raise ApiError(500, "internal", f"the record of {sandbox_id} disappeared")
+                raise InternalError(f"the record of {sandbox_id} disappeared")
             if record.state is SandboxState.RUNNING:
                 return record
             if record.state is not SandboxState.CREATED:
-                raise ApiError(
-                    503 if not record.node else 409,
-                    "unschedulable" if not record.node else "could-not-start",
-                    f"sandbox {sandbox_id} did not start: {record.detail}",
-                )
+                why = f"sandbox {sandbox_id} did not start: {record.detail}"
+                if not record.node:
+                    raise UnavailableError(why, slug="unschedulable")
+                raise ConflictError(why, slug="could-not-start")
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
-                raise ApiError(
-                    503,
-                    "still-queued",
+                raise UnavailableError(
                     f"sandbox {sandbox_id} is still queued ({record.detail}); it will start "
                     "when a node takes it: follow it with GET /v1/sandboxes/" + sandbox_id,
-                    headers={"Retry-After": "5"},
+                    slug="still-queued",
+                    retry_after=5,
                 )
             await self.state.book.wait(sandbox_id, remaining)
 
@@ -566,42 +560,36 @@ class Coordinator:
     async def record(self, sandbox_id: str) -> SandboxRecord:
         record = await self.state.book.get(sandbox_id)
         if record is None:
-            raise not_found(f"sandbox {sandbox_id}")
+            raise NotFoundError(f"sandbox {sandbox_id} not found")
         return record
 
-    async def forward(self, request: web.Request, sandbox_id: str) -> web.StreamResponse:
+    async def running_node(self, sandbox_id: str) -> NodeState:
+        """The node that runs the sandbox (requests for it are forwarded there)."""
         record = await self.record(sandbox_id)
         if not record.live or record.state is SandboxState.CREATED or not record.node:
-            raise ApiError(
-                409,
-                "sandbox-not-running",
+            raise SandboxNotRunningError(
                 f"sandbox {sandbox_id} is {record.state.value}"
-                + (f" ({record.detail})" if record.detail else ""),
+                + (f" ({record.detail})" if record.detail else "")
             )
         node = await self.state.registry.node(record.node)
         if node is None:
-            raise ApiError(
-                409,
-                "sandbox-not-running",
-                f"sandbox {sandbox_id} runs on node {record.node}, which is not reachable",
+            raise SandboxNotRunningError(
+                f"sandbox {sandbox_id} runs on node {record.node}, which is not reachable"
             )
-        return await self.proxy.forward(request, node)
+        return node
 
-    async def delete(self, request: web.Request, sandbox_id: str) -> web.StreamResponse:
-        record = await self.record(sandbox_id)
-        if not record.live:
-            return web.Response(status=204)
-        node = await self.state.registry.node(record.node) if record.node else None
-        if node is not None and record.state is not SandboxState.CREATED:
-            status, body = await self.proxy.call("DELETE", node, request.rel_url.path_qs)
-            if status >= 400 and status not in (404, 409):
-                return web.Response(status=status, body=body, content_type=PROBLEM_MEDIA)
-        detail = "deleted" if node is not None else "deleted (its node was not reachable)"
+    async def node_of(self, record: SandboxRecord) -> NodeState | None:
+        """The node the sandbox was placed on, None if none was or it has left."""
+        return await self.state.registry.node(record.node) if record.node else None
+
+    async def deleted(self, record: SandboxRecord, *, node_reached: bool) -> None:
+        """Ends the record of a deleted sandbox; releases its reservation here when no node
+        will (it never started, or its node was not reachable)."""
+        detail = "deleted" if node_reached else "deleted (its node was not reachable)"
         if record.state is SandboxState.CREATED:
             detail = "deleted before it started"
         await self._update(
-            sandbox_id, lambda r: _end(r, SandboxState.STOPPED, detail) if r.live else None
+            record.id, lambda r: _end(r, SandboxState.STOPPED, detail) if r.live else None
         )
-        if node is None or record.state is SandboxState.CREATED:
-            await self.state.registry.release(sandbox_id)
-        return web.Response(status=204)
+        if not node_reached or record.state is SandboxState.CREATED:
+            await self.state.registry.release(record.id)

@@ -18,8 +18,8 @@ import aiohttp
 import anyio
 from aiohttp import WSMsgType, web
 
+from tartarus.errors import UpstreamUnreachableError
 from tartarus.scheduling.nodes import NodeState
-from tartarus.server.problems import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,8 @@ class NodeProxy:
             ) as upstream:
                 return upstream.status, await upstream.read()
         except aiohttp.ClientError as e:
-            raise ApiError(
-                502,
-                "node-unreachable",
-                f"node {node_id} does not answer: {e}",
-                headers={"Retry-After": "2"},
+            raise UpstreamUnreachableError(
+                f"node {node_id} does not answer: {e}", slug="node-unreachable", retry_after=2
             ) from e
 
     async def forward(self, request: web.Request, node: NodeState) -> web.StreamResponse:
@@ -110,11 +107,10 @@ class NodeProxy:
                 allow_redirects=False,
             )
         except aiohttp.ClientError as e:
-            raise ApiError(
-                502,
-                "node-unreachable",
+            raise UpstreamUnreachableError(
                 f"node {node_id} that runs this sandbox does not answer: {e}",
-                headers={"Retry-After": "2"},
+                slug="node-unreachable",
+                retry_after=2,
             ) from e
         async with upstream:
             response = web.StreamResponse(
@@ -142,7 +138,9 @@ class NodeProxy:
                 max_msg_size=1 << 22,
             )
         except aiohttp.ClientError as e:
-            raise ApiError(502, "node-unreachable", f"node {node_id} does not answer: {e}") from e
+            raise UpstreamUnreachableError(
+                f"node {node_id} does not answer: {e}", slug="node-unreachable"
+            ) from e
         client = web.WebSocketResponse(max_msg_size=1 << 22)
         await client.prepare(request)
         async with anyio.create_task_group() as tg:

@@ -25,10 +25,11 @@ from aiohttp.typedefs import Handler, Middleware
 from msgspec import Meta
 
 from tartarus.agent.manager import SandboxManager
-from tartarus.api.types import Readiness
+from tartarus.api.types import PROBLEM_MEDIA, Readiness
 from tartarus.auth.principal import AuthMethod
 from tartarus.auth.rbac import ADMIN_TENANTS, NODE_AGENT
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
+from tartarus.errors import InvalidRequestError, NotFoundError, RefusedError
 from tartarus.fleet.coordinator import Coordinator
 from tartarus.fleet.metrics import ScalerMetrics
 from tartarus.fleet.wire import (
@@ -42,9 +43,9 @@ from tartarus.fleet.wire import (
 )
 from tartarus.policy.judges import Judges
 from tartarus.queue import DeadLetter, Lane, LaneDepth, Message
+from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.nodes import NodeSpec, NodeState
 from tartarus.server.access import SANDBOX_TENANTS, SHARED, principal_of, register_owner
-from tartarus.server.problems import ApiError, not_found
 from tartarus.server.routes.sandboxes import (
     create_input,
     created_reply,
@@ -70,7 +71,7 @@ def node_of(request: web.Request) -> str:
     node_id = request.match_info["node"]
     principal = principal_of(request)
     if principal.method is AuthMethod.CERTIFICATE and principal.subject != f"agent:{node_id}":
-        raise ApiError(403, "forbidden", f"{principal.subject} may not act for node {node_id}")
+        raise RefusedError(f"{principal.subject} may not act for node {node_id}")
     return node_id
 
 
@@ -101,8 +102,22 @@ async def _one_sandbox(
     if route == "get_sandbox":
         return reply(sandbox_info(await coord.record(sandbox_id)))
     if route == "delete_sandbox":
-        return await coord.delete(request, sandbox_id)
-    return await coord.forward(request, sandbox_id)
+        return await _delete(request, coord, sandbox_id)
+    return await coord.proxy.forward(request, await coord.running_node(sandbox_id))
+
+
+async def _delete(request: web.Request, coord: Coordinator, sandbox_id: str) -> web.StreamResponse:
+    record = await coord.record(sandbox_id)
+    if not record.live:
+        return web.Response(status=204)
+    node = await coord.node_of(record)
+    if node is not None and record.state is not SandboxState.CREATED:
+        status, body = await coord.proxy.call("DELETE", node, request.rel_url.path_qs)
+        if status >= 400 and status not in (404, 409):
+            # The node could not stop it: its problem is the answer, as it gave it.
+            return web.Response(status=status, body=body, content_type=PROBLEM_MEDIA)
+    await coord.deleted(record, node_reached=node is not None)
+    return web.Response(status=204)
 
 
 async def _collection(request: web.Request, coord: Coordinator) -> web.StreamResponse:
@@ -148,7 +163,7 @@ async def join_node(request: web.Request) -> web.StreamResponse:
     spec = await read_json(request, NodeSpec)
     principal = principal_of(request)
     if principal.method is AuthMethod.CERTIFICATE and principal.subject != f"agent:{spec.id}":
-        raise ApiError(403, "forbidden", f"{principal.subject} may not join as node {spec.id}")
+        raise RefusedError(f"{principal.subject} may not join as node {spec.id}")
     coord = coordinator(request)
     await coord.state.registry.register(spec)
     expected = [r.id for r in await coord.state.book.on_node(spec.id)]
@@ -173,7 +188,7 @@ async def node_heartbeat(request: web.Request) -> web.StreamResponse:
     if not await coordinator(request).state.registry.heartbeat(
         node_id, beat.usage, draining=beat.draining
     ):
-        raise not_found(f"node {node_id} (join again)")
+        raise NotFoundError(f"node {node_id} (join again) not found")
     return web.Response(status=204)
 
 
@@ -194,7 +209,7 @@ async def take_work(request: web.Request) -> web.StreamResponse:
     ask = await read_json(request, WorkRequest)
     coord = coordinator(request)
     if await coord.state.registry.node(node_id) is None:
-        raise not_found(f"node {node_id} (join again)")
+        raise NotFoundError(f"node {node_id} (join again) not found")
     inbox = coord.state.inbox(node_id)
     items: list[Message] = []
     first = await inbox.get(node_id, timeout_s=min(max(ask.wait_s, 0.0), 30.0))
@@ -376,7 +391,7 @@ class Purged(msgspec.Struct, kw_only=True):
 async def purge_errors(request: web.Request) -> web.StreamResponse:
     q = read_query(request, PurgeQuery)
     if q.before > time.time():
-        raise ApiError(422, "invalid-query", "before lies in the future")
+        raise InvalidRequestError("before lies in the future", slug="invalid-query")
     return reply(Purged(removed=await coordinator(request).state.errors.purge(q.before)))
 
 

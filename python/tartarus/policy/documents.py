@@ -33,7 +33,7 @@ import msgspec
 import yaml
 from msgspec import Meta
 
-from tartarus.auth.principal import TENANT_PATTERN
+from tartarus.api.types import TENANT_PATTERN
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend
 

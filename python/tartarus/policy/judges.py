@@ -22,7 +22,7 @@ from tartarus.agent.admission import (
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
-from tartarus.errors import ConfigError
+from tartarus.errors import AdmissionDeniedError, ConfigError, UnavailableError
 from tartarus.policy.aeacus import AuditError, AuditLog
 from tartarus.policy.documents import PolicySpec
 from tartarus.policy.minos import Hold, Minos, SharedHolds, rule_shared
@@ -30,7 +30,6 @@ from tartarus.policy.rhadamanthus import Rhadamanthus
 from tartarus.policy.themis import PolicyStore
 from tartarus.policy.verdicts import AdmissionRequest, Judge, Verdict
 from tartarus.runtime.base import Sandbox
-from tartarus.server.problems import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +167,13 @@ class Judges:
                 hold.release()
             if shared is not None and hold_as is not None and not refused:
                 await shared.release(caller.tenant, hold_as)
-            raise ApiError(
-                503, "audit-unavailable", f"admission needs the audit log, which failed: {e}"
+            raise UnavailableError(
+                f"admission needs the audit log, which failed: {e}", slug="audit-unavailable"
             ) from e
         if refused:
-            raise ApiError(
-                max(v.status for v in refused),
-                "admission-denied",
+            raise AdmissionDeniedError(
                 "; ".join(f"{v.judge}: {v.reason}" for v in refused),
+                status=max(v.status for v in refused),
             )
         return _Admitted(admission.request, hold, self._wrap)
 

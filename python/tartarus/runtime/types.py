@@ -1,45 +1,50 @@
 """Types shared by every backend, the server and the SDK: what a sandbox is asked to
 be, what an exec asks for, and what comes back. All msgspec Structs, so they cross
-process and network boundaries unchanged."""
+process and network boundaries unchanged.
+
+The types a client also names (backend, trust, state, resources, streams, file
+entries) live in the leaf `tartarus.api.sandbox`, so the SDK need not load the
+runtime; they are re-exported here for the backends.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 
+from tartarus.api.sandbox import (
+    Backend,
+    FileInfo,
+    FileKind,
+    Resources,
+    SandboxState,
+    Stream,
+    TrustLevel,
+)
 
-class Backend(StrEnum):
-    MICROVM = "microvm"
-    GVISOR = "gvisor"
-    JAIL = "jail"
-    WASM = "wasm"
-    AUTO = "auto"
-
-
-class TrustLevel(StrEnum):
-    """How much the caller trusts the workload; `auto` only picks `jail` for `trusted`
-    work unless policy says otherwise."""
-
-    UNTRUSTED = "untrusted"
-    TRUSTED = "trusted"
-
-
-class SandboxState(StrEnum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    vcpus: float = 1.0
-    memory_mib: int = 512
-    disk_mib: int = 1024
-    pids: int = 256
+# With the names that live in `tartarus.api.sandbox` (a leaf the SDK loads), re-exported here.
+__all__ = [
+    "Backend",
+    "ExecEvent",
+    "ExecRequest",
+    "ExecResult",
+    "ExitStatus",
+    "FileInfo",
+    "FileKind",
+    "LogEntry",
+    "OutputChunk",
+    "ProcessInfo",
+    "PtySize",
+    "Resources",
+    "SandboxSpec",
+    "SandboxState",
+    "SandboxStats",
+    "SandboxStatus",
+    "SnapshotInfo",
+    "Stream",
+    "TrustLevel",
+]
 
 
 class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -79,9 +84,6 @@ class ExecRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Output kept for this process inside the sandbox (default 16 MiB); a reader that
     # falls further behind loses the oldest chunks, counted in ExitStatus.dropped_chunks.
     buffer_bytes: int | None = None
-
-
-Stream = Literal["stdout", "stderr"]
 
 
 class OutputChunk(msgspec.Struct, frozen=True, tag="output"):
@@ -134,22 +136,6 @@ class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     stream: Stream
     data: bytes
-
-
-class FileKind(StrEnum):
-    FILE = "file"
-    DIR = "dir"
-    SYMLINK = "symlink"
-    OTHER = "other"
-
-
-class FileInfo(msgspec.Struct, frozen=True, kw_only=True):
-    path: str
-    name: str
-    kind: FileKind
-    size: int
-    mode: int
-    mtime: float
 
 
 class SandboxStats(msgspec.Struct, frozen=True, kw_only=True):

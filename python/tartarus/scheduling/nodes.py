@@ -3,51 +3,53 @@
 from __future__ import annotations
 
 import re
-from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
+from tartarus.api.placement import (
+    LabelKey,
+    LabelValue,
+    PlacementRules,
+    Taint,
+    TaintEffect,
+    Toleration,
+)
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources
+
+# With the names that live in `tartarus.api.placement` (a leaf the SDK loads), re-exported here.
+__all__ = [
+    "GENERAL_POOL",
+    "QUARANTINE_POOL",
+    "InvalidSpecError",
+    "LabelKey",
+    "LabelValue",
+    "NodeCapacity",
+    "NodeSpec",
+    "NodeState",
+    "NodeUsage",
+    "Placement",
+    "PlacementRules",
+    "PoolName",
+    "Reservation",
+    "Taint",
+    "TaintEffect",
+    "Toleration",
+    "parse_label",
+    "parse_taint",
+]
 
 # Nodes in this pool only take quarantined work, and quarantined work only goes there.
 QUARANTINE_POOL = "quarantine"
 GENERAL_POOL = "general"
 
-LabelKey = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9._/-]+$")]
-LabelValue = Annotated[str, Meta(max_length=63, pattern=r"^[A-Za-z0-9._-]*$")]
 PoolName = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[a-z0-9-]+$")]
 
 
 class InvalidSpecError(TartarusError):
     pass
-
-
-class TaintEffect(StrEnum):
-    # Only sandboxes that tolerate the taint may be placed on the node.
-    NO_SCHEDULE = "NoSchedule"
-    # Other nodes are preferred; the node is still used when nothing else fits.
-    PREFER_NO_SCHEDULE = "PreferNoSchedule"
-
-
-class Taint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    key: LabelKey
-    value: LabelValue = ""
-    effect: TaintEffect = TaintEffect.NO_SCHEDULE
-
-    def __str__(self) -> str:
-        return f"{self.key}={self.value}:{self.effect.value}"
-
-
-class Toleration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    key: LabelKey
-    # None tolerates the key with any value.
-    value: LabelValue | None = None
-
-    def tolerates(self, taint: Taint) -> bool:
-        return self.key == taint.key and (self.value is None or self.value == taint.value)
 
 
 _TAINT = re.compile(
@@ -143,23 +145,6 @@ class NodeState(msgspec.Struct, kw_only=True):
             for g in r.groups:
                 counts[g] = counts.get(g, 0) + 1
         return counts
-
-
-class PlacementRules(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Where a sandbox may run, as the client asks it (`placement` in a create request)."""
-
-    # Only nodes with all of these labels.
-    node_selector: dict[LabelKey, LabelValue] = msgspec.field(default_factory=dict)
-    # Taints this sandbox accepts.
-    tolerations: list[Toleration] = msgspec.field(default_factory=list)
-    # Groups this sandbox belongs to (what later affinity rules refer to).
-    groups: list[LabelKey] = msgspec.field(default_factory=list)
-    # Run on a node that already runs a sandbox of each of these groups (when any does).
-    affinity: list[LabelKey] = msgspec.field(default_factory=list)
-    # Never on a node that runs a sandbox of any of these groups.
-    anti_affinity: list[LabelKey] = msgspec.field(default_factory=list)
-    # The queue lane: swift (interactive), main, deep (batch). Default: from the heat class.
-    lane: Literal["swift", "main", "deep"] | None = None
 
 
 class Placement(msgspec.Struct, frozen=True, kw_only=True):

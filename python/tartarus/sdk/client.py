@@ -15,7 +15,6 @@ import msgspec
 
 from tartarus.api.types import Problem, StreamEvent
 from tartarus.codec import enc_hook
-from tartarus.config import load_settings
 from tartarus.endpoint import Endpoint
 from tartarus.sdk.errors import ApiError, ServerUnreachableError, error_for
 from tartarus.sdk.local import ensure_local_server
@@ -47,6 +46,10 @@ class Client:
         api_key = api_key or os.environ.get("TARTARUS_API_KEY")
         if url:
             return cls(Endpoint.parse(url), api_key=api_key)
+        # Only a client without a URL needs the configuration (it loads every
+        # component's settings): import it here, not with the SDK.
+        from tartarus.config import load_settings  # noqa: PLC0415
+
         return cls(await ensure_local_server(load_settings()), api_key=api_key)
 
     def copy(self) -> Client:

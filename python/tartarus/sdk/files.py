@@ -9,8 +9,8 @@ from typing import Literal, overload
 import anyio
 import msgspec
 
+from tartarus.api.sandbox import FileInfo
 from tartarus.api.types import FileList, FileWritten, MakeDirBody, RenameBody
-from tartarus.runtime.types import FileInfo
 from tartarus.sdk.client import Client
 from tartarus.sdk.errors import NotFoundError
 

@@ -13,14 +13,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import anyio
 
-from tartarus.config import Settings
 from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.paths import ensure_private_dir
 from tartarus.sdk.errors import ServerUnreachableError
+
+if TYPE_CHECKING:
+    from tartarus.config import Settings
 
 START_TIMEOUT_S = 60.0
 POLL_S = 0.05

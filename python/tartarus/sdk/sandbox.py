@@ -20,6 +20,8 @@ import aiohttp
 import anyio
 import msgspec
 
+from tartarus.api.placement import PlacementRules
+from tartarus.api.sandbox import Backend, SandboxState, TrustLevel
 from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
@@ -34,8 +36,6 @@ from tartarus.api.types import (
     SandboxStatsInfo,
     SetTimeoutRequest,
 )
-from tartarus.runtime.types import Backend, SandboxState, TrustLevel
-from tartarus.scheduling.nodes import PlacementRules
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import Commands
 from tartarus.sdk.errors import NotFoundError

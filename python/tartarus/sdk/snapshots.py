@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+from tartarus.api.sandbox import Backend
 from tartarus.api.snapshots import (
     PoolInfo,
     PoolList,
@@ -24,13 +25,12 @@ from tartarus.api.snapshots import (
     SetPoolBody,
     SnapshotEntry,
     SnapshotPage,
+    SnapshotPurpose,
     TemplateSnapshotBody,
 )
 from tartarus.api.types import ResourcesBody, SandboxInfo
-from tartarus.runtime.types import Backend
 from tartarus.sdk.client import Client
 from tartarus.sdk.sandbox import Sandbox
-from tartarus.snapshots.catalog import SnapshotPurpose
 
 
 class Snapshots:

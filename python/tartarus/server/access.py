@@ -33,7 +33,7 @@ from tartarus.auth.authenticate import Authenticator, Presented
 from tartarus.auth.errors import AuthenticationError, ForbiddenError
 from tartarus.auth.principal import Principal
 from tartarus.auth.rbac import ROUTE_PERMISSIONS
-from tartarus.errors import ConfigError
+from tartarus.errors import ConfigError, NotFoundError
 from tartarus.server.context import MANAGER
 from tartarus.server.problems import ApiError, from_exception, not_found
 from tartarus.server.routing import Operation
@@ -272,7 +272,7 @@ def _sandbox_owner(request: web.Request, sandbox_id: str) -> str | Awaitable[str
         return remote(sandbox_id)
     try:
         return request.app[MANAGER].record(sandbox_id).tenant
-    except ApiError:
+    except NotFoundError:
         return None
 
 

@@ -10,8 +10,7 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.api.security import KeyId, PolicyName
-from tartarus.api.types import Pid, Problem, SandboxId, SnapshotId, TemplateName
-from tartarus.server.problems import PROBLEM_MEDIA
+from tartarus.api.types import PROBLEM_MEDIA, Pid, Problem, SandboxId, SnapshotId, TemplateName
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
 
 REF_TEMPLATE = "#/components/schemas/{name}"

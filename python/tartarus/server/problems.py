@@ -1,7 +1,8 @@
 """RFC 9457 problem details: every error the API returns is `application/problem+json`.
 
-Handlers raise `ApiError` (or a `TartarusError` the mapping below knows); the
-middleware in `tartarus.server.app` turns it into a `Problem` response. Unknown
+Handlers raise `ApiError`; the core raises the domain errors of `tartarus.errors`
+(or a `TartarusError` the mappings below know). `from_exception` is the one place
+they become problems; the middleware in `tartarus.server.app` renders them. Unknown
 exceptions become a 500 whose body says nothing about the server's internals.
 """
 
@@ -13,7 +14,19 @@ from http import HTTPStatus
 import msgspec
 from aiohttp import web
 
-from tartarus.api.types import Problem, ProblemField
+from tartarus.api.types import PROBLEM_MEDIA, Problem, ProblemField
+from tartarus.errors import (
+    AdmissionDeniedError,
+    ConflictError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    RefusedError,
+    RequestError,
+    UnavailableError,
+    UpstreamUnreachableError,
+)
 from tartarus.images.errors import ImageError, TemplateNotFoundError
 from tartarus.runtime.base import (
     BackendUnavailableError,
@@ -25,7 +38,6 @@ from tartarus.runtime.base import (
 from tartarus.secrets.providers import SecretError
 from tartarus.secrets.redaction import redact
 
-PROBLEM_MEDIA = "application/problem+json"
 TYPE_BASE = "https://tartarus.dev/problems/"
 
 _encoder = msgspec.json.Encoder()
@@ -124,6 +136,28 @@ _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 
 
+# The core's refusals: the class decides the status, the error its slug and detail.
+_REQUEST_STATUS: tuple[tuple[type[RequestError], int], ...] = (
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidRequestError, 422),
+    (RefusedError, 403),
+    (OverloadedError, 429),
+    (UnavailableError, 503),
+    (UpstreamUnreachableError, 502),
+    (InternalError, 500),
+)
+
+
+def _request_problem(exc: RequestError) -> ApiError:
+    if isinstance(exc, AdmissionDeniedError):
+        status = exc.status  # the refusing judges chose it
+    else:
+        status = next((s for cls, s in _REQUEST_STATUS if isinstance(exc, cls)), 500)
+    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return ApiError(status, exc.slug, exc.detail, headers=headers)
+
+
 # The agent's stable error codes (docs/protocol.md), for errors that carry one.
 _AGENT_CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "file-not-found"),
@@ -144,9 +178,12 @@ _AGENT_CODES: dict[str, tuple[int, str]] = {
 
 
 def from_exception(exc: BaseException) -> ApiError | None:
-    """Maps the runtime's errors to problems; None for anything unexpected (a 500)."""
+    """Maps the core's and the runtime's errors to problems; None for anything
+    unexpected (a 500)."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, RequestError):
+        return _request_problem(exc)
     code = getattr(exc, "code", None)
     if isinstance(exc, SandboxError) and isinstance(code, str) and code in _AGENT_CODES:
         status, slug = _AGENT_CODES[code]

@@ -13,8 +13,20 @@ that a create is a hand-over.
   checkpoint-on-stop).
 """
 
-from tartarus.snapshots.catalog import PoolTarget, SnapshotCatalog, SnapshotPurpose, SnapshotRecord
-from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tartarus.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from tartarus.snapshots.catalog import (
+        PoolTarget,
+        SnapshotCatalog,
+        SnapshotPurpose,
+        SnapshotRecord,
+    )
+    from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
 
 __all__ = [
     "PoolTarget",
@@ -25,3 +37,17 @@ __all__ = [
     "SnapshotRecord",
     "SnapshotService",
 ]
+
+# Loaded on first use, so importing one submodule does not load the snapshot service.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "PoolTarget": "catalog",
+        "SnapshotCatalog": "catalog",
+        "SnapshotPurpose": "catalog",
+        "SnapshotRecord": "catalog",
+        "SnapshotError": "service",
+        "SnapshotNotFoundError": "service",
+        "SnapshotService": "service",
+    },
+)

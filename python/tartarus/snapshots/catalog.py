@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import secrets
 import time
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 
+from tartarus.api.snapshots import SnapshotPurpose
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, TrustLevel
 from tartarus.sqlite_wal import open_db
+
+# With the names that live in `tartarus.api.snapshots` (a leaf the SDK loads), re-exported here.
+__all__ = [
+    "SCHEMA_VERSION",
+    "CatalogError",
+    "PoolTarget",
+    "SnapshotCatalog",
+    "SnapshotPurpose",
+    "SnapshotRecord",
+    "new_snapshot_id",
+]
 
 SCHEMA_VERSION = 1
 
@@ -46,19 +57,6 @@ CREATE TABLE IF NOT EXISTS nyx_pools (
 
 class CatalogError(TartarusError):
     pass
-
-
-class SnapshotPurpose(StrEnum):
-    """Why a snapshot exists; it decides who may delete it and when."""
-
-    # Asked for by a user (`sandbox.snapshot()`, `tartarus snapshot create`).
-    USER = "user"
-    # A template booted and warmed up: what warm pools restore from.
-    TEMPLATE = "template"
-    # Taken to fork a sandbox; removed once the clones exist (they hold its files).
-    FORK = "fork"
-    # Taken when a sandbox that asked for it was stopped.
-    TERMINATE = "terminate"
 
 
 class SnapshotRecord(msgspec.Struct, kw_only=True):

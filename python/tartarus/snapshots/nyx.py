@@ -24,11 +24,11 @@ from tartarus.api.snapshots import PruneQuery
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
 from tartarus.config import Settings
+from tartarus.errors import ConflictError, NotFoundError, SandboxNotRunningError
 from tartarus.images.blobs import GcReport
 from tartarus.images.oci.image import first_error
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
-from tartarus.server.problems import ApiError
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tartarus.snapshots.pools import ORIGIN, WarmPools
 from tartarus.snapshots.service import (
@@ -105,16 +105,16 @@ class Nyx:
         record = self.service.catalog.get(request.from_snapshot)
         tenants = visible_tenants(caller)
         if record is None or (tenants is not None and record.tenant not in tenants):
-            raise ApiError(404, "not-found", str(SnapshotNotFoundError(request.from_snapshot)))
+            raise NotFoundError(str(SnapshotNotFoundError(request.from_snapshot)))
         spec = SandboxSpec(id=new_sandbox_id(), metadata=request.metadata, env=request.env)
         try:
             sandbox, runtime, facts, workdir = await self.service.restore(
                 request.from_snapshot, spec
             )
         except SnapshotNotFoundError as e:
-            raise ApiError(404, "not-found", str(e)) from e
+            raise NotFoundError(str(e)) from e
         except (SnapshotError, SandboxError) as e:
-            raise ApiError(409, "restore-failed", f"cannot restore: {e}") from e
+            raise ConflictError(f"cannot restore: {e}", slug="restore-failed") from e
         return AcquiredSandbox(
             sandbox=sandbox,
             runtime=runtime,
@@ -140,7 +140,7 @@ class Nyx:
         live = self.manager.live(sandbox_id)
         async with live.lock:
             if live.closing:
-                raise ApiError(409, "sandbox-not-running", f"sandbox {sandbox_id} is stopping")
+                raise SandboxNotRunningError(f"sandbox {sandbox_id} is stopping")
             try:
                 return await self.service.take(
                     live.sandbox,
@@ -152,7 +152,9 @@ class Nyx:
             except NotSupportedError:
                 raise  # 409 not-supported: this backend cannot snapshot at all
             except (SnapshotError, SandboxError) as e:
-                raise ApiError(409, "snapshot-failed", f"cannot snapshot {sandbox_id}: {e}") from e
+                raise ConflictError(
+                    f"cannot snapshot {sandbox_id}: {e}", slug="snapshot-failed"
+                ) from e
 
     async def fork(
         self,
@@ -218,8 +220,8 @@ class Nyx:
                 progress=progress,
             )
         except (SnapshotError, SandboxError) as e:
-            raise ApiError(
-                409, "snapshot-failed", f"cannot snapshot template {template}: {e}"
+            raise ConflictError(
+                f"cannot snapshot template {template}: {e}", slug="snapshot-failed"
             ) from e
         self.pools.wake()
         return record
@@ -230,7 +232,7 @@ class Nyx:
         try:
             return await self.service.delete(snapshot_id)
         except SnapshotNotFoundError as e:
-            raise ApiError(404, "not-found", str(e)) from e
+            raise NotFoundError(str(e)) from e
 
     async def prune(self, body: PruneQuery, caller: Principal) -> tuple[list[str], int]:
         """Deletes the snapshots `caller` may see that match every condition of `body`
