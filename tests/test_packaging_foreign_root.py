@@ -4,7 +4,8 @@ A Debian 13 (trixie) root with only python3, python3-venv and what the jail's `b
 template build takes from the host (gpgv and the archive keyring to verify Debian's
 archive, bubblewrap for the template's build script): no checkout, no Rust toolchain,
 no compiler. Inside it: a fresh virtualenv, `pip install` of the wheel from dist/
-(dependencies from PyPI), `tartarus doctor --json`, and a jail sandbox that runs echo.
+(dependencies from PyPI, their wheels kept between runs), `tartarus doctor --json`,
+and a jail sandbox that runs echo.
 """
 
 from __future__ import annotations
@@ -85,19 +86,20 @@ def test_wheel_installs_and_runs_a_jail_sandbox_in_debian_trixie(
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    pip_cache = cache_root() / "pip-cache"
+    # Dependencies' wheels, kept between runs: `pip download` skips the files it finds
+    # there (pip's HTTP cache does not help where responses carry no cache headers).
+    wheelhouse = cache_root() / f"{SUITE}-wheelhouse"
     template_cache = cache_root() / f"{SUITE}-tartarus-cache"
-    for d in (pip_cache, template_cache):
+    for d in (wheelhouse, template_cache):
         d.mkdir(parents=True, exist_ok=True)
     binds = {
         "/mnt/scratch": scratch,
         "/mnt/dist": wheel.parent,
-        "/mnt/pip-cache": pip_cache,
+        "/mnt/wheelhouse": wheelhouse,
         "/mnt/tartarus-cache": template_cache,
     }
     env = {
         "HOME": "/mnt/scratch/home",
-        "PIP_CACHE_DIR": "/mnt/pip-cache",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "TARTARUS_CACHE_DIR": "/mnt/tartarus-cache",
         "TARTARUS_STATE_DIR": "/mnt/scratch/state",
@@ -121,7 +123,16 @@ def test_wheel_installs_and_runs_a_jail_sandbox_in_debian_trixie(
     version = step("python", ["python3", "--version"], 60).stdout.split()
     assert version[0] == "Python" and tuple(map(int, version[1].split(".")[:2])) >= (3, 11)
     step("venv", ["python3", "-m", "venv", venv], 120)
-    step("pip install", [f"{venv}/bin/pip", "install", "-q", f"/mnt/dist/{wheel.name}"], 900)
+    pip = f"{venv}/bin/pip"
+    step(
+        "pip download",
+        [pip, "download", "-q", "-d", "/mnt/wheelhouse", f"/mnt/dist/{wheel.name}"],
+        900,
+    )
+    for stale in wheelhouse.glob("tartarus-*"):
+        stale.unlink()
+    install = [pip, "install", "-q", "--no-index", "--find-links", "/mnt/wheelhouse"]
+    step("pip install", [*install, f"/mnt/dist/{wheel.name}"], 600)
 
     doctor = step("doctor", [f"{venv}/bin/tartarus", "doctor", "--json"], 180)
     report: dict[str, Any] = json.loads(doctor.stdout)
