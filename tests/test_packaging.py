@@ -6,7 +6,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -175,29 +174,53 @@ def test_sdist_carries_everything_a_build_needs(tmp_path: Path) -> None:
 SDIST_BUILD = default_cache_dir() / "sdist-build"
 
 
+def _sync_changed(new: Path, cached: Path) -> None:
+    """Makes `cached` hold `new`'s files, rewriting only those whose bytes differ.
+
+    maturin stamps every file of an sdist with one old date, so cargo cannot tell
+    changed sources by their mtime. A rewritten file gets the present time (cargo
+    rebuilds its crate); an unchanged one keeps its old time (cargo reuses the cached
+    build), so only the crates that changed since the last run compile again."""
+    cached.mkdir(parents=True, exist_ok=True)
+    keep = set()
+    for path in new.rglob("*"):
+        rel = path.relative_to(new)
+        keep.add(rel)
+        dest = cached / rel
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif not dest.is_file() or dest.read_bytes() != path.read_bytes():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+            dest.chmod(path.stat().st_mode & 0o777)
+    for path in sorted(cached.rglob("*"), reverse=True):
+        if path.relative_to(cached) not in keep:
+            path.rmdir() if path.is_dir() else path.unlink()
+
+
 @pytest.mark.timeout(3600)
 def test_wheel_builds_from_the_sdist_and_imports(tmp_path: Path) -> None:
     """`pip wheel` from the unpacked sdist, as a user without our checkout would run it.
-    Cargo's target directory is a cache (registry crates compile once per machine); the
-    sdist is unpacked at one fixed place so its crates overwrite their previous build."""
+    Cargo's target directory is a cache, and the sdist's files are kept at one place
+    between runs (`_sync_changed`), so a run compiles only the crates that changed."""
     require_binary("cargo")
     sdist = _build_sdist(tmp_path)
     SDIST_BUILD.mkdir(parents=True, exist_ok=True)
     with (SDIST_BUILD / "lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        src = SDIST_BUILD / "src"
-        shutil.rmtree(src, ignore_errors=True)
+        unpacked = tmp_path / "unpacked"
         with tarfile.open(sdist) as tar:
-            tar.extractall(src, filter="data")
-        (top,) = src.iterdir()
-        # Fresh mtimes: cargo must see these sources as newer than any cached build.
-        now = time.time()
-        for path in top.rglob("*"):
-            os.utime(path, (now, now), follow_symlinks=False)
+            tar.extractall(unpacked, filter="data")
+        (top,) = unpacked.iterdir()
+        src = SDIST_BUILD / "src"
+        _sync_changed(top, src)
+        # Build isolation, as a user's `pip wheel` has: the build requirements come from
+        # the index, not from our .venv.
         env = {**os.environ, "CARGO_TARGET_DIR": str(SDIST_BUILD / "target")}
         start = time.monotonic()
+        uv = REPO_ROOT / ".tools" / "bin" / "uv"
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "out", top],
+            [uv, "build", "--quiet", "--wheel", src, "--out-dir", tmp_path / "out"],
             check=True,
             env=env,
             cwd=tmp_path,
