@@ -1,9 +1,9 @@
-"""The gVisor backend: `runsc` (ptrace platform) runs the agent as the container's
-PID 1 on the template rootfs, read-only with an in-memory overlay (`--overlay2
-root:memory`) that disappears with the sandbox. No network unless the spec asks for one
-(then gVisor's netstack is swapped for the host's, `--network=host`). Memory, CPU and
-pids limits go into the OCI spec, which runsc enforces with a host cgroup around the
-whole sandbox.
+"""The gVisor backend: `runsc` (systrap platform where it works, else ptrace) runs the
+agent as the container's PID 1 on the template rootfs, read-only with an in-memory
+overlay (`--overlay2 root:memory`) that disappears with the sandbox. No network unless the
+spec asks for one (then gVisor's netstack is swapped for the host's, `--network=host`).
+Memory, CPU and pids limits go into the OCI spec, which runsc enforces with a host cgroup
+around the whole sandbox.
 
 The agent listens on a unix socket of the sandbox's own (`/.tartarus/run`, a tmpfs
 inside gVisor). The host reaches it through `tartarus-jail relay`, started with `runsc
@@ -17,6 +17,9 @@ log of this runsc), so stdio stays unused.
 
 Snapshots are `runsc checkpoint` and `runsc restore`: the relay is closed first, so the
 sandbox holds no host socket, and reopened after.
+
+Which runsc: the `runsc` setting, else the pinned build `tartarus runsc install` caches,
+else runsc on PATH (tartarus.host.runsc).
 
 Per runtime, one private `runsc --root` under `<state>/gvisor/runsc`; per sandbox,
 `<state>/gvisor/<id>/` holds the bundle, the socket directory and runsc's logs.
@@ -35,8 +38,9 @@ from typing import Final
 import anyio
 import msgspec
 
+from tartarus import paths
 from tartarus.binaries import find_binary
-from tartarus.host.tools import runsc_global_flags
+from tartarus.host.runsc import Runsc, RunscError, global_flags, probe_platform, resolve_runsc
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import SandboxError
@@ -233,20 +237,44 @@ class GvisorSandbox(HostedAgentSandbox):
 
 
 class GvisorRuntime:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path, *, runsc: Path | None = None, cache_dir: Path | None = None
+    ) -> None:
         self._root = state_dir / "gvisor"
         self.runsc_root = self._root / ".runsc"
+        self._explicit = runsc
+        self._cache_dir = cache_dir or paths.default_cache_dir()
+        self._runsc: Runsc | None = None
+        self._platform = ""
+
+    def resolve(self) -> Runsc:
+        """Finds runsc and probes its platform, once (blocking: a few hundred ms)."""
+        if self._runsc is None:
+            try:
+                found = resolve_runsc(self._explicit, self._cache_dir)
+            except RunscError as e:
+                raise GvisorError(str(e)) from e
+            self._platform = probe_platform(found.path).name
+            self._runsc = found
+        return self._runsc
+
+    @property
+    def platform(self) -> str:
+        self.resolve()
+        return self._platform
 
     @property
     def backend(self) -> Backend:
         return Backend.GVISOR
 
     def runsc_argv(self, *args: str, network: bool = False) -> list[str]:
-        runsc = shutil.which("runsc")
-        if runsc is None:
-            raise GvisorError("runsc is not on PATH (apt-get install runsc)")
+        runsc = self.resolve().path
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        flags = [f for f in runsc_global_flags(self.runsc_root) if not f.startswith("--network")]
+        flags = [
+            f
+            for f in global_flags(self.runsc_root, self._platform)
+            if not f.startswith("--network")
+        ]
         flags += [f"--network={'host' if network else 'none'}", "--overlay2=root:memory"]
         return [runsc, *flags, *args]
 
@@ -256,6 +284,8 @@ class GvisorRuntime:
         """Runs runsc with this runtime's flags. Commands that leave a sandbox running
         (`run --detach`, `restore --detach`) must pass `log`: the sandbox inherits
         runsc's stdout and stderr, so pipes would never reach end of file."""
+        if self._runsc is None:
+            await anyio.to_thread.run_sync(self.resolve)
         command = self.runsc_argv(*args, network=network)
         with anyio.fail_after(RUNSC_TIMEOUT_S):
             if log is None:
