@@ -70,7 +70,7 @@ def install(go: Path | None, force: bool, as_json: bool) -> None:
         emit_json(result)
         return
     how = "cached" if result.cached else f"built in {result.seconds:.0f} s"
-    console.print(f"runsc {result.version} ({how}): {result.path}", highlight=False)
+    console.print(f"runsc {result.version} ({how}): {result.path}", highlight=False, soft_wrap=True)
 
 
 class Which(msgspec.Struct, frozen=True, kw_only=True):

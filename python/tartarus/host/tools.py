@@ -81,7 +81,7 @@ def check_runsc(explicit: Path | None, cache_dir: Path) -> ToolCheck:
         rootfs.mkdir(parents=True)
         shutil.copy2(agent, rootfs / "tartarus-agent")
         spec = Spec(
-            process=Process(args=["/tartarus-agent", "--version"]),
+            process=Process(args=["/tartarus-agent", "--version"], cwd="/"),
             root=Root(path=str(rootfs)),
         )
         write_bundle_config(bundle, spec)

@@ -312,6 +312,7 @@ class GvisorRuntime:
         return oci.Spec(
             process=oci.Process(
                 args=agent_argv(),
+                cwd="/",
                 env=env,
                 # The sentry enforces this inside; the host cgroup below only caps the sandbox
                 # as a whole (its own threads included).
