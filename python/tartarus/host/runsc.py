@@ -17,6 +17,7 @@ container runs on it, ptrace otherwise.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import fcntl
 import functools
@@ -247,6 +248,23 @@ def resolve_runsc(explicit: Path | None, cache_dir: Path) -> Runsc:
     return Runsc(path=path, source=source, version=version, degraded=known_defects(version))
 
 
+NULL_NETNS: Final = "null-netns"
+_MNT_DETACH: Final = 2
+
+
+def unmount_null_netns(state_root: Path) -> None:
+    """Unmounts the empty network namespace current runsc pins (bind-mounted) at
+    `<--root>/null-netns` for `--network=none` sandboxes; a runsc root cannot be removed
+    (EBUSY) while it is mounted. Concurrent runsc runs can stack mounts: all go."""
+    path = state_root / NULL_NETNS
+    if not path.exists():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    target = os.fsencode(path)
+    while libc.umount2(target, _MNT_DETACH) == 0:
+        pass
+
+
 class Platform(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     reason: str
@@ -280,6 +298,8 @@ def probe_platform(runsc: str) -> Platform:
             return Platform(
                 name="ptrace", reason=f"systrap probe did not finish in {PROBE_TIMEOUT_S:.0f} s"
             )
+        finally:
+            unmount_null_netns(Path(tmp))
         elapsed = time.perf_counter() - started
     if proc.returncode == 0:
         return Platform(

@@ -18,7 +18,13 @@ import msgspec
 
 from tartarus.binaries import find_binary
 from tartarus.errors import BinaryNotFoundError
-from tartarus.host.runsc import RunscError, global_flags, probe_platform, resolve_runsc
+from tartarus.host.runsc import (
+    RunscError,
+    global_flags,
+    probe_platform,
+    resolve_runsc,
+    unmount_null_netns,
+)
 from tartarus.runtime.oci_spec import Process, Root, Spec, write_bundle_config
 
 RUNSC_TIMEOUT_S = 60.0
@@ -102,6 +108,8 @@ def check_runsc(explicit: Path | None, cache_dir: Path) -> ToolCheck:
                 check=False,
             )
             return result(False, f"runsc run did not finish within {RUNSC_TIMEOUT_S:.0f} s")
+        finally:
+            unmount_null_netns(state)
         elapsed = time.perf_counter() - started
     works = proc.returncode == 0 and "tartarus-agent" in proc.stdout
     if not works:
