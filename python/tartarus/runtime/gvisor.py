@@ -40,7 +40,14 @@ import msgspec
 
 from tartarus import paths
 from tartarus.binaries import find_binary
-from tartarus.host.runsc import Runsc, RunscError, global_flags, probe_platform, resolve_runsc
+from tartarus.host.runsc import (
+    Runsc,
+    RunscError,
+    global_flags,
+    probe_platform,
+    resolve_runsc,
+    unmount_null_netns,
+)
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import SandboxError
@@ -147,6 +154,7 @@ class GvisorSandbox(HostedAgentSandbox):
         # another runsc (a `runsc state` costs ~20 ms).
         pid_file = self._dir / "sandbox.pid"
         pid_file.unlink(missing_ok=True)
+        self._runtime.live.add(self.container)
         await self._runsc(
             *command,
             "--detach",
@@ -246,6 +254,8 @@ class GvisorRuntime:
         self._cache_dir = cache_dir or paths.default_cache_dir()
         self._runsc: Runsc | None = None
         self._platform = ""
+        # Containers this runtime started and has not destroyed.
+        self.live: set[str] = set()
 
     def resolve(self) -> Runsc:
         """Finds runsc and probes its platform, once (blocking: a few hundred ms)."""
@@ -381,6 +391,11 @@ class GvisorRuntime:
         """Kills and deletes a container; a missing one is not an error."""
         await self.runsc("kill", container, "KILL", check=False)
         await self.runsc("delete", "--force", container, check=False)
+        self.live.discard(container)
+        if not self.live:
+            # Current runsc pins an empty netns for --network=none sandboxes at
+            # <root>/null-netns and never lets it go; the next sandbox pins a new one.
+            unmount_null_netns(self.runsc_root)
 
     async def containers(self) -> list[str]:
         if not self.runsc_root.is_dir():
@@ -401,4 +416,6 @@ class GvisorRuntime:
                 if entry.name != self.runsc_root.name and entry.name not in keep:
                     await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
                     removed.add(entry.name)
+        if not self.live:
+            unmount_null_netns(self.runsc_root)
         return sorted(removed)
