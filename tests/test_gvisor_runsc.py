@@ -170,7 +170,7 @@ async def client(tmp_path: Path, doctor_report: DoctorReport) -> AsyncIterator[C
 @pytest.mark.anyio
 @pytest.mark.timeout(300)
 async def test_coreutils_ls_and_stat_work_in_a_python_sandbox(
-    client: Client, doctor_report: DoctorReport
+    client: Client, doctor_report: DoctorReport, tmp_path: Path
 ) -> None:
     if doctor_report.tool("runsc").degraded:
         pytest.fail(
@@ -189,3 +189,6 @@ async def test_coreutils_ls_and_stat_work_in_a_python_sandbox(
             assert expect in result.stdout, f"{command}: {result.stdout}"
     finally:
         await sb.kill()
+    # The last sandbox gone, runsc's pinned empty netns is unmounted from the state dir.
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    assert not [m for m in mounts if str(tmp_path) in m and "null-netns" in m]
