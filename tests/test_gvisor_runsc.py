@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tartarus.config import Settings
@@ -190,5 +191,5 @@ async def test_coreutils_ls_and_stat_work_in_a_python_sandbox(
     finally:
         await sb.kill()
     # The last sandbox gone, runsc's pinned empty netns is unmounted from the state dir.
-    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    mounts = (await anyio.Path("/proc/self/mountinfo").read_text()).splitlines()
     assert not [m for m in mounts if str(tmp_path) in m and "null-netns" in m]
