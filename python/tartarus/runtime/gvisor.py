@@ -194,7 +194,10 @@ class GvisorSandbox(HostedAgentSandbox):
             running = result.returncode == 0 and json.loads(result.stdout).get("status") == (
                 "running"
             )
-            if not running:
+            # Current runsc can still say "running" a moment after the host OOM killer
+            # took the sandbox down; the agent's connection is gone by then.
+            lost = self._agent is not None and self._agent.closed
+            if not running or lost:
                 state = SandboxState.FAILED
                 oom = self._cgroup.oom_kills()
                 detail = "killed by the host OOM killer" if oom else "the sandbox stopped"
