@@ -21,7 +21,7 @@ RUST_SRC := Cargo.toml Cargo.lock $(shell find rust -type f \( -name '*.rs' -o -
 PY_SRC   := pyproject.toml $(shell find python build_backend -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) -not -path '*/__pycache__/*' 2>/dev/null)
 DATA_SRC := $(shell find python -type f -not -name '*.py' -not -name '*.pyi' -not -name '*.so' -not -path '*/_bin/*' -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: help run test lint typecheck rust-check artefacts pytest bench clean system install lock stage-reset
+.PHONY: help run test lint typecheck rust-check artefacts runsc pytest bench clean system install lock stage-reset
 
 help:
 	@echo "make run    set everything up and run a sandbox on the best backend"
@@ -86,12 +86,16 @@ rust-check: $(STAMPS)/system
 	$(STAGE) cargo-test setup -- scripts/rust-test-probe
 
 # The heavy artefacts tests use, built once and cached by their inputs under
-# ~/.cache/tartarus (a cache hit takes a second): the guest kernel and the templates.
+# ~/.cache/tartarus (a cache hit takes a second): runsc, the guest kernel and the templates.
 # Built here, not inside a test, so parallel test workers never build them twice.
-artefacts: $(STAMPS)/install
+artefacts: $(STAMPS)/install runsc
 	$(STAGE) kernel artefacts -- $(VENV)/bin/tartarus kernel build
 	$(STAGE) template-base artefacts -- $(VENV)/bin/tartarus template build base
 	$(STAGE) template-python artefacts -- $(VENV)/bin/tartarus template build python
+
+# The pinned gVisor runsc (the pin: tartarus.host.runsc.RUNSC_VERSION), built with Go.
+runsc: $(STAMPS)/install
+	$(STAGE) runsc artefacts -- $(VENV)/bin/tartarus runsc install
 
 # One lane only, or a few tests: make pytest PYTEST_ARGS='tests/test_x.py -k name'
 pytest: $(STAMPS)/install

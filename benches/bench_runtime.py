@@ -107,7 +107,9 @@ def runsc_echo(rootfs: Path, work: Path) -> Callable[[], object]:
     bundle.mkdir(exist_ok=True)
     oci.write_bundle_config(
         bundle,
-        oci.Spec(process=oci.Process(args=["/bin/echo", "hi"]), root=oci.Root(path=str(rootfs))),
+        oci.Spec(
+            process=oci.Process(args=["/bin/echo", "hi"], cwd="/"), root=oci.Root(path=str(rootfs))
+        ),
     )
     state = work / "runsc"
     state.mkdir(exist_ok=True)

@@ -28,6 +28,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_dir: Path = msgspec.field(default_factory=paths.default_cache_dir)
     state_dir: Path = msgspec.field(default_factory=paths.default_state_dir)
     runtime_dir: Path = msgspec.field(default_factory=paths.default_runtime_dir)
+    # The runsc the gvisor backend runs; unset: the pinned build `tartarus runsc install`
+    # caches, else runsc on PATH.
+    runsc: Path | None = None
     # Cerberus: authentication ([auth], docs/auth.md).
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).

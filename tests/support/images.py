@@ -32,7 +32,7 @@ def gvisor_bundle(rootfs: Path, argv: list[str], workdir: Path, env: dict[str, s
     (bundle / "state").mkdir(parents=True)
     environment = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", **env}
     spec = Spec(
-        process=Process(args=argv, env=[f"{k}={v}" for k, v in environment.items()]),
+        process=Process(args=argv, env=[f"{k}={v}" for k, v in environment.items()], cwd="/"),
         root=Root(path=str(rootfs), readonly=True),
     )
     write_bundle_config(bundle, spec)

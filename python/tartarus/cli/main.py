@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("tartarus.cli.init", "init"),
     "template": ("tartarus.cli.template", "template"),
     "kernel": ("tartarus.cli.kernel", "kernel"),
+    "runsc": ("tartarus.cli.runsc", "runsc"),
     "version": ("tartarus.cli.about", "version_command"),
     "completion": ("tartarus.cli.about", "completion_command"),
     "auth": ("tartarus.cli.auth", "auth_group"),

@@ -80,7 +80,7 @@ def judge_backends(kernel: KernelReport, tools: list[ToolCheck]) -> list[Backend
 
 def run_doctor(settings: Settings) -> DoctorReport:
     kernel = probe_kernel(settings.cache_dir)
-    tools = [check_runsc(), check_wasmtime()]
+    tools = [check_runsc(settings.runsc, settings.cache_dir), check_wasmtime()]
     backends = judge_backends(kernel, tools)
     best = next(
         (b.name for b in backends if b.name in LINUX_BACKENDS and b.available),

@@ -6,7 +6,6 @@ because "installed" and "works here" are different facts.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -19,6 +18,13 @@ import msgspec
 
 from tartarus.binaries import find_binary
 from tartarus.errors import BinaryNotFoundError
+from tartarus.host.runsc import (
+    RunscError,
+    global_flags,
+    probe_platform,
+    resolve_runsc,
+    unmount_null_netns,
+)
 from tartarus.runtime.oci_spec import Process, Root, Spec, write_bundle_config
 
 RUNSC_TIMEOUT_S = 60.0
@@ -31,48 +37,65 @@ class ToolCheck(msgspec.Struct, frozen=True, kw_only=True):
     path: str | None = None
     version: str | None = None
     seconds: float | None = None
+    # runsc only: where it was found (setting, pinned build, PATH), the platform the probe
+    # chose and why, and the known defects of this build (empty: none known).
+    source: str | None = None
+    platform: str | None = None
+    platform_reason: str | None = None
+    degraded: list[str] = msgspec.field(default_factory=list)
 
 
-def runsc_global_flags(state_root: Path) -> list[str]:
-    """Flags every runsc invocation needs here: ptrace platform, private state root."""
-    flags = ["--root", str(state_root), "--platform=ptrace", "--network=none"]
-    if os.geteuid() != 0:
-        flags += ["--rootless", "--ignore-cgroups"]
-    return flags
+def runsc_global_flags(state_root: Path, platform: str = "ptrace") -> list[str]:
+    """Flags every runsc invocation needs here: the platform, a private state root."""
+    return global_flags(state_root, platform)
 
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def check_runsc() -> ToolCheck:
-    """Runs `tartarus-agent --version` in a throwaway gVisor sandbox (ptrace platform)."""
-    runsc = shutil.which("runsc")
-    if runsc is None:
+def check_runsc(explicit: Path | None, cache_dir: Path) -> ToolCheck:
+    """Finds runsc (setting, pinned build, PATH), probes its platform, then runs
+    `tartarus-agent --version` in a throwaway gVisor sandbox on that platform."""
+    try:
+        runsc = resolve_runsc(explicit, cache_dir)
+    except RunscError as e:
+        return ToolCheck(name="runsc", available=False, detail=str(e))
+    platform = probe_platform(runsc.path)
+
+    def result(available: bool, detail: str, seconds: float | None = None) -> ToolCheck:
         return ToolCheck(
-            name="runsc", available=False, detail="runsc not on PATH (apt-get install runsc)"
+            name="runsc",
+            available=available,
+            detail=detail,
+            path=runsc.path,
+            version=runsc.version,
+            seconds=seconds,
+            source=runsc.source.value,
+            platform=platform.name,
+            platform_reason=platform.reason,
+            degraded=runsc.degraded,
         )
-    version = _first_line(
-        subprocess.run([runsc, "--version"], capture_output=True, text=True, check=False).stdout
-    )
+
     try:
         agent = find_binary("tartarus-agent")
     except BinaryNotFoundError as e:
-        return ToolCheck(name="runsc", available=False, path=runsc, version=version, detail=str(e))
+        return result(False, str(e))
     with tempfile.TemporaryDirectory(prefix="tartarus-doctor-") as tmp:
         bundle = Path(tmp) / "bundle"
         rootfs = bundle / "rootfs"
         rootfs.mkdir(parents=True)
         shutil.copy2(agent, rootfs / "tartarus-agent")
         spec = Spec(
-            process=Process(args=["/tartarus-agent", "--version"]),
+            process=Process(args=["/tartarus-agent", "--version"], cwd="/"),
             root=Root(path=str(rootfs)),
         )
         write_bundle_config(bundle, spec)
         state = Path(tmp) / "state"
         state.mkdir()
         container = f"doctor-{uuid.uuid4().hex[:12]}"
-        cmd = [runsc, *runsc_global_flags(state), "run", "--bundle", str(bundle), container]
+        flags = global_flags(state, platform.name)
+        cmd = [runsc.path, *flags, "run", "--bundle", str(bundle), container]
         started = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -80,32 +103,26 @@ def check_runsc() -> ToolCheck:
             )
         except subprocess.TimeoutExpired:
             subprocess.run(
-                [runsc, "--root", str(state), "delete", "--force", container],
+                [runsc.path, "--root", str(state), "delete", "--force", container],
                 capture_output=True,
                 check=False,
             )
-            return ToolCheck(
-                name="runsc",
-                available=False,
-                path=runsc,
-                version=version,
-                detail=f"runsc run did not finish within {RUNSC_TIMEOUT_S:.0f} s",
-            )
+            return result(False, f"runsc run did not finish within {RUNSC_TIMEOUT_S:.0f} s")
+        finally:
+            unmount_null_netns(state)
         elapsed = time.perf_counter() - started
     works = proc.returncode == 0 and "tartarus-agent" in proc.stdout
-    detail = (
-        "runs containers with --platform=ptrace"
-        if works
-        else f"runsc run exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
-    )
-    return ToolCheck(
-        name="runsc",
-        available=works,
-        path=runsc,
-        version=version,
-        detail=detail,
-        seconds=round(elapsed, 4),
-    )
+    if not works:
+        detail = f"runsc run exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
+    else:
+        detail = f"runs containers with --platform={platform.name} ({platform.reason})"
+    detail += f"; {runsc.source.value}: {runsc.path}"
+    if runsc.degraded:
+        detail += (
+            f"; DEGRADED, an old runsc ({runsc.version}): {'; '.join(runsc.degraded)};"
+            " `tartarus runsc install` builds the pinned one"
+        )
+    return result(works, detail, round(elapsed, 4))
 
 
 _ANSWER_WAT = '(module (func (export "answer") (result i32) i32.const 42))'

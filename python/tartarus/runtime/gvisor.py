@@ -1,9 +1,9 @@
-"""The gVisor backend: `runsc` (ptrace platform) runs the agent as the container's
-PID 1 on the template rootfs, read-only with an in-memory overlay (`--overlay2
-root:memory`) that disappears with the sandbox. No network unless the spec asks for one
-(then gVisor's netstack is swapped for the host's, `--network=host`). Memory, CPU and
-pids limits go into the OCI spec, which runsc enforces with a host cgroup around the
-whole sandbox.
+"""The gVisor backend: `runsc` (systrap platform where it works, else ptrace) runs the
+agent as the container's PID 1 on the template rootfs, read-only with an in-memory
+overlay (`--overlay2 root:memory`) that disappears with the sandbox. No network unless the
+spec asks for one (then gVisor's netstack is swapped for the host's, `--network=host`).
+Memory, CPU and pids limits go into the OCI spec, which runsc enforces with a host cgroup
+around the whole sandbox.
 
 The agent listens on a unix socket of the sandbox's own (`/.tartarus/run`, a tmpfs
 inside gVisor). The host reaches it through `tartarus-jail relay`, started with `runsc
@@ -17,6 +17,9 @@ log of this runsc), so stdio stays unused.
 
 Snapshots are `runsc checkpoint` and `runsc restore`: the relay is closed first, so the
 sandbox holds no host socket, and reopened after.
+
+Which runsc: the `runsc` setting, else the pinned build `tartarus runsc install` caches,
+else runsc on PATH (tartarus.host.runsc).
 
 Per runtime, one private `runsc --root` under `<state>/gvisor/runsc`; per sandbox,
 `<state>/gvisor/<id>/` holds the bundle, the socket directory and runsc's logs.
@@ -35,8 +38,16 @@ from typing import Final
 import anyio
 import msgspec
 
+from tartarus import paths
 from tartarus.binaries import find_binary
-from tartarus.host.tools import runsc_global_flags
+from tartarus.host.runsc import (
+    Runsc,
+    RunscError,
+    global_flags,
+    probe_platform,
+    resolve_runsc,
+    unmount_null_netns,
+)
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import SandboxError
@@ -143,6 +154,7 @@ class GvisorSandbox(HostedAgentSandbox):
         # another runsc (a `runsc state` costs ~20 ms).
         pid_file = self._dir / "sandbox.pid"
         pid_file.unlink(missing_ok=True)
+        self._runtime.live.add(self.container)
         await self._runsc(
             *command,
             "--detach",
@@ -182,7 +194,10 @@ class GvisorSandbox(HostedAgentSandbox):
             running = result.returncode == 0 and json.loads(result.stdout).get("status") == (
                 "running"
             )
-            if not running:
+            # Current runsc can still say "running" a moment after the host OOM killer
+            # took the sandbox down; the agent's connection is gone by then.
+            lost = self._agent is not None and self._agent.closed
+            if not running or lost:
                 state = SandboxState.FAILED
                 oom = self._cgroup.oom_kills()
                 detail = "killed by the host OOM killer" if oom else "the sandbox stopped"
@@ -233,20 +248,46 @@ class GvisorSandbox(HostedAgentSandbox):
 
 
 class GvisorRuntime:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path, *, runsc: Path | None = None, cache_dir: Path | None = None
+    ) -> None:
         self._root = state_dir / "gvisor"
         self.runsc_root = self._root / ".runsc"
+        self._explicit = runsc
+        self._cache_dir = cache_dir or paths.default_cache_dir()
+        self._runsc: Runsc | None = None
+        self._platform = ""
+        # Containers this runtime started and has not destroyed.
+        self.live: set[str] = set()
+
+    def resolve(self) -> Runsc:
+        """Finds runsc and probes its platform, once (blocking: a few hundred ms)."""
+        if self._runsc is None:
+            try:
+                found = resolve_runsc(self._explicit, self._cache_dir)
+            except RunscError as e:
+                raise GvisorError(str(e)) from e
+            self._platform = probe_platform(found.path).name
+            self._runsc = found
+        return self._runsc
+
+    @property
+    def platform(self) -> str:
+        self.resolve()
+        return self._platform
 
     @property
     def backend(self) -> Backend:
         return Backend.GVISOR
 
     def runsc_argv(self, *args: str, network: bool = False) -> list[str]:
-        runsc = shutil.which("runsc")
-        if runsc is None:
-            raise GvisorError("runsc is not on PATH (apt-get install runsc)")
+        runsc = self.resolve().path
         self.runsc_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        flags = [f for f in runsc_global_flags(self.runsc_root) if not f.startswith("--network")]
+        flags = [
+            f
+            for f in global_flags(self.runsc_root, self._platform)
+            if not f.startswith("--network")
+        ]
         flags += [f"--network={'host' if network else 'none'}", "--overlay2=root:memory"]
         return [runsc, *flags, *args]
 
@@ -256,6 +297,8 @@ class GvisorRuntime:
         """Runs runsc with this runtime's flags. Commands that leave a sandbox running
         (`run --detach`, `restore --detach`) must pass `log`: the sandbox inherits
         runsc's stdout and stderr, so pipes would never reach end of file."""
+        if self._runsc is None:
+            await anyio.to_thread.run_sync(self.resolve)
         command = self.runsc_argv(*args, network=network)
         with anyio.fail_after(RUNSC_TIMEOUT_S):
             if log is None:
@@ -282,6 +325,7 @@ class GvisorRuntime:
         return oci.Spec(
             process=oci.Process(
                 args=agent_argv(),
+                cwd="/",
                 env=env,
                 # The sentry enforces this inside; the host cgroup below only caps the sandbox
                 # as a whole (its own threads included).
@@ -350,6 +394,11 @@ class GvisorRuntime:
         """Kills and deletes a container; a missing one is not an error."""
         await self.runsc("kill", container, "KILL", check=False)
         await self.runsc("delete", "--force", container, check=False)
+        self.live.discard(container)
+        if not self.live:
+            # Current runsc pins an empty netns for --network=none sandboxes at
+            # <root>/null-netns and never lets it go; the next sandbox pins a new one.
+            unmount_null_netns(self.runsc_root)
 
     async def containers(self) -> list[str]:
         if not self.runsc_root.is_dir():
@@ -370,4 +419,6 @@ class GvisorRuntime:
                 if entry.name != self.runsc_root.name and entry.name not in keep:
                     await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
                     removed.add(entry.name)
+        if not self.live:
+            unmount_null_netns(self.runsc_root)
         return sorted(removed)

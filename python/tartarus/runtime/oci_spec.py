@@ -37,7 +37,9 @@ class Capabilities(_Spec, kw_only=True):
 class Process(_Spec, kw_only=True):
     args: list[str]
     env: list[str] = msgspec.field(default_factory=lambda: ["PATH=/usr/bin:/bin"])
-    cwd: str = "/"
+    # Required by the spec, so never omitted: current runsc rejects a config without it
+    # ("cwd must not be empty"); runsc 2022 defaulted it to "/".
+    cwd: str
     terminal: bool = False
     user: User = msgspec.field(default_factory=User)
     no_new_privileges: bool = True

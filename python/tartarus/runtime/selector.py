@@ -45,7 +45,7 @@ def make_runtime(backend: Backend, settings: Settings) -> Runtime:
     if backend is Backend.GVISOR:
         from tartarus.runtime.gvisor import GvisorRuntime  # noqa: PLC0415
 
-        return GvisorRuntime(state)
+        return GvisorRuntime(state, runsc=settings.runsc, cache_dir=settings.cache_dir)
     if backend is Backend.MICROVM:
         from tartarus.runtime.microvm import MicroVmRuntime  # noqa: PLC0415
 

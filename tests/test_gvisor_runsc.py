@@ -1,0 +1,195 @@
+"""Which runsc the gvisor backend runs, the pinned build of it, and a coreutils userland
+inside it (`ls /` failed with Debian 12's runsc: it rejects statx with AT_NO_AUTOMOUNT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tartarus.config import Settings
+from tartarus.host import runsc as runsc_mod
+from tartarus.host.doctor import DoctorReport
+from tartarus.host.tools import check_runsc
+from tartarus.runtime.types import Backend
+from tartarus.sdk.client import Client
+from tartarus.sdk.sandbox import Sandbox
+from tests.support.snapshots import isolated_settings, serving
+
+TARTARUS = str(Path(sys.executable).parent / "tartarus")
+CACHE = Settings().cache_dir
+
+
+def _path_runsc() -> str:
+    found = shutil.which("runsc")
+    if found is None:
+        pytest.skip("no runsc on PATH (apt-get install runsc)")
+    return found
+
+
+def _pinned() -> Path:
+    pinned = runsc_mod.pinned_path(CACHE)
+    if not pinned.is_file():
+        pytest.fail(f"{pinned} is missing: `make artefacts` (tartarus runsc install) builds it")
+    return pinned
+
+
+def _executable(path: Path, target: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+    return path
+
+
+def test_lookup_order_setting_then_pinned_then_path(tmp_path: Path) -> None:
+    on_path = _path_runsc()
+    cache = tmp_path / "cache"
+    assert runsc_mod.locate_runsc(None, cache) == (on_path, runsc_mod.RunscSource.PATH)
+    pinned = _executable(runsc_mod.pinned_path(cache), on_path)
+    assert runsc_mod.locate_runsc(None, cache) == (str(pinned), runsc_mod.RunscSource.PINNED)
+    explicit = _executable(tmp_path / "elsewhere" / "runsc", on_path)
+    assert runsc_mod.locate_runsc(explicit, cache) == (
+        str(explicit),
+        runsc_mod.RunscSource.SETTING,
+    )
+
+
+def test_setting_comes_from_the_environment(tmp_path: Path) -> None:
+    on_path = _path_runsc()
+    explicit = _executable(tmp_path / "x" / "runsc", on_path)
+    env = {**os.environ, "TARTARUS_RUNSC": str(explicit), "TARTARUS_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [TARTARUS, "runsc", "which", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    report = json.loads(proc.stdout)
+    assert report["runsc"]["path"] == str(explicit)
+    assert report["runsc"]["source"] == "setting"
+
+
+def test_debian_2022_runsc_is_named_degraded(tmp_path: Path) -> None:
+    """With an empty cache the doctor falls back to PATH; Debian's 2022 build is degraded."""
+    on_path = _path_runsc()
+    version = runsc_mod.runsc_version(on_path)
+    check = check_runsc(None, tmp_path / "empty-cache")
+    assert check.path == on_path
+    assert check.source == "PATH"
+    if not version.startswith("0.0~2022"):
+        pytest.skip(f"runsc on PATH is {version}, not Debian 12's 2022 build")
+    assert check.degraded
+    assert "statx" in check.detail
+    assert "DEGRADED" in check.detail
+
+
+def _systrap_runs(runsc: str, tmp: Path) -> bool:
+    """`runsc --platform=systrap do true` by hand, sharing no project code."""
+    flags = ["--root", str(tmp / "state"), "--platform=systrap", "--network=none"]
+    if os.geteuid() != 0:
+        flags += ["--rootless", "--ignore-cgroups"]
+    proc = subprocess.run(
+        [runsc, *flags, "do", "true"], capture_output=True, timeout=60, check=False, cwd=tmp
+    )
+    return proc.returncode == 0
+
+
+def test_doctor_names_the_runsc_and_platform_in_use(doctor_report: DoctorReport) -> None:
+    tool = doctor_report.tool("runsc")
+    assert tool.path is not None
+    assert tool.source in {s.value for s in runsc_mod.RunscSource}
+    if tool.source == "pinned build":
+        assert tool.version == runsc_mod.RUNSC_VERSION
+        assert not tool.degraded
+    with tempfile.TemporaryDirectory() as tmp:
+        systrap = _systrap_runs(tool.path, Path(tmp))
+    assert tool.platform == ("systrap" if systrap else "ptrace")
+    assert tool.platform_reason
+    if tool.available:
+        assert f"--platform={tool.platform}" in doctor_report.backend("gvisor").reason
+
+
+def _has_interpreter(binary: Path) -> bool:
+    """Whether an ELF64 file asks for a dynamic loader (a PT_INTERP program header)."""
+    with binary.open("rb") as f:
+        header = f.read(64)
+        assert header[:4] == b"\x7fELF" and header[4] == 2
+        (phoff,) = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    pt_interp = 3
+    return any(struct.unpack_from("<I", table, i * phentsize)[0] == pt_interp for i in range(phnum))
+
+
+def test_install_is_a_cache_hit_of_a_static_stamped_build() -> None:
+    pinned = _pinned()
+    proc = subprocess.run(
+        [TARTARUS, "runsc", "install", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TARTARUS_CACHE_DIR": str(CACHE)},
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(proc.stdout)
+    assert result == {
+        "path": str(pinned),
+        "version": runsc_mod.RUNSC_VERSION,
+        "cached": True,
+        "seconds": result["seconds"],
+    }
+    assert result["seconds"] < 1.0
+    assert runsc_mod.runsc_version(str(pinned)) == runsc_mod.RUNSC_VERSION
+    assert not _has_interpreter(pinned), "runsc must be static (CGO_ENABLED=0)"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def client(tmp_path: Path, doctor_report: DoctorReport) -> AsyncIterator[Client]:
+    verdict = doctor_report.backend("gvisor")
+    if not verdict.available:
+        pytest.skip(f"gvisor unavailable here: {verdict.reason}")
+    async with serving(isolated_settings(tmp_path)) as c:
+        yield c
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(300)
+async def test_coreutils_ls_and_stat_work_in_a_python_sandbox(
+    client: Client, doctor_report: DoctorReport, tmp_path: Path
+) -> None:
+    if doctor_report.tool("runsc").degraded:
+        pytest.fail(
+            f"runsc in use is {doctor_report.tool('runsc').version} (degraded: "
+            "`ls /` fails there); `make artefacts` builds the pinned one"
+        )
+    sb = await Sandbox.create("python", backend=Backend.GVISOR, client=client, timeout=300)
+    try:
+        for command, expect in (
+            ("ls -la /", "tmp"),
+            ("stat /", "Inode"),
+            ("touch /tmp/seen && ls /tmp", "seen"),
+        ):
+            result = await sb.commands.run(command)
+            assert result.exit_code == 0, f"{command}: {result.stderr}"
+            assert expect in result.stdout, f"{command}: {result.stdout}"
+    finally:
+        await sb.kill()
+    # The last sandbox gone, runsc's pinned empty netns is unmounted from the state dir.
+    mounts = (await anyio.Path("/proc/self/mountinfo").read_text()).splitlines()
+    assert not [m for m in mounts if str(tmp_path) in m and "null-netns" in m]
