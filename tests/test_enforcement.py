@@ -126,7 +126,7 @@ async def test_memory_hog_warned_then_killed(manager: SandboxManager) -> None:
     record = manager.record(sandbox_id)
     assert record.detail.startswith("killed by Tisiphone (kill): memory at")
     actions = [(e.fury, e.action) for e in sink.items]
-    assert actions[-1] == (Fury.TISIPHONE, Action.KILL)
+    assert actions[-1] == (Fury.RESOURCE_LIMIT, Action.KILL)
     assert sink.items[-1].tenant == "greedy" and sink.items[-1].value >= 0.5
     # Each rule acts once per sandbox.
     assert len(actions) == len(set(actions))
@@ -183,6 +183,54 @@ def test_megaera_quarantines_a_repeat_offender() -> None:
     assert escalation is not None and escalation.action is Action.QUARANTINE
     assert f"{QUARANTINE_AFTER} policy violations" in escalation.detail
     assert escalate(events, "") is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("alecto", Fury.TIMEOUT),
+        ("tisiphone", Fury.RESOURCE_LIMIT),
+        ("megaera", Fury.POLICY_VIOLATION),
+    ],
+)
+def test_deprecated_fury_values_are_read_as_the_new_ones(old: str, new: Fury) -> None:
+    # An older node's report or an event stored by an older version still decodes ...
+    raw = msgspec.json.encode(
+        {"fury": old, "action": "record", "sandbox_id": "sb-1", "detail": "d", "tenant": "t"}
+    )
+    event = msgspec.json.decode(raw, type=EnforcementEvent)
+    assert event.fury is new
+    assert Fury(old) is new
+    # ... and is written back with the new value only.
+    assert msgspec.json.decode(msgspec.json.encode(event))["fury"] == new.value
+    assert old not in msgspec.json.schema(EnforcementEvent)["$defs"]["Fury"]["enum"]
+
+
+def test_new_fury_values_say_the_job() -> None:
+    assert [f.value for f in Fury] == ["timeout", "resource-limit", "policy-violation"]
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(
+            b'{"fury": "nemesis", "action": "kill", "sandbox_id": "s", "detail": "d"}',
+            type=EnforcementEvent,
+        )
+
+
+def test_violations_stored_under_the_old_value_still_count() -> None:
+    old = msgspec.json.encode(
+        [
+            {
+                "fury": "megaera",
+                "action": "record",
+                "sandbox_id": f"sb-{i}",
+                "detail": "x",
+                "tenant": "mallory",
+            }
+            for i in range(QUARANTINE_AFTER)
+        ]
+    )
+    events = msgspec.json.decode(old, type=list[EnforcementEvent])
+    escalation = escalate(events, "mallory")
+    assert escalation is not None and escalation.fury is Fury.POLICY_VIOLATION
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ class Furies:
     def _event(self, live: LiveSandbox, action: Action, detail: str, value: float) -> None:
         self.sink.event(
             EnforcementEvent(
-                fury=Fury.TISIPHONE,
+                fury=Fury.RESOURCE_LIMIT,
                 action=action,
                 sandbox_id=live.record.id,
                 detail=detail,

@@ -156,7 +156,7 @@ class ReportingStore(CountingStore):
             late = (record.ended_at or time.time()) - (record.expires_at or time.time())
             self.outbox.event(
                 EnforcementEvent(
-                    fury=Fury.ALECTO,
+                    fury=Fury.TIMEOUT,
                     action=Action.KILL,
                     sandbox_id=record.id,
                     detail=f"killed {late:.3f} s after its deadline",

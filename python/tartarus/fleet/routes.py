@@ -422,7 +422,7 @@ class EventList(msgspec.Struct, kw_only=True):
     permission=ADMIN_TENANTS,
 )
 async def list_events(request: web.Request) -> web.StreamResponse:
-    """What the Furies did: timeouts (alecto), limits (tisiphone), violations (megaera)."""
+    """What the Furies did: timeout, resource-limit and policy-violation events."""
     q = read_query(request, EventQuery)
     items = await coordinator(request).state.events.query(
         {"sandbox_id": q.sandbox or ""}, since=q.since, limit=q.limit
