@@ -18,7 +18,7 @@ from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
 from tartarus.config import Settings
-from tartarus.enforcement.furies import Furies, triggered
+from tartarus.enforcement.limits import LimitEnforcer, triggered
 from tartarus.enforcement.log import RedisLog, SqliteLog
 from tartarus.enforcement.records import (
     Action,
@@ -91,7 +91,7 @@ SPIN = "while :; do :; done"
 
 
 async def watch_until(
-    furies: Furies, manager: SandboxManager, sandbox_id: str, done: object
+    furies: LimitEnforcer, manager: SandboxManager, sandbox_id: str, done: object
 ) -> None:
     with anyio.fail_after(30):
         while True:
@@ -118,7 +118,7 @@ async def test_memory_hog_warned_then_killed(manager: SandboxManager) -> None:
         cpu=[],
         interval_s=0.2,
     )
-    furies = Furies(manager, policy, sink)
+    furies = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
         furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
@@ -137,7 +137,7 @@ async def test_quarantine_action_kills_and_names_the_tenant(manager: SandboxMana
     policy = LimitPolicy(
         memory=[LimitRule(share=0.3, action=Action.QUARANTINE)], cpu=[], interval_s=0.2
     )
-    furies = Furies(manager, policy, sink)
+    furies = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
         furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
@@ -151,7 +151,7 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
     policy = LimitPolicy(
         memory=[], cpu=[LimitRule(share=0.3, action=Action.THROTTLE)], interval_s=0.5
     )
-    furies = Furies(manager, policy, sink)
+    furies = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, SPIN)
     await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
     (event,) = sink.items
@@ -163,7 +163,7 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
 async def test_peak_use_is_reported_when_the_sandbox_ends(manager: SandboxManager) -> None:
     sink = Events()
     policy = LimitPolicy(memory=[LimitRule(share=0.5, action=Action.WARN)], cpu=[], interval_s=0.2)
-    furies = Furies(manager, policy, sink)
+    furies = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
     assert sink.peaks == []  # reported when the sandbox ends, not before

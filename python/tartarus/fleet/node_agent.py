@@ -34,7 +34,7 @@ from aiohttp.typedefs import Middleware
 from tartarus.agent.manager import SandboxManager
 from tartarus.agent.store import SandboxRecord
 from tartarus.auth.principal import SYSTEM
-from tartarus.enforcement.furies import Furies
+from tartarus.enforcement.limits import LimitEnforcer
 from tartarus.enforcement.records import (
     Action,
     EnforcementEvent,
@@ -277,7 +277,7 @@ class NodeAgent:
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
         del app
         await self._client()
-        furies = Furies(manager, self.options.limits, self.outbox)
+        furies = LimitEnforcer(manager, self.options.limits, self.outbox)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stay_joined, manager)
