@@ -12,9 +12,6 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
 from tartarus.config import Settings
@@ -32,6 +29,9 @@ from tartarus.enforcement.records import (
 )
 from tartarus.enforcement.violations import QUARANTINE_AFTER, escalate, violation
 from tartarus.host.doctor import DoctorReport
+from tartarus.node.manager import SandboxManager
+from tartarus.node.provider import HostRuntimes
+from tartarus.node.store import Store
 from tartarus.paths import default_cache_dir
 from tartarus.runtime.types import Backend, ExecRequest, SandboxState
 from tests.support.fleet import HOG, require_jail

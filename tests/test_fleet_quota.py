@@ -13,10 +13,10 @@ import anyio
 import pytest
 import redis
 
-from tartarus.agent.store import SandboxRecord
 from tartarus.fleet.coordinator import Coordinator
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import open_state
+from tartarus.node.store import SandboxRecord
 from tartarus.policy.documents import Quotas
 from tartarus.policy.quotas import Usage
 from tartarus.queue import QueueSettings

@@ -2,7 +2,7 @@
 and the record of everything that went wrong.
 
 - Alecto (`fury: timeout`): a sandbox past its deadline is killed within a second, by
-  the node manager's deadline loop (`tartarus.agent.manager`).
+  the node manager's deadline loop (`tartarus.node.manager`).
 - Tisiphone (`limits`, `fury: resource-limit`): memory and CPU use against the
   sandbox's limits, with warn, throttle, kill or quarantine actions per policy.
 - Megaera (`violations`, `fury: policy-violation`): policy violations recorded against

@@ -19,7 +19,6 @@ from typing import Protocol, runtime_checkable
 import anyio
 import msgspec
 
-from tartarus.agent.manager import LiveSandbox, SandboxManager
 from tartarus.enforcement.records import (
     Action,
     EnforcementEvent,
@@ -28,6 +27,7 @@ from tartarus.enforcement.records import (
     LimitRule,
     PeakUse,
 )
+from tartarus.node.manager import LiveSandbox, SandboxManager
 from tartarus.runtime.types import SandboxState
 
 log = logging.getLogger(__name__)

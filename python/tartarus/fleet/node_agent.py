@@ -31,8 +31,6 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.store import SandboxRecord
 from tartarus.auth.principal import SYSTEM
 from tartarus.enforcement.limits import LimitEnforcer
 from tartarus.enforcement.records import (
@@ -56,6 +54,8 @@ from tartarus.fleet.wire import (
     WorkRequest,
     WorkVerdict,
 )
+from tartarus.node.manager import SandboxManager
+from tartarus.node.store import SandboxRecord
 from tartarus.queue import Message
 from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.nodes import NodeSpec, NodeUsage

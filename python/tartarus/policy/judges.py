@@ -13,16 +13,16 @@ import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from tartarus.agent.admission import (
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import Principal
+from tartarus.errors import AdmissionDeniedError, ConfigError, UnavailableError
+from tartarus.node.admission import (
     Admitted,
     TemplateDefaults,
     fill_defaults,
     with_template_file_defaults,
 )
-from tartarus.agent.store import SandboxRecord
-from tartarus.api.types import CreateSandboxRequest
-from tartarus.auth.principal import Principal
-from tartarus.errors import AdmissionDeniedError, ConfigError, UnavailableError
+from tartarus.node.store import SandboxRecord
 from tartarus.policy.audit_log import AuditError, AuditLog
 from tartarus.policy.documents import PolicySpec
 from tartarus.policy.quotas import Hold, QuotaKeeper, SharedHolds, rule_shared

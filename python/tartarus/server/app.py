@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from tartarus.agent.manager import SandboxManager
+from tartarus.node.manager import SandboxManager
 from tartarus.server import openapi
 from tartarus.server.access import access_middleware
 from tartarus.server.context import MANAGER, SNAPSHOT_WIRING, STARTED_AT

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tartarus.agent.manager import LiveSandbox, SandboxManager
+from tartarus.node.manager import LiveSandbox, SandboxManager
 from tartarus.server.problems import ApiError
 from tartarus.snapshots.wiring import SnapshotWiring
 

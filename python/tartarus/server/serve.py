@@ -20,13 +20,13 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.store import Store
 from tartarus.auth.tls import ReloadingTls
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.errors import TartarusError
+from tartarus.node.manager import SandboxManager
+from tartarus.node.provider import HostRuntimes
+from tartarus.node.store import Store
 from tartarus.paths import ensure_private_dir
 from tartarus.secrets.redaction import install_log_redaction
 from tartarus.server.app import build_app

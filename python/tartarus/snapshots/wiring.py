@@ -18,8 +18,6 @@ from pathlib import Path
 
 import anyio
 
-from tartarus.agent.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.snapshots import PruneQuery
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
@@ -27,6 +25,8 @@ from tartarus.config import Settings
 from tartarus.errors import ConflictError, NotFoundError, SandboxNotRunningError
 from tartarus.images.blobs import GcReport
 from tartarus.images.oci.image import first_error
+from tartarus.node.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
+from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord

@@ -8,7 +8,6 @@ import datetime as dt
 import msgspec
 from aiohttp import web
 
-from tartarus.agent.store import encode_cursor
 from tartarus.api.snapshots import (
     ForkBody,
     ForkResult,
@@ -32,6 +31,7 @@ from tartarus.auth.rbac import (
     SANDBOX_READ,
     TEMPLATE_MANAGE,
 )
+from tartarus.node.store import encode_cursor
 from tartarus.server.access import principal_of, register_owner
 from tartarus.server.context import SNAPSHOT_WIRING, manager, snapshot_wiring
 from tartarus.server.problems import ApiError
