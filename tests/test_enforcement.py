@@ -91,17 +91,17 @@ SPIN = "while :; do :; done"
 
 
 async def watch_until(
-    furies: LimitEnforcer, manager: SandboxManager, sandbox_id: str, done: object
+    enforcer: LimitEnforcer, manager: SandboxManager, sandbox_id: str, done: object
 ) -> None:
     with anyio.fail_after(30):
         while True:
             live = manager.live_sandboxes()
             for sandbox in live:
                 if sandbox.record.id == sandbox_id:
-                    await furies.check(sandbox)
+                    await enforcer.check(sandbox)
             if done():  # type: ignore[operator]
                 return
-            await anyio.sleep(furies.policy.interval_s)
+            await anyio.sleep(enforcer.policy.interval_s)
 
 
 def test_the_strongest_rule_reached_wins() -> None:
@@ -118,10 +118,13 @@ async def test_memory_hog_warned_then_killed(manager: SandboxManager) -> None:
         cpu=[],
         interval_s=0.2,
     )
-    furies = LimitEnforcer(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
-        furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
+        enforcer,
+        manager,
+        sandbox_id,
+        lambda: manager.record(sandbox_id).state is SandboxState.FAILED,
     )
     record = manager.record(sandbox_id)
     assert record.detail.startswith("killed by Tisiphone (kill): memory at")
@@ -137,10 +140,13 @@ async def test_quarantine_action_kills_and_names_the_tenant(manager: SandboxMana
     policy = LimitPolicy(
         memory=[LimitRule(share=0.3, action=Action.QUARANTINE)], cpu=[], interval_s=0.2
     )
-    furies = LimitEnforcer(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
-        furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
+        enforcer,
+        manager,
+        sandbox_id,
+        lambda: manager.record(sandbox_id).state is SandboxState.FAILED,
     )
     (event,) = sink.items
     assert (event.action, event.tenant) == (Action.QUARANTINE, "greedy")
@@ -151,9 +157,9 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
     policy = LimitPolicy(
         memory=[], cpu=[LimitRule(share=0.3, action=Action.THROTTLE)], interval_s=0.5
     )
-    furies = LimitEnforcer(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, SPIN)
-    await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
+    await watch_until(enforcer, manager, sandbox_id, lambda: bool(sink.items))
     (event,) = sink.items
     assert event.action is Action.THROTTLE and "cannot throttle, so only warned" in event.detail
     assert manager.record(sandbox_id).state is SandboxState.RUNNING
@@ -163,16 +169,16 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
 async def test_peak_use_is_reported_when_the_sandbox_ends(manager: SandboxManager) -> None:
     sink = Events()
     policy = LimitPolicy(memory=[LimitRule(share=0.5, action=Action.WARN)], cpu=[], interval_s=0.2)
-    furies = LimitEnforcer(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
-    await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
+    await watch_until(enforcer, manager, sandbox_id, lambda: bool(sink.items))
     assert sink.peaks == []  # reported when the sandbox ends, not before
     await manager.delete(sandbox_id)
-    await furies.watch_once()
+    await enforcer.watch_once()
     (peak,) = sink.peaks
     assert (peak.sandbox_id, peak.template, peak.tenant) == (sandbox_id, "base", "greedy")
     assert peak.memory_share >= 0.5
-    await furies.watch_once()
+    await enforcer.watch_once()
     assert len(sink.peaks) == 1  # once
 
 

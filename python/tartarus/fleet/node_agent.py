@@ -277,12 +277,12 @@ class NodeAgent:
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
         del app
         await self._client()
-        furies = LimitEnforcer(manager, self.options.limits, self.outbox)
+        enforcer = LimitEnforcer(manager, self.options.limits, self.outbox)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stay_joined, manager)
                 tg.start_soon(self._report_forever)
-                tg.start_soon(furies.watch_forever)
+                tg.start_soon(enforcer.watch_forever)
                 pulling = anyio.CancelScope()
                 tg.start_soon(self._pull_forever, manager, pulling)
                 try:
