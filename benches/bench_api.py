@@ -26,8 +26,8 @@ import aiohttp
 import anyio
 
 from benches.harness import Stats, measure_async, ratio, report, write_result
-from tartarus.agent.provider import HostRuntimes
 from tartarus.config import load_settings
+from tartarus.node.provider import HostRuntimes
 from tartarus.runtime.base import Sandbox as RuntimeSandbox
 from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec
 from tartarus.sdk.client import Client

@@ -29,9 +29,9 @@ from tartarus.auth.authenticate import Authenticator, Presented
 from tartarus.auth.keys import KeyStore
 from tartarus.auth.rbac import default_roles
 from tartarus.auth.settings import AuthSettings, OidcIssuer
-from tartarus.policy.aeacus import AuditLog
+from tartarus.policy.audit_log import AuditLog
 from tartarus.policy.judges import Judges
-from tartarus.policy.themis import PolicyStore
+from tartarus.policy.store import PolicyStore
 
 HTTP_RUNS = 2000
 LOCAL_RUNS = 5000

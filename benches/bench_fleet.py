@@ -24,16 +24,16 @@ from tests.support.redis_server import redis_server
 from tests.support.server import short_dir
 
 from benches.harness import Stats, measure, measure_async, ratio, report, write_result
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
 from tartarus.config import Settings
 from tartarus.fleet.quota import FleetQuota, RedisQuota, SqliteQuota
+from tartarus.node.manager import SandboxManager
+from tartarus.node.provider import HostRuntimes
+from tartarus.node.store import Store
 from tartarus.paths import default_cache_dir
 from tartarus.policy.documents import PolicySpec, Quotas
-from tartarus.policy.minos import Minos, Usage
+from tartarus.policy.quotas import QuotaKeeper, Usage
 from tartarus.policy.verdicts import AdmissionRequest
 from tartarus.queue import Lane, QueueSettings, WorkQueue
 from tartarus.queue.redis_streams import RedisQueue
@@ -150,7 +150,7 @@ RACE_QUOTA = 20
 
 def minos_round_trip() -> Stats:
     """The single-host Minos: check, hold and release in memory (the peer)."""
-    minos = Minos()
+    minos = QuotaKeeper()
     admission = AdmissionRequest(
         caller=msgspec.structs.replace(SYSTEM, tenant="bench"),
         request=CreateSandboxRequest(),

@@ -45,11 +45,11 @@ from tests.support.snapshots import (
 )
 
 from benches.harness import Stats, ratio, report, write_result
-from tartarus.agent.manager import new_sandbox_id
-from tartarus.agent.provider import HostRuntimes
 from tartarus.api.types import CreateSandboxRequest, SandboxInfo
 from tartarus.host.doctor import run_doctor
 from tartarus.images.store import TemplateStore
+from tartarus.node.manager import new_sandbox_id
+from tartarus.node.provider import HostRuntimes
 from tartarus.runtime.gvisor import GvisorRuntime
 from tartarus.runtime.microvm import MicroVmRuntime
 from tartarus.runtime.types import Backend, SandboxSpec

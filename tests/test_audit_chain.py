@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.policy.aeacus import AuditLog, entry_hash
+from tartarus.policy.audit_log import AuditLog, entry_hash
 from tartarus.secrets.redaction import redact, register
 from tests.support.auth import call, make_key
 from tests.support.server import running_server, server_env

@@ -19,7 +19,7 @@ import tartarus
 PACKAGE = Path(tartarus.__file__).resolve().parent
 
 # Packages a client import must never load: they are the server and what it runs.
-SERVER_SIDE = {"server", "agent", "fleet", "runtime", "images"}
+SERVER_SIDE = {"server", "node", "fleet", "runtime", "images"}
 MAX_CLIENT_MODULES = 25
 
 CLIENT_IMPORTS = [

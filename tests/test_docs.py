@@ -54,3 +54,53 @@ def test_relative_links_lead_somewhere(doc: Path) -> None:
         and not (doc.parent / target).exists()
     ]
     assert not broken, f"{doc.name} links to missing files: {broken}"
+
+
+ARCHITECTURE = REPO_ROOT / "docs" / "architecture.md"
+PACKAGE_ROOT = REPO_ROOT / "python"
+# A row of the glossary: | name | module | role |
+GLOSSARY_ROW = re.compile(r"^\|[^|]+\|([^|]+)\|[^|]+\|$", re.MULTILINE)
+NAMED = re.compile(r"`([^`]+)`")
+
+
+def glossary_paths() -> list[str]:
+    text = ARCHITECTURE.read_text()
+    glossary = text[text.index("## Glossary") :]
+    end = glossary.find("\n## ", 1)
+    glossary = glossary if end == -1 else glossary[:end]
+    return [
+        name
+        for column in GLOSSARY_ROW.findall(glossary)
+        for name in NAMED.findall(column)
+        if name.startswith(("tartarus", "rust/"))
+    ]
+
+
+def python_packages() -> list[str]:
+    return sorted(
+        ".".join(init.parent.relative_to(PACKAGE_ROOT).parts)
+        for init in (PACKAGE_ROOT / "tartarus").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    )
+
+
+def module_exists(dotted: str) -> bool:
+    path = PACKAGE_ROOT.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_every_module_the_glossary_names_exists() -> None:
+    names = glossary_paths()
+    assert names, "docs/architecture.md has no glossary rows naming modules"
+    missing = [
+        name
+        for name in names
+        if not ((REPO_ROOT / name).exists() if name.startswith("rust/") else module_exists(name))
+    ]
+    assert not missing, f"the glossary names modules that do not exist: {missing}"
+
+
+def test_every_package_has_its_glossary_entry() -> None:
+    named = set(glossary_paths())
+    absent = [package for package in python_packages() if package not in named]
+    assert not absent, f"packages without a row in the glossary: {absent}"

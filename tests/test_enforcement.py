@@ -12,13 +12,10 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.store import Store
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM
 from tartarus.config import Settings
-from tartarus.enforcement.furies import Furies, triggered
+from tartarus.enforcement.limits import LimitEnforcer, triggered
 from tartarus.enforcement.log import RedisLog, SqliteLog
 from tartarus.enforcement.records import (
     Action,
@@ -32,6 +29,9 @@ from tartarus.enforcement.records import (
 )
 from tartarus.enforcement.violations import QUARANTINE_AFTER, escalate, violation
 from tartarus.host.doctor import DoctorReport
+from tartarus.node.manager import SandboxManager
+from tartarus.node.provider import HostRuntimes
+from tartarus.node.store import Store
 from tartarus.paths import default_cache_dir
 from tartarus.runtime.types import Backend, ExecRequest, SandboxState
 from tests.support.fleet import HOG, require_jail
@@ -91,17 +91,17 @@ SPIN = "while :; do :; done"
 
 
 async def watch_until(
-    furies: Furies, manager: SandboxManager, sandbox_id: str, done: object
+    enforcer: LimitEnforcer, manager: SandboxManager, sandbox_id: str, done: object
 ) -> None:
     with anyio.fail_after(30):
         while True:
             live = manager.live_sandboxes()
             for sandbox in live:
                 if sandbox.record.id == sandbox_id:
-                    await furies.check(sandbox)
+                    await enforcer.check(sandbox)
             if done():  # type: ignore[operator]
                 return
-            await anyio.sleep(furies.policy.interval_s)
+            await anyio.sleep(enforcer.policy.interval_s)
 
 
 def test_the_strongest_rule_reached_wins() -> None:
@@ -118,15 +118,18 @@ async def test_memory_hog_warned_then_killed(manager: SandboxManager) -> None:
         cpu=[],
         interval_s=0.2,
     )
-    furies = Furies(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
-        furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
+        enforcer,
+        manager,
+        sandbox_id,
+        lambda: manager.record(sandbox_id).state is SandboxState.FAILED,
     )
     record = manager.record(sandbox_id)
     assert record.detail.startswith("killed by Tisiphone (kill): memory at")
     actions = [(e.fury, e.action) for e in sink.items]
-    assert actions[-1] == (Fury.TISIPHONE, Action.KILL)
+    assert actions[-1] == (Fury.RESOURCE_LIMIT, Action.KILL)
     assert sink.items[-1].tenant == "greedy" and sink.items[-1].value >= 0.5
     # Each rule acts once per sandbox.
     assert len(actions) == len(set(actions))
@@ -137,10 +140,13 @@ async def test_quarantine_action_kills_and_names_the_tenant(manager: SandboxMana
     policy = LimitPolicy(
         memory=[LimitRule(share=0.3, action=Action.QUARANTINE)], cpu=[], interval_s=0.2
     )
-    furies = Furies(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
     await watch_until(
-        furies, manager, sandbox_id, lambda: manager.record(sandbox_id).state is SandboxState.FAILED
+        enforcer,
+        manager,
+        sandbox_id,
+        lambda: manager.record(sandbox_id).state is SandboxState.FAILED,
     )
     (event,) = sink.items
     assert (event.action, event.tenant) == (Action.QUARANTINE, "greedy")
@@ -151,9 +157,9 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
     policy = LimitPolicy(
         memory=[], cpu=[LimitRule(share=0.3, action=Action.THROTTLE)], interval_s=0.5
     )
-    furies = Furies(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, SPIN)
-    await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
+    await watch_until(enforcer, manager, sandbox_id, lambda: bool(sink.items))
     (event,) = sink.items
     assert event.action is Action.THROTTLE and "cannot throttle, so only warned" in event.detail
     assert manager.record(sandbox_id).state is SandboxState.RUNNING
@@ -163,16 +169,16 @@ async def test_throttle_on_a_backend_that_cannot_says_so(manager: SandboxManager
 async def test_peak_use_is_reported_when_the_sandbox_ends(manager: SandboxManager) -> None:
     sink = Events()
     policy = LimitPolicy(memory=[LimitRule(share=0.5, action=Action.WARN)], cpu=[], interval_s=0.2)
-    furies = Furies(manager, policy, sink)
+    enforcer = LimitEnforcer(manager, policy, sink)
     sandbox_id = await sandbox_running(manager, HOG.format(mib=40))
-    await watch_until(furies, manager, sandbox_id, lambda: bool(sink.items))
+    await watch_until(enforcer, manager, sandbox_id, lambda: bool(sink.items))
     assert sink.peaks == []  # reported when the sandbox ends, not before
     await manager.delete(sandbox_id)
-    await furies.watch_once()
+    await enforcer.watch_once()
     (peak,) = sink.peaks
     assert (peak.sandbox_id, peak.template, peak.tenant) == (sandbox_id, "base", "greedy")
     assert peak.memory_share >= 0.5
-    await furies.watch_once()
+    await enforcer.watch_once()
     assert len(sink.peaks) == 1  # once
 
 
@@ -183,6 +189,54 @@ def test_megaera_quarantines_a_repeat_offender() -> None:
     assert escalation is not None and escalation.action is Action.QUARANTINE
     assert f"{QUARANTINE_AFTER} policy violations" in escalation.detail
     assert escalate(events, "") is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("alecto", Fury.TIMEOUT),
+        ("tisiphone", Fury.RESOURCE_LIMIT),
+        ("megaera", Fury.POLICY_VIOLATION),
+    ],
+)
+def test_deprecated_fury_values_are_read_as_the_new_ones(old: str, new: Fury) -> None:
+    # An older node's report or an event stored by an older version still decodes ...
+    raw = msgspec.json.encode(
+        {"fury": old, "action": "record", "sandbox_id": "sb-1", "detail": "d", "tenant": "t"}
+    )
+    event = msgspec.json.decode(raw, type=EnforcementEvent)
+    assert event.fury is new
+    assert Fury(old) is new
+    # ... and is written back with the new value only.
+    assert msgspec.json.decode(msgspec.json.encode(event))["fury"] == new.value
+    assert old not in msgspec.json.schema(EnforcementEvent)["$defs"]["Fury"]["enum"]
+
+
+def test_new_fury_values_say_the_job() -> None:
+    assert [f.value for f in Fury] == ["timeout", "resource-limit", "policy-violation"]
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(
+            b'{"fury": "nemesis", "action": "kill", "sandbox_id": "s", "detail": "d"}',
+            type=EnforcementEvent,
+        )
+
+
+def test_violations_stored_under_the_old_value_still_count() -> None:
+    old = msgspec.json.encode(
+        [
+            {
+                "fury": "megaera",
+                "action": "record",
+                "sandbox_id": f"sb-{i}",
+                "detail": "x",
+                "tenant": "mallory",
+            }
+            for i in range(QUARANTINE_AFTER)
+        ]
+    )
+    events = msgspec.json.decode(old, type=list[EnforcementEvent])
+    escalation = escalate(events, "mallory")
+    assert escalation is not None and escalation.fury is Fury.POLICY_VIOLATION
 
 
 @pytest.fixture(scope="module")

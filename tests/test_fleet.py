@@ -190,7 +190,7 @@ def test_timeout_kills_within_a_second_and_is_an_event(api: Server, tmp_path: Pa
             lambda: call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"],
             what="the Alecto event",
         )
-        assert events[0]["fury"] == "alecto" and events[0]["action"] == "kill"
+        assert events[0]["fury"] == "timeout" and events[0]["action"] == "kill"
         assert events[0]["value"] < 1.0  # seconds past the deadline
     finally:
         stop_process(a)
@@ -216,7 +216,7 @@ def test_memory_hog_is_killed_per_policy(api: Server, tmp_path: Path) -> None:
             lambda: call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"],
             what="Tisiphone's event",
         )
-        assert ("tisiphone", "kill") in {(e["fury"], e["action"]) for e in events}
+        assert ("resource-limit", "kill") in {(e["fury"], e["action"]) for e in events}
     finally:
         stop_process(a)
 
@@ -239,7 +239,7 @@ def test_hog_past_its_limit_is_oom_killed_and_reported(api: Server, tmp_path: Pa
 
         def oom_event() -> list[dict[str, object]]:
             items = call(api, "GET", f"/v1/events?sandbox={sandbox['id']}").json()["items"]
-            return [e for e in items if (e["fury"], e["action"]) == ("tisiphone", "oom-kill")]
+            return [e for e in items if (e["fury"], e["action"]) == ("resource-limit", "oom-kill")]
 
         (event,) = wait_for(oom_event, what="the oom-kill event")
         assert "killed 1 process(es) at the memory limit (64 MiB)" in str(event["detail"])

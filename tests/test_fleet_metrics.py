@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tartarus.agent.store import SandboxRecord
 from tartarus.fleet.host_metrics import CountingStore, HostMetrics
 from tartarus.host.doctor import DoctorReport
+from tartarus.node.store import SandboxRecord
 from tartarus.runtime.types import Backend, SandboxState
 from tests.support.fleet import SANDBOX, require_jail
 from tests.support.server import Server, running_server

@@ -13,12 +13,12 @@ import anyio
 import pytest
 import redis
 
-from tartarus.agent.store import SandboxRecord
 from tartarus.fleet.coordinator import Coordinator
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import open_state
+from tartarus.node.store import SandboxRecord
 from tartarus.policy.documents import Quotas
-from tartarus.policy.minos import Usage
+from tartarus.policy.quotas import Usage
 from tartarus.queue import QueueSettings
 from tartarus.runtime.types import Backend, Resources, SandboxState
 from tests.support.fleet import SANDBOX, call, fleet_config, start_api, stop_process, wait_for

@@ -13,16 +13,16 @@ import anyio.lowlevel
 import msgspec
 import pytest
 
-from tartarus.agent.admission import AdmitAll, TemplateDefaults
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import AuthMethod, Principal
 from tartarus.auth.rbac import default_roles
 from tartarus.errors import AdmissionDeniedError, ConfigError
-from tartarus.policy.aeacus import AuditLog
+from tartarus.node.admission import AdmitAll, TemplateDefaults
+from tartarus.node.store import SandboxRecord
+from tartarus.policy.audit_log import AuditLog
 from tartarus.policy.documents import PolicyError, PolicySpec
 from tartarus.policy.judges import Judges, load_plugins, with_template_defaults
-from tartarus.policy.themis import PolicyStore, VersionConflictError
+from tartarus.policy.store import PolicyStore, VersionConflictError
 from tartarus.runtime.types import Backend, Resources, SandboxState
 from tests.support.auth import call, make_key
 from tests.support.server import running_server, server_env

@@ -8,7 +8,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tartarus.agent.manager import key_in_flight
 from tartarus.errors import (
     AdmissionDeniedError,
     ConflictError,
@@ -22,6 +21,7 @@ from tartarus.errors import (
     UnavailableError,
     UpstreamUnreachableError,
 )
+from tartarus.node.manager import key_in_flight
 from tartarus.server.app import problem_middleware
 from tartarus.server.problems import ApiError
 

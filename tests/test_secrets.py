@@ -12,11 +12,11 @@ from typing import cast
 import msgspec
 import pytest
 
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import AuthMethod, Principal
 from tartarus.auth.rbac import default_roles
 from tartarus.errors import AdmissionDeniedError
+from tartarus.node.store import SandboxRecord
 from tartarus.policy.judges import Judges
 from tartarus.runtime.base import Sandbox
 from tartarus.runtime.types import Backend, ExecRequest, SandboxState

@@ -10,9 +10,9 @@ import anyio
 import msgspec
 import pytest
 
-from tartarus.agent.provider import REAPED, HostRuntimes
 from tartarus.config import Settings
 from tartarus.host.doctor import BackendVerdict, DoctorReport
+from tartarus.node.provider import REAPED, HostRuntimes
 from tartarus.runtime.base import BackendUnavailableError
 from tartarus.runtime.selector import make_runtime, select_backend, select_runtime
 from tartarus.runtime.types import Backend, SandboxSpec, TrustLevel

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tartarus.agent.store import (
+from tartarus.node.store import (
     MIGRATIONS,
     ListFilter,
     SandboxRecord,

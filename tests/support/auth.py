@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tartarus.agent.store import SandboxRecord, Store
+from tartarus.node.store import SandboxRecord, Store
 from tartarus.runtime.types import Backend, SandboxState
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tests.support.server import Reply, Server

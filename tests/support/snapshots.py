@@ -13,10 +13,10 @@ from typing import Any
 
 import anyio
 
-from tartarus.agent.provider import HostRuntimes
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
 from tartarus.images.store import TemplateManifest
+from tartarus.node.provider import HostRuntimes
 from tartarus.runtime.base import Runtime
 from tartarus.runtime.microvm import MicroVmRuntime
 from tartarus.runtime.types import Backend, Resources, SandboxSpec

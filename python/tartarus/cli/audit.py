@@ -15,7 +15,7 @@ from tartarus.cli.auth import json_option
 from tartarus.cli.output import console, emit_json, err_console
 from tartarus.cli.remote import connect, run_async, url_option
 from tartarus.config import load_settings
-from tartarus.policy.aeacus import AuditError, AuditLog
+from tartarus.policy.audit_log import AuditError, AuditLog
 
 EXIT_TAMPERED = 2
 

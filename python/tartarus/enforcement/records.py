@@ -37,10 +37,26 @@ class ErrorRecord(msgspec.Struct, kw_only=True, frozen=True):
     id: str = ""
 
 
+# Which kind of enforcement acted: the field keeps its name (`fury`) for the API, the
+# values say the job.
 class Fury(StrEnum):
-    ALECTO = "alecto"  # timeouts
-    TISIPHONE = "tisiphone"  # resource limits
-    MEGAERA = "megaera"  # policy violations
+    TIMEOUT = "timeout"  # Alecto: a sandbox past its deadline
+    RESOURCE_LIMIT = "resource-limit"  # Tisiphone: memory and CPU against the limits
+    POLICY_VIOLATION = "policy-violation"  # Megaera: policy violations
+
+    @classmethod
+    def _missing_(cls, value: object) -> Fury | None:
+        # Deprecated: the old names are still read (API input, stored events,
+        # older nodes' reports) for one release; output always uses the new values.
+        return DEPRECATED_FURIES.get(value) if isinstance(value, str) else None
+
+
+# Old value -> new value, accepted on input until the next release.
+DEPRECATED_FURIES: dict[str, Fury] = {
+    "alecto": Fury.TIMEOUT,
+    "tisiphone": Fury.RESOURCE_LIMIT,
+    "megaera": Fury.POLICY_VIOLATION,
+}
 
 
 class Action(StrEnum):

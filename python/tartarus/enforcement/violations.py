@@ -11,7 +11,11 @@ QUARANTINE_AFTER = 3
 
 def violation(sandbox_id: str, tenant: str, detail: str) -> EnforcementEvent:
     return EnforcementEvent(
-        fury=Fury.MEGAERA, action=Action.RECORD, sandbox_id=sandbox_id, tenant=tenant, detail=detail
+        fury=Fury.POLICY_VIOLATION,
+        action=Action.RECORD,
+        sandbox_id=sandbox_id,
+        tenant=tenant,
+        detail=detail,
     )
 
 
@@ -20,12 +24,12 @@ def escalate(earlier: list[EnforcementEvent], tenant: str) -> EnforcementEvent |
     count = sum(
         1
         for e in earlier
-        if e.fury is Fury.MEGAERA and e.action is Action.RECORD and e.tenant == tenant
+        if e.fury is Fury.POLICY_VIOLATION and e.action is Action.RECORD and e.tenant == tenant
     )
     if not tenant or count < QUARANTINE_AFTER:
         return None
     return EnforcementEvent(
-        fury=Fury.MEGAERA,
+        fury=Fury.POLICY_VIOLATION,
         action=Action.QUARANTINE,
         sandbox_id=earlier[0].sandbox_id if earlier else "",
         tenant=tenant,

@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from tartarus.agent.store import ListFilter, SandboxRecord, Store
+from tartarus.node.store import ListFilter, SandboxRecord, Store
 from tartarus.queue.sqlite import immediate
 
 Change = Callable[[SandboxRecord], SandboxRecord | None]

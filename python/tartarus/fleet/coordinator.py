@@ -26,9 +26,6 @@ from contextlib import asynccontextmanager
 import anyio
 import msgspec
 
-from tartarus.agent.admission import AdmissionHook, AdmitAll, TemplateDefaults
-from tartarus.agent.manager import fingerprint, key_in_flight, key_reused_detail, new_sandbox_id
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
@@ -48,6 +45,9 @@ from tartarus.fleet.proxy import NodeProxy
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import FleetState
 from tartarus.fleet.wire import Job, NodeReport, WorkDone
+from tartarus.node.admission import AdmissionHook, AdmitAll, TemplateDefaults
+from tartarus.node.manager import fingerprint, key_in_flight, key_reused_detail, new_sandbox_id
+from tartarus.node.store import SandboxRecord
 from tartarus.queue import Lane, Message, QueueFullError
 from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.heat import classify, default_lane, hottest

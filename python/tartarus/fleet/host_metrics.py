@@ -22,12 +22,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Gauge
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.store import SandboxRecord, Store
 from tartarus.auth.rbac import ADMIN_TENANTS
 from tartarus.enforcement.records import ErrorCategory
 from tartarus.fleet.host_usage import HostUsage
 from tartarus.fleet.metrics import Instruments
+from tartarus.node.manager import SandboxManager
+from tartarus.node.store import SandboxRecord, Store
 from tartarus.queue import LANES, LaneDepth
 from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.nodes import GENERAL_POOL, NodeUsage

@@ -12,7 +12,6 @@ import anyio
 import msgspec
 
 from tartarus import __version__
-from tartarus.agent.provider import HostRuntimes
 from tartarus.auth.tls import client_context
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint
@@ -24,6 +23,7 @@ from tartarus.fleet.join_credentials import JoinCredentials
 from tartarus.fleet.node_agent import AgentOptions, NodeAgent, Outbox, ReportingStore
 from tartarus.fleet.routes import FleetPlugin
 from tartarus.fleet.state import FleetState, open_state
+from tartarus.node.provider import HostRuntimes
 from tartarus.runtime.base import BackendUnavailableError, Runtime
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.scheduling.nodes import GENERAL_POOL, NodeCapacity, NodeSpec, Taint

@@ -31,10 +31,8 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.store import SandboxRecord
 from tartarus.auth.principal import SYSTEM
-from tartarus.enforcement.furies import Furies
+from tartarus.enforcement.limits import LimitEnforcer
 from tartarus.enforcement.records import (
     Action,
     EnforcementEvent,
@@ -56,6 +54,8 @@ from tartarus.fleet.wire import (
     WorkRequest,
     WorkVerdict,
 )
+from tartarus.node.manager import SandboxManager
+from tartarus.node.store import SandboxRecord
 from tartarus.queue import Message
 from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.nodes import NodeSpec, NodeUsage
@@ -156,7 +156,7 @@ class ReportingStore(CountingStore):
             late = (record.ended_at or time.time()) - (record.expires_at or time.time())
             self.outbox.event(
                 EnforcementEvent(
-                    fury=Fury.ALECTO,
+                    fury=Fury.TIMEOUT,
                     action=Action.KILL,
                     sandbox_id=record.id,
                     detail=f"killed {late:.3f} s after its deadline",
@@ -277,12 +277,12 @@ class NodeAgent:
     async def running(self, manager: SandboxManager, app: web.Application) -> AsyncIterator[None]:
         del app
         await self._client()
-        furies = Furies(manager, self.options.limits, self.outbox)
+        enforcer = LimitEnforcer(manager, self.options.limits, self.outbox)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._stay_joined, manager)
                 tg.start_soon(self._report_forever)
-                tg.start_soon(furies.watch_forever)
+                tg.start_soon(enforcer.watch_forever)
                 pulling = anyio.CancelScope()
                 tg.start_soon(self._pull_forever, manager, pulling)
                 try:

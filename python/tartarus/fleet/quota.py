@@ -6,7 +6,7 @@ the fleet's record of that sandbox ends (the coordinator releases it on every pa
 ends one) or, should a server die between admitting and recording, until the sweep
 finds a hold whose record is missing or ended. The check and the hold are one atomic
 step: Redis WATCH/MULTI on the tenant's hash (retried on a conflict), SQLite
-BEGIN IMMEDIATE. Both use Minos's own arithmetic (`tartarus.policy.minos.over_quota`).
+BEGIN IMMEDIATE. Both use Minos's own arithmetic (`tartarus.policy.quotas.over_quota`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from tartarus.policy.documents import Quotas
-from tartarus.policy.minos import Usage, over_quota
+from tartarus.policy.quotas import Usage, over_quota
 from tartarus.queue.sqlite import immediate
 from tartarus.sqlite_wal import open_db
 

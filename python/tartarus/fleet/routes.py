@@ -24,7 +24,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from msgspec import Meta
 
-from tartarus.agent.manager import SandboxManager
 from tartarus.api.types import PROBLEM_MEDIA, Readiness
 from tartarus.auth.principal import AuthMethod
 from tartarus.auth.rbac import ADMIN_TENANTS, NODE_AGENT
@@ -41,6 +40,7 @@ from tartarus.fleet.wire import (
     WorkRequest,
     WorkVerdict,
 )
+from tartarus.node.manager import SandboxManager
 from tartarus.policy.judges import Judges
 from tartarus.queue import DeadLetter, Lane, LaneDepth, Message
 from tartarus.runtime.types import SandboxState
@@ -422,7 +422,7 @@ class EventList(msgspec.Struct, kw_only=True):
     permission=ADMIN_TENANTS,
 )
 async def list_events(request: web.Request) -> web.StreamResponse:
-    """What the Furies did: timeouts (alecto), limits (tisiphone), violations (megaera)."""
+    """What the Furies did: timeout, resource-limit and policy-violation events."""
     q = read_query(request, EventQuery)
     items = await coordinator(request).state.events.query(
         {"sandbox_id": q.sandbox or ""}, since=q.since, limit=q.limit

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import msgspec
 
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.enforcement.records import EnforcementEvent, ErrorRecord, PeakUse
+from tartarus.node.store import SandboxRecord
 from tartarus.queue import Lane, Message
 from tartarus.scheduling.heat import Heat
 from tartarus.scheduling.nodes import NodeUsage

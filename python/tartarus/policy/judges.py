@@ -13,21 +13,21 @@ import logging
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from tartarus.agent.admission import (
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import Principal
+from tartarus.errors import AdmissionDeniedError, ConfigError, UnavailableError
+from tartarus.node.admission import (
     Admitted,
     TemplateDefaults,
     fill_defaults,
     with_template_file_defaults,
 )
-from tartarus.agent.store import SandboxRecord
-from tartarus.api.types import CreateSandboxRequest
-from tartarus.auth.principal import Principal
-from tartarus.errors import AdmissionDeniedError, ConfigError, UnavailableError
-from tartarus.policy.aeacus import AuditError, AuditLog
+from tartarus.node.store import SandboxRecord
+from tartarus.policy.audit_log import AuditError, AuditLog
 from tartarus.policy.documents import PolicySpec
-from tartarus.policy.minos import Hold, Minos, SharedHolds, rule_shared
-from tartarus.policy.rhadamanthus import Rhadamanthus
-from tartarus.policy.themis import PolicyStore
+from tartarus.policy.quotas import Hold, QuotaKeeper, SharedHolds, rule_shared
+from tartarus.policy.security_policy import SecurityJudge
+from tartarus.policy.store import PolicyStore
 from tartarus.policy.verdicts import AdmissionRequest, Judge, Verdict
 from tartarus.runtime.base import Sandbox
 
@@ -114,10 +114,10 @@ class Judges:
     ) -> None:
         self.policies = policies
         self.audit = audit
-        self.minos = Minos()
+        self.quotas = QuotaKeeper()
         # Set on a fleet's API servers: quota holds shared by all of them.
         self.shared: SharedHolds | None = None
-        self.judges: list[Judge] = [Rhadamanthus(), *(plugins or [])]
+        self.judges: list[Judge] = [SecurityJudge(), *(plugins or [])]
         self._wrap = wrap
 
     def policy(self, tenant: str) -> PolicySpec:
@@ -156,8 +156,8 @@ class Judges:
             if shared is not None and hold_as is not None:
                 verdicts.append(await rule_shared(admission, shared, hold_as))
             else:
-                # No await between Minos's check and its hold: see tartarus.policy.minos.
-                verdict, hold = self.minos.rule(admission)
+                # No await between Minos's check and its hold: see tartarus.policy.quotas.
+                verdict, hold = self.quotas.rule(admission)
                 verdicts.append(verdict)
         refused = [v for v in verdicts if not v.allowed]
         try:
@@ -205,4 +205,4 @@ class Judges:
         )
 
     def ended(self, record: SandboxRecord) -> None:
-        self.minos.ended(record.tenant, record.id)
+        self.quotas.ended(record.tenant, record.id)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from tartarus.agent.store import SandboxRecord
+from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import Execution, Sandbox
 from tartarus.runtime.types import (
     Backend,

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from tartarus.agent.manager import SandboxManager
+from tartarus.node.manager import SandboxManager
 from tartarus.server import openapi
 from tartarus.server.access import access_middleware
-from tartarus.server.context import MANAGER, NYX, STARTED_AT
+from tartarus.server.context import MANAGER, SNAPSHOT_WIRING, STARTED_AT
 from tartarus.server.problems import from_exception, problem_response
 from tartarus.server.routes import (
     audit,
@@ -33,7 +33,7 @@ from tartarus.server.routes import exec as exec_routes
 from tartarus.server.routes.service import ACCEPTING, OPENAPI
 from tartarus.server.routing import MAX_JSON_BODY, Operation, RouteTable
 from tartarus.server.security import SECURITY, Security
-from tartarus.snapshots.nyx import Nyx
+from tartarus.snapshots.wiring import SnapshotWiring
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def build_app(
     *,
     middlewares: Sequence[Middleware] = (),
     tables: Sequence[RouteTable] = (),
-    nyx: Nyx | None = None,
+    snapshot_wiring: SnapshotWiring | None = None,
 ) -> web.Application:
     """`middlewares` run after the access check; `tables` add routes (and their OpenAPI)."""
     all_tables = (*TABLES, *tables)
@@ -116,8 +116,8 @@ def build_app(
     )
     app[MANAGER] = manager
     app[SECURITY] = security
-    if nyx is not None:
-        app[NYX] = nyx
+    if snapshot_wiring is not None:
+        app[SNAPSHOT_WIRING] = snapshot_wiring
     app[STARTED_AT] = time.time()
     app[ACCEPTING] = [True]
     app[OPENAPI] = openapi.encode_document(openapi.build_document(ops))

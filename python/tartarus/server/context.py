@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tartarus.agent.manager import LiveSandbox, SandboxManager
+from tartarus.node.manager import LiveSandbox, SandboxManager
 from tartarus.server.problems import ApiError
-from tartarus.snapshots.nyx import Nyx
+from tartarus.snapshots.wiring import SnapshotWiring
 
 MANAGER = web.AppKey("manager", SandboxManager)
 STARTED_AT = web.AppKey("started_at", float)
-NYX = web.AppKey("nyx", Nyx)
+SNAPSHOT_WIRING = web.AppKey("snapshot_wiring", SnapshotWiring)
 
 
 def manager(request: web.Request) -> SandboxManager:
@@ -21,9 +21,9 @@ def live_sandbox(request: web.Request) -> LiveSandbox:
     return request.app[MANAGER].live(request.match_info["id"])
 
 
-def nyx(request: web.Request) -> Nyx:
+def snapshot_wiring(request: web.Request) -> SnapshotWiring:
     """The snapshot service (Nyx); 503 on a server started without it."""
-    service = request.app.get(NYX)
+    service = request.app.get(SNAPSHOT_WIRING)
     if service is None:
         raise ApiError(503, "snapshots-unavailable", "this server runs without snapshots (Nyx)")
     return service

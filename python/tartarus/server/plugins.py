@@ -10,7 +10,7 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from tartarus.agent.manager import SandboxManager
+from tartarus.node.manager import SandboxManager
 from tartarus.server.routing import RouteTable
 
 

@@ -18,9 +18,9 @@ from tartarus.auth.authenticate import Authenticator
 from tartarus.auth.keys import KeyStore
 from tartarus.auth.rbac import Roles, load_roles
 from tartarus.config import Settings
-from tartarus.policy.aeacus import AuditLog
+from tartarus.policy.audit_log import AuditLog
 from tartarus.policy.judges import Judges, load_plugins
-from tartarus.policy.themis import PolicyStore
+from tartarus.policy.store import PolicyStore
 from tartarus.secrets.inject import SecretInjector
 from tartarus.secrets.judge import SecretsCheck
 from tartarus.secrets.local_store import LocalSecretStore

@@ -20,20 +20,20 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from tartarus.agent.manager import SandboxManager
-from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.store import Store
 from tartarus.auth.tls import ReloadingTls
 from tartarus.config import Settings
 from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.errors import TartarusError
+from tartarus.node.manager import SandboxManager
+from tartarus.node.provider import HostRuntimes
+from tartarus.node.store import Store
 from tartarus.paths import ensure_private_dir
 from tartarus.secrets.redaction import install_log_redaction
 from tartarus.server.app import build_app
 from tartarus.server.plugins import ServerPlugin
 from tartarus.server.routes.service import ACCEPTING
 from tartarus.server.security import Security
-from tartarus.snapshots.nyx import Nyx
+from tartarus.snapshots.wiring import SnapshotWiring
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,15 @@ async def serve(
             admission=security.judges,
             timeout_grace_s=timeout_grace_s,
         )
-        nyx = Nyx.for_server(settings, manager, state_db_path(settings))
-        async with manager.running(), nyx.running(), AsyncExitStack() as extensions:
+        snapshot_wiring = SnapshotWiring.for_server(settings, manager, state_db_path(settings))
+        async with manager.running(), snapshot_wiring.running(), AsyncExitStack() as extensions:
             manager.spawn(security.prune_forever)
             app = build_app(
                 manager,
                 security,
                 middlewares=[m for p in plugins for m in p.middlewares()],
                 tables=[t for p in plugins for t in p.route_tables()],
-                nyx=nyx,
+                snapshot_wiring=snapshot_wiring,
             )
             for plugin in plugins:
                 await extensions.enter_async_context(plugin.running(manager, app))

@@ -9,7 +9,7 @@ that a create is a hand-over.
 - `catalog`: snapshot records and pool targets (SQLite);
 - `service`: take, file, restore, delete, build a template's warm snapshot;
 - `pools`: warm pools kept full in the background;
-- `nyx`: the server's wiring (creates from snapshots, pool hits, fork,
+- `wiring`: the server's wiring (creates from snapshots, pool hits, fork,
   checkpoint-on-stop).
 """
 

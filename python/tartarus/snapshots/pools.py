@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from tartarus.agent.manager import AcquiredSandbox, new_sandbox_id
 from tartarus.api.snapshots import PoolInfo
 from tartarus.api.types import CreateSandboxRequest
+from tartarus.node.manager import AcquiredSandbox, new_sandbox_id
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import PoolTarget, SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tartarus.snapshots.service import SnapshotService

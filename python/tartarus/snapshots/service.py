@@ -21,10 +21,10 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from tartarus.agent.manager import new_sandbox_id
-from tartarus.agent.provider import HostRuntimes
 from tartarus.errors import TartarusError
 from tartarus.images.blobs import BlobStore, GcReport
+from tartarus.node.manager import new_sandbox_id
+from tartarus.node.provider import HostRuntimes
 from tartarus.runtime.base import BackendUnavailableError, Runtime, Sandbox
 from tartarus.runtime.types import (
     Backend,

@@ -12,7 +12,7 @@ from msgspec import Meta
 from tartarus.api.security import AuditEntry, AuditPage, AuditVerification
 from tartarus.api.types import TenantName
 from tartarus.auth.rbac import ADMIN_AUDIT
-from tartarus.policy.aeacus import AuditLog
+from tartarus.policy.audit_log import AuditLog
 from tartarus.server.access import principal_of, visible_tenant
 from tartarus.server.routing import Reply, RouteTable, read_query, reply
 from tartarus.server.security import security_of

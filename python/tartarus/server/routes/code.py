@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from tartarus.agent.code_kernel import CodeKernel
-from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import CodeExecution, RunCodeBody
 from tartarus.auth.rbac import SANDBOX_EXEC
+from tartarus.node.code_kernel import CodeKernel
+from tartarus.node.manager import LiveSandbox
 from tartarus.server.context import live_sandbox
 from tartarus.server.routing import Reply, RouteTable, read_json, reply
 

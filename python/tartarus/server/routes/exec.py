@@ -9,7 +9,6 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import (
     ErrorEvent,
     ExecBody,
@@ -20,6 +19,7 @@ from tartarus.api.types import (
     StreamExecBody,
 )
 from tartarus.auth.rbac import SANDBOX_EXEC
+from tartarus.node.manager import LiveSandbox
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import ExecRequest, PtySize
 from tartarus.server.context import live_sandbox, manager

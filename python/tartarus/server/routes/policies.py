@@ -23,7 +23,7 @@ from tartarus.api.security import (
 from tartarus.api.types import TenantName
 from tartarus.auth.rbac import AUTHENTICATED, POLICY_MANAGE
 from tartarus.policy.documents import PolicyError, parse_document
-from tartarus.policy.themis import (
+from tartarus.policy.store import (
     PolicyNotFoundError,
     PolicyStore,
     Version,

@@ -8,9 +8,9 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import ProcessEntry, ProcessList, ResizeBody, StdinBody, StreamEvent
 from tartarus.auth.rbac import SANDBOX_EXEC, SANDBOX_READ
+from tartarus.node.manager import LiveSandbox
 from tartarus.runtime.base import Execution
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError

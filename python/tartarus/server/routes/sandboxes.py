@@ -9,8 +9,6 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from tartarus.agent.manager import cursor_from
-from tartarus.agent.store import ListFilter, SandboxRecord, encode_cursor
 from tartarus.api.types import (
     MAX_LIST_LIMIT,
     CreateSandboxRequest,
@@ -22,6 +20,8 @@ from tartarus.api.types import (
     TenantName,
 )
 from tartarus.auth.rbac import SANDBOX_CREATE, SANDBOX_DELETE, SANDBOX_READ
+from tartarus.node.manager import cursor_from
+from tartarus.node.store import ListFilter, SandboxRecord, encode_cursor
 from tartarus.runtime.types import Backend, SandboxState
 from tartarus.server.access import principal_of, visible_tenant
 from tartarus.server.context import live_sandbox, manager

@@ -8,7 +8,6 @@ import datetime as dt
 import msgspec
 from aiohttp import web
 
-from tartarus.agent.store import encode_cursor
 from tartarus.api.snapshots import (
     ForkBody,
     ForkResult,
@@ -32,14 +31,15 @@ from tartarus.auth.rbac import (
     SANDBOX_READ,
     TEMPLATE_MANAGE,
 )
+from tartarus.node.store import encode_cursor
 from tartarus.server.access import principal_of, register_owner
-from tartarus.server.context import NYX, manager, nyx
+from tartarus.server.context import SNAPSHOT_WIRING, manager, snapshot_wiring
 from tartarus.server.problems import ApiError
 from tartarus.server.routes.sandboxes import sandbox_info
 from tartarus.server.routing import SANDBOX_ID, Reply, RouteTable, read_json, read_query, reply
 from tartarus.snapshots.catalog import SnapshotRecord
-from tartarus.snapshots.nyx import visible_tenants
 from tartarus.snapshots.service import SnapshotNotFoundError
+from tartarus.snapshots.wiring import visible_tenants
 
 routes = RouteTable()
 
@@ -47,7 +47,7 @@ SNAPSHOT_ID = (("snapshot_id", "/id"),)
 
 
 def _snapshot_owner(request: web.Request, snapshot_id: str) -> str | None:
-    service = request.app.get(NYX)
+    service = request.app.get(SNAPSHOT_WIRING)
     record = None if service is None else service.service.catalog.get(snapshot_id)
     return None if record is None else record.tenant
 
@@ -75,7 +75,7 @@ def snapshot_entry(record: SnapshotRecord) -> SnapshotEntry:
 
 def _record(request: web.Request) -> SnapshotRecord:
     try:
-        return nyx(request).service.get(request.match_info["snapshot_id"])
+        return snapshot_wiring(request).service.get(request.match_info["snapshot_id"])
     except SnapshotNotFoundError as e:
         raise ApiError(404, "not-found", str(e)) from e
 
@@ -102,7 +102,7 @@ async def snapshot_sandbox(request: web.Request) -> web.StreamResponse:
     """Saves the sandbox as it is now (memory, processes, files) without stopping it.
     A sandbox restored from a snapshot may be saved incrementally (only what changed)."""
     body = await read_json(request, SnapshotSandboxBody)
-    record = await nyx(request).snapshot(
+    record = await snapshot_wiring(request).snapshot(
         request.match_info["id"], label=body.label, metadata=body.metadata
     )
     return reply(
@@ -132,7 +132,7 @@ async def fork_sandbox(request: web.Request) -> web.StreamResponse:
     """Starts `count` sandboxes that each begin as an exact copy of this one (its
     memory, processes and files, as of now) and then go their own way."""
     body = await read_json(request, ForkBody)
-    snapshot_id, records = await nyx(request).fork(
+    snapshot_id, records = await snapshot_wiring(request).fork(
         request.match_info["id"],
         body.count,
         caller=principal_of(request),
@@ -157,7 +157,7 @@ async def fork_sandbox(request: web.Request) -> web.StreamResponse:
 async def list_snapshots(request: web.Request) -> web.StreamResponse:
     q = read_query(request, SnapshotListQuery)
     after = int(q.cursor) if q.cursor else 0
-    records = nyx(request).service.catalog.records(
+    records = snapshot_wiring(request).service.catalog.records(
         template=q.template,
         purposes=tuple(q.purpose),
         tenants=visible_tenants(principal_of(request)),
@@ -188,7 +188,7 @@ async def create_template_snapshot(request: web.Request) -> web.StreamResponse:
     """Starts a sandbox of the template, runs the template's warm-up script, snapshots
     it and stops it. Warm pools of the template restore from the newest one."""
     body = await read_json(request, TemplateSnapshotBody)
-    record = await nyx(request).build_template(
+    record = await snapshot_wiring(request).build_template(
         body.template, backend=body.backend, resources=body.resources, label=body.label
     )
     return reply(
@@ -221,7 +221,7 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
 async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     """Forgets the snapshot and deletes its files, unless sandboxes restored from it or
     incremental snapshots on top of it still hold them (they go when those do)."""
-    await nyx(request).delete(request.match_info["snapshot_id"])
+    await snapshot_wiring(request).delete(request.match_info["snapshot_id"])
     return web.Response(status=204)
 
 
@@ -266,7 +266,7 @@ async def prune_snapshots(request: web.Request) -> web.StreamResponse:
     """Deletes the caller's snapshots that match every condition (template snapshots
     only when `purpose=template` is asked for)."""
     q = read_query(request, PruneQuery)
-    removed, freed = await nyx(request).prune(q, principal_of(request))
+    removed, freed = await snapshot_wiring(request).prune(q, principal_of(request))
     return reply(PruneReport(removed=removed, freed_bytes=freed, dry_run=q.dry_run))
 
 
@@ -279,7 +279,7 @@ async def prune_snapshots(request: web.Request) -> web.StreamResponse:
     permission=SANDBOX_READ,
 )
 async def list_pools(request: web.Request) -> web.StreamResponse:
-    return reply(PoolList(items=nyx(request).pools.status()))
+    return reply(PoolList(items=snapshot_wiring(request).pools.status()))
 
 
 @routes.route(
@@ -302,4 +302,4 @@ async def set_pool(request: web.Request) -> web.StreamResponse:
         msgspec.convert(template, TemplateName)
     except msgspec.ValidationError as e:
         raise ApiError(422, "invalid-template", f"{template!r} is not a template name: {e}") from e
-    return reply(nyx(request).pools.set_target(template, body.size, body.backend))
+    return reply(snapshot_wiring(request).pools.set_target(template, body.size, body.backend))

@@ -23,7 +23,6 @@ import anyio
 import msgspec
 from aiohttp import WSMsgType, web
 
-from tartarus.agent.manager import LiveSandbox
 from tartarus.api.types import (
     WS_STDERR,
     WS_STDOUT,
@@ -37,6 +36,7 @@ from tartarus.api.types import (
     WsSignal,
 )
 from tartarus.auth.rbac import SANDBOX_EXEC
+from tartarus.node.manager import LiveSandbox
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.types import OutputChunk
 from tartarus.server.context import live_sandbox

@@ -20,16 +20,6 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from tartarus.agent.admission import AdmissionHook, AdmitAll, Admitted
-from tartarus.agent.provider import HostRuntimes
-from tartarus.agent.store import (
-    LIVE_STATES,
-    ListFilter,
-    SandboxRecord,
-    Store,
-    StoreError,
-    decode_cursor,
-)
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.errors import (
@@ -38,6 +28,16 @@ from tartarus.errors import (
     NotFoundError,
     SandboxNotRunningError,
     UnavailableError,
+)
+from tartarus.node.admission import AdmissionHook, AdmitAll, Admitted
+from tartarus.node.provider import HostRuntimes
+from tartarus.node.store import (
+    LIVE_STATES,
+    ListFilter,
+    SandboxRecord,
+    Store,
+    StoreError,
+    decode_cursor,
 )
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
 from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel

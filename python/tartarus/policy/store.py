@@ -1,4 +1,4 @@
-"""Themis: the versioned store of policy documents (SQLite, `STATE_DIR/policy.db`).
+"""Policy store (Themis): the versioned store of policy documents (SQLite, `STATE_DIR/policy.db`).
 
 Every apply writes a new version; nothing is overwritten, so any version can be looked
 at, compared (`diff`) or made current again (`rollback` writes a new version with the

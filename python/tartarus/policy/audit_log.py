@@ -1,4 +1,4 @@
-"""Aeacus: the append-only audit log, a SHA-256 hash chain in SQLite.
+"""Audit log (Aeacus): the append-only audit log, a SHA-256 hash chain in SQLite.
 
 Every entry's `hash` is the SHA-256 of its canonical JSON, which includes its sequence
 number and the previous entry's hash (`prev`); changing, removing or reordering any

@@ -1,4 +1,4 @@
-"""Rhadamanthus: the security policy. Which templates and backends a tenant may use,
+"""Security policy (Rhadamanthus): which templates and backends a tenant may use,
 whether it may have a network, which secrets it may reference, and combinations of
 flags that are too dangerous together."""
 
@@ -18,7 +18,7 @@ def _matches(value: str, patterns: list[str]) -> bool:
     return any(fnmatchcase(value, p) for p in patterns)
 
 
-class Rhadamanthus:
+class SecurityJudge:
     name = NAME
 
     async def judge(self, admission: AdmissionRequest) -> Verdict:

@@ -18,9 +18,9 @@ from typing import Protocol
 
 import msgspec
 
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
+from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import Sandbox
 from tartarus.runtime.types import Backend, Resources
 

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 import anyio
 import msgspec
 
-from tartarus.agent.admission import TemplateDefaults
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.config import Settings
 from tartarus.host.doctor import BackendVerdict, DoctorReport, run_doctor
 from tartarus.images import TemplateStore
 from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.store import TemplateInfo, TemplateManifest
+from tartarus.node.admission import TemplateDefaults
 from tartarus.runtime.base import BackendUnavailableError, Runtime
 from tartarus.runtime.selector import make_runtime, select_backend
 from tartarus.runtime.types import Backend, SandboxSpec

@@ -1,4 +1,4 @@
-"""Minos: tenant quotas, held before a sandbox is created and given back when it ends.
+"""Quotas (Minos): tenant quotas, held before a sandbox is created and given back when it ends.
 
 Each admitted request holds its share (one sandbox, its vCPUs, its memory, one instance
 of its template) from the moment it is admitted until the sandbox ends or its creation
@@ -61,19 +61,19 @@ async def rule_shared(admission: AdmissionRequest, holds: SharedHolds, sandbox_i
 class Hold:
     """One admitted request's share of its tenant's quota."""
 
-    def __init__(self, minos: Minos, tenant: str, key: object) -> None:
-        self._minos = minos
+    def __init__(self, keeper: QuotaKeeper, tenant: str, key: object) -> None:
+        self._keeper = keeper
         self.tenant = tenant
         self.key = key
 
     def bind(self, sandbox_id: str) -> None:
-        self._minos._rekey(self, sandbox_id)
+        self._keeper._rekey(self, sandbox_id)
 
     def release(self) -> None:
-        self._minos._drop(self.tenant, self.key)
+        self._keeper._drop(self.tenant, self.key)
 
 
-class Minos:
+class QuotaKeeper:
     def __init__(self) -> None:
         self._held: dict[str, dict[object, Usage]] = defaultdict(dict)
         self._tickets = itertools.count()

@@ -1,6 +1,7 @@
-"""The Furies on a node: Tisiphone watches each sandbox's memory and CPU against its
-limits and acts per policy, and records each process the kernel killed at the memory
-limit (an `oom-kill` event: the limit enforced itself before a rule could act).
+"""Limit enforcement (the Furies on a node): Tisiphone watches each sandbox's memory and
+CPU against its limits and acts per policy, and records each process the kernel killed
+at the memory limit (an `oom-kill` event: the limit enforced itself before a rule could
+act).
 (Alecto, the timeout, is the node's deadline loop; the node reports each timeout kill
 as her event. Megaera is on the API servers: `violations`.)
 
@@ -18,7 +19,6 @@ from typing import Protocol, runtime_checkable
 import anyio
 import msgspec
 
-from tartarus.agent.manager import LiveSandbox, SandboxManager
 from tartarus.enforcement.records import (
     Action,
     EnforcementEvent,
@@ -27,6 +27,7 @@ from tartarus.enforcement.records import (
     LimitRule,
     PeakUse,
 )
+from tartarus.node.manager import LiveSandbox, SandboxManager
 from tartarus.runtime.types import SandboxState
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def triggered(rules: list[LimitRule], share: float) -> LimitRule | None:
     return max(reached, key=lambda r: r.share) if reached else None
 
 
-class Furies:
+class LimitEnforcer:
     def __init__(self, manager: SandboxManager, policy: LimitPolicy, sink: Sink) -> None:
         self.manager = manager
         self.policy = policy
@@ -147,7 +148,7 @@ class Furies:
     def _event(self, live: LiveSandbox, action: Action, detail: str, value: float) -> None:
         self.sink.event(
             EnforcementEvent(
-                fury=Fury.TISIPHONE,
+                fury=Fury.RESOURCE_LIMIT,
                 action=action,
                 sandbox_id=live.record.id,
                 detail=detail,

@@ -1,5 +1,5 @@
-"""Nyx inside the server: wires snapshots, restores, forks, warm pools and the
-checkpoint-on-stop hook into the sandbox manager.
+"""Snapshot wiring (Nyx inside the server): wires snapshots, restores, forks, warm
+pools and the checkpoint-on-stop hook into the sandbox manager.
 
 - creates: a request `from_snapshot` is a restore; a request a warm pool can serve is
   a hand-over (`SandboxManager.source`);
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import anyio
 
-from tartarus.agent.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
-from tartarus.agent.store import SandboxRecord
 from tartarus.api.snapshots import PruneQuery
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
@@ -27,6 +25,8 @@ from tartarus.config import Settings
 from tartarus.errors import ConflictError, NotFoundError, SandboxNotRunningError
 from tartarus.images.blobs import GcReport
 from tartarus.images.oci.image import first_error
+from tartarus.node.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
+from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
@@ -64,7 +64,7 @@ def visible_tenants(caller: Principal) -> tuple[str, ...] | None:
     return None if caller.cross_tenant else (caller.tenant, SHARED_TENANT)
 
 
-class Nyx:
+class SnapshotWiring:
     def __init__(self, manager: SandboxManager, service: SnapshotService, pools: WarmPools):
         self.manager = manager
         self.service = service
@@ -74,14 +74,16 @@ class Nyx:
         manager.after_teardown.append(self._release)
 
     @classmethod
-    def for_server(cls, settings: Settings, manager: SandboxManager, db_path: Path) -> Nyx:
+    def for_server(
+        cls, settings: Settings, manager: SandboxManager, db_path: Path
+    ) -> SnapshotWiring:
         """Nyx over the server's state database and the image store's blobs."""
         catalog = SnapshotCatalog(db_path)
         service = SnapshotService(catalog, manager.provider.templates.blobs, manager.provider)
         return cls(manager, service, WarmPools(service, catalog, settings.warm_pools))
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[Nyx]:
+    async def running(self) -> AsyncIterator[SnapshotWiring]:
         """Releases holds left by a previous server, keeps the pools full while the
         block runs, and stops pooled sandboxes after."""
         await self.service.release_orphans()
