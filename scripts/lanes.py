@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ class Lane:
 # The marker names are the ones tests use: `nested_kvm`, `kubernetes`, `vscode`, `soak`.
 SPECIAL = ("nested_kvm", "kubernetes", "vscode", "soak")
 LANES = (
-    Lane("core", "core pytest", "not (" + " or ".join(SPECIAL) + ")", 20),
+    Lane("core", "core pytest", "not (" + " or ".join(SPECIAL) + ")", 20, workers=2),
     Lane("nested_kvm", "nested-KVM lane", "nested_kvm", 10),
     Lane("kubernetes", "Kubernetes lane", "kubernetes", 3),
     Lane("vscode", "VS Code lane", "vscode", 3),
@@ -91,10 +93,16 @@ def run_lane(lane: Lane, extra: list[str]) -> Outcome:
     workers = int(os.environ.get("TARTARUS_TEST_WORKERS", lane.workers))
     if workers > 1:
         cmd += ["-n", str(workers), "--dist", "loadgroup"]
+    # A short base for tmp_path: unix socket paths under it (a VMM's api.sock) must stay
+    # within 108 bytes, and xdist adds a `popen-gwN/` level to every test's directory.
+    basetemp = Path(tempfile.mkdtemp(prefix="tt-", dir="/tmp"))
+    cmd.append(f"--basetemp={basetemp}")
     print(f"\n===== {lane.title}: pytest -m '{lane.markers}' (workers: {workers})", flush=True)
     start = time.monotonic()
     rc = subprocess.run([*cmd, *extra], cwd=ROOT, check=False).returncode
     out = Outcome(seconds=time.monotonic() - start, exit_code=rc)
+    if rc in (0, NO_TESTS_COLLECTED):
+        shutil.rmtree(basetemp, ignore_errors=True)  # kept after a failure, to look at
     if rc == NO_TESTS_COLLECTED:
         out.exit_code = 0
         return out

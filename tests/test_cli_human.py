@@ -200,8 +200,16 @@ def test_auth_policy_audit(server: Server, tmp_path: Path) -> None:
 
 def test_secrets_and_certs(server: Server, tmp_path: Path) -> None:
     assert tt(server, "secrets", "init").code == 0
+    # Type only once the prompt shows: the hidden prompt flushes what was typed before it.
     shown = tt(
-        server, "secrets", "set", "--tenant", "acme", "pw", typed=(b"hunter22\r", b"hunter22\r")
+        server,
+        "secrets",
+        "set",
+        "--tenant",
+        "acme",
+        "pw",
+        typed=(b"hunter22\r", b"hunter22\r"),
+        after=b"value of pw",
     )
     assert shown.code == 0, shown.text
     shown = tt(server, "secrets", "list", "--tenant", "acme")

@@ -225,15 +225,17 @@ async def test_logs(sb: Sandbox) -> None:
     assert "logged-line" not in "".join(followed)
 
 
-HOLD_MIB = 64
+# A shell reading a string grows its buffer by doubling, so the peak is about twice the
+# string: 32 MiB stays well inside the base template's 128 MiB limit under any load.
+HOLD_MIB = 32
 
 
 async def test_stats(sb: Sandbox) -> None:
-    """A process that holds 64 MiB and spins shows up in the stats: memory up by most of
+    """A process that holds 32 MiB and spins shows up in the stats: memory up by most of
     it, CPU seconds growing, one process more. Every backend reports these (the jail and
     gVisor from the host cgroup, the others from the guest's /proc); none reports I/O."""
     before = await sb.stats()
-    # The shell keeps the 64 MiB string in its own memory while it spins.
+    # The shell keeps the 32 MiB string in its own memory while it spins.
     workload = await sb.commands.run(
         f"x=$(head -c {HOLD_MIB << 20} /dev/zero | tr '\\0' x); while :; do :; done",
         background=True,
@@ -242,12 +244,12 @@ async def test_stats(sb: Sandbox) -> None:
         now = before
         with anyio.move_on_after(60):
             while (
-                now.memory_bytes - before.memory_bytes < (HOLD_MIB - 16) << 20
+                now.memory_bytes - before.memory_bytes < (HOLD_MIB - 8) << 20
                 or now.cpu_seconds < before.cpu_seconds + 1
             ):
                 await anyio.sleep(0.2)
                 now = await sb.stats()
-        assert now.memory_bytes - before.memory_bytes >= (HOLD_MIB - 16) << 20, (before, now)
+        assert now.memory_bytes - before.memory_bytes >= (HOLD_MIB - 8) << 20, (before, now)
         assert now.cpu_seconds >= before.cpu_seconds + 1, (before, now)
         assert now.pids > before.pids, (before, now)
         if now.memory_limit_bytes is not None:
