@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 
+from tartarus.agent import defaults
 from tartarus.agent.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
 from tartarus.agent.store import SandboxRecord
 from tartarus.api.snapshots import PruneQuery
@@ -215,7 +216,7 @@ class Nyx:
             record = await self.service.build_template(
                 template,
                 backend=backend,
-                resources=(resources or ResourcesBody()).to_runtime(),
+                resources=defaults.resources(resources),
                 label=label,
                 progress=progress,
             )

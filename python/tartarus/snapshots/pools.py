@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from tartarus.agent import defaults
 from tartarus.agent.manager import AcquiredSandbox, new_sandbox_id
 from tartarus.api.snapshots import PoolInfo
 from tartarus.api.types import CreateSandboxRequest
@@ -197,7 +198,7 @@ def _fits(request: CreateSandboxRequest, pool: Pool) -> bool:
         return False
     return (
         request.backend in (Backend.AUTO, snap.backend)
-        and request.resources.to_runtime() == snap.resources
+        and defaults.resources(request.resources) == snap.resources
         and request.network == snap.network
         and request.trust == snap.trust
     )
