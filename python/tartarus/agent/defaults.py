@@ -91,8 +91,8 @@ def resolve(
     )
 
 
-def resources(body: ResourcesBody | None, template: Layer | None = None) -> Resources:
-    """The limits `body` asks for, what it leaves unset from `template`, else the
-    server's (for requests without a tenant's policy, such as a template's snapshot)."""
+def resources(body: ResourcesBody | None) -> Resources:
+    """The limits `body` asks for, the server's for what it leaves unset (for what has
+    no tenant or template layer: a template's warm snapshot, a warm pool's match)."""
     request = CreateSandboxRequest(resources=body or ResourcesBody())
-    return resolve(request, template=template).resources.to_runtime()
+    return resolve(request).resources.to_runtime()
