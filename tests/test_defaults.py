@@ -81,7 +81,7 @@ def test_each_unset_field_takes_the_first_layer_that_sets_it(setting: frozenset[
 
 
 def test_unset_is_absent_on_the_wire() -> None:
-    assert msgspec.json.encode(CreateSandboxRequest()) == b"{}"
+    assert msgspec.json.encode(CreateSandboxRequest()) == b'{"resources":{}}'
     assert msgspec.json.encode(RestoreBody()) == b"{}"
     sent = CreateSandboxRequest(resources=ResourcesBody(memory_mib=512), timeout_s=300)
     assert msgspec.json.decode(msgspec.json.encode(sent)) == {
@@ -155,7 +155,10 @@ async def test_the_server_keeps_what_is_asked_and_fills_the_rest(
     server: Server, backend: str, acme: str
 ) -> None:
     async def created(api_key: str | None = None, **asked: Any) -> SandboxInfo:
-        async with Sandbox.create(backend=backend, url=server.url, api_key=api_key, **asked) as sb:
+        # Over the unix socket the caller is the local operator (tenant default); an API
+        # key is for TCP.
+        url = server.url if api_key is None else server.tcp_url
+        async with Sandbox.create(backend=backend, url=url, api_key=api_key, **asked) as sb:
             return sb.info
 
     # No policy defaults for this tenant: the template's.
@@ -176,7 +179,7 @@ def test_the_cli_sends_nothing_unset(server: Server, backend: str, acme: str) ->
     def run(*args: str) -> SandboxInfo:
         out = subprocess.run(
             [sys.executable, "-m", "tartarus", "run", "--keep", "-q", "-b", backend, *args],
-            env=dict(server.env, TARTARUS_URL=server.url, TARTARUS_API_KEY=acme),
+            env=dict(server.env, TARTARUS_URL=str(server.tcp_url), TARTARUS_API_KEY=acme),
             capture_output=True,
             text=True,
             timeout=120,
@@ -184,9 +187,9 @@ def test_the_cli_sends_nothing_unset(server: Server, backend: str, acme: str) ->
         )
         assert out.returncode == 0, out.stderr
         sandbox_id = out.stdout.strip()
-        info = msgspec.convert(
-            call(server, acme, "GET", f"/v1/sandboxes/{sandbox_id}").json(), SandboxInfo
-        )
+        got = call(server, acme, "GET", f"/v1/sandboxes/{sandbox_id}")
+        assert got.status == 200, got.body
+        info = msgspec.convert(got.json(), SandboxInfo)
         assert call(server, acme, "DELETE", f"/v1/sandboxes/{sandbox_id}").status in (200, 204)
         return info
 
