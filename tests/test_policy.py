@@ -152,7 +152,15 @@ def test_template_defaults_fill_only_what_the_request_left_alone() -> None:
     )
     assert own.resources.memory_mib == 256 and own.resources.vcpus == 2
     assert own.backend is Backend.JAIL
-    assert with_template_defaults(spec, create(template="base")) == create(template="base")
+    # No defaults for the template: the server's.
+    base = with_template_defaults(spec, create(template="base"))
+    assert base.resources.to_runtime() == Resources() and base.timeout_s == 300
+    assert base.backend is Backend.AUTO
+    # What the request sets is kept, even where it equals the server's default.
+    explicit = with_template_defaults(
+        spec, create(template="python", resources={"memory_mib": 512}, timeout_s=300)
+    )
+    assert explicit.resources.memory_mib == 512 and explicit.timeout_s == 300
 
 
 def judges_with(tmp_path: Path, *docs: str) -> Judges:

@@ -263,7 +263,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = DEFAULT_TIMEOUT_S,
+        timeout: float | None = None,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,

@@ -81,10 +81,11 @@ class TemplateSnapshotBody(_Request, kw_only=True):
     label: Label = ""
 
 
-class RestoreBody(_Request, kw_only=True):
+class RestoreBody(_Request, kw_only=True, omit_defaults=True):
     """A sandbox restored from a snapshot."""
 
-    timeout_s: TimeoutSeconds = 300.0
+    # Unset: as for a create (docs/policy.md, "Defaults").
+    timeout_s: TimeoutSeconds | None = None
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     checkpoint_on_stop: bool = False
 

@@ -84,28 +84,35 @@ class _Response(msgspec.Struct, kw_only=True):
 # --- sandboxes ---------------------------------------------------------------------
 
 
-class ResourcesBody(_Request, kw_only=True):
-    """Limits of one sandbox (at most the template's `max_resources`; policy may set
-    per-template defaults)."""
+class ResourcesBody(_Request, kw_only=True, omit_defaults=True):
+    """Limits of one sandbox (at most the template's `max_resources`). A field left
+    out (or null) is unset: the server fills it from the tenant's policy, else the
+    template, else its own default (docs/policy.md, "Defaults")."""
 
-    vcpus: Annotated[float, Meta(ge=0.05, le=64)] = 1.0
-    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] = 512
-    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] = 1024
-    pids: Annotated[int, Meta(ge=8, le=65536)] = 256
+    vcpus: Annotated[float, Meta(ge=0.05, le=64)] | None = None
+    memory_mib: Annotated[int, Meta(ge=16, le=256 * 1024)] | None = None
+    disk_mib: Annotated[int, Meta(ge=16, le=1024 * 1024)] | None = None
+    pids: Annotated[int, Meta(ge=8, le=65536)] | None = None
 
     def to_runtime(self) -> Resources:
+        """The limits, once every field is set (`tartarus.node.defaults.resolve`)."""
+        if self.vcpus is None or self.memory_mib is None or self.disk_mib is None:
+            raise ValueError(f"unresolved resources: {self}")
+        if self.pids is None:
+            raise ValueError(f"unresolved resources: {self}")
         return Resources(
             vcpus=self.vcpus, memory_mib=self.memory_mib, disk_mib=self.disk_mib, pids=self.pids
         )
 
 
-class CreateSandboxRequest(_Request, kw_only=True):
+class CreateSandboxRequest(_Request, kw_only=True, omit_defaults=True):
     template: TemplateName = "base"
     backend: Backend = Backend.AUTO
     resources: ResourcesBody = msgspec.field(default_factory=ResourcesBody)
     env: EnvMap = msgspec.field(default_factory=dict)
     # Seconds until the sandbox is stopped; `POST .../timeout` moves the deadline.
-    timeout_s: TimeoutSeconds = DEFAULT_TIMEOUT_S
+    # Unset: the tenant's policy, else the template, else the server decides.
+    timeout_s: TimeoutSeconds | None = None
     metadata: MetadataMap = msgspec.field(default_factory=dict)
     network: bool = False
     trust: TrustLevel = TrustLevel.UNTRUSTED
@@ -119,6 +126,12 @@ class CreateSandboxRequest(_Request, kw_only=True):
     # Take a snapshot of the sandbox when it is stopped (deleted, timed out, or the
     # server shuts down), before it is torn down.
     checkpoint_on_stop: bool = False
+
+    def resolved_timeout_s(self) -> float:
+        """The timeout, once it is set (`tartarus.node.defaults.resolve`)."""
+        if self.timeout_s is None:
+            raise ValueError("unresolved timeout")
+        return self.timeout_s
 
 
 class SandboxInfo(_Response, kw_only=True):

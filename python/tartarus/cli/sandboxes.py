@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 import msgspec
@@ -80,7 +79,8 @@ async def _stream_to_terminal(
 @click.option(
     "--timeout",
     type=float,
-    help=f"Seconds before the sandbox is stopped [default: {DEFAULT_TIMEOUT_S:g}].",
+    help="Seconds before the sandbox is stopped [default: the tenant's policy's for the "
+    f"template, else the template's, else {DEFAULT_TIMEOUT_S:g}].",
 )
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment.")
 @click.option("-w", "--workdir", help="Working directory inside the sandbox.")
@@ -133,14 +133,12 @@ def run_command(
     if quiet and (interactive or as_json):
         raise click.UsageError("-q/--quiet goes with neither -i nor --json")
     cmd = _command(argv)
-    sizes: dict[str, Any] = {"vcpus": cpus, "memory_mib": memory_mib}
-    resources = ResourcesBody(**{k: v for k, v in sizes.items() if v is not None})
     request = CreateSandboxRequest(
         template=template,
         backend=Backend(backend),
-        resources=resources,
+        resources=ResourcesBody(vcpus=cpus, memory_mib=memory_mib),
         env=parse_pairs(env, "--env"),
-        timeout_s=DEFAULT_TIMEOUT_S if timeout is None else timeout,
+        timeout_s=timeout,
         metadata=parse_pairs(metadata, "--metadata"),
         network=network,
         trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,

@@ -396,10 +396,11 @@ class Coordinator:
         await self.state.lanes.ack(message)
 
     def _reservation(self, job: Job) -> Reservation:
+        resources = job.request.resources.to_runtime()
         return Reservation(
             sandbox_id=job.sandbox_id,
-            vcpus=job.request.resources.vcpus,
-            memory_mib=job.request.resources.memory_mib,
+            vcpus=resources.vcpus,
+            memory_mib=resources.memory_mib,
             groups=list(job.request.placement.groups) if job.request.placement else [],
         )
 

@@ -7,9 +7,10 @@ the manager binds to the new sandbox or releases if creation fails, and a chance
 the runtime's sandbox (secrets are injected there, at exec time). `ended` gives the
 quota back when the sandbox ends.
 
-Defaults are filled in before any judge sits, so quotas judge the numbers the sandbox
-will get: what the request names, else the policy's defaults for the template, else the
-template's own (`TemplateDefaults`), else the API's.
+Defaults are resolved (`tartarus.node.defaults.resolve`) before any judge sits, so
+quotas judge the numbers the sandbox will get: what the request sets, else the policy's
+defaults for the template, else the template's own (`TemplateDefaults`), else the
+server's.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ import msgspec
 
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
+from tartarus.node.defaults import Layer, layer, resolve
 from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import Sandbox
-from tartarus.runtime.types import Backend, Resources
-
-_API = CreateSandboxRequest()
-RESOURCE_FIELDS = ("vcpus", "memory_mib", "disk_mib", "pids")
+from tartarus.runtime.types import Resources
 
 
 class TemplateDefaults(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,39 +33,15 @@ class TemplateDefaults(msgspec.Struct, frozen=True, kw_only=True):
     resources: Resources
     timeout_s: float
 
-
-def fill_defaults(
-    request: CreateSandboxRequest,
-    *,
-    resources: Resources | msgspec.Struct,
-    timeout_s: float | None,
-    backend: Backend | None = None,
-) -> CreateSandboxRequest:
-    """`request` with the fields it left at the API's defaults taken from these
-    (a resource field or argument that is None leaves the field as it is)."""
-    res = request.resources
-    wanted = {
-        name: getattr(resources, name)
-        for name in RESOURCE_FIELDS
-        if getattr(resources, name) is not None
-        and getattr(res, name) == getattr(_API.resources, name)
-    }
-    changes: dict[str, object] = {}
-    if wanted:
-        changes["resources"] = msgspec.structs.replace(res, **wanted)
-    if timeout_s is not None and request.timeout_s == _API.timeout_s:
-        changes["timeout_s"] = timeout_s
-    if backend is not None and request.backend is Backend.AUTO:
-        changes["backend"] = backend
-    return msgspec.structs.replace(request, **changes) if changes else request
+    def layer(self) -> Layer:
+        return layer(self.resources, self.timeout_s)
 
 
 def with_template_file_defaults(
     request: CreateSandboxRequest, defaults: TemplateDefaults | None
 ) -> CreateSandboxRequest:
-    if defaults is None:
-        return request
-    return fill_defaults(request, resources=defaults.resources, timeout_s=defaults.timeout_s)
+    """`request` resolved without a tenant's policy (`tartarus.node.defaults`)."""
+    return resolve(request, template=None if defaults is None else defaults.layer())
 
 
 class Admitted(Protocol):

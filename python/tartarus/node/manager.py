@@ -393,7 +393,7 @@ class SandboxManager:
             raise
         sandbox = admitted.bind(record, sandbox)
         record.state = SandboxState.RUNNING
-        record.expires_at = time.time() + request.timeout_s
+        record.expires_at = time.time() + request.resolved_timeout_s()
         self.store.save(record)
         self._live[record.id] = LiveSandbox(
             record=record, sandbox=sandbox, runtime=runtime, workdir=workdir
@@ -415,7 +415,7 @@ class SandboxManager:
                     requested_backend=request.backend,
                     state=SandboxState.RUNNING,
                     created_at=now,
-                    expires_at=now + request.timeout_s,
+                    expires_at=now + request.resolved_timeout_s(),
                     resources=acquired.resources,
                     metadata=request.metadata,
                     network=acquired.network,

@@ -16,12 +16,8 @@ from importlib.metadata import entry_points
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
 from tartarus.errors import AdmissionDeniedError, ConfigError, UnavailableError
-from tartarus.node.admission import (
-    Admitted,
-    TemplateDefaults,
-    fill_defaults,
-    with_template_file_defaults,
-)
+from tartarus.node.admission import Admitted, TemplateDefaults
+from tartarus.node.defaults import Layer, layer, resolve
 from tartarus.node.store import SandboxRecord
 from tartarus.policy.audit_log import AuditError, AuditLog
 from tartarus.policy.documents import PolicySpec
@@ -60,20 +56,20 @@ def load_plugins(group: str = PLUGIN_GROUP) -> list[Judge]:
     return judges
 
 
+def policy_defaults(policy: PolicySpec, template: str) -> Layer | None:
+    """The policy's defaults for `template`, as a layer of `tartarus.node.defaults`."""
+    defaults = policy.templates.defaults.get(template)
+    if defaults is None:
+        return None
+    return layer(defaults.resources, defaults.timeout_s, defaults.backend)
+
+
 def with_template_defaults(
     policy: PolicySpec, request: CreateSandboxRequest
 ) -> CreateSandboxRequest:
-    """Applies the policy's defaults for the template to fields the request left at the
-    API default."""
-    defaults = policy.templates.defaults.get(request.template)
-    if defaults is None:
-        return request
-    return fill_defaults(
-        request,
-        resources=defaults.resources,
-        timeout_s=defaults.timeout_s,
-        backend=defaults.backend,
-    )
+    """`request` resolved with the policy's defaults for its template (and no template
+    definition): what `Judges.admit` does first."""
+    return resolve(request, policy=policy_defaults(policy, request.template))
 
 
 class _Admitted:
@@ -134,8 +130,11 @@ class Judges:
         """`hold_as`: with shared holds, the sandbox id to hold the quota share under,
         in the shared state (the caller releases it when that sandbox ends)."""
         policy = self.policy(caller.tenant)
-        # The policy's defaults first, so they win over the template's own.
-        request = with_template_file_defaults(with_template_defaults(policy, request), defaults)
+        request = resolve(
+            request,
+            policy=policy_defaults(policy, request.template),
+            template=None if defaults is None else defaults.layer(),
+        )
         admission = AdmissionRequest(caller=caller, request=request, policy=policy)
         verdicts: list[Verdict] = []
         for judge in self.judges:

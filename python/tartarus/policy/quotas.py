@@ -42,11 +42,8 @@ class SharedHolds(Protocol):
 
 def wanted(admission: AdmissionRequest) -> Usage:
     request = admission.request
-    return Usage(
-        template=request.template,
-        vcpus=request.resources.vcpus,
-        memory_mib=request.resources.memory_mib,
-    )
+    resources = request.resources.to_runtime()
+    return Usage(template=request.template, vcpus=resources.vcpus, memory_mib=resources.memory_mib)
 
 
 async def rule_shared(admission: AdmissionRequest, holds: SharedHolds, sandbox_id: str) -> Verdict:

@@ -57,14 +57,15 @@ class SecurityJudge:
                 "untrusted work with a network on the jail backend is too dangerous: use "
                 "gvisor or microvm, or drop the network"
             )
-        res = request.resources
+        res = request.resources.to_runtime()
+        timeout_s = request.resolved_timeout_s()
         if security.max_vcpus is not None and res.vcpus > security.max_vcpus:
             out.append(f"{res.vcpus:g} vCPUs is more than the {security.max_vcpus:g} allowed")
         if security.max_memory_mib is not None and res.memory_mib > security.max_memory_mib:
             out.append(f"{res.memory_mib} MiB is more than the {security.max_memory_mib} allowed")
-        if security.max_timeout_s is not None and request.timeout_s > security.max_timeout_s:
+        if security.max_timeout_s is not None and timeout_s > security.max_timeout_s:
             out.append(
-                f"a timeout of {request.timeout_s:g} s is more than the "
+                f"a timeout of {timeout_s:g} s is more than the "
                 f"{security.max_timeout_s:g} s allowed"
             )
         for env, ref in sorted(request.secrets.items()):

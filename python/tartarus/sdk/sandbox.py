@@ -24,7 +24,6 @@ from tartarus.api.placement import PlacementRules
 from tartarus.api.sandbox import Backend, SandboxState, TrustLevel
 from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
-    DEFAULT_TIMEOUT_S,
     CodeExecution,
     CreateSandboxRequest,
     LogEvent,
@@ -69,7 +68,7 @@ class Sandbox:
         cls,
         template: str = "base",
         *,
-        timeout: float = DEFAULT_TIMEOUT_S,
+        timeout: float | None = None,
         envs: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         backend: Backend | str = Backend.AUTO,
@@ -86,20 +85,19 @@ class Sandbox:
         client: Client | None = None,
     ) -> _Creating:
         """Creates and starts a sandbox from `template`; it stops after `timeout`
-        seconds unless `set_timeout` moves the deadline. Retries of a failed request
-        reuse one idempotency key, so a retry never makes a second sandbox. `secrets` maps
-        environment variables to secret references (`local:NAME`, `vault:PATH#FIELD`, ...)
-        that every command gets, resolved by the server at exec time. `placement` says
-        where it may run when the server schedules a fleet of nodes (docs/fleet.md).
+        seconds unless `set_timeout` moves the deadline. What is left unset (`timeout`,
+        `vcpus`, `memory_mib`) is not sent: the server takes it from the tenant's policy,
+        else the template, else its own default (docs/policy.md, "Defaults"). Retries of
+        a failed request reuse one idempotency key, so a retry never makes a second
+        sandbox. `secrets` maps environment variables to secret references (`local:NAME`,
+        `vault:PATH#FIELD`, ...) that every command gets, resolved by the server at exec
+        time. `placement` says where it may run when the server schedules a fleet of
+        nodes (docs/fleet.md).
 
         `from_snapshot`: restore this snapshot (`sb.snapshot().id`) instead: the
         sandbox starts as the snapshotted one was, on its template, backend and
         resources. `checkpoint_on_stop`: snapshot the sandbox when it is stopped."""
-        resources = ResourcesBody()
-        if vcpus is not None:
-            resources = msgspec.structs.replace(resources, vcpus=vcpus)
-        if memory_mib is not None:
-            resources = msgspec.structs.replace(resources, memory_mib=memory_mib)
+        resources = ResourcesBody(vcpus=vcpus, memory_mib=memory_mib)
         request = CreateSandboxRequest(
             template=template,
             backend=Backend(backend),

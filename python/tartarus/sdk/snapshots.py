@@ -110,11 +110,12 @@ class Snapshots:
         self,
         snapshot_id: str,
         *,
-        timeout: float = 300.0,
+        timeout: float | None = None,
         metadata: dict[str, str] | None = None,
         checkpoint_on_stop: bool = False,
     ) -> Sandbox:
-        """A running sandbox restored from the snapshot (with its own connection)."""
+        """A running sandbox restored from the snapshot (with its own connection);
+        `timeout` unset: the server decides, as for a create."""
         body = RestoreBody(
             timeout_s=timeout, metadata=metadata or {}, checkpoint_on_stop=checkpoint_on_stop
         )

@@ -19,6 +19,7 @@ import anyio
 
 from tartarus.api.snapshots import PoolInfo
 from tartarus.api.types import CreateSandboxRequest
+from tartarus.node import defaults
 from tartarus.node.manager import AcquiredSandbox, new_sandbox_id
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import PoolTarget, SnapshotCatalog, SnapshotPurpose, SnapshotRecord
@@ -197,7 +198,7 @@ def _fits(request: CreateSandboxRequest, pool: Pool) -> bool:
         return False
     return (
         request.backend in (Backend.AUTO, snap.backend)
-        and request.resources.to_runtime() == snap.resources
+        and defaults.resources(request.resources) == snap.resources
         and request.network == snap.network
         and request.trust == snap.trust
     )

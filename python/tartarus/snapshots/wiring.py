@@ -25,6 +25,7 @@ from tartarus.config import Settings
 from tartarus.errors import ConflictError, NotFoundError, SandboxNotRunningError
 from tartarus.images.blobs import GcReport
 from tartarus.images.oci.image import first_error
+from tartarus.node import defaults
 from tartarus.node.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
 from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import NotSupportedError, SandboxError
@@ -217,7 +218,7 @@ class SnapshotWiring:
             record = await self.service.build_template(
                 template,
                 backend=backend,
-                resources=(resources or ResourcesBody()).to_runtime(),
+                resources=defaults.resources(resources),
                 label=label,
                 progress=progress,
             )
