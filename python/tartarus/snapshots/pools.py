@@ -23,7 +23,7 @@ from tartarus.node import defaults
 from tartarus.node.manager import AcquiredSandbox, new_sandbox_id
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import PoolTarget, SnapshotCatalog, SnapshotPurpose, SnapshotRecord
-from tartarus.snapshots.service import SnapshotService
+from tartarus.snapshots.service import Restored, SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,23 @@ TICK_S = 5.0
 MAX_BACKOFF_S = 60.0
 # Attachment key under which an acquired sandbox carries its origin (see nyx.py).
 ORIGIN = "nyx.origin"
+
+
+def acquired_from_restore(restored: Restored, reason: str) -> AcquiredSandbox:
+    """A restored copy, handed to the manager as a create's sandbox; ORIGIN remembers
+    the snapshot it came from."""
+    sandbox, runtime, facts, workdir = restored
+    return AcquiredSandbox(
+        sandbox=sandbox,
+        runtime=runtime,
+        template=facts.template,
+        resources=facts.resources,
+        network=facts.network,
+        trust=facts.trust,
+        reason=reason,
+        attachments={ORIGIN: facts.origin},
+        workdir=workdir,
+    )
 
 
 @dataclass(eq=False)
@@ -162,17 +179,9 @@ class WarmPools:
 
     async def _restore(self, snapshot: SnapshotRecord) -> AcquiredSandbox:
         spec = SandboxSpec(id=new_sandbox_id(), template=snapshot.template)
-        sandbox, runtime, facts, workdir = await self.service.restore(snapshot.id, spec)
-        return AcquiredSandbox(
-            sandbox=sandbox,
-            runtime=runtime,
-            template=facts.template,
-            resources=facts.resources,
-            network=facts.network,
-            trust=facts.trust,
-            reason=f"warm pool hit: restored from snapshot {snapshot.id}",
-            attachments={ORIGIN: facts.origin},
-            workdir=workdir,
+        restored = await self.service.restore(snapshot.id, spec)
+        return acquired_from_restore(
+            restored, f"warm pool hit: restored from snapshot {snapshot.id}"
         )
 
     async def _discard(self, acquired: AcquiredSandbox) -> None:

@@ -91,6 +91,10 @@ class SandboxFacts(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str = "default"
 
 
+# A restore's result: the sandbox, its runtime, what it is, and its working directory.
+Restored = tuple[Sandbox, Runtime, SandboxFacts, str]
+
+
 class SnapshotService:
     """Nyx's snapshot operations over the runtime, the blob store and the catalog."""
 
@@ -241,9 +245,7 @@ class SnapshotService:
 
     # --- restoring ---------------------------------------------------------------------
 
-    async def restore(
-        self, snapshot_id: str, spec: SandboxSpec
-    ) -> tuple[Sandbox, Runtime, SandboxFacts, str]:
+    async def restore(self, snapshot_id: str, spec: SandboxSpec) -> Restored:
         """Starts a sandbox from a snapshot on the snapshot's backend; returns it, its
         runtime, what it is, and its working directory. The sandbox holds the
         snapshot's files (and its template's) until `release(sandbox id)`."""

@@ -31,7 +31,7 @@ from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
-from tartarus.snapshots.pools import ORIGIN, WarmPools
+from tartarus.snapshots.pools import ORIGIN, WarmPools, acquired_from_restore
 from tartarus.snapshots.service import (
     SHARED_TENANT,
     Progress,
@@ -111,24 +111,12 @@ class SnapshotWiring:
             raise NotFoundError(str(SnapshotNotFoundError(request.from_snapshot)))
         spec = SandboxSpec(id=new_sandbox_id(), metadata=request.metadata, env=request.env)
         try:
-            sandbox, runtime, facts, workdir = await self.service.restore(
-                request.from_snapshot, spec
-            )
+            restored = await self.service.restore(request.from_snapshot, spec)
         except SnapshotNotFoundError as e:
             raise NotFoundError(str(e)) from e
         except (SnapshotError, SandboxError) as e:
             raise ConflictError(f"cannot restore: {e}", slug="restore-failed") from e
-        return AcquiredSandbox(
-            sandbox=sandbox,
-            runtime=runtime,
-            template=facts.template,
-            resources=facts.resources,
-            network=facts.network,
-            trust=facts.trust,
-            reason=f"restored from snapshot {request.from_snapshot}",
-            attachments={ORIGIN: facts.origin},
-            workdir=workdir,
-        )
+        return acquired_from_restore(restored, f"restored from snapshot {request.from_snapshot}")
 
     # --- snapshots of live sandboxes ------------------------------------------------------
 
