@@ -69,7 +69,7 @@ lock: $(STAMPS)/tools
 system: $(STAMPS)/system
 install: $(STAMPS)/install
 
-run: $(STAMPS)/install
+run: $(STAMPS)/install runsc
 	$(VENV)/bin/tartarus doctor
 	$(PY) examples/quickstart.py
 
