@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import anyio
 import anyio.abc
@@ -69,7 +69,7 @@ class BindMount(msgspec.Struct, frozen=True):
     readonly: bool = True
 
 
-class CgroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
+class CgroupConfig(msgspec.Struct, frozen=True):
     parent: str
     name: str
     memory_bytes: int | None = None
@@ -78,8 +78,10 @@ class CgroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     cpu_period_us: int = 100_000
 
 
-class JailConfig(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Mirror of `tartarus-jail`'s config (rust/jail/src/config.rs)."""
+class JailConfig(msgspec.Struct, frozen=True):
+    """Mirror of `tartarus-jail`'s config (rust/jail/src/config.rs), less the options
+    Python leaves at their defaults (user_namespace, rlimits, capabilities, seccomp, cwd,
+    uid, gid); checked against tests/vectors/config/jail_*.json."""
 
     id: str
     rootfs: Path
@@ -91,7 +93,8 @@ class JailConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     mounts: list[BindMount] = msgspec.field(default_factory=list)
     cgroup: CgroupConfig | None = None
     env: dict[str, str] = msgspec.field(default_factory=dict)
-    stdio: dict[str, Path] | None = None
+    # "inherit", "null" or {"file": host path}.
+    stdio: Literal["inherit", "null"] | dict[str, Path] = "inherit"
 
 
 class CgroupDirs(msgspec.Struct, frozen=True):

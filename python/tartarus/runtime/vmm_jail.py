@@ -20,6 +20,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+DEFAULT_CHROOT_BASE = "/run/tartarus/vmm-jail"
 DEFAULT_CGROUP_PARENT = "tartarus/vmm"
 DEFAULT_OVERHEAD_MIB = 64
 DEFAULT_PIDS = 128
@@ -80,7 +81,7 @@ class JailConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     id: str
     uid: int
     gid: int
-    chroot_base: Path
+    chroot_base: Path = Path(DEFAULT_CHROOT_BASE)
     mounts: list[BindMount] = msgspec.field(default_factory=list)
     cgroup: JailCgroup = msgspec.field(default_factory=JailCgroup)
     max_open_files: int = 1024

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Limits for one device; `None` means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimit {
     pub bytes_per_sec: Option<u64>,
     pub ops_per_sec: Option<u64>,

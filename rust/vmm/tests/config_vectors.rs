@@ -1,0 +1,138 @@
+//! Shared vectors for the configurations Python mirrors (`tests/vectors/config/`): the
+//! machine (`configure` / `--config`) and the VMM's jail (`--jail`). Each vector holds a
+//! document as `written` and the `canonical` form this crate serializes it to; the
+//! Python tests decode both with their mirror types and must encode back `canonical`.
+//! `TARTARUS_UPDATE_VECTORS=1 cargo test -p tartarus-vmm --test config_vectors`
+//! rewrites them after an intended change.
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tartarus_vmm::config::MachineConfig;
+use tartarus_vmm::jail::JailConfig;
+
+fn check<T: DeserializeOwned + Serialize>(type_name: &str, name: &str, written: Value) {
+    let value: T =
+        serde_json::from_value(written.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let canonical = serde_json::to_value(&value).unwrap();
+    let again: T = serde_json::from_value(canonical.clone()).unwrap();
+    assert_eq!(
+        serde_json::to_value(&again).unwrap(),
+        canonical,
+        "{name}: not a round trip"
+    );
+    let doc = json!({"type": type_name, "written": written, "canonical": canonical});
+    let mut text = serde_json::to_string_pretty(&doc).unwrap();
+    text.push('\n');
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/vectors/config")
+        .join(format!("{name}.json"));
+    if std::env::var_os("TARTARUS_UPDATE_VECTORS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &text).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!("{name}: {e}; run TARTARUS_UPDATE_VECTORS=1 cargo test -p tartarus-vmm --test config_vectors")
+    });
+    assert_eq!(
+        on_disk, text,
+        "{name} differs; config changed? rerun with TARTARUS_UPDATE_VECTORS=1"
+    );
+}
+
+#[test]
+fn machine_config_vectors() {
+    let machine =
+        |name: &str, written: Value| check::<MachineConfig>("MachineConfig", name, written);
+    machine(
+        "machine_full",
+        json!({
+            "vcpus": 2,
+            "memory_mib": 256,
+            "kernel": "/boot/vmlinux",
+            "cmdline": "console=ttyS0 reboot=k panic=1",
+            "boot_protocol": "pvh",
+            "cpu_template": "host",
+            "serial": {"kind": "file", "path": "/run/serial.log"},
+            "serial_limit_bytes": 4096,
+            "memory": {"file": "/boot/memory", "hugepages": false},
+            "wall_clock_limit_ms": 60000,
+            "drives": [
+                {
+                    "path": "/drives/0",
+                    "read_only": true,
+                    "id": "rootfs",
+                    "rate_limit": {"bytes_per_sec": 1048576, "ops_per_sec": 1000, "burst_bytes": 65536, "burst_ops": 10},
+                    "scratch": null
+                },
+                {
+                    "path": "/run/scratch.img",
+                    "read_only": false,
+                    "id": "scratch",
+                    "rate_limit": {"bytes_per_sec": null, "ops_per_sec": null, "burst_bytes": 0, "burst_ops": 0},
+                    "scratch": {"size_mib": 64, "wipe": "shred"}
+                }
+            ],
+            "vsock": {"guest_cid": 3, "uds_path": "/run/vsock.sock"},
+            "track_dirty_pages": true
+        }),
+    );
+    machine("machine_minimal", json!({"memory_mib": 64, "kernel": "/k"}));
+    machine(
+        "machine_sparse_nested",
+        json!({
+            "memory_mib": 128,
+            "kernel": "/k",
+            "serial": {"kind": "socket", "path": "/serial.sock"},
+            "memory": {"hugepages": true},
+            "drives": [{"path": "/a", "rate_limit": {"ops_per_sec": 5}, "scratch": {}}]
+        }),
+    );
+    machine(
+        "machine_serial_stdout",
+        json!({"memory_mib": 64, "kernel": "/k", "serial": {"kind": "stdout"}, "drives": []}),
+    );
+}
+
+#[test]
+fn vmm_jail_config_vectors() {
+    let jail = |name: &str, written: Value| check::<JailConfig>("VmmJailConfig", name, written);
+    jail(
+        "vmm_jail_full",
+        json!({
+            "id": "sbx-0123456789ab",
+            "chroot_base": "/run/tartarus/vmm-jail",
+            "uid": 1000,
+            "gid": 1000,
+            "mounts": [
+                {"source": "/var/lib/tartarus/run", "destination": "/run", "readonly": false},
+                {"source": "/opt/vmlinux", "destination": "/boot/vmlinux", "readonly": true}
+            ],
+            "cgroup": {
+                "parent": "tartarus/vmm",
+                "guest_memory_mib": 256,
+                "overhead_mib": 96,
+                "pids": 64,
+                "cpu_quota_us": 50000,
+                "cpu_period_us": 100000
+            },
+            "max_open_files": 512
+        }),
+    );
+    jail(
+        "vmm_jail_minimal",
+        json!({"id": "vm", "uid": 1000, "gid": 1000}),
+    );
+    jail(
+        "vmm_jail_sparse_nested",
+        json!({
+            "id": "vm",
+            "uid": 1,
+            "gid": 2,
+            "mounts": [{"source": "/k", "destination": "/boot/vmlinux"}],
+            "cgroup": {"guest_memory_mib": 64}
+        }),
+    );
+}
