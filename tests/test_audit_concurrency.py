@@ -14,11 +14,17 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import AuthMethod, Principal
+from tartarus.auth.rbac import default_roles
+from tartarus.errors import AdmissionDeniedError
 from tartarus.policy.audit_log import APPEND_ATTEMPTS, AuditError, AuditLog
+from tartarus.policy.judges import Judges
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -171,3 +177,55 @@ def test_a_head_that_keeps_moving_fails_clearly(tmp_path: Path) -> None:
     log.append(kind="access", action="second", outcome="allowed", tenant="", subject="")
     log.close()
     assert_chain(path, {"first", "second"})
+
+
+def test_admissions_on_two_servers_sharing_the_audit_log(tmp_path: Path) -> None:
+    """The path that failed under load: two API servers (each its own `Judges` and
+    `AuditLog`, one event loop each) admit concurrently into one audit file; every
+    decision is recorded and none fails for want of the audit log."""
+    path = tmp_path / "audit.db"
+    per_server = 100
+    request = msgspec.convert({"template": "base"}, CreateSandboxRequest)
+    failures: list[BaseException] = []
+
+    def server(n: int) -> None:
+        judges = Judges(audit=AuditLog(path))
+
+        async def admit(i: int) -> None:
+            who = Principal(
+                subject=f"key:s{n}-{i}",
+                tenant=f"t{i % 5}",
+                roles=("developer",),
+                grants=default_roles().grants(("developer",)),
+                method=AuthMethod.API_KEY,
+            )
+            try:
+                (await judges.admit(who, request)).release()
+            except AdmissionDeniedError:
+                pass  # a quota refusal is a decision too, and is recorded
+            except BaseException as e:
+                failures.append(e)
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for i in range(per_server):
+                    tg.start_soon(admit, i)
+
+        anyio.run(main)
+        assert judges.audit is not None
+        judges.audit.close()
+
+    servers = [threading.Thread(target=server, args=(n,)) for n in range(2)]
+    for t in servers:
+        t.start()
+    for t in servers:
+        t.join()
+    assert not failures, failures[:3]
+    log = AuditLog(path, read_only=True)
+    try:
+        result = log.verify()
+        assert result.ok and result.entries == 2 * per_server, result.problems
+        subjects = {e.subject for e, _ in log.entries(limit=1000)[0]}
+        assert subjects == {f"key:s{n}-{i}" for n in range(2) for i in range(per_server)}
+    finally:
+        log.close()
