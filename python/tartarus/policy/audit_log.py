@@ -8,12 +8,20 @@ anchor the first kept entry must point at, and a `retention` entry in the chain 
 it. The anchor and the chain live on the same disk as the log, so someone who can
 rewrite the file can rewrite the whole chain: record `head` somewhere else (a ticket,
 another host) and `verify --expect-head` proves nothing before it changed.
+
+Appends are serialised: within a process by a lock around read-head → insert, and
+across processes (API servers sharing one state directory) by a `BEGIN IMMEDIATE`
+transaction, so each entry links to the head as it is when the entry is written; the
+`seq` primary key rejects any writer that did not take part, and the append retries on a
+fresh head a few times before it gives up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +89,8 @@ class Verification(msgspec.Struct, kw_only=True):
 _encoder = msgspec.json.Encoder(order="sorted")
 _decoder = msgspec.json.Decoder(Entry)
 MAX_PROBLEMS = 100
+# Attempts at one append whose head moved under it (a writer outside the transaction).
+APPEND_ATTEMPTS = 5
 
 
 def entry_hash(doc: bytes) -> str:
@@ -112,7 +122,8 @@ class AuditLog:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._head: tuple[int, str] | None = None
+        # One writer at a time on this connection: appends may come from threads.
+        self._write_lock = threading.Lock()
 
     def close(self) -> None:
         self._db.close()
@@ -144,42 +155,75 @@ class AuditLog:
         verdicts: list[dict[str, Any]] | None = None,
         tags: list[str] | None = None,
     ) -> Entry:
-        """Appends one entry (secrets redacted from its text) and returns it."""
-        if self._head is None:
-            self._head = self.head()
-        seq, prev = self._head
-        entry = Entry(
-            seq=seq + 1,
-            ts=time.time(),
-            kind=kind,
-            action=action,
-            outcome=outcome,
-            tenant=tenant,
-            subject=subject,
-            method=method,
-            credential=credential,
-            status=status,
-            resource={k: self._redact(v) for k, v in (resource or {}).items()},
-            detail=self._redact(detail),
-            verdicts=[
-                {k: self._redact(v) if isinstance(v, str) else v for k, v in verdict.items()}
-                for verdict in verdicts or []
-            ],
-            tags=sorted({*self._tags_for(tenant), *(tags or [])}),
-            prev=prev,
+        """Appends one entry (secrets redacted from its text) and returns it.
+
+        The head is read and the entry inserted in one `BEGIN IMMEDIATE` transaction
+        under the write lock, so concurrent appends (threads, or other processes on the
+        same file) each get the next sequence number and link to the entry before."""
+        resource = {k: self._redact(v) for k, v in (resource or {}).items()}
+        detail = self._redact(detail)
+        verdicts = [
+            {k: self._redact(v) if isinstance(v, str) else v for k, v in verdict.items()}
+            for verdict in verdicts or []
+        ]
+        tags = sorted({*self._tags_for(tenant), *(tags or [])})
+        last: sqlite3.IntegrityError | None = None
+        for attempt in range(APPEND_ATTEMPTS):
+            if attempt:
+                time.sleep(0.005 * attempt)
+            with self._write_lock:
+                try:
+                    # Waits out other processes' writes up to the busy timeout.
+                    self._db.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as e:
+                    raise AuditError(f"cannot write the audit log {self.path}: {e}") from e
+                try:
+                    seq, prev = self.head()
+                    entry = Entry(
+                        seq=seq + 1,
+                        ts=time.time(),
+                        kind=kind,
+                        action=action,
+                        outcome=outcome,
+                        tenant=tenant,
+                        subject=subject,
+                        method=method,
+                        credential=credential,
+                        status=status,
+                        resource=resource,
+                        detail=detail,
+                        verdicts=verdicts,
+                        tags=tags,
+                        prev=prev,
+                    )
+                    doc = _encoder.encode(entry)
+                    self._db.execute(
+                        "INSERT INTO audit (seq, ts, tenant, doc, hash) VALUES (?, ?, ?, ?, ?)",
+                        (entry.seq, entry.ts, tenant, doc, entry_hash(doc)),
+                    )
+                    self._db.execute("COMMIT")
+                except sqlite3.IntegrityError as e:
+                    # A writer outside the transaction took this sequence number:
+                    # re-read the head and link to it.
+                    self._rollback()
+                    last = e
+                    continue
+                except sqlite3.Error as e:
+                    self._rollback()
+                    raise AuditError(f"cannot write the audit log {self.path}: {e}") from e
+                except BaseException:
+                    self._rollback()
+                    raise
+                return entry
+        raise AuditError(
+            f"cannot write the audit log {self.path}: gave up after {APPEND_ATTEMPTS} "
+            f"attempts ({last})"
         )
-        doc = _encoder.encode(entry)
-        digest = entry_hash(doc)
-        try:
-            self._db.execute(
-                "INSERT INTO audit (seq, ts, tenant, doc, hash) VALUES (?, ?, ?, ?, ?)",
-                (entry.seq, entry.ts, tenant, doc, digest),
-            )
-        except sqlite3.Error as e:
-            self._head = None  # re-read: another writer may have moved the head
-            raise AuditError(f"cannot write the audit log {self.path}: {e}") from e
-        self._head = (entry.seq, digest)
-        return entry
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def access(
         self,
@@ -293,18 +337,19 @@ class AuditLog:
         if row is None:
             return 0
         anchor_seq, anchor_hash = int(row[0]), str(row[1])
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            cur = self._db.execute("DELETE FROM audit WHERE seq <= ?", (anchor_seq,))
-            self._db.execute(
-                "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?)"
-                " ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                (anchor_seq, anchor_hash),
-            )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        with self._write_lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute("DELETE FROM audit WHERE seq <= ?", (anchor_seq,))
+                self._db.execute(
+                    "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                    (anchor_seq, anchor_hash),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
         removed = cur.rowcount
         self.append(
             kind="retention",
