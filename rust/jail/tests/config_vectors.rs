@@ -4,37 +4,14 @@
 //! mirror types. `TARTARUS_UPDATE_VECTORS=1 cargo test -p tartarus-jail --test
 //! config_vectors` rewrites them after an intended change.
 
-use std::path::PathBuf;
+#[path = "../../test_support/config_vectors.rs"]
+mod config_vectors;
 
 use serde_json::{json, Value};
 use tartarus_jail::config::JailConfig;
 
 fn check(name: &str, written: Value) {
-    let value: JailConfig =
-        serde_json::from_value(written.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let canonical = serde_json::to_value(&value).unwrap();
-    let again: JailConfig = serde_json::from_value(canonical.clone()).unwrap();
-    assert_eq!(
-        serde_json::to_value(&again).unwrap(),
-        canonical,
-        "{name}: not a round trip"
-    );
-    let doc = json!({"type": "JailConfig", "written": written, "canonical": canonical});
-    let mut text = serde_json::to_string_pretty(&doc).unwrap();
-    text.push('\n');
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/vectors/config")
-        .join(format!("{name}.json"));
-    if std::env::var_os("TARTARUS_UPDATE_VECTORS").is_some() {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{name}: {e}; run TARTARUS_UPDATE_VECTORS=1 cargo test -p tartarus-jail --test config_vectors")
-    });
-    assert_eq!(
-        on_disk, text,
-        "{name} differs; config changed? rerun with TARTARUS_UPDATE_VECTORS=1"
-    );
+    config_vectors::check::<JailConfig>("JailConfig", name, written);
 }
 
 #[test]

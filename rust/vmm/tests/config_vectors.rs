@@ -5,42 +5,13 @@
 //! `TARTARUS_UPDATE_VECTORS=1 cargo test -p tartarus-vmm --test config_vectors`
 //! rewrites them after an intended change.
 
-use std::path::PathBuf;
+#[path = "../../test_support/config_vectors.rs"]
+mod config_vectors;
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use config_vectors::check;
 use serde_json::{json, Value};
 use tartarus_vmm::config::MachineConfig;
 use tartarus_vmm::jail::JailConfig;
-
-fn check<T: DeserializeOwned + Serialize>(type_name: &str, name: &str, written: Value) {
-    let value: T =
-        serde_json::from_value(written.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let canonical = serde_json::to_value(&value).unwrap();
-    let again: T = serde_json::from_value(canonical.clone()).unwrap();
-    assert_eq!(
-        serde_json::to_value(&again).unwrap(),
-        canonical,
-        "{name}: not a round trip"
-    );
-    let doc = json!({"type": type_name, "written": written, "canonical": canonical});
-    let mut text = serde_json::to_string_pretty(&doc).unwrap();
-    text.push('\n');
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/vectors/config")
-        .join(format!("{name}.json"));
-    if std::env::var_os("TARTARUS_UPDATE_VECTORS").is_some() {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &text).unwrap();
-    }
-    let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!("{name}: {e}; run TARTARUS_UPDATE_VECTORS=1 cargo test -p tartarus-vmm --test config_vectors")
-    });
-    assert_eq!(
-        on_disk, text,
-        "{name} differs; config changed? rerun with TARTARUS_UPDATE_VECTORS=1"
-    );
-}
 
 #[test]
 fn machine_config_vectors() {
