@@ -103,7 +103,11 @@ _STATES = {
     VmState.RUNNING: SandboxState.RUNNING,
     VmState.PAUSED: SandboxState.PAUSED,
 }
-_CLEAN_EXITS = {"reset", "shutdown", "halt", "stopped"}
+# How the guest ends when we ask it to: the VMM stops it, or the agent (PID 1) reboots it
+# (`reboot=k`: the i8042 reset line; there is no ACPI to power off with). The same reset
+# after a kernel panic (`panic=1`) or a reboot from inside is a failure, told apart by
+# whether we asked.
+_REQUESTED_EXITS = {"reset", "shutdown", "halt", "stopped"}
 SNAPSHOT_FILE = "vm.snap"
 
 
@@ -313,6 +317,20 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def classify_exit(reason: str, requested: bool) -> tuple[SandboxState, str]:
+    """What a guest's exit means: `stopped` is always ours; a reset, shutdown or halt is
+    a clean stop only after we asked for one, else the guest crashed (a panicking kernel
+    resets it) or rebooted itself."""
+    if reason == "stopped" or (requested and reason in _REQUESTED_EXITS):
+        return SandboxState.STOPPED, reason
+    if reason in _REQUESTED_EXITS:
+        return (
+            SandboxState.FAILED,
+            f"guest ended by itself ({reason}): a kernel panic or a reboot inside",
+        )
+    return SandboxState.FAILED, reason
+
+
 class MicroVmSandbox(AgentSandbox):
     def __init__(
         self,
@@ -330,6 +348,8 @@ class MicroVmSandbox(AgentSandbox):
         self._template_owner: str | None = None
         self._drives: list[DriveConfig] = []
         self._jailed = False
+        # Set once we ask the guest to end: only then is a reset a clean stop.
+        self._ending = False
         # Set when restored: the snapshot directory whose memory this guest maps (the
         # parent of its diffs), and what the restore reported.
         self.restored_from: Path | None = None
@@ -512,9 +532,8 @@ class MicroVmSandbox(AgentSandbox):
         report = await self._vmm.state()
         if report.state is VmState.EXITED:
             exit_reason = report.exit.reason if report.exit else "unknown"
-            clean = exit_reason in _CLEAN_EXITS
-            state = SandboxState.STOPPED if clean else SandboxState.FAILED
-            return SandboxStatus(id=self.id, backend=self.backend, state=state, detail=exit_reason)
+            state, detail = classify_exit(exit_reason, self._ending)
+            return SandboxStatus(id=self.id, backend=self.backend, state=state, detail=detail)
         return SandboxStatus(id=self.id, backend=self.backend, state=_STATES[report.state])
 
     async def stats(self) -> SandboxStats:
@@ -528,6 +547,7 @@ class MicroVmSandbox(AgentSandbox):
         )
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        self._ending = True
         if self._agent is not None:
             # The agent stops the guest's processes (SIGTERM, grace, SIGKILL) first.
             with contextlib.suppress(SandboxError):
@@ -538,6 +558,7 @@ class MicroVmSandbox(AgentSandbox):
         await self._cleanup()
 
     async def kill(self) -> None:
+        self._ending = True
         await self.close_agent()
         if self._vmm is not None:
             await self._vmm.kill()

@@ -128,8 +128,10 @@ fn make_device_nodes() {
 /// Inode of the kernel's initial PID namespace (`PROC_PID_INIT_INO`), a fixed constant.
 const INITIAL_PID_NS: &str = "pid:[4026531836]";
 
-/// Ends the sandbox after a shutdown. As the real init of a VM, powers it off (an init
-/// that exits would panic the kernel). As the init of a PID namespace (jail, gVisor),
+/// Ends the sandbox after a shutdown. As the real init of a VM, reboots it: with
+/// `reboot=k` the kernel pulses the i8042 reset line, which the VMM takes as the end of
+/// the guest. (A power-off has no ACPI to act on here: it returns, init exits, and the
+/// kernel panics before resetting, which the host could not tell from a crash.) As the init of a PID namespace (jail, gVisor),
 /// returning and exiting ends the namespace cleanly.
 pub fn power_off() {
     nix::unistd::sync();
@@ -137,6 +139,6 @@ pub fn power_off() {
         .map(|l| l.as_os_str() == INITIAL_PID_NS)
         .unwrap_or(false);
     if nix::unistd::getpid().as_raw() == 1 && in_initial_ns {
-        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+        let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     }
 }

@@ -58,13 +58,21 @@ pub fn build_mptable(num_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
+    // Every ISA IRQ, the timer's IRQ 0 included, is an ordinary interrupt on the IOAPIC pin
+    // of the same number. Declaring IRQ 0 as ExtINT (the 8259 route) leaves Linux without
+    // an IOAPIC entry for its timer: its timer check then dereferences a missing irq_cfg
+    // and the guest panics before init. The 8259 stays reachable through LINT0 below.
     for irq in 0..=IRQ_MAX as u8 {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IOINT, kind, 0, 0, BUS_ID_ISA, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[
+            ENTRY_IOINT,
+            INT_TYPE_INT,
+            0,
+            0,
+            BUS_ID_ISA,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LINTSRC, INT_TYPE_EXTINT, 0, 0, BUS_ID_ISA, 0, 0xff, 0]);
@@ -131,6 +139,37 @@ mod tests {
     #[test]
     fn the_largest_table_fits_in_the_ebda() {
         assert!(mptable_len(MAX_VCPUS) <= (EBDA_END - EBDA_START) as usize);
+    }
+
+    /// The I/O-interrupt entries of a table: (interrupt type, source IRQ, IOAPIC pin).
+    fn io_interrupts(table: &[u8]) -> Vec<(u8, u8, u8)> {
+        let header = &table[FLOATING_LEN..];
+        let len = u16::from_le_bytes([header[4], header[5]]) as usize;
+        let mut off = HEADER_LEN;
+        let mut found = Vec::new();
+        while off < len {
+            let entry = &header[off..];
+            if entry[0] == ENTRY_IOINT {
+                found.push((entry[1], entry[5], entry[7]));
+            }
+            off += if entry[0] == ENTRY_PROCESSOR {
+                PROCESSOR_LEN
+            } else {
+                ENTRY_LEN
+            };
+        }
+        found
+    }
+
+    #[test]
+    fn every_isa_irq_is_an_ordinary_interrupt_on_its_own_pin() {
+        // An ExtINT entry for IRQ 0 made Linux panic in its IOAPIC timer check.
+        let entries = io_interrupts(&build_mptable(1).unwrap());
+        assert_eq!(entries.len(), IRQ_MAX as usize + 1);
+        for (irq, (kind, source, pin)) in entries.into_iter().enumerate() {
+            assert_eq!(kind, INT_TYPE_INT, "ISA IRQ {irq} must not be ExtINT");
+            assert_eq!((source as usize, pin as usize), (irq, irq));
+        }
     }
 
     proptest! {
