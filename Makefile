@@ -86,12 +86,14 @@ rust-check: $(STAMPS)/system
 	$(STAGE) cargo-test setup -- scripts/rust-test-probe
 
 # The heavy artefacts tests use, built once and cached by their inputs under
-# ~/.cache/tartarus (a cache hit takes a second): runsc, the guest kernel and the templates.
+# ~/.cache/tartarus (a cache hit takes a second): runsc, the guest kernel, the templates and
+# the nested-KVM L1 (Debian's kernel package plus a small initramfs).
 # Built here, not inside a test, so parallel test workers never build them twice.
 artefacts: $(STAMPS)/install runsc
 	$(STAGE) kernel artefacts -- $(VENV)/bin/tartarus kernel build
 	$(STAGE) template-base artefacts -- $(VENV)/bin/tartarus template build base
 	$(STAGE) template-python artefacts -- $(VENV)/bin/tartarus template build python
+	$(STAGE) nested-l1 artefacts -- $(PY) -m tests.support.nested_kvm prepare
 
 # The pinned gVisor runsc (the pin: tartarus.host.runsc.RUNSC_VERSION), built with Go.
 runsc: $(STAMPS)/install

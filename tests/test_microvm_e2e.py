@@ -81,10 +81,10 @@ async def test_boots_to_agent_ready_and_runs_a_command(runtime: Runtime, rootfs:
         result = await _run(sb, "/bin/echo", "hello from the guest")
         assert result.stdout == b"hello from the guest\n"
         assert result.exit.code == 0
-        # PID 1 is the agent, booted from the read-only template image, which it put
-        # under a writable overlay on the scratch disk.
+        # PID 1 is the agent (installed as /sbin/init), booted from the read-only template
+        # image, which it put under a writable overlay on the scratch disk.
         init = await _run(sb, "/bin/cat", "/proc/1/cmdline")
-        assert b"tartarus-agent" in init.stdout
+        assert init.stdout.split(b"\0")[:3] == [b"/sbin/init", b"serve", b"--init"], init.stdout
         mounts = (await _run(sb, "/bin/cat", "/proc/mounts")).stdout.decode()
         assert any(
             line.split()[1] == "/" and line.split()[2] == "overlay" for line in mounts.splitlines()

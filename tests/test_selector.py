@@ -100,3 +100,18 @@ def test_every_reaped_backend_is_made_and_reaps_cleanly(
     with caplog.at_level(logging.ERROR):
         assert anyio.run(HostRuntimes(settings).reap_all) == set()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.kvm_full
+def test_a_host_whose_kvm_runs_full_guests_gets_microvm() -> None:
+    """Runs where KVM runs Linux guests (the nested-KVM lane's L1): the doctor's own probe
+    says so, and auto picks microvm from that real report."""
+    from tartarus.config import load_settings  # noqa: PLC0415
+    from tartarus.host.doctor import run_doctor  # noqa: PLC0415
+
+    report = run_doctor(load_settings())
+    assert report.kernel.kvm.full_guests, report.kernel.kvm
+    assert report.backend("microvm").available, report.backend("microvm")
+    assert report.best_backend == "microvm"
+    spec = SandboxSpec(id="x", trust=TrustLevel.TRUSTED)
+    assert select_backend(spec, report)[0] is Backend.MICROVM

@@ -31,6 +31,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The runsc the gvisor backend runs; unset: the pinned build `tartarus runsc install`
     # caches, else runsc on PATH.
     runsc: Path | None = None
+    # How long a microVM may take from its VMM starting to its agent answering (boot, or
+    # a restore). Raise it where guests boot slowly, e.g. under nested emulation.
+    guest_ready_timeout_s: float = msgspec.field(default=60.0)
     # Cerberus: authentication ([auth], docs/auth.md).
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).

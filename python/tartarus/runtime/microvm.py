@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ log = logging.getLogger(__name__)
 
 # Console on COM1, reboot through the i8042 (the VMM turns it into an exit), no
 # PCI or ACPI probing: the microVM has neither.
-DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux"
+# `quiet`: the kernel's boot messages cost a serial-port exit per byte (~12 s per boot under
+# nested virtualisation); warnings and panics still reach the console log.
+DEFAULT_CMDLINE = "console=ttyS0 quiet reboot=k panic=1 pci=off nomodule i8042.noaux"
 # The root image read-only, the scratch disk for the agent's overlay root, the agent as
 # PID 1 serving vsock port 1024 (after `--`, the kernel passes arguments to init).
 AGENT_PORT = 1024
@@ -95,7 +98,6 @@ AGENT_CMDLINE = (
     "root=/dev/vda ro rootfstype=ext4 init=/sbin/init tartarus.scratch=/dev/vdb "
     f"-- serve --init --listen vsock:{AGENT_PORT}"
 )
-AGENT_READY_TIMEOUT_S = 60.0
 
 _STATES = {
     VmState.NOT_CONFIGURED: SandboxState.CREATED,
@@ -240,12 +242,23 @@ async def make_scratch_disk(path: Path, size_mib: int) -> Path:
     return path
 
 
-async def wait_for_agent(uds: Path, *, timeout_s: float, port: int = AGENT_PORT) -> None:
+async def wait_for_agent(
+    uds: Path,
+    *,
+    timeout_s: float,
+    port: int = AGENT_PORT,
+    ended: Callable[[], Awaitable[str | None]] | None = None,
+) -> None:
     """Returns once the guest accepts a vsock connection on `port` (through the
-    device's hybrid socket), raising `SandboxError` after `timeout_s`."""
+    device's hybrid socket), raising `SandboxError` after `timeout_s`, or as soon as
+    `ended` (polled now and then) says why the guest is gone."""
     last = "no attempt"
+    polls = 0
     with anyio.move_on_after(timeout_s):
         while True:
+            polls += 1
+            if ended is not None and polls % 10 == 0 and (why := await ended()):
+                raise SandboxError(f"the guest ended before its agent answered: {why}")
             try:
                 async with await anyio.connect_unix(uds) as stream:
                     await stream.send(f"CONNECT {port}\n".encode())
@@ -453,12 +466,44 @@ class MicroVmSandbox(AgentSandbox):
             self._vmm = await VmmProcess.launch(self.workdir, jail=jail)
             await self._vmm.configure(machine)
             await self._vmm.start()
-            await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+            await self._wait_for_agent()
             self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.kill()
             raise
+
+    async def _wait_for_agent(self) -> None:
+        """Waits for the guest's agent; a guest that dies or never answers is an error
+        that carries the end of its console, where the kernel says why."""
+        try:
+            await wait_for_agent(
+                self.vsock_path, timeout_s=self.settings.guest_ready_timeout_s, ended=self._ended
+            )
+        except SandboxError as e:
+            raise SandboxError(f"{e}\n{self.console_tail()}") from e
+
+    async def _ended(self) -> str | None:
+        if self._vmm is None:
+            return None
+        if self._vmm.process.returncode is not None:
+            return f"the VMM exited with status {self._vmm.process.returncode}"
+        try:
+            report = await self._vmm.state()
+        except SandboxError:
+            return None
+        if report.state is VmState.EXITED:
+            return report.exit.reason if report.exit else "unknown"
+        return None
+
+    def console_tail(self, lines: int = 25) -> str:
+        """The last lines of the guest's console, for error messages."""
+        try:
+            text = (self.run_dir / "console.log").read_bytes()[-8192:].decode(errors="replace")
+        except OSError as e:
+            return f"(no console log: {e.strerror})"
+        tail = text.splitlines()[-lines:]
+        return "guest console, last lines:\n" + "\n".join(f"  {line}" for line in tail)
 
     async def start_restored(self, snapshot: SnapshotInfo, *, verify_memory: bool) -> None:
         """Launches a VMM and restores `snapshot` (a full one, or a diff on its base)."""
@@ -489,7 +534,7 @@ class MicroVmSandbox(AgentSandbox):
             if saved["vsock"]:
                 # The restore reset every vsock connection: the agent is reached anew,
                 # and reseeds the RNG state this clone shares with its siblings.
-                await wait_for_agent(self.vsock_path, timeout_s=AGENT_READY_TIMEOUT_S)
+                await self._wait_for_agent()
                 self.agent = await AgentClient.connect_hybrid_vsock(self.vsock_path, AGENT_PORT)
                 await reseed_guest(self.agent, report.generation)
         except BaseException:
