@@ -158,6 +158,9 @@ async def test_python_template_runs_python_in_gvisor(tmp_path: Path) -> None:
     # The build host's identity does not leak into the image.
     assert (t.rootfs / "etc/resolv.conf").read_text() == ""
     assert (t.rootfs / "etc/hostname").read_text() == "tartarus\n"
+    # Debian's debootstrap writes no /etc/hosts: the rootfs stage does, or localhost
+    # would not resolve in a sandbox.
+    assert "127.0.0.1\tlocalhost" in (t.rootfs / "etc/hosts").read_text()
     assert not any((t.rootfs / "var/lib/apt/lists").glob("*_Packages"))
 
 
