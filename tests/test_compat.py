@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tartarus.config import load_settings
 from tartarus.host.doctor import DoctorReport
 from tartarus.images import ResolvedTemplate
 from tartarus.runtime.base import Runtime, Sandbox
@@ -49,7 +50,9 @@ def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Back
 def runtime(backend: Backend, tmp_path: Path) -> Iterator[Runtime]:
     rt: Runtime = JailRuntime(tmp_path / "state")
     if backend is Backend.GVISOR:
-        rt = GvisorRuntime(tmp_path / "state")
+        # The runsc the server would run: the `runsc` setting (TARTARUS_RUNSC) counts.
+        settings = load_settings()
+        rt = GvisorRuntime(tmp_path / "state", runsc=settings.runsc, cache_dir=settings.cache_dir)
     yield rt
     if isinstance(rt, JailRuntime):
         rt.remove_cgroup_scope()
