@@ -169,6 +169,7 @@ def test_a_go_new_enough_for_gvisor_builds_it_as_is(tmp_path: Path) -> None:
     if runsc_mod.parse_go_version(version) < runsc_mod.RUNSC_GO_MIN:
         pytest.skip(f"the go on PATH is {version}, older than gVisor needs")
     assert runsc_mod.toolchain_for_runsc(go, tmp_path) == (go, version)
+    assert runsc_mod.toolchain_for_runsc(None, tmp_path) == (go, version)
     assert not (tmp_path / "mod").exists()  # nothing fetched
 
 
@@ -180,6 +181,22 @@ def _old_go() -> Path:
         if runsc_mod.parse_go_version(version) < runsc_mod.RUNSC_GO_MIN:
             return go
     pytest.skip("no Go older than gVisor needs under /usr/lib (apt-get install golang-go)")
+
+
+def test_an_old_go_first_on_path_does_not_hide_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = _old_go()
+    newer = Path("/usr/local/go/bin/go")
+    if not newer.is_file():
+        pytest.skip("no Go in /usr/local/go")
+    version = runsc_mod.go_version(newer, tmp_path)
+    if runsc_mod.parse_go_version(version) < runsc_mod.RUNSC_GO_MIN:
+        pytest.skip(f"/usr/local/go is {version}, older than gVisor needs")
+    monkeypatch.setenv("PATH", f"{old.parent}:{os.environ['PATH']}")
+    assert runsc_mod.go_candidates()[:2] == [old, newer]
+    assert runsc_mod.toolchain_for_runsc(None, tmp_path) == (newer, version)
+    assert not (tmp_path / "mod").exists()
 
 
 @pytest.mark.timeout(600)

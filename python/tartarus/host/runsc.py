@@ -109,19 +109,26 @@ def pinned_path(cache_dir: Path, version: str = RUNSC_VERSION) -> Path:
     return pinned_dir(cache_dir, version) / "runsc"
 
 
+def go_candidates() -> list[Path]:
+    """The Go installs to look at, in order: `go` on PATH, the tarball install's
+    /usr/local/go."""
+    found: list[Path] = []
+    for candidate in (shutil.which("go"), "/usr/local/go/bin/go"):
+        if candidate and Path(candidate).is_file() and Path(candidate) not in found:
+            found.append(Path(candidate))
+    return found
+
+
 def find_go() -> Path:
-    """`go` on PATH, else the tarball install's /usr/local/go. Any Go with modules will
-    do: one too old for gVisor fetches the toolchain that builds it."""
-    found = shutil.which("go")
-    if found:
-        return Path(found)
-    default = Path("/usr/local/go/bin/go")
-    if default.is_file():
-        return default
-    raise RunscError(
-        "no Go toolchain: apt-get install golang-go (Debian's Go fetches the Go that builds"
-        " runsc), put `go` on PATH, or pass --go"
-    )
+    """The first Go of `go_candidates`. Any Go with modules will do: one too old for
+    gVisor fetches the toolchain that builds it."""
+    candidates = go_candidates()
+    if not candidates:
+        raise RunscError(
+            "no Go toolchain: apt-get install golang-go (Debian's Go fetches the Go that"
+            " builds runsc), put `go` on PATH, or pass --go"
+        )
+    return candidates[0]
 
 
 def _go_env(go_root: Path) -> dict[str, str]:
@@ -197,14 +204,16 @@ def fetch_toolchain(
 
 
 def toolchain_for_runsc(
-    go: Path, go_root: Path, progress: ProgressCallback | None = None
+    go: Path | None, go_root: Path, progress: ProgressCallback | None = None
 ) -> tuple[Path, str]:
     """`go` when it can build the pinned gVisor, else the fetched GO_TOOLCHAIN; with
-    the version of the one returned."""
-    have = go_version(go, go_root)
-    if parse_go_version(have) >= RUNSC_GO_MIN:
-        return go, have
-    fetched = fetch_toolchain(go, go_root, GO_TOOLCHAIN, progress)
+    the version of the one returned. Without `go`: the first of `go_candidates` new
+    enough, so Debian's 1.19 earlier on PATH does not hide a newer /usr/local/go."""
+    for candidate in [go] if go is not None else go_candidates():
+        have = go_version(candidate, go_root)
+        if parse_go_version(have) >= RUNSC_GO_MIN:
+            return candidate, have
+    fetched = fetch_toolchain(go or find_go(), go_root, GO_TOOLCHAIN, progress)
     return fetched, go_version(fetched, go_root)
 
 
@@ -236,7 +245,7 @@ def build_runsc(
             return RunscBuild(
                 path=str(target), version=version, cached=True, seconds=_since(started)
             )
-        go, go_used = toolchain_for_runsc(go or find_go(), root / "go", progress)
+        go, go_used = toolchain_for_runsc(go, root / "go", progress)
         scratch = Path(tempfile.mkdtemp(prefix=f".build-{version}-", dir=root))
         try:
             _go_install(go, root / "go", scratch, version, progress)
