@@ -18,7 +18,7 @@ import msgspec
 # Installed-Size, Debian 12): git drags in perl, most of the weight, for one row.
 GIT_NOT_IN_TEMPLATE: Final = (
     "git is not in the python template: git (44.9 MB) needs perl (libperl5.36 28.9 MB, "
-    "perl-modules-5.36 17.8 MB), ~95 MB on a ~125 MB template"
+    "perl-modules-5.36 17.8 MB), ~95 MB on a ~130 MB template"
 )
 
 
