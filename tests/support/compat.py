@@ -155,6 +155,32 @@ print(" ".join(seen))
 EOF
 """
 
+# SQLite's WAL mode maps its -shm file MAP_SHARED: on the root overlay and on /tmp.
+_SQLITE_MMAP: Final = r"""
+python3 - <<'EOF'
+import mmap, os, sqlite3
+
+for where in ("/root", "/tmp"):
+    db = sqlite3.connect(f"{where}/compat.db")
+    mode = db.execute("pragma journal_mode=wal").fetchone()[0]
+    db.execute("create table t(x)")
+    db.execute("insert into t values (1)")
+    db.commit()
+    rows = sqlite3.connect(f"{where}/compat.db").execute("select count(*) from t").fetchone()[0]
+    print(where, mode, rows)
+with open("/root/shared", "wb") as f:
+    f.write(bytes(4096))
+with open("/root/shared", "r+b") as f:
+    shared = mmap.mmap(f.fileno(), 4096)
+    pid = os.fork()
+    if pid == 0:
+        shared[:5] = b"child"
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("mmap", shared[:5].decode())
+EOF
+"""
+
 # multiprocessing's locks are POSIX semaphores: files in /dev/shm.
 _POOL: Final = (
     "python3 -c 'import multiprocessing as m; print(\"pool\", m.Pool(2).map(abs, [-1, -2]))'"
@@ -285,6 +311,22 @@ CASES: Final[tuple[CompatCase, ...]] = (
         ),
         expect=("16", "devices-ok", "pool [1, 2]"),
         needs=("python3",),
+    ),
+    CompatCase(
+        name="sqlite-mmap",
+        script=_SQLITE_MMAP,
+        expect=("/root wal 1", "/tmp wal 1", "mmap child"),
+        needs=("python3",),
+    ),
+    CompatCase(
+        name="fifo-tar",
+        script=(
+            "set -e\n"
+            "mkfifo /tmp/fifo && (echo through-fifo > /tmp/fifo &) && cat /tmp/fifo\n"
+            "tar czf /tmp/etc.tgz -C / etc && mkdir /tmp/x && tar xzf /tmp/etc.tgz -C /tmp/x\n"
+            "diff -r --no-dereference /etc /tmp/x/etc && echo tar-same\n"
+        ),
+        expect=("through-fifo", "tar-same"),
     ),
     CompatCase(
         name="identity",
