@@ -18,8 +18,14 @@ from tartarus.images import ResolvedTemplate
 from tartarus.runtime.base import Runtime, Sandbox
 from tartarus.runtime.gvisor import GvisorRuntime
 from tartarus.runtime.jail import JailRuntime
-from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec
-from tests.support.compat import CASES, GIT_NOT_IN_TEMPLATE, CompatCase, missing_programs
+from tartarus.runtime.types import Backend, SandboxSpec
+from tests.support.compat import (
+    CASES,
+    GIT_NOT_IN_TEMPLATE,
+    CompatCase,
+    missing_programs,
+    run_case,
+)
 from tests.support.images import shared_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -90,18 +96,5 @@ async def sandbox(
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-async def test_command(case: CompatCase, backend: Backend, sandbox: Sandbox) -> None:
-    with anyio.fail_after(case.limit_s):
-        request = ExecRequest(shell=case.script, user=case.user, timeout_s=case.exec_timeout_s)
-        execution = await sandbox.exec(request)
-        result = await execution.wait()
-    out = result.stdout.decode(errors="replace")
-    detail = f"{backend.value} {case.name}: exit {result.exit}\nstdout:\n{out}\nstderr:\n" + (
-        result.stderr.decode(errors="replace")
-    )
-    if case.exec_timeout_s is not None:
-        assert result.exit.timed_out, detail
-    else:
-        assert result.exit.ok, detail
-    for expected in case.expect:
-        assert expected in out, f"{expected!r} missing\n{detail}"
+async def test_command(case: CompatCase, sandbox: Sandbox) -> None:
+    await run_case(sandbox, case)

@@ -4,7 +4,8 @@ its output must contain, so any backend's suite can run the same rows: the jail 
 gVisor here (tests/test_compat.py), the microVM lane with its own sandboxes.
 
 Rows need nothing from the host: the wheel `pip` installs is built inside the sandbox,
-and nothing touches the network.
+and nothing touches the network. A suite skips a row whose `missing_programs` the
+template lacks (the same on every backend), and otherwise awaits `run_case`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
+import anyio
 import msgspec
+
+from tartarus.runtime.base import Sandbox
+from tartarus.runtime.types import ExecRequest
 
 # Why a row that needs git is skipped on the `python` template (sizes: `apt-cache show`,
 # Installed-Size, Debian 12): git drags in perl, most of the weight, for one row.
@@ -378,3 +383,20 @@ def missing_programs(rootfs: Path, case: CompatCase) -> list[str]:
             (rootfs / d / name).exists() or (rootfs / d / name).is_symlink() for d in _PROGRAM_DIRS
         )
     ]
+
+
+async def run_case(sandbox: Sandbox, case: CompatCase) -> None:
+    """Runs `case` in `sandbox` and asserts what the row promises, showing the command's
+    exit, stdout and stderr when it does not hold."""
+    with anyio.fail_after(case.limit_s):
+        request = ExecRequest(shell=case.script, user=case.user, timeout_s=case.exec_timeout_s)
+        result = await (await sandbox.exec(request)).wait()
+    out = result.stdout.decode(errors="replace")
+    err = result.stderr.decode(errors="replace")
+    detail = f"{sandbox.backend.value} {case.name}: {result.exit}\nstdout:\n{out}\nstderr:\n{err}"
+    if case.exec_timeout_s is not None:
+        assert result.exit.timed_out, detail
+    else:
+        assert result.exit.ok, detail
+    for expected in case.expect:
+        assert expected in out, f"{expected!r} missing\n{detail}"
