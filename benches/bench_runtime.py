@@ -23,7 +23,7 @@ from benches.harness import Stats, measure, measure_async, ratio, report, write_
 from tartarus.binaries import find_binary
 from tartarus.config import load_settings
 from tartarus.host.doctor import run_doctor
-from tartarus.host.tools import runsc_global_flags
+from tartarus.host.runsc import global_flags, unmount_null_netns
 from tartarus.images import TemplateStore
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.base import Runtime, Sandbox
@@ -102,7 +102,9 @@ def jail_binary_echo(rootfs: Path, work: Path) -> Callable[[], object]:
     return lambda: subprocess.run(argv, check=True, capture_output=True)
 
 
-def runsc_echo(rootfs: Path, work: Path) -> Callable[[], object]:
+def runsc_echo(rootfs: Path, work: Path, runtime: GvisorRuntime) -> Callable[[], object]:
+    """`runsc run` of the echo itself (no agent): the same runsc binary, platform and root
+    overlay as the gvisor backend, so the ratio is the backend's own cost."""
     bundle = work / "bundle"
     bundle.mkdir(exist_ok=True)
     oci.write_bundle_config(
@@ -114,12 +116,14 @@ def runsc_echo(rootfs: Path, work: Path) -> Callable[[], object]:
     state = work / "runsc"
     state.mkdir(exist_ok=True)
     ids = Counter()
+    runsc = runtime.resolve().path
+    flags = [*global_flags(state, runtime.platform), "--overlay2=root:memory"]
 
     def once() -> None:
-        flags = runsc_global_flags(state)
         name = ids.next("peer")
-        subprocess.run(["runsc", *flags, "run", "--bundle", str(bundle), name], check=True,
+        subprocess.run([runsc, *flags, "run", "--bundle", str(bundle), name], check=True,
                        capture_output=True)  # fmt: skip
+        unmount_null_netns(state)
 
     return once
 
@@ -228,9 +232,10 @@ async def main() -> None:
                 )
             )
         if report_.backend("gvisor").available:
-            plans.append(
-                ("gvisor", GvisorRuntime(work / "state"), {"runsc-run": runsc_echo(rootfs, work)})
+            gvisor = GvisorRuntime(
+                work / "state", runsc=settings.runsc, cache_dir=settings.cache_dir
             )
+            plans.append(("gvisor", gvisor, {"runsc-run": runsc_echo(rootfs, work, gvisor)}))
         plans.append(
             ("wasm", WasmRuntime(work / "state"), {"bare-wasmtime-py": bare_wasmtime_echo()})
         )

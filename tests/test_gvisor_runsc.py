@@ -148,10 +148,77 @@ def test_install_is_a_cache_hit_of_a_static_stamped_build() -> None:
         "version": runsc_mod.RUNSC_VERSION,
         "cached": True,
         "seconds": result["seconds"],
+        "go": "",  # nothing was built
     }
     assert result["seconds"] < 1.0
     assert runsc_mod.runsc_version(str(pinned)) == runsc_mod.RUNSC_VERSION
     assert not _has_interpreter(pinned), "runsc must be static (CGO_ENABLED=0)"
+
+
+def test_go_versions_parse() -> None:
+    assert runsc_mod.parse_go_version("go1.19.8") == (1, 19, 8)
+    assert runsc_mod.parse_go_version("go version go1.26.8 linux/amd64") == (1, 26, 8)
+    assert runsc_mod.parse_go_version("go1.22rc1") == (1, 22, 0)
+    with pytest.raises(runsc_mod.RunscError, match="not a Go version"):
+        runsc_mod.parse_go_version("devel")
+
+
+def test_a_go_new_enough_for_gvisor_builds_it_as_is(tmp_path: Path) -> None:
+    go = runsc_mod.find_go()
+    version = runsc_mod.go_version(go, tmp_path)
+    if runsc_mod.parse_go_version(version) < runsc_mod.RUNSC_GO_MIN:
+        pytest.skip(f"the go on PATH is {version}, older than gVisor needs")
+    assert runsc_mod.toolchain_for_runsc(go, tmp_path) == (go, version)
+    assert runsc_mod.toolchain_for_runsc(None, tmp_path) == (go, version)
+    assert not (tmp_path / "mod").exists()  # nothing fetched
+
+
+def _old_go() -> Path:
+    """Debian 12's Go (golang-go, 1.19: it predates GOTOOLCHAIN), or any Go under
+    /usr/lib older than gVisor needs."""
+    for go in sorted(Path("/usr/lib").glob("go-1.*/bin/go")):
+        version = runsc_mod.go_version(go, Path(tempfile.gettempdir()))
+        if runsc_mod.parse_go_version(version) < runsc_mod.RUNSC_GO_MIN:
+            return go
+    pytest.skip("no Go older than gVisor needs under /usr/lib (apt-get install golang-go)")
+
+
+def test_an_old_go_first_on_path_does_not_hide_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = _old_go()
+    newer = Path("/usr/local/go/bin/go")
+    if not newer.is_file():
+        pytest.skip("no Go in /usr/local/go")
+    version = runsc_mod.go_version(newer, tmp_path)
+    if runsc_mod.parse_go_version(version) < runsc_mod.RUNSC_GO_MIN:
+        pytest.skip(f"/usr/local/go is {version}, older than gVisor needs")
+    monkeypatch.setenv("PATH", f"{old.parent}:{os.environ['PATH']}")
+    assert runsc_mod.go_candidates()[:2] == [old, newer]
+    assert runsc_mod.toolchain_for_runsc(None, tmp_path) == (newer, version)
+    assert not (tmp_path / "mod").exists()
+
+
+@pytest.mark.timeout(600)
+def test_an_old_go_fetches_the_pinned_toolchain_which_compiles(tmp_path: Path) -> None:
+    """Debian 12's Go 1.19 cannot build the pinned gVisor: it fetches GO_TOOLCHAIN from
+    the Go module proxy into the runsc build's module cache (where `tartarus runsc
+    install` would: once per machine), and that toolchain compiles a static program."""
+    old = _old_go()
+    events: list[runsc_mod.BuildEvent] = []
+    go_root = CACHE / "runsc" / "go"
+    go, version = runsc_mod.toolchain_for_runsc(old, go_root, events.append)
+    assert version == runsc_mod.GO_TOOLCHAIN
+    assert go.is_relative_to(go_root / "mod" / "golang.org")
+    assert go.parent.parent.name.startswith(f"toolchain@v0.0.1-{runsc_mod.GO_TOOLCHAIN}.")
+    assert [e.phase for e in events] == ["toolchain", "toolchain"]
+    (tmp_path / "main.go").write_text('package main\n\nfunc main() { println("built") }\n')
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOCACHE": str(tmp_path / "cache"),
+           "CGO_ENABLED": "0", "GO111MODULE": "off"}  # fmt: skip
+    env.pop("GOROOT", None)
+    proc = subprocess.run([str(go), "run", "main.go"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert (proc.returncode, proc.stderr.strip()) == (0, "built"), proc.stderr
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from tartarus.binaries import find_binary
 from tartarus.images import AGENT_PATH, INIT_PATH
 from tartarus.images.errors import BuildError, TemplateDefinitionError, TemplateNotFoundError
 from tartarus.images.progress import Progress
+from tartarus.images.rootfs import ETC_HOSTS, ensure_etc_hosts
 from tartarus.images.template import builtin_templates, load_template
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient
@@ -93,6 +94,22 @@ def test_bad_definitions_name_the_problem(tmp_path: Path, body: str, message: st
     assert str(path) in str(e.value)
 
 
+def test_etc_hosts_is_written_only_where_the_image_has_none(tmp_path: Path) -> None:
+    bare, own, linked, no_etc = (tmp_path / n for n in ("bare", "own", "linked", "no-etc"))
+    for root in (bare, own, linked):
+        (root / "etc").mkdir(parents=True)
+    (own / "etc/hosts").write_text("10.0.0.1 mine\n")
+    (linked / "etc/hosts").symlink_to("/run/hosts")  # the image's own, dangling here
+    no_etc.mkdir()
+    for root in (bare, own, linked, no_etc):
+        ensure_etc_hosts(root)
+    assert (bare / "etc/hosts").read_text() == ETC_HOSTS
+    assert "127.0.0.1\tlocalhost\n" in ETC_HOSTS and "127.0.1.1\ttartarus\n" in ETC_HOSTS
+    assert (own / "etc/hosts").read_text() == "10.0.0.1 mine\n"
+    assert (linked / "etc/hosts").readlink() == Path("/run/hosts")
+    assert not (no_etc / "etc").exists()
+
+
 async def test_unknown_template_lists_known_ones(tmp_path: Path) -> None:
     with pytest.raises(TemplateNotFoundError, match="python"):
         await tmp_store(tmp_path).resolve("nope")
@@ -158,6 +175,9 @@ async def test_python_template_runs_python_in_gvisor(tmp_path: Path) -> None:
     # The build host's identity does not leak into the image.
     assert (t.rootfs / "etc/resolv.conf").read_text() == ""
     assert (t.rootfs / "etc/hostname").read_text() == "tartarus\n"
+    # Debian's debootstrap writes no /etc/hosts: the rootfs stage does, or localhost
+    # would not resolve in a sandbox.
+    assert "127.0.0.1\tlocalhost" in (t.rootfs / "etc/hosts").read_text()
     assert not any((t.rootfs / "var/lib/apt/lists").glob("*_Packages"))
 
 

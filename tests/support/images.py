@@ -1,17 +1,28 @@
 """Helpers for the Erebus tests: stores in tmp dirs, and running a built rootfs under
-gVisor with a hand-written OCI bundle."""
+gVisor with a hand-written OCI bundle. The runsc is the one the gvisor backend runs (the
+`runsc` setting, the pinned build, then PATH: tartarus.host.runsc), on the platform its
+probe picks, never whichever `runsc` PATH has first."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tartarus.config import Settings, load_settings
-from tartarus.host.tools import runsc_global_flags
+from tartarus.host.runsc import (
+    RunscError,
+    global_flags,
+    probe_platform,
+    resolve_runsc,
+    unmount_null_netns,
+)
 from tartarus.images.store import TemplateStore
 from tartarus.runtime.oci_spec import Process, Root, Spec, write_bundle_config
-from tests.conftest import require_binary, require_root
+from tests.conftest import require_root
 
 
 def tmp_store(root: Path) -> TemplateStore:
@@ -39,25 +50,36 @@ def gvisor_bundle(rootfs: Path, argv: list[str], workdir: Path, env: dict[str, s
     return bundle
 
 
+@functools.cache
+def _runsc() -> tuple[str, str]:
+    settings = load_settings()
+    found = resolve_runsc(settings.runsc, settings.cache_dir)
+    return found.path, probe_platform(found.path).name
+
+
+def runsc_command(state: Path, *args: str) -> list[str]:
+    """`runsc <flags> args...` with the gvisor backend's runsc and platform."""
+    try:
+        runsc, platform = _runsc()
+    except RunscError as e:
+        pytest.skip(str(e))
+    return [runsc, *global_flags(state, platform), *args]
+
+
 def runsc_argv(bundle: Path, container: str) -> list[str]:
     require_root()
-    runsc = require_binary("runsc")
-    return [runsc, *runsc_global_flags(bundle / "state"), "run", "--bundle", str(bundle), container]
+    return runsc_command(bundle / "state", "run", "--bundle", str(bundle), container)
 
 
 def runsc_delete(bundle: Path, container: str) -> None:
     subprocess.run(
-        [
-            require_binary("runsc"),
-            *runsc_global_flags(bundle / "state"),
-            "delete",
-            "--force",
-            container,
-        ],
+        runsc_command(bundle / "state", "delete", "--force", container),
         capture_output=True,
         check=False,
         timeout=60,
     )
+    # Current runsc pins an empty netns under its root for --network=none sandboxes.
+    unmount_null_netns(bundle / "state")
 
 
 def run_in_gvisor(

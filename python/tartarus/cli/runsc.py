@@ -44,7 +44,10 @@ class _Lines:
     "--go",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="The go binary (default: `go` on PATH, else /usr/local/go/bin/go).",
+    help=(
+        "The go binary (default: `go` on PATH, else /usr/local/go/bin/go). One older than"
+        " gVisor needs (Debian 12's 1.19) fetches the pinned Go toolchain first."
+    ),
 )
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has this version.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -69,7 +72,7 @@ def install(go: Path | None, force: bool, as_json: bool) -> None:
     if as_json:
         emit_json(result)
         return
-    how = "cached" if result.cached else f"built in {result.seconds:.0f} s"
+    how = "cached" if result.cached else f"built with {result.go} in {result.seconds:.0f} s"
     console.print(f"runsc {result.version} ({how}): {result.path}", highlight=False, soft_wrap=True)
 
 

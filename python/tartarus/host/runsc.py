@@ -7,6 +7,12 @@ install` builds the pinned gVisor release from source with the Go toolchain, sta
 (`CGO_ENABLED=0`: a dynamic runsc dies after `pivot_root`), into
 `<cache>/runsc/<version>/runsc`.
 
+That gVisor needs Go 1.26.3 or newer. An older local go (Debian 12's golang-go is 1.19)
+only fetches the pinned Go toolchain, `golang.org/toolchain` from the Go module proxy:
+the module Go's own switching (`GOTOOLCHAIN`, Go 1.21+) downloads, fetched with `go mod
+download` because Go 1.19 ignores `GOTOOLCHAIN`. It lands in the runsc build's module
+cache, `<cache>/runsc/go/mod`.
+
 runsc is looked for in this order: the `runsc` setting (`TARTARUS_RUNSC`), the cached
 pinned build, then `runsc` on PATH.
 
@@ -47,6 +53,12 @@ DEFECTS: Final = (
     "--network=sandbox does not start on current kernels",
 )
 PROBE_TIMEOUT_S: Final = 30.0
+# gVisor's go.mod at RUNSC_VERSION says `go 1.26.3`: an older Go cannot build it.
+RUNSC_GO_MIN: Final = (1, 26, 3)
+# The Go used when the local one is older than RUNSC_GO_MIN: the version the Go module
+# proxy serves here as golang.org/toolchain (76 MB zip, ~320 MB unpacked).
+GO_TOOLCHAIN: Final = "go1.27.3"
+_GO_TIMEOUT_S: Final = 900.0
 
 
 class RunscError(TartarusError):
@@ -74,6 +86,8 @@ class RunscBuild(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     cached: bool
     seconds: float
+    # The Go that built it (e.g. go1.26.8); empty for a cache hit.
+    go: str = ""
 
 
 class BuildEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,14 +109,112 @@ def pinned_path(cache_dir: Path, version: str = RUNSC_VERSION) -> Path:
     return pinned_dir(cache_dir, version) / "runsc"
 
 
+def go_candidates() -> list[Path]:
+    """The Go installs to look at, in order: `go` on PATH, the tarball install's
+    /usr/local/go."""
+    found: list[Path] = []
+    for candidate in (shutil.which("go"), "/usr/local/go/bin/go"):
+        if candidate and Path(candidate).is_file() and Path(candidate) not in found:
+            found.append(Path(candidate))
+    return found
+
+
 def find_go() -> Path:
-    found = shutil.which("go")
-    if found:
-        return Path(found)
-    default = Path("/usr/local/go/bin/go")
-    if default.is_file():
-        return default
-    raise RunscError("no Go toolchain: put `go` on PATH or pass --go (https://go.dev/dl/)")
+    """The first Go of `go_candidates`. Any Go with modules will do: one too old for
+    gVisor fetches the toolchain that builds it."""
+    candidates = go_candidates()
+    if not candidates:
+        raise RunscError(
+            "no Go toolchain: apt-get install golang-go (Debian's Go fetches the Go that"
+            " builds runsc), put `go` on PATH, or pass --go"
+        )
+    return candidates[0]
+
+
+def _go_env(go_root: Path) -> dict[str, str]:
+    """Go's caches under `go_root`, and exactly the toolchain asked for: no switching
+    (GOTOOLCHAIN=local) and no GOROOT from the caller naming another Go."""
+    env = {k: v for k, v in os.environ.items() if k != "GOROOT"}
+    return {
+        **env,
+        "GOPATH": str(go_root / "path"),
+        "GOMODCACHE": str(go_root / "mod"),
+        "GOCACHE": str(go_root / "cache"),
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "",
+    }
+
+
+def _go(go: Path, go_root: Path, *args: str) -> str:
+    go_root.mkdir(parents=True, exist_ok=True)
+    try:
+        proc = subprocess.run(
+            [str(go), *args],
+            cwd=go_root,
+            env=_go_env(go_root),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_GO_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RunscError(f"`{go} {' '.join(args)}` failed: {e}") from e
+    if proc.returncode != 0:
+        raise RunscError(
+            f"`{go} {' '.join(args)}` exited {proc.returncode}: {proc.stderr.strip()[-800:]}"
+        )
+    return proc.stdout
+
+
+def parse_go_version(text: str) -> tuple[int, int, int]:
+    """(1, 19, 8) from `go1.19.8`; a release candidate (`go1.22rc1`) counts as x.y.0."""
+    match = re.search(r"go(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if match is None:
+        raise RunscError(f"not a Go version: {text!r}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def go_version(go: Path, go_root: Path) -> str:
+    return _go(go, go_root, "env", "GOVERSION").strip()
+
+
+def fetch_toolchain(
+    go: Path, go_root: Path, version: str = GO_TOOLCHAIN, progress: ProgressCallback | None = None
+) -> Path:
+    """The `go` of toolchain `version`, fetched by `go` (any version that has modules) as
+    the module golang.org/toolchain into `go_root`'s module cache; instant when there."""
+    goos, goarch = _go(go, go_root, "env", "GOHOSTOS", "GOHOSTARCH").split()
+    module = f"golang.org/toolchain@v0.0.1-{version}.{goos}-{goarch}"
+    if progress is not None:
+        progress(BuildEvent(phase="toolchain", done=0, detail=f"go mod download {module}"))
+    info = msgspec.json.decode(_go(go, go_root, "mod", "download", "-json", module))
+    root = Path(info["Dir"])
+    # Module zips carry no modes: the files unpack read-only, not executable. Go's own
+    # toolchain switch sets the execute bits on the same two directories.
+    for tools in (root / "bin", root / "pkg" / "tool" / f"{goos}_{goarch}"):
+        for f in tools.iterdir():
+            if f.is_file():
+                f.chmod(f.stat().st_mode | 0o111)
+    found = root / "bin" / "go"
+    if progress is not None:
+        progress(BuildEvent(phase="toolchain", done=1, detail=f"{version}: {found}"))
+    return found
+
+
+def toolchain_for_runsc(
+    go: Path | None, go_root: Path, progress: ProgressCallback | None = None
+) -> tuple[Path, str]:
+    """`go` when it can build the pinned gVisor, else the fetched GO_TOOLCHAIN; with
+    the version of the one returned. Without `go`: the first of `go_candidates` new
+    enough, so Debian's 1.19 earlier on PATH does not hide a newer /usr/local/go."""
+    for candidate in [go] if go is not None else go_candidates():
+        have = go_version(candidate, go_root)
+        if parse_go_version(have) >= RUNSC_GO_MIN:
+            return candidate, have
+    fetched = fetch_toolchain(go or find_go(), go_root, GO_TOOLCHAIN, progress)
+    return fetched, go_version(fetched, go_root)
 
 
 @contextlib.contextmanager
@@ -133,7 +245,7 @@ def build_runsc(
             return RunscBuild(
                 path=str(target), version=version, cached=True, seconds=_since(started)
             )
-        go = go or find_go()
+        go, go_used = toolchain_for_runsc(go, root / "go", progress)
         scratch = Path(tempfile.mkdtemp(prefix=f".build-{version}-", dir=root))
         try:
             _go_install(go, root / "go", scratch, version, progress)
@@ -144,7 +256,9 @@ def build_runsc(
             built.replace(target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return RunscBuild(path=str(target), version=version, cached=False, seconds=_since(started))
+    return RunscBuild(
+        path=str(target), version=version, cached=False, seconds=_since(started), go=go_used
+    )
 
 
 def _since(started: float) -> float:
@@ -155,14 +269,10 @@ def _go_install(
     go: Path, go_root: Path, gobin: Path, version: str, progress: ProgressCallback | None
 ) -> None:
     env = {
-        **os.environ,
-        "GOPATH": str(go_root / "path"),
-        "GOMODCACHE": str(go_root / "mod"),
-        "GOCACHE": str(go_root / "cache"),
+        **_go_env(go_root),
         "GOBIN": str(gobin),
         # Static: a dynamically linked runsc dies after pivot_root into the sandbox.
         "CGO_ENABLED": "0",
-        "GOFLAGS": "",
     }
     command = [
         str(go),

@@ -45,11 +45,6 @@ class ToolCheck(msgspec.Struct, frozen=True, kw_only=True):
     degraded: list[str] = msgspec.field(default_factory=list)
 
 
-def runsc_global_flags(state_root: Path, platform: str = "ptrace") -> list[str]:
-    """Flags every runsc invocation needs here: the platform, a private state root."""
-    return global_flags(state_root, platform)
-
-
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 

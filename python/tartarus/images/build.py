@@ -497,6 +497,7 @@ class Builder:
                 fsutil.remove_tree(staging)
                 fsutil.hardlink_copy(source, staging)
                 rootfs.inject_agent(staging, agent)
+                rootfs.ensure_etc_hosts(staging)
                 return sum(1 for _ in fsutil.walk(staging))
 
             files = await anyio.to_thread.run_sync(prepare)

@@ -33,6 +33,7 @@ from tartarus.images.steps import require_tool, run_in_rootfs, run_logged
 from tartarus.images.tar import open_decompressed
 from tartarus.images.template import DebianBase
 from tartarus.images.unpack import unpack
+from tartarus.runtime.types import SANDBOX_HOSTNAME
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 MAX_RELEASE_BYTES = 16 << 20
@@ -462,7 +463,7 @@ def clean_rootfs(root: Path) -> None:
         slim(root)
     etc = root / "etc"
     if etc.is_dir() and not etc.is_symlink():
-        for name, content in (("resolv.conf", ""), ("hostname", "tartarus\n")):
+        for name, content in (("resolv.conf", ""), ("hostname", f"{SANDBOX_HOSTNAME}\n")):
             target = etc / name
             if target.is_symlink():
                 target.unlink()

@@ -4,7 +4,10 @@ Layout (backends rely on it):
 - `/.tartarus/tartarus-agent`: the agent binary of this installation;
 - `/.tartarus/run/`: empty; the host binds the agent's socket directory here;
 - in the ext4 image only, `/sbin/init` -> `/.tartarus/tartarus-agent`, so the guest
-  kernel starts the agent as PID 1.
+  kernel starts the agent as PID 1;
+- `/etc/hosts` naming localhost and the sandbox's hostname, when the image has none
+  (Debian's debootstrap and many OCI images leave it to the container runtime; without
+  it `localhost` does not resolve, on any backend).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from tartarus.images import fsutil
 from tartarus.images.errors import BuildError, ImageError
 from tartarus.images.progress import ProgressCallback
 from tartarus.images.steps import require_tool, run_logged
+from tartarus.runtime.types import SANDBOX_HOSTNAME
 
 RESERVED_DIR = ".tartarus"
 AGENT_PATH = "/.tartarus/tartarus-agent"
 RUN_DIR = "/.tartarus/run"
 INIT_PATH = "/sbin/init"
 # Layout version: part of every rootfs key, bumped when injection changes.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MiB = 1 << 20
 BLOCK = 4096
 INODE_SIZE = 256
@@ -52,6 +56,28 @@ def inject_agent(root: Path, agent: Path) -> None:
     if os.geteuid() == 0:
         for p in (reserved, target, reserved / "run"):
             os.chown(p, 0, 0, follow_symlinks=False)
+
+
+# Debian's own default (netcfg), with the hostname every sandbox has.
+ETC_HOSTS = (
+    "127.0.0.1\tlocalhost\n"
+    f"127.0.1.1\t{SANDBOX_HOSTNAME}\n"
+    "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    "ff02::1\tip6-allnodes\n"
+    "ff02::2\tip6-allrouters\n"
+)
+
+
+def ensure_etc_hosts(root: Path) -> None:
+    """Writes /etc/hosts unless the image has one (a symlink counts: it is the image's)."""
+    etc = root / "etc"
+    hosts = etc / "hosts"
+    if not etc.is_dir() or etc.is_symlink() or hosts.exists() or hosts.is_symlink():
+        return
+    hosts.write_text(ETC_HOSTS)
+    hosts.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(hosts, 0, 0, follow_symlinks=False)
 
 
 def resolve_in_tree(root: Path, rel: str) -> str | None:

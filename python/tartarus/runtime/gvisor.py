@@ -62,6 +62,7 @@ from tartarus.runtime.layout import (
     with_rootfs,
 )
 from tartarus.runtime.types import (
+    SANDBOX_HOSTNAME,
     Backend,
     SandboxSpec,
     SandboxState,
@@ -333,10 +334,19 @@ class GvisorRuntime:
                 capabilities=_capabilities(),
             ),
             root=oci.Root(path=str(spec.rootfs), readonly=True),
+            hostname=SANDBOX_HOSTNAME,
             mounts=[
                 oci.Mount(destination="/proc", type="proc", source="proc"),
                 oci.Mount(
                     destination="/tmp", type="tmpfs", source="tmpfs", options=["nosuid", "nodev"]
+                ),
+                # runsc's own /dev/shm is 0755: POSIX semaphores (multiprocessing) fail
+                # for any user but root. As the jail mounts it (rust/jail/src/mounts.rs).
+                oci.Mount(
+                    destination="/dev/shm",
+                    type="tmpfs",
+                    source="shm",
+                    options=["nosuid", "nodev", "mode=1777", "size=64m"],
                 ),
                 oci.Mount(
                     destination=AGENT_IN_SANDBOX,

@@ -44,6 +44,7 @@ from tartarus.runtime.layout import (
     with_rootfs,
 )
 from tartarus.runtime.types import (
+    SANDBOX_HOSTNAME,
     Backend,
     SandboxSpec,
     SandboxState,
@@ -87,7 +88,7 @@ class JailConfig(msgspec.Struct, frozen=True):
     rootfs: Path
     work_dir: Path
     argv: list[str]
-    hostname: str = "tartarus"
+    hostname: str = SANDBOX_HOSTNAME
     scratch_mib: int = 1024
     network: bool = False
     mounts: list[BindMount] = msgspec.field(default_factory=list)

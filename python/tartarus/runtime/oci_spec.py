@@ -97,7 +97,9 @@ class Spec(_Spec, kw_only=True):
     oci_version: str = OCI_VERSION
     process: Process
     root: Root
-    hostname: str = "tartarus"
+    # None leaves runsc's empty hostname; a default value here would be dropped from the
+    # JSON by omit_defaults, so callers name it.
+    hostname: str | None = None
     mounts: list[Mount] = msgspec.field(
         default_factory=lambda: [
             Mount(destination="/proc", type="proc", source="proc"),

@@ -10,6 +10,7 @@ runtime; they are re-exported here for the backends.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
 import msgspec
 
@@ -23,8 +24,13 @@ from tartarus.api.sandbox import (
     TrustLevel,
 )
 
+# Every backend's sandbox answers `hostname` with this (the jail's default is the same,
+# rust/jail/src/config.rs); template builds write it to /etc/hostname and /etc/hosts.
+SANDBOX_HOSTNAME: Final = "tartarus"
+
 # With the names that live in `tartarus.api.sandbox` (a leaf the SDK loads), re-exported here.
 __all__ = [
+    "SANDBOX_HOSTNAME",
     "Backend",
     "ExecEvent",
     "ExecRequest",

@@ -293,6 +293,12 @@ impl Registry {
             }
             None => None,
         };
+        // With no user asked for, the command runs as the agent does; its passwd entry
+        // supplies a HOME the sandbox's environment lacks.
+        let own = match &creds {
+            Some(_) => None,
+            None => user::resolve(&nix::unistd::geteuid().as_raw().to_string(), &self.etc).ok(),
+        };
         if let Some(c) = &creds {
             let euid = nix::unistd::geteuid().as_raw();
             if euid != 0 && c.uid != euid {
@@ -318,8 +324,12 @@ impl Registry {
         });
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        cmd.env_clear()
-            .envs(child_env(&req.env, creds.as_ref(), req.pty.is_some()));
+        cmd.env_clear().envs(child_env(
+            &req.env,
+            creds.as_ref(),
+            own.as_ref(),
+            req.pty.is_some(),
+        ));
         if let Some(cwd) = &req.cwd {
             cmd.current_dir(cwd);
         }
@@ -444,9 +454,15 @@ impl Registry {
     }
 }
 
+/// The environment of a command: the agent's, then the user's identity (`creds`, the
+/// user the request named), then the request's own variables. `own` is the agent's own
+/// passwd entry when no user was named: runsc gives its container a HOME from
+/// /etc/passwd but the jail starts the agent without one, and a command that uses `~`
+/// (pip, git, shells) must see the same HOME on every backend.
 fn child_env(
     extra: &BTreeMap<String, String>,
     creds: Option<&Credentials>,
+    own: Option<&Credentials>,
     pty: bool,
 ) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
@@ -460,6 +476,8 @@ fn child_env(
             env.insert("USER".into(), name.clone());
             env.insert("LOGNAME".into(), name.clone());
         }
+    } else if let Some(home) = own.and_then(|c| c.home.as_ref()) {
+        env.entry("HOME".into()).or_insert_with(|| home.clone());
     }
     if pty {
         env.entry("TERM".into())
@@ -642,5 +660,38 @@ async fn write_stdin_loop(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(name: &str, home: &str) -> Credentials {
+        Credentials {
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+            name: Some(name.into()),
+            home: Some(home.into()),
+        }
+    }
+
+    #[test]
+    fn the_agents_own_home_only_fills_a_missing_home() {
+        let none = BTreeMap::new();
+        let inherited = std::env::var("HOME").unwrap_or_else(|_| "/own".into());
+        let env = child_env(&none, None, Some(&creds("root", "/own")), false);
+        assert_eq!(env["HOME"], inherited);
+        let named = child_env(&none, Some(&creds("alice", "/home/alice")), None, false);
+        assert_eq!(
+            (named["HOME"].as_str(), named["USER"].as_str()),
+            ("/home/alice", "alice")
+        );
+        let extra = BTreeMap::from([("HOME".to_string(), "/work".to_string())]);
+        assert_eq!(
+            child_env(&extra, None, Some(&creds("root", "/own")), false)["HOME"],
+            "/work"
+        );
     }
 }
