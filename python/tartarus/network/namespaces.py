@@ -1,0 +1,223 @@
+"""Each sandbox's network namespace, its link to the host and its egress rules: made
+before the sandbox starts, removed on every exit path, and reaped after a crash.
+
+A namespace is `/run/netns/tt-<scope>-<sandbox>` (made with `ip netns add`, so
+`ip netns` lists it). Without a grant it has loopback only. With one, a veth pair joins
+it to the host: `ttv<n>` on the host, `eth0` inside, a /30 from the pool (host end
+first), the host end as the default route, and the enforcer's rules attached before
+the host end is up. Links are routed, not bridged: each sandbox is alone on its
+segment, so it cannot ARP-spoof or reach another sandbox except through the host's
+forward path, where the rules are.
+
+`scope` keeps the runtimes of one host apart (each runtime reaps only its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Final
+
+import anyio
+import msgspec
+
+from tartarus.errors import TartarusError
+from tartarus.network.egress import Drops, EgressEnforcer, EgressRules, LinkAddresses
+from tartarus.network.leases import LINK_PREFIX_LEN, Lease, Pool
+from tartarus.network.nftables import LINK_PREFIX, NftablesEnforcer
+from tartarus.network.settings import NetworkSettings
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR: Final = Path("/run/netns")
+NETNS_PREFIX: Final = "tt-"
+# The sandbox's end of its link.
+SANDBOX_IF: Final = "eth0"
+IP_TIMEOUT_S: Final = 30.0
+
+
+class NetworkSetupError(TartarusError):
+    """A namespace, link or address could not be made; the message says which."""
+
+
+class SandboxNetwork(msgspec.Struct, frozen=True, kw_only=True):
+    """One sandbox's namespace, and its link when it was granted a network."""
+
+    sandbox_id: str
+    netns: str
+    lease: Lease | None = None
+
+    @property
+    def path(self) -> Path:
+        return NETNS_DIR / self.netns
+
+
+async def ip(*args: str, batch: list[str] | None = None) -> None:
+    """Runs `ip ARGS` (with `-batch -` and `batch` as its stdin when given)."""
+    command = ["ip", *args, *(["-batch", "-"] if batch is not None else [])]
+    stdin = ("\n".join(batch) + "\n").encode() if batch is not None else None
+    with anyio.fail_after(IP_TIMEOUT_S):
+        result = await anyio.run_process(command, input=stdin, check=False)
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip()
+        raise NetworkSetupError(f"{' '.join(command)} failed: {detail[-800:]}")
+
+
+def _host_links() -> set[str]:
+    """Host ends of sandbox links that exist now."""
+    return {p.name for p in Path("/sys/class/net").glob(f"{LINK_PREFIX}*")}
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    current = Path(path).read_text().strip()
+    if current != value:
+        Path(path).write_text(value + "\n")
+
+
+class SandboxNetworks:
+    """Namespaces and links of one runtime's sandboxes (`scope` names them)."""
+
+    def __init__(
+        self,
+        scope: str,
+        settings: NetworkSettings | None = None,
+        *,
+        enforcer: EgressEnforcer | None = None,
+    ) -> None:
+        self.scope = scope
+        self.settings = settings or NetworkSettings()
+        self.pool = Pool(self.settings.network, self.settings.leases_dir)
+        self.enforcer = enforcer or NftablesEnforcer([self.settings.network])
+        # Host interface -> sandbox id, for the links this runtime made and still has.
+        self.links: dict[str, str] = {}
+
+    def netns_name(self, sandbox_id: str) -> str:
+        return f"{NETNS_PREFIX}{self.scope}-{sandbox_id}"
+
+    async def create(self, sandbox_id: str, rules: EgressRules | None) -> SandboxNetwork:
+        """A new namespace for the sandbox; with `rules`, a link to the host that they
+        govern. Half-made state is removed if any step fails."""
+        name = self.netns_name(sandbox_id)
+        if (NETNS_DIR / name).exists():
+            # A leftover of an earlier sandbox of that id (a crash): start clean.
+            await self.remove(SandboxNetwork(sandbox_id=sandbox_id, netns=name))
+        net = SandboxNetwork(sandbox_id=sandbox_id, netns=name)
+        try:
+            await ip("netns", "add", name)
+            if rules is None:
+                await ip("-n", name, "link", "set", "lo", "up")
+                return net
+            lease = await anyio.to_thread.run_sync(
+                self.pool.take, self.scope, sandbox_id, name, LINK_PREFIX
+            )
+            net = msgspec.structs.replace(net, lease=lease)
+            await self._link(lease, rules)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.remove(net)
+            raise
+        self.links[lease.host_if] = sandbox_id
+        return net
+
+    async def _link(self, lease: Lease, rules: EgressRules) -> None:
+        host_if, name = lease.host_if, lease.netns
+        # Rules first: a link never carries a packet they have not seen.
+        await self.enforcer.attach(
+            LinkAddresses(
+                sandbox_id=lease.sandbox_id,
+                host_if=host_if,
+                sandbox_address=lease.sandbox_address,
+            ),
+            rules,
+        )
+        await ip(
+            batch=[
+                f"link add {host_if} type veth peer name {SANDBOX_IF} netns {name}",
+                f"addr add {lease.host_address}/{LINK_PREFIX_LEN} dev {host_if}",
+            ]
+        )
+        await anyio.to_thread.run_sync(self._host_sysctls, host_if)
+        await ip("link", "set", host_if, "up")
+        await self.address(SandboxNetwork(sandbox_id=lease.sandbox_id, netns=name, lease=lease))
+
+    @staticmethod
+    def _host_sysctls(host_if: str) -> None:
+        # No IPv6 on the host end (no link-local address to talk to); forwarding on,
+        # which routed links need (it is a host-wide switch for IPv4).
+        with contextlib.suppress(OSError):
+            _write_sysctl(f"/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6", "1")
+        _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+
+    async def address(self, net: SandboxNetwork) -> None:
+        """(Re)gives the sandbox end its address and default route. gVisor's netstack
+        takes the address off the interface when it starts, so this runs before each
+        runsc start."""
+        lease = net.lease
+        if lease is None:
+            await ip("-n", net.netns, "link", "set", "lo", "up")
+            return
+        await ip(
+            "-n",
+            net.netns,
+            batch=[
+                "link set lo up",
+                f"addr replace {lease.sandbox_address}/{LINK_PREFIX_LEN} dev {SANDBOX_IF}",
+                f"link set {SANDBOX_IF} up",
+                f"route replace default via {lease.host_address} dev {SANDBOX_IF}",
+            ],
+        )
+
+    async def remove(self, net: SandboxNetwork) -> None:
+        """Removes the namespace, its link, rules and lease; what is gone already is
+        skipped, so this runs on every exit path."""
+        lease = net.lease
+        if lease is not None:
+            self.links.pop(lease.host_if, None)
+            with contextlib.suppress(NetworkSetupError):
+                await ip("link", "del", lease.host_if)
+            await self.enforcer.detach(lease.host_if)
+        if (NETNS_DIR / net.netns).exists():
+            try:
+                await ip("netns", "del", net.netns)
+            except NetworkSetupError:
+                log.warning("could not remove network namespace %s", net.netns, exc_info=True)
+        if lease is not None:
+            await anyio.to_thread.run_sync(self.pool.give_back, lease)
+
+    async def reap(self, keep: set[str]) -> list[str]:
+        """Removes this scope's namespaces, links and leases whose sandbox is not in
+        `keep` (after a crash: nothing else removed them), and rules of any scope whose
+        link has no lease. Returns the sandbox ids reaped."""
+        reaped: set[str] = set()
+        prefix = self.netns_name("")
+        for lease in list(self.pool.leases()):
+            if lease.scope == self.scope and lease.sandbox_id not in keep:
+                await self.remove(
+                    SandboxNetwork(sandbox_id=lease.sandbox_id, netns=lease.netns, lease=lease)
+                )
+                reaped.add(lease.sandbox_id)
+        if NETNS_DIR.is_dir():
+            for entry in sorted(NETNS_DIR.iterdir()):
+                sandbox_id = entry.name.removeprefix(prefix)
+                if entry.name.startswith(prefix) and sandbox_id not in keep:
+                    await self.remove(SandboxNetwork(sandbox_id=sandbox_id, netns=entry.name))
+                    reaped.add(sandbox_id)
+        # Leases are written before their link or rules exist, so a link or rule
+        # without one is a leftover (its lease was given back, or never written).
+        leased = {lease.host_if for lease in self.pool.leases()}
+        for host_if in await self.enforcer.attached() - leased:
+            await self.enforcer.detach(host_if)
+        for link in _host_links() - leased:
+            with contextlib.suppress(NetworkSetupError):
+                await ip("link", "del", link)
+        return sorted(reaped)
+
+    async def drops(self) -> dict[str, Drops]:
+        """Dropped packets of this runtime's live links, by sandbox id."""
+        drops = await self.enforcer.drops()
+        return {
+            sandbox_id: drops[host_if]
+            for host_if, sandbox_id in list(self.links.items())
+            if host_if in drops
+        }
