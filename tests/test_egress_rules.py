@@ -1,0 +1,93 @@
+"""The egress rule model (`tartarus.network.egress`): parsing policy entries, the order
+of the compiled rules, and where a sandbox's entries come from in a policy. Pure
+functions: no root, no kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from tartarus.network.egress import (
+    ALWAYS_DENIED,
+    EgressError,
+    PortRange,
+    Verdict,
+    compile_rules,
+    parse_entry,
+)
+from tartarus.policy.documents import PolicyError, to_spec
+from tartarus.policy.judges import egress_for
+
+
+@pytest.mark.parametrize(
+    ("entry", "network", "host", "ports"),
+    [
+        ("203.0.113.7", "203.0.113.7/32", None, None),
+        ("203.0.113.0/24:8000-8100", "203.0.113.0/24", None, PortRange(8000, 8100)),
+        ("[2001:db8::/32]:443", "2001:db8::/32", None, PortRange(443, 443)),
+        ("2001:db8::/32", "2001:db8::/32", None, None),
+        ("PyPI.org.", None, "pypi.org", None),
+        ("pypi.org:443", None, "pypi.org", PortRange(443, 443)),
+    ],
+)
+def test_entries_parse(
+    entry: str, network: str | None, host: str | None, ports: PortRange | None
+) -> None:
+    parsed = parse_entry(entry)
+    assert (parsed.network, parsed.host, parsed.ports) == (network, host, ports)
+
+
+@pytest.mark.parametrize(
+    "entry", ["10.0.0.300", "x/3", "a:b", "[::1]x", "1.2.3.4:0", "1.2.3.4:9-8", "foo bar", ""]
+)
+def test_bad_entries_are_refused(entry: str) -> None:
+    with pytest.raises(EgressError):
+        parse_entry(entry)
+
+
+def test_an_empty_list_allows_public_destinations_only() -> None:
+    rules = compile_rules([])
+    assert [r.network for r in rules.rules] == [str(n) for n in ALWAYS_DENIED]
+    assert all(r.verdict is Verdict.DROP for r in rules.rules)
+    assert rules.otherwise is Verdict.ACCEPT
+
+
+def test_a_cidr_inside_a_denied_range_opens_it_a_wider_one_does_not() -> None:
+    rules = compile_rules(["10.1.2.0/24", "0.0.0.0/0:443", "169.254.169.254/32:80"])
+    order = [(r.network, r.verdict) for r in rules.rules]
+    first_drop = next(i for i, (_, v) in enumerate(order) if v is Verdict.DROP)
+    assert order[:first_drop] == [
+        ("10.1.2.0/24", Verdict.ACCEPT),
+        ("169.254.169.254/32", Verdict.ACCEPT),
+    ]
+    assert order[-1] == ("0.0.0.0/0", Verdict.ACCEPT)
+    assert rules.rules[-1].ports == PortRange(443, 443)
+    assert rules.otherwise is Verdict.DROP
+
+
+def test_a_name_never_opens_a_denied_range() -> None:
+    rules = compile_rules(["localhost:80"])
+    accepted = [r for r in rules.rules if r.verdict is Verdict.ACCEPT]
+    assert accepted and all(rules.rules.index(r) > len(ALWAYS_DENIED) - 1 for r in accepted)
+
+
+def test_an_unresolved_name_allows_nothing() -> None:
+    rules = compile_rules(["pypi.org"], resolve=False)
+    assert all(r.verdict is Verdict.DROP for r in rules.rules)
+    assert rules.otherwise is Verdict.DROP
+
+
+def test_policy_validates_entries_and_templates_override() -> None:
+    with pytest.raises(PolicyError, match="not an address"):
+        to_spec({"network": {"egress": ["not a host"]}}, "test")
+    with pytest.raises(PolicyError, match="ports"):
+        to_spec({"templates": {"defaults": {"py": {"egress": ["1.2.3.4:0"]}}}}, "test")
+    spec = to_spec(
+        {
+            "network": {"egress": ["203.0.113.0/24"]},
+            "templates": {"defaults": {"py": {"egress": ["pypi.org:443"]}, "go": {}}},
+        },
+        "test",
+    )
+    assert egress_for(spec, "py") == ["pypi.org:443"]
+    assert egress_for(spec, "go") == ["203.0.113.0/24"]
+    assert egress_for(spec, "other") == ["203.0.113.0/24"]

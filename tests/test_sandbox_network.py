@@ -1,0 +1,411 @@
+"""Sandbox networks (Styx) end to end on the jail and gVisor backends: real network
+namespaces, veth links, nftables rules and TCP connections.
+
+The test builds its own small "internet": a network namespace joined to the host by a
+veth pair it routes (198.18.0.0/15, the benchmarking range, so nothing real answers),
+running TCP servers on a public-looking address, on the metadata address
+169.254.169.254 and on a private address (host routes send those two there too, so
+only the sandbox rules keep them out of reach). Traffic goes only to loopback and to
+namespaces the test makes. Every test checks that what it made is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tartarus.enforcement.egress_drops import EgressDropWatcher
+from tartarus.enforcement.records import Fury
+from tartarus.fleet.host_metrics import HostMetrics
+from tartarus.host.doctor import DoctorReport
+from tartarus.network.namespaces import NETNS_DIR, SandboxNetwork, SandboxNetworks
+from tartarus.network.nftables import LINK_PREFIX, nft
+from tartarus.runtime.base import Runtime, Sandbox
+from tartarus.runtime.gvisor import GvisorRuntime, GvisorSandbox
+from tartarus.runtime.jail import JailRuntime, JailSandbox
+from tartarus.runtime.types import Backend, ExecRequest, Resources, SandboxSpec
+from tests.conftest import require_binary, require_root
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
+
+METADATA = "169.254.169.254"
+SERVER_SCRIPT = """
+import socket, sys, threading
+def serve(listener, port):
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"hello %d\\n" % port)
+for port in map(int, sys.argv[1:]):
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(16)
+    threading.Thread(target=serve, args=(listener, port), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Internet:
+    netns: str
+    host_if: str
+    # The server's public-looking address, and a private one routed to it.
+    address: str
+    private: str
+    ports: tuple[int, int]
+
+
+@pytest.fixture(scope="module")
+def internet() -> Iterator[Internet]:
+    require_root()
+    require_binary("nft")
+    tag = f"{os.getpid() % 10000:04d}{secrets.randbelow(100):02d}"
+    octet, quad = secrets.randbelow(256), secrets.randbelow(64) * 4
+    inet = Internet(
+        netns=f"ttt-inet-{tag}",
+        host_if=f"tti{tag}",
+        address=f"198.19.{octet}.{quad + 2}",
+        private=f"172.31.{octet}.{quad + 2}",
+        ports=(18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)),
+    )
+    host_side = f"198.19.{octet}.{quad + 1}"
+    run("ip", "netns", "add", inet.netns)
+    server: subprocess.Popen[str] | None = None
+    try:
+        run("ip", "link", "add", inet.host_if, "type", "veth", "peer", "name", "eth0",
+            "netns", inet.netns)  # fmt: skip
+        run("ip", "addr", "add", f"{host_side}/30", "dev", inet.host_if)
+        run("ip", "link", "set", inet.host_if, "up")
+        for args in (
+            ["addr", "add", f"{inet.address}/30", "dev", "eth0"],
+            ["addr", "add", f"{METADATA}/32", "dev", "lo"],
+            ["addr", "add", f"{inet.private}/32", "dev", "lo"],
+            ["link", "set", "eth0", "up"],
+            ["link", "set", "lo", "up"],
+            ["route", "add", "default", "via", host_side],
+        ):
+            run("ip", "-n", inet.netns, *args)
+        # Without the sandbox rules both would be reachable: the host routes them here.
+        for dest in (METADATA, inet.private):
+            run("ip", "route", "add", f"{dest}/32", "via", inet.address)
+        server = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={NETNS_DIR / inet.netns}",
+                sys.executable,
+                "-c",
+                SERVER_SCRIPT,
+                *map(str, inet.ports),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        yield inet
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        for dest in (METADATA, inet.private):
+            subprocess.run(["ip", "route", "del", f"{dest}/32"], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", inet.host_if], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", inet.netns], check=False, capture_output=True)
+
+
+@pytest.fixture(params=[Backend.JAIL, Backend.GVISOR], ids=lambda b: b.value)
+def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Backend:
+    value: Backend = request.param
+    verdict = doctor_report.backend(value.value)
+    if not verdict.available:
+        pytest.skip(f"{value.value} cannot run here: {verdict.reason}")
+    return value
+
+
+@pytest.fixture
+async def runtime(backend: Backend, tmp_path: Path) -> AsyncIterator[Runtime]:
+    rt: Runtime = (
+        JailRuntime(tmp_path / "state")
+        if backend is Backend.JAIL
+        else GvisorRuntime(tmp_path / "state")
+    )
+    yield rt
+    await rt.reap(set())
+    if isinstance(rt, JailRuntime):
+        rt.remove_cgroup_scope()
+    await assert_scope_clean(networks_of(rt))
+
+
+def networks_of(rt: Runtime) -> SandboxNetworks:
+    assert isinstance(rt, JailRuntime | GvisorRuntime)
+    return rt.networks
+
+
+async def assert_scope_clean(networks: SandboxNetworks) -> None:
+    """No namespace, lease, link or rule of this runtime is left."""
+    await anyio.to_thread.run_sync(assert_no_namespace_lease_or_link, networks)
+    leased = {lease.host_if for lease in networks.pool.leases()}
+    rules = await networks.enforcer.attached()
+    assert rules <= leased, f"rules without a lease: {rules - leased}"
+
+
+def assert_no_namespace_lease_or_link(networks: SandboxNetworks) -> None:
+    prefix = networks.netns_name("")
+    left = [p.name for p in NETNS_DIR.glob(f"{prefix}*")] if NETNS_DIR.is_dir() else []
+    assert left == [], f"network namespaces left: {left}"
+    leases = [lease for lease in networks.pool.leases() if lease.scope == networks.scope]
+    assert leases == [], f"leases left: {leases}"
+    leased = {lease.host_if for lease in networks.pool.leases()}
+    links = {p.name for p in Path("/sys/class/net").glob(f"{LINK_PREFIX}*")}
+    assert links <= leased, f"links without a lease: {links - leased}"
+
+
+def spec(name: str, **kw: Any) -> SandboxSpec:
+    return SandboxSpec(
+        id=name,
+        resources=Resources(memory_mib=128, pids=64, disk_mib=256),
+        **kw,
+    )
+
+
+@contextlib.asynccontextmanager
+async def started(rt: Runtime, rootfs: Path, name: str, **kw: Any) -> AsyncIterator[Sandbox]:
+    sb = await rt.create(spec(name, rootfs=rootfs, **kw))
+    try:
+        await sb.start()
+        yield sb
+    finally:
+        await sb.kill()
+
+
+def network_of(sb: Sandbox) -> SandboxNetwork | None:
+    assert isinstance(sb, JailSandbox | GvisorSandbox)
+    return sb.network
+
+
+async def reaches(sb: Sandbox, address: str, port: int) -> bool:
+    """True when a TCP connection from inside gets the server's greeting."""
+    execution = await sb.exec(
+        ExecRequest(shell=f"nc -w 2 {address} {port} </dev/null", timeout_s=20)
+    )
+    result = await execution.wait()
+    return result.stdout.startswith(b"hello")
+
+
+@contextlib.contextmanager
+def host_listener(address: str = "127.0.0.1") -> Iterator[socket.socket]:
+    with socket.socket() as listener:
+        listener.bind((address, 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        yield listener
+
+
+def nobody_came(listener: socket.socket) -> bool:
+    try:
+        conn, _ = listener.accept()
+    except TimeoutError:
+        return True
+    conn.close()
+    return False
+
+
+async def test_without_a_grant_only_loopback(
+    runtime: Runtime, base_rootfs: Path, internet: Internet
+) -> None:
+    async with started(runtime, base_rootfs, "lo-only") as sb:
+        with host_listener() as listener:
+            port = listener.getsockname()[1]
+            assert not await reaches(sb, "127.0.0.1", port)
+            assert nobody_came(listener)
+        assert not await reaches(sb, internet.address, internet.ports[0])
+        out = (await (await sb.exec(ExecRequest(shell="ip -o link"))).wait()).stdout
+        assert [line.split(":")[1].strip() for line in out.decode().splitlines()] == ["lo"]
+
+
+async def test_a_grant_reaches_the_internet_not_the_host_nor_metadata(
+    runtime: Runtime, base_rootfs: Path, internet: Internet
+) -> None:
+    async with started(runtime, base_rootfs, "granted", network=True) as sb:
+        net = network_of(sb)
+        assert net is not None and net.lease is not None
+        assert await reaches(sb, internet.address, internet.ports[0])
+        assert not await reaches(sb, METADATA, internet.ports[0])
+        assert not await reaches(sb, internet.private, internet.ports[0])
+        # The host: its loopback, and every address of its own (the link's end here).
+        with host_listener("0.0.0.0") as listener:  # noqa: S104 - the test's own port
+            port = listener.getsockname()[1]
+            assert not await reaches(sb, "127.0.0.1", port)
+            assert not await reaches(sb, net.lease.host_address, port)
+            assert nobody_came(listener)
+        drops = (await networks_of(runtime).drops())[sb.id]
+        assert drops.denied >= 3, drops
+
+
+async def test_an_allow_list_opens_only_what_it_names(
+    runtime: Runtime, base_rootfs: Path, internet: Internet
+) -> None:
+    allowed, denied = internet.ports
+    egress = [f"{internet.address}:{allowed}", f"{internet.private}/32"]
+    async with started(runtime, base_rootfs, "listed", network=True, egress=egress) as sb:
+        assert await reaches(sb, internet.address, allowed)
+        assert not await reaches(sb, internet.address, denied)
+        # Named, so the private range opens for that one address; metadata stays shut.
+        assert await reaches(sb, internet.private, denied)
+        assert not await reaches(sb, METADATA, allowed)
+
+
+async def test_sandboxes_cannot_reach_each_other(
+    runtime: Runtime, base_rootfs: Path, internet: Internet
+) -> None:
+    async with (
+        started(runtime, base_rootfs, "alice", network=True) as alice,
+        started(runtime, base_rootfs, "bob", network=True) as bob,
+    ):
+        await bob.exec(
+            ExecRequest(shell="while true; do echo hello | nc -l -p 9000; done", background=True)
+        )
+        net = network_of(bob)
+        assert net is not None and net.lease is not None
+        await anyio.sleep(0.3)
+        # Bob's server is up (he reaches it himself) and Alice cannot.
+        assert await reaches(bob, "127.0.0.1", 9000)
+        assert not await reaches(alice, net.lease.sandbox_address, 9000)
+        assert await reaches(alice, internet.address, internet.ports[0])
+
+
+async def test_spoofed_sources_are_dropped_and_counted(
+    base_rootfs: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """A packet from the link whose source is not the sandbox's address is dropped (the
+    jail keeps no CAP_NET_ADMIN inside, so the test plays the sandbox from outside: it
+    gives the sandbox's interface a second address and connects from it)."""
+    rt = JailRuntime(tmp_path / "state")
+    try:
+        async with started(rt, base_rootfs, "spoof", network=True) as sb:
+            net = network_of(sb)
+            assert net is not None and net.lease is not None
+            # Not the /30's broadcast address next door: Linux connects from the
+            # interface's own address when a socket is bound to that.
+            forged = "198.51.100.77"
+            run("ip", "-n", net.netns, "addr", "add", f"{forged}/32", "dev", "eth0")
+            connect = (
+                "import socket,sys; s=socket.socket(); s.settimeout(2); s.bind((sys.argv[1], 0))\n"
+                "try: s.connect((sys.argv[2], int(sys.argv[3]))); print('connected')\n"
+                "except OSError as e: print('refused', e)"
+            )
+            out = run(
+                "nsenter", f"--net={net.path}", sys.executable, "-c", connect,
+                forged, internet.address, str(internet.ports[0]),
+            )  # fmt: skip
+            assert out.startswith("refused"), out
+            drops = (await rt.networks.drops())[sb.id]
+            assert drops.spoofed >= 1, drops
+    finally:
+        await rt.reap(set())
+        rt.remove_cgroup_scope()
+    await assert_scope_clean(rt.networks)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def event(self, event: Any) -> None:
+        self.events.append(event)
+
+
+class NoManager:
+    """The watcher only asks a manager for its live sandboxes' tenants."""
+
+    def live_sandboxes(self) -> tuple[()]:
+        return ()
+
+
+async def test_drops_are_violation_events_and_metrics(
+    base_rootfs: Path, internet: Internet, tmp_path: Path
+) -> None:
+    rt = JailRuntime(tmp_path / "state")
+    metrics = HostMetrics("node-test")
+    sink = Events()
+    watcher = EgressDropWatcher(
+        NoManager(),  # type: ignore[arg-type]
+        lambda: [rt.networks],
+        metrics,
+        [metrics, sink],
+    )
+    try:
+        async with started(rt, base_rootfs, "watched", network=True, egress=["192.0.2.0/24"]) as sb:
+            await watcher.poll_once()
+            assert not await reaches(sb, internet.address, internet.ports[0])
+            events = await watcher.poll_once()
+            assert [e.fury for e in events] == [Fury.POLICY_VIOLATION]
+            assert events[0].sandbox_id == sb.id and events[0].value >= 1
+            assert "its policy denies" in events[0].detail
+            assert sink.events == events
+            text = metrics.render().decode()
+            assert (
+                f'tartarus_sandbox_egress_dropped_packets{{reason="denied",sandbox="{sb.id}"}}'
+                in (text)
+            )
+            assert (
+                'tartarus_enforcement_actions_total{action="record",fury="policy-violation"}'
+                in text
+            )
+        # An ended sandbox leaves the metrics.
+        await watcher.poll_once()
+        assert f'sandbox="{sb.id}"' not in metrics.render().decode()
+    finally:
+        await rt.reap(set())
+        rt.remove_cgroup_scope()
+
+
+async def test_fifty_cycles_leave_nothing_behind(runtime: Runtime, base_rootfs: Path) -> None:
+    for i in range(50):
+        sb = await runtime.create(spec(f"cycle{i}", rootfs=base_rootfs, network=True))
+        await sb.start()
+        await sb.kill()
+        assert network_of(sb) is None
+    await assert_scope_clean(networks_of(runtime))
+
+
+async def test_reconcile_removes_what_a_crash_left(base_rootfs: Path, tmp_path: Path) -> None:
+    """A server killed with SIGKILL leaves its sandboxes' namespaces, links, rules and
+    leases; the next server's reap (its reconcile) removes them, and rules or links of
+    any scope that have no lease."""
+    state = tmp_path / "state"
+    crashed = JailRuntime(state)
+    sb = await crashed.create(spec("orphan", rootfs=base_rootfs, network=True))
+    await sb.start()
+    net = network_of(sb)
+    assert net is not None and net.lease is not None
+    run("ip", "netns", "add", crashed.networks.netns_name("ghost"))
+    stray = f"{LINK_PREFIX}99999"
+    await nft(f"add chain inet tartarus egress_{stray}\nadd counter inet tartarus denied_{stray}\n")
+    # The crash: the runtime object is dropped without a kill; a new one takes over.
+    restarted = JailRuntime(state)
+    reaped = await restarted.reap(set())
+    assert "orphan" in reaped
+    assert stray not in await restarted.networks.enforcer.attached()
+    assert isinstance(sb, JailSandbox) and sb.init_pid is not None
+    for gone in (net.path, f"/sys/class/net/{net.lease.host_if}", f"/proc/{sb.init_pid}"):
+        assert not await anyio.Path(gone).exists(), f"{gone} survived the reap"
+    restarted.remove_cgroup_scope()
+    await assert_scope_clean(restarted.networks)
