@@ -17,6 +17,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from tartarus.fleet.host_metrics import HostMetrics
 from tartarus.host.doctor import DoctorReport
 from tartarus.network.namespaces import NETNS_DIR, SandboxNetwork, SandboxNetworks
 from tartarus.network.nftables import LINK_PREFIX, nft
+from tartarus.network.settings import NetworkSettings
 from tartarus.runtime.base import Runtime, Sandbox
 from tartarus.runtime.gvisor import GvisorRuntime, GvisorSandbox
 from tartarus.runtime.jail import JailRuntime, JailSandbox
@@ -40,14 +42,26 @@ from tests.conftest import require_binary, require_root
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
 METADATA = "169.254.169.254"
-SERVER_SCRIPT = """
+BULK_BYTES = 2 << 20
+# Greets on every port but the last two: the second to last sends BULK_BYTES, the last
+# reads to the end and answers how many bytes came.
+SERVER_SCRIPT = f"""
 import socket, sys, threading
+ports = [int(p) for p in sys.argv[1:]]
 def serve(listener, port):
     while True:
         conn, _ = listener.accept()
         with conn:
-            conn.sendall(b"hello %d\\n" % port)
-for port in map(int, sys.argv[1:]):
+            if port == ports[-2]:
+                conn.sendall(bytes({BULK_BYTES}))
+            elif port == ports[-1]:
+                got = 0
+                while data := conn.recv(65536):
+                    got += len(data)
+                conn.sendall(b"%d\\n" % got)
+            else:
+                conn.sendall(b"hello %d\\n" % port)
+for port in ports:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("0.0.0.0", port))
@@ -70,6 +84,8 @@ class Internet:
     address: str
     private: str
     ports: tuple[int, int]
+    bulk_port: int
+    sink_port: int
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +100,8 @@ def internet() -> Iterator[Internet]:
         address=f"198.19.{octet}.{quad + 2}",
         private=f"172.31.{octet}.{quad + 2}",
         ports=(18000 + secrets.randbelow(1000), 19000 + secrets.randbelow(1000)),
+        bulk_port=20000 + secrets.randbelow(1000),
+        sink_port=21000 + secrets.randbelow(1000),
     )
     host_side = f"198.19.{octet}.{quad + 1}"
     run("ip", "netns", "add", inet.netns)
@@ -112,7 +130,7 @@ def internet() -> Iterator[Internet]:
                 sys.executable,
                 "-c",
                 SERVER_SCRIPT,
-                *map(str, inet.ports),
+                *map(str, (*inet.ports, inet.bulk_port, inet.sink_port)),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -322,6 +340,37 @@ async def test_spoofed_sources_are_dropped_and_counted(
         await rt.reap(set())
         rt.remove_cgroup_scope()
     await assert_scope_clean(rt.networks)
+
+
+async def test_bandwidth_is_capped_per_sandbox(
+    backend: Backend, base_rootfs: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """With `bandwidth_mbit` set, 2 MiB at 8 Mbit/s take about two seconds each way
+    (unlimited, over a veth: milliseconds)."""
+    settings = NetworkSettings(bandwidth_mbit=8)
+    state = tmp_path / "state"
+    rt: Runtime = (
+        JailRuntime(state, network=settings)
+        if backend is Backend.JAIL
+        else GvisorRuntime(state, network=settings)
+    )
+    address = internet.address
+    download = f"nc -w 10 {address} {internet.bulk_port} </dev/null | wc -c"
+    # busybox nc half-closes at the end of its input (-q is not in every build).
+    upload = f"head -c {BULK_BYTES} /dev/zero | nc -w 10 {address} {internet.sink_port}"
+    try:
+        async with started(rt, base_rootfs, "slow", network=True) as sb:
+            for script in (download, upload):
+                started_at = time.monotonic()
+                result = await (await sb.exec(ExecRequest(shell=script, timeout_s=60))).wait()
+                elapsed = time.monotonic() - started_at
+                assert result.stdout.strip() == str(BULK_BYTES).encode(), (script, result)
+                assert 1.5 < elapsed < 20, f"{script}: {elapsed:.2f} s for 2 MiB at 8 Mbit/s"
+    finally:
+        await rt.reap(set())
+        if isinstance(rt, JailRuntime):
+            rt.remove_cgroup_scope()
+    await assert_scope_clean(networks_of(rt))
 
 
 class Events:

@@ -64,6 +64,23 @@ async def ip(*args: str, batch: list[str] | None = None) -> None:
         raise NetworkSetupError(f"{' '.join(command)} failed: {detail[-800:]}")
 
 
+async def limit_bandwidth(netns: str, host_if: str, mbit: int) -> None:
+    """Caps a link at `mbit` each way with a token bucket (tbf) at each end: the host
+    end's shapes what reaches the sandbox, the sandbox end's what it sends (neither the
+    jail, without CAP_NET_ADMIN, nor gVisor's sentry can change a host qdisc). Token
+    buckets, not an ingress policer: this kernel has no tc actions."""
+    # About 10 ms of traffic, and at least a few full-size packets.
+    burst = max(32 << 10, mbit * 1_000_000 // 8 // 100)
+    tbf = f"root tbf rate {mbit}mbit burst {burst} latency 50ms"
+    for prefix, dev in (([], host_if), (["-n", netns], SANDBOX_IF)):
+        command = ["tc", *prefix, "qdisc", "replace", "dev", dev, *tbf.split()]
+        with anyio.fail_after(IP_TIMEOUT_S):
+            result = await anyio.run_process(command, check=False)
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip()
+            raise NetworkSetupError(f"{' '.join(command)} failed: {detail[-800:]}")
+
+
 def _host_links() -> set[str]:
     """Host ends of sandbox links that exist now."""
     return {p.name for p in Path("/sys/class/net").glob(f"{LINK_PREFIX}*")}
@@ -138,6 +155,8 @@ class SandboxNetworks:
             ]
         )
         await anyio.to_thread.run_sync(self._host_sysctls, host_if)
+        if self.settings.bandwidth_mbit is not None:
+            await limit_bandwidth(name, host_if, self.settings.bandwidth_mbit)
         await ip("link", "set", host_if, "up")
         await self.address(SandboxNetwork(sandbox_id=lease.sandbox_id, netns=name, lease=lease))
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 # Smallest pool worth having: 64 links of four addresses.
 _MAX_POOL_PREFIX = 24
@@ -19,6 +21,9 @@ class NetworkSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Host-wide lease files, one per link: every Tartarus server on the host allocates
     # from here, so two servers never hand out one address.
     leases_dir: Path = Path("/run/tartarus/net")
+    # Bandwidth of each networked sandbox, each way, in Mbit/s (a tc token bucket at
+    # each end of its link); none: unlimited.
+    bandwidth_mbit: Annotated[int, Meta(ge=1)] | None = None
 
     def __post_init__(self) -> None:
         try:

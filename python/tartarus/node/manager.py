@@ -92,8 +92,11 @@ class SandboxSource(Protocol):
     restore); None means the manager starts one itself."""
 
     async def acquire(
-        self, request: CreateSandboxRequest, caller: Principal
-    ) -> AcquiredSandbox | None: ...
+        self, request: CreateSandboxRequest, caller: Principal, egress: Sequence[str]
+    ) -> AcquiredSandbox | None:
+        """`egress`: what the sandbox may reach if it has a network; a ready sandbox
+        made without those rules must not be handed out for it."""
+        ...
 
 
 SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
@@ -325,7 +328,7 @@ class SandboxManager:
         """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
         if self.source is not None:
-            acquired = await self.source.acquire(request, caller)
+            acquired = await self.source.acquire(request, caller, egress)
             if acquired is not None:
                 return await self._adopt(admitted, acquired, caller)
         spec = SandboxSpec(
