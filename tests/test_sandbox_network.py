@@ -38,6 +38,7 @@ from tartarus.runtime.gvisor import GvisorRuntime, GvisorSandbox
 from tartarus.runtime.jail import JailRuntime, JailSandbox
 from tartarus.runtime.types import Backend, ExecRequest, Resources, SandboxSpec
 from tests.conftest import require_binary, require_root
+from tests.support.server import running_server, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -458,3 +459,46 @@ async def test_reconcile_removes_what_a_crash_left(base_rootfs: Path, tmp_path: 
         assert not await anyio.Path(gone).exists(), f"{gone} survived the reap"
     restarted.remove_cgroup_scope()
     await assert_scope_clean(restarted.networks)
+
+
+def test_a_server_enforces_the_tenants_egress_and_reports_drops(
+    internet: Internet, doctor_report: DoctorReport, tmp_path: Path
+) -> None:
+    """Through a real `tartarus serve`: the policy's `network.egress` reaches the
+    sandbox's rules, and the drops show at `/metrics` as packets and violations."""
+    verdict = doctor_report.backend("jail")
+    if not verdict.available:
+        pytest.skip(f"jail cannot run here: {verdict.reason}")
+    allowed, denied = internet.ports
+    policy = f'name: global\nspec: {{network: {{egress: ["{internet.address}/32:{allowed}"]}}}}\n'
+    base = tmp_path / "srv"
+    with running_server(base, env=server_env(base)) as server:
+        applied = server.json("PUT", "/v1/policies/global", {"document": policy})
+        assert applied.status in (200, 201), applied.body
+        created = server.json(
+            "POST",
+            "/v1/sandboxes",
+            {"template": "base", "backend": "jail", "network": True, "trust": "trusted"},
+        )
+        assert created.status == 201, created.body
+        sandbox = created.json()["id"]
+
+        def nc(port: int) -> str:
+            cmd = f"nc -w 2 {internet.address} {port} </dev/null"
+            reply = server.json("POST", f"/v1/sandboxes/{sandbox}/exec", {"cmd": cmd})
+            assert reply.status == 200, reply.body
+            return str(reply.json()["stdout"])
+
+        assert nc(allowed).startswith("hello")
+        assert nc(denied) == ""
+        deadline = time.monotonic() + 10
+        wanted = f'tartarus_sandbox_egress_dropped_packets{{reason="denied",sandbox="{sandbox}"}}'
+        text = ""
+        while time.monotonic() < deadline:
+            text = server.raw("GET", "/metrics").body.decode()
+            if wanted in text and 'fury="policy-violation"' in text:
+                break
+            time.sleep(0.3)
+        assert wanted in text, text
+        assert 'tartarus_enforcement_actions_total{action="record",fury="policy-violation"}' in text
+        assert server.raw("DELETE", f"/v1/sandboxes/{sandbox}").status in (200, 202, 204)
