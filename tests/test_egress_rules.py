@@ -1,8 +1,11 @@
 """The egress rule model (`tartarus.network.egress`): parsing policy entries, the order
-of the compiled rules, and where a sandbox's entries come from in a policy. Pure
-functions: no root, no kernel."""
+of the compiled rules, and where a sandbox's entries come from in a policy; and the
+address pool's leases. No root, no kernel."""
 
 from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from tartarus.network.egress import (
     compile_rules,
     parse_entry,
 )
+from tartarus.network.leases import Pool, PoolExhaustedError
 from tartarus.policy.documents import PolicyError, to_spec
 from tartarus.policy.judges import egress_for
 
@@ -91,3 +95,20 @@ def test_policy_validates_entries_and_templates_override() -> None:
     assert egress_for(spec, "py") == ["pypi.org:443"]
     assert egress_for(spec, "go") == ["203.0.113.0/24"]
     assert egress_for(spec, "other") == ["203.0.113.0/24"]
+
+
+def test_the_pool_leases_each_link_once_and_gives_it_back(tmp_path: Path) -> None:
+    pool = Pool(ipaddress.IPv4Network("10.9.0.0/29"), tmp_path / "leases")
+    first = pool.take("s1", "a", "tt-s1-a", "ttv")
+    second = pool.take("s1", "b", "tt-s1-b", "ttv")
+    assert (first.host_if, first.host_address, first.sandbox_address) == (
+        "ttv0",
+        "10.9.0.1",
+        "10.9.0.2",
+    )
+    assert (second.host_address, second.sandbox_address) == ("10.9.0.5", "10.9.0.6")
+    with pytest.raises(PoolExhaustedError, match="all 2 sandbox links"):
+        pool.take("s1", "c", "tt-s1-c", "ttv")
+    assert sorted(lease.sandbox_id for lease in pool.leases()) == ["a", "b"]
+    pool.give_back(first)
+    assert pool.take("s2", "d", "tt-s2-d", "ttv").index == 0

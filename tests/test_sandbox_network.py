@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +31,12 @@ from tartarus.enforcement.egress_drops import EgressDropWatcher
 from tartarus.enforcement.records import Fury
 from tartarus.fleet.host_metrics import HostMetrics
 from tartarus.host.doctor import DoctorReport
-from tartarus.network.namespaces import NETNS_DIR, SandboxNetwork, SandboxNetworks
+from tartarus.network.namespaces import (
+    NETNS_DIR,
+    NETNS_PREFIX,
+    SandboxNetwork,
+    SandboxNetworks,
+)
 from tartarus.network.nftables import LINK_PREFIX, nft
 from tartarus.network.settings import NetworkSettings
 from tartarus.runtime.base import Runtime, Sandbox
@@ -38,7 +44,7 @@ from tartarus.runtime.gvisor import GvisorRuntime, GvisorSandbox
 from tartarus.runtime.jail import JailRuntime, JailSandbox
 from tartarus.runtime.types import Backend, ExecRequest, Resources, SandboxSpec
 from tests.conftest import require_binary, require_root
-from tests.support.server import running_server, server_env
+from tests.support.server import running_server, server_env, start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -502,3 +508,33 @@ def test_a_server_enforces_the_tenants_egress_and_reports_drops(
         assert wanted in text, text
         assert 'tartarus_enforcement_actions_total{action="record",fury="policy-violation"}' in text
         assert server.raw("DELETE", f"/v1/sandboxes/{sandbox}").status in (200, 202, 204)
+
+
+def test_a_server_killed_with_sigkill_leaves_no_network_after_restart(
+    doctor_report: DoctorReport, tmp_path: Path
+) -> None:
+    """kill -9 leaves the sandboxes' namespaces, links, rules and leases behind; the
+    next start's reconcile removes them."""
+    require_root()
+    backends = [b for b in ("jail", "gvisor") if doctor_report.backend(b).available]
+    if not backends:
+        pytest.skip("neither the jail nor gvisor can run here (doctor)")
+    base = tmp_path / "srv"
+    server = start_server(base, env=server_env(base))
+    ids = []
+    for backend in backends:
+        body = {"template": "base", "backend": backend, "network": True, "trust": "trusted"}
+        created = server.json("POST", "/v1/sandboxes", body)
+        assert created.status == 201, created.body
+        ids.append(created.json()["id"])
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=30)
+
+    def leftovers() -> list[str]:
+        names = [p.name for i in ids for p in NETNS_DIR.glob(f"{NETNS_PREFIX}*-{i}")]
+        leases = SandboxNetworks("any").pool.leases()
+        return names + [f"lease {lease.index}" for lease in leases if lease.sandbox_id in ids]
+
+    assert len(leftovers()) == 2 * len(ids), leftovers()
+    with running_server(base, env=server_env(base)):
+        assert leftovers() == []

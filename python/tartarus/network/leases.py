@@ -15,13 +15,15 @@ from typing import Final
 
 import msgspec
 
-from tartarus.errors import TartarusError
+from tartarus.errors import UnavailableError
 
 LINK_PREFIX_LEN: Final = 30
 
 
-class PoolExhaustedError(TartarusError):
-    """Every link of the pool is leased."""
+class PoolExhaustedError(UnavailableError):
+    """Every link of the pool is leased (the host cannot network another sandbox now)."""
+
+    slug = "network-pool-exhausted"
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):

@@ -174,8 +174,7 @@ class SandboxNetworks:
         runsc start."""
         lease = net.lease
         if lease is None:
-            await ip("-n", net.netns, "link", "set", "lo", "up")
-            return
+            return  # loopback only, brought up when the namespace was made
         await ip(
             "-n",
             net.netns,
