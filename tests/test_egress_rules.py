@@ -5,6 +5,7 @@ address pool's leases. No root, no kernel."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,15 @@ def test_the_pool_leases_each_link_once_and_gives_it_back(tmp_path: Path) -> Non
     assert sorted(lease.sandbox_id for lease in pool.leases()) == ["a", "b"]
     pool.give_back(first)
     assert pool.take("s2", "d", "tt-s2-d", "ttv").index == 0
+
+
+def test_lease_files_a_crash_left_empty_are_dropped(tmp_path: Path) -> None:
+    pool = Pool(ipaddress.IPv4Network("10.9.0.0/29"), tmp_path / "leases")
+    kept = pool.take("s1", "a", "tt-s1-a", "ttv")
+    (pool.dir / "1").touch()
+    assert pool.drop_unwritten(60.0) == []  # too young: maybe being written
+    old = 1_000_000_000.0
+    os.utime(pool.dir / "1", (old, old))
+    os.utime(pool.dir / "0", (old, old))
+    assert pool.drop_unwritten(60.0) == [1]
+    assert [lease.index for lease in pool.leases()] == [kept.index]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -75,6 +76,23 @@ class Pool:
     def give_back(self, lease: Lease) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / str(lease.index)).unlink()
+
+    def drop_unwritten(self, older_than_s: float) -> list[int]:
+        """Removes lease files that hold no lease and are older than `older_than_s` (a
+        process died between creating one and writing it); returns their indexes."""
+        dropped: list[int] = []
+        if not self.dir.is_dir():
+            return dropped
+        now = time.time()
+        for path in self.dir.iterdir():
+            with contextlib.suppress(OSError):
+                if path.name.isdigit() and now - path.stat().st_mtime > older_than_s:
+                    try:
+                        msgspec.json.decode(path.read_bytes(), type=Lease)
+                    except msgspec.DecodeError:
+                        path.unlink()
+                        dropped.append(int(path.name))
+        return dropped
 
     def leases(self) -> Iterator[Lease]:
         """Every lease on the host (unreadable ones, being written, are skipped)."""

@@ -35,6 +35,7 @@ NETNS_PREFIX: Final = "tt-"
 # The sandbox's end of its link.
 SANDBOX_IF: Final = "eth0"
 IP_TIMEOUT_S: Final = 30.0
+UNWRITTEN_LEASE_S: Final = 60.0
 
 
 class NetworkSetupError(TartarusError):
@@ -221,6 +222,9 @@ class SandboxNetworks:
                 if entry.name.startswith(prefix) and sandbox_id not in keep:
                     await self.remove(SandboxNetwork(sandbox_id=sandbox_id, netns=entry.name))
                     reaped.add(sandbox_id)
+        # A lease is written within microseconds of its file; one still empty after a
+        # minute belongs to a process that died in between.
+        await anyio.to_thread.run_sync(self.pool.drop_unwritten, UNWRITTEN_LEASE_S)
         # Leases are written before their link or rules exist, so a link or rule
         # without one is a leftover (its lease was given back, or never written).
         leased = {lease.host_if for lease in self.pool.leases()}
