@@ -380,6 +380,38 @@ async def test_bandwidth_is_capped_per_sandbox(
     await assert_scope_clean(networks_of(rt))
 
 
+async def test_gvisor_snapshots_keep_the_network_and_restores_get_their_own(
+    doctor_report: DoctorReport, base_rootfs: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """A checkpoint restarts runsc in the same namespace (its address put back); a
+    restore is a new sandbox with its own namespace, address and rules."""
+    verdict = doctor_report.backend("gvisor")
+    if not verdict.available:
+        pytest.skip(f"gvisor cannot run here: {verdict.reason}")
+    rt = GvisorRuntime(tmp_path / "state")
+    allowed, denied = internet.ports
+    try:
+        async with started(rt, base_rootfs, "snap", network=True) as sb:
+            info = await sb.snapshot(tmp_path / "snapshot")
+            assert await reaches(sb, internet.address, denied)
+            only = [f"{internet.address}:{allowed}"]
+            restored = await rt.restore(
+                info, spec("copy", rootfs=base_rootfs, network=True, egress=only)
+            )
+            try:
+                mine, theirs = network_of(restored), network_of(sb)
+                assert mine is not None and mine.lease is not None
+                assert theirs is not None and theirs.lease is not None
+                assert mine.lease.sandbox_address != theirs.lease.sandbox_address
+                assert await reaches(restored, internet.address, allowed)
+                assert not await reaches(restored, internet.address, denied)
+            finally:
+                await restored.kill()
+    finally:
+        await rt.reap(set())
+    await assert_scope_clean(rt.networks)
+
+
 class Events:
     def __init__(self) -> None:
         self.events: list[Any] = []
