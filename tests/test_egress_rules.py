@@ -125,3 +125,14 @@ def test_lease_files_a_crash_left_empty_are_dropped(tmp_path: Path) -> None:
     os.utime(pool.dir / "0", (old, old))
     assert pool.drop_unwritten(60.0) == [1]
     assert [lease.index for lease in pool.leases()] == [kept.index]
+
+
+def test_giving_back_a_lease_leaves_a_newer_one_alone(tmp_path: Path) -> None:
+    pool = Pool(ipaddress.IPv4Network("10.9.0.0/29"), tmp_path / "leases")
+    old = pool.take("s1", "a", "tt-s1-a", "ttv")
+    pool.give_back(old)
+    new = pool.take("s2", "b", "tt-s2-b", "ttv")
+    assert new.index == old.index
+    pool.give_back(old)  # late, from whoever held the old one: the new one stays
+    assert list(pool.leases()) == [new]
+    assert not pool.aged(new, 60.0)

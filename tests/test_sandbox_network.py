@@ -487,11 +487,16 @@ async def test_reconcile_removes_what_a_crash_left(base_rootfs: Path, tmp_path: 
     run("ip", "netns", "add", crashed.networks.netns_name("ghost"))
     stray = f"{LINK_PREFIX}99999"
     await nft(f"add chain inet tartarus egress_{stray}\nadd counter inet tartarus denied_{stray}\n")
+    # A runtime whose state directory is gone left a lease whose namespace is gone too.
+    pool = crashed.networks.pool
+    lost = pool.take("zgone", "lost", "tt-zgone-lost", LINK_PREFIX)
+    os.utime(pool.dir / str(lost.index), (1e9, 1e9))
     # The crash: the runtime object is dropped without a kill; a new one takes over.
     restarted = JailRuntime(state)
     reaped = await restarted.reap(set())
     assert "orphan" in reaped
     assert stray not in await restarted.networks.enforcer.attached()
+    assert lost not in list(pool.leases())
     assert isinstance(sb, JailSandbox) and sb.init_pid is not None
     for gone in (net.path, f"/sys/class/net/{net.lease.host_if}", f"/proc/{sb.init_pid}"):
         assert not await anyio.Path(gone).exists(), f"{gone} survived the reap"

@@ -74,8 +74,20 @@ class Pool:
         raise PoolExhaustedError(f"all {self.size} sandbox links of {self.network} are in use")
 
     def give_back(self, lease: Lease) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.dir / str(lease.index)).unlink()
+        """Removes the lease file if it still holds `lease`: a reap may have given it
+        back already and another sandbox taken the link since."""
+        path = self.dir / str(lease.index)
+        with contextlib.suppress(OSError, msgspec.DecodeError):
+            if msgspec.json.decode(path.read_bytes(), type=Lease) == lease:
+                path.unlink()
+
+    def aged(self, lease: Lease, older_than_s: float) -> bool:
+        """True if the lease file is older than `older_than_s`."""
+        try:
+            mtime = (self.dir / str(lease.index)).stat().st_mtime
+        except OSError:
+            return False
+        return time.time() - mtime > older_than_s
 
     def drop_unwritten(self, older_than_s: float) -> list[int]:
         """Removes lease files that hold no lease and are older than `older_than_s` (a

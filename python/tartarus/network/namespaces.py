@@ -36,6 +36,7 @@ NETNS_PREFIX: Final = "tt-"
 SANDBOX_IF: Final = "eth0"
 IP_TIMEOUT_S: Final = 30.0
 UNWRITTEN_LEASE_S: Final = 60.0
+ORPHAN_LEASE_S: Final = 60.0
 
 
 class NetworkSetupError(TartarusError):
@@ -206,16 +207,21 @@ class SandboxNetworks:
 
     async def reap(self, keep: set[str]) -> list[str]:
         """Removes this scope's namespaces, links and leases whose sandbox is not in
-        `keep` (after a crash: nothing else removed them), and rules of any scope whose
-        link has no lease. Returns the sandbox ids reaped."""
+        `keep` (after a crash: nothing else removed them); of any scope, leases whose
+        namespace is gone and rules or links without a lease. Returns the sandbox ids
+        of this scope it reaped."""
         reaped: set[str] = set()
         prefix = self.netns_name("")
         for lease in list(self.pool.leases()):
+            net = SandboxNetwork(sandbox_id=lease.sandbox_id, netns=lease.netns, lease=lease)
             if lease.scope == self.scope and lease.sandbox_id not in keep:
-                await self.remove(
-                    SandboxNetwork(sandbox_id=lease.sandbox_id, netns=lease.netns, lease=lease)
-                )
+                await self.remove(net)
                 reaped.add(lease.sandbox_id)
+            elif not net.path.exists() and self.pool.aged(lease, ORPHAN_LEASE_S):
+                # Any scope: a namespace is made before its lease and removed before
+                # it is given back, so a lease that outlived its namespace is a leftover
+                # (of a runtime whose state directory is gone, say).
+                await self.remove(net)
         if NETNS_DIR.is_dir():
             for entry in sorted(NETNS_DIR.iterdir()):
                 sandbox_id = entry.name.removeprefix(prefix)
