@@ -136,3 +136,17 @@ def test_giving_back_a_lease_leaves_a_newer_one_alone(tmp_path: Path) -> None:
     pool.give_back(old)  # late, from whoever held the old one: the new one stays
     assert list(pool.leases()) == [new]
     assert not pool.aged(new, 60.0)
+
+
+def test_names_and_wildcards_become_name_rules() -> None:
+    rules = compile_rules(["*.pythonhosted.org:443", "pypi.org"], resolve=False)
+    assert [(n.pattern, n.ports) for n in rules.names] == [
+        ("*.pythonhosted.org", PortRange(443, 443)),
+        ("pypi.org", None),
+    ]
+    assert not rules.any_name
+    assert compile_rules([]).any_name
+    with pytest.raises(EgressError):
+        parse_entry("*.")
+    with pytest.raises(EgressError):
+        parse_entry("a.*.org")

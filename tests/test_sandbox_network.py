@@ -79,6 +79,28 @@ threading.Event().wait()
 """
 
 
+# A resolver for the test's internet: every A query gets the server's address.
+DNS_SCRIPT = """
+import socket, struct, sys
+answer_ip = socket.inet_aton(sys.argv[1])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 53))
+print("ready", flush=True)
+while True:
+    query, peer = sock.recvfrom(512)
+    end = 12
+    while query[end]:
+        end += 1 + query[end]
+    qtype = struct.unpack("!H", query[end + 1 : end + 3])[0]
+    question = query[12 : end + 5]
+    records = b""
+    if qtype == 1:
+        records = b"\\xc0\\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + answer_ip
+    header = query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if records else 0, 0, 0)
+    sock.sendto(header + question + records, peer)
+"""
+
+
 def run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
@@ -113,6 +135,7 @@ def internet() -> Iterator[Internet]:
     host_side = f"198.19.{octet}.{quad + 1}"
     run("ip", "netns", "add", inet.netns)
     server: subprocess.Popen[str] | None = None
+    resolver: subprocess.Popen[str] | None = None
     try:
         run("ip", "link", "add", inet.host_if, "type", "veth", "peer", "name", "eth0",
             "netns", inet.netns)  # fmt: skip
@@ -144,11 +167,26 @@ def internet() -> Iterator[Internet]:
         )
         assert server.stdout is not None
         assert server.stdout.readline().strip() == "ready"
+        resolver = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={NETNS_DIR / inet.netns}",
+                sys.executable,
+                "-c",
+                DNS_SCRIPT,
+                inet.address,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert resolver.stdout is not None
+        assert resolver.stdout.readline().strip() == "ready"
         yield inet
     finally:
-        if server is not None:
-            server.kill()
-            server.wait()
+        for process in (server, resolver):
+            if process is not None:
+                process.kill()
+                process.wait()
         for dest in (METADATA, inet.private):
             subprocess.run(["ip", "route", "del", f"{dest}/32"], check=False, capture_output=True)
         subprocess.run(["ip", "link", "del", inet.host_if], check=False, capture_output=True)
@@ -410,6 +448,50 @@ async def test_gvisor_snapshots_keep_the_network_and_restores_get_their_own(
     finally:
         await rt.reap(set())
     await assert_scope_clean(rt.networks)
+
+
+async def test_the_resolver_answers_only_allowed_names(
+    backend: Backend, base_rootfs: Path, internet: Internet, tmp_path: Path
+) -> None:
+    """The sandbox's resolver is on the host: it answers the names its egress list
+    allows (and lets their addresses through), refuses the rest, and is the only
+    resolver the sandbox reaches."""
+    settings = NetworkSettings(dns_upstream=internet.address)
+    state = tmp_path / "state"
+    rt: Runtime = (
+        JailRuntime(state, network=settings)
+        if backend is Backend.JAIL
+        else GvisorRuntime(state, network=settings)
+    )
+    allowed, denied = internet.ports
+    egress = [f"allowed.test:{allowed}", f"*.wild.test:{allowed}"]
+
+    async def lookup(sb: Sandbox, name: str, server: str = "") -> bool:
+        script = f"nslookup {name} {server}"
+        result = await (await sb.exec(ExecRequest(shell=script, timeout_s=30))).wait()
+        return internet.address.encode() in result.stdout.split(b"Name:", 1)[-1]
+
+    try:
+        async with started(rt, base_rootfs, "dns", network=True, egress=egress) as sb:
+            conf = await sb.read_file("/etc/resolv.conf")
+            net = network_of(sb)
+            assert net is not None and net.lease is not None
+            assert f"nameserver {net.lease.host_address}".encode() in conf
+            # Not resolved yet: the address is not allowed by itself.
+            assert not await reaches(sb, internet.address, allowed)
+            assert await lookup(sb, "allowed.test")
+            assert await reaches(sb, internet.address, allowed)
+            assert not await reaches(sb, internet.address, denied)
+            assert await lookup(sb, "a.wild.test")
+            assert not await lookup(sb, "wild.test")
+            assert not await lookup(sb, "denied.test")
+            # Only the host's resolver: the upstream itself is out of reach.
+            assert not await lookup(sb, "allowed.test", internet.address)
+    finally:
+        await rt.reap(set())
+        if isinstance(rt, JailRuntime):
+            rt.remove_cgroup_scope()
+    await assert_scope_clean(networks_of(rt))
 
 
 class Events:

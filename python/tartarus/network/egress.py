@@ -6,8 +6,10 @@ A policy's `network.egress` is a list of entries:
 - an address or CIDR: `203.0.113.7`, `203.0.113.0/24`, `2001:db8::/32`;
 - either with a port or port range: `203.0.113.7:443`, `203.0.113.0/24:8000-8100`,
   `[2001:db8::/32]:443` (ports match TCP and UDP);
-- a host name, with or without a port: `pypi.org`, `pypi.org:443`; it is resolved on
-  the host when the sandbox is created and stands for the addresses it had then.
+- a host name, with or without a port: `pypi.org`, `pypi.org:443`, or a wildcard for
+  its subdomains, `*.pythonhosted.org`: the addresses the sandbox's resolver (on the
+  host, `tartarus.network.dns`) answers for it are allowed for the answer's TTL; a
+  plain name is also resolved on the host when the sandbox is created.
 
 Some destinations are denied whatever the list says, unless an entry names them: the
 private ranges, link-local (the cloud metadata service lives there), CGNAT, loopback
@@ -88,11 +90,23 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     verdict: Verdict
 
 
+class NameRule(msgspec.Struct, frozen=True, kw_only=True):
+    """Allows what the sandbox's resolver answers for `pattern` (on `ports`)."""
+
+    pattern: str
+    ports: PortRange | None = None
+
+
 class EgressRules(msgspec.Struct, frozen=True, kw_only=True):
-    """The ordered rules for one sandbox; packets no rule matches get `otherwise`."""
+    """The ordered rules for one sandbox; then the addresses resolved for `names` (their
+    index in this list names them to the enforcer); packets nothing matches get
+    `otherwise`."""
 
     rules: list[Rule]
     otherwise: Verdict
+    names: list[NameRule] = msgspec.field(default_factory=list)
+    # Whether the sandbox's resolver answers every name (the list was empty).
+    any_name: bool = False
 
 
 class LinkAddresses(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,6 +117,9 @@ class LinkAddresses(msgspec.Struct, frozen=True, kw_only=True):
     host_if: str
     # The only source address the sandbox may use.
     sandbox_address: str
+    # The host end's address when the sandbox's resolver listens there (UDP 53): the
+    # one port on the host the sandbox may reach.
+    resolver: str | None = None
 
 
 class Drops(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,6 +142,11 @@ class EgressEnforcer(Protocol):
 
     async def detach(self, host_if: str) -> None:
         """Removes the link's rules and counters; a missing link is not an error."""
+        ...
+
+    async def allow_resolved(self, host_if: str, name: int, records: list[tuple[str, int]]) -> None:
+        """Allows the (address, ttl) pairs the resolver answered for `rules.names[name]`
+        until their TTL runs out (never into the always-denied ranges)."""
         ...
 
     async def drops(self) -> dict[str, Drops]:
@@ -173,10 +195,12 @@ def parse_entry(entry: str) -> Destination:
         return Destination(network=str(ipaddress.ip_network(text, strict=False)), ports=ports)
     except ValueError:
         pass
+    wildcard = text.startswith("*.")
+    name = text[2:] if wildcard else text
     # A name's last label is not all digits (`10.0.0.300` is a bad address, not a name).
-    if "/" in text or not _HOST.match(text) or text.rstrip(".").rsplit(".", 1)[-1].isdigit():
+    if "/" in name or not _HOST.match(name) or name.rstrip(".").rsplit(".", 1)[-1].isdigit():
         raise EgressError(f"{entry!r} is not an address, CIDR or host name")
-    return Destination(host=text.lower().rstrip("."), ports=ports)
+    return Destination(host=("*." if wildcard else "") + name.lower().rstrip("."), ports=ports)
 
 
 def validate(entries: list[str]) -> None:
@@ -213,11 +237,14 @@ def compile_rules(entries: list[str], *, resolve: bool = True) -> EgressRules:
     """
     named: list[Rule] = []
     wide: list[Rule] = []
+    names: list[NameRule] = []
     for entry in entries:
         dest = parse_entry(entry)
+        if dest.host is not None:
+            names.append(NameRule(pattern=dest.host, ports=dest.ports))
         if dest.network is not None:
             networks = [ipaddress.ip_network(dest.network)]
-        elif dest.host is not None and resolve:
+        elif dest.host is not None and resolve and not dest.host.startswith("*."):
             networks = resolve_host(dest.host)
         else:
             networks = []
@@ -231,4 +258,6 @@ def compile_rules(entries: list[str], *, resolve: bool = True) -> EgressRules:
     return EgressRules(
         rules=[*named, *denied, *wide],
         otherwise=Verdict.DROP if entries else Verdict.ACCEPT,
+        names=names,
+        any_name=not entries,
     )

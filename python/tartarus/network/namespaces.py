@@ -23,6 +23,7 @@ import anyio
 import msgspec
 
 from tartarus.errors import TartarusError
+from tartarus.network.dns import DnsGate, host_upstream
 from tartarus.network.egress import Drops, EgressEnforcer, EgressRules, LinkAddresses
 from tartarus.network.leases import LINK_PREFIX_LEN, Lease, Pool
 from tartarus.network.nftables import LINK_PREFIX, NftablesEnforcer
@@ -49,6 +50,14 @@ class SandboxNetwork(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_id: str
     netns: str
     lease: Lease | None = None
+    # The address of the sandbox's resolver on the host, when it has one: its
+    # `/etc/resolv.conf` should name it (`resolv_conf`).
+    resolver: str | None = None
+
+    def resolv_conf(self) -> str | None:
+        if self.resolver is None:
+            return None
+        return f"# The sandbox's resolver, on the host (Tartarus).\nnameserver {self.resolver}\n"
 
     @property
     def path(self) -> Path:
@@ -110,6 +119,8 @@ class SandboxNetworks:
         self.enforcer = enforcer or NftablesEnforcer([self.settings.network])
         # Host interface -> sandbox id, for the links this runtime made and still has.
         self.links: dict[str, str] = {}
+        # Host interface -> the resolver of its sandbox.
+        self._resolvers: dict[str, DnsGate] = {}
 
     def netns_name(self, sandbox_id: str) -> str:
         return f"{NETNS_PREFIX}{self.scope}-{sandbox_id}"
@@ -131,7 +142,12 @@ class SandboxNetworks:
                 self.pool.take, self.scope, sandbox_id, name, LINK_PREFIX
             )
             net = msgspec.structs.replace(net, lease=lease)
-            await self._link(lease, rules)
+            upstream = self._upstream()
+            resolver = lease.host_address if upstream is not None else None
+            net = msgspec.structs.replace(net, resolver=resolver)
+            await self._link(lease, rules, resolver)
+            if upstream is not None:
+                await self._open_resolver(lease, rules, upstream)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.remove(net)
@@ -139,7 +155,23 @@ class SandboxNetworks:
         self.links[lease.host_if] = sandbox_id
         return net
 
-    async def _link(self, lease: Lease, rules: EgressRules) -> None:
+    def _upstream(self) -> str | None:
+        if not self.settings.dns:
+            return None
+        return self.settings.dns_upstream or host_upstream()
+
+    async def _open_resolver(self, lease: Lease, rules: EgressRules, upstream: str) -> None:
+        host_if = lease.host_if
+
+        async def allow(name: int, records: list[tuple[str, int]]) -> None:
+            await self.enforcer.allow_resolved(host_if, name, records)
+
+        names = None if rules.any_name else list(enumerate(n.pattern for n in rules.names))
+        gate = DnsGate(lease.host_address, upstream, names, allow)
+        await gate.open()
+        self._resolvers[host_if] = gate
+
+    async def _link(self, lease: Lease, rules: EgressRules, resolver: str | None) -> None:
         host_if, name = lease.host_if, lease.netns
         # Rules first: a link never carries a packet they have not seen.
         await self.enforcer.attach(
@@ -147,6 +179,7 @@ class SandboxNetworks:
                 sandbox_id=lease.sandbox_id,
                 host_if=host_if,
                 sandbox_address=lease.sandbox_address,
+                resolver=resolver,
             ),
             rules,
         )
@@ -194,6 +227,9 @@ class SandboxNetworks:
         lease = net.lease
         if lease is not None:
             self.links.pop(lease.host_if, None)
+            gate = self._resolvers.pop(lease.host_if, None)
+            if gate is not None:
+                gate.close()
             with contextlib.suppress(NetworkSetupError):
                 await ip("link", "del", lease.host_if)
             await self.enforcer.detach(lease.host_if)

@@ -13,7 +13,9 @@ Base chains (rewritten atomically by `ensure`, so every server agrees on them):
   that is not a sandbox link is masqueraded.
 
 Per link `<if>`: chains `egress_<if>` and `to_host_<if>`, counters `denied_<if>` and
-`spoofed_<if>`. Sandboxes are IPv4 only: every IPv6 packet from a link is dropped.
+`spoofed_<if>`, and a set `named_<if>_<k>` per host-name entry `k`, filled with the
+addresses the sandbox's resolver answered (each element expires with its TTL).
+Sandboxes are IPv4 only: every IPv6 packet from a link is dropped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from typing import Final
 import anyio
 
 from tartarus.errors import TartarusError
-from tartarus.network.egress import Drops, EgressRules, LinkAddresses, Rule, Verdict
+from tartarus.network.egress import (
+    ALWAYS_DENIED,
+    Drops,
+    EgressRules,
+    LinkAddresses,
+    PortRange,
+    Rule,
+    Verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +110,23 @@ def _base(pools: list[ipaddress.IPv4Network]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ports(ports: PortRange | None) -> str:
+    if ports is None:
+        return ""
+    span = str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
+    return f" meta l4proto {{ tcp, udp }} th dport {span}"
+
+
 def _match(rule: Rule) -> str:
     network = ipaddress.ip_network(rule.network)
     family = "ip" if network.version == 4 else "ip6"
-    text = f"{family} daddr {network}"
-    if rule.ports is not None:
-        ports = rule.ports
-        span = str(ports.first) if ports.first == ports.last else f"{ports.first}-{ports.last}"
-        text += f" meta l4proto {{ tcp, udp }} th dport {span}"
-    return text
+    return f"{family} daddr {network}{_ports(rule.ports)}"
+
+
+# Resolved addresses stay allowed at least this long (a TTL of 0 still lets the
+# connection that follows the lookup through), and at most a day.
+_MIN_TTL_S = 30
+_MAX_TTL_S = 86400
 
 
 def _verdict(verdict: Verdict, counter: str) -> str:
@@ -126,6 +144,14 @@ def link_script(link: LinkAddresses, rules: EgressRules) -> str:
         f"add counter {FAMILY} {TABLE} {denied}",
         f"add counter {FAMILY} {TABLE} {spoofed}",
     ]
+    for k in range(len(rules.names)):
+        lines.append(
+            f"add set {FAMILY} {TABLE} named_{ifname}_{k} {{ type ipv4_addr ; flags timeout ; }}"
+        )
+    named = [
+        f"ip daddr @named_{ifname}_{k}{_ports(name.ports)} accept"
+        for k, name in enumerate(rules.names)
+    ]
     body: list[str] = [
         # Sandboxes are IPv4 only (no IPv6 address or route is given to them).
         f'meta nfproto ipv6 counter name "{denied}" drop',
@@ -133,10 +159,13 @@ def link_script(link: LinkAddresses, rules: EgressRules) -> str:
         # Other sandboxes, of any server on this host.
         f'ip daddr @pools counter name "{denied}" drop',
         *(f"{_match(r)} {_verdict(r.verdict, denied)}" for r in rules.rules),
+        # After the denied ranges: what a resolver answers never opens them.
+        *named,
         _verdict(rules.otherwise, denied),
     ]
     to_host_body = [
         f'ip saddr != {link.sandbox_address} counter name "{spoofed}" drop',
+        *([f"ip daddr {link.resolver} udp dport 53 accept"] if link.resolver is not None else []),
         f'counter name "{denied}" drop',
     ]
     for chain, chain_rules in ((egress, body), (to_host, to_host_body)):
@@ -168,9 +197,26 @@ class NftablesEnforcer:
         await self.ensure()
         await nft(link_script(link, rules))
 
+    async def allow_resolved(self, host_if: str, name: int, records: list[tuple[str, int]]) -> None:
+        elements = []
+        for address, ttl in records:
+            ip = ipaddress.IPv4Address(address)
+            if any(ip in n for n in (*ALWAYS_DENIED, *self._pools) if n.version == 4):
+                continue
+            elements.append(f"{ip} timeout {min(max(ttl, _MIN_TTL_S), _MAX_TTL_S)}s")
+        if elements:
+            await nft(
+                f"add element {FAMILY} {TABLE} named_{host_if}_{name} {{ {', '.join(elements)} }}\n"
+            )
+
     async def detach(self, host_if: str) -> None:
         if not self._ready and not await self._table_exists():
             return
+        sets = [
+            str(found.get("name", ""))
+            for item in await self._list()
+            if isinstance(found := item.get("set"), dict)
+        ]
         commands = [
             f'delete element {FAMILY} {TABLE} egress {{ "{host_if}" }}',
             f'delete element {FAMILY} {TABLE} to_host {{ "{host_if}" }}',
@@ -178,6 +224,11 @@ class NftablesEnforcer:
             f"delete chain {FAMILY} {TABLE} to_host_{host_if}",
             f"delete counter {FAMILY} {TABLE} denied_{host_if}",
             f"delete counter {FAMILY} {TABLE} spoofed_{host_if}",
+            *(
+                f"delete set {FAMILY} {TABLE} {name}"
+                for name in sets
+                if name.startswith(f"named_{host_if}_")
+            ),
         ]
         try:
             # One transaction in the usual case (each nft run costs milliseconds)...

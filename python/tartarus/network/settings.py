@@ -24,6 +24,13 @@ class NetworkSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Bandwidth of each networked sandbox, each way, in Mbit/s (a tc token bucket at
     # each end of its link); none: unlimited.
     bandwidth_mbit: Annotated[int, Meta(ge=1)] | None = None
+    # Give each networked sandbox a resolver on the host (`tartarus.network.dns`): it
+    # answers the names the sandbox's egress list allows, and lets their addresses
+    # through; without it the sandbox's `/etc/resolv.conf` is the template's.
+    dns: bool = True
+    # Where that resolver forwards queries (an IPv4 address); none: the host's first
+    # `nameserver` in /etc/resolv.conf.
+    dns_upstream: str | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -62,10 +62,12 @@ from tartarus.runtime.cgroups import CgroupReader, cgroup_dirs_of
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
+    RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
+    resolv_conf_mount,
     with_rootfs,
 )
 from tartarus.runtime.types import (
@@ -338,7 +340,9 @@ class GvisorRuntime:
             )
         return result
 
-    def _spec(self, spec: SandboxSpec, network: SandboxNetwork) -> oci.Spec:
+    def _spec(
+        self, spec: SandboxSpec, network: SandboxNetwork, resolv_conf: Path | None
+    ) -> oci.Spec:
         assert spec.rootfs is not None
         r = spec.resources
         env = [f"{k}={v}" for k, v in spec.env.items()]
@@ -378,6 +382,18 @@ class GvisorRuntime:
                     source="tmpfs",
                     options=["nosuid", "nodev", "mode=700"],
                 ),
+                *(
+                    [
+                        oci.Mount(
+                            destination=RESOLV_CONF,
+                            type="bind",
+                            source=str(resolv_conf),
+                            options=["rbind", "ro"],
+                        )
+                    ]
+                    if resolv_conf is not None
+                    else []
+                ),
             ],
             linux=oci.Linux(
                 namespaces=[
@@ -402,7 +418,8 @@ class GvisorRuntime:
                 rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
             network = await self.networks.create(spec.id, rules)
             (directory / "bundle").mkdir()
-            oci.write_bundle_config(directory / "bundle", self._spec(spec, network))
+            resolv = resolv_conf_mount(spec, directory, network.resolv_conf())
+            oci.write_bundle_config(directory / "bundle", self._spec(spec, network, resolv))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if network is not None:

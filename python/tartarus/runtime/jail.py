@@ -38,11 +38,13 @@ from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_dirs_named,
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
+    RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
     reachable_socket,
+    resolv_conf_mount,
     wait_for_path,
     with_rootfs,
 )
@@ -299,6 +301,12 @@ class JailRuntime:
                 BindMount(source=find_binary("tartarus-agent"), destination=AGENT_IN_SANDBOX),
                 BindMount(
                     source=directory / "run", destination=SOCKET_DIR_IN_SANDBOX, readonly=False
+                ),
+                *(
+                    [BindMount(source=resolv, destination=RESOLV_CONF)]
+                    if network is not None
+                    and (resolv := resolv_conf_mount(spec, directory, network.resolv_conf()))
+                    else []
                 ),
             ],
             cgroup=cgroup,
