@@ -168,7 +168,15 @@ class SandboxNetworks:
 
         names = None if rules.any_name else list(enumerate(n.pattern for n in rules.names))
         gate = DnsGate(lease.host_address, upstream, names, allow)
-        await gate.open()
+        try:
+            await gate.open()
+        except OSError as e:
+            # Failing beats going on: the rules already let the sandbox reach port 53
+            # there, which would be whatever else holds it.
+            raise NetworkSetupError(
+                f"the sandbox's resolver cannot listen on {lease.host_address}:53 ({e}); "
+                "free that port or set [network] dns = false"
+            ) from e
         self._resolvers[host_if] = gate
 
     async def _link(self, lease: Lease, rules: EgressRules, resolver: str | None) -> None:
