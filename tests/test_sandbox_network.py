@@ -573,7 +573,9 @@ async def test_reconcile_removes_what_a_crash_left(base_rootfs: Path, tmp_path: 
     pool = crashed.networks.pool
     lost = pool.take("zgone", "lost", "tt-zgone-lost", LINK_PREFIX)
     os.utime(pool.dir / str(lost.index), (1e9, 1e9))
-    # The crash: the runtime object is dropped without a kill; a new one takes over.
+    # The crash: the runtime is dropped without a kill (its process's sockets close
+    # with it), and a new one takes over.
+    crashed.networks.close_resolvers()
     restarted = JailRuntime(state)
     reaped = await restarted.reap(set())
     assert "orphan" in reaped

@@ -285,6 +285,12 @@ class SandboxNetworks:
                 await ip("link", "del", link)
         return sorted(reaped)
 
+    def close_resolvers(self) -> None:
+        """Closes every sandbox resolver this runtime runs (what a process exit does)."""
+        for gate in self._resolvers.values():
+            gate.close()
+        self._resolvers.clear()
+
     async def drops(self) -> dict[str, Drops]:
         """Dropped packets of this runtime's live links, by sandbox id."""
         drops = await self.enforcer.drops()
