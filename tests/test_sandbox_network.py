@@ -133,6 +133,7 @@ def internet() -> Iterator[Internet]:
         sink_port=21000 + secrets.randbelow(1000),
     )
     host_side = f"198.19.{octet}.{quad + 1}"
+    metric = str(1000 + secrets.randbelow(60000))
     run("ip", "netns", "add", inet.netns)
     server: subprocess.Popen[str] | None = None
     resolver: subprocess.Popen[str] | None = None
@@ -151,8 +152,9 @@ def internet() -> Iterator[Internet]:
         ):
             run("ip", "-n", inet.netns, *args)
         # Without the sandbox rules both would be reachable: the host routes them here.
+        # A metric of its own: parallel test workers each add a route to METADATA.
         for dest in (METADATA, inet.private):
-            run("ip", "route", "add", f"{dest}/32", "via", inet.address)
+            run("ip", "route", "add", f"{dest}/32", "via", inet.address, "metric", metric)
         server = subprocess.Popen(
             [
                 "nsenter",
@@ -188,7 +190,11 @@ def internet() -> Iterator[Internet]:
                 process.kill()
                 process.wait()
         for dest in (METADATA, inet.private):
-            subprocess.run(["ip", "route", "del", f"{dest}/32"], check=False, capture_output=True)
+            subprocess.run(
+                ["ip", "route", "del", f"{dest}/32", "via", inet.address, "metric", metric],
+                check=False,
+                capture_output=True,
+            )
         subprocess.run(["ip", "link", "del", inet.host_if], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", inet.netns], check=False, capture_output=True)
 
