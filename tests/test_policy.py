@@ -386,3 +386,26 @@ def test_policy_cli_and_api(tmp_path: Path) -> None:
         # The admission path: a request the policy refuses is a 403 with the reason.
         refused = server.json("POST", "/v1/sandboxes", {"template": "ubuntu"})
         assert refused.status == 403 and "rhadamanthus" in refused.json()["detail"]
+
+
+async def test_admission_hands_the_tenants_egress_to_the_sandbox(tmp_path: Path) -> None:
+    """Styx enforces what the judges hand over: the tenant's `network.egress`, or the
+    template's own list from `templates.defaults` (tests/test_egress_rules.py)."""
+    judges = judges_with(
+        tmp_path,
+        textwrap.dedent(
+            """
+            name: acme
+            tenant: acme
+            spec:
+              network: {egress: ["203.0.113.0/24:443"]}
+              templates: {defaults: {pip: {egress: ["pypi.org:443"]}}}
+            """
+        ),
+    )
+    admitted = await judges.admit(principal("acme"), create(network=True))
+    assert admitted.egress == ["203.0.113.0/24:443"]
+    admitted = await judges.admit(principal("acme"), create(template="pip", network=True))
+    assert admitted.egress == ["pypi.org:443"]
+    assert (await judges.admit(principal("globex"), create(network=True))).egress == []
+    assert (await AdmitAll().admit(principal("acme"), create(network=True))).egress == []

@@ -18,6 +18,7 @@ from tartarus import codec, paths
 from tartarus.auth.settings import AuthSettings
 from tartarus.errors import ConfigError
 from tartarus.fleet.settings import FleetSettings
+from tartarus.network.settings import NetworkSettings
 from tartarus.runtime.vmm_jail import VmmJailSettings
 from tartarus.secrets.settings import SecretsSettings
 
@@ -42,6 +43,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     vmm_jail: VmmJailSettings = msgspec.field(default_factory=VmmJailSettings)
     # Many hosts: scheduling, queue and heartbeat settings of `serve --state` (docs/fleet.md).
     fleet: FleetSettings = msgspec.field(default_factory=FleetSettings)
+    # Sandbox networks (Styx): the address pool of sandbox links ([network],
+    # docs/configuration.md).
+    network: NetworkSettings = msgspec.field(default_factory=NetworkSettings)
     # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
     # API's `PUT /v1/pools/{template}` overrides it).
     warm_pools: dict[str, int] = msgspec.field(default_factory=dict)

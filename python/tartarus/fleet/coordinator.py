@@ -212,7 +212,7 @@ class Coordinator:
             )
             admitted.release()  # a local hold, if any: the shared one counts
             try:
-                record = await self._enqueue(admitted.request, caller, sandbox_id)
+                record = await self._enqueue(admitted.request, caller, sandbox_id, admitted.egress)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self.state.quota.release(caller.tenant, sandbox_id)
@@ -244,7 +244,11 @@ class Coordinator:
         return any(s in flagged for s in subjects if not s.endswith(":"))
 
     async def _enqueue(
-        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
+        self,
+        request: CreateSandboxRequest,
+        caller: Principal,
+        sandbox_id: str,
+        egress: list[str],
     ) -> SandboxRecord:
         tenant = caller.tenant
         registry = self.state.registry
@@ -281,6 +285,7 @@ class Coordinator:
             tenant=tenant,
             owner=caller.subject,
             quarantined=await self._quarantined(request, tenant),
+            egress=egress,
             place_by=time.time() + self.settings.placement_timeout_s,
         )
         try:

@@ -8,11 +8,16 @@ own host's, under the same names:
   once), so every lane reads 0 there; `tartarus_sandboxes_creating` counts the creates
   in progress instead;
 - `tartarus_sandbox_launches_total` and `tartarus_errors_total{category="start"}`,
-  counted as the server's store records sandboxes starting or failing to start.
+  counted as the server's store records sandboxes starting or failing to start;
+- `tartarus_sandbox_egress_dropped_packets{sandbox,reason}`: packets the network layer
+  dropped for each running sandbox (`denied` by its egress policy, `spoofed` source),
+  and `tartarus_enforcement_actions_total{fury="policy-violation"}` counting the
+  violation events they raised (`tartarus.enforcement.egress_drops`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,9 +28,11 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import Gauge
 
 from tartarus.auth.rbac import ADMIN_TENANTS
-from tartarus.enforcement.records import ErrorCategory
+from tartarus.enforcement.egress_drops import EgressDropWatcher, EventSink
+from tartarus.enforcement.records import EnforcementEvent, ErrorCategory
 from tartarus.fleet.host_usage import HostUsage
 from tartarus.fleet.metrics import Instruments
+from tartarus.network.egress import Drops
 from tartarus.node.manager import SandboxManager
 from tartarus.node.store import SandboxRecord, Store
 from tartarus.queue import LANES, LaneDepth
@@ -66,9 +73,29 @@ class HostMetrics(Instruments):
             "Creates in progress on this host",
             registry=self.registry,
         )
+        self.egress_drops = Gauge(
+            "tartarus_sandbox_egress_dropped_packets",
+            "Packets the network layer dropped for a running sandbox",
+            ["sandbox", "reason"],
+            registry=self.registry,
+        )
         self._usage = HostUsage()
         self._states: dict[str, SandboxState] = {}
         self.manager: SandboxManager | None = None
+        # Where enforcement events also go (a node agent's outbox, reported to the fleet).
+        self.event_sinks: list[EventSink] = []
+
+    def event(self, event: EnforcementEvent) -> None:
+        self.enforcement.labels(event.fury.value, event.action.value).inc()
+
+    def set_drops(self, sandbox_id: str, drops: Drops) -> None:
+        self.egress_drops.labels(sandbox_id, "denied").set(drops.denied)
+        self.egress_drops.labels(sandbox_id, "spoofed").set(drops.spoofed)
+
+    def forget_drops(self, sandbox_id: str) -> None:
+        for reason in ("denied", "spoofed"):
+            with contextlib.suppress(KeyError):
+                self.egress_drops.remove(sandbox_id, reason)
 
     def observe(self, record: SandboxRecord) -> None:
         before = self._states.get(record.id)
@@ -128,4 +155,11 @@ class MetricsPlugin:
         app[METRICS] = self.metrics
         if isinstance(self.metrics, HostMetrics):
             self.metrics.manager = manager
+            watcher = EgressDropWatcher(
+                manager,
+                manager.provider.networks,
+                self.metrics,
+                [self.metrics, *self.metrics.event_sinks],
+            )
+            manager.spawn(watcher.watch_forever)
         yield

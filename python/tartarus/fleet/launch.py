@@ -188,6 +188,7 @@ async def run_agent(
     )
     outbox = Outbox()
     metrics = HostMetrics(spec.id, spec.pool)
+    metrics.event_sinks.append(outbox)
     agent = NodeAgent(
         AgentOptions(
             join=config.join,

@@ -395,7 +395,9 @@ class NodeAgent:
     async def _create(self, manager: SandboxManager, job: Job) -> SandboxRecord:
         try:
             caller = msgspec.structs.replace(SYSTEM, subject=job.owner, tenant=job.tenant)
-            record, _ = await manager.create(job.request, caller=caller, sandbox_id=job.sandbox_id)
+            record, _ = await manager.create(
+                job.request, caller=caller, sandbox_id=job.sandbox_id, egress=job.egress
+            )
         except Exception as e:
             stored = manager.store.get(job.sandbox_id)
             if stored is not None:

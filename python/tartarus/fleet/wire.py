@@ -28,6 +28,8 @@ class Job(msgspec.Struct, kw_only=True, frozen=True):
     place_by: float
     # Times the job went back to the lanes because its node died before starting it.
     reschedules: int = 0
+    # What the judges let it reach if it has a network (`tartarus.network.egress`).
+    egress: list[str] = msgspec.field(default_factory=list)
 
 
 class JoinReply(msgspec.Struct, kw_only=True, frozen=True):

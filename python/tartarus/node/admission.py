@@ -48,6 +48,13 @@ class Admitted(Protocol):
     @property
     def request(self) -> CreateSandboxRequest: ...
 
+    @property
+    def egress(self) -> list[str]:
+        """What the sandbox may reach if it has a network: the policy's `network.egress`
+        entries for its tenant and template (`tartarus.network.egress`); empty: any
+        public destination."""
+        ...
+
     def bind(self, record: SandboxRecord, sandbox: Sandbox) -> Sandbox:
         """The sandbox was created: keep the hold for it; returns the sandbox the server
         should use."""
@@ -78,6 +85,7 @@ class AdmissionHook(Protocol):
 class _Admitted:
     def __init__(self, request: CreateSandboxRequest) -> None:
         self.request = request
+        self.egress: list[str] = []
 
     def bind(self, record: SandboxRecord, sandbox: Sandbox) -> Sandbox:
         return sandbox

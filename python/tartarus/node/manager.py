@@ -92,8 +92,11 @@ class SandboxSource(Protocol):
     restore); None means the manager starts one itself."""
 
     async def acquire(
-        self, request: CreateSandboxRequest, caller: Principal
-    ) -> AcquiredSandbox | None: ...
+        self, request: CreateSandboxRequest, caller: Principal, egress: Sequence[str]
+    ) -> AcquiredSandbox | None:
+        """`egress`: what the sandbox may reach if it has a network; a ready sandbox
+        made without those rules must not be handed out for it."""
+        ...
 
 
 SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
@@ -269,11 +272,13 @@ class SandboxManager:
         *,
         caller: Principal = SYSTEM,
         sandbox_id: str | None = None,
+        egress: Sequence[str] | None = None,
     ) -> tuple[SandboxRecord, bool]:
         """Creates and starts a sandbox for `caller` (admission decides first); returns its
         record and whether it was a replay of an earlier create with the same idempotency
         key (keys are per tenant). `sandbox_id` is given when the fleet's scheduler named
-        the sandbox before sending it to this node."""
+        the sandbox before sending it to this node; `egress` then carries what the
+        fleet's judges allowed it to reach (this node's own admission decides otherwise)."""
         if not self._accepting:
             raise UnavailableError("the server is shutting down", slug="shutting-down")
         if idempotency_key is not None:
@@ -282,7 +287,7 @@ class SandboxManager:
             if claimed is not None:
                 return self._replay(idempotency_key, request, *claimed), True
         try:
-            record = await self._create(request, caller, sandbox_id or new_sandbox_id())
+            record = await self._create(request, caller, sandbox_id or new_sandbox_id(), egress)
         except BaseException:
             if idempotency_key is not None:
                 self.store.release_key(idempotency_key)
@@ -301,21 +306,29 @@ class SandboxManager:
         return self.record(sandbox_id)
 
     async def _create(
-        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str
+        self,
+        request: CreateSandboxRequest,
+        caller: Principal,
+        sandbox_id: str,
+        egress: Sequence[str] | None,
     ) -> SandboxRecord:
         # The template's own defaults count in admission, so quotas judge what it gets.
         admitted = await self.admission.admit(caller, request, self.provider.defaults_for(request))
         try:
-            return await self._place(admitted, caller, sandbox_id)
+            return await self._place(
+                admitted, caller, sandbox_id, admitted.egress if egress is None else egress
+            )
         except BaseException:
             admitted.release()
             raise
 
-    async def _place(self, admitted: Admitted, caller: Principal, sandbox_id: str) -> SandboxRecord:
+    async def _place(
+        self, admitted: Admitted, caller: Principal, sandbox_id: str, egress: Sequence[str]
+    ) -> SandboxRecord:
         """Picks the backend, pins the template's files and checks its limits."""
         request = admitted.request
         if self.source is not None:
-            acquired = await self.source.acquire(request, caller)
+            acquired = await self.source.acquire(request, caller, egress)
             if acquired is not None:
                 return await self._adopt(admitted, acquired, caller)
         spec = SandboxSpec(
@@ -324,6 +337,7 @@ class SandboxManager:
             backend=request.backend,
             env=request.env,
             network=request.network,
+            egress=[*egress],
             trust=request.trust,
             metadata=request.metadata,
         )

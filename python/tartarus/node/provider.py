@@ -22,6 +22,7 @@ from tartarus.host.doctor import BackendVerdict, DoctorReport, run_doctor
 from tartarus.images import TemplateStore
 from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.store import TemplateInfo, TemplateManifest
+from tartarus.network.namespaces import SandboxNetworks
 from tartarus.node.admission import TemplateDefaults
 from tartarus.runtime.base import BackendUnavailableError, Runtime
 from tartarus.runtime.selector import make_runtime, select_backend
@@ -72,6 +73,14 @@ class HostRuntimes:
         if runtime is None:
             runtime = self._runtimes[backend] = make_runtime(backend, self.settings)
         return runtime
+
+    def networks(self) -> list[SandboxNetworks]:
+        """The network layer of each backend in use that has one (jail, gvisor)."""
+        return [
+            networks
+            for runtime in self._runtimes.values()
+            if isinstance(networks := getattr(runtime, "networks", None), SandboxNetworks)
+        ]
 
     async def select(self, spec: SandboxSpec) -> tuple[Runtime, str]:
         backend, reasons = select_backend(spec, await self.report())

@@ -35,6 +35,7 @@ from msgspec import Meta
 
 from tartarus.api.types import TENANT_PATTERN
 from tartarus.errors import TartarusError
+from tartarus.network.egress import validate as validate_egress
 from tartarus.runtime.types import Backend
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -62,9 +63,15 @@ class Quotas(_Section, kw_only=True):
 class NetworkPolicy(_Section, kw_only=True):
     # Whether sandboxes may ask for a network at all.
     allow: bool = True
-    # Destinations (CIDRs or host names) that networked sandboxes may reach; empty: any.
-    # Enforced by the network layer (Styx); the judges only check `allow`.
+    # Destinations networked sandboxes may reach: CIDRs or host names, each with an
+    # optional port or range (`203.0.113.0/24:443`, `pypi.org:443`); empty: any public
+    # destination. Private, link-local and metadata ranges stay closed unless an entry
+    # names them; the host and other sandboxes always do (`tartarus.network.egress`).
+    # Enforced in the kernel by the network layer (Styx); the judges check `allow`.
     egress: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_egress(self.egress)
 
 
 class ResourceDefaults(_Section, kw_only=True):
@@ -80,6 +87,12 @@ class TemplateDefaults(_Section, kw_only=True):
     resources: ResourceDefaults = msgspec.field(default_factory=ResourceDefaults)
     timeout_s: Annotated[float, Meta(gt=0)] | None = None
     backend: Backend | None = None
+    # Replaces `network.egress` for sandboxes of this template (none: that list applies).
+    egress: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.egress is not None:
+            validate_egress(self.egress)
 
 
 class TemplateRules(_Section, kw_only=True):

@@ -64,6 +64,15 @@ def policy_defaults(policy: PolicySpec, template: str) -> Layer | None:
     return layer(defaults.resources, defaults.timeout_s, defaults.backend)
 
 
+def egress_for(policy: PolicySpec, template: str) -> list[str]:
+    """The egress entries for a sandbox of `template`: the policy's defaults for the
+    template when they name some, else its `network.egress`."""
+    defaults = policy.templates.defaults.get(template)
+    if defaults is not None and defaults.egress is not None:
+        return list(defaults.egress)
+    return list(policy.network.egress)
+
+
 def with_template_defaults(
     policy: PolicySpec, request: CreateSandboxRequest
 ) -> CreateSandboxRequest:
@@ -77,9 +86,14 @@ class _Admitted:
     releases it)."""
 
     def __init__(
-        self, request: CreateSandboxRequest, hold: Hold | None, wrap: SandboxWrapper
+        self,
+        request: CreateSandboxRequest,
+        hold: Hold | None,
+        wrap: SandboxWrapper,
+        egress: list[str],
     ) -> None:
         self.request = request
+        self.egress = egress
         self._hold = hold
         self._wrap = wrap
 
@@ -174,7 +188,9 @@ class Judges:
                 "; ".join(f"{v.judge}: {v.reason}" for v in refused),
                 status=max(v.status for v in refused),
             )
-        return _Admitted(admission.request, hold, self._wrap)
+        return _Admitted(
+            admission.request, hold, self._wrap, egress_for(policy, admission.request.template)
+        )
 
     def _record(
         self, admission: AdmissionRequest, verdicts: list[Verdict], refused: list[Verdict]

@@ -1,7 +1,10 @@
 """The gVisor backend: `runsc` (systrap platform where it works, else ptrace) runs the
 agent as the container's PID 1 on the template rootfs, read-only with an in-memory
-overlay (`--overlay2 root:memory`) that disappears with the sandbox. No network unless the
-spec asks for one (then gVisor's netstack is swapped for the host's, `--network=host`).
+overlay (`--overlay2 root:memory`) that disappears with the sandbox. Every sandbox runs in
+a network namespace of its own (`tartarus.network`, named in the OCI spec): loopback
+only unless the spec asks for a network; then gVisor's own netstack (`--network=sandbox`)
+drives the namespace's link to the host, whose rules decide what it reaches. runsc takes
+the address off the interface it adopts, so it is put back before every start.
 Memory, CPU and pids limits go into the OCI spec, which runsc enforces with a host cgroup
 around the whole sandbox.
 
@@ -28,6 +31,7 @@ Per runtime, one private `runsc --root` under `<state>/gvisor/runsc`; per sandbo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import secrets
 import shutil
@@ -48,6 +52,9 @@ from tartarus.host.runsc import (
     resolve_runsc,
     unmount_null_netns,
 )
+from tartarus.network.egress import compile_rules
+from tartarus.network.namespaces import SandboxNetwork, SandboxNetworks
+from tartarus.network.settings import NetworkSettings
 from tartarus.runtime import oci_spec as oci
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import SandboxError
@@ -55,10 +62,12 @@ from tartarus.runtime.cgroups import CgroupReader, cgroup_dirs_of
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
+    RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
+    resolv_conf_mount,
     with_rootfs,
 )
 from tartarus.runtime.types import (
@@ -119,10 +128,13 @@ def _dir_size(path: Path) -> int:
 class GvisorSandbox(HostedAgentSandbox):
     BACKEND = Backend.GVISOR
 
-    def __init__(self, runtime: GvisorRuntime, spec: SandboxSpec, directory: Path) -> None:
+    def __init__(
+        self, runtime: GvisorRuntime, spec: SandboxSpec, directory: Path, network: SandboxNetwork
+    ) -> None:
         super().__init__(spec, directory)
         self._runtime = runtime
         self.container = _container_name(spec.id)
+        self.network: SandboxNetwork | None = network
 
     @property
     def bundle(self) -> Path:
@@ -155,6 +167,8 @@ class GvisorSandbox(HostedAgentSandbox):
         # another runsc (a `runsc state` costs ~20 ms).
         pid_file = self._dir / "sandbox.pid"
         pid_file.unlink(missing_ok=True)
+        if self.network is not None:
+            await self._runtime.networks.address(self.network)
         self._runtime.live.add(self.container)
         await self._runsc(
             *command,
@@ -244,15 +258,25 @@ class GvisorSandbox(HostedAgentSandbox):
     async def kill(self) -> None:
         await self.close_agent()
         await self._runtime.destroy(self.container)
+        network, self.network = self.network, None
+        if network is not None:
+            await self._runtime.networks.remove(network)
         self._state = SandboxState.STOPPED
         await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
 
 
 class GvisorRuntime:
     def __init__(
-        self, state_dir: Path, *, runsc: Path | None = None, cache_dir: Path | None = None
+        self,
+        state_dir: Path,
+        *,
+        runsc: Path | None = None,
+        cache_dir: Path | None = None,
+        network: NetworkSettings | None = None,
     ) -> None:
         self._root = state_dir / "gvisor"
+        scope = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+        self.networks = SandboxNetworks(f"g{scope}", network)
         self.runsc_root = self._root / ".runsc"
         self._explicit = runsc
         self._cache_dir = cache_dir or paths.default_cache_dir()
@@ -289,7 +313,7 @@ class GvisorRuntime:
             for f in global_flags(self.runsc_root, self._platform)
             if not f.startswith("--network")
         ]
-        flags += [f"--network={'host' if network else 'none'}", "--overlay2=root:memory"]
+        flags += [f"--network={'sandbox' if network else 'none'}", "--overlay2=root:memory"]
         return [runsc, *flags, *args]
 
     async def runsc(
@@ -317,7 +341,9 @@ class GvisorRuntime:
             )
         return result
 
-    def _spec(self, spec: SandboxSpec, directory: Path) -> oci.Spec:
+    def _spec(
+        self, spec: SandboxSpec, network: SandboxNetwork, resolv_conf: Path | None
+    ) -> oci.Spec:
         assert spec.rootfs is not None
         r = spec.resources
         env = [f"{k}={v}" for k, v in spec.env.items()]
@@ -366,12 +392,23 @@ class GvisorRuntime:
                     source="tmpfs",
                     options=["nosuid", "nodev", "mode=700"],
                 ),
+                *(
+                    [
+                        oci.Mount(
+                            destination=RESOLV_CONF,
+                            type="bind",
+                            source=str(resolv_conf),
+                            options=["rbind", "ro"],
+                        )
+                    ]
+                    if resolv_conf is not None
+                    else []
+                ),
             ],
             linux=oci.Linux(
-                # With network, runsc's host stack only serves the netns it starts in.
                 namespaces=[
-                    oci.Namespace(type=t)
-                    for t in ("pid", "ipc", "uts", "mount", *(() if spec.network else ("network",)))
+                    *(oci.Namespace(type=t) for t in ("pid", "ipc", "uts", "mount")),
+                    oci.Namespace(type="network", path=str(network.path)),
                 ],
                 resources=oci.Resources(
                     memory=oci.MemoryLimits(limit=r.memory_mib << 20),
@@ -384,9 +421,22 @@ class GvisorRuntime:
     async def _prepare(self, spec: SandboxSpec) -> GvisorSandbox:
         spec = await with_rootfs(spec)
         directory = new_sandbox_dir(self._root, spec, Backend.GVISOR.value)
-        (directory / "bundle").mkdir()
-        oci.write_bundle_config(directory / "bundle", self._spec(spec, directory))
-        return GvisorSandbox(self, spec, directory)
+        network: SandboxNetwork | None = None
+        try:
+            rules = None
+            if spec.network:
+                rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
+            network = await self.networks.create(spec.id, rules)
+            (directory / "bundle").mkdir()
+            resolv = resolv_conf_mount(spec, directory, network.resolv_conf())
+            oci.write_bundle_config(directory / "bundle", self._spec(spec, network, resolv))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if network is not None:
+                    await self.networks.remove(network)
+                await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
+            raise
+        return GvisorSandbox(self, spec, directory, network)
 
     async def create(self, spec: SandboxSpec) -> GvisorSandbox:
         return await self._prepare(spec)
@@ -431,4 +481,5 @@ class GvisorRuntime:
                     removed.add(entry.name)
         if not self.live:
             unmount_null_netns(self.runsc_root)
+        removed.update(await self.networks.reap(keep))
         return sorted(removed)

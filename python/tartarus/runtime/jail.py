@@ -29,17 +29,22 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tartarus import codec
 from tartarus.binaries import find_binary
+from tartarus.network.egress import compile_rules
+from tartarus.network.namespaces import SandboxNetwork, SandboxNetworks
+from tartarus.network.settings import NetworkSettings
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_dirs_named, cgroup_mounts
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
+    RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
     agent_argv,
     new_sandbox_dir,
     reachable_socket,
+    resolv_conf_mount,
     wait_for_path,
     with_rootfs,
 )
@@ -90,7 +95,8 @@ class JailConfig(msgspec.Struct, frozen=True):
     argv: list[str]
     hostname: str = SANDBOX_HOSTNAME
     scratch_mib: int = 1024
-    network: bool = False
+    # A prepared namespace to join (`tartarus.network`); None: loopback only.
+    network_namespace: Path | None = None
     mounts: list[BindMount] = msgspec.field(default_factory=list)
     cgroup: CgroupConfig | None = None
     env: dict[str, str] = msgspec.field(default_factory=dict)
@@ -125,8 +131,18 @@ _decode_event: msgspec.json.Decoder[JailEvent] = msgspec.json.Decoder(
 class JailSandbox(HostedAgentSandbox):
     BACKEND = Backend.JAIL
 
-    def __init__(self, spec: SandboxSpec, directory: Path) -> None:
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        directory: Path,
+        networks: SandboxNetworks,
+        network: SandboxNetwork | None = None,
+    ) -> None:
         super().__init__(spec, directory)
+        self._networks = networks
+        # The prepared namespace of a sandbox granted a network (others get a fresh
+        # loopback-only one from tartarus-jail, which dies with the jail).
+        self.network = network
         self._process: anyio.abc.Process | None = None
         self._events: BufferedByteReceiveStream | None = None
         self._started: StartedEvent | None = None
@@ -233,6 +249,9 @@ class JailSandbox(HostedAgentSandbox):
             await process.aclose()
         if self._cgroup.dirs:
             await anyio.to_thread.run_sync(self._cgroup.kill_and_remove)
+        network, self.network = self.network, None
+        if network is not None:
+            await self._networks.remove(network)
         self._state = SandboxState.STOPPED
         await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
 
@@ -242,16 +261,25 @@ class JailRuntime:
     cgroups under `tartarus/<hash of state_dir>` in each hierarchy, so runtimes with
     different state directories (tests, several servers) never touch each other's."""
 
-    def __init__(self, state_dir: Path, *, cgroup_parent: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        cgroup_parent: str | None = None,
+        network: NetworkSettings | None = None,
+    ) -> None:
         self._root = state_dir / "jail"
         scope = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
         self.cgroup_parent = cgroup_parent or f"tartarus/{scope}"
+        self.networks = SandboxNetworks(f"j{scope[:8]}", network)
 
     @property
     def backend(self) -> Backend:
         return Backend.JAIL
 
-    def _config(self, spec: SandboxSpec, directory: Path) -> JailConfig:
+    def _config(
+        self, spec: SandboxSpec, directory: Path, network: SandboxNetwork | None
+    ) -> JailConfig:
         assert spec.rootfs is not None
         r = spec.resources
         cgroup = None
@@ -269,11 +297,17 @@ class JailRuntime:
             work_dir=directory / "work",
             argv=agent_argv(),
             scratch_mib=r.disk_mib,
-            network=spec.network,
+            network_namespace=network.path if network is not None else None,
             mounts=[
                 BindMount(source=find_binary("tartarus-agent"), destination=AGENT_IN_SANDBOX),
                 BindMount(
                     source=directory / "run", destination=SOCKET_DIR_IN_SANDBOX, readonly=False
+                ),
+                *(
+                    [BindMount(source=resolv, destination=RESOLV_CONF)]
+                    if network is not None
+                    and (resolv := resolv_conf_mount(spec, directory, network.resolv_conf()))
+                    else []
                 ),
             ],
             cgroup=cgroup,
@@ -286,9 +320,20 @@ class JailRuntime:
         directory = new_sandbox_dir(self._root, spec, Backend.JAIL.value)
         (directory / "work").mkdir()
         (directory / "run").mkdir(mode=0o700)
-        config = self._config(spec, directory)
-        (directory / "config.json").write_bytes(codec.to_json(config))
-        return JailSandbox(spec, directory)
+        network: SandboxNetwork | None = None
+        try:
+            if spec.network:
+                rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
+                network = await self.networks.create(spec.id, rules)
+            config = self._config(spec, directory, network)
+            (directory / "config.json").write_bytes(codec.to_json(config))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if network is not None:
+                    await self.networks.remove(network)
+                await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
+            raise
+        return JailSandbox(spec, directory, self.networks, network)
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> JailSandbox:
         raise NotSupportedError(Backend.JAIL, "snapshots")
@@ -307,6 +352,7 @@ class JailRuntime:
             with contextlib.suppress(OSError):
                 await anyio.to_thread.run_sync(self.remove_cgroup_scope)
         if not self._root.is_dir():
+            await self.networks.reap(keep)
             return removed
         for entry in sorted(self._root.iterdir()):
             if entry.name in keep:
@@ -314,6 +360,8 @@ class JailRuntime:
             await anyio.to_thread.run_sync(self._reap_one, entry)
             await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
             removed.append(entry.name)
+        # After the jails: a namespace goes once nothing runs in it.
+        await self.networks.reap(keep)
         return removed
 
     def _reap_one(self, directory: Path) -> None:

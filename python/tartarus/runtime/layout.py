@@ -22,6 +22,22 @@ SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
 AGENT_SOCKET: Final = "agent.sock"
 
 
+RESOLV_CONF: Final = "/etc/resolv.conf"
+
+
+def resolv_conf_mount(spec: SandboxSpec, directory: Path, text: str | None) -> Path | None:
+    """Writes the sandbox's `/etc/resolv.conf` (naming its resolver on the host) into
+    its directory, to be bound over the template's; None when there is no resolver, or
+    the template's is a symlink (a bind mount cannot land on one safely)."""
+    if text is None or spec.rootfs is None:
+        return None
+    if (spec.rootfs / RESOLV_CONF.lstrip("/")).is_symlink():
+        return None
+    path = directory / "resolv.conf"
+    path.write_text(text)
+    return path
+
+
 def agent_argv() -> list[str]:
     """How every agent-backed backend starts the agent inside the sandbox."""
     return [

@@ -41,11 +41,13 @@ def make_runtime(backend: Backend, settings: Settings) -> Runtime:
     if backend is Backend.JAIL:
         from tartarus.runtime.jail import JailRuntime  # noqa: PLC0415
 
-        return JailRuntime(state)
+        return JailRuntime(state, network=settings.network)
     if backend is Backend.GVISOR:
         from tartarus.runtime.gvisor import GvisorRuntime  # noqa: PLC0415
 
-        return GvisorRuntime(state, runsc=settings.runsc, cache_dir=settings.cache_dir)
+        return GvisorRuntime(
+            state, runsc=settings.runsc, cache_dir=settings.cache_dir, network=settings.network
+        )
     if backend is Backend.MICROVM:
         from tartarus.runtime.microvm import MicroVmRuntime  # noqa: PLC0415
 

@@ -64,6 +64,9 @@ class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     resources: Resources = msgspec.field(default_factory=Resources)
     env: dict[str, str] = msgspec.field(default_factory=dict)
     network: bool = False
+    # With a network: what it may reach (the policy's `network.egress` entries,
+    # `tartarus.network.egress`); empty: any public destination.
+    egress: list[str] = msgspec.field(default_factory=list)
     trust: TrustLevel = TrustLevel.UNTRUSTED
     # For the wasm backend: the module to run (a `.wasm` module selects wasm under auto).
     wasm_module: Path | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -101,15 +101,21 @@ class SnapshotWiring:
     # --- creates --------------------------------------------------------------------------
 
     async def acquire(
-        self, request: CreateSandboxRequest, caller: Principal
+        self, request: CreateSandboxRequest, caller: Principal, egress: Sequence[str] = ()
     ) -> AcquiredSandbox | None:
         if request.from_snapshot is None:
+            # Pooled sandboxes were made with no egress list: one with a network is no
+            # match for a tenant whose policy names one.
+            if request.network and egress:
+                return None
             return self.pools.claim(request)
         record = self.service.catalog.get(request.from_snapshot)
         tenants = visible_tenants(caller)
         if record is None or (tenants is not None and record.tenant not in tenants):
             raise NotFoundError(str(SnapshotNotFoundError(request.from_snapshot)))
-        spec = SandboxSpec(id=new_sandbox_id(), metadata=request.metadata, env=request.env)
+        spec = SandboxSpec(
+            id=new_sandbox_id(), metadata=request.metadata, env=request.env, egress=[*egress]
+        )
         try:
             restored = await self.service.restore(request.from_snapshot, spec)
         except SnapshotNotFoundError as e:

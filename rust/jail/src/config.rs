@@ -23,9 +23,11 @@ pub struct JailConfig {
     /// Size of the writable scratch layer (tmpfs), MiB.
     #[serde(default = "default_scratch_mib")]
     pub scratch_mib: u64,
-    /// Share the host's network namespace; otherwise the jail has loopback only.
+    /// A network namespace to join (a path such as `/run/netns/NAME`, prepared by the
+    /// host with its links, addresses and routes); otherwise the jail gets a new one
+    /// with loopback only. The host's own namespace is never shared.
     #[serde(default)]
-    pub network: bool,
+    pub network_namespace: Option<PathBuf>,
     #[serde(default)]
     pub user_namespace: UserNamespace,
     /// Host paths bound into the jail (the agent binary, its socket directory).

@@ -126,7 +126,12 @@ fn supervise(
         _ => None,
     };
     let mut namespaces = Namespaces::all(user_ns);
-    namespaces.net = !config.network;
+    if let Some(path) = &config.network_namespace {
+        // The supervisor joins it, so the jail's init is born there: a child in a new
+        // user namespace could no longer join a namespace the host's user namespace owns.
+        namespaces::join_network(path)?;
+        namespaces.net = false;
+    }
     let hold = Hold {
         namespaces,
         cgroup,
@@ -166,7 +171,7 @@ fn init_steps(
     stdio_file: Option<File>,
 ) -> Result<Never> {
     sethostname(&config.hostname).context(|| "sethostname".into())?;
-    if !config.network {
+    if config.network_namespace.is_none() {
         namespaces::loopback_up()?;
     }
     mounts::make_private()?;

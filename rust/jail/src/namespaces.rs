@@ -1,7 +1,8 @@
 //! Namespaces: creating a child in new ones, mapping ids into a user namespace,
-//! bringing up loopback in a fresh network namespace.
+//! joining a prepared network namespace, bringing up loopback in a fresh one.
 
-use std::fs;
+use std::fs::{self, File};
+use std::path::Path;
 
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;
@@ -87,6 +88,14 @@ pub fn write_id_maps(child: Pid, inside: u32, uid_outside: u32, gid_outside: u32
         format!("{inside} {gid_outside} 1\n"),
     )
     .context(|| format!("writing {base}/gid_map"))
+}
+
+/// Moves the calling thread into the network namespace at `path` (a bind mount such as
+/// `/run/netns/NAME`, or `/proc/PID/ns/net`).
+pub fn join_network(path: &Path) -> Result<()> {
+    let file = File::open(path).context(|| format!("opening {}", path.display()))?;
+    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+        .context(|| format!("joining the network namespace {}", path.display()))
 }
 
 /// Brings up `lo` in the current network namespace (new ones start with it down).

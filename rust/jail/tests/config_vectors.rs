@@ -24,7 +24,7 @@ fn jail_config_vectors() {
             "work_dir": "/var/lib/tartarus/sandboxes/sbx-1/work",
             "hostname": "sandbox",
             "scratch_mib": 512,
-            "network": true,
+            "network_namespace": "/run/netns/tt-sbx-1",
             "user_namespace": "never",
             "mounts": [
                 {"source": "/usr/bin/tartarus-agent", "destination": "/.tartarus/agent", "readonly": true},

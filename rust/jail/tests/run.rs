@@ -167,6 +167,28 @@ fn host_paths_are_unreachable_and_network_is_loopback_only() {
 }
 
 #[test]
+#[ignore = "needs busybox, root; run where a probe finds it"]
+fn joins_a_prepared_network_namespace() {
+    let fx = Fixture::new("netns");
+    let name = format!("tt-jailtest-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let status = Command::new("ip").args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &name]);
+    ip(&[
+        "-n", &name, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1",
+    ]);
+    let mut config =
+        fx.config("ip -o link | cut -d: -f2 | cut -d@ -f1 | tr -d ' ' | sort | tr '\\n' ,");
+    config["network_namespace"] = json!(format!("/run/netns/{name}"));
+    let (out, _) = fx.run(&config);
+    ip(&["netns", "del", &name]);
+    // The namespace the host prepared, with its interfaces, not a fresh one.
+    assert_eq!(stdout(&out), "lo,probe0,probe1,", "{out:?}");
+}
+
+#[test]
 #[ignore = "needs busybox; run where a probe finds it"]
 fn bind_mounts_cannot_be_steered_outside_by_symlinks() {
     let fx = Fixture::new("symlink");
