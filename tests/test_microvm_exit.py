@@ -1,11 +1,15 @@
-"""How a microVM's exit reads: a reset is a clean stop only after the host asked for one."""
+"""How a microVM's exit reads (a reset is a clean stop only after the host asked for one),
+and the host's list of a snapshot's disks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from tartarus.api.sandbox import SandboxState
-from tartarus.runtime.microvm import classify_exit
+from tartarus.runtime.base import SandboxError
+from tartarus.runtime.microvm import DRIVES_FILE, _host_drives, classify_exit
 
 
 @pytest.mark.parametrize("reason", ["reset", "shutdown", "halt", "stopped"])
@@ -28,3 +32,22 @@ def test_the_vmm_stop_is_clean_even_unasked() -> None:
 @pytest.mark.parametrize("reason", ["internal_error", "wall_clock_limit", "unknown"])
 def test_other_exits_fail_whether_asked_or_not(reason: str) -> None:
     assert classify_exit(reason, requested=True) == (SandboxState.FAILED, reason)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [(b"{not json", "is damaged"), (b"[]", "names 0 disks; the snapshot has 2")],
+)
+async def test_a_snapshots_host_drive_list_is_checked(
+    tmp_path: Path, content: bytes, error: str
+) -> None:
+    (tmp_path / DRIVES_FILE).write_bytes(content)
+    with pytest.raises(SandboxError, match=error):
+        await _host_drives(tmp_path, 2)
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_without_a_host_drive_list_uses_its_own(tmp_path: Path) -> None:
+    # Snapshots taken before the list existed (or by an unjailed VMM) restore as before.
+    assert await _host_drives(tmp_path, 2) is None

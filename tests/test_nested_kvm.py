@@ -78,8 +78,8 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
     junit = out / "inner.xml"
     # Guests boot in tens of seconds under nested emulation, not in one.
     job = (
-        f"cd {ROOT} && TARTARUS_GUEST_READY_TIMEOUT_S=180 "
-        ".venv/bin/python -m pytest -p no:cacheprovider -p no:xdist -p no:schemathesis "
+        f"cd {ROOT} && TARTARUS_GUEST_READY_TIMEOUT_S=180 TARTARUS_TEST_CONCURRENT_MICROVMS=3 "
+        ".venv/bin/python -m pytest -p no:cacheprovider -p no:schemathesis -n 2 "
         f"-o addopts= -m kvm_full -rA --durations=0 --junitxml={junit} "
         f"--basetemp=/tmp/pt {' '.join(INNER_FILES)}"
     )

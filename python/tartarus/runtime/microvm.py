@@ -111,6 +111,9 @@ _STATES = {
 # whether we asked.
 _REQUESTED_EXITS = {"reset", "shutdown", "halt", "stopped"}
 SNAPSHOT_FILE = "vm.snap"
+# The disks as the host names them, beside a snapshot: a jailed VMM records its own view
+# (`/drives/0`), which means nothing to the restore that has to bind them again.
+DRIVES_FILE = "drives.json"
 
 
 def clone_id_of(sandbox_id: str) -> int:
@@ -125,6 +128,23 @@ def clone_id_of(sandbox_id: str) -> int:
 def _file_key(path: Path) -> tuple[str, int, int, int]:
     st = path.stat()
     return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+async def _host_drives(snapshot_dir: Path, count: int) -> list[DriveConfig] | None:
+    """The host's names for a snapshot's disks, if it was written with them."""
+    try:
+        raw = await anyio.Path(snapshot_dir / DRIVES_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        drives = codec.convert(msgspec.json.decode(raw), list[DriveConfig])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise SandboxError(f"{snapshot_dir / DRIVES_FILE} is damaged: {e}") from e
+    if len(drives) != count:
+        raise SandboxError(
+            f"{snapshot_dir / DRIVES_FILE} names {len(drives)} disks; the snapshot has {count}"
+        )
+    return drives
 
 
 def drive_copy_name(index: int) -> str:
@@ -548,9 +568,12 @@ class MicroVmSandbox(AgentSandbox):
     ) -> list[DriveConfig]:
         """The snapshot's disks for this clone: its own copy of each scratch disk (the
         VMM adopts and wipes it), the shared read-only images as they are."""
+        host_view = await _host_drives(snapshot_dir, len(saved))
         drives = []
         for i, raw in enumerate(saved):
             drive = codec.convert(raw, DriveConfig)
+            if host_view is not None:
+                drive = msgspec.structs.replace(drive, path=host_view[i].path)
             if drive.scratch is not None:
                 copy = self.run_dir / drive_copy_name(i)
                 await sparse_copy(snapshot_dir / drive_copy_name(i), copy)
@@ -645,6 +668,7 @@ class MicroVmSandbox(AgentSandbox):
                 if drive.scratch is not None:
                     await sparse_copy(drive.path, dest_dir / drive_copy_name(i))
                     size += (await anyio.Path(drive.path).stat()).st_size
+            await anyio.Path(dest_dir / DRIVES_FILE).write_bytes(codec.to_json(self._drives))
         finally:
             if was_running:
                 await self._vmm.resume()
