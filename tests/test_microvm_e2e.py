@@ -239,32 +239,34 @@ async def test_a_snapshot_restores_as_clones_that_go_on_with_their_own_entropy(
     refused with an error that names it."""
     from tartarus.runtime.microvm import MicroVmSandbox, clone_id_of  # noqa: PLC0415
 
+    # The source stays up while its clones run: its root image (built from `rootfs` in
+    # its own directory, unlike a template's shared one) goes when it does.
     sb = await _started(runtime, _spec(rootfs, "snap"))
+    randoms = set()
     try:
         await _run(sb, "/bin/sh", "-c", "echo before the snapshot > /tmp/state")
         assert isinstance(sb, MicroVmSandbox)
         info = await sb.snapshot(tmp_path / "snap")
+        for i in range(1, 4):
+            spec = SandboxSpec(id=f"sb-{i:016x}", resources=Resources(memory_mib=256, vcpus=1))
+            clone = await runtime.restore(info, spec)
+            try:
+                assert isinstance(clone, MicroVmSandbox) and clone.restore_report is not None
+                assert clone.restore_report.clone_id == clone_id_of(spec.id) == i
+                state = await _run(clone, "/bin/cat", "/tmp/state")
+                assert state.stdout == b"before the snapshot\n"
+                drawn = await _run(clone, "/bin/sh", "-c", "head -c 32 /dev/urandom | od -An -tx1")
+                assert drawn.exit.code == 0 and drawn.stdout.strip()
+                randoms.add(drawn.stdout)
+            finally:
+                await clone.kill()
+        assert len(randoms) == 3, "clones drew the same random bytes: no reseed happened"
+        image = info.path / "vm.snap"
+        data = bytearray(image.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 4096] = b"\xff" * 4096
+        image.write_bytes(bytes(data))
+        with pytest.raises(SandboxError, match="snapshot"):
+            bad = await runtime.restore(info, SandboxSpec(id="sb-0000000000000009"))
+            await bad.kill()
     finally:
         await sb.kill()
-    randoms = set()
-    for i in range(1, 4):
-        spec = SandboxSpec(id=f"sb-{i:016x}", resources=Resources(memory_mib=256, vcpus=1))
-        clone = await runtime.restore(info, spec)
-        try:
-            assert isinstance(clone, MicroVmSandbox) and clone.restore_report is not None
-            assert clone.restore_report.clone_id == clone_id_of(spec.id) == i
-            state = await _run(clone, "/bin/cat", "/tmp/state")
-            assert state.stdout == b"before the snapshot\n"
-            drawn = await _run(clone, "/bin/sh", "-c", "head -c 32 /dev/urandom | od -An -tx1")
-            assert drawn.exit.code == 0 and drawn.stdout.strip()
-            randoms.add(drawn.stdout)
-        finally:
-            await clone.kill()
-    assert len(randoms) == 3, "clones drew the same random bytes: the reseed did not happen"
-    image = info.path / "vm.snap"
-    data = bytearray(image.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 4096] = b"\xff" * 4096
-    image.write_bytes(bytes(data))
-    with pytest.raises(SandboxError, match="snapshot"):
-        bad = await runtime.restore(info, SandboxSpec(id="sb-0000000000000009"))
-        await bad.kill()

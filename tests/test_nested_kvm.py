@@ -20,8 +20,9 @@ import pytest
 
 from tests.support import nested_kvm
 
-# The whole lane's budget is 10 minutes; L1 is killed well before the lane would overrun.
-L1_TIMEOUT_S = 9 * 60
+# The lane's budget is 10 minutes on an idle 2-core machine (scripts/lanes.py reports an
+# overrun); on a busy one L1 may take longer, and is only killed when it is surely stuck.
+L1_TIMEOUT_S = 20 * 60
 pytestmark = [pytest.mark.nested_kvm, pytest.mark.timeout(L1_TIMEOUT_S + 120)]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
     job = (
         f"cd {ROOT} && TARTARUS_GUEST_READY_TIMEOUT_S=180 TARTARUS_TEST_CONCURRENT_MICROVMS=3 "
         ".venv/bin/python -m pytest -p no:cacheprovider -p no:schemathesis -n 2 "
-        f"-o addopts= -m kvm_full -rA --durations=0 --junitxml={junit} "
+        f"-o addopts= -m kvm_full -v -rA --durations=0 --junitxml={junit} "
         f"--basetemp=/tmp/pt {' '.join(INNER_FILES)}"
     )
     start = time.monotonic()
