@@ -76,7 +76,7 @@ CMDLINE = f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}"
 QEMU_CMDLINE = CMDLINE.replace(f"vsock:{AGENT_PORT}", "unix:/nonexistent/agent.sock")
 QEMU_MARKER = b"tartarus-agent: "
 # Guests take tens of seconds to boot under nested emulation.
-AGENT_TIMEOUT_S = 300.0
+AGENT_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_AGENT_TIMEOUT_S", "300"))
 L1_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_TIMEOUT_S", "2400"))
 FIRECRACKER_CACHE = Path.home() / ".cache" / "tartarus" / "peers" / "firecracker"
 
@@ -321,7 +321,6 @@ def spawn_qemu(argv: list[str], log: Path, stderr: Path) -> subprocess.Popen[byt
 async def run_qemu(params: Params, work: Path) -> Sample:
     assert params.qemu is not None
     sample = Sample()
-    await anyio.Path(work).mkdir(parents=True)
     scratch = await make_scratch_disk(work / "scratch.ext4", SCRATCH_MIB)
     log = work / "console.log"
     argv = [
@@ -367,6 +366,16 @@ def warm(paths: list[str | None]) -> None:
                     pass
 
 
+def consoles(work: Path) -> str:
+    """The ends of the guest consoles and monitor logs under `work`, for an error."""
+    parts = []
+    for log in sorted(work.rglob("*")):
+        if log.suffix in (".log", ".stderr") and log.is_file():
+            tail = log.read_bytes()[-1500:].decode(errors="replace")
+            parts.append(f"\n--- {log.relative_to(work)}:\n{tail}")
+    return "".join(parts)
+
+
 async def driver(params: Params) -> None:
     out = Path(params.out)
     result = DriverResult(l1_kernel=os.uname().release)
@@ -385,7 +394,7 @@ async def driver(params: Params) -> None:
             try:
                 sample = await fn(params, work)
             except Exception as e:  # recorded; the run goes on
-                sample = Sample(error=f"{type(e).__name__}: {e}"[-3000:])
+                sample = Sample(error=f"{type(e).__name__}: {e}"[-1500:] + consoles(work))
             shutil.rmtree(work, ignore_errors=True)
             samples.append(sample)
             print(f"=== bench run {i} {name}: {msgspec.json.encode(sample).decode()}", flush=True)
@@ -403,7 +412,7 @@ def write_partial(path: Path, result: DriverResult) -> None:
 def find_firecracker() -> Path | None:
     """$TARTARUS_FIRECRACKER, else `firecracker` on PATH, else the newest cached build."""
     if override := os.environ.get("TARTARUS_FIRECRACKER"):
-        return Path(override)
+        return Path(override) if Path(override).is_file() else None
     if found := shutil.which("firecracker"):
         return Path(found)
     cached = sorted(FIRECRACKER_CACHE.glob("*/firecracker"), key=lambda p: p.stat().st_mtime)
@@ -498,7 +507,7 @@ def main() -> int:
         )
         (out / "params.json").write_bytes(msgspec.json.encode(params))
         job = (
-            f"cd {ROOT} && {ROOT / '.venv/bin/python'} -m benches.bench_microvm_nested "
+            f"cd {ROOT} && {sys.executable} -m benches.bench_microvm_nested "
             f"--driver {out / 'params.json'}"
         )
         run = nested_kvm.boot(
