@@ -99,6 +99,10 @@ class Sample(msgspec.Struct):
     snapshot_create_s: float | None = None
     restore_s: float | None = None
     restore_rss_kib: int | None = None
+    # RSS outside the guest RAM mapping (the monitor's own memory).
+    overhead_kib: int | None = None
+    # Ours only: the VMM's exit counters at the agent's hello.
+    vmm_metrics: dict[str, Any] | None = None
     error: str | None = None
 
 
@@ -125,6 +129,22 @@ def proc_kib(pid: int, field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def overhead_kib(pid: int) -> int | None:
+    """Resident KiB of every mapping but the guest's RAM (the one at least MEMORY_MIB big)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return None
+    total, size = 0, 0
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == "Size":
+            size = int(value.split()[0])
+        elif name == "Rss" and size < MEMORY_MIB * 1024:
+            total += int(value.split()[0])
+    return total
 
 
 async def agent_hello(uds: Path) -> None:
@@ -161,6 +181,8 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
         sample.boot_s = time.perf_counter() - started
         sample.rss_kib = proc_kib(vmm.process.pid, "VmRSS")
         sample.hwm_kib = proc_kib(vmm.process.pid, "VmHWM")
+        sample.overhead_kib = overhead_kib(vmm.process.pid)
+        sample.vmm_metrics = msgspec.to_builtins(await vmm.metrics())
         started = time.perf_counter()
         await vmm.pause()
         await vmm.snapshot(snap_dir / "vm.snap", SnapshotKind.FULL)
@@ -283,6 +305,7 @@ async def run_firecracker(params: Params, work: Path) -> Sample:
         sample.boot_s = time.perf_counter() - started
         sample.rss_kib = proc_kib(proc.pid, "VmRSS")
         sample.hwm_kib = proc_kib(proc.pid, "VmHWM")
+        sample.overhead_kib = overhead_kib(proc.pid)
         started = time.perf_counter()
         http(api, "PATCH", "/vm", {"state": "Paused"})
         http(api, "PUT", "/snapshot/create", {
@@ -324,7 +347,7 @@ async def run_qemu(params: Params, work: Path) -> Sample:
     scratch = await make_scratch_disk(work / "scratch.ext4", SCRATCH_MIB)
     log = work / "console.log"
     argv = [
-        params.qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host",
+        params.qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host",
         "-m", str(MEMORY_MIB), "-smp", str(VCPUS),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{log}",
@@ -349,6 +372,7 @@ async def run_qemu(params: Params, work: Path) -> Sample:
         sample.boot_s = time.perf_counter() - started
         sample.rss_kib = proc_kib(proc.pid, "VmRSS")
         sample.hwm_kib = proc_kib(proc.pid, "VmHWM")
+        sample.overhead_kib = overhead_kib(proc.pid)
         line = text[text.index(QEMU_MARKER) :].split(b"\n", 1)[0].decode(errors="replace")
         if "cannot listen" not in line:
             raise BenchError(f"the agent printed {line!r} instead of its listen error")
@@ -444,6 +468,7 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
         "restore_to_agent": stats(samples, "restore_s"),
         "rss_kib_p50": kib_median(samples, "rss_kib"),
         "hwm_kib_p50": kib_median(samples, "hwm_kib"),
+        "overhead_kib_p50": kib_median(samples, "overhead_kib"),
         "restore_rss_kib_p50": kib_median(samples, "restore_rss_kib"),
         "errors": [s.error for s in samples if s.error],
     }
@@ -522,7 +547,7 @@ def main() -> int:
         result = msgspec.json.decode(raw, type=DriverResult)
     ours, fc, qm = summary(result.tartarus), summary(result.firecracker), summary(result.qemu)
     keys = ("boot_to_agent", "snapshot_create", "restore_to_agent", "rss_kib_p50",
-            "hwm_kib_p50", "restore_rss_kib_p50")  # fmt: skip
+            "hwm_kib_p50", "overhead_kib_p50", "restore_rss_kib_p50")  # fmt: skip
     results: dict[str, Any] = {
         "setup": (
             f"inside a nested-KVM L1 ({result.l1_kernel} under QEMU TCG -cpu max,+svm, "
