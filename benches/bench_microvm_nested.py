@@ -99,6 +99,8 @@ class Sample(msgspec.Struct):
     snapshot_create_s: float | None = None
     restore_s: float | None = None
     restore_rss_kib: int | None = None
+    # The monitor's CPU time (all threads, user + system) at the agent's hello.
+    cpu_s: float | None = None
     # RSS outside the guest RAM mapping (the monitor's own memory).
     overhead_kib: int | None = None
     # Ours only: the VMM's exit counters at the agent's hello.
@@ -129,6 +131,15 @@ def proc_kib(pid: int, field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_s(pid: int) -> float | None:
+    """utime + stime of every thread of `pid` so far, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def overhead_kib(pid: int) -> int | None:
@@ -182,6 +193,7 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
         sample.rss_kib = proc_kib(vmm.process.pid, "VmRSS")
         sample.hwm_kib = proc_kib(vmm.process.pid, "VmHWM")
         sample.overhead_kib = overhead_kib(vmm.process.pid)
+        sample.cpu_s = cpu_s(vmm.process.pid)
         sample.vmm_metrics = msgspec.to_builtins(await vmm.metrics())
         started = time.perf_counter()
         await vmm.pause()
@@ -306,6 +318,7 @@ async def run_firecracker(params: Params, work: Path) -> Sample:
         sample.rss_kib = proc_kib(proc.pid, "VmRSS")
         sample.hwm_kib = proc_kib(proc.pid, "VmHWM")
         sample.overhead_kib = overhead_kib(proc.pid)
+        sample.cpu_s = cpu_s(proc.pid)
         started = time.perf_counter()
         http(api, "PATCH", "/vm", {"state": "Paused"})
         http(api, "PUT", "/snapshot/create", {
@@ -373,6 +386,7 @@ async def run_qemu(params: Params, work: Path) -> Sample:
         sample.rss_kib = proc_kib(proc.pid, "VmRSS")
         sample.hwm_kib = proc_kib(proc.pid, "VmHWM")
         sample.overhead_kib = overhead_kib(proc.pid)
+        sample.cpu_s = cpu_s(proc.pid)
         line = text[text.index(QEMU_MARKER) :].split(b"\n", 1)[0].decode(errors="replace")
         if "cannot listen" not in line:
             raise BenchError(f"the agent printed {line!r} instead of its listen error")
@@ -464,6 +478,7 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
     return {
         "runs": samples,
         "boot_to_agent": stats(samples, "boot_s"),
+        "boot_cpu": stats(samples, "cpu_s"),
         "snapshot_create": stats(samples, "snapshot_create_s"),
         "restore_to_agent": stats(samples, "restore_s"),
         "rss_kib_p50": kib_median(samples, "rss_kib"),
@@ -546,7 +561,7 @@ def main() -> int:
             return 1
         result = msgspec.json.decode(raw, type=DriverResult)
     ours, fc, qm = summary(result.tartarus), summary(result.firecracker), summary(result.qemu)
-    keys = ("boot_to_agent", "snapshot_create", "restore_to_agent", "rss_kib_p50",
+    keys = ("boot_to_agent", "boot_cpu", "snapshot_create", "restore_to_agent", "rss_kib_p50",
             "hwm_kib_p50", "overhead_kib_p50", "restore_rss_kib_p50")  # fmt: skip
     results: dict[str, Any] = {
         "setup": (
