@@ -73,7 +73,13 @@ VCPUS = 1
 SCRATCH_MIB = 256
 CMDLINE = f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}"
 # QEMU's guest agent listens where it cannot: the error line is the readiness marker.
-QEMU_CMDLINE = CMDLINE.replace(f"vsock:{AGENT_PORT}", "unix:/nonexistent/agent.sock")
+# QEMU would append its virtio-mmio devices after the `--` (they would reach the agent,
+# not the kernel): they are named here, in microvm's layout (the first -device gets the
+# highest transport), before the agent's arguments.
+QEMU_DEVICES = "virtio_mmio.device=512@0xfeb00e00:12 virtio_mmio.device=512@0xfeb00c00:11"
+QEMU_CMDLINE = CMDLINE.replace(" -- ", f" {QEMU_DEVICES} -- ").replace(
+    f"vsock:{AGENT_PORT}", "unix:/nonexistent/agent.sock"
+)
 QEMU_MARKER = b"tartarus-agent: "
 # Guests take tens of seconds to boot under nested emulation.
 AGENT_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_AGENT_TIMEOUT_S", "300"))
@@ -360,7 +366,8 @@ async def run_qemu(params: Params, work: Path) -> Sample:
     scratch = await make_scratch_disk(work / "scratch.ext4", SCRATCH_MIB)
     log = work / "console.log"
     argv = [
-        params.qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host",
+        params.qemu, "-M", "microvm,acpi=off,auto-kernel-cmdline=off",
+        "-accel", "kvm", "-cpu", "host",
         "-m", str(MEMORY_MIB), "-smp", str(VCPUS),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{log}",
