@@ -107,6 +107,8 @@ class Sample(msgspec.Struct):
     restore_rss_kib: int | None = None
     # The monitor's CPU time (all threads, user + system) at the agent's hello.
     cpu_s: float | None = None
+    # The same per thread (by name), to see where it went.
+    thread_cpu_s: dict[str, float] | None = None
     # RSS outside the guest RAM mapping (the monitor's own memory).
     overhead_kib: int | None = None
     # Ours only: the VMM's exit counters at the agent's hello.
@@ -146,6 +148,19 @@ def cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """utime + stime per thread of `pid`, keyed `name/tid`, in seconds."""
+    threads = {}
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        with contextlib.suppress(OSError):
+            head, _, rest = (task / "stat").read_text().rpartition(")")
+            fields = rest.split()
+            name = head.partition("(")[2]
+            ticks = int(fields[11]) + int(fields[12])
+            threads[f"{name}/{task.name}"] = ticks / os.sysconf("SC_CLK_TCK")
+    return threads
 
 
 def overhead_kib(pid: int) -> int | None:
@@ -200,6 +215,7 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
         sample.hwm_kib = proc_kib(vmm.process.pid, "VmHWM")
         sample.overhead_kib = overhead_kib(vmm.process.pid)
         sample.cpu_s = cpu_s(vmm.process.pid)
+        sample.thread_cpu_s = thread_cpu_s(vmm.process.pid)
         sample.vmm_metrics = msgspec.to_builtins(await vmm.metrics())
         started = time.perf_counter()
         await vmm.pause()
@@ -325,6 +341,7 @@ async def run_firecracker(params: Params, work: Path) -> Sample:
         sample.hwm_kib = proc_kib(proc.pid, "VmHWM")
         sample.overhead_kib = overhead_kib(proc.pid)
         sample.cpu_s = cpu_s(proc.pid)
+        sample.thread_cpu_s = thread_cpu_s(proc.pid)
         started = time.perf_counter()
         http(api, "PATCH", "/vm", {"state": "Paused"})
         http(api, "PUT", "/snapshot/create", {
@@ -394,6 +411,11 @@ async def run_qemu(params: Params, work: Path) -> Sample:
         sample.hwm_kib = proc_kib(proc.pid, "VmHWM")
         sample.overhead_kib = overhead_kib(proc.pid)
         sample.cpu_s = cpu_s(proc.pid)
+        sample.thread_cpu_s = thread_cpu_s(proc.pid)
+        # The whole line: the marker may be read before the rest of it is written.
+        while b"\n" not in text[text.index(QEMU_MARKER) :] and proc.poll() is None:
+            await anyio.sleep(0.01)
+            text = log.read_bytes()
         line = text[text.index(QEMU_MARKER) :].split(b"\n", 1)[0].decode(errors="replace")
         if "cannot listen" not in line:
             raise BenchError(f"the agent printed {line!r} instead of its listen error")
