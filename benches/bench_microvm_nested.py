@@ -20,7 +20,7 @@ counted. Firecracker is found at $TARTARUS_FIRECRACKER, on PATH, or under
 it); without it the bench says so and measures the others.
 
 Run: `python -m benches.bench_microvm_nested` (needs the L1 image `make artefacts`
-prepares; ~10 minutes on 2 cores).
+prepares; 4-10 minutes on 2 cores).
 """
 
 from __future__ import annotations
