@@ -19,6 +19,7 @@ from tartarus.runtime.base import Runtime, Sandbox
 from tartarus.runtime.gvisor import GvisorRuntime
 from tartarus.runtime.jail import JailRuntime
 from tartarus.runtime.types import Backend, SandboxSpec
+from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.compat import (
     CASES,
     GIT_NOT_IN_TEMPLATE,
@@ -29,8 +30,6 @@ from tests.support.compat import (
 from tests.support.images import shared_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
-
-BACKENDS = [Backend.JAIL, Backend.GVISOR]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +42,9 @@ def python_template() -> ResolvedTemplate:
     return anyio.run(resolve)
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda b: b.value)
+@pytest.fixture(params=LINUX_BACKENDS, ids=lambda b: b.value)
 def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Backend:
-    value: Backend = request.param
-    verdict = doctor_report.backend(value.value)
-    if not verdict.available:
-        pytest.skip(f"{value.value} cannot run here: {verdict.reason}")
-    return value
+    return available_backend(request, doctor_report)
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
         r = await _run(sb, "/bin/sh", "-c", "echo x > /etc/x && cat /etc/x && sync")
         assert r.stdout == b"x\n"
         # The guest's writes are on the scratch disk, not in the template image.
-        assert read_ext4_file(scratch, "/overlay/upper/root/data") == payload
+        assert read_ext4_file(scratch, "/overlay/upper/root/data", live=True) == payload
         assert not (rootfs / "etc" / "x").exists()
     finally:
         await sb.kill()

@@ -77,10 +77,11 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
         )
     out = tmp_path_factory.mktemp("l1")
     junit = out / "inner.xml"
-    # Guests boot in tens of seconds under nested emulation, not in one.
+    # Guests boot in tens of seconds under nested emulation, not in one. One test at a
+    # time: some count every VMM process on the host.
     job = (
         f"cd {ROOT} && TARTARUS_GUEST_READY_TIMEOUT_S=180 TARTARUS_TEST_CONCURRENT_MICROVMS=3 "
-        ".venv/bin/python -m pytest -p no:cacheprovider -p no:schemathesis -n 2 "
+        ".venv/bin/python -m pytest -p no:cacheprovider -p no:xdist -p no:schemathesis "
         f"-o addopts= -m kvm_full -v -rA --durations=0 --junitxml={junit} "
         f"--basetemp=/tmp/pt {' '.join(INNER_FILES)}"
     )

@@ -28,11 +28,10 @@ from tartarus.runtime.types import (
     SandboxState,
 )
 from tests.runtime_checks import expected_flood
+from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.snapshots import moved_past
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
-
-BACKENDS = [Backend.JAIL, Backend.GVISOR]
 
 
 def make_runtime(backend: Backend, state: Path) -> Runtime:
@@ -41,13 +40,9 @@ def make_runtime(backend: Backend, state: Path) -> Runtime:
     return GvisorRuntime(state)
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda b: b.value)
+@pytest.fixture(params=LINUX_BACKENDS, ids=lambda b: b.value)
 def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Backend:
-    value: Backend = request.param
-    verdict = doctor_report.backend(value.value)
-    if not verdict.available:
-        pytest.skip(f"{value.value} cannot run here: {verdict.reason}")
-    return value
+    return available_backend(request, doctor_report)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from tartarus.runtime.gvisor import GvisorRuntime, GvisorSandbox
 from tartarus.runtime.jail import JailRuntime, JailSandbox
 from tartarus.runtime.types import Backend, ExecRequest, Resources, SandboxSpec
 from tests.conftest import require_binary, require_root
+from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.server import running_server, server_env, start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -199,13 +200,9 @@ def internet() -> Iterator[Internet]:
         subprocess.run(["ip", "netns", "del", inet.netns], check=False, capture_output=True)
 
 
-@pytest.fixture(params=[Backend.JAIL, Backend.GVISOR], ids=lambda b: b.value)
+@pytest.fixture(params=LINUX_BACKENDS, ids=lambda b: b.value)
 def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Backend:
-    value: Backend = request.param
-    verdict = doctor_report.backend(value.value)
-    if not verdict.available:
-        pytest.skip(f"{value.value} cannot run here: {verdict.reason}")
-    return value
+    return available_backend(request, doctor_report)
 
 
 @pytest.fixture

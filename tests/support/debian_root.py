@@ -8,19 +8,18 @@ any of them and a new root is built beside the old one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tartarus.images.debian import debian_arch
 from tartarus.paths import default_cache_dir
+from tests.support.file_lock import locked
 
 # Bump to rebuild every cached root (e.g. after changing how it is built).
 ROOT_VERSION = "1"
@@ -42,17 +41,6 @@ def root_key(suite: str, packages: Sequence[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_root(suite: str, packages: Sequence[str], say: Callable[[str], None]) -> Path:
     """The cached root for `suite` with `packages` (debootstrap's minbase plus them),
     built under a lock the first time. Raises RootBuildError with debootstrap's log."""
@@ -61,7 +49,7 @@ def ensure_root(suite: str, packages: Sequence[str], say: Callable[[str], None])
     done = base / f"{suite}-{key}"
     if (done / "usr/bin/python3").exists():
         return done
-    with _locked(base / "locks" / f"{suite}-{key}.lock"):
+    with locked(base / "locks" / f"{suite}-{key}.lock"):
         if (done / "usr/bin/python3").exists():
             return done
         staging = base / f".staging-{suite}-{key}-{os.getpid()}"

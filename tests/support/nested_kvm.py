@@ -23,8 +23,6 @@ artefacts`, never while tests run), the modules L1 loads and the initramfs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import os
 import shlex
@@ -34,9 +32,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.file_lock import locked
 
 # Bump to rebuild the cached initramfs (e.g. after changing INIT_SCRIPT or MODULES).
 NESTED_VERSION = "1"
@@ -154,17 +154,6 @@ def image_key(package: str, version: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def cached_image() -> L1Image | None:
     """The newest prepared image, without asking apt (tests must not download)."""
     base = cache_dir()
@@ -187,7 +176,7 @@ def prepare(say: object = print) -> L1Image:
     d = cache_dir() / key
     if (d / "READY").exists():
         return L1Image(d / "vmlinuz", d / "initrd.cpio", (d / "READY").read_text().strip())
-    with _locked(cache_dir() / "locks" / f"{key}.lock"):
+    with locked(cache_dir() / "locks" / f"{key}.lock"):
         if (d / "READY").exists():
             return L1Image(d / "vmlinuz", d / "initrd.cpio", (d / "READY").read_text().strip())
         assert callable(say)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,8 +69,22 @@ def loop_device(image: Path) -> Iterator[str]:
         subprocess.run([losetup, "--detach", device], check=True)
 
 
-def read_ext4_file(image: Path, path: str) -> bytes | None:
-    """The content of `path` inside the ext4 `image`, or None when it is not there."""
+def read_ext4_file(image: Path, path: str, *, live: bool = False) -> bytes | None:
+    """The content of `path` inside the ext4 `image`, or None when it is not there.
+
+    `live`: the image is mounted in a running guest, whose synced writes may still be only
+    in the journal (debugfs does not replay it): read a copy whose journal e2fsck replayed.
+    """
+    if live:
+        with tempfile.TemporaryDirectory(prefix="ext4-") as tmp:
+            copy = Path(tmp) / image.name
+            subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
+            # Exit 1 means "fixed": replaying the journal is a fix. 4 and up are failures.
+            fsck = subprocess.run(
+                [tool("e2fsck"), "-fy", str(copy)], check=False, capture_output=True
+            )
+            assert fsck.returncode < 4, fsck.stdout.decode()[-800:]
+            return read_ext4_file(copy, path)
     result = subprocess.run(
         [tool("debugfs"), "-R", f"cat {path}", str(image)], capture_output=True, check=True
     )

@@ -65,6 +65,7 @@ from tartarus.runtime.layout import (
     RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
+    abandon_create,
     agent_argv,
     new_sandbox_dir,
     resolv_conf_mount,
@@ -431,10 +432,7 @@ class GvisorRuntime:
             resolv = resolv_conf_mount(spec, directory, network.resolv_conf())
             oci.write_bundle_config(directory / "bundle", self._spec(spec, network, resolv))
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                if network is not None:
-                    await self.networks.remove(network)
-                await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
+            await abandon_create(directory, self.networks, network)
             raise
         return GvisorSandbox(self, spec, directory, network)
 

@@ -41,6 +41,7 @@ from tartarus.runtime.layout import (
     RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
+    abandon_create,
     agent_argv,
     new_sandbox_dir,
     reachable_socket,
@@ -328,10 +329,7 @@ class JailRuntime:
             config = self._config(spec, directory, network)
             (directory / "config.json").write_bytes(codec.to_json(config))
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                if network is not None:
-                    await self.networks.remove(network)
-                await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
+            await abandon_create(directory, self.networks, network)
             raise
         return JailSandbox(spec, directory, self.networks, network)
 

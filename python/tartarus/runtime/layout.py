@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import anyio
 import msgspec
@@ -16,6 +17,9 @@ from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import Execution, SandboxError
 from tartarus.runtime.cgroups import CgroupReader, OomAwareExecution
 from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec, SandboxState
+
+if TYPE_CHECKING:
+    from tartarus.network.namespaces import SandboxNetwork, SandboxNetworks
 
 AGENT_IN_SANDBOX: Final = "/.tartarus/tartarus-agent"
 SOCKET_DIR_IN_SANDBOX: Final = "/.tartarus/run"
@@ -119,3 +123,14 @@ class HostedAgentSandbox(AgentSandbox):
 
     async def exec(self, request: ExecRequest) -> Execution:  # type: ignore[override]
         return OomAwareExecution(await super().exec(request), self._cgroup.oom_kills)
+
+
+async def abandon_create(
+    directory: Path, networks: SandboxNetworks, network: SandboxNetwork | None
+) -> None:
+    """Undoes a create that failed part-way: its network, then its directory. Shielded,
+    so a cancelled create still cleans up."""
+    with anyio.CancelScope(shield=True):
+        if network is not None:
+            await networks.remove(network)
+        await anyio.to_thread.run_sync(shutil.rmtree, directory, True)

@@ -6,7 +6,9 @@
 //! conversation. Invalid accesses (bad widths, writes in the wrong state, unknown
 //! registers) are ignored rather than trusted; a device error sets NEEDS_RESET.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
@@ -214,6 +216,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.after_processing(outcome);
     }
 
+    /// What the worker waits on for the device's host side: its fds and deadline, or
+    /// nothing before the driver activates it. (`process_backend` does nothing until
+    /// then, so a ready fd, such as a host connection waiting on a vsock listener while
+    /// the guest boots, would make the worker spin.)
+    pub fn backend_wait(&self) -> (Vec<(RawFd, i16)>, Option<Instant>) {
+        if !self.is_activated() {
+            return (Vec::new(), None);
+        }
+        (self.device.backend_fds(), self.device.backend_deadline())
+    }
+
     /// Serves queued notifications, then the device's host side (called by the worker).
     pub fn process_backend(&mut self) {
         if !self.is_activated() {
@@ -294,6 +307,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.status = new;
             if let Err(_e) = self.activate() {
                 self.needs_reset();
+            }
+            // The worker waits on nothing of the device's until now: have it look again.
+            if let Some(wake) = &self.wake {
+                let _ = wake.write(1);
             }
             return;
         }

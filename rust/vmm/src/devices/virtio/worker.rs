@@ -59,10 +59,7 @@ fn run<D: VirtioDevice>(transport: &Mutex<MmioTransport<D>>, stop: &EventFd, wak
     // Work that predates the worker (a restored device's reset event) is served first.
     lock(transport).process_backend();
     loop {
-        let (fds, deadline) = {
-            let t = lock(transport);
-            (t.device().backend_fds(), t.device().backend_deadline())
-        };
+        let (fds, deadline) = lock(transport).backend_wait();
         let mut pollfds: Vec<libc::pollfd> = [stop.as_raw_fd(), wake.as_raw_fd()]
             .into_iter()
             .map(|fd| (fd, libc::POLLIN))

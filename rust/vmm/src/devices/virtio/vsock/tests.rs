@@ -511,3 +511,22 @@ proptest! {
         prop_assert!(g.d.transport.lock().unwrap().device().connection_count() <= 9);
     }
 }
+
+#[test]
+fn a_host_connection_before_the_driver_is_up_gives_the_worker_nothing_to_spin_on() {
+    // While the guest boots, clients already dial the listener; the device cannot serve
+    // them before DRIVER_OK, so the worker must not poll the (ready) listener until then.
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let d = Driver::new(Vsock::new(GUEST_CID, &uds).unwrap());
+    let _early = UnixStream::connect(&uds).unwrap();
+    let (fds, deadline) = d.transport.lock().unwrap().backend_wait();
+    assert!(fds.is_empty() && deadline.is_none(), "{fds:?}");
+    let mut d = d;
+    d.init(1 << VIRTIO_F_VERSION_1, &[QUEUE_SIZE; 3]);
+    let (fds, _) = d.transport.lock().unwrap().backend_wait();
+    assert!(
+        !fds.is_empty(),
+        "after DRIVER_OK the listener is polled again"
+    );
+}
