@@ -140,7 +140,8 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
 
     sb = await _started(runtime, _spec(rootfs, "overlay"))
     assert isinstance(sb, MicroVmSandbox)
-    scratch = sb.workdir / "scratch.ext4"
+    scratch = sb.run_dir / "scratch.ext4"
+    assert scratch.exists(), scratch
     try:
         payload = os.urandom(1 << 20)
         await sb.make_dir("/root", parents=True)

@@ -86,7 +86,7 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
         f"--basetemp=/tmp/pt {' '.join(INNER_FILES)}"
     )
     start = time.monotonic()
-    run = nested_kvm.boot(image, job, out, timeout_s=L1_TIMEOUT_S)
+    run = nested_kvm.boot(image, job, out, timeout_s=L1_TIMEOUT_S, keep=[ROOT])
     results = _parse_junit(junit) if junit.exists() else {}
     print(f"\nnested KVM lane: L1 ran {run.seconds:.0f} s; console: {out / 'console.log'}")
     return LaneRun(results, out / "console.log", time.monotonic() - start, run.exit_code)

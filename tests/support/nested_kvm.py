@@ -23,10 +23,12 @@ artefacts`, never while tests run), the modules L1 loads and the initramfs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,7 @@ L1_DISK_GIB = 16
 # 9p exports: files keep the host's owners; the root spans several filesystems, so inode
 # numbers are remapped to stay unique.
 SHARE = "security_model=none,multidevs=remap"
+PR_SET_PDEATHSIG = 1
 
 # L1's /init. Kernel command-line words without '=' or '.' reach it as arguments; ours
 # are passed as `tartarus.*` environment via /proc/cmdline instead, parsed below.
@@ -70,11 +73,17 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroo
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out /out \
   || { echo "=== 9p out mount failed"; poweroff -f; }
 # /tmp on a real disk (a sparse file on the host), as on a host: scratch disks written
-# there are page cache, not tmpfs pages charged to the VMM's memory cgroup.
+# there are page cache, not tmpfs pages charged to the VMM's memory cgroup. The host's
+# /tmp stays reachable for the paths the job needs from it (a checkout under /tmp).
+mkdir -p /hosttmp
+mount --bind /host/tmp /hosttmp
 mount --rbind /dev /host/dev
 if chroot /host /sbin/mkfs.ext4 -q -F -m 0 /dev/vda && mount -t ext4 /dev/vda /host/tmp; then :
 else echo "=== no disk for /tmp, using tmpfs"; mount -t tmpfs -o size=4g tmpfs /host/tmp; fi
 chmod 1777 /host/tmp
+for p in $(cat /out/.keep); do
+  case "$p" in /tmp/*) mkdir -p "/host$p"; mount --bind "/hosttmp${p#/tmp}" "/host$p";; esac
+done
 mount -t tmpfs tmpfs /host/run
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
@@ -237,6 +246,12 @@ def _build(d: Path, package: str) -> None:
     shutil.rmtree(root)
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child: a killed test run must not leave L1 burning a core."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def qemu_available() -> str | None:
     """None if QEMU can emulate SVM here, else the reason it cannot."""
     if shutil.which(QEMU) is None:
@@ -251,10 +266,12 @@ def boot(
     *,
     timeout_s: float,
     env: Mapping[str, str] | None = None,
+    keep: Sequence[Path] = (),
     on_line: object = None,
 ) -> L1Run:
     """Boots L1 and runs `job` (a shell script) in the chroot of this host's root, with
-    `out_dir` (writable, shared) at the same path inside. Returns when L1 powers off."""
+    `out_dir` (writable, shared) at the same path inside, and the host's `keep` paths
+    visible even where they lie under /tmp. Returns when L1 powers off."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
     (out_dir / "job.sh").write_text(
@@ -262,6 +279,8 @@ def boot(
         f"export HOME=/root PYTHONDONTWRITEBYTECODE=1\n{exports}{job}\n"
     )
     (out_dir / ".mountpoint").write_text(str(out_dir))
+    # Host paths under /tmp the job reads (L1 mounts its own /tmp over the host's).
+    (out_dir / ".keep").write_text("".join(f"{p}\n" for p in keep))
     disk = out_dir / "l1-tmp.img"
     with disk.open("wb") as f:
         f.truncate(L1_DISK_GIB << 30)
@@ -287,7 +306,11 @@ def boot(
     with (
         (out_dir / "console.log").open("w") as log,
         subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, no locks
         ) as proc,
     ):
         assert proc.stdout is not None
@@ -339,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"cd {shlex.quote(str(Path.cwd()))} && {shlex.join(cmd)}",
                 Path(out),
                 timeout_s=args.timeout,
+                keep=[Path.cwd()],
                 on_line=print,
             )
     except NestedUnavailable as e:

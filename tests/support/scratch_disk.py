@@ -75,6 +75,8 @@ def read_ext4_file(image: Path, path: str, *, live: bool = False) -> bytes | Non
     `live`: the image is mounted in a running guest, whose synced writes may still be only
     in the journal (debugfs does not replay it): read a copy whose journal e2fsck replayed.
     """
+    if not image.exists():
+        raise FileNotFoundError(image)  # debugfs would print an error and read nothing
     if live:
         with tempfile.TemporaryDirectory(prefix="ext4-") as tmp:
             copy = Path(tmp) / image.name
