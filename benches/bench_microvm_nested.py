@@ -30,6 +30,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ import msgspec
 from benches.harness import Stats, write_result
 from tartarus.binaries import find_binary
 from tartarus.config import load_settings
+from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.microvm import (
     AGENT_CMDLINE,
@@ -83,6 +85,8 @@ QEMU_CMDLINE = CMDLINE.replace(" -- ", f" {QEMU_DEVICES} -- ").replace(
 QEMU_MARKER = b"tartarus-agent: "
 # Guests take tens of seconds to boot under nested emulation.
 AGENT_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_AGENT_TIMEOUT_S", "300"))
+# `/bin/true` execs timed per boot; their median is the exec round trip.
+EXEC_ROUND_TRIPS = 10
 L1_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_TIMEOUT_S", "2400"))
 FIRECRACKER_CACHE = Path.home() / ".cache" / "tartarus" / "peers" / "firecracker"
 
@@ -105,6 +109,8 @@ class Sample(msgspec.Struct):
     snapshot_create_s: float | None = None
     restore_s: float | None = None
     restore_rss_kib: int | None = None
+    # Median of EXEC_ROUND_TRIPS `/bin/true` execs through the agent once booted.
+    exec_s: float | None = None
     # The monitor's CPU time (all threads, user + system) at the agent's hello.
     cpu_s: float | None = None
     # The same per thread (by name), to see where it went.
@@ -186,6 +192,24 @@ async def agent_hello(uds: Path) -> None:
     await client.aclose()
 
 
+async def exec_round_trip_s(uds: Path) -> float:
+    """Median time of `/bin/true` through the booted guest's agent: the exec request out
+    over vsock, the process run, its exit back (one connection, as the runtime keeps)."""
+    client = await AgentClient.connect_hybrid_vsock(uds, AGENT_PORT)
+    times = []
+    try:
+        for _ in range(EXEC_ROUND_TRIPS):
+            started = time.perf_counter()
+            stream = await client.start(p.Exec(argv=["/bin/true"]))
+            while not isinstance(await stream.next(timeout_s=30), p.Exit):
+                pass
+            stream.close()
+            times.append(time.perf_counter() - started)
+    finally:
+        await client.aclose()
+    return statistics.median(times)
+
+
 async def run_tartarus(params: Params, work: Path) -> Sample:
     sample = Sample()
     run_dir = work / "vm"
@@ -217,6 +241,7 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
         sample.cpu_s = cpu_s(vmm.process.pid)
         sample.thread_cpu_s = thread_cpu_s(vmm.process.pid)
         sample.vmm_metrics = msgspec.to_builtins(await vmm.metrics())
+        sample.exec_s = await exec_round_trip_s(uds)
         started = time.perf_counter()
         await vmm.pause()
         await vmm.snapshot(snap_dir / "vm.snap", SnapshotKind.FULL)
@@ -342,6 +367,7 @@ async def run_firecracker(params: Params, work: Path) -> Sample:
         sample.overhead_kib = overhead_kib(proc.pid)
         sample.cpu_s = cpu_s(proc.pid)
         sample.thread_cpu_s = thread_cpu_s(proc.pid)
+        sample.exec_s = await exec_round_trip_s(uds)
         started = time.perf_counter()
         http(api, "PATCH", "/vm", {"state": "Paused"})
         http(api, "PUT", "/snapshot/create", {
@@ -510,6 +536,7 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
         "boot_cpu": stats(samples, "cpu_s"),
         "snapshot_create": stats(samples, "snapshot_create_s"),
         "restore_to_agent": stats(samples, "restore_s"),
+        "exec_round_trip": stats(samples, "exec_s"),
         "rss_kib_p50": kib_median(samples, "rss_kib"),
         "hwm_kib_p50": kib_median(samples, "hwm_kib"),
         "overhead_kib_p50": kib_median(samples, "overhead_kib"),
@@ -590,8 +617,9 @@ def main() -> int:
             return 1
         result = msgspec.json.decode(raw, type=DriverResult)
     ours, fc, qm = summary(result.tartarus), summary(result.firecracker), summary(result.qemu)
-    keys = ("boot_to_agent", "boot_cpu", "snapshot_create", "restore_to_agent", "rss_kib_p50",
-            "hwm_kib_p50", "overhead_kib_p50", "restore_rss_kib_p50")  # fmt: skip
+    keys = ("boot_to_agent", "boot_cpu", "exec_round_trip", "snapshot_create",
+            "restore_to_agent", "rss_kib_p50", "hwm_kib_p50", "overhead_kib_p50",
+            "restore_rss_kib_p50")  # fmt: skip
     results: dict[str, Any] = {
         "setup": (
             f"inside a nested-KVM L1 ({result.l1_kernel} under QEMU TCG -cpu max,+svm, "
@@ -599,7 +627,8 @@ def main() -> int:
             "whole L1 run) not counted. Guest: cached vmlinux, `base` ext4 read-only + 256 MiB "
             "scratch, 256 MiB RAM, 1 vCPU, unjailed monitors. Times: process spawn → agent "
             "hello over vsock (QEMU: → agent's listen step on the serial console); snapshot: "
-            "pause + full snapshot; restore: spawn → restored agent's hello (ours without "
+            "pause + full snapshot; exec: median of 10 `/bin/true` through the agent; "
+            "restore: spawn → restored agent's hello (ours without "
             "memory re-verification)"
         ),
         "runs": RUNS,
