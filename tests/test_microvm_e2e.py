@@ -160,8 +160,9 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
 
 # Ten on hardware. The nested-KVM lane runs fewer (TARTARUS_TEST_CONCURRENT_MICROVMS): under
 # QEMU's emulated SVM, with ten guests booting at once on L1's two vCPUs, one guest
-# triple-faulted in early boot (exit "shutdown", nothing on its console) in each of
-# three runs; fewer boot cleanly. Which layer is at fault is still open.
+# triple-faulted in early boot (exit "shutdown", nothing on its console) in the two runs
+# whose output showed why, and a third run failed this test too; three boot cleanly.
+# Which layer is at fault is still open.
 CONCURRENT_MICROVMS = int(os.environ.get("TARTARUS_TEST_CONCURRENT_MICROVMS", "10"))
 
 
