@@ -34,10 +34,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tartarus.config import load_settings
 from tests.support.file_lock import locked
 
 # Bump to rebuild the cached initramfs (e.g. after changing INIT_SCRIPT or MODULES).
@@ -125,8 +126,8 @@ class L1Run:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("TARTARUS_CACHE_DIR") or Path.home() / ".cache" / "tartarus"
-    return Path(base) / "nested"
+    """Where L1 is cached: under the cache directory the rest of Tartarus uses."""
+    return load_settings().cache_dir / "nested"
 
 
 def _run(argv: Sequence[str], **kw: object) -> str:
@@ -167,13 +168,15 @@ def cached_image() -> L1Image | None:
     """The newest prepared image, without asking apt (tests must not download)."""
     base = cache_dir()
     ready = sorted(base.glob("*/READY"), key=lambda p: p.stat().st_mtime, reverse=True)
-    if not ready:
-        return None
-    d = ready[0].parent
-    return L1Image(d / "vmlinuz", d / "initrd.cpio", ready[0].read_text().strip())
+    return _image_at(ready[0].parent) if ready else None
 
 
-def prepare(say: object = print) -> L1Image:
+def _image_at(d: Path) -> L1Image:
+    """The prepared image in `d` (its READY file names the kernel package)."""
+    return L1Image(d / "vmlinuz", d / "initrd.cpio", (d / "READY").read_text().strip())
+
+
+def prepare(say: Callable[[str], None] = print) -> L1Image:
     """Downloads L1's kernel package once and builds its initramfs, cached by version."""
     for tool in (QEMU, "apt-get", "dpkg", "depmod", "modprobe", "cpio"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
@@ -184,11 +187,10 @@ def prepare(say: object = print) -> L1Image:
     key = image_key(package, version)
     d = cache_dir() / key
     if (d / "READY").exists():
-        return L1Image(d / "vmlinuz", d / "initrd.cpio", (d / "READY").read_text().strip())
+        return _image_at(d)
     with locked(cache_dir() / "locks" / f"{key}.lock"):
         if (d / "READY").exists():
-            return L1Image(d / "vmlinuz", d / "initrd.cpio", (d / "READY").read_text().strip())
-        assert callable(say)
+            return _image_at(d)
         say(f"nested KVM: preparing L1 from {package} {version}")
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -198,7 +200,7 @@ def prepare(say: object = print) -> L1Image:
         for old in cache_dir().iterdir():
             if old.is_dir() and old.name not in (key, "locks"):
                 shutil.rmtree(old, ignore_errors=True)
-    return L1Image(d / "vmlinuz", d / "initrd.cpio", f"{package} {version}")
+    return _image_at(d)
 
 
 def _build(d: Path, package: str) -> None:
@@ -267,7 +269,7 @@ def boot(
     timeout_s: float,
     env: Mapping[str, str] | None = None,
     keep: Sequence[Path] = (),
-    on_line: object = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> L1Run:
     """Boots L1 and runs `job` (a shell script) in the chroot of this host's root, with
     `out_dir` (writable, shared) at the same path inside, and the host's `keep` paths
@@ -323,7 +325,7 @@ def boot(
                 lines.append(line)
                 log.write(line + "\n")
                 log.flush()
-                if callable(on_line):
+                if on_line is not None:
                     on_line(line)
                 if "=== L1 job exit=" in line:
                     exit_code = int(line.split("exit=")[1].split()[0])

@@ -504,16 +504,13 @@ class MicroVmSandbox(AgentSandbox):
             raise SandboxError(f"{e}\n{self.console_tail()}") from e
 
     async def _ended(self) -> str | None:
-        if self._vmm is None:
-            return None
-        if self._vmm.process.returncode is not None:
-            return f"the VMM exited with status {self._vmm.process.returncode}"
+        """Why the guest is gone (as `status` words it), or None while it may still run."""
         try:
-            report = await self._vmm.state()
+            status = await self.status()
         except SandboxError:
             return None
-        if report.state is VmState.EXITED:
-            return report.exit.reason if report.exit else "unknown"
+        if status.state in (SandboxState.STOPPED, SandboxState.FAILED):
+            return status.detail or status.state.value
         return None
 
     def console_tail(self, lines: int = 25) -> str:
