@@ -25,6 +25,14 @@ def test_a_guest_that_ends_by_itself_has_failed(reason: str) -> None:
     assert "kernel panic" in detail
 
 
+def test_what_the_vmm_saw_is_in_the_message() -> None:
+    seen = "vcpu 1 triple fault at rip 0xffffffff81000000"
+    state, detail = classify_exit("shutdown", requested=False, detail=seen)
+    assert state is SandboxState.FAILED
+    assert seen in detail
+    assert classify_exit("shutdown", requested=True, detail=seen)[1] == "shutdown"
+
+
 def test_the_vmm_stop_is_clean_even_unasked() -> None:
     assert classify_exit("stopped", requested=False)[0] is SandboxState.STOPPED
 

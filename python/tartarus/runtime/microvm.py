@@ -350,18 +350,22 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def classify_exit(reason: str, requested: bool) -> tuple[SandboxState, str]:
+def classify_exit(
+    reason: str, requested: bool, detail: str | None = None
+) -> tuple[SandboxState, str]:
     """What a guest's exit means: `stopped` is always ours; a reset, shutdown or halt is
     a clean stop only after we asked for one, else the guest crashed (a panicking kernel
-    resets it) or rebooted itself."""
+    resets it, a triple fault shuts it down) or rebooted itself. `detail` is what the
+    VMM saw (for a triple fault, where the vCPU was): it goes into the message."""
+    seen = f" ({detail})" if detail else ""
     if reason == "stopped" or (requested and reason in _REQUESTED_EXITS):
         return SandboxState.STOPPED, reason
     if reason in _REQUESTED_EXITS:
         return (
             SandboxState.FAILED,
-            f"guest ended by itself ({reason}): a kernel panic or a reboot inside",
+            f"guest ended by itself ({reason}): a kernel panic or a reboot inside{seen}",
         )
-    return SandboxState.FAILED, reason
+    return SandboxState.FAILED, f"{reason}{seen}"
 
 
 class MicroVmSandbox(AgentSandbox):
@@ -596,8 +600,12 @@ class MicroVmSandbox(AgentSandbox):
             )
         report = await self._vmm.state()
         if report.state is VmState.EXITED:
-            exit_reason = report.exit.reason if report.exit else "unknown"
-            state, detail = classify_exit(exit_reason, self._ending)
+            ended = report.exit
+            state, detail = classify_exit(
+                ended.reason if ended else "unknown",
+                self._ending,
+                ended.detail or ended.message if ended else None,
+            )
             return SandboxStatus(id=self.id, backend=self.backend, state=state, detail=detail)
         return SandboxStatus(id=self.id, backend=self.backend, state=_STATES[report.state])
 

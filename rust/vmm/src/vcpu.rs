@@ -62,14 +62,8 @@ impl Vcpu {
                     break;
                 }
                 Step::TripleFault => {
-                    let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                    let sregs = fd.get_sregs().ok();
                     let exit = VmExit::Shutdown {
-                        detail: format!(
-                            "triple fault at rip {rip:#x} (cr0 {:#x}, efer {:#x})",
-                            sregs.map_or(0, |s| s.cr0),
-                            sregs.map_or(0, |s| s.efer)
-                        ),
+                        detail: self.triple_fault(&fd),
                     };
                     self.control.request_exit(exit);
                     break;
@@ -146,6 +140,40 @@ impl Vcpu {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// Where the vCPU was when the guest triple-faulted: enough to tell early boot (real
+    /// mode, paging off), the decompressor and the kernel proper apart, and which vCPU.
+    fn triple_fault(&self, fd: &VcpuFd) -> String {
+        let regs = fd.get_regs().ok();
+        let sregs = fd.get_sregs().ok();
+        let events = fd.get_vcpu_events().ok();
+        let reg = |f: fn(&kvm_bindings::kvm_regs) -> u64| regs.as_ref().map_or(0, f);
+        let sreg = |f: fn(&kvm_bindings::kvm_sregs) -> u64| sregs.as_ref().map_or(0, f);
+        format!(
+            "vcpu {} triple fault at rip {:#x} rsp {:#x} (cs {:#x}, cr0 {:#x}, cr2 {:#x}, \
+             cr3 {:#x}, cr4 {:#x}, efer {:#x}; pending exception {})",
+            self.id,
+            reg(|r| r.rip),
+            reg(|r| r.rsp),
+            sreg(|s| u64::from(s.cs.selector)),
+            sreg(|s| s.cr0),
+            sreg(|s| s.cr2),
+            sreg(|s| s.cr3),
+            sreg(|s| s.cr4),
+            sreg(|s| s.efer),
+            events.map_or_else(
+                || "unknown".to_string(),
+                |e| if e.exception.injected != 0 || e.exception.pending != 0 {
+                    format!(
+                        "{} error code {:#x}",
+                        e.exception.nr, e.exception.error_code
+                    )
+                } else {
+                    "none".to_string()
+                }
+            ),
+        )
     }
 
     /// Reads KVM's internal-error report: suberror, its data words, and where the guest was.
