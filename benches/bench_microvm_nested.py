@@ -12,9 +12,9 @@ This host's /dev/kvm cannot run a Linux guest, so the bench boots one nested-KVM
 - QEMU `-M microvm` (-accel kvm): L1's kernel has no vhost-vsock, so QEMU cannot reach the
   agent; its endpoint is the agent reaching its listen step instead (a unix listen that
   fails on purpose prints a line on the serial console), slightly earlier than a hello.
-All boot the cached guest kernel with the runtime's command line (DEFAULT_CMDLINE +
-AGENT_CMDLINE), the `base` template's ext4 image read-only as vda, a fresh 256 MiB ext4
-scratch disk as vdb, 256 MiB of RAM and 1 vCPU, all unjailed. L1's own boot is not
+All boot the cached guest kernel with the runtime's command line (`guest_cmdline()`),
+the `base` template's ext4 image read-only as vda, a fresh 256 MiB ext4 scratch disk as
+vdb, 256 MiB of RAM and 1 vCPU, all unjailed. L1's own boot is not
 counted. Firecracker is found at $TARTARUS_FIRECRACKER, on PATH, or under
 ~/.cache/tartarus/peers/firecracker/<version>/ (benches/peers/build-firecracker.sh builds
 it); without it the bench says so and measures the others.
@@ -48,10 +48,9 @@ from tartarus.config import load_settings
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.microvm import (
-    AGENT_CMDLINE,
     AGENT_PORT,
-    DEFAULT_CMDLINE,
     GUEST_CID,
+    guest_cmdline,
     make_scratch_disk,
     newest_kernel,
     sparse_copy,
@@ -73,7 +72,7 @@ RUNS = int(os.environ.get("TARTARUS_BENCH_NESTED_RUNS", "3"))
 MEMORY_MIB = 256
 VCPUS = 1
 SCRATCH_MIB = 256
-CMDLINE = f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}"
+CMDLINE = guest_cmdline()
 # QEMU's guest agent listens where it cannot: the error line is the readiness marker.
 # QEMU would append its virtio-mmio devices after the `--` (they would reach the agent,
 # not the kernel): they are named here, in microvm's layout (the first -device gets the
@@ -88,6 +87,8 @@ AGENT_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_AGENT_TIMEOUT_S", 
 # `/bin/true` execs timed per boot; their median is the exec round trip.
 EXEC_ROUND_TRIPS = 10
 L1_TIMEOUT_S = float(os.environ.get("TARTARUS_BENCH_NESTED_TIMEOUT_S", "2400"))
+# Clone density: this many clones of one snapshot restored at once, in each run.
+CLONES = int(os.environ.get("TARTARUS_BENCH_NESTED_CLONES", "4"))
 FIRECRACKER_CACHE = Path.home() / ".cache" / "tartarus" / "peers" / "firecracker"
 
 
@@ -119,6 +120,10 @@ class Sample(msgspec.Struct):
     overhead_kib: int | None = None
     # Ours only: the VMM's exit counters at the agent's hello.
     vmm_metrics: dict[str, Any] | None = None
+    # Clone density: CLONES restores of the snapshot started together → the last hello;
+    # then each clone's proportional set size (shared snapshot pages split between them).
+    clones_ready_s: float | None = None
+    clone_pss_kib: int | None = None
     error: str | None = None
 
 
@@ -183,6 +188,22 @@ def overhead_kib(pid: int) -> int | None:
         elif name == "Rss" and size < MEMORY_MIB * 1024:
             total += int(value.split()[0])
     return total
+
+
+def pss_kib(pid: int) -> int | None:
+    """The process's proportional set size: pages it shares count split among sharers."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def mean_pss_kib(pids: list[int]) -> int | None:
+    values = [v for pid in pids if (v := pss_kib(pid)) is not None]
+    return sum(values) // len(values) if values else None
 
 
 async def agent_hello(uds: Path) -> None:
@@ -250,7 +271,44 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
         await sparse_copy(scratch, snap_dir / "drive1.img")
     finally:
         await vmm.kill()
-    clone = work / "clone"
+    started = time.perf_counter()
+    restored, clone_uds = await restore_tartarus(snap_dir, root, work / "clone", clone_id=1)
+    try:
+        await agent_hello(clone_uds)
+        sample.restore_s = time.perf_counter() - started
+        sample.restore_rss_kib = proc_kib(restored.process.pid, "VmRSS")
+    finally:
+        await restored.kill()
+    await tartarus_clones(snap_dir, root, work, sample)
+    return sample
+
+
+async def tartarus_clones(snap_dir: Path, root: DriveConfig, work: Path, sample: Sample) -> None:
+    """CLONES new VMMs restore the snapshot at once, each with its own clone id."""
+    clones: list[VmmProcess] = []
+
+    async def one(i: int) -> None:
+        vmm, uds = await restore_tartarus(snap_dir, root, work / f"clone{i}", clone_id=2 + i)
+        clones.append(vmm)
+        await agent_hello(uds)
+
+    try:
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(CLONES):
+                tg.start_soon(one, i)
+        sample.clones_ready_s = time.perf_counter() - started
+        sample.clone_pss_kib = mean_pss_kib([c.process.pid for c in clones])
+    finally:
+        for vmm in clones:
+            await vmm.kill()
+
+
+async def restore_tartarus(
+    snap_dir: Path, root: DriveConfig, clone: Path, clone_id: int
+) -> tuple[VmmProcess, Path]:
+    """A new VMM restoring the snapshot in `snap_dir` with its own copy of the scratch disk;
+    returns it (restored and running) and its vsock socket."""
     clone_run = clone / "vm"
     clone_run.mkdir(parents=True)
     await sparse_copy(snap_dir / "drive1.img", clone_run / "drive1.img")
@@ -265,19 +323,16 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
             ),
         ],
         vsock_uds_path=clone_uds,
-        clone_id=1,
+        clone_id=clone_id,
         verify_memory=False,
     )
-    started = time.perf_counter()
-    restored = await VmmProcess.launch(clone)
+    vmm = await VmmProcess.launch(clone)
     try:
-        await restored.restore(options)
-        await agent_hello(clone_uds)
-        sample.restore_s = time.perf_counter() - started
-        sample.restore_rss_kib = proc_kib(restored.process.pid, "VmRSS")
-    finally:
-        await restored.kill()
-    return sample
+        await vmm.restore(options)
+    except BaseException:
+        await vmm.kill()
+        raise
+    return vmm, clone_uds
 
 
 def http(sock: Path, method: str, path: str, body: dict[str, Any] | None = None) -> None:
@@ -313,11 +368,14 @@ def http(sock: Path, method: str, path: str, body: dict[str, Any] | None = None)
         raise BenchError(f"firecracker {method} {path}: {status} {rest.decode(errors='replace')}")
 
 
-def spawn_firecracker(binary: str, api: Path, log: Path) -> subprocess.Popen[bytes]:
-    """Starts Firecracker and returns once its API socket accepts connections."""
+def spawn_firecracker(
+    binary: str, api: Path, log: Path, prefix: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts Firecracker (after `prefix`, a command that execs it) and returns once its
+    API socket accepts connections."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [binary, "--api-sock", str(api)],
+            [*(prefix or []), binary, "--api-sock", str(api)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -382,17 +440,57 @@ async def run_firecracker(params: Params, work: Path) -> Sample:
     started = time.perf_counter()
     proc = spawn_firecracker(params.firecracker, api, log)
     try:
-        http(api, "PUT", "/snapshot/load", {
-            "snapshot_path": str(snap),
-            "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
-            "resume_vm": True,
-        })  # fmt: skip
+        load_snapshot(api, snap, mem)
         await agent_hello(uds)
         sample.restore_s = time.perf_counter() - started
         sample.restore_rss_kib = proc_kib(proc.pid, "VmRSS")
     finally:
         stop(proc)
+    await firecracker_clones(params.firecracker, (snap, mem), scratch, work, sample)
     return sample
+
+
+async def firecracker_clones(
+    binary: str, snapshot: tuple[Path, Path], scratch: Path, work: Path, sample: Sample
+) -> None:
+    """CLONES Firecrackers load the snapshot at once. A Firecracker snapshot names its
+    disks' and vsock's paths, so each clone runs in its own mount namespace with its own
+    directory mounted over the run directory, as the jailer's chroot gives each one."""
+    clones: list[subprocess.Popen[bytes]] = []
+
+    async def one(i: int) -> None:
+        own = work / f"clone{i}"
+        own.mkdir()
+        await sparse_copy(scratch, own / scratch.name)
+        over = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+                "sh", str(own), str(scratch.parent)]  # fmt: skip
+        api = own / "api.sock"
+        proc = await anyio.to_thread.run_sync(
+            lambda: spawn_firecracker(binary, api, own / "fc.log", over)
+        )
+        clones.append(proc)
+        await anyio.to_thread.run_sync(load_snapshot, api, *snapshot)
+        await agent_hello(own / "vsock.sock")
+
+    try:
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(CLONES):
+                tg.start_soon(one, i)
+        sample.clones_ready_s = time.perf_counter() - started
+        sample.clone_pss_kib = mean_pss_kib([c.pid for c in clones])
+    finally:
+        for proc in clones:
+            stop(proc)
+
+
+def load_snapshot(api: Path, snap: Path, mem: Path) -> None:
+    http(api, "PUT", "/snapshot/load", {
+        "snapshot_path": str(snap),
+        "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
+        "resume_vm": True,
+    })  # fmt: skip
 
 
 def spawn_qemu(argv: list[str], log: Path, stderr: Path) -> subprocess.Popen[bytes]:
@@ -541,6 +639,8 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
         "hwm_kib_p50": kib_median(samples, "hwm_kib"),
         "overhead_kib_p50": kib_median(samples, "overhead_kib"),
         "restore_rss_kib_p50": kib_median(samples, "restore_rss_kib"),
+        f"{CLONES}_clones_to_agent": stats(samples, "clones_ready_s"),
+        "clone_pss_kib_p50": kib_median(samples, "clone_pss_kib"),
         "errors": [s.error for s in samples if s.error],
     }
 
@@ -619,7 +719,8 @@ def main() -> int:
     ours, fc, qm = summary(result.tartarus), summary(result.firecracker), summary(result.qemu)
     keys = ("boot_to_agent", "boot_cpu", "exec_round_trip", "snapshot_create",
             "restore_to_agent", "rss_kib_p50", "hwm_kib_p50", "overhead_kib_p50",
-            "restore_rss_kib_p50")  # fmt: skip
+            "restore_rss_kib_p50", f"{CLONES}_clones_to_agent",
+            "clone_pss_kib_p50")  # fmt: skip
     results: dict[str, Any] = {
         "setup": (
             f"inside a nested-KVM L1 ({result.l1_kernel} under QEMU TCG -cpu max,+svm, "
@@ -629,7 +730,9 @@ def main() -> int:
             "hello over vsock (QEMU: → agent's listen step on the serial console); snapshot: "
             "pause + full snapshot; exec: median of 10 `/bin/true` through the agent; "
             "restore: spawn → restored agent's hello (ours without "
-            "memory re-verification)"
+            f"memory re-verification); clones: {CLONES} restores of one snapshot started "
+            "together → the last hello, and each clone's mean PSS then (Firecracker's "
+            "clones each in its own mount namespace, as its jailer gives them)"
         ),
         "runs": RUNS,
         "kernel": str(kernel),

@@ -8,6 +8,7 @@ import pytest
 
 from tartarus.config import load_settings
 from tartarus.errors import ConfigError
+from tartarus.runtime.microvm import AGENT_CMDLINE, DEFAULT_CMDLINE, guest_cmdline
 
 
 def test_zero_config_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,3 +45,28 @@ def test_bad_config_is_a_clear_error(
     monkeypatch.setenv("TARTARUS_CONFIG", str(config))
     with pytest.raises(ConfigError, match=needle):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    "args", ["-- serve", "loglevel=7\ninit=/bin/sh", "x" * 1025, "a\rb"], ids=repr
+)
+def test_guest_kernel_args_cannot_reach_init_or_break_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TARTARUS_GUEST_KERNEL_ARGS", args)
+    with pytest.raises(ConfigError, match="guest_kernel_args"):
+        load_settings()
+
+
+def test_guest_kernel_args_go_between_ours_and_the_agents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TARTARUS_GUEST_KERNEL_ARGS", "loglevel=7")
+    line = guest_cmdline(load_settings().guest_kernel_args)
+    kernel, _, init = line.partition(" -- ")
+    assert kernel.startswith(DEFAULT_CMDLINE)
+    assert "loglevel=7" in kernel.split()
+    assert "loglevel" not in init
+    assert guest_cmdline() == f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}"

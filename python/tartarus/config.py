@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # How long a microVM may take from its VMM starting to its agent answering (boot, or
     # a restore). Raise it where guests boot slowly, e.g. under nested emulation.
     guest_ready_timeout_s: float = msgspec.field(default=60.0)
+    # Extra guest kernel arguments for every microVM (e.g. `loglevel=7` to see its boot
+    # messages: under nested emulation each console byte costs a VM exit).
+    guest_kernel_args: str = ""
     # Cerberus: authentication ([auth], docs/auth.md).
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     # Secret providers ([secrets], docs/auth.md).
@@ -49,6 +52,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
     # API's `PUT /v1/pools/{template}` overrides it).
     warm_pools: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        args = self.guest_kernel_args
+        # `--` would hand the rest to the guest's init (our agent), not to the kernel.
+        if "--" in args.split() or any(c in args for c in "\n\r\0") or len(args) > 1024:
+            raise ValueError(
+                "guest_kernel_args: kernel arguments on one line, at most 1024 characters, "
+                "without `--`"
+            )
 
 
 ENV_PREFIX = "TARTARUS_"

@@ -350,6 +350,11 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def guest_cmdline(extra: str = "") -> str:
+    """The guest kernel's command line: ours, the `guest_kernel_args` setting, the agent's."""
+    return " ".join(part for part in (DEFAULT_CMDLINE, extra.strip(), AGENT_CMDLINE) if part)
+
+
 def classify_exit(
     reason: str, requested: bool, detail: str | None = None
 ) -> tuple[SandboxState, str]:
@@ -416,7 +421,7 @@ class MicroVmSandbox(AgentSandbox):
             vcpus=max(1, math.ceil(self.spec.resources.vcpus)),
             memory_mib=self.spec.resources.memory_mib,
             kernel=self.kernel,
-            cmdline=f"{DEFAULT_CMDLINE} {AGENT_CMDLINE}",
+            cmdline=guest_cmdline(self.settings.guest_kernel_args),
             serial=SerialFile(path=self.run_dir / "console.log"),
             drives=[
                 DriveConfig(path=root_image, read_only=True, id="tartarus-root"),
@@ -505,7 +510,23 @@ class MicroVmSandbox(AgentSandbox):
                 self.vsock_path, timeout_s=self.settings.guest_ready_timeout_s, ended=self._ended
             )
         except SandboxError as e:
-            raise SandboxError(f"{e}\n{self.console_tail()}") from e
+            raise SandboxError(f"{e}\n{await self._progress()}{self.console_tail()}") from e
+
+    async def _progress(self) -> str:
+        """What the VMM has seen of a guest that has not answered: whether it ran, stalled
+        before its first exit, or spun; empty when the VMM is gone."""
+        try:
+            m = await self._vmm.metrics() if self._vmm is not None else None
+        except (SandboxError, OSError):
+            return ""
+        if m is None:
+            return ""
+        exits = m.exits_io_in + m.exits_io_out + m.exits_mmio_read + m.exits_mmio_write
+        first = "none yet" if m.first_exit_us is None else f"{m.first_exit_us / 1e6:.1f} s in"
+        return (
+            f"VMM: up {m.uptime_us / 1e6:.1f} s, {m.cpu_us / 1e6:.1f} s of CPU, {exits} "
+            f"device exits (first: {first}), {m.serial_bytes} console bytes\n"
+        )
 
     async def _ended(self) -> str | None:
         """Why the guest is gone (as `status` words it), or None while it may still run."""
