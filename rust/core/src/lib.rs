@@ -9,7 +9,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use tartarus_vmm::client::{ClientError, VmmClient as RustVmmClient};
+use tartarus_vmm_api::client::{ClientError, VmmClient as RustVmmClient};
 
 create_exception!(
     _core,
@@ -35,7 +35,7 @@ fn inspect_snapshot<'py>(
     verify_memory: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let summary = py
-        .detach(|| tartarus_vmm::snapshot::inspect(&path, verify_memory))
+        .detach(|| tartarus_vmm_api::snapshot::inspect(&path, verify_memory))
         .map_err(|e| SnapshotError::new_err(e.to_string()))?;
     let json = serde_json::to_string(&summary)
         .map_err(|e| PyRuntimeError::new_err(format!("cannot encode snapshot summary: {e}")))?;

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 
 use serde::Serialize;
-use tartarus_vmm::probe::{probe_kvm, KvmProbe};
+use tartarus_vmm_api::probe::{probe_kvm, KvmProbe};
 
 /// Which cgroup hierarchy the host mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -11,8 +11,9 @@ use seccompiler::BpfProgram;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::regs::{setup_lapic, setup_msrs, setup_registers, EntryMode};
-use crate::boot::{cmdline::parse_cmdline, cpuid::filter_cpuid, prepare_boot, BootError};
-use crate::config::{ConfigError, MachineConfig};
+use tartarus_vmm_api::cmdline::parse_cmdline;
+
+use crate::boot::{cpuid::filter_cpuid, prepare_boot, BootError};
 use crate::control::{install_kick_handler, Control, VmExit};
 use crate::devices::generation::{GenerationDevice, GenerationState, GENERATION_PAGE_SIZE};
 use crate::devices::legacy::{
@@ -26,6 +27,7 @@ use crate::memory::{create_guest_memory, register_guest_memory, MemoryError};
 use crate::metrics::Metrics;
 use crate::snapshot::lineage::Lineage;
 use crate::vcpu::{SharedVcpu, Vcpu};
+use tartarus_vmm_api::config::{ConfigError, MachineConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {

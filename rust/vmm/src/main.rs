@@ -27,13 +27,14 @@ use std::time::Duration;
 
 use kvm_ioctls::Kvm;
 use serde_json::json;
-use tartarus_vmm::api::{self, Handler, Request};
-use tartarus_vmm::config::MachineConfig;
+use tartarus_vmm::api::{self, Handler};
 use tartarus_vmm::control::VmExit;
 use tartarus_vmm::jail::{self, JailConfig};
 use tartarus_vmm::metrics::mark_process_start;
 use tartarus_vmm::seccomp::{self, ThreadKind};
 use tartarus_vmm::vmm::Vmm;
+use tartarus_vmm_api::api::Request;
+use tartarus_vmm_api::config::MachineConfig;
 
 const USAGE: &str = "usage: tartarus-vmm --version | probe | \
 run --config FILE [--jail FILE] [--no-seccomp] | \
@@ -275,7 +276,7 @@ fn inspect_snapshot(rest: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match tartarus_vmm::snapshot::inspect(std::path::Path::new(path), verify) {
+    match tartarus_vmm_api::snapshot::inspect(std::path::Path::new(path), verify) {
         Ok(summary) => {
             println!("{}", json!(summary));
             ExitCode::SUCCESS
@@ -313,7 +314,7 @@ fn main() -> ExitCode {
             0
         }
         "probe" => {
-            println!("{}", json!(tartarus_vmm::probe::probe_kvm()));
+            println!("{}", json!(tartarus_vmm_api::probe::probe_kvm()));
             0
         }
         "run" => run(&args),

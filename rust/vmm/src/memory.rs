@@ -11,7 +11,7 @@ use vm_memory::{
     GuestRegionMmap,
 };
 
-use crate::config::MemoryBacking;
+use tartarus_vmm_api::config::MemoryBacking;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

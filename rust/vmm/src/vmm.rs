@@ -10,15 +10,17 @@ use serde::Serialize;
 use serde_json::Value;
 use vm_memory::GuestMemoryMmap;
 
-use crate::api::{ApiError, ErrorKind, Handler, Request};
+use tartarus_vmm_api::api::{ApiError, ErrorKind, Request, RestoreOptions};
+
+use crate::api::Handler;
 use crate::boot::regs::EntryMode;
-use crate::config::MachineConfig;
 use crate::control::{Target, VmExit};
 use crate::devices::virtio::attach::{attach, VirtioDevices};
 use crate::devices::{DeviceError, DeviceManager};
 use crate::machine::{Machine, MachineError};
 use crate::metrics::Metrics;
-use crate::snapshot::{self, RestoreOptions, SnapshotError};
+use crate::snapshot::{self, SnapshotError};
+use tartarus_vmm_api::config::MachineConfig;
 
 /// Longest `wait` a client may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -178,7 +180,7 @@ impl Vmm {
     fn snapshot(
         &mut self,
         path: &std::path::Path,
-        kind: snapshot::format::SnapshotKind,
+        kind: tartarus_vmm_api::snapshot::format::SnapshotKind,
     ) -> Result<Value, ApiError> {
         let was_running = self.state() == VmState::Running;
         let machine = match (self.state(), self.machine.as_mut()) {

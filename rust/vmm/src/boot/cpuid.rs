@@ -6,17 +6,7 @@
 //! no business using (AVX-512, TSX, MPX, SGX, PKU, processor trace, VMX).
 
 use kvm_bindings::kvm_cpuid_entry2;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CpuTemplate {
-    /// Everything KVM can virtualise on this host.
-    Host,
-    /// A portable x86-64-v3-like set (no AVX-512, TSX, MPX, SGX, PKU, PT).
-    #[default]
-    Baseline,
-}
+use tartarus_vmm_api::config::CpuTemplate;
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_EXT_FEATURES: u32 = 0x7;

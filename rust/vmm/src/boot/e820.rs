@@ -69,8 +69,9 @@ pub fn build_e820(ram: &[(u64, u64)]) -> Result<Vec<E820Entry>, E820Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{ram_ranges, MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
+    use crate::layout::ram_ranges;
     use proptest::prelude::*;
+    use tartarus_vmm_api::layout::{MAX_MEMORY_BYTES, MIN_MEMORY_BYTES};
 
     #[test]
     fn small_guest_has_low_and_high_ram() {

@@ -2,7 +2,6 @@
 //! MP table, e820 map, boot_params or PVH start info, page tables, GDT), written into
 //! guest memory before any vCPU runs.
 
-pub mod cmdline;
 pub mod cpuid;
 pub mod e820;
 pub mod gdt;
@@ -15,25 +14,12 @@ pub mod regs;
 use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
-use serde::{Deserialize, Serialize};
+use tartarus_vmm_api::config::BootProtocol;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{CMDLINE_START, EBDA_START, PVH_INFO_START, ZERO_PAGE_START};
 use loader::{LoadError, LoadedKernel};
 use regs::EntryMode;
-
-/// Which entry point to use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BootProtocol {
-    /// PVH when the kernel has a PVH note, else the 64-bit Linux entry.
-    #[default]
-    Auto,
-    /// The Linux 64-bit boot protocol (long mode, identity page tables).
-    Linux64,
-    /// PVH (32-bit protected mode, paging off).
-    Pvh,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -42,7 +28,7 @@ pub enum BootError {
     #[error("the kernel has no PVH entry note, so it cannot boot with protocol \"pvh\"")]
     NoPvhEntry,
     #[error(transparent)]
-    Cmdline(#[from] cmdline::CmdlineError),
+    Cmdline(#[from] tartarus_vmm_api::cmdline::CmdlineError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
     #[error(transparent)]
@@ -80,7 +66,7 @@ pub fn prepare_boot(
             true
         }
     };
-    let cmdline_bytes = cmdline::cmdline_bytes(cmdline)?;
+    let cmdline_bytes = tartarus_vmm_api::cmdline::cmdline_bytes(cmdline)?;
     mem.write_slice(&cmdline_bytes, GuestAddress(CMDLINE_START))?;
     mem.write_slice(&mptable::build_mptable(vcpus)?, GuestAddress(EBDA_START))?;
     let e820 = e820::build_e820(ram)?;

@@ -4,10 +4,9 @@
 //! The table is built as bytes (so it can be checked without guest memory) and placed
 //! at the start of the EBDA, where Linux scans for the `_MP_` floating pointer.
 
-use crate::layout::{APIC_START, EBDA_END, EBDA_START, IOAPIC_START, IRQ_MAX};
+use tartarus_vmm_api::layout::MAX_VCPUS;
 
-/// Most vCPUs whose processor entries fit in the EBDA space we reserve for the table.
-pub const MAX_VCPUS: u8 = 32;
+use crate::layout::{APIC_START, EBDA_END, EBDA_START, IOAPIC_START, IRQ_MAX};
 
 const FLOATING_LEN: usize = 16;
 const HEADER_LEN: usize = 44;

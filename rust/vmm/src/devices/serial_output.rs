@@ -5,28 +5,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
-/// Default cap on serial output: 16 MiB.
-pub const DEFAULT_SERIAL_LIMIT: u64 = 16 << 20;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SerialConfig {
-    /// Discard output.
-    #[default]
-    None,
-    /// Append to a file (created if missing).
-    File { path: PathBuf },
-    /// Connect to a listening unix stream socket and write there.
-    Socket { path: PathBuf },
-    /// This process's standard output.
-    Stdout,
-}
+use tartarus_vmm_api::config::SerialConfig;
 
 #[derive(Debug, Default)]
 pub struct SerialCounters {

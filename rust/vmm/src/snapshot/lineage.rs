@@ -4,9 +4,9 @@
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::format::hex;
 use super::memory::{copied_pages, kvm_dirty_pages, mark_runs, no_pages, union, PageFlags};
-use super::state::PageMap;
+use tartarus_vmm_api::snapshot::format::hex;
+use tartarus_vmm_api::snapshot::state::PageMap;
 
 #[derive(Default)]
 pub struct Lineage {

@@ -17,8 +17,10 @@ use std::sync::OnceLock;
 use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::format::{MemorySectionWriter, PAGE_SIZE};
-use super::state::PageMap;
+use tartarus_vmm_api::snapshot::format::PAGE_SIZE;
+use tartarus_vmm_api::snapshot::state::PageMap;
+
+use super::writer::MemorySectionWriter;
 
 /// Above this many runs a diff is copied into guest memory instead of mapped run by
 /// run, to stay far below the kernel's limit on mappings per process.
@@ -207,7 +209,8 @@ pub fn apply_diff(
 mod tests {
     use super::*;
     use crate::memory::map_guest_memory_from;
-    use crate::snapshot::format::{SectionKind, SnapshotFile, SnapshotWriter};
+    use crate::snapshot::writer::SnapshotWriter;
+    use tartarus_vmm_api::snapshot::format::{SectionKind, SnapshotFile};
 
     fn dir(name: &str) -> std::path::PathBuf {
         let d =
@@ -229,8 +232,12 @@ mod tests {
             m.page(&[i as u8; 4096]).unwrap();
         }
         m.finish();
-        w.finish(crate::snapshot::format::SnapshotKind::Full, [1; 16], None)
-            .unwrap();
+        w.finish(
+            tartarus_vmm_api::snapshot::format::SnapshotKind::Full,
+            [1; 16],
+            None,
+        )
+        .unwrap();
         let snap = SnapshotFile::open(&base).unwrap();
         let off = snap.header.section(SectionKind::Memory).unwrap().offset;
 
@@ -255,8 +262,12 @@ mod tests {
         let mut m = w.memory();
         write_pages(&mem, &map, &mut m).unwrap();
         m.finish();
-        w.finish(crate::snapshot::format::SnapshotKind::Full, [2; 16], None)
-            .unwrap();
+        w.finish(
+            tartarus_vmm_api::snapshot::format::SnapshotKind::Full,
+            [2; 16],
+            None,
+        )
+        .unwrap();
         let diff_snap = SnapshotFile::open(&diff).unwrap();
         let doff = diff_snap
             .header

@@ -4,7 +4,8 @@
 //! vCPU's registers, FPU/XSAVE, MSRs, LAPIC and pending events, the VM's interrupt
 //! controllers, PIT and clock, the serial port and generation device, and guest memory:
 //! all of it (full), or only the pages written since a parent full snapshot (diff).
-//! The file format is in `format`; state in `state`.
+//! The file format is read in `tartarus_vmm_api::snapshot::format` and written in
+//! `writer`; state in `state`.
 //!
 //! `restore` builds a machine in a fresh VMM from a snapshot: guest memory is the
 //! snapshot file mapped privately (copy-on-write), so every clone of one snapshot
@@ -12,32 +13,37 @@
 //! Each restore is a new generation with a new identity on the generation device (the
 //! guest's cue to reseed its RNG and drop its connections).
 
-pub mod format;
 pub mod kvm_state;
 pub mod lineage;
 pub mod memory;
 pub mod state;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::MachineConfig;
+use tartarus_vmm_api::api::RestoreOptions;
+use tartarus_vmm_api::config::{MachineConfig, VsockConfig};
+use tartarus_vmm_api::snapshot::format::{
+    hex, FormatError, SectionKind, SnapshotFile, SnapshotKind, PAGE_SIZE,
+};
+use tartarus_vmm_api::snapshot::state::{PageMap, StateError};
+
 use crate::devices::generation::{random_bytes, GenerationState};
-use crate::devices::serial_output::SerialConfig;
-use crate::devices::virtio::attach::{attach, DriveConfig, VirtioDevices, VsockConfig};
+use crate::devices::virtio::attach::{attach, VirtioDevices};
 use crate::devices::{DeviceError, DeviceManager};
 use crate::machine::{Machine, MachineError, RestoredParts};
 use crate::metrics::Metrics;
 use crate::vcpu::lock_vcpu;
-use format::{hex, FormatError, SectionKind, SnapshotFile, SnapshotKind, SnapshotWriter};
 use kvm_state::{cpu_vendor, host_cpu_vendor, msr_indices, KvmStateError, VcpuState, VmState};
 use lineage::{Lineage, LineageError};
-use state::{DeviceStates, PageMap, SnapshotState, StateError};
+use state::{DeviceStates, SnapshotState};
+use writer::SnapshotWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -180,7 +186,7 @@ pub fn take(
     }
     let pages = header
         .section(SectionKind::Memory)
-        .map_or(0, |s| s.length / format::PAGE_SIZE);
+        .map_or(0, |s| s.length / PAGE_SIZE);
     Ok(SnapshotReport {
         path: path.to_path_buf(),
         id: hex(&id),
@@ -192,44 +198,6 @@ pub fn take(
         vcpus: state.vcpus.len(),
         duration_us: started.elapsed().as_micros() as u64,
     })
-}
-
-/// How to restore, as the `restore` API request carries it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreOptions {
-    /// The snapshot to restore (full, or a diff whose parent is `base`).
-    pub snapshot: PathBuf,
-    /// The full snapshot a diff applies to.
-    #[serde(default)]
-    pub base: Option<PathBuf>,
-    /// Where this clone's serial output goes (the snapshot's own setting otherwise).
-    #[serde(default)]
-    pub serial: Option<SerialConfig>,
-    #[serde(default)]
-    pub wall_clock_limit_ms: Option<u64>,
-    #[serde(default)]
-    pub track_dirty_pages: Option<bool>,
-    /// This clone's disks, replacing the snapshot's: the same disks in the same order
-    /// (a scratch disk is this clone's copy of the one saved with the snapshot).
-    #[serde(default)]
-    pub drives: Option<Vec<DriveConfig>>,
-    /// This clone's vsock host socket (the snapshot's path belongs to the original).
-    #[serde(default)]
-    pub vsock_uds_path: Option<PathBuf>,
-    /// The clone index the guest reads from the generation device.
-    #[serde(default)]
-    pub clone_id: u64,
-    /// Check the sha256 of guest memory before mapping it (reads the whole file).
-    #[serde(default = "yes")]
-    pub verify_memory: bool,
-    /// Start the vCPUs running (else they wait, paused, for `resume`).
-    #[serde(default = "yes")]
-    pub resume: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// What `restore` did.
@@ -322,7 +290,7 @@ fn open(options: &RestoreOptions) -> Result<Opened, SnapshotError> {
                     path: top.path.clone(),
                     source,
                 })?;
-            if map.pages() * format::PAGE_SIZE != memory_len {
+            if map.pages() * PAGE_SIZE != memory_len {
                 return refuse(format!(
                     "{}: the page map names {} pages, the memory section holds {memory_len} bytes",
                     top.path,
@@ -482,66 +450,4 @@ fn vm_state_load(
         saved.restore(kvm, fd)?;
     }
     Ok(())
-}
-
-/// A snapshot's header and state, for people and tools (`inspect`).
-#[derive(Debug, Clone, Serialize)]
-pub struct SnapshotSummary {
-    pub path: String,
-    pub format_version: u32,
-    pub id: String,
-    pub kind: SnapshotKind,
-    pub parent: Option<String>,
-    pub created_unix_ms: u64,
-    pub file_bytes: u64,
-    pub vmm_version: String,
-    pub cpu_vendor: String,
-    pub vcpus: u8,
-    pub memory_mib: u64,
-    pub kernel: PathBuf,
-    pub cmdline: String,
-    pub drives: Vec<DriveConfig>,
-    pub vsock: Option<VsockConfig>,
-    pub generation: u64,
-    pub pages: u64,
-    pub memory_verified: bool,
-}
-
-/// Reads and checks a snapshot (its memory too when `verify_memory`) and describes it.
-pub fn inspect(path: &Path, verify_memory: bool) -> Result<SnapshotSummary, SnapshotError> {
-    let file = SnapshotFile::open(path)?;
-    let state = state_of(&file)?;
-    if file.header.section(SectionKind::PageMap).is_some() {
-        let bytes = file.read_section(SectionKind::PageMap)?;
-        PageMap::decode(&bytes, &state.ram).map_err(|source| SnapshotError::State {
-            path: file.path.clone(),
-            source,
-        })?;
-    }
-    if verify_memory {
-        file.verify_section(SectionKind::Memory)?;
-    }
-    Ok(SnapshotSummary {
-        path: file.path.clone(),
-        format_version: format::FORMAT_VERSION,
-        id: hex(&file.header.id),
-        kind: file.header.kind,
-        parent: file.header.parent.as_ref().map(|p| hex(p)),
-        created_unix_ms: file.header.created_unix_ms,
-        file_bytes: file.header.total_len,
-        vmm_version: state.vmm_version.clone(),
-        cpu_vendor: state.cpu_vendor.clone(),
-        vcpus: state.machine.vcpus,
-        memory_mib: state.machine.memory_mib,
-        kernel: state.machine.kernel.clone(),
-        cmdline: state.machine.cmdline.clone(),
-        drives: state.machine.drives.clone(),
-        vsock: state.machine.vsock.clone(),
-        generation: state.devices.generation.generation,
-        pages: file
-            .header
-            .section(SectionKind::Memory)
-            .map_or(0, |s| s.length / format::PAGE_SIZE),
-        memory_verified: verify_memory,
-    })
 }

@@ -1,18 +1,17 @@
 //! The state section: everything but guest memory, as MessagePack (field names kept,
 //! so a reader in another language, e.g. `tartarus snapshot inspect`, can decode it).
-//! It is checked for consistency before anything is built from it.
+//! It is checked for consistency before anything is built from it; the checks and the
+//! page map are shared with the reader in `tartarus_vmm_api::snapshot::state`.
 
 use serde::{Deserialize, Serialize};
+use tartarus_vmm_api::config::MachineConfig;
+use tartarus_vmm_api::snapshot::state::{check_machine, StateError};
 
 use super::kvm_state::{VcpuState, VmState};
 use crate::boot::regs::EntryMode;
-use crate::config::MachineConfig;
 use crate::devices::generation::GenerationState;
 use crate::devices::legacy::SerialSnapshot;
 use crate::devices::virtio::attach::VirtioSnapshot;
-use crate::layout::ram_ranges;
-
-use super::format::PAGE_SIZE;
 
 /// Device state that is not KVM's.
 #[derive(Clone, Serialize, Deserialize)]
@@ -38,10 +37,6 @@ pub struct SnapshotState {
     pub devices: DeviceStates,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the snapshot state is inconsistent: {0}")]
-pub struct StateError(pub String);
-
 impl SnapshotState {
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
         rmp_serde::to_vec_named(self).map_err(|e| StateError(format!("cannot encode: {e}")))
@@ -56,103 +51,11 @@ impl SnapshotState {
 
     /// The fields must agree with each other before a VM is built from them.
     fn check(&self) -> Result<(), StateError> {
-        self.machine
-            .validate()
-            .map_err(|e| StateError(e.to_string()))?;
-        if self.ram != ram_ranges(self.machine.memory_bytes()) {
-            return Err(StateError(format!(
-                "RAM ranges {:?} do not match {} MiB of memory",
-                self.ram, self.machine.memory_mib
-            )));
-        }
-        if self.vcpus.len() != usize::from(self.machine.vcpus) {
-            return Err(StateError(format!(
-                "{} vCPU states for {} vCPUs",
-                self.vcpus.len(),
-                self.machine.vcpus
-            )));
-        }
-        Ok(())
+        check_machine(&self.machine, &self.ram, self.vcpus.len())
     }
 
     pub fn memory_bytes(&self) -> u64 {
         self.ram.iter().map(|r| r.1).sum()
-    }
-}
-
-/// Runs of guest pages a diff snapshot carries: (first guest page number, page count),
-/// sorted, not overlapping, inside guest RAM. Stored as little-endian u64 pairs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PageMap {
-    pub runs: Vec<(u64, u64)>,
-}
-
-impl PageMap {
-    pub fn pages(&self) -> u64 {
-        self.runs.iter().map(|r| r.1).sum()
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.runs.len() * 16);
-        for &(first, count) in &self.runs {
-            out.extend_from_slice(&first.to_le_bytes());
-            out.extend_from_slice(&count.to_le_bytes());
-        }
-        out
-    }
-
-    /// Parses and checks a page map against guest RAM.
-    pub fn decode(bytes: &[u8], ram: &[(u64, u64)]) -> Result<Self, StateError> {
-        if bytes.len() % 16 != 0 {
-            return Err(StateError(format!(
-                "page map of {} bytes is not whole runs",
-                bytes.len()
-            )));
-        }
-        let runs: Vec<(u64, u64)> = bytes
-            .chunks_exact(16)
-            .map(|c| {
-                let (a, b) = c.split_at(8);
-                (
-                    u64::from_le_bytes(a.try_into().unwrap_or_default()),
-                    u64::from_le_bytes(b.try_into().unwrap_or_default()),
-                )
-            })
-            .collect();
-        let mut end_of_last = 0u64;
-        for (i, &(first, count)) in runs.iter().enumerate() {
-            let end = first.checked_add(count).filter(|_| count > 0);
-            let Some(end) = end else {
-                return Err(StateError(format!("page run {i} is empty or overflows")));
-            };
-            if i > 0 && first < end_of_last {
-                return Err(StateError(format!("page run {i} is out of order")));
-            }
-            let inside = ram.iter().any(|&(start, len)| {
-                first >= start / PAGE_SIZE && end <= (start + len) / PAGE_SIZE
-            });
-            if !inside {
-                return Err(StateError(format!("page run {i} lies outside guest RAM")));
-            }
-            end_of_last = end;
-        }
-        Ok(PageMap { runs })
-    }
-
-    /// Builds runs from per-page flags over guest RAM.
-    pub fn from_dirty(ram: &[(u64, u64)], dirty: &[Vec<bool>]) -> Self {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (&(start, _), flags) in ram.iter().zip(dirty) {
-            let first_page = start / PAGE_SIZE;
-            for (i, _) in flags.iter().enumerate().filter(|(_, &d)| d) {
-                let page = first_page + i as u64;
-                match runs.last_mut() {
-                    Some((first, count)) if *first + *count == page => *count += 1,
-                    _ => runs.push((page, 1)),
-                }
-            }
-        }
-        PageMap { runs }
     }
 }
 
@@ -161,43 +64,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const RAM: &[(u64, u64)] = &[(0, 64 << 20)];
-
-    #[test]
-    fn runs_are_built_from_flags_and_round_trip() {
-        let mut flags = vec![false; (64 << 20) / 4096];
-        flags[3] = true;
-        flags[4] = true;
-        flags[10] = true;
-        let map = PageMap::from_dirty(RAM, &[flags]);
-        assert_eq!(map.runs, vec![(3, 2), (10, 1)]);
-        assert_eq!(map.pages(), 3);
-        assert_eq!(PageMap::decode(&map.encode(), RAM).unwrap(), map);
-    }
-
-    #[test]
-    fn bad_page_maps_are_refused() {
-        let enc = |runs: Vec<(u64, u64)>| PageMap { runs }.encode();
-        for bad in [
-            enc(vec![(5, 0)]),
-            enc(vec![(10, 1), (5, 1)]),
-            enc(vec![(1, 3), (2, 1)]),
-            enc(vec![(u64::MAX, 2)]),
-            enc(vec![((64 << 20) / 4096, 1)]),
-            vec![1, 2, 3],
-        ] {
-            assert!(PageMap::decode(&bad, RAM).is_err());
-        }
-    }
-
     proptest! {
-        #[test]
-        fn any_page_map_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            if let Ok(map) = PageMap::decode(&bytes, RAM) {
-                prop_assert_eq!(map.encode(), bytes);
-            }
-        }
-
         #[test]
         fn any_state_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = SnapshotState::decode(&bytes);

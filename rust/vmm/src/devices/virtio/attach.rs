@@ -8,92 +8,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
-use super::block::scratch::{ScratchDisk, Wipe};
+use tartarus_vmm_api::config::{DriveConfig, VsockConfig};
+
+use super::block::scratch::ScratchDisk;
 use super::block::BlockState;
 use super::block::{Block, BlockConfig, BlockOpenError};
 use super::device::{DeviceError as VirtioError, Interrupt, VirtioDevice};
 use super::mmio::{MmioTransport, TransportState};
-use super::rate_limiter::RateLimit;
 use super::vsock::VsockState;
 use super::vsock::{Vsock, VsockError};
 use super::worker::DeviceWorker;
 use crate::devices::{DeviceError, DeviceManager};
-
-/// A disk as the `configure` request describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DriveConfig {
-    /// Host path of the image (for a scratch disk: where to create it).
-    pub path: PathBuf,
-    #[serde(default)]
-    pub read_only: bool,
-    /// The disk's serial as the guest sees it (up to 20 bytes).
-    #[serde(default)]
-    pub id: String,
-    #[serde(default)]
-    pub rate_limit: RateLimit,
-    /// A per-sandbox scratch disk (Lethe): wiped and removed when the VMM exits.
-    #[serde(default)]
-    pub scratch: Option<ScratchConfig>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScratchConfig {
-    /// Create `path` as a fresh sparse disk of this size; without it, `path` must be an
-    /// existing (e.g. pre-formatted) disk that the VMM takes charge of.
-    #[serde(default)]
-    pub size_mib: Option<u64>,
-    #[serde(default)]
-    pub wipe: Wipe,
-}
-
-/// The vsock device: the guest's CID and the host-side unix socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VsockConfig {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-}
-
-/// Disks per microVM: each takes an MMIO window and a GSI.
-pub const MAX_DRIVES: usize = 8;
-/// Largest scratch disk (sparse, so only written blocks use host disk).
-const MAX_SCRATCH_MIB: u64 = 1 << 20;
-
-impl DriveConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.path.as_os_str().is_empty() {
-            return Err("a drive has an empty path".into());
-        }
-        if self.id.len() > 20 {
-            return Err(format!("drive id {:?} is longer than 20 bytes", self.id));
-        }
-        if let Some(mib) = self.scratch.and_then(|s| s.size_mib) {
-            if mib == 0 || mib > MAX_SCRATCH_MIB {
-                return Err(format!(
-                    "scratch size_mib is {mib}; it must be between 1 and {MAX_SCRATCH_MIB}"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl VsockConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
-            return Err(format!(
-                "vsock guest_cid is {}; CIDs 0-2 are reserved and it must fit 32 bits",
-                self.guest_cid
-            ));
-        }
-        if self.uds_path.as_os_str().is_empty() {
-            return Err("vsock uds_path is empty".into());
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -260,6 +185,7 @@ mod tests {
     use crate::devices::virtio::block::BlockConfig;
     use crate::devices::virtio::test_driver::guest_memory;
     use std::io::Write;
+    use tartarus_vmm_api::config::{RateLimit, ScratchConfig, Wipe};
 
     fn devices(dir: &std::path::Path, disk: &std::path::Path, name: &str) -> VirtioDevices {
         let mem = guest_memory();

@@ -7,20 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// Limits for one device; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    pub bytes_per_sec: Option<u64>,
-    pub ops_per_sec: Option<u64>,
-    /// Extra tokens a bucket may hold above one second's worth (a burst allowance).
-    #[serde(default)]
-    pub burst_bytes: u64,
-    #[serde(default)]
-    pub burst_ops: u64,
-}
+use tartarus_vmm_api::config::RateLimit;
 
 /// A token bucket refilled continuously at `rate` tokens per second.
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use tartarus_vmm_api::config::RateLimit;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -27,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use self::request::{parse, Request, RequestError, RequestKind, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use super::chain::ValidChain;
 use super::device::{add_used, DeviceError, QueueContext, VirtioDevice};
-use super::rate_limiter::{RateLimit, RateLimiter};
+use super::rate_limiter::RateLimiter;
 
 pub const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];

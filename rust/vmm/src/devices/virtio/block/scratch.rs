@@ -11,18 +11,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-/// What happens to the disk's contents when the sandbox ends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Wipe {
-    /// Remove the file.
-    #[default]
-    Unlink,
-    /// Overwrite every allocated extent with zeros, sync, then remove the file.
-    Shred,
-}
+use tartarus_vmm_api::config::Wipe;
 
 /// A scratch disk file that removes itself on drop.
 #[derive(Debug)]
