@@ -46,10 +46,15 @@ const fn ior(nr: u64, size: u64) -> u64 {
     (2 << 30) | (size << 16) | (KVMIO << 8) | nr
 }
 
-/// `KVM_RUN`, and the register reads used to report internal errors and triple faults.
+/// `KVM_RUN`, and the register and event reads used to report internal errors and
+/// triple faults.
 const KVM_RUN: u64 = io(0x80);
 const KVM_GET_REGS: u64 = ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>() as u64);
 const KVM_GET_SREGS: u64 = ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>() as u64);
+const KVM_GET_VCPU_EVENTS: u64 = ior(
+    0x9f,
+    std::mem::size_of::<kvm_bindings::kvm_vcpu_events>() as u64,
+);
 
 /// Calls every thread makes just to exist, wait and end (glibc and Rust's runtime).
 const COMMON: &[i64] = &[
@@ -141,7 +146,7 @@ struct ArgRule {
 const VCPU_ARG_RULES: &[ArgRule] = &[
     ArgRule {
         syscall: libc::SYS_ioctl,
-        values: &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
+        values: &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_VCPU_EVENTS],
     },
     ArgRule {
         syscall: libc::SYS_fcntl,
@@ -215,6 +220,7 @@ mod tests {
         assert_eq!(KVM_RUN, 0xae80);
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
     }
 
     #[test]
