@@ -28,7 +28,6 @@ from tartarus.auth.rbac import ADMIN_TENANTS, NODE_AGENT
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
 from tartarus.errors import InvalidRequestError, NotFoundError, RefusedError
 from tartarus.fleet.coordinator import Coordinator
-from tartarus.fleet.directory import FleetDirectory
 from tartarus.fleet.metrics import ScalerMetrics
 from tartarus.fleet.wire import (
     Heartbeat,
@@ -158,7 +157,7 @@ async def take_work(request: web.Request) -> web.StreamResponse:
 async def work_done(request: web.Request) -> web.StreamResponse:
     node_id = node_of(request)
     done = await read_json(request, WorkDone)
-    keep = await coordinator(request).work_done(node_id, done)
+    keep = await coordinator(request).reports.work_done(node_id, done)
     return reply(WorkVerdict(keep=keep))
 
 
@@ -175,7 +174,7 @@ async def node_report(request: web.Request) -> web.StreamResponse:
     """Sandbox state changes, enforcement events and errors the node saw, oldest first."""
     node_id = node_of(request)
     report = await read_json(request, NodeReport)
-    await coordinator(request).report(node_id, report)
+    await coordinator(request).reports.report(node_id, report)
     return web.Response(status=204)
 
 
@@ -192,7 +191,7 @@ async def leave_node(request: web.Request) -> web.StreamResponse:
     node_id = node_of(request)
     coord = coordinator(request)
     if await coord.state.registry.deregister(node_id) is not None:
-        await coord.node_gone(node_id, f"node {node_id} left the fleet")
+        await coord.reaper.node_gone(node_id, f"node {node_id} left the fleet")
     return web.Response(status=204)
 
 
@@ -374,7 +373,7 @@ async def record_violation(request: web.Request) -> web.StreamResponse:
     """Megaera records it against the sandbox and its tenant; a tenant with three
     violations is quarantined."""
     body = await read_json(request, ViolationBody)
-    event = await coordinator(request).violation(body.sandbox_id, body.detail)
+    event = await coordinator(request).reports.violation(body.sandbox_id, body.detail)
     return reply(event, status=201)
 
 
@@ -472,10 +471,10 @@ class FleetPlugin:
         # Sandboxes run on the node agents; the manager lends its admission judges and
         # its templates.
         app[COORDINATOR] = self.coordinator
-        app[DIRECTORY] = FleetDirectory(self.coordinator)
+        app[DIRECTORY] = self.coordinator.directory
         app[FORWARD] = self.coordinator.proxy.forward
-        self.coordinator.admission = manager.admission
-        self.coordinator.template_defaults = manager.provider.defaults_for
+        self.coordinator.intake.admission = manager.admission
+        self.coordinator.intake.template_defaults = manager.provider.defaults_for
         if isinstance(manager.admission, Judges):
             # Minos counts across every API server of the fleet.
             manager.admission.shared = self.coordinator.state.quota
