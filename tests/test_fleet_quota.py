@@ -119,8 +119,8 @@ async def sweep(url: str) -> None:
             assert await state.quota.hold("acme", sandbox_id, want, quotas) is None
         refusal = await state.quota.hold("acme", "sb-more", want, quotas)
         assert refusal is not None and "3 of its 3" in refusal
-        assert await coordinator.settle_quota(grace_s=60.0) == 1  # sb-lost is too new
-        assert await coordinator.settle_quota(grace_s=0.0) == 1
+        assert await coordinator.records.settle_quota(grace_s=60.0) == 1  # sb-lost is too new
+        assert await coordinator.records.settle_quota(grace_s=0.0) == 1
         assert set((await state.quota.holds())["acme"]) == {"sb-running"}
 
 

@@ -107,6 +107,18 @@ class UpstreamUnreachableError(RequestError):
     slug = "upstream-unreachable"
 
 
+class NodeRefusedError(RequestError):
+    """The node that runs a sandbox turned down what a fleet's API server asked of it;
+    the node's status and problem slug travel with the error, so the caller gets the
+    node's answer as the node gave it."""
+
+    slug = "node-refused"
+
+    def __init__(self, detail: str, *, status: int, slug: str | None = None) -> None:
+        super().__init__(detail, slug=slug)
+        self.status = status
+
+
 class InternalError(RequestError):
     """The core found its own state inconsistent; the detail says how."""
 

@@ -20,7 +20,7 @@ from tartarus.queue import Lane, LaneDepth
 from tartarus.scheduling.nodes import NodeUsage
 
 if TYPE_CHECKING:
-    from tartarus.fleet.coordinator import Coordinator
+    from tartarus.fleet.state import FleetState
 
 
 class NodeMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,13 +125,13 @@ class Instruments:
 
 
 class FleetMetrics(Instruments):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, state: FleetState) -> None:
         super().__init__()
-        self._coordinator = coordinator
+        self._state = state
         self.snapshot = ScalerMetrics(at=0.0, nodes=[], queue={}, launches=0, errors=0)
 
     async def refresh(self) -> None:
-        state = self._coordinator.state
+        state = self._state
         nodes = await state.registry.nodes()
         depth = await state.lanes.depth()
         for gauge in (self.node_cpu, self.node_memory, self.node_sandboxes, self.node_reserved):

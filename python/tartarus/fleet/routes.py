@@ -1,9 +1,8 @@
 """The fleet's HTTP surface on an API server.
 
-- A middleware takes over the sandbox routes: create, list and get are served from the
-  shared records; delete and everything under `/v1/sandboxes/{id}/` go to the node that
-  runs the sandbox. The request and response types are the single-host ones, so clients
-  cannot tell one host from many.
+- The sandbox routes are the server's own: the plugin gives them the fleet's directory
+  (`tartarus.fleet.directory`) and the proxy that forwards a sandbox's requests to the
+  node that runs it.
 - `/v1/nodes/...`: node agents join, heartbeat, pull work and report (they authenticate
   with the server's API key as a bearer token, or with a client certificate naming the
   node: such an agent may act for that node only).
@@ -21,10 +20,9 @@ from typing import Annotated
 
 import msgspec
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 from msgspec import Meta
 
-from tartarus.api.types import PROBLEM_MEDIA, Readiness
 from tartarus.auth.principal import AuthMethod
 from tartarus.auth.rbac import ADMIN_TENANTS, NODE_AGENT
 from tartarus.enforcement.records import EnforcementEvent, ErrorCategory, ErrorRecord
@@ -43,16 +41,9 @@ from tartarus.fleet.wire import (
 from tartarus.node.manager import SandboxManager
 from tartarus.policy.judges import Judges
 from tartarus.queue import DeadLetter, Lane, LaneDepth, Message
-from tartarus.runtime.types import SandboxState
 from tartarus.scheduling.nodes import NodeSpec, NodeState
-from tartarus.server.access import SANDBOX_TENANTS, SHARED, principal_of, register_owner
-from tartarus.server.routes.sandboxes import (
-    create_input,
-    created_reply,
-    list_input,
-    page_reply,
-    sandbox_info,
-)
+from tartarus.server.access import SHARED, principal_of, register_owner
+from tartarus.server.context import DIRECTORY, FORWARD
 from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 
 COORDINATOR = web.AppKey("coordinator", Coordinator)
@@ -77,73 +68,6 @@ def node_of(request: web.Request) -> str:
 
 # Nodes are fleet-wide (any principal allowed by the route's permission may name one).
 register_owner("node", lambda request, node_id: SHARED, lambda node_id: f"node {node_id}")
-
-
-@web.middleware
-async def fleet_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    coord = request.app.get(COORDINATOR)
-    if coord is None:
-        return await handler(request)
-    route = request.match_info.route.name
-    sandbox_id = request.match_info.get("id")
-    if route == "ready":
-        return await _ready(request, handler, coord)
-    if route in ("create_sandbox", "list_sandboxes"):
-        return await _collection(request, coord)
-    if sandbox_id is None or not request.path.startswith("/v1/sandboxes/"):
-        return await handler(request)
-    return await _one_sandbox(request, coord, route, sandbox_id)
-
-
-async def _one_sandbox(
-    request: web.Request, coord: Coordinator, route: str | None, sandbox_id: str
-) -> web.StreamResponse:
-    """Get from the shared records; delete and everything else at the sandbox's node."""
-    if route == "get_sandbox":
-        return reply(sandbox_info(await coord.record(sandbox_id)))
-    if route == "delete_sandbox":
-        return await _delete(request, coord, sandbox_id)
-    return await coord.proxy.forward(request, await coord.running_node(sandbox_id))
-
-
-async def _delete(request: web.Request, coord: Coordinator, sandbox_id: str) -> web.StreamResponse:
-    record = await coord.record(sandbox_id)
-    if not record.live:
-        return web.Response(status=204)
-    node = await coord.node_of(record)
-    if node is not None and record.state is not SandboxState.CREATED:
-        status, body = await coord.proxy.call("DELETE", node, request.rel_url.path_qs)
-        if status >= 400 and status not in (404, 409):
-            # The node could not stop it: its problem is the answer, as it gave it.
-            return web.Response(status=status, body=body, content_type=PROBLEM_MEDIA)
-    await coord.deleted(record, node_reached=node is not None)
-    return web.Response(status=204)
-
-
-async def _collection(request: web.Request, coord: Coordinator) -> web.StreamResponse:
-    if request.method == "POST":
-        body, key = await create_input(request)
-        record, replayed = await coord.create(body, key, principal_of(request))
-        return created_reply(record, replayed)
-    flt, cursor, limit = list_input(request)
-    page, next_seq = await coord.state.book.page(flt, after_seq=cursor, limit=limit)
-    return page_reply(page, next_seq)
-
-
-async def _ready(request: web.Request, handler: Handler, coord: Coordinator) -> web.Response:
-    """The server's own checks plus the shared state's."""
-    local = await handler(request)
-    assert isinstance(local, web.Response) and local.body is not None
-    readiness = msgspec.json.decode(bytes(local.body), type=Readiness)  # type: ignore[arg-type]
-    checks = dict(readiness.checks)
-    checks.pop("sandboxes", None)  # this server runs none; the nodes do
-    try:
-        await coord.state.ping()
-        checks["fleet-state"] = "ok"
-    except Exception as e:
-        checks["fleet-state"] = f"failed: {e}"
-    ok = readiness.ready and checks["fleet-state"] == "ok"
-    return reply(Readiness(ready=ok, checks=checks), status=200 if ok else 503)
 
 
 # --- node agents -----------------------------------------------------------------------
@@ -233,7 +157,7 @@ async def take_work(request: web.Request) -> web.StreamResponse:
 async def work_done(request: web.Request) -> web.StreamResponse:
     node_id = node_of(request)
     done = await read_json(request, WorkDone)
-    keep = await coordinator(request).work_done(node_id, done)
+    keep = await coordinator(request).reports.work_done(node_id, done)
     return reply(WorkVerdict(keep=keep))
 
 
@@ -250,7 +174,7 @@ async def node_report(request: web.Request) -> web.StreamResponse:
     """Sandbox state changes, enforcement events and errors the node saw, oldest first."""
     node_id = node_of(request)
     report = await read_json(request, NodeReport)
-    await coordinator(request).report(node_id, report)
+    await coordinator(request).reports.report(node_id, report)
     return web.Response(status=204)
 
 
@@ -267,7 +191,7 @@ async def leave_node(request: web.Request) -> web.StreamResponse:
     node_id = node_of(request)
     coord = coordinator(request)
     if await coord.state.registry.deregister(node_id) is not None:
-        await coord.node_gone(node_id, f"node {node_id} left the fleet")
+        await coord.reaper.node_gone(node_id, f"node {node_id} left the fleet")
     return web.Response(status=204)
 
 
@@ -449,7 +373,7 @@ async def record_violation(request: web.Request) -> web.StreamResponse:
     """Megaera records it against the sandbox and its tenant; a tenant with three
     violations is quarantined."""
     body = await read_json(request, ViolationBody)
-    event = await coordinator(request).violation(body.sandbox_id, body.detail)
+    event = await coordinator(request).reports.violation(body.sandbox_id, body.detail)
     return reply(event, status=201)
 
 
@@ -537,7 +461,7 @@ class FleetPlugin:
         self.coordinator = coordinator
 
     def middlewares(self) -> list[Middleware]:
-        return [fleet_middleware]
+        return []
 
     def route_tables(self) -> list[RouteTable]:
         return [nodes, operators]
@@ -547,9 +471,10 @@ class FleetPlugin:
         # Sandboxes run on the node agents; the manager lends its admission judges and
         # its templates.
         app[COORDINATOR] = self.coordinator
-        app[SANDBOX_TENANTS] = self.coordinator.sandbox_tenant
-        self.coordinator.admission = manager.admission
-        self.coordinator.template_defaults = manager.provider.defaults_for
+        app[DIRECTORY] = self.coordinator.directory
+        app[FORWARD] = self.coordinator.proxy.forward
+        self.coordinator.intake.admission = manager.admission
+        self.coordinator.intake.template_defaults = manager.provider.defaults_for
         if isinstance(manager.admission, Judges):
             # Minos counts across every API server of the fleet.
             manager.admission.shared = self.coordinator.state.quota

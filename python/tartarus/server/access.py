@@ -33,8 +33,8 @@ from tartarus.auth.authenticate import Authenticator, Presented
 from tartarus.auth.errors import AuthenticationError, ForbiddenError
 from tartarus.auth.principal import Principal
 from tartarus.auth.rbac import ROUTE_PERMISSIONS
-from tartarus.errors import ConfigError, NotFoundError
-from tartarus.server.context import MANAGER
+from tartarus.errors import ConfigError
+from tartarus.server.context import DIRECTORY
 from tartarus.server.problems import ApiError, from_exception, not_found
 from tartarus.server.routing import Operation
 
@@ -50,10 +50,6 @@ _SO_PEERCRED = struct.Struct("3i")
 SHARED = "*"
 PLATFORM = ""
 OwnerLookup = Callable[[web.Request, str], str | Awaitable[str | None] | None]
-# Where a server that keeps no sandboxes itself (a fleet's API server) finds a sandbox's
-# tenant (None: no such sandbox).
-SandboxTenants = Callable[[str], Awaitable[str | None]]
-SANDBOX_TENANTS: web.AppKey[SandboxTenants] = web.AppKey("sandbox_tenants")
 
 
 @dataclass(frozen=True)
@@ -266,14 +262,8 @@ def access_middleware(
     return check_access
 
 
-def _sandbox_owner(request: web.Request, sandbox_id: str) -> str | Awaitable[str | None] | None:
-    remote = request.app.get(SANDBOX_TENANTS)
-    if remote is not None:
-        return remote(sandbox_id)
-    try:
-        return request.app[MANAGER].record(sandbox_id).tenant
-    except NotFoundError:
-        return None
+def _sandbox_owner(request: web.Request, sandbox_id: str) -> Awaitable[str | None]:
+    return request.app[DIRECTORY].tenant_of(sandbox_id)
 
 
 register_owner("id", _sandbox_owner, lambda sandbox_id: f"sandbox {sandbox_id}")

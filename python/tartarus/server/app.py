@@ -1,5 +1,6 @@
-"""Builds the aiohttp application: routes, the problem+json middleware and Cerberus's
-access middleware (`tartarus.server.access`)."""
+"""Builds the aiohttp application: routes, the problem+json middleware, Cerberus's
+access middleware (`tartarus.server.access`) and the forwarding of requests for a
+sandbox that runs on another node (`tartarus.server.forwarding`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from tartarus.node.directory import LocalDirectory
 from tartarus.node.manager import SandboxManager
 from tartarus.server import openapi
 from tartarus.server.access import access_middleware
-from tartarus.server.context import MANAGER, SNAPSHOT_WIRING, STARTED_AT
+from tartarus.server.context import DIRECTORY, MANAGER, SNAPSHOT_WIRING, STARTED_AT
+from tartarus.server.forwarding import forwarding_middleware
 from tartarus.server.problems import from_exception, problem_response
 from tartarus.server.routes import (
     audit,
@@ -103,18 +106,22 @@ def build_app(
     tables: Sequence[RouteTable] = (),
     snapshot_wiring: SnapshotWiring | None = None,
 ) -> web.Application:
-    """`middlewares` run after the access check; `tables` add routes (and their OpenAPI)."""
+    """`middlewares` run after the access check; `tables` add routes (and their OpenAPI).
+    The sandbox routes find sandboxes in this host's manager until a plugin puts another
+    directory (a fleet's) in `app[DIRECTORY]`."""
     all_tables = (*TABLES, *tables)
     ops = [op for table in all_tables for op in table.operations]
     app = web.Application(
         middlewares=[
             problem_middleware,
             access_middleware(security.authenticator, ops, security.audit),
+            forwarding_middleware,
             *middlewares,
         ],
         client_max_size=MAX_JSON_BODY,
     )
     app[MANAGER] = manager
+    app[DIRECTORY] = LocalDirectory(manager)
     app[SECURITY] = security
     if snapshot_wiring is not None:
         app[SNAPSHOT_WIRING] = snapshot_wiring

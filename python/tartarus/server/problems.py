@@ -20,6 +20,7 @@ from tartarus.errors import (
     ConflictError,
     InternalError,
     InvalidRequestError,
+    NodeRefusedError,
     NotFoundError,
     OverloadedError,
     RefusedError,
@@ -150,8 +151,8 @@ _REQUEST_STATUS: tuple[tuple[type[RequestError], int], ...] = (
 
 
 def _request_problem(exc: RequestError) -> ApiError:
-    if isinstance(exc, AdmissionDeniedError):
-        status = exc.status  # the refusing judges chose it
+    if isinstance(exc, AdmissionDeniedError | NodeRefusedError):
+        status = exc.status  # the refusing judges (or node) chose it
     else:
         status = next((s for cls, s in _REQUEST_STATUS if isinstance(exc, cls)), 500)
     headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}

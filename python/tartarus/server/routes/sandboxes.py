@@ -24,7 +24,7 @@ from tartarus.node.manager import cursor_from
 from tartarus.node.store import ListFilter, SandboxRecord, encode_cursor
 from tartarus.runtime.types import Backend, SandboxState
 from tartarus.server.access import principal_of, visible_tenant
-from tartarus.server.context import live_sandbox, manager
+from tartarus.server.context import directory, live_sandbox, manager
 from tartarus.server.problems import ApiError
 from tartarus.server.routing import (
     SANDBOX_ID,
@@ -98,7 +98,7 @@ async def create_sandbox(request: web.Request) -> web.StreamResponse:
     """Starts a sandbox from a template on the requested (or best available) backend. It
     runs until `timeout_s` passes or it is deleted, whether or not a client is connected."""
     body, key = await create_input(request)
-    record, replayed = await manager(request).create(body, key, caller=principal_of(request))
+    record, replayed = await directory(request).create(body, key, principal_of(request))
     return created_reply(record, replayed)
 
 
@@ -154,7 +154,7 @@ async def list_sandboxes(request: web.Request) -> web.StreamResponse:
     """Sandboxes in creation order, live and recently ended (kept 24 hours), a page at a
     time."""
     flt, cursor, limit = list_input(request)
-    page, next_seq = manager(request).list(flt, cursor=cursor, limit=limit)
+    page, next_seq = await directory(request).list(flt, cursor=cursor, limit=limit)
     return page_reply(page, next_seq)
 
 
@@ -190,7 +190,7 @@ def page_reply(page: list[SandboxRecord], next_seq: int | None) -> web.Response:
     permission=SANDBOX_READ,
 )
 async def get_sandbox(request: web.Request) -> web.StreamResponse:
-    return reply(sandbox_info(manager(request).record(request.match_info["id"])))
+    return reply(sandbox_info(await directory(request).get(request.match_info["id"])))
 
 
 class DeleteQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -216,7 +216,7 @@ async def delete_sandbox(request: web.Request) -> web.StreamResponse:
     """Kills the sandbox (after `grace_s` of SIGTERM if given) and frees everything it
     held. Its record stays listable as `stopped` for 24 hours."""
     q = read_query(request, DeleteQuery)
-    await manager(request).delete(request.match_info["id"], grace_s=q.grace_s)
+    await directory(request).delete(request.match_info["id"], grace_s=q.grace_s)
     return web.Response(status=204)
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from tartarus import __version__
 from tartarus.api.types import Health, Readiness, VersionInfo
 from tartarus.auth.rbac import AUTHENTICATED
-from tartarus.server.context import MANAGER, manager
+from tartarus.server.context import MANAGER, directory, manager
 from tartarus.server.routing import Reply, RouteTable, reply
 
 routes = RouteTable()
@@ -49,8 +49,9 @@ async def ready(request: web.Request) -> web.StreamResponse:
     except Exception as e:
         checks["state"] = f"failed: {e}"
     checks["accepting"] = "ok" if request.app[ACCEPTING][0] else "shutting down"
-    checks["sandboxes"] = str(manager(request).live_count())
-    ok = checks["state"] == "ok" and checks["accepting"] == "ok"
+    more, ready = await directory(request).readiness()
+    checks.update(more)
+    ok = checks["state"] == "ok" and checks["accepting"] == "ok" and ready
     return reply(Readiness(ready=ok, checks=checks), status=200 if ok else 503)
 
 

@@ -1,0 +1,188 @@
+"""Where a create comes in on a fleet's API server: the judges admit it, an idempotency
+key replays an earlier create, the sandbox is recorded and queued in its lane (Acheron;
+a full lane is a 429), and the request waits until a node reports it running."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+import msgspec
+
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import Principal
+from tartarus.enforcement.records import ErrorCategory
+from tartarus.errors import (
+    ConflictError,
+    InternalError,
+    InvalidRequestError,
+    OverloadedError,
+    UnavailableError,
+)
+from tartarus.fleet.error_stream import ErrorStream
+from tartarus.fleet.metrics import FleetMetrics
+from tartarus.fleet.records import Records, ended
+from tartarus.fleet.settings import FleetSettings
+from tartarus.fleet.state import FleetState
+from tartarus.fleet.wire import Job
+from tartarus.node.admission import AdmissionHook, AdmitAll, TemplateDefaults
+from tartarus.node.manager import fingerprint, key_in_flight, key_reused_detail, new_sandbox_id
+from tartarus.node.store import SandboxRecord
+from tartarus.queue import Lane, QueueFullError
+from tartarus.runtime.types import SandboxState
+from tartarus.scheduling.heat import classify, default_lane, hottest
+from tartarus.scheduling.nodes import PlacementRules
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Intake:
+    def __init__(
+        self,
+        state: FleetState,
+        settings: FleetSettings,
+        records: Records,
+        errors: ErrorStream,
+        metrics: FleetMetrics,
+    ) -> None:
+        self.state = state
+        self.settings = settings
+        self.records = records
+        self.errors = errors
+        self.metrics = metrics
+        # The server's Judges and its templates' own defaults (set when the server
+        # starts; all admitted as asked until then).
+        self.admission: AdmissionHook = AdmitAll()
+        self.template_defaults: Callable[[CreateSandboxRequest], TemplateDefaults | None] = (
+            lambda request: None
+        )
+
+    async def create(
+        self, request: CreateSandboxRequest, key: str | None, caller: Principal
+    ) -> tuple[SandboxRecord, bool]:
+        """Admits, records and queues the sandbox, then waits for its node to start it;
+        idempotency keys are per tenant, as on one host."""
+        book = self.state.book
+        if key is not None:
+            key = f"{caller.tenant}/{key}"
+            claimed = await book.claim_key(key, fingerprint(request))
+            if claimed is not None:
+                return await self._replay(key, request, *claimed), True
+        sandbox_id = new_sandbox_id()
+        try:
+            # The Judges (policy rules, template defaults, audit) decide here; the quota
+            # share is held fleet-wide under the sandbox's id until its record ends.
+            admitted = await self.admission.admit(
+                caller, request, self.template_defaults(request), hold_as=sandbox_id
+            )
+            admitted.release()  # a local hold, if any: the shared one counts
+            try:
+                record = await self._enqueue(admitted.request, caller, sandbox_id, admitted.egress)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.state.quota.release(caller.tenant, sandbox_id)
+                raise
+        except BaseException:
+            if key is not None:
+                with anyio.CancelScope(shield=True):
+                    await book.release_key(key)
+            raise
+        if key is not None:
+            await book.bind_key(key, record.id)
+        return await self._wait_started(record.id), False
+
+    async def _replay(
+        self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
+    ) -> SandboxRecord:
+        if earlier != fingerprint(request):
+            raise InvalidRequestError(key_reused_detail(key), slug="idempotency-key-reused")
+        record = None if sandbox_id is None else await self.state.book.get(sandbox_id)
+        if record is None or record.state is SandboxState.CREATED:
+            raise key_in_flight(key)
+        return record
+
+    async def _quarantined(self, request: CreateSandboxRequest, tenant: str) -> bool:
+        flagged = await self.state.registry.quarantined()
+        groups = request.placement.groups if request.placement else []
+        subjects = [f"tenant:{tenant}", f"template:{request.template}"]
+        subjects += [f"group:{g}" for g in groups]
+        return any(s in flagged for s in subjects if not s.endswith(":"))
+
+    async def _enqueue(
+        self,
+        request: CreateSandboxRequest,
+        caller: Principal,
+        sandbox_id: str,
+        egress: list[str],
+    ) -> SandboxRecord:
+        tenant = caller.tenant
+        registry = self.state.registry
+        histories = [
+            await registry.heat_history(f"template:{request.template}"),
+            await registry.heat_history(f"tenant:{tenant}"),
+        ]
+        heat = classify(request.resources.to_runtime(), hottest(histories))
+        rules = request.placement or PlacementRules()
+        lane = Lane(rules.lane) if rules.lane else default_lane(heat)
+        record = await self.state.book.insert(
+            SandboxRecord(
+                id=sandbox_id,
+                template=request.template,
+                backend=request.backend,
+                requested_backend=request.backend,
+                state=SandboxState.CREATED,
+                created_at=time.time(),
+                resources=request.resources.to_runtime(),
+                metadata=request.metadata,
+                network=request.network,
+                trust=request.trust,
+                detail=f"queued in the {lane.value} lane ({heat.value})",
+                tenant=tenant,
+                owner=caller.subject,
+                secrets=request.secrets,
+            )
+        )
+        job = Job(
+            sandbox_id=record.id,
+            request=request,
+            lane=lane,
+            heat=heat,
+            tenant=tenant,
+            owner=caller.subject,
+            quarantined=await self._quarantined(request, tenant),
+            egress=egress,
+            place_by=time.time() + self.settings.placement_timeout_s,
+        )
+        try:
+            await self.state.lanes.put(_encode(job), lane)
+        except QueueFullError as e:
+            refused = f"refused: {e}"
+            await self.records.update(record.id, lambda r: ended(r, SandboxState.FAILED, refused))
+            await self.errors.error(ErrorCategory.QUEUE, str(e), sandbox_id=record.id)
+            raise OverloadedError(str(e), slug="queue-full", retry_after=1) from e
+        self.metrics.enqueued.labels(lane.value).inc()
+        return record
+
+    async def _wait_started(self, sandbox_id: str) -> SandboxRecord:
+        deadline = anyio.current_time() + self.settings.create_timeout_s
+        while True:
+            record = await self.state.book.get(sandbox_id)
+            if record is None:
+                raise InternalError(f"the record of {sandbox_id} disappeared")
+            if record.state is SandboxState.RUNNING:
+                return record
+            if record.state is not SandboxState.CREATED:
+                why = f"sandbox {sandbox_id} did not start: {record.detail}"
+                if not record.node:
+                    raise UnavailableError(why, slug="unschedulable")
+                raise ConflictError(why, slug="could-not-start")
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                raise UnavailableError(
+                    f"sandbox {sandbox_id} is still queued ({record.detail}); it will start "
+                    "when a node takes it: follow it with GET /v1/sandboxes/" + sandbox_id,
+                    slug="still-queued",
+                    retry_after=5,
+                )
+            await self.state.book.wait(sandbox_id, remaining)
