@@ -55,7 +55,16 @@ def test_a_client_import_loads_only_client_modules(statement: str) -> None:
 # `tartarus.errors`; the coordinator behind them imports no aiohttp.web.
 HTTP_EDGES = {"fleet/routes.py", "fleet/proxy.py", "fleet/node_agent.py", "fleet/host_metrics.py"}
 # The core: it names no part of the server.
-CORE = ("node/", "network/", "policy/", "snapshots/", "runtime/", "scheduling/", "queue/", "images/")
+CORE = (
+    "node/",
+    "network/",
+    "policy/",
+    "snapshots/",
+    "runtime/",
+    "scheduling/",
+    "queue/",
+    "images/",
+)
 
 
 def _imports(path: Path) -> set[str]:
