@@ -158,11 +158,11 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
     assert not sb.workdir.exists()
 
 
-# Ten on hardware. The nested-KVM lane runs fewer (TARTARUS_TEST_CONCURRENT_MICROVMS): under
-# QEMU's emulated SVM, with ten guests booting at once on L1's two vCPUs, one guest
-# triple-faulted in early boot (exit "shutdown", nothing on its console) in the two runs
-# whose output showed why, and a third run failed this test too; three boot cleanly.
-# Which layer is at fault is still open.
+# Ten on hardware. The nested-KVM lane runs fewer (TARTARUS_TEST_CONCURRENT_MICROVMS) to
+# stay in its time budget. Ten at once there, unpinned, one guest now and then
+# triple-faulted or hung in early boot; Firecracker's guests did the same in that L1, and
+# with the guests pinned to one L1 vCPU (as the lane runs them) neither did (README,
+# "nested-KVM lane").
 CONCURRENT_MICROVMS = int(os.environ.get("TARTARUS_TEST_CONCURRENT_MICROVMS", "10"))
 
 
