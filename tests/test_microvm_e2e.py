@@ -159,10 +159,8 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
 
 
 # Ten on hardware. The nested-KVM lane runs fewer (TARTARUS_TEST_CONCURRENT_MICROVMS) to
-# stay in its time budget. Ten at once there, unpinned, one guest now and then
-# triple-faulted or hung in early boot; Firecracker's guests did the same in that L1, and
-# with the guests pinned to one L1 vCPU (as the lane runs them) neither did (README,
-# "nested-KVM lane").
+# stay in its time budget. Ten at once there, one guest now and then triple-faulted or hung
+# in early boot; Firecracker's guests did the same in that L1 (README, "nested-KVM lane").
 CONCURRENT_MICROVMS = int(os.environ.get("TARTARUS_TEST_CONCURRENT_MICROVMS", "10"))
 
 
