@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,19 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
     return sample
 
 
+async def measure_clones(
+    sample: Sample, one: Callable[[int], Awaitable[None]], pids: Callable[[], list[int]]
+) -> None:
+    """Starts CLONES restores (`one(i)`) together; records the time to the last hello
+    and the clones' mean PSS then."""
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(CLONES):
+            tg.start_soon(one, i)
+    sample.clones_ready_s = time.perf_counter() - started
+    sample.clone_pss_kib = mean_pss_kib(pids())
+
+
 async def tartarus_clones(snap_dir: Path, root: DriveConfig, work: Path, sample: Sample) -> None:
     """CLONES new VMMs restore the snapshot at once, each with its own clone id."""
     clones: list[VmmProcess] = []
@@ -293,12 +306,7 @@ async def tartarus_clones(snap_dir: Path, root: DriveConfig, work: Path, sample:
         await agent_hello(uds)
 
     try:
-        started = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for i in range(CLONES):
-                tg.start_soon(one, i)
-        sample.clones_ready_s = time.perf_counter() - started
-        sample.clone_pss_kib = mean_pss_kib([c.process.pid for c in clones])
+        await measure_clones(sample, one, lambda: [c.process.pid for c in clones])
     finally:
         for vmm in clones:
             await vmm.kill()
@@ -474,12 +482,7 @@ async def firecracker_clones(
         await agent_hello(own / "vsock.sock")
 
     try:
-        started = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for i in range(CLONES):
-                tg.start_soon(one, i)
-        sample.clones_ready_s = time.perf_counter() - started
-        sample.clone_pss_kib = mean_pss_kib([c.pid for c in clones])
+        await measure_clones(sample, one, lambda: [c.pid for c in clones])
     finally:
         for proc in clones:
             stop(proc)
