@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +284,9 @@ async def run_tartarus(params: Params, work: Path) -> Sample:
 
 
 async def measure_clones(
-    sample: Sample, one: Callable[[int], Awaitable[None]], pids: Callable[[], list[int]]
+    sample: Sample,
+    one: Callable[[int], Coroutine[Any, Any, None]],
+    pids: Callable[[], list[int]],
 ) -> None:
     """Starts CLONES restores (`one(i)`) together; records the time to the last hello
     and the clones' mean PSS then."""
