@@ -22,6 +22,7 @@ from tartarus.errors import (
 )
 from tartarus.fleet.error_stream import ErrorStream
 from tartarus.fleet.metrics import FleetMetrics
+from tartarus.fleet.part import FleetPart
 from tartarus.fleet.records import Records, ended
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import FleetState
@@ -37,7 +38,7 @@ from tartarus.scheduling.nodes import PlacementRules
 _encode = msgspec.json.Encoder().encode
 
 
-class Intake:
+class Intake(FleetPart):
     def __init__(
         self,
         state: FleetState,
@@ -46,11 +47,7 @@ class Intake:
         errors: ErrorStream,
         metrics: FleetMetrics,
     ) -> None:
-        self.state = state
-        self.settings = settings
-        self.records = records
-        self.errors = errors
-        self.metrics = metrics
+        super().__init__(state, settings, records, errors, metrics)
         # The server's Judges and its templates' own defaults (set when the server
         # starts; all admitted as asked until then).
         self.admission: AdmissionHook = AdmitAll()

@@ -10,11 +10,8 @@ import anyio
 import msgspec
 
 from tartarus.enforcement.records import ErrorCategory
-from tartarus.fleet.error_stream import ErrorStream
-from tartarus.fleet.metrics import FleetMetrics
-from tartarus.fleet.records import Records, ended
-from tartarus.fleet.settings import FleetSettings
-from tartarus.fleet.state import FleetState
+from tartarus.fleet.part import FleetPart
+from tartarus.fleet.records import ended
 from tartarus.fleet.wire import Job
 from tartarus.node.store import SandboxRecord
 from tartarus.queue import Message
@@ -47,21 +44,7 @@ def reservation_of(job: Job) -> Reservation:
     )
 
 
-class Placer:
-    def __init__(
-        self,
-        state: FleetState,
-        settings: FleetSettings,
-        records: Records,
-        errors: ErrorStream,
-        metrics: FleetMetrics,
-    ) -> None:
-        self.state = state
-        self.settings = settings
-        self.records = records
-        self.errors = errors
-        self.metrics = metrics
-
+class Placer(FleetPart):
     async def schedule_once(self, consumer: str) -> None:
         message = await self.state.lanes.get(consumer, timeout_s=5.0)
         if message is None:

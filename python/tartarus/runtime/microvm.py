@@ -515,11 +515,11 @@ class MicroVmSandbox(AgentSandbox):
     async def _progress(self) -> str:
         """What the VMM has seen of a guest that has not answered: whether it ran, stalled
         before its first exit, or spun; empty when the VMM is gone."""
-        try:
-            m = await self._vmm.metrics() if self._vmm is not None else None
-        except (SandboxError, OSError):
+        if self._vmm is None:
             return ""
-        if m is None:
+        try:
+            m = await self._vmm.metrics()
+        except (SandboxError, OSError):
             return ""
         exits = m.exits_io_in + m.exits_io_out + m.exits_mmio_read + m.exits_mmio_write
         first = "none yet" if m.first_exit_us is None else f"{m.first_exit_us / 1e6:.1f} s in"
