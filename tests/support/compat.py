@@ -251,7 +251,12 @@ CASES: Final[tuple[CompatCase, ...]] = (
     CompatCase(name="df", script="df && df -h / /tmp", expect=("Filesystem", "/tmp")),
     CompatCase(
         name="ps",
-        script="sleep 30 & ps -eo pid,ppid,stat,comm && ps aux | grep -c 'sleep 30'",
+        # ps runs once the background child has exec'd sleep: before that it is a forked
+        # sh (seen under gVisor, where the fork-to-exec window is wider).
+        script=(
+            'sleep 30 & until [ "$(cat /proc/$!/comm)" = sleep ]; do sleep 0.05; done; '
+            "ps -eo pid,ppid,stat,comm && ps aux | grep -c 'sleep 30'"
+        ),
         expect=("PID", "sleep", "ps"),
         needs=("ps",),
     ),
