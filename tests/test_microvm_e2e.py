@@ -158,9 +158,7 @@ async def test_root_is_writable_on_the_scratch_disk_and_wiped_on_kill(
     assert not sb.workdir.exists()
 
 
-# Ten on hardware. The nested-KVM lane runs fewer (TARTARUS_TEST_CONCURRENT_MICROVMS) to
-# stay in its time budget. Ten at once there, one guest now and then triple-faulted or hung
-# in early boot; Firecracker's guests did the same in that L1 (README, "nested-KVM lane").
+# Ten, on hardware and in the nested-KVM lane; TARTARUS_TEST_CONCURRENT_MICROVMS changes it.
 CONCURRENT_MICROVMS = int(os.environ.get("TARTARUS_TEST_CONCURRENT_MICROVMS", "10"))
 
 

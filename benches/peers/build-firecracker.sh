@@ -9,11 +9,13 @@
 #   MICRO_HTTP_SRC   an existing copy of micro-http at the commit Firecracker's Cargo.lock
 #                    names, instead of cloning it
 #   TARTARUS_CACHE_DIR  instead of ~/.cache/tartarus
+#   FIRECRACKER_TARGET  musl (default: static, with its real seccomp filters, as
+#                    Firecracker's releases ship it) or gnu (dynamic; its seccomp policy
+#                    allows everything)
 #
-# Needs git, cargo (rustup fetches the toolchain rust-toolchain.toml names), a C
-# compiler, Debian's libseccomp-dev and libclang-dev (bindgen, for userfaultfd-sys).
-# This is the gnu target: a dynamic binary whose seccomp policy allows everything. The
-# released binaries are musl builds with their real seccomp filters (see docs/benchmarks.md).
+# Needs git, cargo (rustup fetches the toolchain and the musl target that
+# rust-toolchain.toml names), a C compiler, Debian's libclang-dev (bindgen, for
+# userfaultfd-sys), and musl-tools for musl or libseccomp-dev for gnu.
 # Firecracker's micro_http is a git dependency on a separate repository; it is given to
 # cargo as a local path (`[patch]`), so the build itself needs no git access from cargo.
 set -eu
@@ -47,14 +49,28 @@ else
     fi
 fi
 
+TARGET=x86_64-unknown-linux-${FIRECRACKER_TARGET:-musl}
+case $TARGET in
+*-musl)
+    # musl-gcc sees only musl's headers; userfaultfd-sys's C needs the kernel's too.
+    HDRS=$WORK/musl-kernel-headers
+    mkdir -p "$HDRS"
+    for d in linux asm-generic; do ln -sfn "/usr/include/$d" "$HDRS/$d"; done
+    ln -sfn /usr/include/x86_64-linux-gnu/asm "$HDRS/asm"
+    export CFLAGS_x86_64_unknown_linux_musl="-isystem $HDRS"
+    ;;
+*-gnu) ;;
+*) echo "FIRECRACKER_TARGET is musl or gnu, not ${FIRECRACKER_TARGET}" >&2; exit 2 ;;
+esac
+
 cd "$SRC"
 start=$(date +%s)
-nice -n 10 cargo build --release -p firecracker \
+nice -n 10 cargo build --release -p firecracker --target "$TARGET" \
     --config "patch.\"$MICRO_HTTP_URL\".micro_http.path=\"$MH\""
 echo "built in $(( $(date +%s) - start )) s"
 
 # .cargo/config.toml sets the target directory (build/cargo_target).
-BIN=$(find "$SRC/build/cargo_target" "$SRC/target" -path '*/release/firecracker' -type f 2>/dev/null | head -n 1)
+BIN=$(find "$SRC/build/cargo_target" "$SRC/target" -path "*/$TARGET/release/firecracker" -type f 2>/dev/null | head -n 1)
 [ -n "$BIN" ] || { echo "no firecracker binary under $SRC" >&2; exit 1; }
 mkdir -p "$DEST"
 install -m 0755 "$BIN" "$DEST/firecracker"

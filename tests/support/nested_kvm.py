@@ -267,13 +267,15 @@ def boot(
     out_dir: Path,
     *,
     timeout_s: float,
+    silence_s: float | None = None,
     env: Mapping[str, str] | None = None,
     keep: Sequence[Path] = (),
     on_line: Callable[[str], None] | None = None,
 ) -> L1Run:
     """Boots L1 and runs `job` (a shell script) in the chroot of this host's root, with
     `out_dir` (writable, shared) at the same path inside, and the host's `keep` paths
-    visible even where they lie under /tmp. Returns when L1 powers off."""
+    visible even where they lie under /tmp. Returns when L1 powers off, or is killed after
+    `timeout_s`, or after `silence_s` without a console line (a wedged L1)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
     (out_dir / "job.sh").write_text(
@@ -317,10 +319,27 @@ def boot(
     ):
         assert proc.stdout is not None
         # A silent, hung L1 is killed too: the watchdog does not wait for a line.
-        watchdog = threading.Timer(timeout_s, proc.kill)
+        last_line = [time.monotonic()]
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(1.0):
+                now = time.monotonic()
+                if now - start >= timeout_s:
+                    killed.append(f"=== host: L1 killed after {timeout_s:.0f} s")
+                elif silence_s is not None and now - last_line[0] >= silence_s:
+                    killed.append(f"=== host: L1 killed after {silence_s:.0f} s of silence")
+                else:
+                    continue
+                proc.kill()
+                return
+
+        killed: list[str] = []
+        watchdog = threading.Thread(target=watch, daemon=True)
         watchdog.start()
         try:
             for raw in proc.stdout:
+                last_line[0] = time.monotonic()
                 line = f"[{time.monotonic() - start:7.1f}] " + raw.decode(errors="replace").rstrip()
                 lines.append(line)
                 log.write(line + "\n")
@@ -330,11 +349,12 @@ def boot(
                 if "=== L1 job exit=" in line:
                     exit_code = int(line.split("exit=")[1].split()[0])
         finally:
-            watchdog.cancel()
+            stop.set()
             proc.kill()
-        if time.monotonic() - start >= timeout_s:
-            lines.append(f"=== host: L1 killed after {timeout_s:.0f} s")
-            log.write(lines[-1] + "\n")
+            watchdog.join()
+        for line in killed:
+            lines.append(line)
+            log.write(line + "\n")
     disk.unlink(missing_ok=True)
     console = "\n".join(lines)
     return L1Run(exit_code=exit_code, console=console, seconds=time.monotonic() - start)
