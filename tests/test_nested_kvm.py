@@ -11,8 +11,10 @@ L1 is the host those tests are for.
 
 from __future__ import annotations
 
+import shlex
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +27,15 @@ from tests.support import nested_kvm
 # timeout, or silent longer than any inner test can be (the agent wait is 180 s).
 L1_TIMEOUT_S = 12 * 60
 L1_SILENCE_S = 6 * 60
-# An L1 that dies or wedges before its job ends (a panic in L1's own kernel, seen under
-# QEMU's emulated SVM) is an emulator failure, not a test result: the lane boots one fresh
-# L1 more and says so. A job that ended is never rerun, whatever its tests did.
-L1_ATTEMPTS = 2
-pytestmark = [pytest.mark.nested_kvm, pytest.mark.timeout(L1_ATTEMPTS * L1_TIMEOUT_S + 120)]
+# Two failures of QEMU's emulated SVM are not test results, and get one more try in a
+# fresh L1, reported as such: L1 dying or wedging before its job ends (a panic in L1's own
+# kernel), and a guest triple-faulting mid-boot with nothing on its console, which
+# Firecracker's guests do in that L1 too (README, "nested-KVM lane"). On AMD, KVM resets a
+# vCPU after a triple fault, so the VMM reports the reset vector. A deterministic fault
+# fails both tries; any other failure is never rerun.
+EMULATOR_FAULT = "triple fault at rip 0xfff0"
+L1_TRIES = 2
+pytestmark = [pytest.mark.nested_kvm, pytest.mark.timeout(3 * L1_TIMEOUT_S + 120)]
 
 ROOT = Path(__file__).resolve().parent.parent
 # The files whose `kvm_full` tests run inside L1.
@@ -81,35 +87,58 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
             "no L1 image under ~/.cache/tartarus/nested (`make artefacts` prepares it with "
             "`python -m tests.support.nested_kvm prepare`)"
         )
+    start = time.monotonic()
+    results, console, exit_code = _run_inside_l1(image, tmp_path_factory, INNER_FILES)
+    suspects = sorted(
+        n for n, r in results.items() if r.outcome == "failed" and EMULATOR_FAULT in r.message
+    )
+    if suspects:
+        print(f"\nnested KVM lane: {EMULATOR_FAULT} in {suspects}; once more in a fresh L1")
+        again, console, exit_code = _run_inside_l1(
+            image, tmp_path_factory, [_node_id(n) for n in suspects]
+        )
+        for name in suspects:
+            if name in again:
+                first = results[name].message.splitlines()[0]
+                results[name] = again[name]
+                print(f"nested KVM lane: {name} {again[name].outcome} on its second try ({first})")
+    return LaneRun(results, console, time.monotonic() - start, exit_code)
+
+
+def _node_id(name: str) -> str:
+    """`tests.test_x::test_y[p]` (as _parse_junit names it) → `tests/test_x.py::test_y[p]`."""
+    module, test = name.split("::", 1)
+    return f"{module.replace('.', '/')}.py::{test}"
+
+
+def _run_inside_l1(
+    image: nested_kvm.L1Image, tmp: pytest.TempPathFactory, tests: Sequence[str]
+) -> tuple[dict[str, InnerResult], Path, int | None]:
+    """Runs `tests` (files or node ids) with pytest inside one L1, booting a second L1
+    when the first ends before its job does. Returns the results, console and job exit."""
     # One test at a time: some count every VMM process on the host. Guests boot in seconds
     # under nested emulation, not in milliseconds, hence the longer agent wait. Three
     # guests at once, not ten: with ten, L1's kernel once panicked in KVM's vCPU thread
     # (stack guard page hit in its page-fault handler) under QEMU 10.0.2.
-    job = (
-        f"cd {ROOT} && TARTARUS_GUEST_READY_TIMEOUT_S=180 TARTARUS_TEST_CONCURRENT_MICROVMS=3 "
-        ".venv/bin/python -m pytest -p no:cacheprovider -p no:xdist "
-        "-p no:schemathesis -o addopts= -m kvm_full -v -rA --durations=0 --junitxml={junit} "
-        f"--basetemp=/tmp/pt {' '.join(INNER_FILES)}"
-    )
-    start = time.monotonic()
-    for attempt in range(1, L1_ATTEMPTS + 1):
-        out = tmp_path_factory.mktemp("l1")
+    for attempt in range(1, L1_TRIES + 1):
+        out = tmp.mktemp("l1")
         junit = out / "inner.xml"
+        job = (
+            f"cd {ROOT} && TARTARUS_GUEST_READY_TIMEOUT_S=180 TARTARUS_TEST_CONCURRENT_MICROVMS=3 "
+            ".venv/bin/python -m pytest -p no:cacheprovider -p no:xdist -p no:schemathesis "
+            f"-o addopts= -m kvm_full -v -rA --durations=0 --junitxml={junit} "
+            f"--basetemp=/tmp/pt {' '.join(shlex.quote(t) for t in tests)}"
+        )
         run = nested_kvm.boot(
-            image,
-            job.format(junit=junit),
-            out,
-            timeout_s=L1_TIMEOUT_S,
-            silence_s=L1_SILENCE_S,
-            keep=[ROOT],
+            image, job, out, timeout_s=L1_TIMEOUT_S, silence_s=L1_SILENCE_S, keep=[ROOT]
         )
         print(f"\nnested KVM lane: L1 ran {run.seconds:.0f} s; console: {out / 'console.log'}")
         if run.exit_code is not None:
             break
         tail = "\n".join(run.console.splitlines()[-25:])
-        print(f"nested KVM lane: L1 ended before its job did (attempt {attempt}):\n{tail}")
+        print(f"nested KVM lane: L1 ended before its job did (try {attempt}):\n{tail}")
     results = _parse_junit(junit) if junit.exists() else {}
-    return LaneRun(results, out / "console.log", time.monotonic() - start, run.exit_code)
+    return results, out / "console.log", run.exit_code
 
 
 def test_l1_ran_the_inner_suite(lane: LaneRun) -> None:
