@@ -44,6 +44,7 @@ INNER_FILES = (
     "tests/test_vmm.py",
     "tests/test_microvm_e2e.py",
     "tests/test_snapshots_microvm.py",
+    "tests/test_compat_microvm.py",
 )
 
 
