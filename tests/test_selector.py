@@ -13,7 +13,7 @@ import pytest
 from tartarus.config import Settings
 from tartarus.host.doctor import BackendVerdict, DoctorReport
 from tartarus.node.provider import REAPED, HostRuntimes
-from tartarus.runtime.base import BackendUnavailableError
+from tartarus.runtime.base import BackendUnavailableError, NotSupportedError
 from tartarus.runtime.selector import make_runtime, select_backend, select_runtime
 from tartarus.runtime.types import Backend, SandboxSpec, TrustLevel
 
@@ -115,3 +115,44 @@ def test_a_host_whose_kvm_runs_full_guests_gets_microvm() -> None:
     assert report.best_backend == "microvm"
     spec = SandboxSpec(id="x", trust=TrustLevel.TRUSTED)
     assert select_backend(spec, report)[0] is Backend.MICROVM
+
+
+def test_a_network_grant_goes_to_a_backend_with_a_network(doctor_report: DoctorReport) -> None:
+    """microvm guests have no network device yet: auto passes over microvm, and says so,
+    rather than start a sandbox whose grant is silently dropped."""
+    report = with_verdicts(doctor_report, microvm=True, gvisor=True, jail=True)
+    spec = SandboxSpec(id="x", network=True)
+    backend, why = select_backend(spec, report)
+    assert backend is Backend.GVISOR
+    assert "microvm: skipped, the sandbox asks for a network and microvm has none" in why
+    assert select_backend(SandboxSpec(id="x"), report)[0] is Backend.MICROVM
+
+
+@pytest.mark.parametrize("backend", [Backend.MICROVM, Backend.WASM])
+def test_a_network_grant_is_refused_where_there_is_no_network(
+    doctor_report: DoctorReport, backend: Backend
+) -> None:
+    report = with_verdicts(doctor_report, microvm=True, wasm=True)
+    module = Path("m.wasm") if backend is Backend.WASM else None
+    requested = SandboxSpec(id="x", backend=backend, network=True, wasm_module=module)
+    with pytest.raises(
+        NotSupportedError, match=f"the {backend.value} backend does not support network"
+    ):
+        select_backend(requested, report)
+    if backend is Backend.WASM:  # auto sends a module to wasm, which refuses the grant too
+        with pytest.raises(NotSupportedError, match="use the gvisor or jail backend"):
+            select_backend(SandboxSpec(id="x", network=True, wasm_module=module), report)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", [Backend.MICROVM, Backend.WASM])
+async def test_the_runtimes_refuse_a_network_grant_themselves(
+    backend: Backend, tmp_path: Path
+) -> None:
+    module = tmp_path / "m.wasm"
+    module.write_bytes(b"\0asm\1\0\0\0")
+    runtime = make_runtime(backend, Settings(runtime_dir=tmp_path / "run"))
+    spec = SandboxSpec(id="x", backend=backend, network=True, wasm_module=module)
+    with pytest.raises(NotSupportedError, match="does not support network"):
+        await runtime.create(spec)
+    assert not (tmp_path / "run" / "sandboxes" / "x").exists()

@@ -37,6 +37,20 @@ class NotSupportedError(SandboxError):
         super().__init__(f"the {backend.value} backend does not support {operation}")
 
 
+# The backends that give a sandbox granted network a namespace of its own, with the
+# egress rules (tartarus.network). microvm guests have no network device yet and wasm
+# modules no sockets: a grant there is refused, never silently dropped.
+NETWORKED = frozenset({Backend.JAIL, Backend.GVISOR})
+
+
+def refuse_network(spec: SandboxSpec, backend: Backend) -> None:
+    """Raises `NotSupportedError` when `spec` asks for a network `backend` cannot give."""
+    if spec.network and backend not in NETWORKED:
+        raise NotSupportedError(
+            backend, "network (use the gvisor or jail backend for a sandbox with a network)"
+        )
+
+
 class BackendUnavailableError(SandboxError):
     """The requested backend cannot run on this host; the message names what is missing."""
 

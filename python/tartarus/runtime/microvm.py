@@ -54,6 +54,7 @@ from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import (
     BackendUnavailableError,
     SandboxError,
+    refuse_network,
 )
 from tartarus.runtime.cgroups import remove_empty_cgroups
 from tartarus.runtime.types import (
@@ -198,6 +199,7 @@ class MicroVmRuntime:
         return kernel
 
     async def create(self, spec: SandboxSpec) -> MicroVmSandbox:
+        refuse_network(spec, Backend.MICROVM)
         kernel = self._require_available()
         return MicroVmSandbox(spec, kernel, self.sandboxes_dir / spec.id, self.settings)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tartarus.config import Settings
 from tartarus.host.doctor import LINUX_BACKENDS, DoctorReport
-from tartarus.runtime.base import BackendUnavailableError, Runtime
+from tartarus.runtime.base import NETWORKED, BackendUnavailableError, Runtime, refuse_network
 from tartarus.runtime.types import Backend, SandboxSpec, TrustLevel
 
 WASM_SUFFIXES = (".wasm", ".wat")
@@ -67,6 +67,7 @@ def select_backend(
     if spec.backend is not Backend.AUTO:
         return _check_requested(spec, report)
     if is_wasm_workload(spec):
+        refuse_network(spec, Backend.WASM)
         verdict = report.backend(Backend.WASM.value)
         if not verdict.available:
             raise BackendUnavailableError(
@@ -80,6 +81,9 @@ def select_backend(
         verdict = report.backend(name)
         if not verdict.available:
             lines.append(f"{name}: unavailable, {verdict.reason}")
+            continue
+        if spec.network and Backend(name) not in NETWORKED:
+            lines.append(f"{name}: skipped, the sandbox asks for a network and {name} has none")
             continue
         if name == Backend.JAIL.value and spec.trust is not TrustLevel.TRUSTED:
             if not allow_jail_untrusted:
@@ -109,6 +113,7 @@ def _check_requested(spec: SandboxSpec, report: DoctorReport) -> tuple[Backend, 
         raise BackendUnavailableError(
             f"a WebAssembly module runs on the wasm backend, not {backend.value}"
         )
+    refuse_network(spec, backend)
     lines = [f"{backend.value}: requested, {verdict.reason}"]
     if backend is Backend.JAIL and spec.trust is not TrustLevel.TRUSTED:
         lines.append("jail: note, untrusted code shares the host kernel in the jail")

@@ -34,7 +34,12 @@ import anyio.lowlevel
 import msgspec
 import wasmtime
 
-from tartarus.runtime.base import NotSupportedError, SandboxError, SandboxNotFoundError
+from tartarus.runtime.base import (
+    NotSupportedError,
+    SandboxError,
+    SandboxNotFoundError,
+    refuse_network,
+)
 from tartarus.runtime.hostfs import HostDir
 from tartarus.runtime.types import (
     Backend,
@@ -582,6 +587,7 @@ class WasmRuntime:
         return Backend.WASM
 
     async def create(self, spec: SandboxSpec) -> WasmSandbox:
+        refuse_network(spec, Backend.WASM)
         if spec.wasm_module is None or not spec.wasm_module.is_file():
             raise WasmError(f"wasm module {spec.wasm_module} is not a file")
         directory = self._root / spec.id
