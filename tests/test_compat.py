@@ -18,7 +18,7 @@ from tartarus.images import ResolvedTemplate
 from tartarus.runtime.base import Runtime, Sandbox
 from tartarus.runtime.gvisor import GvisorRuntime
 from tartarus.runtime.jail import JailRuntime
-from tartarus.runtime.types import Backend, SandboxSpec
+from tartarus.runtime.types import Backend
 from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.compat import (
     CASES,
@@ -26,6 +26,7 @@ from tests.support.compat import (
     CompatCase,
     missing_programs,
     run_case,
+    started_from_template,
 )
 from tests.support.images import shared_store
 
@@ -73,20 +74,12 @@ def runnable(case: CompatCase, python_template: ResolvedTemplate) -> CompatCase:
 async def sandbox(
     runnable: CompatCase, runtime: Runtime, python_template: ResolvedTemplate
 ) -> AsyncIterator[Sandbox]:
-    manifest = python_template.manifest
-    spec = SandboxSpec(
-        id="compat",
-        template=manifest.id,
-        rootfs=python_template.rootfs,
-        resources=manifest.resources,
-        env=manifest.env,
-    )
-    sb = await runtime.create(spec)
-    await sb.start()
     try:
-        yield sb
+        async with started_from_template(
+            runtime, python_template, "compat", rootfs=python_template.rootfs
+        ) as sb:
+            yield sb
     finally:
-        await sb.kill()
         await runtime.reap(set())
 
 

@@ -17,8 +17,13 @@ import pytest
 from tartarus.config import load_settings
 from tartarus.images import ResolvedTemplate
 from tartarus.runtime.base import Sandbox
-from tartarus.runtime.types import SandboxSpec
-from tests.support.compat import CASES, CompatCase, missing_programs, run_case
+from tests.support.compat import (
+    CASES,
+    CompatCase,
+    missing_programs,
+    run_case,
+    started_from_template,
+)
 from tests.support.images import shared_store
 
 pytestmark = [pytest.mark.kvm_full, pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -63,19 +68,10 @@ async def sandbox(
     from tartarus.runtime.microvm import MicroVmRuntime  # noqa: PLC0415 - kvm hosts only
 
     runtime = MicroVmRuntime(kernel=guest_kernel, settings=load_settings())
-    manifest = python_template.manifest
-    spec = SandboxSpec(
-        id=f"compat-{case.name}-{os.getpid()}",
-        template=manifest.id,
-        resources=manifest.resources,
-        env=manifest.env,
-    )
-    sb = await runtime.create(spec)
-    await sb.start()
-    try:
+    async with started_from_template(
+        runtime, python_template, f"compat-{case.name}-{os.getpid()}", rootfs=None
+    ) as sb:
         yield sb
-    finally:
-        await sb.kill()
 
 
 def test_the_subset_names_real_rows() -> None:

@@ -10,14 +10,17 @@ template lacks (the same on every backend), and otherwise awaits `run_case`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 import anyio
 import msgspec
 
-from tartarus.runtime.base import Sandbox
-from tartarus.runtime.types import ExecRequest
+from tartarus.images import ResolvedTemplate
+from tartarus.runtime.base import Runtime, Sandbox
+from tartarus.runtime.types import ExecRequest, SandboxSpec
 
 # Why a row that needs git is skipped on the `python` template (sizes: `apt-cache show`,
 # Installed-Size, Debian 12): git drags in perl, most of the weight, for one row.
@@ -425,3 +428,25 @@ async def run_case(sandbox: Sandbox, case: CompatCase) -> None:
         assert result.exit.ok, detail
     for expected in case.expect:
         assert expected in out, f"{expected!r} missing\n{detail}"
+
+
+@contextlib.asynccontextmanager
+async def started_from_template(
+    runtime: Runtime, template: ResolvedTemplate, sandbox_id: str, *, rootfs: Path | None
+) -> AsyncIterator[Sandbox]:
+    """A sandbox of `template` on `runtime`, started, killed on the way out. `rootfs`: the
+    template's directory (container backends), or None for its ext4 image (microvm)."""
+    manifest = template.manifest
+    spec = SandboxSpec(
+        id=sandbox_id,
+        template=manifest.id,
+        rootfs=rootfs,
+        resources=manifest.resources,
+        env=manifest.env,
+    )
+    sb = await runtime.create(spec)
+    await sb.start()
+    try:
+        yield sb
+    finally:
+        await sb.kill()
