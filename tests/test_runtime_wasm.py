@@ -14,6 +14,7 @@ from tartarus.runtime.types import ExecRequest, OutputChunk, Resources, SandboxS
 from tartarus.runtime.wasm import WasmRuntime, WasmSandbox
 from tests.conftest import REPO_ROOT
 from tests.runtime_checks import expected_flood
+from tests.support.backends import started
 
 TOOLBOX = REPO_ROOT / "tests" / "wasm" / "toolbox.wat"
 
@@ -24,12 +25,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 async def sandbox(tmp_path: Path) -> AsyncIterator[WasmSandbox]:
     runtime = WasmRuntime(tmp_path / "state")
     spec = SandboxSpec(id="w1", wasm_module=TOOLBOX, resources=Resources(memory_mib=64))
-    sb = await runtime.create(spec)
-    await sb.start()
-    try:
+    async with started(await runtime.create(spec)) as sb:
         yield sb
-    finally:
-        await sb.kill()
     assert not (tmp_path / "state" / "wasm" / "w1").exists()
 
 

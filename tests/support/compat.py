@@ -21,6 +21,7 @@ import msgspec
 from tartarus.images import ResolvedTemplate
 from tartarus.runtime.base import Runtime, Sandbox
 from tartarus.runtime.types import ExecRequest, SandboxSpec
+from tests.support.backends import started
 
 # Why a row that needs git is skipped on the `python` template (sizes: `apt-cache show`,
 # Installed-Size, Debian 12): git drags in perl, most of the weight, for one row.
@@ -444,9 +445,5 @@ async def started_from_template(
         resources=manifest.resources,
         env=manifest.env,
     )
-    sb = await runtime.create(spec)
-    await sb.start()
-    try:
+    async with started(await runtime.create(spec)) as sb:
         yield sb
-    finally:
-        await sb.kill()
