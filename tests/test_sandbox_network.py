@@ -490,6 +490,15 @@ async def test_the_resolver_answers_only_allowed_names(
             assert not await lookup(sb, "denied.test")
             # Only the host's resolver: the upstream itself is out of reach.
             assert not await lookup(sb, "allowed.test", internet.address)
+            # Its TCP side (for answers too big for UDP) is open to the sandbox; the host's
+            # other ports at that address are not. A TCP query the gate refuses: the name.
+            tcp_query = (
+                "printf '\\000\\035\\102\\102\\001\\000\\000\\001\\000\\000\\000\\000"
+                "\\000\\000\\006denied\\004test\\000\\000\\001\\000\\001' | "
+                f"nc -w 3 {net.lease.host_address} 53 | od -An -tx1 | tr -d ' \\n'"
+            )
+            result = await (await sb.exec(ExecRequest(shell=tcp_query, timeout_s=30))).wait()
+            assert result.stdout.startswith(b"001d4242"), result
     finally:
         await rt.reap(set())
         if isinstance(rt, JailRuntime):

@@ -1,6 +1,9 @@
-"""The sandboxes' resolver: a DNS forwarder the host controls, one UDP endpoint per
-sandbox link on the host end's address (port 53), which the sandbox's
-`/etc/resolv.conf` names.
+"""The sandboxes' resolver: a DNS forwarder the host controls, one UDP endpoint and one
+TCP listener per sandbox link on the host end's address (port 53), which the sandbox's
+`/etc/resolv.conf` names. TCP is what a client retries on when a UDP answer comes back
+truncated (more than 512 bytes: many records, long names); a query that came over TCP
+goes upstream over TCP too. TCP clients are bounded: a few connections per sandbox, a
+few queries each, an idle timeout.
 
 A query for a name the sandbox's egress list allows (or any name, when the list is
 empty) goes to the upstream resolver (`[network] dns_upstream`, else the host's first
@@ -23,12 +26,19 @@ from pathlib import Path
 from typing import Final, cast
 
 import anyio
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 log = logging.getLogger(__name__)
 
 DNS_PORT: Final = 53
 UPSTREAM_TIMEOUT_S: Final = 3.0
+# Per sandbox: TCP connections at once, queries on one, and seconds a connection may sit
+# without sending a whole query.
+TCP_CLIENTS: Final = 8
+TCP_QUERIES: Final = 32
+TCP_IDLE_S: Final = 10.0
 _HEADER: Final = struct.Struct("!HHHHHH")
+_LENGTH: Final = struct.Struct("!H")
 _TYPE_A: Final = 1
 _CLASS_IN: Final = 1
 _RCODE_REFUSED: Final = 5
@@ -90,6 +100,8 @@ def refused(query: bytes) -> bytes:
 
 def a_records(answer: bytes) -> list[tuple[str, int]]:
     """The (IPv4 address, ttl) of every A record in an answer's answer section."""
+    if len(answer) < _HEADER.size:
+        raise DnsFormatError("shorter than a header")
     _, _, qdcount, ancount, _, _ = _HEADER.unpack_from(answer)
     offset = _HEADER.size
     for _ in range(qdcount):
@@ -154,19 +166,34 @@ class DnsGate:
         upstream: str,
         names: list[tuple[int, str]] | None,
         on_resolved: OnResolved,
+        *,
+        port: int = DNS_PORT,
+        upstream_port: int = DNS_PORT,
+        tcp_idle_s: float = TCP_IDLE_S,
     ) -> None:
         self.address = address
         self.upstream = upstream
         self.names = names
         self.on_resolved = on_resolved
+        # Where it listens and where the upstream does (tests use other ports).
+        self.port = port
+        self.upstream_port = upstream_port
+        self.tcp_idle_s = tcp_idle_s
         self._endpoint: _Endpoint | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tcp_clients: set[asyncio.StreamWriter] = set()
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         _, endpoint = await loop.create_datagram_endpoint(
-            lambda: _Endpoint(self), local_addr=(self.address, DNS_PORT)
+            lambda: _Endpoint(self), local_addr=(self.address, self.port)
         )
         self._endpoint = endpoint
+        try:
+            self._tcp = await asyncio.start_server(self._serve_tcp, self.address, self.port)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         endpoint, self._endpoint = self._endpoint, None
@@ -175,6 +202,11 @@ class DnsGate:
                 task.cancel()
             if endpoint.transport is not None:
                 endpoint.transport.close()
+        tcp, self._tcp = self._tcp, None
+        if tcp is not None:
+            tcp.close()
+        for writer in list(self._tcp_clients):
+            writer.close()
 
     def allowed_by(self, name: str) -> int | None:
         """The index of the first entry that allows `name` (-1: every name is)."""
@@ -183,29 +215,76 @@ class DnsGate:
         return next((i for i, pattern in self.names if matches(pattern, name)), None)
 
     async def answer(self, endpoint: _Endpoint, query: bytes, addr: tuple[str | int, int]) -> None:
+        reply = await self.reply(query, tcp=False)
+        transport = endpoint.transport
+        if reply is not None and transport is not None and not transport.is_closing():
+            transport.sendto(reply, addr)
+
+    async def reply(self, query: bytes, *, tcp: bool) -> bytes | None:
+        """The answer to `query`: REFUSED for a name not allowed, else the upstream's
+        (over TCP when `tcp`); None for a malformed query or an upstream that failed."""
         try:
             name, _, _ = question(query)
         except DnsFormatError:
-            return
+            return None
         entry = self.allowed_by(name)
         try:
-            reply = refused(query) if entry is None else await self._forward(query, entry)
-        except (OSError, TimeoutError, DnsFormatError, anyio.EndOfStream) as e:
+            return refused(query) if entry is None else await self._forward(query, entry, tcp)
+        except (
+            OSError,
+            TimeoutError,
+            DnsFormatError,
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+        ) as e:
             log.debug("resolving %s for %s failed: %s", name, self.address, e)
-            return
-        if endpoint.transport is not None and not endpoint.transport.is_closing():
-            endpoint.transport.sendto(reply, addr)
+            return None
 
-    async def _forward(self, query: bytes, entry: int) -> bytes:
-        async with await anyio.create_connected_udp_socket(self.upstream, DNS_PORT) as udp:
-            await udp.send(query)
-            with anyio.fail_after(UPSTREAM_TIMEOUT_S):
-                while True:
-                    reply = await udp.receive()
-                    if reply[:2] == query[:2]:
-                        break
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tcp_clients) >= TCP_CLIENTS:
+            writer.close()
+            return
+        self._tcp_clients.add(writer)
+        try:
+            for _ in range(TCP_QUERIES):
+                async with asyncio.timeout(self.tcp_idle_s):
+                    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                    query = await reader.readexactly(length)
+                reply = await self.reply(query, tcp=True)
+                if reply is None:
+                    break
+                writer.write(_LENGTH.pack(len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._tcp_clients.discard(writer)
+            writer.close()
+
+    async def _forward(self, query: bytes, entry: int, tcp: bool) -> bytes:
+        reply = await (self._ask_tcp(query) if tcp else self._ask_udp(query))
+        if reply[:2] != query[:2]:
+            raise DnsFormatError("the upstream answered another query")
         if entry >= 0:
             records = a_records(reply)
             if records:
                 await self.on_resolved(entry, records)
         return reply
+
+    async def _ask_udp(self, query: bytes) -> bytes:
+        udp = await anyio.create_connected_udp_socket(self.upstream, self.upstream_port)
+        async with udp:
+            await udp.send(query)
+            with anyio.fail_after(UPSTREAM_TIMEOUT_S):
+                while True:
+                    reply = await udp.receive()
+                    if reply[:2] == query[:2]:
+                        return reply
+
+    async def _ask_tcp(self, query: bytes) -> bytes:
+        with anyio.fail_after(UPSTREAM_TIMEOUT_S):
+            async with await anyio.connect_tcp(self.upstream, self.upstream_port) as stream:
+                await stream.send(_LENGTH.pack(len(query)) + query)
+                buffered = BufferedByteReceiveStream(stream)
+                (length,) = _LENGTH.unpack(await buffered.receive_exactly(_LENGTH.size))
+                return await buffered.receive_exactly(length)

@@ -165,7 +165,11 @@ def link_script(link: LinkAddresses, rules: EgressRules) -> str:
     ]
     to_host_body = [
         f'ip saddr != {link.sandbox_address} counter name "{spoofed}" drop',
-        *([f"ip daddr {link.resolver} udp dport 53 accept"] if link.resolver is not None else []),
+        *(
+            [f"ip daddr {link.resolver} meta l4proto {{ tcp, udp }} th dport 53 accept"]
+            if link.resolver is not None
+            else []
+        ),
         f'counter name "{denied}" drop',
     ]
     for chain, chain_rules in ((egress, body), (to_host, to_host_body)):
