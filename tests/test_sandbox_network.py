@@ -45,6 +45,7 @@ from tartarus.runtime.jail import JailRuntime, JailSandbox
 from tartarus.runtime.types import Backend, ExecRequest, Resources, SandboxSpec
 from tests.conftest import require_binary, require_root
 from tests.support.backends import LINUX_BACKENDS, available_backend
+from tests.support.images import shared_store
 from tests.support.server import running_server, server_env, start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -198,6 +199,16 @@ def internet() -> Iterator[Internet]:
             )
         subprocess.run(["ip", "link", "del", inet.host_if], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", inet.netns], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def python_rootfs() -> Path:
+    """The built-in `python` template's root (built once per machine, shared)."""
+
+    async def resolve() -> Path:
+        return (await shared_store().resolve("python", ext4=False)).rootfs
+
+    return anyio.run(resolve)
 
 
 @pytest.fixture(params=LINUX_BACKENDS, ids=lambda b: b.value)
@@ -388,6 +399,32 @@ async def test_spoofed_sources_are_dropped_and_counted(
         await rt.reap(set())
         rt.remove_cgroup_scope()
     await assert_scope_clean(rt.networks)
+
+
+# Run as the sandbox's root: raw IP and packet sockets (forged packets, sniffing the
+# link) need CAP_NET_RAW over the sandbox's namespace, which the sandbox does not hold.
+RAW_SOCKETS = """
+import socket
+for family, kind, proto in ((socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+                            (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP),
+                            (socket.AF_PACKET, socket.SOCK_RAW, 0)):
+    try:
+        socket.socket(family, kind, proto).close()
+        print("opened", family, kind, proto)
+    except PermissionError as e:
+        print("refused", e.errno)
+"""
+
+
+async def test_raw_sockets_need_a_capability_the_sandbox_lacks(
+    runtime: Runtime, python_rootfs: Path
+) -> None:
+    async with started(runtime, python_rootfs, "raw", network=True) as sb:
+        request = ExecRequest(argv=["python3", "-c", RAW_SOCKETS], timeout_s=60)
+        result = await (await sb.exec(request)).wait()
+        lines = result.stdout.decode().splitlines()
+        assert result.exit.ok and len(lines) == 3, result
+        assert all(line.startswith("refused") for line in lines), lines
 
 
 async def test_bandwidth_is_capped_per_sandbox(
