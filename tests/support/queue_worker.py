@@ -1,8 +1,9 @@
 """A queue consumer in its own process, driven over stdin/stdout by the queue tests.
 
 argv: BACKEND (sqlite|redis) LOCATION (db path or redis URL) QUEUE VISIBILITY_S.
-Commands, one per line: `get` (no wait) and `ack ID`. Answers are JSON lines. The tests
-kill this process with SIGKILL between a `get` and its `ack`, as a crash would.
+Commands, one per line: `get` (no wait) and `ack ID`, ID being the `id` a `get` answered
+(`<lane>/<message id>`). Answers are JSON lines. The tests kill this process with
+SIGKILL between a `get` and its `ack`, as a crash would.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ async def main(backend: str, location: str, name: str, visibility_s: float) -> N
             if message is None:
                 print(json.dumps({"none": True}), flush=True)
                 continue
-            held[message.id] = message
+            # Stream ids are unique per lane only (two lanes can hand out the same id in
+            # one millisecond): the handle names both, as Message does for `ack`.
+            handle = f"{message.lane.value}/{message.id}"
+            held[handle] = message
             answer = {
-                "id": message.id,
+                "id": handle,
                 "lane": message.lane.value,
                 "body": message.body.decode(),
                 "deliveries": message.deliveries,
