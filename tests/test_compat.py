@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import anyio
 import pytest
 
 from tartarus.config import load_settings
@@ -28,7 +27,7 @@ from tests.support.compat import (
     run_case,
     started_from_template,
 )
-from tests.support.images import shared_store
+from tests.support.images import shared_template
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -37,10 +36,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 def python_template() -> ResolvedTemplate:
     """The built-in `python` template, built once per machine into the shared cache."""
 
-    async def resolve() -> ResolvedTemplate:
-        return await shared_store().resolve("python", ext4=False)
-
-    return anyio.run(resolve)
+    return shared_template("python", ext4=False)
 
 
 @pytest.fixture(params=LINUX_BACKENDS, ids=lambda b: b.value)

@@ -11,7 +11,6 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio
 import pytest
 
 from tartarus.config import load_settings
@@ -24,7 +23,7 @@ from tests.support.compat import (
     run_case,
     started_from_template,
 )
-from tests.support.images import shared_store
+from tests.support.images import shared_template
 
 pytestmark = [pytest.mark.kvm_full, pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -49,10 +48,7 @@ ROWS = [case for case in CASES if case.name in SUBSET]
 def python_template() -> ResolvedTemplate:
     """The built-in `python` template with its ext4 image, as `make artefacts` built it."""
 
-    async def resolve() -> ResolvedTemplate:
-        return await shared_store().resolve("python", ext4=True)
-
-    return anyio.run(resolve)
+    return shared_template("python", ext4=True)
 
 
 @pytest.fixture

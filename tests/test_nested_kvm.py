@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import pytest
 
 from tests.support import nested_kvm
-from tests.support.images import shared_store
+from tests.support.images import shared_template
 
 # The lane's budget is 10 minutes on an idle 2-core machine (scripts/lanes.py reports an
 # overrun; one L1 run takes about 3). L1 is killed when it is surely stuck: past its
@@ -95,7 +94,8 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
     # L1 has no network, so it cannot build a template: what its tests take from the
     # template store is built (or found) here first. Tests of the core lane share that
     # store and may have rebuilt or pruned it since `make artefacts`.
-    anyio.run(_templates_for_l1)
+    for template in L1_TEMPLATES:
+        shared_template(template, ext4=True)
     start = time.monotonic()
     results, console, exit_code = _run_inside_l1(image, tmp_path_factory, INNER_FILES)
     suspects = sorted(
@@ -112,12 +112,6 @@ def lane(tmp_path_factory: pytest.TempPathFactory) -> LaneRun:
                 results[name] = again[name]
                 print(f"nested KVM lane: {name} {again[name].outcome} on its second try ({first})")
     return LaneRun(results, console, time.monotonic() - start, exit_code)
-
-
-async def _templates_for_l1() -> None:
-    store = shared_store()
-    for template in L1_TEMPLATES:
-        await store.resolve(template, ext4=True)
 
 
 def _node_id(name: str) -> str:

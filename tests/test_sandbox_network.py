@@ -42,7 +42,7 @@ from tartarus.runtime.jail import JailRuntime, JailSandbox
 from tartarus.runtime.types import Backend, ExecRequest, Resources, SandboxSpec
 from tests.conftest import require_binary, require_root
 from tests.support.backends import LINUX_BACKENDS, available_backend
-from tests.support.images import shared_store
+from tests.support.images import shared_template
 from tests.support.internet import BULK_BYTES, METADATA, Internet, built_internet, run
 from tests.support.server import running_server, server_env, start_server
 
@@ -61,10 +61,7 @@ def internet() -> Iterator[Internet]:
 def python_rootfs() -> Path:
     """The built-in `python` template's root (built once per machine, shared)."""
 
-    async def resolve() -> Path:
-        return (await shared_store().resolve("python", ext4=False)).rootfs
-
-    return anyio.run(resolve)
+    return shared_template("python", ext4=False).rootfs
 
 
 @pytest.fixture(params=LINUX_BACKENDS, ids=lambda b: b.value)

@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 
 from tartarus.config import Settings, load_settings
@@ -20,6 +21,7 @@ from tartarus.host.runsc import (
     resolve_runsc,
     unmount_null_netns,
 )
+from tartarus.images import ResolvedTemplate
 from tartarus.images.store import TemplateStore
 from tartarus.runtime.oci_spec import Process, Root, Spec, write_bundle_config
 from tests.conftest import require_root
@@ -35,6 +37,11 @@ def shared_store() -> TemplateStore:
     """The user's store (~/.cache/tartarus, ~/.local/share/tartarus): built-in templates
     are built once per machine and shared, which is what the cache is for."""
     return TemplateStore(load_settings())
+
+
+def shared_template(template: str, *, ext4: bool) -> ResolvedTemplate:
+    """A built-in template from the shared store (built on first use), for sync fixtures."""
+    return anyio.run(functools.partial(shared_store().resolve, template, ext4=ext4))
 
 
 def gvisor_bundle(rootfs: Path, argv: list[str], workdir: Path, env: dict[str, str]) -> Path:

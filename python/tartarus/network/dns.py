@@ -263,8 +263,6 @@ class DnsGate:
 
     async def _forward(self, query: bytes, entry: int, tcp: bool) -> bytes:
         reply = await (self._ask_tcp(query) if tcp else self._ask_udp(query))
-        if reply[:2] != query[:2]:
-            raise DnsFormatError("the upstream answered another query")
         if entry >= 0:
             records = a_records(reply)
             if records:
@@ -287,4 +285,8 @@ class DnsGate:
                 await stream.send(_LENGTH.pack(len(query)) + query)
                 buffered = BufferedByteReceiveStream(stream)
                 (length,) = _LENGTH.unpack(await buffered.receive_exactly(_LENGTH.size))
-                return await buffered.receive_exactly(length)
+                reply = await buffered.receive_exactly(length)
+        # One query per connection, so the answer must be to it (UDP skips strays instead).
+        if reply[:2] != query[:2]:
+            raise DnsFormatError("the upstream answered another query")
+        return reply
