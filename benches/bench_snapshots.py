@@ -267,6 +267,14 @@ async def gvisor_restore(work: Path) -> dict[str, Any]:
     )
     bundle = work / "bundle"
     shutil.copytree(sandbox.bundle, bundle)
+    # The bundle binds the sandbox's door directory (the agent dials the host there),
+    # which goes with the sandbox: the raw restores get one of their own.
+    door = work / "door"
+    door.mkdir(mode=0o700)
+    config = bundle / "config.json"
+    config.write_text(
+        config.read_text().replace(f'"{sandbox.bundle.parent / "door"}"', f'"{door}"')
+    )
     await sandbox.kill()
     await runtimes.release(spec.id)
     image = await service.blobs.local_path(record.blob)

@@ -13,7 +13,8 @@ import pytest
 
 from tartarus.binaries import find_binary
 from tartarus.runtime import protocol as p
-from tartarus.runtime.agent_client import AgentClient, AgentError
+from tartarus.runtime.agent_client import AgentClient, AgentConnectionError, AgentError
+from tartarus.runtime.agent_dial_in import AgentDialIn
 from tartarus.runtime.agent_sandbox import AgentExecution
 from tartarus.runtime.types import ExecRequest, ExitStatus, FileKind, OutputChunk, PtySize
 from tests.support.agent import HostAgentSandbox, running_agent
@@ -367,3 +368,39 @@ async def test_shutdown_terminates_processes_and_exits(tmp_path: Path) -> None:
         await sb.stop(grace_s=5)
         assert await anyio.to_thread.run_sync(proc.wait, 10) == 0
         del execution
+
+
+async def test_dialling_agent_comes_back_after_each_hang_up(tmp_path: Path) -> None:
+    """`--listen dial:PATH` (gVisor's link): the agent dials a host socket that does
+    not exist yet, and again whenever the host hangs up; a background process outlives
+    the connection that started it, a foreground one does not."""
+    door = AgentDialIn(tmp_path / "door" / "a.s")
+    door.path.parent.mkdir(parents=True)
+    agent = await anyio.open_process(
+        [find_binary("tartarus-agent"), "serve", "--listen", f"dial:{door.path}"],
+        cwd=tmp_path,
+    )
+    try:
+        await anyio.sleep(0.1)  # it is retrying by now
+        client = await door.accept()
+        assert not door.path.exists()  # nothing to dial while connected
+        await client.call(p.Exec(argv=["sleep", "60"], background=True))
+        await client.start(p.Exec(argv=["sleep", "61"]))
+        for _ in range(3):
+            assert await client.hang_up()
+            client = await door.accept()
+            listed = await client.call_expect(p.ListProcesses(), p.ProcessList)
+            running = [proc.argv for proc in listed.processes if proc.running]
+            assert running == [["sleep", "60"]]
+        await client.aclose()
+    finally:
+        await door.close()
+        agent.kill()
+        await agent.wait()
+
+
+async def test_dial_in_times_out_with_a_clear_error(tmp_path: Path) -> None:
+    door = AgentDialIn(tmp_path / "a.sock")
+    with pytest.raises(AgentConnectionError, match=r"did not connect to .*a\.sock within 0\.2 s"):
+        await door.accept(timeout_s=0.2)
+    assert not door.path.exists()

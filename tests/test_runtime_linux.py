@@ -335,23 +335,51 @@ async def test_gvisor_checkpoint_restore_keeps_a_counter_going(
     await assert_no_leftovers(restored, runtime, tmp_path / "state")
 
 
-async def test_gvisor_sandbox_answers_after_each_snapshot_in_place(
+async def test_gvisor_agent_link_survives_twenty_snapshots_in_place(
     runtime: Runtime, base_rootfs: Path, tmp_path: Path
 ) -> None:
-    """Snapshot after snapshot, the sandbox resumes from its own image and answers."""
+    """The agent dials the host again after every checkpoint: twenty snapshots in a row,
+    each resumed from its own image, and after each the sandbox answers and a background
+    counter has carried on from where it was."""
     if runtime.backend is not Backend.GVISOR:
         pytest.skip("only gvisor checkpoints")
     sb = await runtime.create(spec_for(base_rootfs, "again"))
     await sb.start()
     try:
-        for round_ in range(3):
-            for _ in range(20):
-                assert (await (await sb.exec(ExecRequest(argv=["true"]))).wait()).exit.code == 0
+        await sb.exec(
+            ExecRequest(
+                shell="i=0; while true; do i=$((i+1)); echo $i > /tmp/c; mv /tmp/c /tmp/count;"
+                " sleep 0.01; done",
+                background=True,
+            )
+        )
+        last = 0
+        for round_ in range(20):
+            # A stream still open at the checkpoint ends; the next snapshot waits for it
+            # no longer than it takes the agent to hang up.
+            pending = await sb.exec(ExecRequest(argv=["sleep", "30"]))
             await sb.snapshot(tmp_path / f"snap{round_}")
+            with pytest.raises(SandboxError):
+                await pending.wait()
             result = await (await sb.exec(ExecRequest(argv=["echo", f"round {round_}"]))).wait()
             assert result.stdout == f"round {round_}\n".encode()
+            count = int(await sb.read_file("/tmp/count"))
+            assert count >= last
+            last = count
+        assert last > 20
     finally:
         await sb.kill()
+
+
+async def test_gvisor_sandbox_reaches_no_host_socket(sandbox: Sandbox) -> None:
+    """The host listens for the agent only until it dials: afterwards the directory it
+    dials through is empty, and no user but root may look into it."""
+    if sandbox.backend is not Backend.GVISOR:
+        pytest.skip("only gvisor dials the host")
+    out, _, status = await sh(sandbox, "ls -A /.tartarus/door")
+    assert (out, status.code) == (b"", 0)
+    _, err, status = await sh(sandbox, "ls /.tartarus/door", user="nobody")
+    assert status.code != 0 and b"denied" in err.lower()
 
 
 async def test_reap_removes_what_a_crashed_server_left(

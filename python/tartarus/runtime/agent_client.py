@@ -35,6 +35,8 @@ DEFAULT_REQUEST_TIMEOUT_S: Final = 30.0
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 # Queued-but-unread frames per request before old output chunks are dropped.
 DEFAULT_STREAM_BUFFER_BYTES: Final = 16 << 20
+# The agent answers what it already received (2 s) and flushes (2 s) before it closes.
+HANG_UP_TIMEOUT_S: Final = 5.0
 _RECEIVE_BYTES: Final = 256 << 10
 # Longest reply line of the hybrid-vsock `CONNECT` preamble.
 _VSOCK_REPLY_MAX: Final = 128
@@ -195,6 +197,34 @@ class AgentClient:
                 if process.returncode is None:
                     process.kill()
                     await process.wait()
+
+    async def hang_up(self, timeout_s: float = HANG_UP_TIMEOUT_S) -> bool:
+        """Closes in order: sends end-of-file, discards what the agent still sends, and
+        waits (up to `timeout_s`) for its end-of-file, which it sends as it lets go of the
+        connection. True if it did. (gVisor cannot checkpoint a sandbox while it still
+        holds a host socket.)"""
+        self._fail(AgentConnectionError("the connection to the agent was closed"))
+        released = False
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(timeout_s):
+                try:
+                    await self._stream.send_eof()
+                    while True:
+                        if self._reading:  # another task's read ends with this EOF too
+                            await self._frame_event.wait()
+                            continue
+                        self._reading = True
+                        try:
+                            await self._stream.receive(_RECEIVE_BYTES)
+                        finally:
+                            self._reading = False
+                            self._wake()
+                except anyio.EndOfStream:
+                    released = True
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    released = True  # the agent reset the connection: it is gone too
+            await self.aclose()
+        return released
 
     async def __aenter__(self) -> Self:
         return self

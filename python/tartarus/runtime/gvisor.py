@@ -8,18 +8,18 @@ the address off the interface it adopts, so it is put back before every start.
 Memory, CPU and pids limits go into the OCI spec, which runsc enforces with a host cgroup
 around the whole sandbox.
 
-The agent listens on a unix socket of the sandbox's own (`/.tartarus/run`, a tmpfs
-inside gVisor). The host reaches it through `tartarus-jail relay`, started with `runsc
-exec` and bound in read-only: its stdin and stdout are the connection. A host-backed
-socket (`--host-uds=create`) would be quicker to reach, but runsc cannot checkpoint a
-sandbox that holds one ("encoding error at object transport.connectionedEndpoint").
-The container's stdio would be quicker still and runsc does checkpoint pipes, but a copy
-restored while the agent was blocked reading them died now and then (SIGSEGV in the
-agent's main thread after runsc restarted its `read(0)`, seen in the `--strace` boot
-log of this runsc), so stdio stays unused.
+The agent dials the host (`tartarus.runtime.agent_dial_in`): `runsc --host-uds=open`
+lets it connect to a socket in a host directory bound at `/.tartarus/door`, where the
+host listens only while it waits for it. This replaced a relay started with `runsc exec`
+per connection (~30 ms of every create and restore). runsc cannot checkpoint a sandbox
+that holds a host socket ("encoding error at object transport.connectionedEndpoint"), so
+a snapshot hangs up first (the agent confirms by closing its end) and the agent dials
+again after the restore; it redials every millisecond for its first 5 s of trying.
+The container's stdio would need no host socket at all, and runsc does checkpoint pipes,
+but a copy restored while the agent was blocked reading them died now and then (SIGSEGV
+in the agent's main thread after runsc restarted its `read(0)`), so stdio stays unused.
 
-Snapshots are `runsc checkpoint` and `runsc restore`: the relay is closed first, so the
-sandbox holds no host socket, and reopened after.
+Snapshots are `runsc checkpoint` and `runsc restore`.
 
 Which runsc: the `runsc` setting, else the pinned build `tartarus runsc install` caches,
 else runsc on PATH (tartarus.host.runsc).
@@ -56,14 +56,13 @@ from tartarus.network.egress import compile_rules
 from tartarus.network.namespaces import SandboxNetwork, SandboxNetworks
 from tartarus.network.settings import NetworkSettings
 from tartarus.runtime import oci_spec as oci
-from tartarus.runtime.agent_client import AgentClient
+from tartarus.runtime.agent_dial_in import AgentDialIn
 from tartarus.runtime.base import SandboxError
 from tartarus.runtime.cgroups import CgroupReader, cgroup_dirs_of
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
     RESOLV_CONF,
-    SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
     abandon_create,
     agent_argv,
@@ -82,7 +81,7 @@ from tartarus.runtime.types import (
 )
 
 RUNSC_TIMEOUT_S: Final = 60.0
-RELAY_IN_SANDBOX: Final = "/.tartarus/tartarus-jail"
+DOOR_IN_SANDBOX: Final = "/.tartarus/door"
 CHECKPOINT_IMAGE: Final = "checkpoint.img"
 # Host threads and processes of gVisor itself (sentry, gofer, ptrace stubs), on top of
 # the sandbox's own pids limit, for the host cgroup's pids.max.
@@ -136,6 +135,7 @@ class GvisorSandbox(HostedAgentSandbox):
         self._runtime = runtime
         self.container = _container_name(spec.id)
         self.network: SandboxNetwork | None = network
+        self._dial_in = AgentDialIn(self._dir / "door" / AGENT_SOCKET)
 
     @property
     def bundle(self) -> Path:
@@ -171,6 +171,7 @@ class GvisorSandbox(HostedAgentSandbox):
         if self.network is not None:
             await self._runtime.networks.address(self.network)
         self._runtime.live.add(self.container)
+        await self._dial_in.listen()
         await self._runsc(
             *command,
             "--detach",
@@ -182,20 +183,7 @@ class GvisorSandbox(HostedAgentSandbox):
             detached=True,
         )
         self._find_cgroup(pid_file)
-        await self._connect()
-
-    async def _connect(self) -> None:
-        """Opens the agent connection: a relay inside the sandbox, over runsc exec."""
-        argv = self._runtime.runsc_argv(
-            "exec",
-            self.container,
-            RELAY_IN_SANDBOX,
-            "relay",
-            f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
-            network=self.spec.network,
-        )
-        with (self._dir / "relay.log").open("ab") as log:
-            self.agent = await AgentClient.spawn(argv, stderr=log.fileno())
+        self.agent = await self._dial_in.accept()
 
     def _find_cgroup(self, pid_file: Path) -> None:
         pid = pid_file.read_text().strip() if pid_file.is_file() else ""
@@ -232,10 +220,12 @@ class GvisorSandbox(HostedAgentSandbox):
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         """`runsc checkpoint`, then the sandbox resumes from the image it just wrote
         (runsc 2022's `--leave-running` hangs): processes pause for the checkpoint and
-        carry on. The agent connection is closed first (its relay is a process with host
-        pipes) and reopened after."""
+        carry on. The agent hangs up first (runsc cannot save a host socket) and dials
+        again after."""
         await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
-        await self.close_agent()
+        client, self.agent = self._agent, None
+        if client is not None:
+            await client.hang_up()
         await self._runsc("checkpoint", "--image-path", str(dest_dir), self.container)
         await self._runtime.destroy(self.container)
         self.container = _container_name(self.id)
@@ -258,6 +248,7 @@ class GvisorSandbox(HostedAgentSandbox):
 
     async def kill(self) -> None:
         await self.close_agent()
+        await self._dial_in.close()
         await self._runtime.destroy(self.container)
         network, self.network = self.network, None
         if network is not None:
@@ -314,7 +305,11 @@ class GvisorRuntime:
             for f in global_flags(self.runsc_root, self._platform)
             if not f.startswith("--network")
         ]
-        flags += [f"--network={'sandbox' if network else 'none'}", "--overlay2=root:memory"]
+        flags += [
+            f"--network={'sandbox' if network else 'none'}",
+            "--overlay2=root:memory",
+            "--host-uds=open",
+        ]
         return [runsc, *flags, *args]
 
     async def runsc(
@@ -343,7 +338,7 @@ class GvisorRuntime:
         return result
 
     def _spec(
-        self, spec: SandboxSpec, network: SandboxNetwork, resolv_conf: Path | None
+        self, spec: SandboxSpec, network: SandboxNetwork, resolv_conf: Path | None, door: Path
     ) -> oci.Spec:
         assert spec.rootfs is not None
         r = spec.resources
@@ -352,7 +347,7 @@ class GvisorRuntime:
             env.append("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         return oci.Spec(
             process=oci.Process(
-                args=agent_argv(),
+                args=agent_argv(f"dial:{DOOR_IN_SANDBOX}/{AGENT_SOCKET}"),
                 cwd="/",
                 env=env,
                 # The sentry enforces this inside; the host cgroup below only caps the sandbox
@@ -382,16 +377,10 @@ class GvisorRuntime:
                     options=["rbind", "ro"],
                 ),
                 oci.Mount(
-                    destination=RELAY_IN_SANDBOX,
+                    destination=DOOR_IN_SANDBOX,
                     type="bind",
-                    source=str(find_binary("tartarus-jail")),
+                    source=str(door),
                     options=["rbind", "ro"],
-                ),
-                oci.Mount(
-                    destination=SOCKET_DIR_IN_SANDBOX,
-                    type="tmpfs",
-                    source="tmpfs",
-                    options=["nosuid", "nodev", "mode=700"],
                 ),
                 *(
                     [
@@ -429,8 +418,12 @@ class GvisorRuntime:
                 rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
             network = await self.networks.create(spec.id, rules)
             (directory / "bundle").mkdir()
+            # Root's alone: only the agent (root in the sandbox) dials through it.
+            (directory / "door").mkdir(mode=0o700)
             resolv = resolv_conf_mount(spec, directory, network.resolv_conf())
-            oci.write_bundle_config(directory / "bundle", self._spec(spec, network, resolv))
+            oci.write_bundle_config(
+                directory / "bundle", self._spec(spec, network, resolv, directory / "door")
+            )
         except BaseException:
             await abandon_create(directory, self.networks, network)
             raise

@@ -42,14 +42,9 @@ def resolv_conf_mount(spec: SandboxSpec, directory: Path, text: str | None) -> P
     return path
 
 
-def agent_argv() -> list[str]:
+def agent_argv(listen: str = f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}") -> list[str]:
     """How every agent-backed backend starts the agent inside the sandbox."""
-    return [
-        AGENT_IN_SANDBOX,
-        "serve",
-        "--listen",
-        f"unix:{SOCKET_DIR_IN_SANDBOX}/{AGENT_SOCKET}",
-    ]
+    return [AGENT_IN_SANDBOX, "serve", "--listen", listen]
 
 
 async def with_rootfs(spec: SandboxSpec) -> SandboxSpec:

@@ -185,8 +185,19 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, ReadError
     Ok(body)
 }
 
+/// After the peer closes its sending side, how long requests already received may take
+/// to answer before their streams are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linger {
+    /// Up to `FLUSH_GRACE`: a client may send a request, close its side, then read.
+    Answer,
+    /// Not at all: the host hung up a connection the agent dialled and reads no more
+    /// (it is about to checkpoint the sandbox, which must not wait seconds for a stream).
+    None,
+}
+
 /// Serves one connection until the peer closes it or the agent shuts down.
-pub async fn serve<R, W>(agent: Arc<Agent>, mut reader: R, mut writer: W)
+pub async fn serve<R, W>(agent: Arc<Agent>, mut reader: R, mut writer: W, linger: Linger)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -227,7 +238,7 @@ where
         }
     }
 
-    if !fatal {
+    if !fatal && linger == Linger::Answer {
         // The peer may have closed only its sending side: requests already received
         // get a bounded time to answer.
         let _ = tokio::time::timeout(FLUSH_GRACE, conn.wait_idle()).await;

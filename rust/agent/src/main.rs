@@ -38,7 +38,8 @@ const LOG_BYTES: usize = 16 << 20;
 /// Grace period for processes when the agent gets SIGTERM.
 const SIGTERM_GRACE_S: f64 = 5.0;
 
-const USAGE: &str = "usage: tartarus-agent serve --listen unix:PATH|vsock:PORT|stdio [--init]
+const USAGE: &str =
+    "usage: tartarus-agent serve --listen unix:PATH|vsock:PORT|dial:PATH|stdio [--init]
                             [--kernel-cmdline FILE]
        tartarus-agent --version";
 

@@ -15,7 +15,6 @@ pub mod launch;
 pub mod mounts;
 pub mod namespaces;
 pub mod privileges;
-pub mod relay;
 pub mod spawn;
 pub mod supervisor;
 

@@ -5,7 +5,6 @@
 //! tartarus-jail run --config FILE|- [--events-fd N]
 //! tartarus-jail profile                 # the jail's default seccomp profile (JSON)
 //! tartarus-jail learn STRACE_LOG        # an allow-list profile from `strace -f -o LOG`
-//! tartarus-jail relay unix:PATH         # stdin/stdout <-> a unix socket (gVisor's agent link)
 //! tartarus-jail --version
 //! ```
 
@@ -13,7 +12,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use tartarus_jail::launch::{self, Event};
 use tartarus_jail::JailConfig;
@@ -24,7 +22,6 @@ use tartarus_seccomp::Action;
 const USAGE: &str = "usage: tartarus-jail run --config FILE|- [--events-fd N]
        tartarus-jail profile
        tartarus-jail learn STRACE_LOG
-       tartarus-jail relay unix:PATH
        tartarus-jail --version";
 
 fn main() -> ExitCode {
@@ -36,12 +33,6 @@ fn main() -> ExitCode {
             Ok(0)
         }
         Some("learn") if args.len() == 2 => learn(&args[1]),
-        Some("relay") if args.len() == 2 => match args[1].strip_prefix("unix:") {
-            Some(path) => tartarus_jail::relay::relay(path, Duration::from_secs(30))
-                .map(|()| 0)
-                .map_err(|e| format!("relay: {e}")),
-            None => Err(format!("relay needs unix:PATH, got {:?}", args[1])),
-        },
         Some("--version") => {
             println!("tartarus-jail {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
