@@ -1,5 +1,6 @@
 """Runtime benchmarks: per backend, sandbox create → first exec result against its raw
-peer in the same run (`runsc run`, `bwrap`, bare wasmtime-py), exec round trip into a
+peer in the same run, run after run in turn (`runsc run`, `bwrap`, bare wasmtime-py),
+exec round trip into a
 running sandbox (p50/p99), and output streaming throughput (MB/s).
 
     python -m benches.bench_runtime            # writes benches/results/runtime.json
@@ -7,7 +8,6 @@ running sandbox (p50/p99), and output streaming throughput (MB/s).
 
 from __future__ import annotations
 
-import functools
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import wasmtime
 
-from benches.harness import Stats, measure, measure_async, ratio, report, write_result
+from benches.harness import Stats, measure_async, ratio, report, write_result
 from tartarus.binaries import find_binary
 from tartarus.config import load_settings
 from tartarus.host.doctor import run_doctor
@@ -35,7 +35,7 @@ from tartarus.runtime.wasm import WasmRuntime
 ROOT = Path(__file__).resolve().parent.parent
 TOOLBOX = ROOT / "tests" / "wasm" / "toolbox.wat"
 STREAM_BYTES = 16 << 20
-RUNS = {"jail": 30, "gvisor": 15, "wasm": 200}
+RUNS = {"jail": 30, "gvisor": 25, "wasm": 200}
 
 
 class Counter:
@@ -60,24 +60,41 @@ def echo_request(backend: str) -> ExecRequest:
 
 
 async def create_to_first_result(
-    runtime: Runtime, backend: str, rootfs: Path, ids: Counter
-) -> Stats:
-    async def once() -> None:
+    runtime: Runtime,
+    backend: str,
+    rootfs: Path,
+    ids: Counter,
+    peers: dict[str, Callable[[], object]],
+) -> tuple[Stats, dict[str, Stats]]:
+    """Ours and each peer in turn, run after run: a machine that speeds up or slows down
+    during the bench moves both sides alike."""
+
+    async def once() -> float:
         sb = await runtime.create(spec(backend, ids.next("c"), rootfs))
         started = time.perf_counter()
         await sb.start()
         result = await (await sb.exec(echo_request(backend))).wait()
-        samples.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
         assert result.stdout == b"hi\n", result
         await sb.kill()
+        return elapsed
 
-    samples: list[float] = []
-    for _ in range(2):
-        await once()
-    samples.clear()
-    for _ in range(RUNS[backend]):
-        await once()
-    return Stats.of(samples)
+    def peer_once(peer: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        peer()
+        return time.perf_counter() - started
+
+    ours: list[float] = []
+    theirs: dict[str, list[float]] = {name: [] for name in peers}
+    for run in range(-2, RUNS[backend]):  # two warm-up rounds
+        elapsed = await once()
+        if run >= 0:
+            ours.append(elapsed)
+        for name, peer in peers.items():
+            elapsed = await anyio.to_thread.run_sync(peer_once, peer)
+            if run >= 0:
+                theirs[name].append(elapsed)
+    return Stats.of(ours), {name: Stats.of(samples) for name, samples in theirs.items()}
 
 
 def bwrap_echo(rootfs: Path) -> Callable[[], object]:
@@ -188,12 +205,9 @@ async def bench_backend(
     backend: str, runtime: Runtime, rootfs: Path, work: Path, peers: dict[str, Callable[[], object]]
 ) -> dict[str, Any]:
     ids = Counter()
-    ours = await create_to_first_result(runtime, backend, rootfs, ids)
+    ours, theirs = await create_to_first_result(runtime, backend, rootfs, ids, peers)
     out: dict[str, Any] = {"create_to_first_result": ours}
-    for peer_name, peer in peers.items():
-        peer_stats = await anyio.to_thread.run_sync(
-            functools.partial(measure, peer, runs=RUNS[backend])
-        )
+    for peer_name, peer_stats in theirs.items():
         line = report(f"{backend} create→first result", ours, peer_stats, peer_name)
         out[f"peer_{peer_name}"] = peer_stats
         out[f"ratio_vs_{peer_name}"] = ratio(ours, peer_stats)

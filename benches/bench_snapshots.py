@@ -267,14 +267,12 @@ async def gvisor_restore(work: Path) -> dict[str, Any]:
     )
     bundle = work / "bundle"
     shutil.copytree(sandbox.bundle, bundle)
-    # The bundle binds the sandbox's door directory (the agent dials the host there),
-    # which goes with the sandbox: the raw restores get one of their own.
-    door = work / "door"
-    door.mkdir(mode=0o700)
+    # The bundle binds the sandbox's agent directory (the agent's binary and the socket
+    # it dials), which goes with the sandbox: the raw restores get a copy of their own.
+    agent_dir = sandbox.bundle.parent / "agent"
+    shutil.copytree(agent_dir, work / "agent")
     config = bundle / "config.json"
-    config.write_text(
-        config.read_text().replace(f'"{sandbox.bundle.parent / "door"}"', f'"{door}"')
-    )
+    config.write_text(config.read_text().replace(f'"{agent_dir}"', f'"{work / "agent"}"'))
     await sandbox.kill()
     await runtimes.release(spec.id)
     image = await service.blobs.local_path(record.blob)

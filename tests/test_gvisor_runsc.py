@@ -260,3 +260,33 @@ async def test_coreutils_ls_and_stat_work_in_a_python_sandbox(
     # The last sandbox gone, runsc's pinned empty netns is unmounted from the state dir.
     mounts = (await anyio.Path("/proc/self/mountinfo").read_text()).splitlines()
     assert not [m for m in mounts if str(tmp_path) in m and "null-netns" in m]
+
+
+@pytest.mark.anyio
+async def test_agent_binary_reaches_the_sandbox_from_another_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent is hard-linked into each sandbox's agent directory; when the installed
+    binary is on another filesystem (EXDEV), through one copy per installed binary,
+    which a reap leaves alone and an upgrade replaces."""
+    from tartarus.binaries import find_binary  # noqa: PLC0415
+    from tartarus.runtime.gvisor import AGENT_COPIES, GvisorRuntime  # noqa: PLC0415
+
+    installed = find_binary("tartarus-agent")
+    real_link = os.link
+
+    def no_link_across(src: object, dst: object) -> None:
+        if Path(str(src)) == installed:
+            raise OSError(18, "Invalid cross-device link")
+        real_link(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", no_link_across)
+    runtime = GvisorRuntime(tmp_path / "state")
+    (tmp_path / "state" / "gvisor").mkdir(parents=True)
+    for name in ("a", "b"):
+        runtime._link_agent(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == installed.read_bytes()
+    copies = list((tmp_path / "state" / "gvisor" / AGENT_COPIES).iterdir())
+    assert len(copies) == 1 and copies[0].stat().st_nlink == 3
+    assert await runtime.reap(set()) == []
+    assert copies[0].exists()
