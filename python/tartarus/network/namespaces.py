@@ -1,8 +1,8 @@
 """Each sandbox's network namespace, its link to the host and its egress rules: made
 before the sandbox starts, removed on every exit path, and reaped after a crash.
 
-A namespace is `/run/netns/tt-<scope>-<sandbox>` (made with `ip netns add`, so
-`ip netns` lists it). Without a grant it has loopback only. With one, a veth pair joins
+A namespace is `/run/netns/tt-<scope>-<sandbox>` (made in-process as `ip netns add`
+makes one, by `tartarus._core.make_netns`, so `ip netns` lists it). Without a grant it has loopback only. With one, a veth pair joins
 it to the host: `ttv<n>` on the host, `eth0` inside, a /30 from the pool (host end
 first), the host end as the default route, and the enforcer's rules attached before
 the host end is up. Links are routed, not bridged: each sandbox is alone on its
@@ -22,6 +22,7 @@ from typing import Final
 import anyio
 import msgspec
 
+from tartarus import _core
 from tartarus.errors import TartarusError
 from tartarus.network.dns import DnsGate, host_upstream
 from tartarus.network.egress import Drops, EgressEnforcer, EgressRules, LinkAddresses
@@ -134,9 +135,12 @@ class SandboxNetworks:
             await self.remove(SandboxNetwork(sandbox_id=sandbox_id, netns=name))
         net = SandboxNetwork(sandbox_id=sandbox_id, netns=name)
         try:
-            await ip("netns", "add", name)
+            try:
+                # In-process, loopback up: ~1 ms against ~5 ms for two `ip` runs.
+                await anyio.to_thread.run_sync(_core.make_netns, NETNS_DIR, name)
+            except OSError as e:
+                raise NetworkSetupError(f"cannot make network namespace {name}: {e}") from e
             if rules is None:
-                await ip("-n", name, "link", "set", "lo", "up")
                 return net
             lease = await anyio.to_thread.run_sync(
                 self.pool.take, self.scope, sandbox_id, name, LINK_PREFIX
@@ -241,11 +245,10 @@ class SandboxNetworks:
             with contextlib.suppress(NetworkSetupError):
                 await ip("link", "del", lease.host_if)
             await self.enforcer.detach(lease.host_if)
-        if (NETNS_DIR / net.netns).exists():
-            try:
-                await ip("netns", "del", net.netns)
-            except NetworkSetupError:
-                log.warning("could not remove network namespace %s", net.netns, exc_info=True)
+        try:
+            await anyio.to_thread.run_sync(_core.remove_netns, NETNS_DIR, net.netns)
+        except OSError:
+            log.warning("could not remove network namespace %s", net.netns, exc_info=True)
         if lease is not None:
             await anyio.to_thread.run_sync(self.pool.give_back, lease)
 

@@ -44,6 +44,21 @@ fn inspect_snapshot<'py>(
 
 /// Probes the host (KVM flavour by running guest code, cgroups, seccomp, user
 /// namespaces, /dev/net/tun, memory, free disk at `disk_path`) and returns a dict.
+/// Makes `<directory>/<name>` a new network namespace (loopback up), as `ip netns add`
+/// does; OSError if the name is taken or the caller may not.
+#[pyfunction]
+fn make_netns(py: Python<'_>, directory: PathBuf, name: &str) -> PyResult<()> {
+    py.detach(|| tartarus_host::netns::create(&directory, name))
+        .map_err(PyErr::from)
+}
+
+/// Removes the namespace `<directory>/<name>`; False if it was not there.
+#[pyfunction]
+fn remove_netns(py: Python<'_>, directory: PathBuf, name: &str) -> PyResult<bool> {
+    py.detach(|| tartarus_host::netns::remove(&directory, name))
+        .map_err(PyErr::from)
+}
+
 #[pyfunction]
 fn probe_host<'py>(py: Python<'py>, disk_path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let report = py.detach(|| tartarus_host::probe_host(&disk_path));
@@ -107,6 +122,8 @@ impl VmmClient {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(probe_host, m)?)?;
+    m.add_function(wrap_pyfunction!(make_netns, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_netns, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_snapshot, m)?)?;
     m.add("SnapshotError", m.py().get_type::<SnapshotError>())?;
     m.add_class::<VmmClient>()?;

@@ -3,6 +3,8 @@
 //! `tartarus doctor` and the backend selector read these facts. Each probe tries the real
 //! operation (open the device, create the namespace, run guest code) rather than trusting
 //! a file name, and reports failures as findings instead of errors.
+//!
+//! `netns` makes and removes the named network namespaces Styx gives sandboxes.
 
 use std::ffi::CString;
 use std::fs;
@@ -10,6 +12,8 @@ use std::path::Path;
 
 use serde::Serialize;
 use tartarus_vmm_api::probe::{probe_kvm, KvmProbe};
+
+pub mod netns;
 
 /// Which cgroup hierarchy the host mounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
