@@ -174,9 +174,15 @@ class TemplateStore:
 
     # -- definitions -------------------------------------------------------------------
 
-    def _registered(self) -> dict[str, LoadedTemplate]:
+    def _registered(self, template_id: str | None = None) -> dict[str, LoadedTemplate]:
+        """Registered templates: all, or only `template_id` (every create looks one up;
+        decoding them all cost milliseconds once a store held a few dozen)."""
+        sql = "SELECT definition, source, source_dir FROM templates"
         with self._db() as db:
-            rows = db.execute("SELECT definition, source, source_dir FROM templates").fetchall()
+            if template_id is None:
+                rows = db.execute(sql).fetchall()
+            else:
+                rows = db.execute(f"{sql} WHERE id = ?", (template_id,)).fetchall()
         out = {}
         for definition, source, source_dir in rows:
             template = from_json(definition)
@@ -190,10 +196,11 @@ class TemplateStore:
         return {**builtin_templates(), **self._registered()}
 
     def get(self, template_id: str) -> LoadedTemplate:
-        known = self.definitions()
-        if template_id not in known:
-            raise TemplateNotFoundError(template_id, list(known))
-        return known[template_id]
+        found = self._registered(template_id).get(template_id)
+        found = found or builtin_templates().get(template_id)
+        if found is None:
+            raise TemplateNotFoundError(template_id, list(self.definitions()))
+        return found
 
     def register(self, path: Path) -> LoadedTemplate:
         """Adds (or replaces) a template from a YAML/TOML file; returns it."""

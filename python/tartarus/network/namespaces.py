@@ -2,12 +2,12 @@
 before the sandbox starts, removed on every exit path, and reaped after a crash.
 
 A namespace is `/run/netns/tt-<scope>-<sandbox>` (made in-process as `ip netns add`
-makes one, by `tartarus._core.make_netns`, so `ip netns` lists it). Without a grant it has loopback only. With one, a veth pair joins
-it to the host: `ttv<n>` on the host, `eth0` inside, a /30 from the pool (host end
-first), the host end as the default route, and the enforcer's rules attached before
-the host end is up. Links are routed, not bridged: each sandbox is alone on its
-segment, so it cannot ARP-spoof or reach another sandbox except through the host's
-forward path, where the rules are.
+makes one, by `tartarus._core.make_netns`, so `ip netns` lists it). Without a grant it
+has loopback only. With one, a veth pair joins it to the host: `ttv<n>` on the host,
+`eth0` inside, a /30 from the pool (host end first), the host end as the default route,
+and the enforcer's rules attached before the host end is up. Links are routed, not
+bridged: each sandbox is alone on its segment, so it cannot ARP-spoof or reach another
+sandbox except through the host's forward path, where the rules are.
 
 `scope` keeps the runtimes of one host apart (each runtime reaps only its own).
 """
