@@ -20,6 +20,7 @@ Sandboxes are IPv4 only: every IPv6 packet from a link is dropped.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Final
 import anyio
 
 from tartarus.errors import TartarusError
+from tartarus.network import libnftables
 from tartarus.network.egress import (
     ALWAYS_DENIED,
     Drops,
@@ -55,7 +57,20 @@ class NftError(TartarusError):
 
 
 async def nft(script: str | None = None, *args: str) -> bytes:
-    """Runs `nft -f -` with `script`, or `nft ARGS`; returns its stdout."""
+    """Runs an nft script (as `nft -f -`), or `nft [-j] COMMAND...`; returns its output.
+    In-process through libnftables where it loads (`tartarus.network.libnftables`),
+    else with the `nft` command."""
+    library = libnftables.load()
+    words = [a for a in args if a != "-j"]
+    if library is not None and not any(w.startswith("-") for w in words):
+        commands = script if script is not None else " ".join(words) + "\n"
+        ok, output, error = await anyio.to_thread.run_sync(
+            functools.partial(library.run, commands, json="-j" in args)
+        )
+        if not ok:
+            detail = error.decode(errors="replace").strip()
+            raise NftError(f"nft {' '.join(args) or '-f -'} failed: {detail[-800:]}")
+        return output
     command = ["nft", *(["-f", "-"] if script is not None else args)]
     with anyio.fail_after(NFT_TIMEOUT_S):
         result = await anyio.run_process(
