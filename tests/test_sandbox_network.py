@@ -449,9 +449,7 @@ async def test_drops_are_violation_events_and_metrics(
         rt.remove_cgroup_scope()
 
 
-async def test_two_hundred_cycles_leave_nothing_behind(
-    runtime: Runtime, base_rootfs: Path
-) -> None:
+async def test_two_hundred_cycles_leave_nothing_behind(runtime: Runtime, base_rootfs: Path) -> None:
     for i in range(200):
         sb = await runtime.create(spec(f"cycle{i}", rootfs=base_rootfs, network=True))
         await sb.start()

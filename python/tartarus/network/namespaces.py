@@ -15,7 +15,9 @@ sandbox except through the host's forward path, where the rules are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -65,15 +67,13 @@ class SandboxNetwork(msgspec.Struct, frozen=True, kw_only=True):
         return NETNS_DIR / self.netns
 
 
-async def ip(*args: str, batch: list[str] | None = None) -> None:
-    """Runs `ip ARGS` (with `-batch -` and `batch` as its stdin when given)."""
-    command = ["ip", *args, *(["-batch", "-"] if batch is not None else [])]
-    stdin = ("\n".join(batch) + "\n").encode() if batch is not None else None
-    with anyio.fail_after(IP_TIMEOUT_S):
-        result = await anyio.run_process(command, input=stdin, check=False)
-    if result.returncode != 0:
-        detail = result.stderr.decode(errors="replace").strip()
-        raise NetworkSetupError(f"{' '.join(command)} failed: {detail[-800:]}")
+async def _netlink(call: Callable[[], object], what: str) -> None:
+    """Runs a blocking rtnetlink call of `tartarus._core` on a worker thread; its
+    OSError becomes a NetworkSetupError saying `what`."""
+    try:
+        await anyio.to_thread.run_sync(call)
+    except OSError as e:
+        raise NetworkSetupError(f"{what}: {e}") from e
 
 
 async def limit_bandwidth(netns: str, host_if: str, mbit: int) -> None:
@@ -195,16 +195,17 @@ class SandboxNetworks:
             ),
             rules,
         )
-        await ip(
-            batch=[
-                f"link add {host_if} type veth peer name {SANDBOX_IF} netns {name}",
-                f"addr add {lease.host_address}/{LINK_PREFIX_LEN} dev {host_if}",
-            ]
-        )
-        await anyio.to_thread.run_sync(self._host_sysctls, host_if)
+
+        def make() -> None:
+            # In-process rtnetlink (tartarus-host's links): ~6 ms of `ip` processes less.
+            _core.add_veth(host_if, SANDBOX_IF, NETNS_DIR / name, lease.host_address,
+                           LINK_PREFIX_LEN)  # fmt: skip
+            self._host_sysctls(host_if)
+
+        await _netlink(make, f"cannot link sandbox {lease.sandbox_id} to the host")
         if self.settings.bandwidth_mbit is not None:
             await limit_bandwidth(name, host_if, self.settings.bandwidth_mbit)
-        await ip("link", "set", host_if, "up")
+        await _netlink(functools.partial(_core.link_up, host_if), f"cannot set {host_if} up")
         await self.address(SandboxNetwork(sandbox_id=lease.sandbox_id, netns=name, lease=lease))
 
     @staticmethod
@@ -222,16 +223,15 @@ class SandboxNetworks:
         lease = net.lease
         if lease is None:
             return  # loopback only, brought up when the namespace was made
-        await ip(
-            "-n",
-            net.netns,
-            batch=[
-                "link set lo up",
-                f"addr replace {lease.sandbox_address}/{LINK_PREFIX_LEN} dev {SANDBOX_IF}",
-                f"link set {SANDBOX_IF} up",
-                f"route replace default via {lease.host_address} dev {SANDBOX_IF}",
-            ],
+        configure = functools.partial(
+            _core.configure_inside,
+            net.path,
+            SANDBOX_IF,
+            lease.sandbox_address,
+            LINK_PREFIX_LEN,
+            lease.host_address,
         )
+        await _netlink(configure, f"cannot address {SANDBOX_IF} in {net.netns}")
 
     async def remove(self, net: SandboxNetwork) -> None:
         """Removes the namespace, its link, rules and lease; what is gone already is
@@ -243,7 +243,7 @@ class SandboxNetworks:
             if gate is not None:
                 gate.close()
             with contextlib.suppress(NetworkSetupError):
-                await ip("link", "del", lease.host_if)
+                await _netlink(functools.partial(_core.delete_link, lease.host_if), "")
             await self.enforcer.detach(lease.host_if)
         try:
             await anyio.to_thread.run_sync(_core.remove_netns, NETNS_DIR, net.netns)
@@ -285,7 +285,7 @@ class SandboxNetworks:
             await self.enforcer.detach(host_if)
         for link in _host_links() - leased:
             with contextlib.suppress(NetworkSetupError):
-                await ip("link", "del", link)
+                await _netlink(functools.partial(_core.delete_link, link), "")
         return sorted(reaped)
 
     def close_resolvers(self) -> None:

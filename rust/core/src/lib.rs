@@ -1,12 +1,13 @@
 //! `tartarus._core`: the PyO3 bindings. Thin wrappers only; the logic lives in the
 //! crates under `rust/`.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use std::time::Duration;
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tartarus_vmm_api::client::{ClientError, VmmClient as RustVmmClient};
@@ -57,6 +58,59 @@ fn make_netns(py: Python<'_>, directory: PathBuf, name: &str) -> PyResult<()> {
 fn remove_netns(py: Python<'_>, directory: PathBuf, name: &str) -> PyResult<bool> {
     py.detach(|| tartarus_host::netns::remove(&directory, name))
         .map_err(PyErr::from)
+}
+
+fn ipv4(text: &str) -> PyResult<Ipv4Addr> {
+    text.parse()
+        .map_err(|_| PyValueError::new_err(format!("{text:?} is not an IPv4 address")))
+}
+
+/// Makes the veth pair `host_if` (here, with `host_address/prefix_len`, down) and
+/// `peer_if` (moved into the namespace mounted at `netns`).
+#[pyfunction]
+fn add_veth(
+    py: Python<'_>,
+    host_if: &str,
+    peer_if: &str,
+    netns: PathBuf,
+    host_address: &str,
+    prefix_len: u8,
+) -> PyResult<()> {
+    let address = ipv4(host_address)?;
+    py.detach(|| tartarus_host::links::add_veth(host_if, peer_if, &netns, address, prefix_len))
+        .map_err(PyErr::from)
+}
+
+/// Sets the link `name` up.
+#[pyfunction]
+fn link_up(py: Python<'_>, name: &str) -> PyResult<()> {
+    py.detach(|| tartarus_host::links::set_up(name))
+        .map_err(PyErr::from)
+}
+
+/// Deletes the link `name` (and its veth peer); False if there was none.
+#[pyfunction]
+fn delete_link(py: Python<'_>, name: &str) -> PyResult<bool> {
+    py.detach(|| tartarus_host::links::delete(name))
+        .map_err(PyErr::from)
+}
+
+/// Inside the namespace mounted at `netns`: loopback and `ifname` up, `ifname` with
+/// `address/prefix_len`, the default route via `gateway` (replacing what was there).
+#[pyfunction]
+fn configure_inside(
+    py: Python<'_>,
+    netns: PathBuf,
+    ifname: &str,
+    address: &str,
+    prefix_len: u8,
+    gateway: &str,
+) -> PyResult<()> {
+    let (address, gateway) = (ipv4(address)?, ipv4(gateway)?);
+    py.detach(|| {
+        tartarus_host::links::configure_inside(&netns, ifname, address, prefix_len, gateway)
+    })
+    .map_err(PyErr::from)
 }
 
 #[pyfunction]
@@ -124,6 +178,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(probe_host, m)?)?;
     m.add_function(wrap_pyfunction!(make_netns, m)?)?;
     m.add_function(wrap_pyfunction!(remove_netns, m)?)?;
+    m.add_function(wrap_pyfunction!(add_veth, m)?)?;
+    m.add_function(wrap_pyfunction!(link_up, m)?)?;
+    m.add_function(wrap_pyfunction!(delete_link, m)?)?;
+    m.add_function(wrap_pyfunction!(configure_inside, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_snapshot, m)?)?;
     m.add("SnapshotError", m.py().get_type::<SnapshotError>())?;
     m.add_class::<VmmClient>()?;

@@ -4,7 +4,8 @@
 //! operation (open the device, create the namespace, run guest code) rather than trusting
 //! a file name, and reports failures as findings instead of errors.
 //!
-//! `netns` makes and removes the named network namespaces Styx gives sandboxes.
+//! `netns` makes and removes the named network namespaces Styx gives sandboxes; `links`
+//! joins them to the host.
 
 use std::ffi::CString;
 use std::fs;
@@ -13,6 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 use tartarus_vmm_api::probe::{probe_kvm, KvmProbe};
 
+pub mod links;
 pub mod netns;
 
 /// Which cgroup hierarchy the host mounts.
