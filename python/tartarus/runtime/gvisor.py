@@ -10,13 +10,17 @@ around the whole sandbox.
 
 The agent dials the host (`tartarus.runtime.agent_dial_in`): `runsc --host-uds=open`
 lets it connect to a socket in the sandbox's agent directory, where the host listens
-only while it waits for it. That directory (root's alone, bound read-only at `/.tartarus`)
-also holds the agent binary, hard-linked: one mount, not two (~9 ms of each start).
-This replaced a relay started with `runsc exec` per connection (~30 ms of every create
-and restore). runsc cannot checkpoint a sandbox
-that holds a host socket ("encoding error at object transport.connectionedEndpoint"), so
-a snapshot hangs up first (the agent confirms by closing its end) and the agent dials
-again after the restore; it redials every millisecond for its first 5 s of trying.
+only while it waits for it. That directory (root's alone, bound read-only at
+`/.tartarus`) also holds the agent binary, hard-linked: one mount, not two (~9 ms of
+each start). This replaced a relay started with `runsc exec` per connection (~30 ms of
+every create and restore). runsc cannot checkpoint a sandbox that holds a host socket
+("encoding error at object transport.connectionedEndpoint"), so a snapshot hangs up
+first (the agent confirms by closing its end) and the agent dials again after the
+restore; it redials every millisecond for its first 5 s of trying. `--host-uds=open`
+lets the sandbox connect to existing host sockets (not make any), and only those in its
+own mounts: the template rootfs (copies in the blob store, where no host process
+listens), the agent directory and a resolv.conf file.
+
 The container's stdio would need no host socket at all, and runsc does checkpoint pipes,
 but a copy restored while the agent was blocked reading them died now and then (SIGSEGV
 in the agent's main thread after runsc restarted its `read(0)`), so stdio stays unused.
