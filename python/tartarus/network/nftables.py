@@ -67,19 +67,17 @@ async def nft(script: str | None = None, *args: str) -> bytes:
         ok, output, error = await anyio.to_thread.run_sync(
             functools.partial(library.run, commands, json="-j" in args)
         )
-        if not ok:
-            detail = error.decode(errors="replace").strip()
-            raise NftError(f"nft {' '.join(args) or '-f -'} failed: {detail[-800:]}")
-        return output
-    command = ["nft", *(["-f", "-"] if script is not None else args)]
-    with anyio.fail_after(NFT_TIMEOUT_S):
-        result = await anyio.run_process(
-            command, input=script.encode() if script is not None else None, check=False
-        )
-    if result.returncode != 0:
-        detail = result.stderr.decode(errors="replace").strip()
+    else:
+        command = ["nft", *(["-f", "-"] if script is not None else args)]
+        with anyio.fail_after(NFT_TIMEOUT_S):
+            result = await anyio.run_process(
+                command, input=script.encode() if script is not None else None, check=False
+            )
+        ok, output, error = result.returncode == 0, result.stdout, result.stderr
+    if not ok:
+        detail = error.decode(errors="replace").strip()
         raise NftError(f"nft {' '.join(args) or '-f -'} failed: {detail[-800:]}")
-    return result.stdout
+    return output
 
 
 def _t(kind: str) -> str:

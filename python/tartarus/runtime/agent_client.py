@@ -35,7 +35,8 @@ DEFAULT_REQUEST_TIMEOUT_S: Final = 30.0
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 # Queued-but-unread frames per request before old output chunks are dropped.
 DEFAULT_STREAM_BUFFER_BYTES: Final = 16 << 20
-# The agent answers what it already received (2 s) and flushes (2 s) before it closes.
+# The agent may give requests it already received 2 s to answer (on a connection it
+# listened for; a dialled one does not wait) and flushes for up to 2 s before it closes.
 HANG_UP_TIMEOUT_S: Final = 5.0
 _RECEIVE_BYTES: Final = 256 << 10
 # Longest reply line of the hybrid-vsock `CONNECT` preamble.

@@ -27,6 +27,8 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::sched::{setns, CloneFlags};
 
+use crate::netns::{context, on_own_thread};
+
 /// Replies to one request fit here (an ACK, or one link's description).
 const RECEIVE_BYTES: usize = 64 << 10;
 
@@ -132,10 +134,6 @@ impl Rtnl {
     }
 }
 
-fn context(e: io::Error, what: &str) -> io::Error {
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
 /// Makes the veth pair `host_if` (here, with `host_address/prefix_len`, left down) and
 /// `peer_if` (moved into the namespace mounted at `netns`).
 pub fn add_veth(
@@ -207,41 +205,37 @@ pub fn configure_inside(
     let namespace = File::open(netns).map_err(|e| context(e, &netns.display().to_string()))?;
     let ifname = ifname.to_string();
     let path: PathBuf = netns.to_path_buf();
-    std::thread::Builder::new()
-        .name("netns-link".into())
-        .spawn(move || -> io::Result<()> {
-            setns(&namespace, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| context(e.into(), &format!("join {}", path.display())))?;
-            let mut nl = Rtnl::open()?;
-            let lo = nl.index_of("lo")?;
-            nl.set_up(lo)?;
-            let index = nl.index_of(&ifname)?;
-            nl.replace_address(index, address, prefix_len)
-                .map_err(|e| context(e, &format!("address {ifname}")))?;
-            nl.set_up(index)
-                .map_err(|e| context(e, &format!("set {ifname} up")))?;
-            let mut route = RouteMessage::default();
-            route.header = RouteHeader {
-                address_family: AddressFamily::Inet,
-                table: RouteHeader::RT_TABLE_MAIN,
-                protocol: RouteProtocol::Boot,
-                scope: RouteScope::Universe,
-                kind: RouteType::Unicast,
-                ..Default::default()
-            };
-            route.attributes = vec![
-                RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
-                RouteAttribute::Oif(index),
-            ];
-            nl.request(
-                RouteNetlinkMessage::NewRoute(route),
-                NLM_F_CREATE | NLM_F_REPLACE,
-            )
-            .map_err(|e| context(e, "default route"))
-            .map(drop)
-        })?
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    on_own_thread("netns-link", move || -> io::Result<()> {
+        setns(&namespace, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| context(e.into(), &format!("join {}", path.display())))?;
+        let mut nl = Rtnl::open()?;
+        let lo = nl.index_of("lo")?;
+        nl.set_up(lo)?;
+        let index = nl.index_of(&ifname)?;
+        nl.replace_address(index, address, prefix_len)
+            .map_err(|e| context(e, &format!("address {ifname}")))?;
+        nl.set_up(index)
+            .map_err(|e| context(e, &format!("set {ifname} up")))?;
+        let mut route = RouteMessage::default();
+        route.header = RouteHeader {
+            address_family: AddressFamily::Inet,
+            table: RouteHeader::RT_TABLE_MAIN,
+            protocol: RouteProtocol::Boot,
+            scope: RouteScope::Universe,
+            kind: RouteType::Unicast,
+            ..Default::default()
+        };
+        route.attributes = vec![
+            RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
+            RouteAttribute::Oif(index),
+        ];
+        nl.request(
+            RouteNetlinkMessage::NewRoute(route),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map_err(|e| context(e, "default route"))
+        .map(drop)
+    })
 }
 
 #[cfg(test)]

@@ -34,13 +34,7 @@ pub fn create(dir: &Path, name: &str) -> io::Result<()> {
         .open(&path)
         .map_err(|e| with_path(e, "create", &path))?;
     let target = path.clone();
-    let made = std::thread::Builder::new()
-        .name("netns".into())
-        .spawn(move || enter_new_and_mount(&target))
-        .map_err(|e| with_path(e, "start a thread for", &path))?
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")));
-    if let Err(e) = made {
+    if let Err(e) = on_own_thread("netns", move || enter_new_and_mount(&target)) {
         let _ = umount2(&path, MntFlags::MNT_DETACH);
         let _ = fs::remove_file(&path);
         return Err(e);
@@ -81,7 +75,26 @@ fn checked(name: &str) -> io::Result<&str> {
 }
 
 fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
-    io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
+    context(e, &format!("cannot {what} {}", path.display()))
+}
+
+/// `e` with what was being done in front of its message (its kind kept).
+pub(crate) fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// Runs `work` on a thread of its own and returns what it did: work that changes the
+/// thread's namespaces must not run on a thread the caller keeps.
+pub(crate) fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(work)
+        .map_err(|e| context(e, &format!("cannot start a {name} thread")))?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other(format!("the {name} thread panicked"))))
 }
 
 /// As `ip netns` does: `dir` becomes a mount point (bound on itself) with shared
