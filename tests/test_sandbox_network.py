@@ -468,6 +468,8 @@ async def test_reconcile_removes_what_a_crash_left(base_rootfs: Path, tmp_path: 
     await sb.start()
     net = network_of(sb)
     assert net is not None and net.lease is not None
+    link = anyio.Path(f"/sys/class/net/{net.lease.host_if}/ifindex")
+    ifindex = await link.read_text()
     run("ip", "netns", "add", crashed.networks.netns_name("ghost"))
     stray = f"{LINK_PREFIX}99999"
     await nft(f"add chain inet tartarus egress_{stray}\nadd counter inet tartarus denied_{stray}\n")
@@ -484,8 +486,12 @@ async def test_reconcile_removes_what_a_crash_left(base_rootfs: Path, tmp_path: 
     assert stray not in await restarted.networks.enforcer.attached()
     assert lost not in list(pool.leases())
     assert isinstance(sb, JailSandbox) and sb.init_pid is not None
-    for gone in (net.path, f"/sys/class/net/{net.lease.host_if}", f"/proc/{sb.init_pid}"):
+    for gone in (net.path, f"/proc/{sb.init_pid}"):
         assert not await anyio.Path(gone).exists(), f"{gone} survived the reap"
+    # The reap gave the link's lease back and tests run in parallel: a link of the same
+    # name may be another sandbox's by now. The orphan's own (its ifindex) must be gone.
+    with contextlib.suppress(FileNotFoundError):
+        assert await link.read_text() != ifindex, f"{link.parent} survived the reap"
     restarted.remove_cgroup_scope()
     await assert_scope_clean(restarted.networks)
 
