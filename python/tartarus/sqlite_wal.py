@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Switching to WAL takes an exclusive lock that SQLite does not wait for with its busy
@@ -36,3 +39,30 @@ def open_db(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
     return db
+
+
+class ThreadConnections:
+    """One connection per thread to a WAL database in autocommit mode, kept open:
+    opening one and switching it to WAL costs more than most queries, and a sandbox
+    create or restore makes several. sqlite3 binds a connection to the thread that
+    opened it; each closes when its owner (and thread) is gone."""
+
+    def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
+        self.path = path
+        self._timeout_s = timeout_s
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
+            enable_wal(db)
+            # WAL + NORMAL: durable across process crashes; a power cut can lose only
+            # the last transactions.
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        elif db.in_transaction:
+            # A write whose ROLLBACK failed (a full disk) left one open.
+            db.rollback()
+        yield db

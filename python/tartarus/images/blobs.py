@@ -34,7 +34,7 @@ import msgspec
 from tartarus.images import digest as digests
 from tartarus.images import fsutil
 from tartarus.images.errors import BlobNotFoundError, DigestMismatchError, ImageError
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import ThreadConnections
 
 T = TypeVar("T")
 
@@ -167,6 +167,7 @@ class LocalBlobStore:
         self._tmp = root / "tmp"
         self._trash = root / "trash"
         self._db_path = root / "blobs.sqlite"
+        self._connections = ThreadConnections(self._db_path)
         for d in (self._files, self._trees, self._tmp, self._trash):
             d.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
@@ -198,17 +199,10 @@ class LocalBlobStore:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self._db_path, timeout=60.0, isolation_level=None)
-        try:
-            enable_wal(db)
-            # WAL + NORMAL: durable across process crashes; a power cut can lose only the
-            # last transactions, which leaves orphans (swept by gc), never corruption.
-            db.execute("PRAGMA synchronous=NORMAL")
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        # WAL + NORMAL: a power cut can lose only the last transactions, which leaves
+        # orphans (swept by gc), never corruption.
+        return self._connections.connect()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +38,7 @@ from tartarus.images.template import (
     to_json,
 )
 from tartarus.runtime.types import Backend, Resources
-from tartarus.sqlite_wal import enable_wal
+from tartarus.sqlite_wal import ThreadConnections
 
 if TYPE_CHECKING:
     from tartarus.images.build import BuildRecord
@@ -145,7 +144,7 @@ class TemplateStore:
         self.cache_dir = settings.cache_dir / "images"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs: BlobStore = blobs or LocalBlobStore(self.state_dir)
-        self._db_path = self.state_dir / "templates.sqlite"
+        self._connections = ThreadConnections(self.state_dir / "templates.sqlite")
         with self._db() as db:
             db.executescript(
                 """
@@ -163,14 +162,8 @@ class TemplateStore:
                 """
             )
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self._db_path, timeout=60.0, isolation_level=None)
-        try:
-            enable_wal(db)
-            yield db
-        finally:
-            db.close()
+    def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._connections.connect()
 
     # -- definitions -------------------------------------------------------------------
 

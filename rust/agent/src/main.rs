@@ -17,6 +17,7 @@ mod reply;
 mod reseed;
 mod ring;
 mod scratch;
+mod spawn;
 mod stats;
 mod user;
 

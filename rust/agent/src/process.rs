@@ -20,6 +20,7 @@ use crate::fdio::AsyncPipe;
 use crate::reaper::{Ended, Reaper};
 use crate::reply::Replier;
 use crate::ring::{pump, Entry, PumpEnd, Ring};
+use crate::spawn;
 use crate::user::{self, Credentials};
 
 /// Default bound of one process's output buffer.
@@ -322,22 +323,20 @@ impl Registry {
         let limit = req.buffer_bytes.map_or(DEFAULT_BUFFER_BYTES, |b| {
             b.clamp(MIN_BUFFER_BYTES as u64, MAX_BUFFER_BYTES as u64) as usize
         });
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
-        cmd.env_clear().envs(child_env(
-            &req.env,
-            creds.as_ref(),
-            own.as_ref(),
-            req.pty.is_some(),
-        ));
-        if let Some(cwd) = &req.cwd {
-            cmd.current_dir(cwd);
-        }
+        let launch = Launch {
+            argv: &argv,
+            env: child_env(&req.env, creds.as_ref(), own.as_ref(), req.pty.is_some()),
+            cwd: req.cwd.as_deref(),
+            pty: req.pty,
+            stdin: req.stdin,
+            creds,
+        };
         let started = Instant::now();
-        let spawned = spawn_child(&self.reaper, cmd, req.pty, req.stdin, creds).map_err(|e| {
+        let spawned = spawn_child(&self.reaper, launch).map_err(|e| {
             let code = match e.kind() {
                 std::io::ErrorKind::NotFound => codes::NOT_FOUND,
                 std::io::ErrorKind::PermissionDenied => codes::PERMISSION_DENIED,
+                std::io::ErrorKind::InvalidInput => codes::INVALID_ARGUMENT,
                 _ => codes::IO,
             };
             (code, format!("cannot run {:?}: {e}", argv[0]))
@@ -515,13 +514,55 @@ fn grow_pipe(fd: &OwnedFd) {
     let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
 }
 
-fn spawn_child(
-    reaper: &Reaper,
-    mut cmd: Command,
+/// What to run: the request, resolved.
+struct Launch<'a> {
+    argv: &'a [String],
+    env: BTreeMap<String, String>,
+    cwd: Option<&'a str>,
     pty: Option<PtySize>,
-    want_stdin: bool,
+    stdin: bool,
     creds: Option<Credentials>,
-) -> std::io::Result<Spawned> {
+}
+
+fn spawn_child(reaper: &Reaper, launch: Launch<'_>) -> std::io::Result<Spawned> {
+    if launch.pty.is_none() && launch.creds.is_none() {
+        spawn_plain(reaper, launch)
+    } else {
+        fork_child(reaper, launch)
+    }
+}
+
+/// Pipes, the agent's user: posix_spawn, no fork (see `spawn`).
+fn spawn_plain(reaper: &Reaper, launch: Launch<'_>) -> std::io::Result<Spawned> {
+    let path = launch.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+    let program = spawn::find_program(&launch.argv[0], path, launch.cwd)?;
+    let mut guard = reaper.lock();
+    let child = spawn::spawn(&program, launch.argv, &launch.env, launch.cwd, launch.stdin)?;
+    let exit_rx = guard.watch(child.pid);
+    drop(guard);
+    grow_pipe(&child.stdout);
+    grow_pipe(&child.stderr);
+    Ok(Spawned {
+        pid: child.pid,
+        exit_rx,
+        outputs: vec![
+            (AsyncPipe::new(child.stdout)?, Stream::Stdout),
+            (AsyncPipe::new(child.stderr)?, Stream::Stderr),
+        ],
+        stdin: child.stdin.map(AsyncPipe::new).transpose()?.map(Arc::new),
+        pty_master: None,
+    })
+}
+
+/// A PTY or another user: fork, since posix_spawn can do neither.
+fn fork_child(reaper: &Reaper, launch: Launch<'_>) -> std::io::Result<Spawned> {
+    let mut cmd = Command::new(&launch.argv[0]);
+    cmd.args(&launch.argv[1..]);
+    cmd.env_clear().envs(&launch.env);
+    if let Some(cwd) = launch.cwd {
+        cmd.current_dir(cwd);
+    }
+    let (pty, want_stdin, creds) = (launch.pty, launch.stdin, launch.creds);
     let mut master = None;
     if let Some(size) = pty {
         let winsize = nix::pty::Winsize {
