@@ -35,7 +35,7 @@ from tartarus.runtime.wasm import WasmRuntime
 ROOT = Path(__file__).resolve().parent.parent
 TOOLBOX = ROOT / "tests" / "wasm" / "toolbox.wat"
 STREAM_BYTES = 16 << 20
-RUNS = {"jail": 30, "gvisor": 25, "wasm": 200}
+RUNS = {"jail": 30, "gvisor": 40, "wasm": 200}
 
 
 class Counter:

@@ -61,7 +61,7 @@ from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose
 from tartarus.snapshots.service import SandboxFacts, SnapshotService
 
 RESTORE_RUNS = 40
-GVISOR_RUNS = 10
+GVISOR_RUNS = 30
 CLONES = 100
 POOL_RUNS = 60
 MEMORY_MIB = 64
