@@ -335,3 +335,20 @@ def test_kill_9_then_restart_reconciles(base: Path, backend: str) -> None:
         r = again.json("POST", f"/v1/sandboxes/{fresh}/exec", {"cmd": "echo ok"})
         assert r.json()["stdout"] == "ok\n"
         delete(again, fresh)
+
+
+def test_sequence_numbers_past_64_bits_are_rejected(server: Server, backend: str) -> None:
+    """Found by the API fuzzer: `?since=` beyond 64 bits was a 500 (it overflowed on its
+    way to the agent); SQLite-backed ones would too."""
+    sb = create(server, backend)["id"]
+    try:
+        for path in (
+            f"/v1/sandboxes/{sb}/logs?since={2**64}",
+            f"/v1/audit?after={2**64}",
+            f"/v1/policies/default?version={2**64}",
+        ):
+            r = server.raw("GET", path)
+            assert r.status == 422, (path, r.body)
+        assert server.raw("GET", f"/v1/sandboxes/{sb}/logs?since={2**63 - 1}").status == 200
+    finally:
+        delete(server, sb)

@@ -355,6 +355,13 @@ class Sandbox:
     def stats(self) -> SandboxStatsInfo:
         return self._portal.call(self._sb.stats)
 
+    def pause(self) -> None:
+        """See `tartarus.sdk.Sandbox.pause`."""
+        self._portal.call(self._sb.pause)
+
+    def resume(self) -> None:
+        self._portal.call(self._sb.resume)
+
     def run_code(self, code: str, *, timeout: float | None = None) -> CodeExecution:
         return self._portal.call(self._sb.run_code, code, timeout=timeout)
 

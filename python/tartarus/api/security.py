@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from tartarus.api.types import TenantName
+from tartarus.api.types import MAX_SEQ, TenantName
 
 KeyId = Annotated[str, Meta(pattern=r"^[0-9a-f]{12}$", examples=["0123456789ab"])]
 RoleName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9-]*$")]
@@ -89,15 +89,15 @@ class ApplyPolicyRequest(_Request, kw_only=True):
     document: Annotated[str, Meta(min_length=1, max_length=1 << 20)]
     # Optimistic concurrency: apply only if the current version is this one (0: only if
     # the policy does not exist yet).
-    if_version: Annotated[int, Meta(ge=0)] | None = None
+    if_version: Annotated[int, Meta(ge=0, le=MAX_SEQ)] | None = None
     # Why (kept with the version).
     comment: Annotated[str, Meta(max_length=1024)] = ""
 
 
 class RollbackPolicyRequest(_Request, kw_only=True):
     # The version whose content becomes the new current version.
-    version: Annotated[int, Meta(ge=1)]
-    if_version: Annotated[int, Meta(ge=0)] | None = None
+    version: Annotated[int, Meta(ge=1, le=MAX_SEQ)]
+    if_version: Annotated[int, Meta(ge=0, le=MAX_SEQ)] | None = None
 
 
 class PolicyVersion(_Response, kw_only=True):

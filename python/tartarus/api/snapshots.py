@@ -40,6 +40,9 @@ class SnapshotPurpose(StrEnum):
     FORK = "fork"
     # Taken when a sandbox that asked for it was stopped.
     TERMINATE = "terminate"
+    # A paused sandbox, as it was: resuming restores it under its own id. It goes with
+    # the sandbox (resumed or deleted).
+    PAUSE = "pause"
 
 
 class SnapshotEntry(_Response, kw_only=True):

@@ -32,6 +32,9 @@ MAX_TIMEOUT_S = 24 * 3600.0
 DEFAULT_TIMEOUT_S = 300.0
 MAX_EXEC_TIMEOUT_S = 3600.0
 MAX_LIST_LIMIT = 500
+# Sequence numbers and versions: SQLite and the agent keep them in 64 bits, so a larger
+# one is a 422, not an overflow deep inside.
+MAX_SEQ = 2**63 - 1
 
 SandboxId = Annotated[str, Meta(pattern=r"^sb-[0-9a-f]{16}$", examples=["sb-0123456789abcdef"])]
 SnapshotId = Annotated[

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ps": ("tartarus.cli.sandboxes", "ps_command"),
     "logs": ("tartarus.cli.sandboxes", "logs_command"),
     "kill": ("tartarus.cli.sandboxes", "kill_command"),
+    "pause": ("tartarus.cli.sandboxes", "pause_command"),
+    "resume": ("tartarus.cli.sandboxes", "resume_command"),
     "inspect": ("tartarus.cli.sandboxes", "inspect_command"),
     "cp": ("tartarus.cli.files", "cp_command"),
     "snapshot": ("tartarus.cli.snapshots", "snapshot"),

@@ -365,6 +365,43 @@ async def _kill(sandbox_ids: list[str], grace: float, url: str | None) -> list[s
     return sandbox_ids
 
 
+def _pause_resume_command(verb: str, doc: str) -> click.Command:
+    """`tartarus pause` and `tartarus resume`: one POST per sandbox, its new state."""
+
+    @click.command(verb, help=doc)
+    @json_option
+    @url_option
+    @click.argument("sandbox_ids", nargs=-1, required=True)
+    def command(*, as_json: bool, url: str | None, sandbox_ids: tuple[str, ...]) -> None:
+        infos = _pause_resume(verb, list(sandbox_ids), url)
+        if as_json:
+            emit_json(infos)
+        else:
+            for info in infos:
+                click.echo(f"{info.id} {info.state.value}")
+
+    return command
+
+
+@run_async
+async def _pause_resume(verb: str, sandbox_ids: list[str], url: str | None) -> list[SandboxInfo]:
+    async with await connect(url) as client:
+        return [
+            await client.call("POST", f"/v1/sandboxes/{sandbox_id}/{verb}", SandboxInfo)
+            for sandbox_id in sandbox_ids
+        ]
+
+
+pause_command = _pause_resume_command(
+    "pause",
+    "Pause sandboxes: on gvisor and microvm written to disk, their memory freed (they "
+    "survive a server restart); on the jail frozen in place. Their timeout clock stops.",
+)
+resume_command = _pause_resume_command(
+    "resume", "Run paused sandboxes again, as they were, with the timeout they had left."
+)
+
+
 @click.command("logs")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until it stops.")
 @click.option("--since", type=int, default=0, help="Start at this sequence number.")

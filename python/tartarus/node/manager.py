@@ -147,6 +147,8 @@ class SandboxManager:
         self.source: SandboxSource | None = None
         self.before_teardown: list[SandboxHook] = []
         self.after_teardown: list[SandboxHook] = []
+        # Run when a sandbox paused to a snapshot is deleted (the snapshot goes).
+        self.discard_paused: list[Callable[[SandboxRecord], Awaitable[None]]] = []
         self._live: dict[str, LiveSandbox] = {}
         self._accepting = True
         self._tasks: TaskGroup | None = None
@@ -178,7 +180,8 @@ class SandboxManager:
     async def reconcile(self) -> list[str]:
         """Runs once at start: records that say "running" belong to a server that died;
         their sandboxes are reaped and the records closed. Returns the ids closed."""
-        orphans = self.store.live()
+        # A sandbox paused to a snapshot has nothing on this host to lose: it waits.
+        orphans = [r for r in self.store.live() if not r.pause_snapshot]
         self.store.release_unbound_keys()
         reaped = await self.provider.reap_all()
         now = time.time()
@@ -249,8 +252,12 @@ class SandboxManager:
         """The running sandbox, or 404 (unknown) / 409 (ended or stopping)."""
         live = self._live.get(sandbox_id)
         if live is not None and not live.closing:
+            if live.record.state is SandboxState.PAUSED:
+                raise SandboxNotRunningError(paused_detail(sandbox_id))
             return live
         record = self.record(sandbox_id)
+        if record.state is SandboxState.PAUSED:
+            raise SandboxNotRunningError(paused_detail(sandbox_id))
         raise SandboxNotRunningError(
             f"sandbox {sandbox_id} is {'stopping' if live else record.state.value}"
             + (f" ({record.detail})" if record.detail else ""),
@@ -446,17 +453,25 @@ class SandboxManager:
                 await self._teardown(acquired.sandbox, grace_s=0)
                 await self.provider.release(acquired.sandbox.id)
             raise
-        sandbox = admitted.bind(record, acquired.sandbox)
+        self._enlist(record, admitted, acquired)
+        return record
+
+    def _enlist(self, record: SandboxRecord, admitted: Admitted, acquired: AcquiredSandbox) -> None:
         self._live[record.id] = LiveSandbox(
             record=record,
-            sandbox=sandbox,
+            sandbox=admitted.bind(record, acquired.sandbox),
             runtime=acquired.runtime,
             attachments=dict(acquired.attachments),
             workdir=acquired.workdir,
         )
-        return record
 
     def set_timeout(self, sandbox_id: str, timeout_s: float) -> SandboxRecord:
+        record = self.record(sandbox_id)
+        if record.state is SandboxState.PAUSED:
+            # The clock is stopped: this is what it will have when it resumes.
+            record.remaining_s = timeout_s
+            self.store.save(record)
+            return record
         live = self.live(sandbox_id)
         live.record.expires_at = time.time() + timeout_s
         self.store.save(live.record)
@@ -466,7 +481,9 @@ class SandboxManager:
         """Stops a sandbox (at once by default); deleting an ended one is a no-op."""
         live = self._live.get(sandbox_id)
         if live is None:
-            self.record(sandbox_id)  # 404 if it never existed
+            record = self.record(sandbox_id)  # 404 if it never existed
+            if record.state is SandboxState.PAUSED:
+                await self._end_paused(record, "deleted")
             return
         await self._end(live, SandboxState.STOPPED, "deleted", grace_s=grace_s)
 
@@ -492,17 +509,19 @@ class SandboxManager:
                 if live.record.state not in LIVE_STATES:
                     return
                 live.closing = True
+                if live.record.state is SandboxState.PAUSED:
+                    # Frozen in place: a frozen process cannot take its SIGTERM.
+                    try:
+                        await live.sandbox.thaw()
+                    except Exception:
+                        log.exception("thawing sandbox %s failed", live.record.id)
                 live.record.detail = detail
                 # Before the followers go: a checkpoint may still read the sandbox.
                 await self._run_hooks(self.before_teardown, live, "before teardown")
                 # Followers (logs, attach, websockets) end now, not when their backend
                 # stream notices the teardown.
                 live.ended.set()
-                for close in live.closers:
-                    try:
-                        await close()
-                    except Exception:
-                        log.exception("closing a service of sandbox %s failed", live.record.id)
+                await self._close_services(live)
                 await self._teardown(live.sandbox, grace_s=grace_s)
                 # The sandbox ended when its teardown did; the hooks and unpinning its
                 # template (a write to the blob store shared with every build) may wait.
@@ -519,6 +538,102 @@ class SandboxManager:
                 self._live.pop(live.record.id, None)
                 live.ended.set()
                 self.admission.ended(live.record)
+
+    # --- pause and resume (Hypnos: `tartarus.snapshots.pausing` drives these) -----------
+
+    def pausable(self, sandbox_id: str) -> LiveSandbox | None:
+        """The running sandbox to pause, or None if it is paused already; 404/409 for
+        one that never existed or ended."""
+        live = self._live.get(sandbox_id)
+        if live is None or live.closing:
+            if self.record(sandbox_id).state is SandboxState.PAUSED:
+                return None
+            return self.live(sandbox_id)  # raises
+        return None if live.record.state is SandboxState.PAUSED else live
+
+    def frozen(self, sandbox_id: str) -> LiveSandbox | None:
+        """A paused sandbox still held in place (frozen), if this is one."""
+        live = self._live.get(sandbox_id)
+        if live is None or live.closing or live.record.state is not SandboxState.PAUSED:
+            return None
+        return live
+
+    def _stop_clock(self, record: SandboxRecord) -> None:
+        now = time.time()
+        record.state = SandboxState.PAUSED
+        record.paused_at = now
+        record.remaining_s = max(0.0, (record.expires_at or now) - now)
+        record.expires_at = None
+
+    def _start_clock(self, record: SandboxRecord) -> None:
+        record.state = SandboxState.RUNNING
+        record.expires_at = time.time() + (record.remaining_s or 0.0)
+        record.paused_at = None
+        record.remaining_s = None
+        record.pause_snapshot = ""
+
+    def mark_frozen(self, live: LiveSandbox) -> SandboxRecord:
+        self._stop_clock(live.record)
+        self.store.save(live.record)
+        return live.record
+
+    def mark_thawed(self, live: LiveSandbox) -> SandboxRecord:
+        self._start_clock(live.record)
+        self.store.save(live.record)
+        return live.record
+
+    async def set_aside(self, live: LiveSandbox, snapshot_id: str) -> SandboxRecord:
+        """The sandbox was suspended into `snapshot_id` (it no longer runs): it leaves
+        the live set as paused, its followers end, and its template and quota hold go
+        (a resume takes them again)."""
+        self._stop_clock(live.record)
+        live.record.pause_snapshot = snapshot_id
+        live.closing = True
+        live.ended.set()
+        await self._close_services(live)
+        await self._run_hooks(self.after_teardown, live, "after pause")
+        try:
+            await self.provider.release(live.record.id)
+        except Exception:
+            log.exception("releasing the template of %s failed", live.record.id)
+        self.store.save(live.record)
+        self._live.pop(live.record.id, None)
+        self.admission.ended(live.record)
+        return live.record
+
+    def take_back(
+        self,
+        record: SandboxRecord,
+        admitted: Admitted,
+        acquired: AcquiredSandbox,
+    ) -> SandboxRecord:
+        """A paused sandbox runs again (restored under its own id): it rejoins the live
+        set with the timeout it had left."""
+        self._start_clock(record)
+        record.backend_reason = acquired.reason
+        self.store.save(record)
+        self._enlist(record, admitted, acquired)
+        return record
+
+    async def _end_paused(self, record: SandboxRecord, detail: str) -> None:
+        for discard in self.discard_paused:
+            try:
+                await discard(record)
+            except Exception:
+                log.exception("discarding the pause snapshot of %s failed", record.id)
+        record.state = SandboxState.STOPPED
+        record.detail = detail
+        record.ended_at = time.time()
+        record.paused_at = None
+        self.store.save(record)
+
+    @staticmethod
+    async def _close_services(live: LiveSandbox) -> None:
+        for close in live.closers:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing a service of sandbox %s failed", live.record.id)
 
     @staticmethod
     async def _run_hooks(hooks: Sequence[SandboxHook], live: LiveSandbox, when: str) -> None:
@@ -544,6 +659,10 @@ class SandboxManager:
                 await sandbox.kill()
         except Exception:
             log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
+
+
+def paused_detail(sandbox_id: str) -> str:
+    return f"sandbox {sandbox_id} is paused; resume it first (tartarus resume {sandbox_id})"
 
 
 def check_limits(resources: Resources, limits: Resources | None, template: str) -> None:

@@ -77,6 +77,11 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     node: str = ""
     # Checkpoint (snapshot) the sandbox when it is stopped, before its teardown.
     checkpoint_on_stop: bool = False
+    # Paused (Hypnos): since when, the timeout left when it paused (the clock stops),
+    # and the snapshot that holds it ("" when it is frozen in place, on the jail).
+    paused_at: float | None = None
+    remaining_s: float | None = None
+    pause_snapshot: str = ""
     seq: int = 0
 
     @property

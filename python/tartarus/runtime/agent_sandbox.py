@@ -17,7 +17,7 @@ import anyio
 
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient, AgentError, RequestStream
-from tartarus.runtime.base import Execution, SandboxError
+from tartarus.runtime.base import Execution, NotSupportedError, SandboxError
 from tartarus.runtime.types import (
     Backend,
     ExecEvent,
@@ -229,6 +229,20 @@ class AgentSandbox(abc.ABC):
 
     @abc.abstractmethod
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo: ...
+
+    async def suspend(self, dest_dir: Path) -> SnapshotInfo:
+        """Writes a snapshot to `dest_dir`, then ends the sandbox: what a pause leaves
+        (Hypnos). Backends that can end without first carrying on override it."""
+        info = await self.snapshot(dest_dir)
+        await self.kill()
+        return info
+
+    async def freeze(self) -> None:
+        """Stops every process where it is, memory kept (a pause without a snapshot)."""
+        raise NotSupportedError(self.backend, "freezing")
+
+    async def thaw(self) -> None:
+        raise NotSupportedError(self.backend, "freezing")
 
     @abc.abstractmethod
     async def stop(self, grace_s: float = 10.0) -> None: ...

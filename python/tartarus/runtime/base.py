@@ -135,6 +135,17 @@ class Sandbox(Protocol):
 
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo: ...
 
+    async def suspend(self, dest_dir: Path) -> SnapshotInfo:
+        """Writes a snapshot to `dest_dir` and ends the sandbox, freeing its memory and
+        processes (a pause); `Runtime.restore` brings it back."""
+        ...
+
+    async def freeze(self) -> None:
+        """Stops every process where it is, memory kept (a pause without a snapshot)."""
+        ...
+
+    async def thaw(self) -> None: ...
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process, wait up to `grace_s`, then kill; releases all resources."""
         ...

@@ -181,6 +181,22 @@ class CgroupReader:
                 found.update(int(p) for p in (d.path / "cgroup.procs").read_text().split())
         return found
 
+    def freeze(self, frozen: bool, timeout_s: float = 10.0) -> None:
+        """Freezes (or thaws) every process in the sandbox's cgroup v2 directory and waits
+        until the kernel says so (`cgroup.events`). Memory stays where it is."""
+        v2 = [d for d in self.dirs if d.version == "v2"]
+        if not v2:
+            raise SandboxError("freezing needs the sandbox in a cgroup v2 directory")
+        path = v2[0].path
+        (path / "cgroup.freeze").write_text("1" if frozen else "0")
+        deadline = time.monotonic() + timeout_s
+        while _keyed(path / "cgroup.events", "frozen") != int(frozen):
+            if time.monotonic() >= deadline:
+                raise SandboxError(
+                    f"{path} did not {'freeze' if frozen else 'thaw'} within {timeout_s:g} s"
+                )
+            time.sleep(0.002)
+
     def kill_and_remove(self, timeout_s: float = 5.0) -> None:
         """SIGKILLs whatever is left and removes the directories (leftovers of a crash)."""
         deadline = time.monotonic() + timeout_s

@@ -234,11 +234,7 @@ class GvisorSandbox(HostedAgentSandbox):
         (runsc 2022's `--leave-running` hangs): processes pause for the checkpoint and
         carry on. The agent hangs up first (runsc cannot save a host socket) and dials
         again after."""
-        await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
-        client, self.agent = self._agent, None
-        if client is not None:
-            await client.hang_up()
-        await self._runsc("checkpoint", "--image-path", str(dest_dir), self.container)
+        await self._checkpoint(dest_dir, leave_running=False)
         await self._runtime.destroy(self.container)
         self.container = _container_name(self.id)
         try:
@@ -247,6 +243,35 @@ class GvisorSandbox(HostedAgentSandbox):
             with anyio.CancelScope(shield=True):
                 await self.kill()
             raise
+        return await self._info(dest_dir)
+
+    async def suspend(self, dest_dir: Path) -> SnapshotInfo:
+        """`runsc checkpoint`, and the sandbox ends there: nothing of it is left running.
+        The pinned runsc checkpoints with `--leave-running` and the sandbox is killed
+        after: a checkpoint that fails (a full disk) leaves it running as it was, where a
+        plain one stops it. Debian's runsc hangs with that flag (the doctor calls it
+        degraded): with it, a failed pause loses the sandbox."""
+        await self._checkpoint(dest_dir, leave_running=not self._runtime.resolve().degraded)
+        await self.kill()
+        return await self._info(dest_dir)
+
+    async def _checkpoint(self, dest_dir: Path, *, leave_running: bool) -> None:
+        await anyio.Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        client, self.agent = self._agent, None
+        if client is not None:
+            await client.hang_up()
+        flags = ["--leave-running"] if leave_running else []
+        try:
+            await self._runsc("checkpoint", *flags, "--image-path", str(dest_dir), self.container)
+        except GvisorError:
+            if leave_running:
+                # The sandbox still runs (a full disk, say): the agent dials again, and
+                # it carries on as it was.
+                with anyio.CancelScope(shield=True), contextlib.suppress(SandboxError):
+                    self.agent = await self._dial_in.accept()
+            raise
+
+    async def _info(self, dest_dir: Path) -> SnapshotInfo:
         size = await anyio.to_thread.run_sync(_dir_size, dest_dir)
         return SnapshotInfo(
             backend=Backend.GVISOR, path=dest_dir, size_bytes=size, source_sandbox=self.id

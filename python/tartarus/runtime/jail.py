@@ -224,6 +224,16 @@ class JailSandbox(HostedAgentSandbox):
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         raise NotSupportedError(Backend.JAIL, "snapshots")
 
+    async def suspend(self, dest_dir: Path) -> SnapshotInfo:
+        raise NotSupportedError(Backend.JAIL, "pausing to disk (it freezes instead)")
+
+    async def freeze(self) -> None:
+        """Freezes the sandbox's cgroup, the agent with it: memory stays in use."""
+        await anyio.to_thread.run_sync(self._cgroup.freeze, True)
+
+    async def thaw(self) -> None:
+        await anyio.to_thread.run_sync(self._cgroup.freeze, False)
+
     async def stop(self, grace_s: float = 10.0) -> None:
         if self._state is SandboxState.RUNNING:
             with contextlib.suppress(SandboxError):

@@ -540,6 +540,15 @@ class WasmSandbox:
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         raise NotSupportedError(Backend.WASM, "snapshots")
 
+    async def suspend(self, dest_dir: Path) -> SnapshotInfo:
+        raise NotSupportedError(Backend.WASM, "pausing")
+
+    async def freeze(self) -> None:
+        raise NotSupportedError(Backend.WASM, "pausing")
+
+    async def thaw(self) -> None:
+        raise NotSupportedError(Backend.WASM, "pausing")
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """A module has no signal handlers: running execs are interrupted, then we wait
         up to `grace_s` for their threads to report."""

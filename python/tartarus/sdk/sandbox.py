@@ -203,6 +203,17 @@ class Sandbox:
     async def stats(self) -> SandboxStatsInfo:
         return await self._client.call("GET", f"/v1/sandboxes/{self.id}/stats", SandboxStatsInfo)
 
+    async def pause(self) -> None:
+        """Pauses the sandbox: on gvisor and microvm it is written to disk and frees its
+        memory (it survives a server restart); on the jail it is frozen in place. Its
+        timeout clock stops. `resume()` (or `Sandbox.connect(id)` then `resume()`)
+        brings it back as it was."""
+        self.info = await self._client.call("POST", f"/v1/sandboxes/{self.id}/pause", SandboxInfo)
+
+    async def resume(self) -> None:
+        """Runs a paused sandbox again, with the timeout it had left."""
+        self.info = await self._client.call("POST", f"/v1/sandboxes/{self.id}/resume", SandboxInfo)
+
     async def snapshot(
         self, *, label: str = "", metadata: dict[str, str] | None = None
     ) -> SnapshotEntry:

@@ -103,6 +103,15 @@ class SecretEnvSandbox:
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         return await self.inner.snapshot(dest_dir)
 
+    async def suspend(self, dest_dir: Path) -> SnapshotInfo:
+        return await self.inner.suspend(dest_dir)
+
+    async def freeze(self) -> None:
+        await self.inner.freeze()
+
+    async def thaw(self) -> None:
+        await self.inner.thaw()
+
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.inner.stop(grace_s)
 

@@ -20,10 +20,10 @@ import anyio
 from tartarus.api.snapshots import PoolInfo
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.node import defaults
-from tartarus.node.manager import AcquiredSandbox, new_sandbox_id
+from tartarus.node.manager import AcquiredSandbox, LiveSandbox, new_sandbox_id
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import PoolTarget, SnapshotCatalog, SnapshotPurpose, SnapshotRecord
-from tartarus.snapshots.service import Restored, SnapshotService
+from tartarus.snapshots.service import Restored, SandboxFacts, SnapshotService
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,18 @@ TICK_S = 5.0
 MAX_BACKOFF_S = 60.0
 # Attachment key under which an acquired sandbox carries its origin (see nyx.py).
 ORIGIN = "nyx.origin"
+
+
+def facts_of_live(live: LiveSandbox) -> SandboxFacts:
+    r = live.record
+    return SandboxFacts(
+        template=r.template,
+        resources=r.resources,
+        network=r.network,
+        trust=r.trust,
+        origin=live.attachments.get(ORIGIN),
+        tenant=r.tenant,
+    )
 
 
 def acquired_from_restore(restored: Restored, reason: str) -> AcquiredSandbox:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import anyio
@@ -141,9 +141,27 @@ class SnapshotService:
         metadata: dict[str, str] | None = None,
     ) -> SnapshotRecord:
         """Snapshots a running sandbox (it keeps running) and files the result."""
+        return await self._capture(
+            sandbox.snapshot, facts, purpose=purpose, label=label, metadata=metadata
+        )
+
+    async def suspend(self, sandbox: Sandbox, facts: SandboxFacts) -> SnapshotRecord:
+        """Snapshots a running sandbox and ends it (a pause, Hypnos); files the result
+        as a `pause` snapshot. If the snapshot cannot be written the sandbox runs on."""
+        return await self._capture(sandbox.suspend, facts, purpose=SnapshotPurpose.PAUSE)
+
+    async def _capture(
+        self,
+        write: Callable[[Path], Awaitable[SnapshotInfo]],
+        facts: SandboxFacts,
+        *,
+        purpose: SnapshotPurpose,
+        label: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> SnapshotRecord:
         staging = await self.blobs.new_staging("snapshot")
         try:
-            info = await sandbox.snapshot(staging)
+            info = await write(staging)
             return await self._file(
                 info, staging, facts, purpose=purpose, label=label, metadata=metadata
             )

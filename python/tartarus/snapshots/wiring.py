@@ -31,11 +31,11 @@ from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
-from tartarus.snapshots.pools import ORIGIN, WarmPools, acquired_from_restore
+from tartarus.snapshots.pausing import Pausing
+from tartarus.snapshots.pools import ORIGIN, WarmPools, acquired_from_restore, facts_of_live
 from tartarus.snapshots.service import (
     SHARED_TENANT,
     Progress,
-    SandboxFacts,
     SnapshotError,
     SnapshotNotFoundError,
     SnapshotService,
@@ -45,18 +45,6 @@ log = logging.getLogger(__name__)
 
 # How many copies a fork restores at once.
 FORK_CONCURRENCY = 4
-
-
-def facts_of_live(live: LiveSandbox) -> SandboxFacts:
-    r = live.record
-    return SandboxFacts(
-        template=r.template,
-        resources=r.resources,
-        network=r.network,
-        trust=r.trust,
-        origin=live.attachments.get(ORIGIN),
-        tenant=r.tenant,
-    )
 
 
 def visible_tenants(caller: Principal) -> tuple[str, ...] | None:
@@ -71,6 +59,7 @@ class SnapshotWiring:
         self.service = service
         self.pools = pools
         manager.source = self
+        self.pausing = Pausing(manager, service)
         manager.before_teardown.append(self._checkpoint_on_stop)
         manager.after_teardown.append(self._release)
 
@@ -226,6 +215,13 @@ class SnapshotWiring:
     # --- deleting ---------------------------------------------------------------------------
 
     async def delete(self, snapshot_id: str) -> GcReport:
+        record = self.service.catalog.get(snapshot_id)
+        if record is not None and record.purpose is SnapshotPurpose.PAUSE:
+            raise ConflictError(
+                f"snapshot {snapshot_id} holds paused sandbox {record.source_sandbox}; "
+                "resume or delete the sandbox instead",
+                slug="snapshot-in-use",
+            )
         try:
             return await self.service.delete(snapshot_id)
         except SnapshotNotFoundError as e:
@@ -242,6 +238,8 @@ class SnapshotWiring:
         )
         groups: dict[tuple[str, SnapshotPurpose], list[SnapshotRecord]] = {}
         for record in matching:
+            if record.purpose is SnapshotPurpose.PAUSE:
+                continue  # it is a paused sandbox: it goes with the sandbox
             groups.setdefault((record.template, record.purpose), []).append(record)
         doomed = []
         for records in groups.values():

@@ -10,7 +10,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from tartarus.api.security import AuditEntry, AuditPage, AuditVerification
-from tartarus.api.types import TenantName
+from tartarus.api.types import MAX_SEQ, TenantName
 from tartarus.auth.rbac import ADMIN_AUDIT
 from tartarus.policy.audit_log import AuditLog
 from tartarus.server.access import principal_of, visible_tenant
@@ -32,7 +32,7 @@ class AuditQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tenant: only this tenant's entries (operators; others always see only their own)
     """
 
-    after: Annotated[int, Meta(ge=0)] = 0
+    after: Annotated[int, Meta(ge=0, le=MAX_SEQ)] = 0
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
     tenant: TenantName | None = None
 

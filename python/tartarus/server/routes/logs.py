@@ -15,7 +15,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from tartarus.api.types import LogEvent, LogPage
+from tartarus.api.types import MAX_SEQ, LogEvent, LogPage
 from tartarus.auth.rbac import SANDBOX_READ
 from tartarus.runtime.base import SandboxError
 from tartarus.runtime.types import LogEntry
@@ -39,7 +39,7 @@ class LogQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limit: at most this many entries (without follow)
     """
 
-    since: Annotated[int, Meta(ge=0)] = 0
+    since: Annotated[int, Meta(ge=0, le=MAX_SEQ)] = 0
     follow: bool = False
     limit: Annotated[int, Meta(ge=1, le=10000)] = 1000
 

@@ -20,7 +20,7 @@ from tartarus.api.security import (
     PolicyVersion,
     RollbackPolicyRequest,
 )
-from tartarus.api.types import TenantName
+from tartarus.api.types import MAX_SEQ, TenantName
 from tartarus.auth.rbac import AUTHENTICATED, POLICY_MANAGE
 from tartarus.policy.documents import PolicyError, parse_document
 from tartarus.policy.store import (
@@ -112,7 +112,7 @@ class VersionQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     version: this version instead of the current one
     """
 
-    version: Annotated[int, Meta(ge=1)] | None = None
+    version: Annotated[int, Meta(ge=1, le=MAX_SEQ)] | None = None
 
 
 @routes.route(
@@ -177,7 +177,7 @@ class DeleteQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     if_version: delete only if the current version is this one
     """
 
-    if_version: Annotated[int, Meta(ge=1)] | None = None
+    if_version: Annotated[int, Meta(ge=1, le=MAX_SEQ)] | None = None
 
 
 @routes.route(
@@ -228,8 +228,8 @@ class DiffQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     to: the newer version (default: the current one)
     """
 
-    from_: Annotated[int, Meta(ge=1)] | None = msgspec.field(default=None, name="from")
-    to: Annotated[int, Meta(ge=1)] | None = None
+    from_: Annotated[int, Meta(ge=1, le=MAX_SEQ)] | None = msgspec.field(default=None, name="from")
+    to: Annotated[int, Meta(ge=1, le=MAX_SEQ)] | None = None
 
 
 @routes.route(

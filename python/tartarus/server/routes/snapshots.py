@@ -82,6 +82,42 @@ def _record(request: web.Request) -> SnapshotRecord:
 
 @routes.route(
     "POST",
+    "/v1/sandboxes/{id}/pause",
+    summary="Pause a sandbox",
+    tag="sandboxes",
+    replies=(Reply(200, SandboxInfo, description="Paused (or already paused)"),),
+    errors=(404, 409),
+    permission=SANDBOX_EXEC,
+)
+async def pause_sandbox(request: web.Request) -> web.StreamResponse:
+    """On gvisor and microvm: writes the sandbox to disk (files, processes, memory) and
+    frees everything it used; it survives a server restart. On the jail: freezes its
+    processes in place (memory stays in use; a server restart loses it). The timeout
+    clock stops until it resumes; calls that need it running get 409 meanwhile."""
+    record = await snapshot_wiring(request).pausing.pause(request.match_info["id"])
+    return reply(sandbox_info(record))
+
+
+@routes.route(
+    "POST",
+    "/v1/sandboxes/{id}/resume",
+    summary="Resume a paused sandbox",
+    tag="sandboxes",
+    replies=(Reply(200, SandboxInfo, description="Running (or already running)"),),
+    errors=(404, 409),
+    permission=SANDBOX_EXEC,
+)
+async def resume_sandbox(request: web.Request) -> web.StreamResponse:
+    """Runs a paused sandbox again under the same id, as it was when it paused, with
+    the timeout it had left. Admitted like a create (quota, policy)."""
+    record = await snapshot_wiring(request).pausing.resume(
+        request.match_info["id"], principal_of(request)
+    )
+    return reply(sandbox_info(record))
+
+
+@routes.route(
+    "POST",
     "/v1/sandboxes/{id}/snapshots",
     summary="Snapshot a running sandbox",
     tag="snapshots",
@@ -215,12 +251,13 @@ async def get_snapshot(request: web.Request) -> web.StreamResponse:
     summary="Delete a snapshot",
     tag="snapshots",
     replies=(Reply(204, description="Deleted; files no one else holds are gone"),),
-    errors=(404,),
+    errors=(404, 409),
     permission=SANDBOX_DELETE,
 )
 async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     """Forgets the snapshot and deletes its files, unless sandboxes restored from it or
-    incremental snapshots on top of it still hold them (they go when those do)."""
+    incremental snapshots on top of it still hold them (they go when those do). A
+    paused sandbox's snapshot cannot be deleted (409): it goes with the sandbox."""
     await snapshot_wiring(request).delete(request.match_info["snapshot_id"])
     return web.Response(status=204)
 

@@ -1,0 +1,141 @@
+"""Pause and resume (Hypnos).
+
+On gvisor and microvm a pause writes the sandbox to a `pause` snapshot (Nyx) and ends
+it: its memory, processes, network namespace and template hold are all freed, and the
+record waits as `paused`, surviving a server restart (nothing of it is on the host but
+the snapshot). A resume restores the snapshot under the same id, so files, processes and
+memory are as they were; the snapshot is deleted once the sandbox runs again.
+
+On the jail a pause freezes the sandbox's cgroup instead: processes stop where they
+are, memory stays in use, and a server restart loses it like any running jail sandbox.
+
+A paused sandbox's timeout clock stops, and it counts against no quota (a resume is
+admitted like a create). Calls that need the sandbox running get 409 until it resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import anyio
+
+from tartarus.api.types import MAX_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
+from tartarus.auth.principal import Principal
+from tartarus.errors import ConflictError, NotFoundError
+from tartarus.node.manager import SandboxManager
+from tartarus.node.store import SandboxRecord
+from tartarus.runtime.base import NotSupportedError, SandboxError
+from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
+from tartarus.snapshots.pools import acquired_from_restore, facts_of_live
+from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
+
+log = logging.getLogger(__name__)
+
+# Backends whose pause is a freeze in place rather than a snapshot on disk.
+FREEZES = (Backend.JAIL,)
+
+
+class Pausing:
+    def __init__(self, manager: SandboxManager, service: SnapshotService) -> None:
+        self.manager = manager
+        self.service = service
+        # One resume at a time per sandbox: a second caller waits, then finds it running.
+        self._resuming: dict[str, anyio.Lock] = {}
+        manager.discard_paused.append(self._discard)
+
+    async def pause(self, sandbox_id: str) -> SandboxRecord:
+        """Pauses a running sandbox; pausing a paused one changes nothing."""
+        live = self.manager.pausable(sandbox_id)
+        if live is None:
+            return self.manager.record(sandbox_id)
+        async with live.lock:
+            if live.closing or live.record.state is not SandboxState.RUNNING:
+                return self.manager.record(sandbox_id)
+            if live.record.backend in FREEZES:
+                try:
+                    await live.sandbox.freeze()
+                except SandboxError as e:
+                    raise ConflictError(
+                        f"cannot pause {sandbox_id}: {e}", slug="pause-failed"
+                    ) from e
+                return self.manager.mark_frozen(live)
+            try:
+                snap = await self.service.suspend(live.sandbox, facts_of_live(live))
+            except NotSupportedError:
+                raise
+            except (SnapshotError, SandboxError) as e:
+                raise ConflictError(f"cannot pause {sandbox_id}: {e}", slug="pause-failed") from e
+            return await self.manager.set_aside(live, snap.id)
+
+    async def resume(self, sandbox_id: str, caller: Principal) -> SandboxRecord:
+        """Resumes a paused sandbox; resuming a running one changes nothing."""
+        frozen = self.manager.frozen(sandbox_id)
+        if frozen is not None:
+            async with frozen.lock:
+                if frozen.record.state is SandboxState.PAUSED:
+                    try:
+                        await frozen.sandbox.thaw()
+                    except SandboxError as e:
+                        raise ConflictError(
+                            f"cannot resume {sandbox_id}: {e}", slug="resume-failed"
+                        ) from e
+                    self.manager.mark_thawed(frozen)
+            return frozen.record
+        lock = self._resuming.setdefault(sandbox_id, anyio.Lock())
+        try:
+            async with lock:
+                record = self.manager.record(sandbox_id)
+                if record.state is not SandboxState.PAUSED:
+                    if record.live:
+                        return record
+                    raise ConflictError(
+                        f"sandbox {sandbox_id} is {record.state.value}, not paused",
+                        slug="not-paused",
+                    )
+                return await self._restore(record, caller)
+        finally:
+            if not lock.locked():
+                self._resuming.pop(sandbox_id, None)
+
+    async def _restore(self, record: SandboxRecord, caller: Principal) -> SandboxRecord:
+        r = record.resources
+        request = CreateSandboxRequest(
+            template=record.template,
+            backend=record.backend,
+            resources=ResourcesBody(
+                vcpus=r.vcpus, memory_mib=r.memory_mib, disk_mib=r.disk_mib, pids=r.pids
+            ),
+            timeout_s=min(MAX_TIMEOUT_S, max(1.0, record.remaining_s or 1.0)),
+            metadata=record.metadata,
+            network=record.network,
+            trust=record.trust,
+            secrets=record.secrets,
+        )
+        admitted = await self.manager.admission.admit(caller, request)
+        try:
+            spec = SandboxSpec(id=record.id, metadata=record.metadata, egress=[*admitted.egress])
+            try:
+                restored = await self.service.restore(record.pause_snapshot, spec)
+            except SnapshotNotFoundError as e:
+                raise NotFoundError(str(e)) from e
+            except (SnapshotError, SandboxError) as e:
+                raise ConflictError(f"cannot resume {record.id}: {e}", slug="resume-failed") from e
+            snapshot_id = record.pause_snapshot
+            resumed = self.manager.take_back(
+                record, admitted, acquired_from_restore(restored, record.backend_reason)
+            )
+        except BaseException:
+            admitted.release()
+            raise
+        # The running sandbox holds the snapshot's files; the record can go.
+        try:
+            await self.service.delete(snapshot_id)
+        except Exception:
+            log.exception("deleting pause snapshot %s of %s failed", snapshot_id, record.id)
+        return resumed
+
+    async def _discard(self, record: SandboxRecord) -> None:
+        if record.pause_snapshot:
+            with contextlib.suppress(SnapshotNotFoundError):
+                await self.service.delete(record.pause_snapshot)

@@ -1,0 +1,258 @@
+"""Pause and resume (Hypnos), end to end: a real `tartarus serve` process, real runsc
+checkpoints and real cgroup freezes.
+
+gVisor: a sandbox running a counter is paused and resumed ten times and the counter
+carries on from where it was; a pause leaves no process of the sandbox on the host; a
+paused sandbox survives `kill -9` of the server; a pause that cannot write its snapshot
+(a full disk) is refused and the sandbox runs on. The jail freezes in place.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tartarus.config import load_settings
+from tartarus.host.doctor import run_doctor
+from tests.conftest import REPO_ROOT
+from tests.support.server import (
+    Server,
+    cli,
+    processes_mentioning,
+    running_server,
+    short_dir,
+    start_server,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+# Renamed into place, so a reader never sees the file half-written.
+COUNTER = (
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count;"
+    " sleep 0.05; done"
+)
+
+
+def require(backend: str) -> None:
+    verdict = run_doctor(load_settings()).backend(backend)
+    if not verdict.available:
+        pytest.skip(f"{backend} cannot run here: {verdict.reason}")
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
+
+
+def create(server: Server, backend: str, **extra: Any) -> str:
+    r = server.json("POST", "/v1/sandboxes", {"backend": backend, "timeout_s": 600, **extra})
+    assert r.status == 201, r.body
+    sandbox_id: str = r.json()["id"]
+    return sandbox_id
+
+
+def run(server: Server, sandbox_id: str, cmd: str, **extra: Any) -> dict[str, Any]:
+    r = server.json("POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": cmd, **extra})
+    assert r.status == (202 if extra.get("background") else 200), r.body
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def count(server: Server, sandbox_id: str) -> int:
+    deadline = time.monotonic() + 30
+    while True:
+        out = run(server, sandbox_id, "cat /tmp/count 2>/dev/null")["stdout"].strip()
+        if out.isdigit():
+            return int(out)
+        assert time.monotonic() < deadline, "the counter never started"
+        time.sleep(0.05)
+
+
+def counts_on(server: Server, sandbox_id: str, past: int) -> int:
+    """The counter once it moved past `past` (within 30 s)."""
+    deadline = time.monotonic() + 30
+    value = count(server, sandbox_id)
+    while value <= past and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = count(server, sandbox_id)
+    return value
+
+
+def verb(server: Server, sandbox_id: str, action: str) -> dict[str, Any]:
+    r = server.raw("POST", f"/v1/sandboxes/{sandbox_id}/{action}")
+    assert r.status == 200, r.body
+    info: dict[str, Any] = r.json()
+    return info
+
+
+def pause_snapshots(server: Server) -> list[dict[str, Any]]:
+    items = server.raw("GET", "/v1/snapshots?limit=500").json()["items"]
+    return [s for s in items if s["purpose"] == "pause"]
+
+
+def test_gvisor_pause_resume_ten_times_keeps_processes_and_frees_the_host(base: Path) -> None:
+    require("gvisor")
+    with running_server(base) as s:
+        sb = create(s, "gvisor")
+        run(s, sb, COUNTER, background=True)
+        before = count(s, sb)
+        assert processes_mentioning(f"tt-{sb}-"), "the sandbox's runsc processes"
+        for cycle in range(10):
+            at_pause = count(s, sb)
+            info = verb(s, sb, "pause")
+            assert info["state"] == "paused" and info["expires_at"] is None, info
+            # Nothing of it runs on the host: its memory and processes are freed.
+            assert processes_mentioning(f"tt-{sb}-") == [], f"cycle {cycle}"
+            again = verb(s, sb, "pause")  # pausing a paused sandbox changes nothing
+            assert again["state"] == "paused"
+            refused = s.json("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": "true"})
+            assert refused.status == 409
+            assert f"resume it first (tartarus resume {sb})" in refused.json()["detail"]
+            assert s.raw("GET", f"/v1/sandboxes/{sb}/stats").status == 409
+            assert len(pause_snapshots(s)) == 1
+            info = verb(s, sb, "resume")
+            assert info["state"] == "running" and info["expires_at"] is not None, info
+            # The counter goes on from where it was: the same process, not a new one.
+            resumed = count(s, sb)
+            assert resumed >= at_pause, (cycle, at_pause, resumed)
+            assert counts_on(s, sb, resumed) > resumed, f"cycle {cycle}: the counter stopped"
+            assert pause_snapshots(s) == [], "the snapshot goes once the sandbox runs"
+        assert count(s, sb) > before
+        assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+    assert processes_mentioning(str(base)) == []
+
+
+def test_gvisor_paused_sandbox_survives_kill_9_and_delete_removes_its_snapshot(
+    base: Path,
+) -> None:
+    require("gvisor")
+    s = start_server(base)
+    try:
+        sb = create(s, "gvisor")
+        run(s, sb, "echo kept > /root/note")
+        run(s, sb, COUNTER, background=True)
+        at_pause = count(s, sb)
+        paused = verb(s, sb, "pause")
+        left = paused["detail"]
+        assert paused["state"] == "paused", left
+    finally:
+        s.process.send_signal(signal.SIGKILL)
+        s.process.wait(timeout=30)
+    assert processes_mentioning(str(base)) == []
+    with running_server(base) as again:
+        info = again.raw("GET", f"/v1/sandboxes/{sb}").json()
+        assert info["state"] == "paused", info
+        info = verb(again, sb, "resume")
+        assert info["state"] == "running"
+        assert run(again, sb, "cat /root/note")["stdout"] == "kept\n"
+        assert counts_on(again, sb, at_pause) > at_pause
+        # Paused again, then deleted: its snapshot goes with it.
+        verb(again, sb, "pause")
+        assert len(pause_snapshots(again)) == 1
+        snap = pause_snapshots(again)[0]["id"]
+        refused = again.raw("DELETE", f"/v1/snapshots/{snap}")
+        assert refused.status == 409 and sb in refused.json()["detail"]
+        assert again.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+        assert again.raw("GET", f"/v1/sandboxes/{sb}").json()["state"] == "stopped"
+        assert pause_snapshots(again) == []
+        assert verb_status(again, sb, "resume") == 409
+    assert processes_mentioning(str(base)) == []
+
+
+def verb_status(server: Server, sandbox_id: str, action: str) -> int:
+    return server.raw("POST", f"/v1/sandboxes/{sandbox_id}/{action}").status
+
+
+def test_gvisor_pause_on_a_full_disk_is_refused_and_the_sandbox_runs_on(base: Path) -> None:
+    require("gvisor")
+    with running_server(base) as s:
+        sb = create(s, "gvisor")
+        run(s, sb, COUNTER, background=True)
+        start = count(s, sb)
+        # Snapshots are written under the image store's staging directory: 64 KiB.
+        staging = s.state_dir / "images" / "tmp"
+        mount = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(staging)]
+        subprocess.run(mount, check=True)
+        try:
+            r = s.raw("POST", f"/v1/sandboxes/{sb}/pause")
+        finally:
+            subprocess.run(["umount", "-l", str(staging)], check=True)
+        assert r.status == 409, r.body
+        problem = r.json()
+        assert problem["type"].endswith("pause-failed"), problem
+        assert "no space left on device" in problem["detail"], problem
+        assert s.raw("GET", f"/v1/sandboxes/{sb}").json()["state"] == "running"
+        assert counts_on(s, sb, start) > start, "the sandbox stopped"
+        # Nothing lost: it pauses and resumes once there is room.
+        verb(s, sb, "pause")
+        verb(s, sb, "resume")
+        assert counts_on(s, sb, start) > start
+        assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+
+
+def test_jail_pause_freezes_in_place_and_the_cli_says_so(base: Path) -> None:
+    require("jail")
+    with running_server(base) as s:
+        sb = create(s, "jail", trust="trusted")
+        run(s, sb, COUNTER, background=True)
+        start = counts_on(s, sb, 0)
+        out = cli(s, "pause", sb)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.decode() == f"{sb} paused\n"
+        frozen_at = time.monotonic()
+        # The processes are still there, frozen: nothing counts while it is paused.
+        assert processes_mentioning(sb)
+        time.sleep(1.0)
+        out = cli(s, "resume", sb, "--json")
+        assert out.returncode == 0, out.stderr
+        assert '"state": "running"' in out.stdout.decode()
+        after = count(s, sb)
+        paused_for = time.monotonic() - frozen_at
+        # At one step per 50 ms, a second of running would add about 20.
+        assert after - start < 10, (start, after, paused_for)
+        assert counts_on(s, sb, after) > after
+        assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+    assert processes_mentioning(str(base)) == []
+
+
+def test_pause_and_resume_of_unknown_or_ended_sandboxes(base: Path) -> None:
+    require("gvisor")
+    with running_server(base) as s:
+        for action in ("pause", "resume"):
+            r = s.raw("POST", f"/v1/sandboxes/sb-0000000000000000/{action}")
+            assert r.status == 404, r.body
+        sb = create(s, "gvisor")
+        assert verb(s, sb, "resume")["state"] == "running"  # resuming a running one: as is
+        assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+        for action in ("pause", "resume"):
+            r = s.raw("POST", f"/v1/sandboxes/{sb}/{action}")
+            assert r.status == 409, r.body
+            assert "stopped" in r.json()["detail"]
+        out = cli(s, "pause", "sb-0000000000000000")
+        assert out.returncode != 0
+        assert b"Traceback" not in out.stderr and b"not found" in out.stderr, out.stderr
+
+
+def test_the_sdk_program_of_the_docs_runs(base: Path) -> None:
+    """docs/lifecycle.md's Python program, as written, against a server of its own."""
+    require("gvisor")
+    doc = (REPO_ROOT / "docs" / "lifecycle.md").read_text()
+    program = doc.split("## From Python\n\n```python\n", 1)[1].split("```", 1)[0]
+    with running_server(base) as s:
+        done = subprocess.run(
+            [sys.executable, "-c", program],
+            env=dict(s.env, TARTARUS_URL=s.url),
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout.decode() == "before\n\n"
