@@ -433,6 +433,7 @@ async def test_full_disk_is_a_clear_error_and_keeps_what_was_stored(tmp_path: Pa
         again = await store.resolve("fits", ext4=False)
         assert again.rootfs == fits.rootfs
         assert (again.rootfs / "etc/greeting").read_bytes() == b"fits\n"
+        store.close()
     finally:
         await anyio.run_process(["umount", str(disk)])
 

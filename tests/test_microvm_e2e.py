@@ -268,3 +268,29 @@ async def test_a_snapshot_restores_as_clones_that_go_on_with_their_own_entropy(
             await bad.kill()
     finally:
         await sb.kill()
+
+
+async def test_a_paused_microvm_resumes_under_its_id_with_its_processes(
+    runtime: Runtime, rootfs: Path, tmp_path: Path
+) -> None:
+    """Pause (Hypnos) on microvm: `suspend` writes a snapshot and ends the VM (no VMM
+    process left); a restore under the same id carries on with the same processes."""
+    spec = _spec(rootfs, "pause")
+    counter = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+    sb = await _started(runtime, spec)
+    try:
+        await sb.exec(ExecRequest(argv=["/bin/sh", "-c", counter], background=True))
+        await anyio.sleep(1)
+        before = int((await _run(sb, "/bin/cat", "/tmp/count")).stdout)
+        vmms = _processes_named("tartarus-vmm")
+        info = await sb.suspend(tmp_path / "paused")
+        assert info.size_bytes > 0
+        assert (await sb.status()).state is not SandboxState.RUNNING
+        assert vmms - _processes_named("tartarus-vmm"), "its VMM outlived the pause"
+        sb = await runtime.restore(info, spec)
+        after = int((await _run(sb, "/bin/cat", "/tmp/count")).stdout)
+        assert after >= before, (before, after)
+        await anyio.sleep(1)
+        assert int((await _run(sb, "/bin/cat", "/tmp/count")).stdout) > after
+    finally:
+        await sb.kill()

@@ -44,25 +44,41 @@ def open_db(path: Path) -> sqlite3.Connection:
 class ThreadConnections:
     """One connection per thread to a WAL database in autocommit mode, kept open:
     opening one and switching it to WAL costs more than most queries, and a sandbox
-    create or restore makes several. sqlite3 binds a connection to the thread that
-    opened it; each closes when its owner (and thread) is gone."""
+    create or restore makes several. Each thread uses only its own; `close` closes them
+    all (from any thread), and the next use opens new ones."""
 
     def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
         self.path = path
         self._timeout_s = timeout_s
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[sqlite3.Connection] = []
+        self._generation = 0
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
+        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, "db", None)
+        if cached is None or cached[0] != self._generation:
+            db = sqlite3.connect(
+                self.path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+            )
             enable_wal(db)
             # WAL + NORMAL: durable across process crashes; a power cut can lose only
             # the last transactions.
             db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        elif db.in_transaction:
-            # A write whose ROLLBACK failed (a full disk) left one open.
-            db.rollback()
+            with self._lock:
+                self._open.append(db)
+                self._local.db = (self._generation, db)
+        else:
+            db = cached[1]
+            if db.in_transaction:
+                # A write whose ROLLBACK failed (a full disk) left one open.
+                db.rollback()
         yield db
+
+    def close(self) -> None:
+        with self._lock:
+            self._generation += 1
+            connections, self._open = self._open, []
+        for db in connections:
+            db.close()

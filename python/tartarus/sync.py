@@ -18,7 +18,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, overload
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from tartarus.api.placement import PlacementRules
-from tartarus.api.sandbox import Backend, FileInfo, SandboxState
+from tartarus.api.sandbox import Backend, FileInfo, OnTimeout, SandboxState
 from tartarus.api.snapshots import SnapshotEntry
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
@@ -275,6 +275,8 @@ class Sandbox:
         placement: PlacementRules | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
+        on_timeout: OnTimeout | str = OnTimeout.KILL,
+        auto_pause_after: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -294,6 +296,8 @@ class Sandbox:
                 placement=placement,
                 from_snapshot=from_snapshot,
                 checkpoint_on_stop=checkpoint_on_stop,
+                on_timeout=on_timeout,
+                auto_pause_after=auto_pause_after,
                 url=url,
                 api_key=api_key,
             )

@@ -37,6 +37,13 @@ class SandboxState(StrEnum):
     FAILED = "failed"
 
 
+class OnTimeout(StrEnum):
+    """What a sandbox's timeout does to it."""
+
+    KILL = "kill"
+    PAUSE = "pause"
+
+
 class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     vcpus: float = 1.0
     memory_mib: int = 512

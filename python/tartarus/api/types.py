@@ -17,6 +17,7 @@ from tartarus.api.placement import PlacementRules
 from tartarus.api.sandbox import (
     Backend,
     FileInfo,
+    OnTimeout,
     Resources,
     SandboxState,
     Stream,
@@ -129,6 +130,10 @@ class CreateSandboxRequest(_Request, kw_only=True, omit_defaults=True):
     # Take a snapshot of the sandbox when it is stopped (deleted, timed out, or the
     # server shuts down), before it is torn down.
     checkpoint_on_stop: bool = False
+    # What its timeout does: end it, or pause it (docs/lifecycle.md).
+    on_timeout: OnTimeout = OnTimeout.KILL
+    # Pause it after this long with no API call that needs it running.
+    auto_pause_after_s: TimeoutSeconds | None = None
 
     def resolved_timeout_s(self) -> float:
         """The timeout, once it is set (`tartarus.node.defaults.resolve`)."""

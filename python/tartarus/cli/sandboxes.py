@@ -8,6 +8,7 @@ import click
 import msgspec
 from rich.table import Table
 
+from tartarus.api.sandbox import OnTimeout
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
     CreateSandboxRequest,
@@ -90,6 +91,19 @@ async def _stream_to_terminal(
 @click.option("--trusted", is_flag=True, help="Trusted work: allows the light jail backend.")
 @click.option("--keep", is_flag=True, help="Leave the sandbox running afterwards.")
 @click.option(
+    "--on-timeout",
+    type=click.Choice([t.value for t in OnTimeout]),
+    default=OnTimeout.KILL.value,
+    show_default=True,
+    help="What the timeout does to a kept sandbox: end it, or pause it.",
+)
+@click.option(
+    "--auto-pause-after",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Pause a kept sandbox after this long without a call that needs it running.",
+)
+@click.option(
     "-q",
     "--quiet",
     is_flag=True,
@@ -114,6 +128,8 @@ def run_command(
     network: bool,
     trusted: bool,
     keep: bool,
+    on_timeout: str,
+    auto_pause_after: float | None,
     quiet: bool,
     interactive: bool,
     explain: bool,
@@ -142,6 +158,8 @@ def run_command(
         metadata=parse_pairs(metadata, "--metadata"),
         network=network,
         trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
+        on_timeout=OnTimeout(on_timeout),
+        auto_pause_after_s=auto_pause_after,
     )
     code = _run(
         request,

@@ -99,6 +99,10 @@ class BlobStore(Protocol):
 
     async def add_refs(self, owner: str, digests: Iterable[str]) -> None: ...
 
+    def close(self) -> None:
+        """Closes the index's database connections (the next call opens new ones)."""
+        ...
+
     async def set_refs(self, owner: str, digests: Iterable[str]) -> None:
         """Makes `owner` reference exactly `digests` (all must exist), atomically."""
         ...
@@ -198,6 +202,9 @@ class LocalBlobStore:
                 )
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._connections.close()
 
     def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         # WAL + NORMAL: a power cut can lose only the last transactions, which leaves

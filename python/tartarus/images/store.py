@@ -162,6 +162,12 @@ class TemplateStore:
                 """
             )
 
+    def close(self) -> None:
+        """Closes this store's database connections and its blob store's (they reopen on
+        the next call): what lets the disk under them be unmounted."""
+        self._connections.close()
+        self.blobs.close()
+
     def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return self._connections.connect()
 

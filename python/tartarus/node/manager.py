@@ -20,6 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from tartarus.api.sandbox import OnTimeout
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.errors import (
@@ -69,6 +70,16 @@ class LiveSandbox:
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Set once the sandbox has stopped: streams following it end then.
     ended: anyio.Event = field(default_factory=anyio.Event)
+    # The end of the last API call that needed it running, and how many are running
+    # now (streams and terminals included): auto-pause counts idle time from the end.
+    last_active: float = field(default_factory=time.time)
+    busy: int = 0
+
+    def idle_deadline(self) -> float | None:
+        after = self.record.auto_pause_after_s
+        if after is None or self.busy or self.record.state is not SandboxState.RUNNING:
+            return None
+        return self.last_active + after
 
 
 @dataclass(eq=False)
@@ -147,6 +158,9 @@ class SandboxManager:
         self.source: SandboxSource | None = None
         self.before_teardown: list[SandboxHook] = []
         self.after_teardown: list[SandboxHook] = []
+        # Pauses a sandbox by id (Hypnos sets it): what `on_timeout: pause` and
+        # `auto_pause_after_s` call.
+        self.pauser: Callable[[str], Awaitable[object]] | None = None
         # Run when a sandbox paused to a snapshot is deleted (the snapshot goes).
         self.discard_paused: list[Callable[[SandboxRecord], Awaitable[None]]] = []
         self._live: dict[str, LiveSandbox] = {}
@@ -199,31 +213,56 @@ class SandboxManager:
         return [r.id for r in orphans]
 
     async def expire_forever(self) -> None:
-        """Stops sandboxes whose deadline passed; runs until cancelled. It wakes at the
-        next deadline (at least every tick, since deadlines move), and ends every
+        """Stops (or pauses, as each asked) sandboxes whose deadline passed, and pauses
+        those idle past their `auto_pause_after_s`; runs until cancelled. It wakes at
+        the next deadline (at least every tick, since deadlines move), and handles every
         sandbox due at once in parallel, so none waits for another's teardown."""
         while True:
             now = time.time()
-            deadlines = [
-                live.record.expires_at
-                for live in self._live.values()
-                if not live.closing and live.record.expires_at is not None
-            ]
+            deadlines = [d for live in self._live.values() for d in self._deadlines(live)]
             next_due = min([EXPIRY_TICK_S, *(d - now for d in deadlines)])
             await anyio.sleep(max(EXPIRY_MIN_S, next_due))
             now = time.time()
-            due = [
-                live
-                for live in self._live.values()
-                if not live.closing
-                and live.record.expires_at is not None
-                and live.record.expires_at <= now
-            ]
+            timed_out, idle = [], []
+            for live in self._live.values():
+                if live.closing:
+                    continue
+                if live.record.expires_at is not None and live.record.expires_at <= now:
+                    timed_out.append(live)
+                elif (idle_at := live.idle_deadline()) is not None and idle_at <= now:
+                    idle.append(live)
             async with anyio.create_task_group() as tg:
-                for live in due:
-                    tg.start_soon(
-                        self._end, live, SandboxState.STOPPED, "timed out", self.timeout_grace_s
-                    )
+                for live in timed_out:
+                    tg.start_soon(self._time_out, live)
+                for live in idle:
+                    tg.start_soon(self._pause_idle, live)
+
+    @staticmethod
+    def _deadlines(live: LiveSandbox) -> list[float]:
+        if live.closing:
+            return []
+        found = [live.record.expires_at, live.idle_deadline()]
+        return [d for d in found if d is not None]
+
+    async def _time_out(self, live: LiveSandbox) -> None:
+        if live.record.on_timeout is OnTimeout.PAUSE and self.pauser is not None:
+            try:
+                await self.pauser(live.record.id)
+            except Exception as e:
+                log.warning("pausing %s at its timeout failed (%s); stopping it", live.record.id, e)
+            else:
+                return
+        await self._end(live, SandboxState.STOPPED, "timed out", self.timeout_grace_s)
+
+    async def _pause_idle(self, live: LiveSandbox) -> None:
+        if self.pauser is None:
+            return
+        try:
+            await self.pauser(live.record.id)
+        except Exception as e:
+            # It runs on; the next try is a whole idle period away.
+            live.last_active = time.time()
+            log.warning("pausing idle sandbox %s failed: %s", live.record.id, e)
 
     async def shutdown(self) -> None:
         """Refuses new sandboxes, then stops every live one with its grace period."""
@@ -247,6 +286,13 @@ class SandboxManager:
         if record is None:
             raise NotFoundError(f"sandbox {sandbox_id} not found")
         return record
+
+    def is_paused(self, sandbox_id: str) -> bool:
+        live = self._live.get(sandbox_id)
+        if live is not None and not live.closing:
+            return live.record.state is SandboxState.PAUSED
+        record = self.store.get(sandbox_id)
+        return record is not None and record.state is SandboxState.PAUSED
 
     def live(self, sandbox_id: str) -> LiveSandbox:
         """The running sandbox, or 404 (unknown) / 409 (ended or stopping)."""
@@ -397,6 +443,9 @@ class SandboxManager:
                 owner=caller.subject,
                 secrets=request.secrets,
                 checkpoint_on_stop=request.checkpoint_on_stop,
+                on_timeout=request.on_timeout,
+                auto_pause_after_s=request.auto_pause_after_s,
+                timeout_s=request.resolved_timeout_s(),
             )
         )
         sandbox: Sandbox | None = None
@@ -446,6 +495,9 @@ class SandboxManager:
                     owner=caller.subject,
                     secrets=request.secrets,
                     checkpoint_on_stop=request.checkpoint_on_stop,
+                    on_timeout=request.on_timeout,
+                    auto_pause_after_s=request.auto_pause_after_s,
+                    timeout_s=request.resolved_timeout_s(),
                 )
             )
         except BaseException:
@@ -474,6 +526,7 @@ class SandboxManager:
             return record
         live = self.live(sandbox_id)
         live.record.expires_at = time.time() + timeout_s
+        live.record.timeout_s = timeout_s
         self.store.save(live.record)
         return live.record
 
@@ -562,7 +615,9 @@ class SandboxManager:
         now = time.time()
         record.state = SandboxState.PAUSED
         record.paused_at = now
-        record.remaining_s = max(0.0, (record.expires_at or now) - now)
+        left = (record.expires_at or now) - now
+        # Paused by its own timeout: a resume gives it its whole timeout again.
+        record.remaining_s = left if left > 0 or record.timeout_s is None else record.timeout_s
         record.expires_at = None
 
     def _start_clock(self, record: SandboxRecord) -> None:

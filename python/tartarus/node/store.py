@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 
+from tartarus.api.sandbox import OnTimeout
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, SandboxState, TrustLevel
 from tartarus.sqlite_wal import open_db
@@ -82,6 +83,10 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     paused_at: float | None = None
     remaining_s: float | None = None
     pause_snapshot: str = ""
+    on_timeout: OnTimeout = OnTimeout.KILL
+    auto_pause_after_s: float | None = None
+    # The timeout it was given, which a sandbox its timeout paused gets again on resume.
+    timeout_s: float | None = None
     seq: int = 0
 
     @property

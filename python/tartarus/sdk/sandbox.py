@@ -21,7 +21,7 @@ import anyio
 import msgspec
 
 from tartarus.api.placement import PlacementRules
-from tartarus.api.sandbox import Backend, SandboxState, TrustLevel
+from tartarus.api.sandbox import Backend, OnTimeout, SandboxState, TrustLevel
 from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
     CodeExecution,
@@ -80,6 +80,8 @@ class Sandbox:
         placement: PlacementRules | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
+        on_timeout: OnTimeout | str = OnTimeout.KILL,
+        auto_pause_after: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -96,7 +98,10 @@ class Sandbox:
 
         `from_snapshot`: restore this snapshot (`sb.snapshot().id`) instead: the
         sandbox starts as the snapshotted one was, on its template, backend and
-        resources. `checkpoint_on_stop`: snapshot the sandbox when it is stopped."""
+        resources. `checkpoint_on_stop`: snapshot the sandbox when it is stopped.
+        `on_timeout="pause"`: its timeout pauses it instead of ending it;
+        `auto_pause_after`: pause it after that many seconds without a call that needs
+        it running. Any such call resumes a paused sandbox (docs/lifecycle.md)."""
         resources = ResourcesBody(vcpus=vcpus, memory_mib=memory_mib)
         request = CreateSandboxRequest(
             template=template,
@@ -111,6 +116,8 @@ class Sandbox:
             placement=placement,
             from_snapshot=from_snapshot,
             checkpoint_on_stop=checkpoint_on_stop,
+            on_timeout=OnTimeout(on_timeout),
+            auto_pause_after_s=auto_pause_after,
         )
 
         async def make() -> Sandbox:

@@ -15,7 +15,14 @@ from tartarus.node.directory import LocalDirectory
 from tartarus.node.manager import SandboxManager
 from tartarus.server import openapi
 from tartarus.server.access import access_middleware
-from tartarus.server.context import DIRECTORY, MANAGER, SNAPSHOT_WIRING, STARTED_AT
+from tartarus.server.context import (
+    DIRECTORY,
+    MANAGER,
+    SNAPSHOT_WIRING,
+    STARTED_AT,
+    activity_middleware,
+    add_server_timing,
+)
 from tartarus.server.forwarding import forwarding_middleware
 from tartarus.server.problems import from_exception, problem_response
 from tartarus.server.routes import (
@@ -116,6 +123,7 @@ def build_app(
             problem_middleware,
             access_middleware(security.authenticator, ops, security.audit),
             forwarding_middleware,
+            activity_middleware,
             *middlewares,
         ],
         client_max_size=MAX_JSON_BODY,
@@ -130,4 +138,5 @@ def build_app(
     app[OPENAPI] = openapi.encode_document(openapi.build_document(ops))
     for table in all_tables:
         table.install(app)
+    app.on_response_prepare.append(add_server_timing)
     return app

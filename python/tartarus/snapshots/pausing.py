@@ -43,6 +43,7 @@ class Pausing:
         # One resume at a time per sandbox: a second caller waits, then finds it running.
         self._resuming: dict[str, anyio.Lock] = {}
         manager.discard_paused.append(self._discard)
+        manager.pauser = self.pause
 
     async def pause(self, sandbox_id: str) -> SandboxRecord:
         """Pauses a running sandbox; pausing a paused one changes nothing."""

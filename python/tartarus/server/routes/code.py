@@ -40,5 +40,5 @@ async def run_code(request: web.Request) -> web.StreamResponse:
     HTML, Markdown, SVG, PNG, JPEG or JSON where the value can; matplotlib figures come
     back as PNG. An exception in the cell is reported in `error`, not as an HTTP error."""
     body = await read_json(request, RunCodeBody)
-    kernel = kernel_of(live_sandbox(request))
+    kernel = kernel_of(await live_sandbox(request))
     return reply(await kernel.run(body.code, body.timeout_s))

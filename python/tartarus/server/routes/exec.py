@@ -162,7 +162,7 @@ async def exec_command(request: web.Request) -> web.StreamResponse:
     `.../processes/{pid}/stream`). A background process runs until it exits or the
     sandbox stops; `stdin_open` is for background processes only."""
     body = await read_json(request, ExecBody)
-    live = live_sandbox(request)
+    live = await live_sandbox(request)
     execution = await start(live, body, keep_stdin=body.background and body.stdin_open)
     if body.background:
         live.executions[execution.pid] = execution
@@ -186,6 +186,6 @@ async def exec_stream(request: web.Request) -> web.StreamResponse:
     (with the pid), `output` (stream and text), then `exit`. The command is killed if the
     client disconnects before it exits."""
     body = await read_json(request, StreamExecBody)
-    live = live_sandbox(request)
+    live = await live_sandbox(request)
     execution = await start(live, body)
     return await send_stream(request, live, execution, kill_on_disconnect=True)

@@ -82,7 +82,7 @@ class RemoveQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 async def download_file(request: web.Request) -> web.StreamResponse:
     """Streams the file's content as it is read, whatever its size."""
     path = sandbox_path(read_query(request, PathQuery).path)
-    chunks = live_sandbox(request).sandbox.download(path)
+    chunks = (await live_sandbox(request)).sandbox.download(path)
     # Read the first chunk before answering, so a missing file is a 404, not a cut stream.
     first = await anext(aiter(chunks), b"")
     response = web.StreamResponse(headers={"Content-Type": OCTETS})
@@ -124,7 +124,9 @@ async def upload_file(request: web.Request) -> web.StreamResponse:
     path = sandbox_path(q.path)
     if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
         raise ApiError(413, "body-too-large", f"uploads may be at most {MAX_UPLOAD_BYTES} bytes")
-    written = await live_sandbox(request).sandbox.upload(path, _bounded(request), mode=q.mode)
+    written = await (await live_sandbox(request)).sandbox.upload(
+        path, _bounded(request), mode=q.mode
+    )
     return reply(FileWritten(path=path, size=written), status=201)
 
 
@@ -143,7 +145,7 @@ async def remove_file(request: web.Request) -> web.StreamResponse:
     path = sandbox_path(q.path)
     if path == "/":
         raise ApiError(409, "refused", "refusing to remove the sandbox's root directory")
-    await live_sandbox(request).sandbox.remove(path, recursive=q.recursive)
+    await (await live_sandbox(request)).sandbox.remove(path, recursive=q.recursive)
     return web.Response(status=204)
 
 
@@ -159,7 +161,7 @@ async def remove_file(request: web.Request) -> web.StreamResponse:
 )
 async def list_files(request: web.Request) -> web.StreamResponse:
     path = sandbox_path(read_query(request, PathQuery).path)
-    return reply(FileList(items=await live_sandbox(request).sandbox.list_dir(path)))
+    return reply(FileList(items=await (await live_sandbox(request)).sandbox.list_dir(path)))
 
 
 @routes.route(
@@ -174,7 +176,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
 )
 async def stat_file(request: web.Request) -> web.StreamResponse:
     path = sandbox_path(read_query(request, PathQuery).path)
-    return reply(await live_sandbox(request).sandbox.stat(path))
+    return reply(await (await live_sandbox(request)).sandbox.stat(path))
 
 
 @routes.route(
@@ -189,7 +191,9 @@ async def stat_file(request: web.Request) -> web.StreamResponse:
 )
 async def make_dir(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, MakeDirBody)
-    await live_sandbox(request).sandbox.make_dir(sandbox_path(body.path), parents=body.parents)
+    await (await live_sandbox(request)).sandbox.make_dir(
+        sandbox_path(body.path), parents=body.parents
+    )
     return web.Response(status=204)
 
 
@@ -205,5 +209,7 @@ async def make_dir(request: web.Request) -> web.StreamResponse:
 )
 async def rename_file(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, RenameBody)
-    await live_sandbox(request).sandbox.rename(sandbox_path(body.src), sandbox_path(body.dst))
+    await (await live_sandbox(request)).sandbox.rename(
+        sandbox_path(body.src), sandbox_path(body.dst)
+    )
     return web.Response(status=204)

@@ -87,7 +87,7 @@ async def read_logs(request: web.Request) -> web.StreamResponse:
     `data` a LogEvent document, its `id` the sequence number), until the sandbox stops."""
     q = read_query(request, LogQuery)
     since = _resume_from(request, q.since)
-    live = live_sandbox(request)
+    live = await live_sandbox(request)
     sandbox = live.sandbox
     if not q.follow:
         items: list[LogEvent] = []

@@ -54,7 +54,7 @@ def owned_execution(live: LiveSandbox, pid: int) -> Execution:
 )
 async def list_processes(request: web.Request) -> web.StreamResponse:
     """Commands started in the sandbox, running or recently exited."""
-    infos = await live_sandbox(request).sandbox.processes()
+    infos = await (await live_sandbox(request)).sandbox.processes()
     return reply(
         ProcessList(
             items=[
@@ -93,7 +93,7 @@ class KillQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 )
 async def kill_process(request: web.Request) -> web.StreamResponse:
     q = read_query(request, KillQuery)
-    await live_sandbox(request).sandbox.kill_process(pid_of(request), q.signal)
+    await (await live_sandbox(request)).sandbox.kill_process(pid_of(request), q.signal)
     return web.Response(status=204)
 
 
@@ -109,7 +109,7 @@ async def kill_process(request: web.Request) -> web.StreamResponse:
 async def attach_process(request: web.Request) -> web.StreamResponse:
     """Replays the process's buffered output, then follows it until it exits. Leaving
     does not stop the process."""
-    live = live_sandbox(request)
+    live = await live_sandbox(request)
     execution = await live.sandbox.attach(pid_of(request))
     return await send_stream(request, live, execution, kill_on_disconnect=False)
 
@@ -128,7 +128,7 @@ async def write_stdin(request: web.Request) -> web.StreamResponse:
     """For background processes started with `stdin_open` (or a pty): writes `data`,
     then closes stdin if `eof`."""
     body = await read_json(request, StdinBody)
-    execution = owned_execution(live_sandbox(request), pid_of(request))
+    execution = owned_execution(await live_sandbox(request), pid_of(request))
     if body.data:
         await execution.write_stdin(body.data.encode())
     if body.eof:
@@ -148,6 +148,6 @@ async def write_stdin(request: web.Request) -> web.StreamResponse:
 )
 async def resize_process(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, ResizeBody)
-    execution = owned_execution(live_sandbox(request), pid_of(request))
+    execution = owned_execution(await live_sandbox(request), pid_of(request))
     await execution.resize(body.rows, body.cols)
     return web.Response(status=204)

@@ -247,7 +247,7 @@ async def set_sandbox_timeout(request: web.Request) -> web.StreamResponse:
     permission=SANDBOX_READ,
 )
 async def sandbox_stats(request: web.Request) -> web.StreamResponse:
-    stats = await live_sandbox(request).sandbox.stats()
+    stats = await (await live_sandbox(request)).sandbox.stats()
     return reply(
         SandboxStatsInfo(
             cpu_seconds=stats.cpu_seconds,

@@ -169,7 +169,7 @@ async def _first_exec_body(ws: web.WebSocketResponse) -> StreamExecBody:
     permission=SANDBOX_EXEC,
 )
 async def exec_websocket(request: web.Request) -> web.StreamResponse:
-    live = live_sandbox(request)
+    live = await live_sandbox(request)
     ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30.0)
     await ws.prepare(request)
     try:
@@ -190,7 +190,7 @@ async def exec_websocket(request: web.Request) -> web.StreamResponse:
     permission=SANDBOX_EXEC,
 )
 async def attach_websocket(request: web.Request) -> web.StreamResponse:
-    live = live_sandbox(request)
+    live = await live_sandbox(request)
     pid = pid_of(request)
     ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30.0)
     await ws.prepare(request)
