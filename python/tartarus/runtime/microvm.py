@@ -148,6 +148,10 @@ async def _host_drives(snapshot_dir: Path, count: int) -> list[DriveConfig] | No
     return drives
 
 
+# The root image made from `spec.rootfs`, in the sandbox's directory.
+ROOT_IMAGE = "root.ext4"
+
+
 def drive_copy_name(index: int) -> str:
     return f"drive{index}.img"
 
@@ -467,7 +471,7 @@ class MicroVmSandbox(AgentSandbox):
         if self.spec.rootfs is not None:
             from tartarus.images.rootfs import make_ext4  # noqa: PLC0415 - images is heavy
 
-            image = self.workdir / "root.ext4"
+            image = self.workdir / ROOT_IMAGE
             seed = hashlib.sha256(str(self.spec.rootfs.resolve()).encode()).hexdigest()
             await make_ext4(self.spec.rootfs, image, seed=seed, progress=lambda _: None)
             return image
@@ -604,6 +608,12 @@ class MicroVmSandbox(AgentSandbox):
                 scratch = msgspec.structs.replace(drive.scratch, size_mib=None)
                 drive = msgspec.structs.replace(drive, path=copy, scratch=scratch)
             elif not await anyio.Path(drive.path).exists():
+                if drive.path == self.workdir / ROOT_IMAGE and self.spec.rootfs is not None:
+                    # Its own root image, which went with the sandbox when it paused
+                    # (Hypnos): made again from the same tree, byte for byte.
+                    await self.root_image()
+                    drives.append(drive)
+                    continue
                 raise SandboxError(
                     f"disk {drive.path} that the snapshot was taken with is gone; "
                     "rebuild the snapshot from its template"
