@@ -148,6 +148,8 @@ def test_gvisor_paused_sandbox_survives_kill_9_and_delete_removes_its_snapshot(
     with running_server(base) as again:
         info = again.raw("GET", f"/v1/sandboxes/{sb}").json()
         assert info["state"] == "paused", info
+        listed = cli(again, "ps").stdout.decode()
+        assert sb in listed and "paused" in listed, listed
         info = verb(again, sb, "resume")
         assert info["state"] == "running"
         assert run(again, sb, "cat /root/note")["stdout"] == "kept\n"

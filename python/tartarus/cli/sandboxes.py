@@ -312,7 +312,7 @@ def ps_command(
     *, show_all: bool, metadata: tuple[str, ...], quiet: bool, as_json: bool, url: str | None
 ) -> None:
     """List sandboxes (running ones unless --all)."""
-    states = [] if show_all else [SandboxState.RUNNING]
+    states = [] if show_all else [SandboxState.RUNNING, SandboxState.PAUSED]
     items = _list(states, parse_pairs(metadata, "--metadata"), url)
     if as_json:
         emit_json(items)
