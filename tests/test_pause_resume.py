@@ -341,3 +341,22 @@ def test_timeout_and_idleness_pause_when_asked(base: Path) -> None:
         for sb in (timed, idle):
             assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
     assert processes_mentioning(str(base)) == []
+
+
+def test_deleting_a_paused_sandbox_that_asked_for_a_checkpoint_keeps_it(base: Path) -> None:
+    require("gvisor")
+    with running_server(base) as s:
+        sb = create(s, "gvisor", checkpoint_on_stop=True)
+        run(s, sb, "echo kept > /root/note")
+        verb(s, sb, "pause")
+        assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+        assert pause_snapshots(s) == []
+        items = s.raw("GET", "/v1/snapshots?limit=500").json()["items"]
+        kept = [i for i in items if i["source_sandbox"] == sb]
+        assert [i["purpose"] for i in kept] == ["terminate"], kept
+        # It is the sandbox as it stopped: a restore finds its file.
+        r = s.json("POST", f"/v1/snapshots/{kept[0]['id']}/restore", {})
+        assert r.status == 201, r.body
+        copy = r.json()["id"]
+        assert run(s, copy, "cat /root/note")["stdout"] == "kept\n"
+        assert s.raw("DELETE", f"/v1/sandboxes/{copy}").status == 204

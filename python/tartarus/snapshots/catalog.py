@@ -152,6 +152,16 @@ class SnapshotCatalog:
             "UPDATE nyx_snapshots SET doc=? WHERE id=?", (self._encoder.encode(record), record.id)
         )
 
+    def repurpose(self, record: SnapshotRecord, purpose: SnapshotPurpose, label: str) -> None:
+        """Files `record` under another purpose (a paused sandbox's snapshot kept as its
+        checkpoint on stop)."""
+        record.purpose = purpose
+        record.label = label
+        self._db.execute(
+            "UPDATE nyx_snapshots SET purpose=?, doc=? WHERE id=?",
+            (purpose.value, self._encoder.encode(record), record.id),
+        )
+
     def _decode(self, seq: int, doc: bytes) -> SnapshotRecord:
         record = self._decoder.decode(doc)
         record.seq = seq

@@ -27,6 +27,7 @@ from tartarus.node.manager import SandboxManager
 from tartarus.node.store import SandboxRecord
 from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
+from tartarus.snapshots.catalog import SnapshotPurpose
 from tartarus.snapshots.pools import acquired_from_restore, facts_of_live
 from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
 
@@ -137,6 +138,15 @@ class Pausing:
         return resumed
 
     async def _discard(self, record: SandboxRecord) -> None:
-        if record.pause_snapshot:
-            with contextlib.suppress(SnapshotNotFoundError):
-                await self.service.delete(record.pause_snapshot)
+        """A paused sandbox is deleted: its snapshot goes, or, if it asked for a
+        checkpoint on stop, stays as that checkpoint (it is the sandbox as it stopped)."""
+        if not record.pause_snapshot:
+            return
+        snapshot = self.service.catalog.get(record.pause_snapshot)
+        if snapshot is not None and record.checkpoint_on_stop:
+            self.service.catalog.repurpose(
+                snapshot, SnapshotPurpose.TERMINATE, "checkpoint on stop (deleted while paused)"
+            )
+            return
+        with contextlib.suppress(SnapshotNotFoundError):
+            await self.service.delete(record.pause_snapshot)
