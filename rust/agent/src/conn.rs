@@ -28,6 +28,8 @@ const OUT_QUEUE: usize = 64;
 const MAX_IN_FLIGHT: usize = 1024;
 /// How long a closing connection may take to flush its last frames.
 const FLUSH_GRACE: Duration = Duration::from_secs(2);
+/// How long a closing connection waits for the processes it killed to be reaped.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
 /// Input discarded after a fatal protocol error, so the error reply is not lost.
 const LINGER_BYTES: u64 = 1 << 20;
 /// Time allowed for the client's hello.
@@ -251,8 +253,16 @@ where
         .map(|(_, t)| t)
         .collect();
     tasks.iter().for_each(AbortHandle::abort);
-    agent.registry.kill_owned_by(conn.id);
+    let killed = agent.registry.kill_owned_by(conn.id);
     drop(conn);
+    // Until they are reaped: a client that connects next (the dialling agent's next
+    // connection comes right after) sees them gone, not dying.
+    let reaped = async {
+        for p in &killed {
+            p.output.wait_from(u64::MAX, 0).await;
+        }
+    };
+    let _ = tokio::time::timeout(KILL_SETTLE, reaped).await;
     // The writer ends once every queued reply is written and all senders are gone.
     let abort = writer_task.abort_handle();
     if tokio::time::timeout(FLUSH_GRACE, writer_task)

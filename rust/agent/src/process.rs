@@ -267,13 +267,16 @@ impl Registry {
         procs.values().filter(|p| p.running()).cloned().collect()
     }
 
-    /// Kills the foreground processes a closed connection left behind.
-    pub fn kill_owned_by(&self, conn: u64) {
+    /// Kills the foreground processes a closed connection left behind; returns them.
+    pub fn kill_owned_by(&self, conn: u64) -> Vec<Arc<Process>> {
+        let mut killed = Vec::new();
         for p in self.running() {
             if p.owner == conn && !p.background {
                 let _ = p.signal(libc::SIGKILL);
+                killed.push(p);
             }
         }
+        killed
     }
 
     /// Starts a process and the tasks that collect its output and exit status.
