@@ -24,7 +24,7 @@ from pathlib import Path
 import anyio
 from tests.support.server import processes_mentioning, running_server
 
-from benches.bench_snapshots import rollup
+from benches.bench_snapshots import raw_restore, rollup
 from benches.harness import Stats, ratio, report, write_result
 from tartarus.config import load_settings
 from tartarus.host.doctor import run_doctor
@@ -97,18 +97,8 @@ async def main() -> None:
                 assert r.status == 200, r.body
 
                 container = f"tt-rawpeer-{secrets.token_hex(3)}"
-                started = time.perf_counter()
-                await runtime.runsc(
-                    "restore",
-                    "--image-path",
-                    str(image),
-                    "--detach",
-                    "--bundle",
-                    str(raw.bundle),
-                    container,
-                    log=work / "raw-restore.log",
-                )
-                restore.append(time.perf_counter() - started)
+                log = work / "raw-restore.log"
+                restore.append(await raw_restore(runtime, image, raw.bundle, container, log))
                 shutil.rmtree(image, ignore_errors=True)
             count = server.json("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": "cat /tmp/count"})
             assert int(count.json()["stdout"]) > 0

@@ -244,6 +244,24 @@ async def pool_creates(work: Path) -> dict[str, Any]:
     }
 
 
+async def raw_restore(
+    runtime: GvisorRuntime, image: Path, bundle: Path, container: str, log: Path
+) -> float:
+    """Seconds a bare `runsc restore --detach` of `image` into `bundle` takes."""
+    started = time.perf_counter()
+    await runtime.runsc(
+        "restore",
+        "--image-path",
+        str(image),
+        "--detach",
+        "--bundle",
+        str(bundle),
+        container,
+        log=log,
+    )
+    return time.perf_counter() - started
+
+
 async def gvisor_restore(work: Path) -> dict[str, Any]:
     """Ours: Nyx restoring a stored checkpoint (bundle, `runsc restore`, agent connected);
     the peer: bare `runsc restore --detach` of the same image into the same bundle."""
@@ -286,18 +304,7 @@ async def gvisor_restore(work: Path) -> dict[str, Any]:
         await restored.kill()
         await service.release(clone.id)
         container = f"nyx-bench-{i}-{secrets.token_hex(4)}"
-        started = time.perf_counter()
-        await runtime.runsc(
-            "restore",
-            "--image-path",
-            str(image),
-            "--detach",
-            "--bundle",
-            str(bundle),
-            container,
-            log=work / "raw-restore.log",
-        )
-        raw.append(time.perf_counter() - started)
+        raw.append(await raw_restore(runtime, image, bundle, container, work / "raw-restore.log"))
         await runtime.destroy(container)
     service.catalog.close()
     a, b = Stats.of(ours), Stats.of(raw)
