@@ -110,6 +110,7 @@ def test_gvisor_pause_resume_ten_times_keeps_processes_and_frees_the_host(base: 
             at_pause = count(s, sb)
             info = verb(s, sb, "pause")
             assert info["state"] == "paused" and info["expires_at"] is None, info
+            assert info["paused_at"] is not None and 0 < info["timeout_left_s"] <= 600, info
             # Nothing of it runs on the host: its memory and processes are freed.
             assert processes_mentioning(f"tt-{sb}-") == [], f"cycle {cycle}"
             again = verb(s, sb, "pause")  # pausing a paused sandbox changes nothing
@@ -323,9 +324,12 @@ def test_timeout_and_idleness_pause_when_asked(base: Path) -> None:
         timed = create(s, "gvisor", timeout_s=2, on_timeout="pause")
         idle = create(s, "gvisor", auto_pause_after_s=2)
         killed = create(s, "gvisor", timeout_s=2)
+        shown = s.raw("GET", f"/v1/sandboxes/{idle}").json()
+        assert (shown["on_timeout"], shown["auto_pause_after_s"]) == ("kill", 2), shown
         run(s, timed, "echo timed > /tmp/note")
         run(s, idle, "echo idle > /tmp/note")
-        wait_state(s, timed, "paused", 60)
+        # Paused by its timeout: it will have its whole timeout again.
+        assert wait_state(s, timed, "paused", 60)["timeout_left_s"] == 2
         wait_state(s, idle, "paused", 60)
         assert wait_state(s, killed, "stopped", 60)["detail"] == "timed out"
         # Both come back as they were; the timed-out one with its whole timeout again.

@@ -164,6 +164,12 @@ class SandboxInfo(_Response, kw_only=True):
     secrets: dict[str, str] = msgspec.field(default_factory=dict)
     # The node agent running it (many hosts; empty on a single host).
     node: str = ""
+    # Paused: since when, and the timeout it will have left when it resumes.
+    paused_at: dt.datetime | None = None
+    timeout_left_s: float | None = None
+    # What its timeout does (kill or pause), and its idle time before it pauses itself.
+    on_timeout: OnTimeout = OnTimeout.KILL
+    auto_pause_after_s: float | None = None
 
 
 class SandboxPage(_Response, kw_only=True):

@@ -63,6 +63,10 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         tenant=record.tenant,
         secrets=record.secrets,
         node=record.node,
+        paused_at=_time(record.paused_at),
+        timeout_left_s=record.remaining_s,
+        on_timeout=record.on_timeout,
+        auto_pause_after_s=record.auto_pause_after_s,
     )
 
 
