@@ -22,14 +22,13 @@ import anyio
 
 from tartarus.api.types import MAX_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
-from tartarus.errors import ConflictError, NotFoundError
+from tartarus.errors import ConflictError
 from tartarus.node.manager import SandboxManager
 from tartarus.node.store import SandboxRecord
-from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
 from tartarus.snapshots.catalog import SnapshotPurpose
 from tartarus.snapshots.pools import acquired_from_restore, facts_of_live
-from tartarus.snapshots.service import SnapshotError, SnapshotNotFoundError, SnapshotService
+from tartarus.snapshots.service import SnapshotNotFoundError, SnapshotService, failures_as
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +53,11 @@ class Pausing:
         async with live.lock:
             if live.closing or live.record.state is not SandboxState.RUNNING:
                 return self.manager.record(sandbox_id)
-            if live.record.backend in FREEZES:
-                try:
+            with failures_as(f"pause {sandbox_id}", "pause-failed", not_supported_as_is=True):
+                if live.record.backend in FREEZES:
                     await live.sandbox.freeze()
-                except SandboxError as e:
-                    raise ConflictError(
-                        f"cannot pause {sandbox_id}: {e}", slug="pause-failed"
-                    ) from e
-                return self.manager.mark_frozen(live)
-            try:
+                    return self.manager.mark_frozen(live)
                 snap = await self.service.suspend(live.sandbox, facts_of_live(live))
-            except NotSupportedError:
-                raise
-            except (SnapshotError, SandboxError) as e:
-                raise ConflictError(f"cannot pause {sandbox_id}: {e}", slug="pause-failed") from e
             return await self.manager.set_aside(live, snap.id)
 
     async def resume(self, sandbox_id: str, caller: Principal) -> SandboxRecord:
@@ -76,12 +66,8 @@ class Pausing:
         if frozen is not None:
             async with frozen.lock:
                 if frozen.record.state is SandboxState.PAUSED:
-                    try:
+                    with failures_as(f"resume {sandbox_id}", "resume-failed"):
                         await frozen.sandbox.thaw()
-                    except SandboxError as e:
-                        raise ConflictError(
-                            f"cannot resume {sandbox_id}: {e}", slug="resume-failed"
-                        ) from e
                     self.manager.mark_thawed(frozen)
             return frozen.record
         lock = self._resuming.setdefault(sandbox_id, anyio.Lock())
@@ -117,12 +103,8 @@ class Pausing:
         admitted = await self.manager.admission.admit(caller, request)
         try:
             spec = SandboxSpec(id=record.id, metadata=record.metadata, egress=[*admitted.egress])
-            try:
+            with failures_as(f"resume {record.id}", "resume-failed"):
                 restored = await self.service.restore(record.pause_snapshot, spec)
-            except SnapshotNotFoundError as e:
-                raise NotFoundError(str(e)) from e
-            except (SnapshotError, SandboxError) as e:
-                raise ConflictError(f"cannot resume {record.id}: {e}", slug="resume-failed") from e
             snapshot_id = record.pause_snapshot
             resumed = self.manager.take_back(
                 record, admitted, acquired_from_restore(restored, record.backend_reason)

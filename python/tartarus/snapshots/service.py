@@ -12,20 +12,27 @@ last owner lets go.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 import anyio
 import msgspec
 
-from tartarus.errors import TartarusError
+from tartarus.errors import ConflictError, NotFoundError, TartarusError
 from tartarus.images.blobs import BlobStore, GcReport
 from tartarus.node.manager import new_sandbox_id
 from tartarus.node.provider import HostRuntimes
-from tartarus.runtime.base import BackendUnavailableError, Runtime, Sandbox
+from tartarus.runtime.base import (
+    BackendUnavailableError,
+    NotSupportedError,
+    Runtime,
+    Sandbox,
+    SandboxError,
+)
 from tartarus.runtime.types import (
     Backend,
     ExecRequest,
@@ -57,6 +64,21 @@ class SnapshotError(TartarusError):
 class SnapshotNotFoundError(SnapshotError):
     def __init__(self, snapshot_id: str) -> None:
         super().__init__(f"no snapshot {snapshot_id}; `tartarus snapshot list` shows them")
+
+
+@contextlib.contextmanager
+def failures_as(action: str, slug: str, *, not_supported_as_is: bool = False) -> Iterator[None]:
+    """Nyx's and the backends' failures as the errors the API answers with: a missing
+    snapshot is NotFoundError, any other ConflictError `slug` ("cannot ACTION: why").
+    `not_supported_as_is`: a backend that cannot do it at all stays NotSupportedError."""
+    try:
+        yield
+    except SnapshotNotFoundError as e:
+        raise NotFoundError(str(e)) from e
+    except (SnapshotError, SandboxError) as e:
+        if not_supported_as_is and isinstance(e, NotSupportedError):
+            raise
+        raise ConflictError(f"cannot {action}: {e}", slug=slug) from e
 
 
 SANDBOX_OWNER_PREFIX = "sandbox-snapshot:"

@@ -28,7 +28,6 @@ from tartarus.images.oci.image import first_error
 from tartarus.node import defaults
 from tartarus.node.manager import AcquiredSandbox, LiveSandbox, SandboxManager, new_sandbox_id
 from tartarus.node.store import SandboxRecord
-from tartarus.runtime.base import NotSupportedError, SandboxError
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.snapshots.catalog import SnapshotCatalog, SnapshotPurpose, SnapshotRecord
 from tartarus.snapshots.pausing import Pausing
@@ -36,9 +35,9 @@ from tartarus.snapshots.pools import ORIGIN, WarmPools, acquired_from_restore, f
 from tartarus.snapshots.service import (
     SHARED_TENANT,
     Progress,
-    SnapshotError,
     SnapshotNotFoundError,
     SnapshotService,
+    failures_as,
 )
 
 log = logging.getLogger(__name__)
@@ -105,12 +104,8 @@ class SnapshotWiring:
         spec = SandboxSpec(
             id=new_sandbox_id(), metadata=request.metadata, env=request.env, egress=[*egress]
         )
-        try:
+        with failures_as("restore", "restore-failed"):
             restored = await self.service.restore(request.from_snapshot, spec)
-        except SnapshotNotFoundError as e:
-            raise NotFoundError(str(e)) from e
-        except (SnapshotError, SandboxError) as e:
-            raise ConflictError(f"cannot restore: {e}", slug="restore-failed") from e
         return acquired_from_restore(restored, f"restored from snapshot {request.from_snapshot}")
 
     # --- snapshots of live sandboxes ------------------------------------------------------
@@ -127,7 +122,8 @@ class SnapshotWiring:
         async with live.lock:
             if live.closing:
                 raise SandboxNotRunningError(f"sandbox {sandbox_id} is stopping")
-            try:
+            # 409 not-supported for a backend that cannot snapshot at all.
+            with failures_as(f"snapshot {sandbox_id}", "snapshot-failed", not_supported_as_is=True):
                 return await self.service.take(
                     live.sandbox,
                     facts_of_live(live),
@@ -135,12 +131,6 @@ class SnapshotWiring:
                     label=label,
                     metadata=metadata,
                 )
-            except NotSupportedError:
-                raise  # 409 not-supported: this backend cannot snapshot at all
-            except (SnapshotError, SandboxError) as e:
-                raise ConflictError(
-                    f"cannot snapshot {sandbox_id}: {e}", slug="snapshot-failed"
-                ) from e
 
     async def fork(
         self,
@@ -197,7 +187,7 @@ class SnapshotWiring:
         label: str = "",
         progress: Progress | None = None,
     ) -> SnapshotRecord:
-        try:
+        with failures_as(f"snapshot template {template}", "snapshot-failed"):
             record = await self.service.build_template(
                 template,
                 backend=backend,
@@ -205,10 +195,6 @@ class SnapshotWiring:
                 label=label,
                 progress=progress,
             )
-        except (SnapshotError, SandboxError) as e:
-            raise ConflictError(
-                f"cannot snapshot template {template}: {e}", slug="snapshot-failed"
-            ) from e
         self.pools.wake()
         return record
 
