@@ -431,7 +431,6 @@ class SandboxManager:
                 id=spec.id,
                 template=spec.template,
                 backend=runtime.backend,
-                requested_backend=request.backend,
                 state=SandboxState.CREATED,
                 created_at=time.time(),
                 resources=spec.resources,
@@ -439,13 +438,7 @@ class SandboxManager:
                 network=spec.network,
                 trust=spec.trust,
                 backend_reason=reason,
-                tenant=caller.tenant,
-                owner=caller.subject,
-                secrets=request.secrets,
-                checkpoint_on_stop=request.checkpoint_on_stop,
-                on_timeout=request.on_timeout,
-                auto_pause_after_s=request.auto_pause_after_s,
-                timeout_s=request.resolved_timeout_s(),
+                **asked_for(request, caller),
             )
         )
         sandbox: Sandbox | None = None
@@ -482,7 +475,6 @@ class SandboxManager:
                     id=acquired.sandbox.id,
                     template=acquired.template,
                     backend=acquired.runtime.backend,
-                    requested_backend=request.backend,
                     state=SandboxState.RUNNING,
                     created_at=now,
                     expires_at=now + request.resolved_timeout_s(),
@@ -491,13 +483,7 @@ class SandboxManager:
                     network=acquired.network,
                     trust=acquired.trust,
                     backend_reason=acquired.reason,
-                    tenant=caller.tenant,
-                    owner=caller.subject,
-                    secrets=request.secrets,
-                    checkpoint_on_stop=request.checkpoint_on_stop,
-                    on_timeout=request.on_timeout,
-                    auto_pause_after_s=request.auto_pause_after_s,
-                    timeout_s=request.resolved_timeout_s(),
+                    **asked_for(request, caller),
                 )
             )
         except BaseException:
@@ -597,12 +583,7 @@ class SandboxManager:
     def pausable(self, sandbox_id: str) -> LiveSandbox | None:
         """The running sandbox to pause, or None if it is paused already; 404/409 for
         one that never existed or ended."""
-        live = self._live.get(sandbox_id)
-        if live is None or live.closing:
-            if self.record(sandbox_id).state is SandboxState.PAUSED:
-                return None
-            return self.live(sandbox_id)  # raises
-        return None if live.record.state is SandboxState.PAUSED else live
+        return None if self.is_paused(sandbox_id) else self.live(sandbox_id)
 
     def frozen(self, sandbox_id: str) -> LiveSandbox | None:
         """A paused sandbox still held in place (frozen), if this is one."""
@@ -714,6 +695,21 @@ class SandboxManager:
                 await sandbox.kill()
         except Exception:
             log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
+
+
+def asked_for(request: CreateSandboxRequest, caller: Principal) -> dict[str, Any]:
+    """A new record's fields that come from the request and its caller, however the
+    sandbox was made (started, or handed out by a source)."""
+    return {
+        "requested_backend": request.backend,
+        "tenant": caller.tenant,
+        "owner": caller.subject,
+        "secrets": request.secrets,
+        "checkpoint_on_stop": request.checkpoint_on_stop,
+        "on_timeout": request.on_timeout,
+        "auto_pause_after_s": request.auto_pause_after_s,
+        "timeout_s": request.resolved_timeout_s(),
+    }
 
 
 def paused_detail(sandbox_id: str) -> str:
