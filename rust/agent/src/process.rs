@@ -40,6 +40,8 @@ const READ_BYTES: usize = crate::ring::COALESCE_BYTES;
 const PIPE_BYTES: i32 = 1 << 20;
 /// After a process exits, how long to keep draining output held open by its children.
 const DRAIN_GRACE: Duration = Duration::from_millis(200);
+/// How long a timed-out process's group may take to die and be reaped.
+const GROUP_SETTLE: Duration = Duration::from_secs(2);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub type Failure = (&'static str, String);
@@ -336,6 +338,15 @@ impl Registry {
         };
         let started = Instant::now();
         let spawned = spawn_child(&self.reaper, launch).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return (
+                    codes::BUSY,
+                    format!(
+                        "cannot run {:?}: the sandbox is at its process limit ({e})",
+                        argv[0]
+                    ),
+                );
+            }
             let code = match e.kind() {
                 std::io::ErrorKind::NotFound => codes::NOT_FOUND,
                 std::io::ErrorKind::PermissionDenied => codes::PERMISSION_DENIED,
@@ -409,7 +420,9 @@ impl Registry {
                 () = tokio::time::sleep(limit) => {
                     process.timed_out.store(true, Ordering::SeqCst);
                     let _ = process.signal(libc::SIGKILL);
-                    exit_rx.await
+                    let ended = exit_rx.await;
+                    settle_group(process.pid).await;
+                    ended
                 }
             },
             None => exit_rx.await,
@@ -515,6 +528,20 @@ fn set_cloexec(fd: &OwnedFd) -> std::io::Result<()> {
 /// Best effort: the limit (/proc/sys/fs/pipe-max-size) may be lower.
 fn grow_pipe(fd: &OwnedFd) {
     let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+}
+
+/// Kills what is left of a timed-out process's group until none of it is left
+/// unreaped, so its end frees the pids it held: a fork bomb's children may fork
+/// past the first kill, and until they are reaped they count against the
+/// sandbox's pids limit and make the next exec fail with EAGAIN.
+async fn settle_group(pid: u32) {
+    let group = Pid::from_raw(pid as i32);
+    let gone = async {
+        while killpg(group, Signal::SIGKILL).is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(GROUP_SETTLE, gone).await;
 }
 
 /// What to run: the request, resolved.
