@@ -14,7 +14,13 @@ from tartarus.binaries import find_binary
 from tartarus.runtime.agent_client import AgentClient
 from tartarus.runtime.agent_sandbox import AgentSandbox
 from tartarus.runtime.base import NotSupportedError
-from tartarus.runtime.types import Backend, SandboxState, SandboxStatus, SnapshotInfo
+from tartarus.runtime.types import (
+    Backend,
+    SandboxState,
+    SandboxStatus,
+    SnapshotInfo,
+    StopOutcome,
+)
 
 
 @contextmanager
@@ -72,9 +78,10 @@ class HostAgentSandbox(AgentSandbox):
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         raise NotSupportedError(self.backend, "snapshot")
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        await self.shutdown_agent(grace_s)
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
+        outcome = await self.shutdown_agent(grace_s)
         await self.close_agent()
+        return outcome
 
     async def kill(self) -> None:
         await self.close_agent()

@@ -7,7 +7,8 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,8 @@ class ProbeRuntimes(HostRuntimes):
     async def release(self, sandbox_id: str) -> None:
         return None
 
-    async def reap_all(self) -> set[str]:
-        return set(await self.microvm.reap(keep=set()))
+    async def reap_all(self, keep: Mapping[Backend, AbstractSet[str]] | None = None) -> set[str]:
+        return set(await self.microvm.reap(keep=set((keep or {}).get(Backend.MICROVM, ()))))
 
 
 def isolated_settings(base: Path) -> Settings:

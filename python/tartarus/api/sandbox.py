@@ -37,6 +37,25 @@ class SandboxState(StrEnum):
     FAILED = "failed"
 
 
+class Ending(StrEnum):
+    """How a sandbox ended."""
+
+    # Stopped when asked (a delete, the server's shutdown, a policy): with a grace
+    # period, every process exited after its SIGTERM within it.
+    STOPPED = "stopped"
+    # Stopped when asked, but some process outlived the grace period and was killed.
+    KILLED_AFTER_GRACE = "killed_after_grace"
+    # Ended at once, with no grace period.
+    KILLED = "killed"
+    TIMED_OUT = "timed_out"
+    # Ended by itself: its agent, init or VM went away.
+    EXITED = "exited"
+    # The host's OOM killer ended it.
+    OOM = "oom"
+    # It never ran, or its server died and it was reaped.
+    FAILED = "failed"
+
+
 class OnTimeout(StrEnum):
     """What a sandbox's timeout does to it."""
 

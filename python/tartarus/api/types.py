@@ -16,6 +16,7 @@ from msgspec import Meta
 from tartarus.api.placement import PlacementRules
 from tartarus.api.sandbox import (
     Backend,
+    Ending,
     FileInfo,
     OnTimeout,
     Resources,
@@ -170,6 +171,8 @@ class SandboxInfo(_Response, kw_only=True):
     # What its timeout does (kill or pause), and its idle time before it pauses itself.
     on_timeout: OnTimeout = OnTimeout.KILL
     auto_pause_after_s: float | None = None
+    # How it ended, once it has.
+    ending: Ending | None = None
 
 
 class SandboxPage(_Response, kw_only=True):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 
 import anyio
 import msgspec
@@ -24,7 +25,7 @@ from tartarus.fleet.node_agent import AgentOptions, NodeAgent, Outbox, Reporting
 from tartarus.fleet.routes import FleetPlugin
 from tartarus.fleet.state import FleetState, open_state
 from tartarus.node.provider import HostRuntimes
-from tartarus.runtime.base import BackendUnavailableError, Runtime
+from tartarus.runtime.base import BackendUnavailableError, Runtime, Sandbox
 from tartarus.runtime.types import Backend, SandboxSpec
 from tartarus.scheduling.nodes import GENERAL_POOL, NodeCapacity, NodeSpec, Taint
 from tartarus.server.serve import ServeOptions, serve
@@ -50,7 +51,10 @@ class FleetBackends(HostRuntimes):
             "this API server schedules sandboxes on node agents and runs none itself"
         )
 
-    async def reap_all(self) -> set[str]:
+    async def reattach(self, spec: SandboxSpec) -> tuple[Runtime, Sandbox] | None:
+        return None
+
+    async def reap_all(self, keep: Mapping[Backend, AbstractSet[str]] | None = None) -> set[str]:
         return set()
 
     async def describe(self) -> dict[str, str]:

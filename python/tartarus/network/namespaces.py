@@ -157,6 +157,33 @@ class SandboxNetworks:
         self.links[lease.host_if] = sandbox_id
         return net
 
+    async def reattach(self, sandbox_id: str, rules: EgressRules | None) -> SandboxNetwork | None:
+        """The namespace (and link, rules and lease) a server that died made for the
+        sandbox, taken over as they are, its resolver opened again; None if its
+        namespace is gone or a granted sandbox's lease is."""
+        name = self.netns_name(sandbox_id)
+        if not (NETNS_DIR / name).exists():
+            return None
+        net = SandboxNetwork(sandbox_id=sandbox_id, netns=name)
+        if rules is None:
+            return net
+        leases = [
+            lease
+            for lease in self.pool.leases()
+            if lease.scope == self.scope and lease.sandbox_id == sandbox_id
+        ]
+        if not leases:
+            return None
+        lease = leases[0]
+        upstream = self._upstream()
+        net = msgspec.structs.replace(
+            net, lease=lease, resolver=lease.host_address if upstream is not None else None
+        )
+        if upstream is not None:
+            await self._open_resolver(lease, rules, upstream)
+        self.links[lease.host_if] = sandbox_id
+        return net
+
     def _upstream(self) -> str | None:
         if not self.settings.dns:
             return None

@@ -20,8 +20,8 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from tartarus.api.sandbox import OnTimeout
-from tartarus.api.types import CreateSandboxRequest
+from tartarus.api.sandbox import Ending, OnTimeout
+from tartarus.api.types import MAX_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import SYSTEM, Principal
 from tartarus.errors import (
     ConflictError,
@@ -41,7 +41,14 @@ from tartarus.node.store import (
     decode_cursor,
 )
 from tartarus.runtime.base import BackendUnavailableError, Execution, Runtime, Sandbox
-from tartarus.runtime.types import Backend, Resources, SandboxSpec, SandboxState, TrustLevel
+from tartarus.runtime.types import (
+    Backend,
+    Resources,
+    SandboxSpec,
+    SandboxState,
+    StopOutcome,
+    TrustLevel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +199,24 @@ class SandboxManager:
     # --- lifecycle of the manager ---------------------------------------------------------
 
     async def reconcile(self) -> list[str]:
-        """Runs once at start: records that say "running" belong to a server that died;
-        their sandboxes are reaped and the records closed. Returns the ids closed."""
+        """Runs once at start: records that say "running" belong to a server that died.
+        Sandboxes of theirs that outlived it and whose backend can re-attach (gVisor)
+        rejoin the live set; the rest are reaped and their records closed. Returns the
+        ids closed."""
         # A sandbox paused to a snapshot has nothing on this host to lose: it waits.
         orphans = [r for r in self.store.live() if not r.pause_snapshot]
         self.store.release_unbound_keys()
-        reaped = await self.provider.reap_all()
+        readopted: dict[Backend, set[str]] = {}
+        for record in orphans:
+            if record.state is SandboxState.RUNNING and await self._reattach(record):
+                readopted.setdefault(record.backend, set()).add(record.id)
+        reaped = await self.provider.reap_all(keep=readopted)
+        orphans = [r for r in orphans if r.id not in readopted.get(r.backend, ())]
         now = time.time()
         for record in orphans:
             await self.provider.release(record.id)
             record.state = SandboxState.FAILED
+            record.ending = Ending.FAILED
             record.ended_at = now
             record.detail = (
                 "the server stopped while this sandbox was running; it was reaped on restart"
@@ -211,6 +226,46 @@ class SandboxManager:
             self.store.save(record)
         self.store.purge_ended(now - RETENTION_S)
         return [r.id for r in orphans]
+
+    async def _reattach(self, record: SandboxRecord) -> bool:
+        """Takes back a sandbox a server that died left running: admitted again as its
+        owner (which re-takes its quota share), found by its backend, and live again
+        with the deadline it had. False, and nothing held, if it cannot be."""
+        remaining = 1.0 if record.expires_at is None else record.expires_at - time.time()
+        try:
+            admitted = await self.admission.admit(
+                owner_of_record(record), request_of(record, remaining)
+            )
+        except Exception as e:
+            log.warning("sandbox %s is not re-admitted after the restart: %s", record.id, e)
+            return False
+        spec = SandboxSpec(
+            id=record.id,
+            template=record.template,
+            backend=record.backend,
+            network=record.network,
+            egress=[*admitted.egress],
+            trust=record.trust,
+            metadata=record.metadata,
+            resources=record.resources,
+        )
+        try:
+            found = await self.provider.reattach(spec)
+        except Exception:
+            log.exception("re-attaching to sandbox %s failed", record.id)
+            found = None
+        if found is None:
+            admitted.release()
+            return False
+        runtime, sandbox = found
+        self._live[record.id] = LiveSandbox(
+            record=record,
+            sandbox=admitted.bind(record, sandbox),
+            runtime=runtime,
+            workdir=record.workdir,
+        )
+        log.info("re-attached to sandbox %s after a restart", record.id)
+        return True
 
     async def expire_forever(self) -> None:
         """Stops (or pauses, as each asked) sandboxes whose deadline passed, and pauses
@@ -223,7 +278,7 @@ class SandboxManager:
             next_due = min([EXPIRY_TICK_S, *(d - now for d in deadlines)])
             await anyio.sleep(max(EXPIRY_MIN_S, next_due))
             now = time.time()
-            timed_out, idle = [], []
+            timed_out, idle, lost = [], [], []
             for live in self._live.values():
                 if live.closing:
                     continue
@@ -231,11 +286,15 @@ class SandboxManager:
                     timed_out.append(live)
                 elif (idle_at := live.idle_deadline()) is not None and idle_at <= now:
                     idle.append(live)
+                elif live.sandbox.lost and not live.lock.locked():
+                    lost.append(live)
             async with anyio.create_task_group() as tg:
                 for live in timed_out:
                     tg.start_soon(self._time_out, live)
                 for live in idle:
                     tg.start_soon(self._pause_idle, live)
+                for live in lost:
+                    tg.start_soon(self._lose, live)
 
     @staticmethod
     def _deadlines(live: LiveSandbox) -> list[float]:
@@ -252,7 +311,23 @@ class SandboxManager:
                 log.warning("pausing %s at its timeout failed (%s); stopping it", live.record.id, e)
             else:
                 return
-        await self._end(live, SandboxState.STOPPED, "timed out", self.timeout_grace_s)
+        await self._end(
+            live, SandboxState.STOPPED, "timed out", self.timeout_grace_s, ending=Ending.TIMED_OUT
+        )
+
+    async def _lose(self, live: LiveSandbox) -> None:
+        """Its agent went away by itself: if its backend confirms it stopped, the record
+        ends as failed, saying how (the OOM killer, or it exited)."""
+        try:
+            status = await live.sandbox.status()
+        except Exception as e:
+            log.warning("the status of sandbox %s is unknown: %s", live.record.id, e)
+            return
+        if status.state in (SandboxState.RUNNING, SandboxState.PAUSED, SandboxState.CREATED):
+            return
+        ending = Ending.OOM if status.oom else Ending.EXITED
+        detail = status.detail or "the sandbox stopped by itself"
+        await self._end(live, SandboxState.FAILED, detail, 0.0, ending=ending)
 
     async def _pause_idle(self, live: LiveSandbox) -> None:
         if self.pauser is None:
@@ -438,6 +513,7 @@ class SandboxManager:
                 network=spec.network,
                 trust=spec.trust,
                 backend_reason=reason,
+                workdir=workdir,
                 **asked_for(request, caller),
             )
         )
@@ -450,6 +526,7 @@ class SandboxManager:
                 if sandbox is not None:
                     await self._teardown(sandbox, grace_s=0)
                 record.state = SandboxState.FAILED
+                record.ending = Ending.FAILED
                 record.ended_at = time.time()
                 record.detail = f"could not start: {e}" if str(e) else "could not start"
                 self.store.save(record)
@@ -483,6 +560,7 @@ class SandboxManager:
                     network=acquired.network,
                     trust=acquired.trust,
                     backend_reason=acquired.reason,
+                    workdir=acquired.workdir,
                     **asked_for(request, caller),
                 )
             )
@@ -541,8 +619,16 @@ class SandboxManager:
         return tuple(live for live in self._live.values() if not live.closing)
 
     async def _end(
-        self, live: LiveSandbox, state: SandboxState, detail: str, grace_s: float
+        self,
+        live: LiveSandbox,
+        state: SandboxState,
+        detail: str,
+        grace_s: float,
+        *,
+        ending: Ending | None = None,
     ) -> None:
+        """Tears a live sandbox down (SIGTERM, `grace_s`, SIGKILL) and closes its record
+        with `state` and `detail`; `ending` says how it ended, else its stop tells."""
         with anyio.CancelScope(shield=True):
             async with live.lock:
                 if live.record.state not in LIVE_STATES:
@@ -561,7 +647,7 @@ class SandboxManager:
                 # stream notices the teardown.
                 live.ended.set()
                 await self._close_services(live)
-                await self._teardown(live.sandbox, grace_s=grace_s)
+                outcome = await self._teardown(live.sandbox, grace_s=grace_s)
                 # The sandbox ended when its teardown did; the hooks and unpinning its
                 # template (a write to the blob store shared with every build) may wait.
                 ended_at = time.time()
@@ -571,6 +657,12 @@ class SandboxManager:
                 except Exception:
                     log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
+                live.record.ending = ending or ending_of(grace_s, outcome)
+                if outcome is not None and outcome.killed:
+                    detail += (
+                        f"; {outcome.killed} process(es) still running after the"
+                        f" {grace_s:g} s grace period were killed"
+                    )
                 live.record.detail = detail
                 live.record.ended_at = ended_at
                 self.store.save(live.record)
@@ -647,6 +739,7 @@ class SandboxManager:
         set with the timeout it had left."""
         self._start_clock(record)
         record.backend_reason = acquired.reason
+        record.workdir = acquired.workdir
         self.store.save(record)
         self._enlist(record, admitted, acquired)
         return record
@@ -658,6 +751,7 @@ class SandboxManager:
             except Exception:
                 log.exception("discarding the pause snapshot of %s failed", record.id)
         record.state = SandboxState.STOPPED
+        record.ending = Ending.KILLED
         record.detail = detail
         record.ended_at = time.time()
         record.paused_at = None
@@ -679,22 +773,22 @@ class SandboxManager:
             except Exception:
                 log.exception("a hook %s of sandbox %s failed", when, live.record.id)
 
-    async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> None:
+    async def _teardown(self, sandbox: Sandbox, *, grace_s: float) -> StopOutcome | None:
+        """Stops (or at once kills) `sandbox`; returns how a stop ended its processes."""
         try:
             with anyio.fail_after(grace_s + TEARDOWN_SLACK_S):
                 if grace_s > 0:
-                    await sandbox.stop(grace_s)
-                else:
-                    await sandbox.kill()
+                    return await sandbox.stop(grace_s)
+                await sandbox.kill()
+                return None
         except Exception:
             log.exception("stopping sandbox %s failed; killing it", sandbox.id)
-        else:
-            return
         try:
             with anyio.fail_after(TEARDOWN_SLACK_S):
                 await sandbox.kill()
         except Exception:
             log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
+        return None
 
 
 def asked_for(request: CreateSandboxRequest, caller: Principal) -> dict[str, Any]:
@@ -710,6 +804,43 @@ def asked_for(request: CreateSandboxRequest, caller: Principal) -> dict[str, Any
         "auto_pause_after_s": request.auto_pause_after_s,
         "timeout_s": request.resolved_timeout_s(),
     }
+
+
+def ending_of(grace_s: float, outcome: StopOutcome | None) -> Ending:
+    """How a sandbox stopped when asked ended: at once, within its grace period, or
+    with processes killed after it."""
+    if grace_s <= 0:
+        return Ending.KILLED
+    if outcome is not None and outcome.killed:
+        return Ending.KILLED_AFTER_GRACE
+    return Ending.STOPPED
+
+
+def request_of(record: SandboxRecord, timeout_s: float) -> CreateSandboxRequest:
+    """The create request a record stands for, with `timeout_s` left: what a resume or
+    a re-attach after a restart admits again."""
+    r = record.resources
+    return CreateSandboxRequest(
+        template=record.template,
+        backend=record.backend,
+        resources=ResourcesBody(
+            vcpus=r.vcpus, memory_mib=r.memory_mib, disk_mib=r.disk_mib, pids=r.pids
+        ),
+        timeout_s=min(MAX_TIMEOUT_S, max(1.0, timeout_s)),
+        metadata=record.metadata,
+        network=record.network,
+        trust=record.trust,
+        secrets=record.secrets,
+    )
+
+
+def owner_of_record(record: SandboxRecord) -> Principal:
+    """Who a sandbox is admitted again as when the server does it itself (a re-attach
+    after a restart): its tenant and owner, with the server's rights, since the owner's
+    own were judged when it was created."""
+    return msgspec.structs.replace(
+        SYSTEM, subject=record.owner or SYSTEM.subject, tenant=record.tenant
+    )
 
 
 def paused_detail(sandbox_id: str) -> str:

@@ -11,7 +11,8 @@ reaping there after a crash touches nothing else.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import anyio
 import msgspec
@@ -24,7 +25,7 @@ from tartarus.images.errors import TemplateNotFoundError
 from tartarus.images.store import TemplateInfo, TemplateManifest
 from tartarus.network.namespaces import SandboxNetworks
 from tartarus.node.admission import TemplateDefaults
-from tartarus.runtime.base import BackendUnavailableError, Runtime
+from tartarus.runtime.base import BackendUnavailableError, Runtime, Sandbox
 from tartarus.runtime.selector import make_runtime, select_backend
 from tartarus.runtime.types import Backend, SandboxSpec
 
@@ -102,12 +103,23 @@ class HostRuntimes:
     async def release(self, sandbox_id: str) -> None:
         await self.templates.release(owner_of(sandbox_id))
 
-    async def reap_all(self) -> set[str]:
+    async def reattach(self, spec: SandboxSpec) -> tuple[Runtime, Sandbox] | None:
+        """The running sandbox `spec` names, left by a server that died, if its backend
+        can re-attach to it; None if it cannot or the sandbox is gone."""
+        try:
+            runtime = self.runtime(spec.backend)
+        except BackendUnavailableError:
+            return None
+        sandbox = await runtime.reattach(spec)
+        return None if sandbox is None else (runtime, sandbox)
+
+    async def reap_all(self, keep: Mapping[Backend, AbstractSet[str]] | None = None) -> set[str]:
+        """Reaps every backend's leftovers but those of the sandboxes `keep` lists for it."""
         reaped: set[str] = set()
         for backend in REAPED:
             try:
                 runtime = self.runtime(backend)
-                reaped.update(await runtime.reap(keep=set()))
+                reaped.update(await runtime.reap(keep=set((keep or {}).get(backend, ()))))
             except BackendUnavailableError:
                 continue
             except Exception:

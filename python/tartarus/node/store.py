@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from tartarus.api.sandbox import OnTimeout
+from tartarus.api.sandbox import Ending, OnTimeout
 from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, Resources, SandboxState, TrustLevel
 from tartarus.sqlite_wal import open_db
@@ -87,6 +87,11 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     auto_pause_after_s: float | None = None
     # The timeout it was given, which a sandbox its timeout paused gets again on resume.
     timeout_s: float | None = None
+    # How it ended, once it has.
+    ending: Ending | None = None
+    # The template's working directory, where commands run unless they say otherwise
+    # (kept so a server that re-attaches to the sandbox after a restart knows it).
+    workdir: str = "/"
     seq: int = 0
 
     @property

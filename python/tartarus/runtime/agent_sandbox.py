@@ -32,6 +32,7 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
     Stream,
 )
 
@@ -206,6 +207,12 @@ class AgentSandbox(abc.ABC):
     def agent(self, client: AgentClient | None) -> None:
         self._agent = client
 
+    @property
+    def lost(self) -> bool:
+        # Whatever hangs up on purpose (a stop, a snapshot) lets go of the client
+        # first; a closed one still held went away by itself.
+        return self._agent is not None and self._agent.closed
+
     async def close_agent(self) -> None:
         if self._agent is not None:
             client, self._agent = self._agent, None
@@ -245,7 +252,7 @@ class AgentSandbox(abc.ABC):
         raise NotSupportedError(self.backend, "freezing")
 
     @abc.abstractmethod
-    async def stop(self, grace_s: float = 10.0) -> None: ...
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None: ...
 
     @abc.abstractmethod
     async def kill(self) -> None: ...
@@ -260,14 +267,19 @@ class AgentSandbox(abc.ABC):
             pids=s.pids,
         )
 
-    async def shutdown_agent(self, grace_s: float) -> None:
+    async def shutdown_agent(self, grace_s: float) -> StopOutcome | None:
         """Asks the agent to terminate every process (SIGTERM, `grace_s`, SIGKILL) and
-        exit. The connection closing before the reply counts as done."""
+        exit; returns how they ended (None from an agent too old to say). The connection
+        closing before the reply counts as done."""
         try:
-            await self.agent.call(p.Shutdown(grace_s=grace_s), timeout_s=grace_s + 10)
+            reply = await self.agent.call(p.Shutdown(grace_s=grace_s), timeout_s=grace_s + 10)
         except AgentError as exc:
             if exc.code != "connection":
                 raise
+            return None
+        if isinstance(reply, p.ShutDown):
+            return StopOutcome(terminated=reply.terminated, killed=reply.killed)
+        return None
 
     # ---- processes ----
 

@@ -25,6 +25,7 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
 )
 
 
@@ -93,6 +94,12 @@ class Sandbox(Protocol):
     @property
     def backend(self) -> Backend: ...
 
+    @property
+    def lost(self) -> bool:
+        """True once the sandbox is known to have ended by itself (its agent's
+        connection closed while nothing was stopping it); cheap, for a watcher."""
+        ...
+
     async def start(self) -> None: ...
 
     async def status(self) -> SandboxStatus: ...
@@ -146,8 +153,9 @@ class Sandbox(Protocol):
 
     async def thaw(self) -> None: ...
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every process, wait up to `grace_s`, then kill; releases all resources."""
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
+        """SIGTERM every process, wait up to `grace_s`, then kill; releases all resources.
+        Returns how the processes ended; None where the backend cannot tell."""
         ...
 
     async def kill(self) -> None:
@@ -168,6 +176,11 @@ class Runtime(Protocol):
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> Sandbox:
         """Creates a running sandbox from a snapshot taken by this backend."""
+        ...
+
+    async def reattach(self, spec: SandboxSpec) -> Sandbox | None:
+        """The running sandbox `spec.id`, left by a server that died, connected again;
+        None if this backend's sandboxes do not outlive their server or it is gone."""
         ...
 
     async def reap(self, keep: set[str]) -> list[str]:

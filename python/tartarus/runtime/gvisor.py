@@ -51,6 +51,7 @@ import msgspec
 
 from tartarus import paths
 from tartarus.binaries import find_binary
+from tartarus.host.procfs import process_alive
 from tartarus.host.runsc import (
     Runsc,
     RunscError,
@@ -85,9 +86,13 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
 )
 
 RUNSC_TIMEOUT_S: Final = 60.0
+# How long a restarted server waits for a surviving sandbox's agent to dial in again
+# (it redials every 100 ms).
+REATTACH_TIMEOUT_S: Final = 5.0
 # What the sandbox sees at /.tartarus: `<sandbox dir>/agent`.
 AGENT_DIR_IN_SANDBOX: Final = str(Path(AGENT_IN_SANDBOX).parent)
 AGENT_DIR: Final = "agent"
@@ -148,6 +153,8 @@ class GvisorSandbox(HostedAgentSandbox):
         self.container = _container_name(spec.id)
         self.network: SandboxNetwork | None = network
         self._dial_in = AgentDialIn(self._dir / AGENT_DIR / AGENT_SOCKET)
+        # The sandbox's host process (runsc's sandbox, the sentry), once started.
+        self._pid: int | None = None
 
     @property
     def bundle(self) -> Path:
@@ -197,27 +204,43 @@ class GvisorSandbox(HostedAgentSandbox):
         self._find_cgroup(pid_file)
         self.agent = await self._dial_in.accept()
 
+    async def reconnect(self) -> None:
+        """Connects to the agent of a sandbox already running (left by a server that
+        died): it dials this sandbox's socket again once the host listens there."""
+        self._find_cgroup(self._dir / "sandbox.pid")
+        self.agent = await self._dial_in.accept(timeout_s=REATTACH_TIMEOUT_S)
+        self._state = SandboxState.RUNNING
+
     def _find_cgroup(self, pid_file: Path) -> None:
         pid = pid_file.read_text().strip() if pid_file.is_file() else ""
         if pid.isdigit() and int(pid) > 0:
-            self._cgroup = CgroupReader(cgroup_dirs_of(int(pid)))
+            self._pid = int(pid)
+            self._cgroup = CgroupReader(cgroup_dirs_of(self._pid))
+
+    @property
+    def lost(self) -> bool:
+        # The agent is held only while the sandbox runs (a snapshot lets go of it
+        # first); the client reads only when asked, so a dead sandbox shows in its
+        # host process before it does there.
+        if self._agent is None:
+            return False
+        return self._agent.closed or (self._pid is not None and not process_alive(self._pid))
 
     async def status(self) -> SandboxStatus:
         state = self._state
         detail = ""
+        oom = False
         if state is SandboxState.RUNNING:
-            result = await self._runsc("state", self.container, check=False)
-            running = result.returncode == 0 and json.loads(result.stdout).get("status") == (
-                "running"
-            )
+            running = await self._runtime.running(self.container)
             # Current runsc can still say "running" a moment after the host OOM killer
-            # took the sandbox down; the agent's connection is gone by then.
-            lost = self._agent is not None and self._agent.closed
-            if not running or lost:
+            # took the sandbox down; its process and the agent's connection are gone.
+            if not running or self.lost:
                 state = SandboxState.FAILED
-                oom = self._cgroup.oom_kills()
+                oom = self._cgroup.oom_kills() > 0
                 detail = "killed by the host OOM killer" if oom else "the sandbox stopped"
-        return SandboxStatus(id=self.id, backend=Backend.GVISOR, state=state, detail=detail)
+        return SandboxStatus(
+            id=self.id, backend=Backend.GVISOR, state=state, detail=detail, oom=oom
+        )
 
     async def stats(self) -> SandboxStats:
         """Memory and CPU from the host cgroup (what the sandbox really costs, gVisor
@@ -277,11 +300,13 @@ class GvisorSandbox(HostedAgentSandbox):
             backend=Backend.GVISOR, path=dest_dir, size_bytes=size, source_sandbox=self.id
         )
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
+        outcome = None
         if self._state is SandboxState.RUNNING:
             with contextlib.suppress(SandboxError):
-                await self.shutdown_agent(grace_s)
+                outcome = await self.shutdown_agent(grace_s)
         await self.kill()
+        return outcome
 
     async def kill(self) -> None:
         await self.close_agent()
@@ -490,6 +515,41 @@ class GvisorRuntime:
         sandbox = await self._prepare(spec)
         await sandbox.start(restore_from=snapshot.path)
         return sandbox
+
+    async def reattach(self, spec: SandboxSpec) -> GvisorSandbox | None:
+        """A sandbox outlives its server: runsc runs it detached, and its agent dials
+        the socket again until a host listens (every 100 ms once the host is gone for
+        long). This finds its container still running, takes over its namespace, and
+        listens for the agent; None if any of that is gone."""
+        directory = self._root / spec.id
+        running = [
+            c
+            for c in await self.containers()
+            if _sandbox_id(c) == spec.id and await self.running(c)
+        ]
+        if not running or not (directory / "bundle").is_dir():
+            return None
+        rules = None
+        if spec.network:
+            rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
+        network = await self.networks.reattach(spec.id, rules)
+        if network is None:
+            return None
+        sandbox = GvisorSandbox(self, spec, directory, network)
+        sandbox.container = running[0]
+        self.live.add(sandbox.container)
+        try:
+            await sandbox.reconnect()
+        except SandboxError:
+            return None
+        return sandbox
+
+    async def running(self, container: str) -> bool:
+        """Whether runsc says `container` is running."""
+        result = await self.runsc("state", container, check=False)
+        with contextlib.suppress(ValueError):
+            return result.returncode == 0 and json.loads(result.stdout).get("status") == "running"
+        return False
 
     async def destroy(self, container: str) -> None:
         """Kills and deletes a container; a missing one is not an error. `delete

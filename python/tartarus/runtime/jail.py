@@ -57,6 +57,7 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
 )
 
 START_TIMEOUT_S: Final = 30.0
@@ -210,11 +211,24 @@ class JailSandbox(HostedAgentSandbox):
                     break
         return data.decode(errors="replace").strip() or f"exit status {self._process.returncode}"
 
+    @property
+    def lost(self) -> bool:
+        # Its supervisor is our child: its exit shows before the agent's connection
+        # (read only when asked) does.
+        if self._agent is None:
+            return False
+        return self._agent.closed or (
+            self._process is not None and self._process.returncode is not None
+        )
+
     async def status(self) -> SandboxStatus:
         state = self._state
+        detail, oom = "", False
         if state is SandboxState.RUNNING and self._process and self._process.returncode is not None:
             state = SandboxState.FAILED
-        return SandboxStatus(id=self.id, backend=Backend.JAIL, state=state)
+            oom = self._cgroup.oom_kills() > 0
+            detail = "killed by the host OOM killer" if oom else "the jail exited"
+        return SandboxStatus(id=self.id, backend=Backend.JAIL, state=state, detail=detail, oom=oom)
 
     async def stats(self) -> SandboxStats:
         if not self._cgroup.dirs:
@@ -234,14 +248,16 @@ class JailSandbox(HostedAgentSandbox):
     async def thaw(self) -> None:
         await anyio.to_thread.run_sync(self._cgroup.freeze, False)
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
+        outcome = None
         if self._state is SandboxState.RUNNING:
             with contextlib.suppress(SandboxError):
-                await self.shutdown_agent(grace_s)
+                outcome = await self.shutdown_agent(grace_s)
             if self._process is not None:
                 with anyio.move_on_after(grace_s + 5):
                     await self._process.wait()
         await self.kill()
+        return outcome
 
     async def kill(self) -> None:
         await self.close_agent()
@@ -351,6 +367,11 @@ class JailRuntime:
         for mount in cgroup_mounts():
             with contextlib.suppress(OSError):
                 (mount / self.cgroup_parent).rmdir()
+
+    async def reattach(self, spec: SandboxSpec) -> JailSandbox | None:
+        """None: a jail ends with the server that started it (its supervisor dies with
+        its parent, PR_SET_PDEATHSIG, so no jail outlives a crash unwatched)."""
+        return None
 
     async def reap(self, keep: set[str]) -> list[str]:
         """Kills jails this runtime left behind (after a crash) and removes their

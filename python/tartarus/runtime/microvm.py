@@ -48,6 +48,7 @@ from tartarus import _core, codec
 from tartarus.config import Settings, load_settings
 from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
+from tartarus.host.procfs import process_alive
 from tartarus.runtime import protocol as p
 from tartarus.runtime.agent_client import AgentClient, AgentError
 from tartarus.runtime.agent_sandbox import AgentSandbox
@@ -64,6 +65,7 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
 )
 from tartarus.runtime.vmm_api import (
     JAIL_RUN_DIR,
@@ -226,6 +228,11 @@ class MicroVmRuntime:
         self._verified.update(keys)
         return sandbox
 
+    async def reattach(self, spec: SandboxSpec) -> MicroVmSandbox | None:
+        """None: re-attaching to a monitor a dead server left is not built yet (its
+        vsock socket would allow it); the restart reaps it."""
+        return None
+
     async def reap(self, keep: set[str]) -> list[str]:
         """Kills VMM processes left by a previous server and removes their directories
         (and, when nothing is kept, the jails' empty parent cgroups)."""
@@ -340,20 +347,11 @@ async def _kill_recorded_vmm(workdir: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         for _ in range(int(JAIL_TEARDOWN_S / 0.01)):
-            if not _alive(pid):
+            if not process_alive(pid):
                 break
             await anyio.sleep(0.01)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie has finished)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def guest_cmdline(extra: str = "") -> str:
@@ -621,6 +619,13 @@ class MicroVmSandbox(AgentSandbox):
             drives.append(drive)
         return drives
 
+    @property
+    def lost(self) -> bool:
+        if self._ending or self._agent is None:
+            return False
+        vmm_gone = self._vmm is not None and self._vmm.process.returncode is not None
+        return self._agent.closed or vmm_gone
+
     async def status(self) -> SandboxStatus:
         if self._vmm is None:
             return SandboxStatus(id=self.id, backend=self.backend, state=SandboxState.CREATED)
@@ -652,16 +657,18 @@ class MicroVmSandbox(AgentSandbox):
             memory_limit_bytes=m.guest_memory_bytes,
         )
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
         self._ending = True
+        outcome = None
         if self._agent is not None:
             # The agent stops the guest's processes (SIGTERM, grace, SIGKILL) first.
             with contextlib.suppress(SandboxError):
-                await self.shutdown_agent(grace_s)
+                outcome = await self.shutdown_agent(grace_s)
             await self.close_agent()
         if self._vmm is not None:
             await self._vmm.stop(timeout_s=grace_s)
         await self._cleanup()
+        return outcome
 
     async def kill(self) -> None:
         self._ending = True

@@ -270,6 +270,14 @@ class Ok(_Msg, tag="ok"):
     pass
 
 
+class ShutDown(_Msg, tag="shut_down"):
+    """The answer to `shutdown`: processes that exited after their SIGTERM within the
+    grace period, and those still running at its end, which were killed."""
+
+    terminated: int
+    killed: int
+
+
 class Error(_Msg, tag="error"):
     code: str
     message: str
@@ -373,6 +381,7 @@ Response = (
     HelloOk
     | Pong
     | Ok
+    | ShutDown
     | Error
     | Started
     | Output

@@ -157,11 +157,22 @@ class SandboxStats(msgspec.Struct, frozen=True, kw_only=True):
     oom_kills: int = 0
 
 
+class StopOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How a graceful stop ended a sandbox's processes."""
+
+    # Exited after their SIGTERM within the grace period.
+    terminated: int = 0
+    # Still running when it ran out: killed.
+    killed: int = 0
+
+
 class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     backend: Backend
     state: SandboxState
     detail: str = ""
+    # Failed because the host's OOM killer ended it.
+    oom: bool = False
 
 
 class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -56,6 +56,7 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
     Stream,
 )
 
@@ -288,6 +289,10 @@ class WasmSandbox:
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def lost(self) -> bool:
+        return False  # it runs in the server's own process
 
     @property
     def backend(self) -> Backend:
@@ -549,16 +554,19 @@ class WasmSandbox:
     async def thaw(self) -> None:
         raise NotSupportedError(Backend.WASM, "pausing")
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome:
         """A module has no signal handlers: running execs are interrupted, then we wait
         up to `grace_s` for their threads to report."""
-        for proc in self._procs.values():
+        running = [proc for proc in self._procs.values() if proc.exit is None]
+        for proc in running:
             proc.interrupt(sig=signal.SIGTERM)
         with anyio.move_on_after(grace_s):
-            for proc in list(self._procs.values()):
+            for proc in running:
                 while proc.exit is None:
                     await proc.wake.current().wait()
+        late = sum(proc.exit is None for proc in running)
         await self.kill()
+        return StopOutcome(terminated=len(running) - late, killed=late)
 
     async def kill(self) -> None:
         for proc in self._procs.values():
@@ -605,6 +613,10 @@ class WasmRuntime:
 
     async def restore(self, snapshot: SnapshotInfo, spec: SandboxSpec) -> WasmSandbox:
         raise NotSupportedError(Backend.WASM, "snapshots")
+
+    async def reattach(self, spec: SandboxSpec) -> WasmSandbox | None:
+        """None: a wasm sandbox runs inside its server and dies with it."""
+        return None
 
     async def reap(self, keep: set[str]) -> list[str]:
         """Removes sandbox directories left by a previous process (modules die with it)."""

@@ -24,6 +24,7 @@ from tartarus.runtime.types import (
     SandboxStats,
     SandboxStatus,
     SnapshotInfo,
+    StopOutcome,
 )
 from tartarus.secrets.providers import SecretResolver
 
@@ -42,6 +43,10 @@ class SecretEnvSandbox:
     @property
     def id(self) -> str:
         return self.inner.id
+
+    @property
+    def lost(self) -> bool:
+        return self.inner.lost
 
     @property
     def backend(self) -> Backend:
@@ -112,8 +117,8 @@ class SecretEnvSandbox:
     async def thaw(self) -> None:
         await self.inner.thaw()
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        await self.inner.stop(grace_s)
+    async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
+        return await self.inner.stop(grace_s)
 
     async def kill(self) -> None:
         await self.inner.kill()

@@ -20,10 +20,9 @@ import logging
 
 import anyio
 
-from tartarus.api.types import MAX_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
 from tartarus.auth.principal import Principal
 from tartarus.errors import ConflictError
-from tartarus.node.manager import SandboxManager
+from tartarus.node.manager import SandboxManager, request_of
 from tartarus.node.store import SandboxRecord
 from tartarus.runtime.types import Backend, SandboxSpec, SandboxState
 from tartarus.snapshots.catalog import SnapshotPurpose
@@ -87,19 +86,7 @@ class Pausing:
                 self._resuming.pop(sandbox_id, None)
 
     async def _restore(self, record: SandboxRecord, caller: Principal) -> SandboxRecord:
-        r = record.resources
-        request = CreateSandboxRequest(
-            template=record.template,
-            backend=record.backend,
-            resources=ResourcesBody(
-                vcpus=r.vcpus, memory_mib=r.memory_mib, disk_mib=r.disk_mib, pids=r.pids
-            ),
-            timeout_s=min(MAX_TIMEOUT_S, max(1.0, record.remaining_s or 1.0)),
-            metadata=record.metadata,
-            network=record.network,
-            trust=record.trust,
-            secrets=record.secrets,
-        )
+        request = request_of(record, record.remaining_s or 1.0)
         admitted = await self.manager.admission.admit(caller, request)
         try:
             spec = SandboxSpec(id=record.id, metadata=record.metadata, egress=[*admitted.egress])

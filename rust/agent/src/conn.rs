@@ -54,8 +54,9 @@ pub struct Agent {
     next_conn: AtomicU64,
     /// Set to `Some(grace_s)` when the agent should shut down.
     pub shutdown: watch::Sender<Option<f64>>,
-    /// Set once shutdown is complete and the process may exit.
-    pub finished: watch::Sender<bool>,
+    /// Set once shutdown is complete and the process may exit: how it ended the
+    /// processes (terminated, killed).
+    pub finished: watch::Sender<Option<(u32, u32)>>,
 }
 
 impl Agent {
@@ -65,7 +66,7 @@ impl Agent {
             started: Instant::now(),
             next_conn: AtomicU64::new(1),
             shutdown: watch::channel(None).0,
-            finished: watch::channel(false).0,
+            finished: watch::channel(None).0,
         })
     }
 
@@ -74,28 +75,28 @@ impl Agent {
     }
 
     /// Terminates every process: SIGTERM, up to `grace_s` to exit, then SIGKILL.
-    pub async fn terminate_all(&self, grace_s: f64) {
+    /// Returns how many exited within the grace period and how many were killed.
+    pub async fn terminate_all(&self, grace_s: f64) -> (u32, u32) {
         let grace = Duration::from_secs_f64(grace_s.clamp(0.0, 3600.0));
         let running = self.registry.running();
         for p in &running {
             let _ = p.signal(libc::SIGTERM);
         }
-        let all_exited = async {
+        let all_ended = || async {
             for p in &running {
                 p.output.wait_from(u64::MAX, 0).await;
             }
         };
-        if tokio::time::timeout(grace, all_exited).await.is_err() {
-            for p in self.registry.running() {
-                let _ = p.signal(libc::SIGKILL);
-            }
-            let all_killed = async {
-                for p in &running {
-                    p.output.wait_from(u64::MAX, 0).await;
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), all_killed).await;
+        if tokio::time::timeout(grace, all_ended()).await.is_ok() {
+            return (running.len() as u32, 0);
         }
+        let late = self.registry.running();
+        for p in &late {
+            let _ = p.signal(libc::SIGKILL);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), all_ended()).await;
+        let killed = late.len().min(running.len()) as u32;
+        (running.len() as u32 - killed, killed)
     }
 }
 
@@ -631,8 +632,12 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
             // The main task terminates the processes and then lets the agent exit;
             // this reply is sent once that is done.
             let mut finished = agent.finished.subscribe();
-            let _ = finished.wait_for(|done| *done).await;
-            Ok(Message::Ok {})
+            let ended = finished
+                .wait_for(Option::is_some)
+                .await
+                .map_or(None, |done| *done);
+            let (terminated, killed) = ended.unwrap_or_default();
+            Ok(Message::ShutDown { terminated, killed })
         }
         other => Err((
             codes::INVALID_ARGUMENT,

@@ -170,8 +170,8 @@ async fn run(options: Options) -> ExitCode {
         }
     };
     agent.shutdown.send_replace(Some(grace));
-    agent.terminate_all(grace).await;
-    agent.finished.send_replace(true);
+    let ended = agent.terminate_all(grace).await;
+    agent.finished.send_replace(Some(ended));
     // Lets the writer tasks flush the shutdown reply.
     tokio::time::sleep(Duration::from_millis(50)).await;
     if options.init {

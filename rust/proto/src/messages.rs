@@ -281,6 +281,12 @@ pub enum Message {
     HelloOk(HelloOk),
     Pong {},
     Ok {},
+    /// The answer to `shutdown`: how many processes exited after their SIGTERM within
+    /// the grace period, and how many were still running at its end and were killed.
+    ShutDown {
+        terminated: u32,
+        killed: u32,
+    },
     Error {
         code: String,
         message: String,
@@ -355,6 +361,7 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "hello_ok",
     "pong",
     "ok",
+    "shut_down",
     "error",
     "started",
     "output",
@@ -448,6 +455,7 @@ impl Message {
             HelloOk(_) => "hello_ok",
             Pong {} => "pong",
             Ok {} => "ok",
+            ShutDown { .. } => "shut_down",
             Error { .. } => "error",
             Started { .. } => "started",
             Output(_) => "output",

@@ -277,6 +277,16 @@ pub fn valid() -> Vec<(&'static str, Envelope)> {
         ("pong", m(1, Message::Pong {})),
         ("ok", m(5, Message::Ok {})),
         (
+            "shut_down",
+            m(
+                9,
+                Message::ShutDown {
+                    terminated: 2,
+                    killed: 1,
+                },
+            ),
+        ),
+        (
             "error",
             m(
                 12,

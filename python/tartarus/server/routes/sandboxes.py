@@ -67,6 +67,7 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         timeout_left_s=record.remaining_s,
         on_timeout=record.on_timeout,
         auto_pause_after_s=record.auto_pause_after_s,
+        ending=record.ending,
     )
 
 

@@ -1,0 +1,16 @@
+"""What `/proc` says about a host process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs: a zombie has finished (its parent just has not reaped it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which may itself hold spaces and parentheses.
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] not in ("Z", "X")

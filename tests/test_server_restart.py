@@ -1,0 +1,111 @@
+"""Sandboxes that outlive their server: `kill -9` of `tartarus serve` with gVisor
+sandboxes running, and a new server on the same state directory re-attaches to every
+one still running (their agents dial in again); execs work, a background process
+carries on, its logs continue, one that died meanwhile is reaped, and once they are
+deleted nothing is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tartarus.config import load_settings
+from tartarus.host.doctor import run_doctor
+from tartarus.network.namespaces import NETNS_DIR, NETNS_PREFIX
+from tests.support.server import (
+    Server,
+    processes_mentioning,
+    running_server,
+    short_dir,
+    start_server,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+SANDBOXES = 20
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; echo tick $i; sleep 0.1; done"
+
+
+def require_gvisor() -> None:
+    verdict = run_doctor(load_settings()).backend("gvisor")
+    if not verdict.available:
+        pytest.skip(f"gvisor cannot run here (doctor): {verdict.reason}")
+
+
+def exec_out(server: Server, sandbox_id: str, cmd: str) -> str:
+    r = server.json("POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": cmd})
+    assert r.status == 200, r.body
+    out: str = r.json()["stdout"]
+    return out
+
+
+def count(server: Server, sandbox_id: str) -> int:
+    return int(exec_out(server, sandbox_id, "cat /tmp/count").strip() or 0)
+
+
+def leftovers(base: Path, ids: list[str]) -> list[str]:
+    found = [f"process {pid}: {cmd}" for pid, cmd in processes_mentioning(str(base))]
+    for sandbox_id in ids:
+        found += [f"netns {p.name}" for p in NETNS_DIR.glob(f"{NETNS_PREFIX}*-{sandbox_id}")]
+    return found
+
+
+def test_kill_9_with_twenty_sandboxes_and_all_are_back_after_restart() -> None:
+    require_gvisor()
+    with short_dir() as base:
+        server = start_server(base)
+        ids: list[str] = []
+        try:
+            for n in range(SANDBOXES):
+                body = {"template": "base", "backend": "gvisor", "timeout_s": 600}
+                if n == 0:
+                    body["network"] = True
+                    body["trust"] = "trusted"
+                r = server.json("POST", "/v1/sandboxes", body)
+                assert r.status == 201, r.body
+                ids.append(r.json()["id"])
+            counter = ids[0]
+            r = server.json(
+                "POST",
+                f"/v1/sandboxes/{counter}/exec",
+                {"cmd": COUNTER, "background": True},
+            )
+            assert r.status == 202, r.body
+            for sandbox_id in ids:
+                exec_out(server, sandbox_id, f"echo {sandbox_id} > /tmp/mine")
+            time.sleep(0.5)
+            before = count(server, counter)
+            assert before > 0
+        finally:
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait(timeout=30)
+        # One dies while no server is there: the restart reaps it and says so.
+        gone = ids.pop()
+        for pid, _ in processes_mentioning(f"tt-{gone}-"):
+            os.kill(pid, signal.SIGKILL)
+
+        with running_server(base) as again:
+            listed = again.raw("GET", "/v1/sandboxes?state=running&limit=500").json()["items"]
+            assert {i["id"] for i in listed} == set(ids)
+            info = again.raw("GET", f"/v1/sandboxes/{gone}").json()
+            assert info["state"] == "failed" and "reaped on restart" in info["detail"], info
+            for sandbox_id in ids:
+                # Its own files, so its own sandbox: nothing was restarted or swapped.
+                assert exec_out(again, sandbox_id, "cat /tmp/mine") == f"{sandbox_id}\n"
+            # The counter ran on while no server was there, and still runs.
+            after = count(again, counter)
+            assert after > before
+            time.sleep(0.5)
+            assert count(again, counter) > after
+            logs = again.raw("GET", f"/v1/sandboxes/{counter}/logs").body.decode()
+            assert f"tick {before}" in logs and f"tick {after}" in logs
+            # Its link to the host works as it did.
+            assert "eth0" in exec_out(again, counter, "ip -o -4 addr")
+            for sandbox_id in ids:
+                assert again.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status in (200, 202, 204)
+            assert leftovers(base, [*ids, gone]) == []
+        assert leftovers(base, [*ids, gone]) == []
