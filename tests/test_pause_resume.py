@@ -3,9 +3,10 @@ checkpoints and real cgroup freezes.
 
 gVisor: a sandbox running a counter is paused and resumed ten times and the counter
 carries on from where it was; a pause leaves no process of the sandbox on the host; a
-paused sandbox survives `kill -9` of the server; a pause that cannot write its snapshot
-(a full disk) is refused and the sandbox runs on; any call that needs it running
-resumes it; its timeout or idleness can pause it. The jail freezes in place.
+paused sandbox survives `kill -9` of the server and a move of its state directory; a
+pause that cannot write its snapshot (a full disk) is refused and the sandbox runs on;
+any call that needs it running resumes it; its timeout or idleness can pause it. The
+jail freezes in place.
 """
 
 from __future__ import annotations
@@ -165,6 +166,33 @@ def test_gvisor_paused_sandbox_survives_kill_9_and_delete_removes_its_snapshot(
         assert again.raw("GET", f"/v1/sandboxes/{sb}").json()["state"] == "stopped"
         assert pause_snapshots(again) == []
         assert verb_status(again, sb, "resume") == 409
+    assert processes_mentioning(str(base)) == []
+
+
+def test_gvisor_paused_sandbox_resumes_on_a_server_whose_state_directory_moved(
+    base: Path,
+) -> None:
+    """What a host move looks like: the server is gone (every process of ours killed),
+    its state directory is moved, and a new server started there resumes the sandbox."""
+    require("gvisor")
+    first, moved = base / "a", base / "b"
+    s = start_server(first)
+    try:
+        sb = create(s, "gvisor")
+        run(s, sb, "echo kept > /root/note")
+        run(s, sb, COUNTER, background=True)
+        at_pause = count(s, sb)
+        assert verb(s, sb, "pause")["state"] == "paused"
+    finally:
+        s.process.send_signal(signal.SIGKILL)
+        s.process.wait(timeout=30)
+    assert processes_mentioning(str(first)) == []
+    first.rename(moved)
+    with running_server(moved) as again:
+        assert verb(again, sb, "resume")["state"] == "running"
+        assert run(again, sb, "cat /root/note")["stdout"] == "kept\n"
+        assert counts_on(again, sb, at_pause) > at_pause
+        assert again.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
     assert processes_mentioning(str(base)) == []
 
 
