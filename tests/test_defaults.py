@@ -9,18 +9,25 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from tartarus import Sandbox
+from tartarus.api.sandbox import OnTimeout
 from tartarus.api.snapshots import RestoreBody
 from tartarus.api.types import CreateSandboxRequest, ResourcesBody, SandboxInfo
 from tartarus.auth.principal import AuthMethod, Principal
 from tartarus.auth.rbac import default_roles
+from tartarus.config import Settings
+from tartarus.images import TemplateStore
+from tartarus.images.errors import TemplateDefinitionError
+from tartarus.images.template import load_template
 from tartarus.node import defaults
 from tartarus.node.admission import AdmitAll, TemplateDefaults
+from tartarus.node.provider import HostRuntimes
 from tartarus.runtime.types import Resources
 from tests.conftest import REPO_ROOT
 from tests.support.auth import call, make_key
@@ -36,6 +43,15 @@ VALUES = {
     "template": (128, 60.0),
     "server": (512, 300.0),
 }
+
+
+CALLER = Principal(
+    subject="t",
+    tenant="default",
+    roles=("developer",),
+    grants=default_roles().grants(("developer",)),
+    method=AuthMethod.API_KEY,
+)
 
 
 def documented_order() -> list[str]:
@@ -96,18 +112,58 @@ async def test_a_template_snapshot_without_resources_gets_the_servers() -> None:
     assert defaults.resources(None) == Resources()
     assert defaults.resources(ResourcesBody(pids=64)) == Resources(pids=64)
     plain = await AdmitAll().admit(
-        Principal(
-            subject="t",
-            tenant="default",
-            roles=("developer",),
-            grants=default_roles().grants(("developer",)),
-            method=AuthMethod.API_KEY,
-        ),
+        CALLER,
         CreateSandboxRequest(resources=ResourcesBody(memory_mib=512)),
         TemplateDefaults(resources=Resources(memory_mib=128, pids=64), timeout_s=60),
     )
     assert plain.request.resources.to_runtime() == Resources(memory_mib=512, pids=64)
     assert plain.request.timeout_s == 60
+
+
+async def test_a_templates_lifecycle_applies_unless_the_request_says() -> None:
+    lazy = TemplateDefaults(
+        resources=Resources(), timeout_s=60, on_timeout=OnTimeout.PAUSE, auto_pause_after_s=30
+    )
+    unset = (await AdmitAll().admit(CALLER, CreateSandboxRequest(), lazy)).request
+    assert (unset.on_timeout, unset.auto_pause_after_s) == (OnTimeout.PAUSE, 30)
+    mine = CreateSandboxRequest(on_timeout=OnTimeout.KILL, auto_pause_after_s=5)
+    asked = (await AdmitAll().admit(CALLER, mine, lazy)).request
+    assert (asked.on_timeout, asked.auto_pause_after_s) == (OnTimeout.KILL, 5)
+    plain = TemplateDefaults(resources=Resources(), timeout_s=60)
+    bare = (await AdmitAll().admit(CALLER, CreateSandboxRequest(), plain)).request
+    assert (bare.on_timeout, bare.auto_pause_after_s) == (OnTimeout.KILL, None)
+
+
+LAZY = """
+id: lazy
+base: {kind: debian, suite: bookworm, variant: none}
+packages: [busybox-static]
+on_timeout: pause
+auto_pause_after_s: 30
+stop_grace_s: 5
+"""
+
+
+def test_a_template_file_says_what_its_sandboxes_timeout_and_idleness_do(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    path = tmp_path / "lazy.yaml"
+    path.write_text(LAZY)
+    TemplateStore(settings).register(path)
+    found = HostRuntimes(settings).defaults_for(CreateSandboxRequest(template="lazy"))
+    assert found is not None
+    assert (found.on_timeout, found.auto_pause_after_s) == (OnTimeout.PAUSE, 30)
+    assert found.stop_grace_s == 5
+    for bad, message in [
+        ("on_timeout: explode", "on_timeout"),
+        ("auto_pause_after_s: 0", "auto_pause_after_s must be between 1 and"),
+        ("auto_pause_after_s: 100000", "auto_pause_after_s must be between 1 and"),
+        ("stop_grace_s: -1", "stop_grace_s must be between 0 and 300"),
+    ]:
+        path.write_text(LAZY.split("on_timeout", maxsplit=1)[0] + bad + "\n")
+        with pytest.raises(TemplateDefinitionError, match=message):
+            load_template(path)
 
 
 POLICY = """

@@ -6,7 +6,7 @@ carries on from where it was; a pause leaves no process of the sandbox on the ho
 paused sandbox survives `kill -9` of the server and a move of its state directory; a
 pause that cannot write its snapshot (a full disk) is refused and the sandbox runs on;
 any call that needs it running resumes it; its timeout or idleness can pause it. The
-jail freezes in place.
+jail freezes in place, and stays frozen across `kill -9` of the server.
 """
 
 from __future__ import annotations
@@ -279,6 +279,27 @@ def test_jail_pause_freezes_in_place_and_the_cli_says_so(base: Path) -> None:
         after = count(s, sb)
         assert counts_on(s, sb, after) > after
         assert s.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
+    assert processes_mentioning(str(base)) == []
+
+
+def test_a_frozen_jail_stays_paused_across_kill_9_and_resumes(base: Path) -> None:
+    require("jail")
+    s = start_server(base)
+    try:
+        sb = create(s, "jail", trust="trusted")
+        run(s, sb, COUNTER, background=True)
+        at_pause = counts_on(s, sb, 0)
+        assert verb(s, sb, "pause")["state"] == "paused"
+    finally:
+        s.process.send_signal(signal.SIGKILL)
+        s.process.wait(timeout=30)
+    with running_server(base) as again:
+        info = again.raw("GET", f"/v1/sandboxes/{sb}").json()
+        assert info["state"] == "paused", info
+        assert frozen_states(sb) == {"1"}
+        assert verb(again, sb, "resume")["state"] == "running"
+        assert counts_on(again, sb, at_pause) > at_pause
+        assert again.raw("DELETE", f"/v1/sandboxes/{sb}").status == 204
     assert processes_mentioning(str(base)) == []
 
 

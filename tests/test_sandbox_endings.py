@@ -47,6 +47,19 @@ def background(server: Server, sandbox_id: str, cmd: str) -> None:
     assert r.status == 202, r.body
 
 
+def ignore_sigterm(server: Server, sandbox_id: str) -> None:
+    """Starts a process that outlives any grace period."""
+    # `trap ''` ignores the signal, and `sleep` inherits that; the file says the trap
+    # is set (an exec's reply comes when it starts, before its shell runs a line).
+    background(server, sandbox_id, "trap '' TERM; touch /tmp/trapped; sleep 600")
+    deadline = time.monotonic() + 30
+    while server.json(
+        "POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": "test -e /tmp/trapped"}
+    ).json()["exit_code"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def info(server: Server, sandbox_id: str) -> dict[str, Any]:
     found: dict[str, Any] = server.raw("GET", f"/v1/sandboxes/{sandbox_id}").json()
     return found
@@ -80,16 +93,8 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(
     server: Server, backend: str
 ) -> None:
     sandbox_id = create(server, backend)
-    # `trap ''` ignores the signal, and `sleep` inherits that; the file says the trap
-    # is set (an exec's reply comes when it starts, before its shell runs a line).
-    background(server, sandbox_id, "trap '' TERM; touch /tmp/trapped; sleep 600")
+    ignore_sigterm(server, sandbox_id)
     background(server, sandbox_id, "sleep 600")
-    deadline = time.monotonic() + 30
-    while server.json(
-        "POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": "test -e /tmp/trapped"}
-    ).json()["exit_code"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
     started = time.monotonic()
     assert server.raw("DELETE", f"/v1/sandboxes/{sandbox_id}?grace_s=1").status == 204
     assert time.monotonic() - started >= 1
@@ -98,6 +103,23 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(
     assert ended["detail"] == (
         "deleted; 1 process(es) still running after the 1 s grace period were killed"
     )
+
+
+def test_a_stop_that_does_not_say_takes_the_sandboxes_own_grace(
+    server: Server, backend: str
+) -> None:
+    sandbox_id = create(server, backend, stop_grace_s=1)
+    assert info(server, sandbox_id)["stop_grace_s"] == 1
+    ignore_sigterm(server, sandbox_id)
+    started = time.monotonic()
+    assert server.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status == 204
+    assert time.monotonic() - started >= 1
+    assert info(server, sandbox_id)["ending"] == "killed_after_grace"
+    # One that says wins: none at all.
+    sandbox_id = create(server, backend, stop_grace_s=60)
+    ignore_sigterm(server, sandbox_id)
+    assert server.raw("DELETE", f"/v1/sandboxes/{sandbox_id}?grace_s=0").status == 204
+    assert info(server, sandbox_id)["ending"] == "killed"
 
 
 def test_a_timeout_is_recorded_as_one(server: Server, backend: str) -> None:

@@ -1,8 +1,8 @@
-"""Sandboxes that outlive their server: `kill -9` of `tartarus serve` with gVisor
-sandboxes running, and a new server on the same state directory re-attaches to every
-one still running (their agents dial in again); execs work, a background process
-carries on, its logs continue, one that died meanwhile is reaped, and once they are
-deleted nothing is left."""
+"""Sandboxes that outlive their server: `kill -9` of `tartarus serve` with twenty
+sandboxes running (gVisor, and the jail), and a new server on the same state directory
+re-attaches to every one still running (gVisor's agents dial in again, the jail's
+listen on); execs work, a background process carries on, its logs continue, one that
+died meanwhile is reaped, and once they are deleted nothing is left."""
 
 from __future__ import annotations
 
@@ -30,10 +30,13 @@ SANDBOXES = 20
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; echo tick $i; sleep 0.1; done"
 
 
-def require_gvisor() -> None:
-    verdict = run_doctor(load_settings()).backend("gvisor")
+@pytest.fixture(params=["gvisor", "jail"])
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    verdict = run_doctor(load_settings()).backend(name)
     if not verdict.available:
-        pytest.skip(f"gvisor cannot run here (doctor): {verdict.reason}")
+        pytest.skip(f"{name} cannot run here (doctor): {verdict.reason}")
+    return name
 
 
 def exec_out(server: Server, sandbox_id: str, cmd: str) -> str:
@@ -54,14 +57,13 @@ def leftovers(base: Path, ids: list[str]) -> list[str]:
     return found
 
 
-def test_kill_9_with_twenty_sandboxes_and_all_are_back_after_restart() -> None:
-    require_gvisor()
+def test_kill_9_with_twenty_sandboxes_and_all_are_back_after_restart(backend: str) -> None:
     with short_dir() as base:
         server = start_server(base)
         ids: list[str] = []
         try:
             for n in range(SANDBOXES):
-                body = {"template": "base", "backend": "gvisor", "timeout_s": 600}
+                body = {"template": "base", "backend": backend, "timeout_s": 600}
                 if n == 0:
                     body["network"] = True
                     body["trust"] = "trusted"
@@ -85,7 +87,7 @@ def test_kill_9_with_twenty_sandboxes_and_all_are_back_after_restart() -> None:
             server.process.wait(timeout=30)
         # One dies while no server is there: the restart reaps it and says so.
         gone = ids.pop()
-        for pid, _ in processes_mentioning(f"tt-{gone}-"):
+        for pid, _ in processes_mentioning(gone):
             os.kill(pid, signal.SIGKILL)
 
         with running_server(base) as again:

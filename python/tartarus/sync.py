@@ -275,8 +275,9 @@ class Sandbox:
         placement: PlacementRules | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
-        on_timeout: OnTimeout | str = OnTimeout.KILL,
+        on_timeout: OnTimeout | str | None = None,
         auto_pause_after: float | None = None,
+        stop_grace: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
     ) -> Sandbox:
@@ -298,6 +299,7 @@ class Sandbox:
                 checkpoint_on_stop=checkpoint_on_stop,
                 on_timeout=on_timeout,
                 auto_pause_after=auto_pause_after,
+                stop_grace=stop_grace,
                 url=url,
                 api_key=api_key,
             )
@@ -387,7 +389,7 @@ class Sandbox:
         forks = self._portal.call(self._sb.fork, count, timeout=timeout, metadata=metadata)
         return [Sandbox(_Portal(), fork) for fork in forks]
 
-    def kill(self, *, grace: float = 0.0) -> None:
+    def kill(self, *, grace: float | None = None) -> None:
         try:
             self._portal.call(self._sb.kill, grace=grace)
         finally:

@@ -69,6 +69,8 @@ SecretMap = Annotated[
     Meta(max_length=64),
 ]
 TimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_TIMEOUT_S)]
+MAX_GRACE_S = 300.0
+GraceSeconds = Annotated[float, Meta(ge=0, le=MAX_GRACE_S)]
 ExecTimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_EXEC_TIMEOUT_S)]
 # A path inside the sandbox: absolute, no NUL; `..` components are refused by the server.
 SandboxPath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
@@ -131,10 +133,15 @@ class CreateSandboxRequest(_Request, kw_only=True, omit_defaults=True):
     # Take a snapshot of the sandbox when it is stopped (deleted, timed out, or the
     # server shuts down), before it is torn down.
     checkpoint_on_stop: bool = False
-    # What its timeout does: end it, or pause it (docs/lifecycle.md).
-    on_timeout: OnTimeout = OnTimeout.KILL
-    # Pause it after this long with no API call that needs it running.
+    # What its timeout does: end it, or pause it (docs/lifecycle.md); unset: what its
+    # template says, else `kill`.
+    on_timeout: OnTimeout | None = None
+    # Pause it after this long with no API call that needs it running; unset: what its
+    # template says, else never.
     auto_pause_after_s: TimeoutSeconds | None = None
+    # Seconds of SIGTERM a stop gives its processes before the kill when the stop does
+    # not say (a DELETE without `grace_s`); unset: what its template says, else 0.
+    stop_grace_s: GraceSeconds | None = None
 
     def resolved_timeout_s(self) -> float:
         """The timeout, once it is set (`tartarus.node.defaults.resolve`)."""
@@ -173,6 +180,8 @@ class SandboxInfo(_Response, kw_only=True):
     auto_pause_after_s: float | None = None
     # How it ended, once it has.
     ending: Ending | None = None
+    # The SIGTERM grace a stop that does not say gives it.
+    stop_grace_s: float = 0.0
 
 
 class SandboxPage(_Response, kw_only=True):

@@ -93,9 +93,9 @@ async def _stream_to_terminal(
 @click.option(
     "--on-timeout",
     type=click.Choice([t.value for t in OnTimeout]),
-    default=OnTimeout.KILL.value,
-    show_default=True,
-    help="What the timeout does to a kept sandbox: end it, or pause it.",
+    default=None,
+    help="What the timeout does to a kept sandbox: end it, or pause it "
+    "[default: the template's, else kill].",
 )
 @click.option(
     "--auto-pause-after",
@@ -128,7 +128,7 @@ def run_command(
     network: bool,
     trusted: bool,
     keep: bool,
-    on_timeout: str,
+    on_timeout: str | None,
     auto_pause_after: float | None,
     quiet: bool,
     interactive: bool,
@@ -158,7 +158,7 @@ def run_command(
         metadata=parse_pairs(metadata, "--metadata"),
         network=network,
         trust=TrustLevel.TRUSTED if trusted else TrustLevel.UNTRUSTED,
-        on_timeout=OnTimeout(on_timeout),
+        on_timeout=None if on_timeout is None else OnTimeout(on_timeout),
         auto_pause_after_s=auto_pause_after,
     )
     code = _run(
@@ -359,12 +359,17 @@ async def _inspect(sandbox_id: str, url: str | None) -> SandboxInfo:
 
 
 @click.command("kill")
-@click.option("--grace", type=float, default=0.0, show_default=True, help="Seconds of SIGTERM.")
+@click.option(
+    "--grace",
+    type=float,
+    default=None,
+    help="Seconds of SIGTERM before the kill [default: the sandbox's stop grace, else 0].",
+)
 @json_option
 @url_option
 @click.argument("sandbox_ids", nargs=-1, required=True)
 def kill_command(
-    *, grace: float, as_json: bool, url: str | None, sandbox_ids: tuple[str, ...]
+    *, grace: float | None, as_json: bool, url: str | None, sandbox_ids: tuple[str, ...]
 ) -> None:
     """Stop sandboxes and free everything they held."""
     killed = _kill(list(sandbox_ids), grace, url)
@@ -376,7 +381,7 @@ def kill_command(
 
 
 @run_async
-async def _kill(sandbox_ids: list[str], grace: float, url: str | None) -> list[str]:
+async def _kill(sandbox_ids: list[str], grace: float | None, url: str | None) -> list[str]:
     async with await connect(url) as client:
         for sandbox_id in sandbox_ids:
             await client.call("DELETE", f"/v1/sandboxes/{sandbox_id}", params={"grace_s": grace})

@@ -61,13 +61,15 @@ class FleetDirectory:
     async def tenant_of(self, sandbox_id: str) -> str | None:
         return await self.records.tenant_of(sandbox_id)
 
-    async def delete(self, sandbox_id: str, *, grace_s: float) -> None:
+    async def delete(self, sandbox_id: str, *, grace_s: float | None) -> None:
         record = await self.records.get(sandbox_id)
         if not record.live:
             return
         node = await self.state.registry.node(record.node) if record.node else None
         if node is not None and record.state is not SandboxState.CREATED:
-            path = f"/v1/sandboxes/{sandbox_id}" + (f"?grace_s={grace_s}" if grace_s else "")
+            path = f"/v1/sandboxes/{sandbox_id}" + (
+                f"?grace_s={grace_s}" if grace_s is not None else ""
+            )
             status, body = await self.proxy.call("DELETE", node, path)
             if status >= 400 and status not in (404, 409):
                 # The node could not stop it: its problem is the answer.

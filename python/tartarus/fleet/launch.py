@@ -228,6 +228,9 @@ async def run_agent(
         plugins=[agent, MetricsPlugin(metrics)],
         open_store=lambda path: ReportingStore(path, metrics, outbox, spec.id),
         timeout_grace_s=TIMEOUT_GRACE_S,
+        # The fleet fails a node's sandboxes when its heartbeats stop and places the
+        # work elsewhere: a restarted node reaps what it left instead of taking it back.
+        reattach=False,
         on_ready=announce,
         stop=stop,
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import anyio
 
 
 def process_alive(pid: int) -> bool:
@@ -14,3 +17,15 @@ def process_alive(pid: int) -> bool:
     # The state follows the command name, which may itself hold spaces and parentheses.
     fields = stat.rpartition(")")[2].split()
     return bool(fields) and fields[0] not in ("Z", "X")
+
+
+async def exited(pid: int) -> None:
+    """Returns once `pid` has exited; it need not be our child (a pidfd says)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)

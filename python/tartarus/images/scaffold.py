@@ -10,6 +10,7 @@ import msgspec
 import msgspec.yaml
 
 from tartarus import codec
+from tartarus.api.sandbox import OnTimeout
 from tartarus.images.dockerfile import from_dockerfile
 from tartarus.images.errors import TemplateDefinitionError
 from tartarus.images.template import (
@@ -139,6 +140,24 @@ def render(template: Template, origin: str) -> str:
         enabled=t.max_resources is not None,
     )
     out += _field("Default lifetime of a sandbox, in seconds.", "timeout_s", t.timeout_s)
+    out += _field(
+        "What a sandbox's timeout does unless its create says: kill, or pause.",
+        "on_timeout",
+        (t.on_timeout or OnTimeout.KILL).value,
+        enabled=t.on_timeout is not None,
+    )
+    out += _field(
+        "Pause a sandbox after this many idle seconds unless its create says.",
+        "auto_pause_after_s",
+        t.auto_pause_after_s or 600.0,
+        enabled=t.auto_pause_after_s is not None,
+    )
+    out += _field(
+        "Seconds of SIGTERM before the kill when a stop does not say.",
+        "stop_grace_s",
+        t.stop_grace_s or 10.0,
+        enabled=t.stop_grace_s is not None,
+    )
     out += _field(
         "Backends allowed to run it (microvm, gvisor, jail); empty means any.",
         "backends",

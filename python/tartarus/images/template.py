@@ -22,6 +22,8 @@ import msgspec.toml
 import msgspec.yaml
 
 from tartarus import codec
+from tartarus.api.sandbox import OnTimeout
+from tartarus.api.types import MAX_GRACE_S, MAX_TIMEOUT_S
 from tartarus.images.errors import ImageError, TemplateDefinitionError
 from tartarus.images.oci.manifest import parse_platform
 from tartarus.images.oci.reference import parse_reference
@@ -129,6 +131,12 @@ class Template(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     resources: Resources = msgspec.field(default_factory=Resources)
     max_resources: Resources | None = None
     timeout_s: float = 300.0
+    # What a sandbox's timeout does, and the idle time after which it pauses itself,
+    # unless its create request says (docs/lifecycle.md); unset: `kill`, never.
+    on_timeout: OnTimeout | None = None
+    auto_pause_after_s: float | None = None
+    # Seconds of SIGTERM a stop that does not say gives a sandbox's processes.
+    stop_grace_s: float | None = None
     # Empty: every backend that can run a rootfs.
     backends: list[Backend] = msgspec.field(default_factory=list)
 
@@ -200,8 +208,22 @@ def validate(template: Template, where: str) -> None:
             parse_platform(template.base.platform)
         except ImageError as e:
             raise TemplateDefinitionError(f"{where}: base: {e}") from None
+    _validate_lifetime(template, where)
+
+
+def _validate_lifetime(template: Template, where: str) -> None:
     if template.timeout_s <= 0:
         raise TemplateDefinitionError(f"{where}: timeout_s must be positive")
+    idle = template.auto_pause_after_s
+    if idle is not None and not 1 <= idle <= MAX_TIMEOUT_S:
+        raise TemplateDefinitionError(
+            f"{where}: auto_pause_after_s must be between 1 and {MAX_TIMEOUT_S:g} seconds"
+        )
+    grace = template.stop_grace_s
+    if grace is not None and not 0 <= grace <= MAX_GRACE_S:
+        raise TemplateDefinitionError(
+            f"{where}: stop_grace_s must be between 0 and {MAX_GRACE_S:g} seconds"
+        )
 
 
 def builtin_templates() -> dict[str, LoadedTemplate]:

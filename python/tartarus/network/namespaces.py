@@ -27,10 +27,17 @@ import msgspec
 from tartarus import _core
 from tartarus.errors import TartarusError
 from tartarus.network.dns import DnsGate, host_upstream
-from tartarus.network.egress import Drops, EgressEnforcer, EgressRules, LinkAddresses
+from tartarus.network.egress import (
+    Drops,
+    EgressEnforcer,
+    EgressRules,
+    LinkAddresses,
+    compile_rules,
+)
 from tartarus.network.leases import LINK_PREFIX_LEN, Lease, Pool
 from tartarus.network.nftables import LINK_PREFIX, NftablesEnforcer
 from tartarus.network.settings import NetworkSettings
+from tartarus.runtime.types import SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +164,18 @@ class SandboxNetworks:
         self.links[lease.host_if] = sandbox_id
         return net
 
-    async def reattach(self, sandbox_id: str, rules: EgressRules | None) -> SandboxNetwork | None:
+    async def reattach(self, spec: SandboxSpec) -> SandboxNetwork | None:
         """The namespace (and link, rules and lease) a server that died made for the
         sandbox, taken over as they are, its resolver opened again; None if its
         namespace is gone or a granted sandbox's lease is."""
+        sandbox_id = spec.id
         name = self.netns_name(sandbox_id)
         if not (NETNS_DIR / name).exists():
             return None
         net = SandboxNetwork(sandbox_id=sandbox_id, netns=name)
-        if rules is None:
+        if not spec.network:
             return net
+        rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
         leases = [
             lease
             for lease in self.pool.leases()

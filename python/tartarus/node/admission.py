@@ -19,6 +19,7 @@ from typing import Protocol
 
 import msgspec
 
+from tartarus.api.sandbox import OnTimeout
 from tartarus.api.types import CreateSandboxRequest
 from tartarus.auth.principal import Principal
 from tartarus.node.defaults import Layer, layer, resolve
@@ -28,13 +29,22 @@ from tartarus.runtime.types import Resources
 
 
 class TemplateDefaults(msgspec.Struct, frozen=True, kw_only=True):
-    """A template's own resources and timeout (from its definition)."""
+    """A template's own resources, timeout and lifecycle (from its definition)."""
 
     resources: Resources
     timeout_s: float
+    on_timeout: OnTimeout | None = None
+    auto_pause_after_s: float | None = None
+    stop_grace_s: float | None = None
 
     def layer(self) -> Layer:
-        return layer(self.resources, self.timeout_s)
+        return layer(
+            self.resources,
+            self.timeout_s,
+            on_timeout=self.on_timeout,
+            auto_pause_after_s=self.auto_pause_after_s,
+            stop_grace_s=self.stop_grace_s,
+        )
 
 
 def with_template_file_defaults(

@@ -8,9 +8,10 @@ A field the request sets is kept as asked, whatever its value. A field it leaves
 
 1. the request;
 2. the tenant's policy: its defaults for the template (`templates.defaults`);
-3. the template: its own `resources` and `timeout_s` (from its definition);
+3. the template: its own `resources`, `timeout_s`, `on_timeout`,
+   `auto_pause_after_s` and `stop_grace_s` (from its definition);
 4. the server: `SERVER` (1 vCPU, 512 MiB, 1024 MiB of disk, 256 processes, 300 s,
-   `auto`).
+   `auto`, `kill` at the timeout, no auto-pause, no stop grace).
 
 docs/policy.md documents this order; a test checks that the two agree.
 """
@@ -21,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-from tartarus.api.sandbox import Backend, Resources
+from tartarus.api.sandbox import Backend, OnTimeout, Resources
 from tartarus.api.types import DEFAULT_TIMEOUT_S, CreateSandboxRequest, ResourcesBody
 
 RESOURCE_FIELDS: Final = ("vcpus", "memory_mib", "disk_mib", "pids")
@@ -37,6 +38,9 @@ class Layer(msgspec.Struct, frozen=True, kw_only=True):
     pids: int | None = None
     timeout_s: float | None = None
     backend: Backend | None = None
+    on_timeout: OnTimeout | None = None
+    auto_pause_after_s: float | None = None
+    stop_grace_s: float | None = None
 
 
 _SERVER_RESOURCES: Final = Resources()
@@ -46,6 +50,8 @@ SERVER: Final = Layer(
     disk_mib=_SERVER_RESOURCES.disk_mib,
     pids=_SERVER_RESOURCES.pids,
     timeout_s=DEFAULT_TIMEOUT_S,
+    on_timeout=OnTimeout.KILL,
+    stop_grace_s=0.0,
 )
 
 
@@ -53,6 +59,10 @@ def layer(
     resources: msgspec.Struct | None,
     timeout_s: float | None = None,
     backend: Backend | None = None,
+    *,
+    on_timeout: OnTimeout | None = None,
+    auto_pause_after_s: float | None = None,
+    stop_grace_s: float | None = None,
 ) -> Layer:
     """A layer from anything with the resource fields (a request's, a policy's or a
     template's); `Backend.AUTO` counts as unset."""
@@ -61,6 +71,9 @@ def layer(
         **sizes,
         timeout_s=timeout_s,
         backend=None if backend is Backend.AUTO else backend,
+        on_timeout=on_timeout,
+        auto_pause_after_s=auto_pause_after_s,
+        stop_grace_s=stop_grace_s,
     )
 
 
@@ -70,10 +83,18 @@ def resolve(
     policy: Layer | None = None,
     template: Layer | None = None,
 ) -> CreateSandboxRequest:
-    """`request` with every resource field, the timeout and (if a layer names one) the
-    backend set, each from the first layer in `ORDER` that sets it."""
+    """`request` with every resource field, the timeout, what the timeout does and (if
+    a layer names them) the backend and the idle time before an auto-pause set, each
+    from the first layer in `ORDER` that sets it."""
     given = {
-        "request": layer(request.resources, request.timeout_s, request.backend),
+        "request": layer(
+            request.resources,
+            request.timeout_s,
+            request.backend,
+            on_timeout=request.on_timeout,
+            auto_pause_after_s=request.auto_pause_after_s,
+            stop_grace_s=request.stop_grace_s,
+        ),
         "policy": policy,
         "template": template,
         "server": SERVER,
@@ -88,6 +109,9 @@ def resolve(
         resources=ResourcesBody(**{name: first(name) for name in RESOURCE_FIELDS}),
         timeout_s=first("timeout_s"),
         backend=first("backend") or Backend.AUTO,
+        on_timeout=first("on_timeout"),
+        auto_pause_after_s=first("auto_pause_after_s"),
+        stop_grace_s=first("stop_grace_s"),
     )
 
 

@@ -42,8 +42,9 @@ class SandboxDirectory(Protocol):
         """For the access check: the sandbox's tenant, None if there is no such sandbox."""
         ...
 
-    async def delete(self, sandbox_id: str, *, grace_s: float) -> None:
-        """Stops the sandbox (after `grace_s` of SIGTERM); an ended one is left as it is."""
+    async def delete(self, sandbox_id: str, *, grace_s: float | None) -> None:
+        """Stops the sandbox (after `grace_s` of SIGTERM; None: its own `stop_grace_s`);
+        an ended one is left as it is."""
         ...
 
     async def locate(self, sandbox_id: str) -> NodeState | None:
@@ -82,7 +83,7 @@ class LocalDirectory:
         except NotFoundError:
             return None
 
-    async def delete(self, sandbox_id: str, *, grace_s: float) -> None:
+    async def delete(self, sandbox_id: str, *, grace_s: float | None) -> None:
         await self.manager.delete(sandbox_id, grace_s=grace_s)
 
     async def locate(self, sandbox_id: str) -> NodeState | None:

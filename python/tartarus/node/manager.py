@@ -152,6 +152,7 @@ class SandboxManager:
         grace_s: float = 10.0,
         admission: AdmissionHook | None = None,
         timeout_grace_s: float | None = None,
+        reattach: bool = True,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -160,6 +161,9 @@ class SandboxManager:
         # Grace a sandbox gets when its deadline passes (node agents use a short one:
         # Alecto kills a sandbox within a second of its timeout).
         self.timeout_grace_s = grace_s if timeout_grace_s is None else timeout_grace_s
+        # Whether `reconcile` takes back sandboxes that outlived the last server (else
+        # it reaps them all).
+        self.reattach = reattach
         # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
         # run before a sandbox is torn down (it still runs) and after.
         self.source: SandboxSource | None = None
@@ -208,7 +212,9 @@ class SandboxManager:
         self.store.release_unbound_keys()
         readopted: dict[Backend, set[str]] = {}
         for record in orphans:
-            if record.state is SandboxState.RUNNING and await self._reattach(record):
+            # Running, or paused in place (a frozen jail: it still runs, frozen).
+            wanted = self.reattach and record.state in (SandboxState.RUNNING, SandboxState.PAUSED)
+            if wanted and await self._reattach(record):
                 readopted.setdefault(record.backend, set()).add(record.id)
         reaped = await self.provider.reap_all(keep=readopted)
         orphans = [r for r in orphans if r.id not in readopted.get(r.backend, ())]
@@ -231,7 +237,10 @@ class SandboxManager:
         """Takes back a sandbox a server that died left running: admitted again as its
         owner (which re-takes its quota share), found by its backend, and live again
         with the deadline it had. False, and nothing held, if it cannot be."""
-        remaining = 1.0 if record.expires_at is None else record.expires_at - time.time()
+        if record.state is SandboxState.PAUSED:
+            remaining = record.remaining_s or 1.0
+        else:
+            remaining = 1.0 if record.expires_at is None else record.expires_at - time.time()
         try:
             admitted = await self.admission.admit(
                 owner_of_record(record), request_of(record, remaining)
@@ -594,15 +603,17 @@ class SandboxManager:
         self.store.save(live.record)
         return live.record
 
-    async def delete(self, sandbox_id: str, *, grace_s: float = 0.0) -> None:
-        """Stops a sandbox (at once by default); deleting an ended one is a no-op."""
+    async def delete(self, sandbox_id: str, *, grace_s: float | None = None) -> None:
+        """Stops a sandbox (after `grace_s` of SIGTERM; None: its own `stop_grace_s`,
+        0 unless its create or template said); deleting an ended one is a no-op."""
         live = self._live.get(sandbox_id)
         if live is None:
             record = self.record(sandbox_id)  # 404 if it never existed
             if record.state is SandboxState.PAUSED:
                 await self._end_paused(record, "deleted")
             return
-        await self._end(live, SandboxState.STOPPED, "deleted", grace_s=grace_s)
+        grace = live.record.stop_grace_s if grace_s is None else grace_s
+        await self._end(live, SandboxState.STOPPED, "deleted", grace_s=grace)
 
     async def end(
         self, sandbox_id: str, state: SandboxState, detail: str, *, grace_s: float = 0.0
@@ -800,8 +811,9 @@ def asked_for(request: CreateSandboxRequest, caller: Principal) -> dict[str, Any
         "owner": caller.subject,
         "secrets": request.secrets,
         "checkpoint_on_stop": request.checkpoint_on_stop,
-        "on_timeout": request.on_timeout,
+        "on_timeout": request.on_timeout or OnTimeout.KILL,
         "auto_pause_after_s": request.auto_pause_after_s,
+        "stop_grace_s": request.stop_grace_s or 0.0,
         "timeout_s": request.resolved_timeout_s(),
     }
 

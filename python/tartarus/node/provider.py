@@ -142,7 +142,13 @@ class HostRuntimes:
             template = self.templates.definition(request.template)
         except TemplateNotFoundError:
             return None
-        return TemplateDefaults(resources=template.resources, timeout_s=template.timeout_s)
+        return TemplateDefaults(
+            resources=template.resources,
+            timeout_s=template.timeout_s,
+            on_timeout=template.on_timeout,
+            auto_pause_after_s=template.auto_pause_after_s,
+            stop_grace_s=template.stop_grace_s,
+        )
 
     async def describe(self) -> dict[str, str]:
         report = await self.report()

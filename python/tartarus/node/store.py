@@ -89,6 +89,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     timeout_s: float | None = None
     # How it ended, once it has.
     ending: Ending | None = None
+    # The SIGTERM grace a stop that does not say gives it (from its create or template).
+    stop_grace_s: float = 0.0
     # The template's working directory, where commands run unless they say otherwise
     # (kept so a server that re-attaches to the sandbox after a restart knows it).
     workdir: str = "/"

@@ -181,6 +181,12 @@ class CgroupReader:
                 found.update(int(p) for p in (d.path / "cgroup.procs").read_text().split())
         return found
 
+    def frozen(self) -> bool:
+        """Whether the sandbox's cgroup v2 directory is frozen."""
+        return any(
+            _keyed(d.path / "cgroup.events", "frozen") == 1 for d in self.dirs if d.version == "v2"
+        )
+
     def freeze(self, frozen: bool, timeout_s: float = 10.0) -> None:
         """Freezes (or thaws) every process in the sandbox's cgroup v2 directory and waits
         until the kernel says so (`cgroup.events`). Memory stays where it is."""

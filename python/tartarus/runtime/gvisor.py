@@ -529,10 +529,7 @@ class GvisorRuntime:
         ]
         if not running or not (directory / "bundle").is_dir():
             return None
-        rules = None
-        if spec.network:
-            rules = await anyio.to_thread.run_sync(compile_rules, spec.egress)
-        network = await self.networks.reattach(spec.id, rules)
+        network = await self.networks.reattach(spec)
         if network is None:
             return None
         sandbox = GvisorSandbox(self, spec, directory, network)

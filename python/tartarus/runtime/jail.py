@@ -29,6 +29,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from tartarus import codec
 from tartarus.binaries import find_binary
+from tartarus.host.procfs import exited
 from tartarus.network.egress import compile_rules
 from tartarus.network.namespaces import SandboxNetwork, SandboxNetworks
 from tartarus.network.settings import NetworkSettings
@@ -104,6 +105,8 @@ class JailConfig(msgspec.Struct, frozen=True):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     # "inherit", "null" or {"file": host path}.
     stdio: Literal["inherit", "null"] | dict[str, Path] = "inherit"
+    # Keep running when the host that started it dies (it re-attaches on restart).
+    outlive_host: bool = False
 
 
 class CgroupDirs(msgspec.Struct, frozen=True):
@@ -148,6 +151,8 @@ class JailSandbox(HostedAgentSandbox):
         self._process: anyio.abc.Process | None = None
         self._events: BufferedByteReceiveStream | None = None
         self._started: StartedEvent | None = None
+        # The supervisor's pid: our child, or (re-attached after a restart) not.
+        self._supervisor: int | None = None
 
     @property
     def init_pid(self) -> int | None:
@@ -167,6 +172,7 @@ class JailSandbox(HostedAgentSandbox):
         # Written before the jail reports anything: if this process dies before it reads
         # the `started` event, `reap` still finds the jail by its supervisor.
         (self._dir / SUPERVISOR_PID).write_text(f"{self._process.pid}\n")
+        self._supervisor = self._process.pid
         assert self._process.stdout is not None
         self._events = BufferedByteReceiveStream(self._process.stdout)
         try:
@@ -211,20 +217,40 @@ class JailSandbox(HostedAgentSandbox):
                     break
         return data.decode(errors="replace").strip() or f"exit status {self._process.returncode}"
 
+    def _supervisor_alive(self) -> bool:
+        if self._process is not None:
+            return self._process.returncode is None
+        return self._supervisor is not None and _is_jail_process(self._supervisor, self._dir)
+
     @property
     def lost(self) -> bool:
-        # Its supervisor is our child: its exit shows before the agent's connection
-        # (read only when asked) does.
+        # Its supervisor's exit shows before the agent's connection (read only when
+        # asked) does.
         if self._agent is None:
             return False
-        return self._agent.closed or (
-            self._process is not None and self._process.returncode is not None
-        )
+        return self._agent.closed or not self._supervisor_alive()
+
+    async def reconnect(self, started: StartedEvent, supervisor: int) -> None:
+        """Connects to a jail left running by a server that died (its agent listens on
+        its socket as before)."""
+        self._started, self._supervisor = started, supervisor
+        self._cgroup = CgroupReader(started.cgroup_dirs())
+        # A paused jail is frozen: its agent answers once thawed for the moment.
+        frozen = await anyio.to_thread.run_sync(self._cgroup.frozen)
+        if frozen:
+            await self.thaw()
+        try:
+            with reachable_socket(self._dir / "run" / AGENT_SOCKET) as reachable:
+                self.agent = await AgentClient.connect_unix(reachable)
+        finally:
+            if frozen:
+                await self.freeze()
+        self._state = SandboxState.RUNNING
 
     async def status(self) -> SandboxStatus:
         state = self._state
         detail, oom = "", False
-        if state is SandboxState.RUNNING and self._process and self._process.returncode is not None:
+        if state is SandboxState.RUNNING and not self._supervisor_alive():
             state = SandboxState.FAILED
             oom = self._cgroup.oom_kills() > 0
             detail = "killed by the host OOM killer" if oom else "the jail exited"
@@ -253,27 +279,34 @@ class JailSandbox(HostedAgentSandbox):
         if self._state is SandboxState.RUNNING:
             with contextlib.suppress(SandboxError):
                 outcome = await self.shutdown_agent(grace_s)
-            if self._process is not None:
-                with anyio.move_on_after(grace_s + 5):
-                    await self._process.wait()
+            await self._supervisor_gone(grace_s + 5)
         await self.kill()
         return outcome
 
+    async def _supervisor_gone(self, within_s: float) -> None:
+        with anyio.move_on_after(within_s):
+            if self._process is not None:
+                await self._process.wait()
+            elif self._supervisor is not None and self._supervisor_alive():
+                await exited(self._supervisor)
+
     async def kill(self) -> None:
         await self.close_agent()
+        if self._supervisor_alive() and self._started is not None:
+            # Killing init takes the whole PID namespace down; the supervisor then
+            # removes the cgroup and exits.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._started.pid, signal.SIGKILL)
+        await self._supervisor_gone(10)
         process, self._process = self._process, None
         if process is not None:
-            if process.returncode is None and self._started is not None:
-                # Killing init takes the whole PID namespace down; the supervisor then
-                # removes the cgroup and exits.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._started.pid, signal.SIGKILL)
-            with anyio.move_on_after(10):
-                await process.wait()
             if process.returncode is None:
                 process.kill()
                 await process.wait()
             await process.aclose()
+        elif self._supervisor is not None:
+            _kill_jail_process(self._supervisor, self._dir)
+        self._supervisor = None
         if self._cgroup.dirs:
             await anyio.to_thread.run_sync(self._cgroup.kill_and_remove)
         network, self.network = self.network, None
@@ -340,6 +373,7 @@ class JailRuntime:
             cgroup=cgroup,
             env=dict(spec.env),
             stdio={"file": directory / "agent.log"},
+            outlive_host=True,
         )
 
     async def create(self, spec: SandboxSpec) -> JailSandbox:
@@ -369,9 +403,27 @@ class JailRuntime:
                 (mount / self.cgroup_parent).rmdir()
 
     async def reattach(self, spec: SandboxSpec) -> JailSandbox | None:
-        """None: a jail ends with the server that started it (its supervisor dies with
-        its parent, PR_SET_PDEATHSIG, so no jail outlives a crash unwatched)."""
-        return None
+        """A jail outlives its server (its supervisor is told to, `outlive_host`) and
+        its agent keeps listening on its socket: this finds its supervisor still
+        running, takes over its namespace and connects; None if any of that is gone."""
+        directory = self._root / spec.id
+        try:
+            started = _decode_event.decode((directory / "started.json").read_bytes())
+            supervisor = int((directory / SUPERVISOR_PID).read_text())
+        except (OSError, ValueError, msgspec.DecodeError):
+            return None
+        if not isinstance(started, StartedEvent) or not _is_jail_process(supervisor, directory):
+            return None
+        network = None
+        # Without a grant the jail made its own namespace, which went nowhere.
+        if spec.network and (network := await self.networks.reattach(spec)) is None:
+            return None
+        sandbox = JailSandbox(spec, directory, self.networks, network)
+        try:
+            await sandbox.reconnect(started, supervisor)
+        except (OSError, SandboxError):
+            return None
+        return sandbox
 
     async def reap(self, keep: set[str]) -> list[str]:
         """Kills jails this runtime left behind (after a crash) and removes their

@@ -80,8 +80,9 @@ class Sandbox:
         placement: PlacementRules | None = None,
         from_snapshot: str | None = None,
         checkpoint_on_stop: bool = False,
-        on_timeout: OnTimeout | str = OnTimeout.KILL,
+        on_timeout: OnTimeout | str | None = None,
         auto_pause_after: float | None = None,
+        stop_grace: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
@@ -101,7 +102,10 @@ class Sandbox:
         resources. `checkpoint_on_stop`: snapshot the sandbox when it is stopped.
         `on_timeout="pause"`: its timeout pauses it instead of ending it;
         `auto_pause_after`: pause it after that many seconds without a call that needs
-        it running. Any such call resumes a paused sandbox (docs/lifecycle.md)."""
+        it running (unset, each: what the template says; else kill, and never). Any
+        such call resumes a paused sandbox (docs/lifecycle.md). `stop_grace`: seconds
+        of SIGTERM a `kill()` without its own `grace` gives (unset: the template's,
+        else 0)."""
         resources = ResourcesBody(vcpus=vcpus, memory_mib=memory_mib)
         request = CreateSandboxRequest(
             template=template,
@@ -116,8 +120,9 @@ class Sandbox:
             placement=placement,
             from_snapshot=from_snapshot,
             checkpoint_on_stop=checkpoint_on_stop,
-            on_timeout=OnTimeout(on_timeout),
+            on_timeout=None if on_timeout is None else OnTimeout(on_timeout),
             auto_pause_after_s=auto_pause_after,
+            stop_grace_s=stop_grace,
         )
 
         async def make() -> Sandbox:
@@ -250,8 +255,9 @@ class Sandbox:
         )
         return [Sandbox(self._client.copy(), info) for info in result.sandboxes]
 
-    async def kill(self, *, grace: float = 0.0) -> None:
-        """Stops the sandbox (after `grace` seconds of SIGTERM) and closes this handle."""
+    async def kill(self, *, grace: float | None = None) -> None:
+        """Stops the sandbox (after `grace` seconds of SIGTERM; None: its own stop grace,
+        from its create or template, else 0) and closes this handle."""
         try:
             await self._client.call("DELETE", f"/v1/sandboxes/{self.id}", params={"grace_s": grace})
         finally:

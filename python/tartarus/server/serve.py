@@ -91,6 +91,7 @@ async def serve(
     plugins: Sequence[ServerPlugin] = (),
     open_store: Callable[[Path], Store] = Store,
     timeout_grace_s: float | None = None,
+    reattach: bool = True,
 ) -> None:
     runtime_dir = ensure_private_dir(settings.runtime_dir)
     ensure_private_dir(settings.state_dir)
@@ -107,6 +108,7 @@ async def serve(
             grace_s=options.grace_s,
             admission=security.judges,
             timeout_grace_s=timeout_grace_s,
+            reattach=reattach,
         )
         snapshot_wiring = SnapshotWiring.for_server(settings, manager, state_db_path(settings))
         async with manager.running(), snapshot_wiring.running(), AsyncExitStack() as extensions:

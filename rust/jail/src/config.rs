@@ -56,6 +56,10 @@ pub struct JailConfig {
     /// Where the jailed program's stdin, stdout and stderr go.
     #[serde(default)]
     pub stdio: Stdio,
+    /// Keep the jail running when whoever started it dies (a host that restarts
+    /// re-attaches to it, or reaps it); by default it ends with its host.
+    #[serde(default)]
+    pub outlive_host: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use crate::mounts;
 use crate::namespaces::{self, Namespaces};
 use crate::privileges;
 use crate::spawn::{spawn_held, Hold, Never, Report};
-use crate::supervisor::{self, OnStop, Supervisor};
+use crate::supervisor::{self, Host, OnStop, Supervisor};
 use crate::{Context, JailError, Result};
 
 /// A line on the events channel (JSON, one per line).
@@ -149,7 +149,12 @@ fn supervise(
         }
         other => other,
     })?;
-    supervisor.watch(child, OnStop::Forward)?;
+    let host = if config.outlive_host {
+        Host::MayRestart
+    } else {
+        Host::Needed
+    };
+    supervisor.watch(child, OnStop::Forward, host)?;
     events(&Event::Started {
         pid: child.as_raw(),
         cgroup,

@@ -3,8 +3,9 @@
 //! - it passes the usual stop signals on to the jailed child, or turns them into a
 //!   SIGKILL of the child (a PID 1 ignores signals it has no handler for);
 //! - it ends the jail when whoever started the supervisor dies (`PR_SET_PDEATHSIG`),
-//!   since nobody is left who can reach the sandbox; the supervisor still removes the
-//!   cgroup and reports on its way out;
+//!   since nobody is left who can reach the sandbox, unless that host re-attaches to
+//!   its jails when it restarts ([`Host::MayRestart`]); the supervisor still removes
+//!   the cgroup and reports on its way out;
 //! - once the child runs it keeps only the syscalls waiting and cleaning up take
 //!   ([`tartarus_seccomp::builtin::supervisor`]), so a compromise of it gains little.
 //!
@@ -57,6 +58,15 @@ pub enum OnStop {
     Kill,
 }
 
+/// What the jail does when whoever started the supervisor dies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// The jail ends with it.
+    Needed,
+    /// The jail runs on: a restarted host re-attaches to it, or reaps it.
+    MayRestart,
+}
+
 /// Made before the child exists: it remembers who started the supervisor and compiles
 /// the supervisor's profile, so a profile that cannot compile stops the jail before
 /// anything runs.
@@ -76,11 +86,13 @@ impl Supervisor {
     /// Takes charge of `child`: signal handlers, the parent-death signal, then the
     /// supervisor's own seccomp filter (the process must be single-threaded). If any
     /// step fails the child is killed, since it would be left unguarded.
-    pub fn watch(&self, child: Pid, on_stop: OnStop) -> Result<()> {
+    pub fn watch(&self, child: Pid, on_stop: OnStop, host: Host) -> Result<()> {
         set_child(child);
         let steps = || -> Result<()> {
             pass_stop_signals(on_stop)?;
-            end_with_parent()?;
+            if host == Host::Needed {
+                end_with_parent()?;
+            }
             Ok(self.lockdown.install()?)
         };
         steps().inspect_err(|_| kill_child(0))

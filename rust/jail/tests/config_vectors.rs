@@ -46,7 +46,8 @@ fn jail_config_vectors() {
             "cwd": "/root",
             "uid": 1000,
             "gid": 1000,
-            "stdio": {"file": "/var/lib/tartarus/sandboxes/sbx-1/agent.log"}
+            "stdio": {"file": "/var/lib/tartarus/sandboxes/sbx-1/agent.log"},
+            "outlive_host": true
         }),
     );
     check(

@@ -30,7 +30,7 @@ use tartarus_jail::cgroup::{Cgroup, Hierarchies, Limits};
 use tartarus_jail::config::{BindMount, Rlimit};
 use tartarus_jail::namespaces::Namespaces;
 use tartarus_jail::spawn::{spawn_held, Hold};
-use tartarus_jail::supervisor::{self, Ended, OnStop, Supervisor};
+use tartarus_jail::supervisor::{self, Ended, Host, OnStop, Supervisor};
 use tartarus_jail::{mounts, privileges, JailError};
 
 /// Where the jail root is mounted (in the VMM's mount namespace only) by default.
@@ -333,7 +333,7 @@ fn enter(config: &JailConfig) -> Result<(), JailError> {
 
 /// Waits for the jailed VMM; returns its exit status (128 + signal if killed).
 fn supervise(pid: Pid, supervisor: &Supervisor) -> i32 {
-    if let Err(e) = supervisor.watch(pid, OnStop::Kill) {
+    if let Err(e) = supervisor.watch(pid, OnStop::Kill, Host::Needed) {
         eprintln!("tartarus-vmm: jail: cannot guard the VMM, it was stopped: {e}");
     }
     match supervisor::wait_for(pid) {

@@ -13,6 +13,7 @@ from tartarus.api.types import (
     MAX_LIST_LIMIT,
     CreateSandboxRequest,
     Cursor,
+    GraceSeconds,
     SandboxInfo,
     SandboxPage,
     SandboxStatsInfo,
@@ -68,6 +69,7 @@ def sandbox_info(record: SandboxRecord) -> SandboxInfo:
         on_timeout=record.on_timeout,
         auto_pause_after_s=record.auto_pause_after_s,
         ending=record.ending,
+        stop_grace_s=record.stop_grace_s,
     )
 
 
@@ -201,10 +203,11 @@ async def get_sandbox(request: web.Request) -> web.StreamResponse:
 class DeleteQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How to stop the sandbox.
 
-    grace_s: seconds between SIGTERM and the kill (0 kills at once)
+    grace_s: seconds between SIGTERM and the kill (0 kills at once; unset: the
+    sandbox's `stop_grace_s`, from its create or its template, else 0)
     """
 
-    grace_s: Annotated[float, Meta(ge=0, le=300)] = 0.0
+    grace_s: GraceSeconds | None = None
 
 
 @routes.route(
