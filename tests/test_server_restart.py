@@ -111,3 +111,35 @@ def test_kill_9_with_twenty_sandboxes_and_all_are_back_after_restart(backend: st
                 assert again.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status in (200, 202, 204)
             assert leftovers(base, [*ids, gone]) == []
         assert leftovers(base, [*ids, gone]) == []
+
+
+def test_a_reattached_sandbox_keeps_its_quota_share_whatever_the_quota_says_now() -> None:
+    """A quota lowered while sandboxes run does not end them at a restart (no judge
+    sits again), and their shares are held: the next create is refused."""
+    verdict = run_doctor(load_settings()).backend("jail")
+    if not verdict.available:
+        pytest.skip(f"jail cannot run here (doctor): {verdict.reason}")
+    with short_dir() as base:
+        server = start_server(base)
+        try:
+            ids = []
+            for _ in range(2):
+                r = server.json("POST", "/v1/sandboxes", {"template": "base", "backend": "jail"})
+                assert r.status == 201, r.body
+                ids.append(r.json()["id"])
+            policy = "name: global\nspec: {resources: {max_sandboxes: 1}}\n"
+            assert server.json("PUT", "/v1/policies/global", {"document": policy}).status == 200
+        finally:
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait(timeout=30)
+        with running_server(base) as again:
+            listed = again.raw("GET", "/v1/sandboxes?state=running").json()["items"]
+            assert {i["id"] for i in listed} == set(ids)
+            refused = again.json("POST", "/v1/sandboxes", {"template": "base", "backend": "jail"})
+            assert refused.status == 429, refused.body
+            for sandbox_id in ids:
+                assert again.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status == 204
+            created = again.json("POST", "/v1/sandboxes", {"template": "base", "backend": "jail"})
+            assert created.status == 201, created.body
+            assert again.raw("DELETE", f"/v1/sandboxes/{created.json()['id']}").status == 204
+        assert leftovers(base, ids) == []

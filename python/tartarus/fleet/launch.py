@@ -173,7 +173,9 @@ async def run_agent(
             f"--node-id {config.node_id} differs from the certificate's name {named}: "
             "an agent joins as the node its certificate names"
         )
-    provider = HostRuntimes(settings, only=config.backends)
+    # The fleet fails a node's sandboxes when its heartbeats stop and places the work
+    # elsewhere: they end with the node agent, and a restarted one reaps what is left.
+    provider = HostRuntimes(settings, only=config.backends, outlive_server=False)
     backends = config.backends or await available_backends(provider)
     spec = NodeSpec(
         id=node_id(settings, config.node_id or named),
@@ -228,8 +230,6 @@ async def run_agent(
         plugins=[agent, MetricsPlugin(metrics)],
         open_store=lambda path: ReportingStore(path, metrics, outbox, spec.id),
         timeout_grace_s=TIMEOUT_GRACE_S,
-        # The fleet fails a node's sandboxes when its heartbeats stop and places the
-        # work elsewhere: a restarted node reaps what it left instead of taking it back.
         reattach=False,
         on_ready=announce,
         stop=stop,

@@ -384,7 +384,7 @@ class NodeAgent:
                 ),
             )
             if verdict is not None and not verdict.keep and record.live:
-                await manager.delete(record.id)
+                await manager.delete(record.id, grace_s=0)
         except KeyError:
             log.warning("the fleet forgot node %s while it created a sandbox", self.node_id)
         except msgspec.DecodeError:

@@ -25,6 +25,11 @@ async def exited(pid: int) -> None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
+    except OSError:
+        # No pidfds (a kernel before 5.3, or out of descriptors): look every 20 ms.
+        while process_alive(pid):  # noqa: ASYNC110 - nothing to wait on
+            await anyio.sleep(0.02)
+        return
     try:
         await anyio.wait_readable(fd)
     finally:

@@ -89,6 +89,12 @@ class AdmissionHook(Protocol):
         state under this sandbox id (and releases it there when the sandbox ends)."""
         ...
 
+    def readmit(
+        self, record: SandboxRecord, caller: Principal, request: CreateSandboxRequest
+    ) -> Admitted:
+        """A sandbox that outlived a restart, taken back: no judge, its hold again."""
+        ...
+
     def ended(self, record: SandboxRecord) -> None: ...
 
 
@@ -116,6 +122,11 @@ class AdmitAll:
         hold_as: str | None = None,
     ) -> Admitted:
         return _Admitted(with_template_file_defaults(request, defaults))
+
+    def readmit(
+        self, record: SandboxRecord, caller: Principal, request: CreateSandboxRequest
+    ) -> Admitted:
+        return _Admitted(resolve(request))
 
     def ended(self, record: SandboxRecord) -> None:
         pass

@@ -59,6 +59,10 @@ RETENTION_S = 24 * 3600.0
 EXPIRY_TICK_S = 0.25
 # The shortest sleep of the expiry loop (no busy loop on a deadline already handled).
 EXPIRY_MIN_S = 0.005
+# Sandboxes re-attached at once after a restart (one that stalls delays only its slot).
+REATTACH_PARALLEL = 8
+# How long the check of a sandbox that looks gone may take (it runs in the expiry loop).
+LOST_STATUS_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -211,11 +215,18 @@ class SandboxManager:
         orphans = [r for r in self.store.live() if not r.pause_snapshot]
         self.store.release_unbound_keys()
         readopted: dict[Backend, set[str]] = {}
-        for record in orphans:
-            # Running, or paused in place (a frozen jail: it still runs, frozen).
-            wanted = self.reattach and record.state in (SandboxState.RUNNING, SandboxState.PAUSED)
-            if wanted and await self._reattach(record):
-                readopted.setdefault(record.backend, set()).add(record.id)
+        limiter = anyio.CapacityLimiter(REATTACH_PARALLEL)
+
+        async def reattach(record: SandboxRecord) -> None:
+            async with limiter:
+                if await self._reattach(record):
+                    readopted.setdefault(record.backend, set()).add(record.id)
+
+        async with anyio.create_task_group() as tg:
+            for record in orphans:
+                # Running, or paused in place (a frozen jail: it still runs, frozen).
+                if self.reattach and record.state in (SandboxState.RUNNING, SandboxState.PAUSED):
+                    tg.start_soon(reattach, record)
         reaped = await self.provider.reap_all(keep=readopted)
         orphans = [r for r in orphans if r.id not in readopted.get(r.backend, ())]
         now = time.time()
@@ -234,20 +245,21 @@ class SandboxManager:
         return [r.id for r in orphans]
 
     async def _reattach(self, record: SandboxRecord) -> bool:
-        """Takes back a sandbox a server that died left running: admitted again as its
-        owner (which re-takes its quota share), found by its backend, and live again
-        with the deadline it had. False, and nothing held, if it cannot be."""
+        """Takes back a sandbox a server that died left running: its quota share held
+        again (no judge sits again), found by its backend, and live again with the
+        deadline it had. False, and nothing held, if it cannot be."""
         if record.state is SandboxState.PAUSED:
             remaining = record.remaining_s or 1.0
         else:
             remaining = 1.0 if record.expires_at is None else record.expires_at - time.time()
+        request = request_of(record, remaining)
         try:
-            admitted = await self.admission.admit(
-                owner_of_record(record), request_of(record, remaining)
-            )
+            admitted = self.admission.readmit(record, owner_of_record(record), request)
         except Exception as e:
-            log.warning("sandbox %s is not re-admitted after the restart: %s", record.id, e)
-            return False
+            # Its policy cannot be read now: it runs on without a quota hold or wrapper
+            # rather than being killed for it.
+            log.warning("sandbox %s is re-attached without its policy: %s", record.id, e)
+            admitted = AdmitAll().readmit(record, owner_of_record(record), request)
         spec = SandboxSpec(
             id=record.id,
             template=record.template,
@@ -328,7 +340,11 @@ class SandboxManager:
         """Its agent went away by itself: if its backend confirms it stopped, the record
         ends as failed, saying how (the OOM killer, or it exited)."""
         try:
-            status = await live.sandbox.status()
+            with anyio.fail_after(LOST_STATUS_TIMEOUT_S):
+                async with live.lock:
+                    if live.closing or not live.sandbox.lost:
+                        return
+                    status = await live.sandbox.status()
         except Exception as e:
             log.warning("the status of sandbox %s is unknown: %s", live.record.id, e)
             return
@@ -642,7 +658,11 @@ class SandboxManager:
         with `state` and `detail`; `ending` says how it ended, else its stop tells."""
         with anyio.CancelScope(shield=True):
             async with live.lock:
-                if live.record.state not in LIVE_STATES:
+                # Ended, or set aside (paused to a snapshot) while this waited.
+                if (
+                    live.record.state not in LIVE_STATES
+                    or self._live.get(live.record.id) is not live
+                ):
                     return
                 live.closing = True
                 if live.record.state is SandboxState.PAUSED:
@@ -669,7 +689,9 @@ class SandboxManager:
                     log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
                 live.record.ending = ending or ending_of(grace_s, outcome)
-                if outcome is not None and outcome.killed:
+                if outcome is not None and outcome.forced:
+                    detail += "; the stop failed and the sandbox was killed"
+                elif outcome is not None and outcome.killed:
                     detail += (
                         f"; {outcome.killed} process(es) still running after the"
                         f" {grace_s:g} s grace period were killed"
@@ -799,7 +821,7 @@ class SandboxManager:
                 await sandbox.kill()
         except Exception:
             log.exception("killing sandbox %s failed; it may have leaked", sandbox.id)
-        return None
+        return StopOutcome(forced=True)
 
 
 def asked_for(request: CreateSandboxRequest, caller: Principal) -> dict[str, Any]:
@@ -823,7 +845,7 @@ def ending_of(grace_s: float, outcome: StopOutcome | None) -> Ending:
     with processes killed after it."""
     if grace_s <= 0:
         return Ending.KILLED
-    if outcome is not None and outcome.killed:
+    if outcome is not None and (outcome.killed or outcome.forced):
         return Ending.KILLED_AFTER_GRACE
     return Ending.STOPPED
 
@@ -847,9 +869,9 @@ def request_of(record: SandboxRecord, timeout_s: float) -> CreateSandboxRequest:
 
 
 def owner_of_record(record: SandboxRecord) -> Principal:
-    """Who a sandbox is admitted again as when the server does it itself (a re-attach
-    after a restart): its tenant and owner, with the server's rights, since the owner's
-    own were judged when it was created."""
+    """Who holds a sandbox's quota share when the server takes it back itself (a
+    re-attach after a restart): its tenant and owner, with the server's rights, since
+    the owner's own were judged when it was created."""
     return msgspec.structs.replace(
         SYSTEM, subject=record.owner or SYSTEM.subject, tenant=record.tenant
     )

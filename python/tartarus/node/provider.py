@@ -44,8 +44,12 @@ class HostRuntimes:
     """`only`: the backends this host may use (a node agent's `--backend`); the others
     count as unavailable, so `auto` never picks one the node did not offer."""
 
-    def __init__(self, settings: Settings, *, only: Sequence[Backend] = ()) -> None:
+    def __init__(
+        self, settings: Settings, *, only: Sequence[Backend] = (), outlive_server: bool = True
+    ) -> None:
         self.settings = settings
+        # Whether sandboxes run on when the server dies, for the next one to take back.
+        self.outlive_server = outlive_server
         self.templates = TemplateStore(settings)
         self._only = frozenset(b.value for b in only)
         self._report: DoctorReport | None = None
@@ -72,7 +76,9 @@ class HostRuntimes:
     def runtime(self, backend: Backend) -> Runtime:
         runtime = self._runtimes.get(backend)
         if runtime is None:
-            runtime = self._runtimes[backend] = make_runtime(backend, self.settings)
+            runtime = self._runtimes[backend] = make_runtime(
+                backend, self.settings, outlive_server=self.outlive_server
+            )
         return runtime
 
     def networks(self) -> list[SandboxNetworks]:

@@ -219,5 +219,17 @@ class Judges:
             tags=admission.policy.audit.tags,
         )
 
+    def readmit(
+        self, record: SandboxRecord, caller: Principal, request: CreateSandboxRequest
+    ) -> Admitted:
+        """A sandbox that outlived a restart is taken back: no judge sits again (each
+        did when it was created, and one that cannot answer now must not end it); its
+        quota share is held again, whatever the quota says now."""
+        policy = self.policy(caller.tenant)
+        request = resolve(request, policy=policy_defaults(policy, request.template))
+        admission = AdmissionRequest(caller=caller, request=request, policy=policy)
+        hold = None if self.shared is not None else self.quotas.hold(admission, record.id)
+        return _Admitted(request, hold, self._wrap, egress_for(policy, request.template))
+
     def ended(self, record: SandboxRecord) -> None:
         self.quotas.ended(record.tenant, record.id)

@@ -97,6 +97,12 @@ class QuotaKeeper:
             Hold(self, tenant, key),
         )
 
+    def hold(self, admission: AdmissionRequest, sandbox_id: str) -> Hold:
+        """Holds the share of a sandbox already running (taken back after a restart),
+        whatever the quota says now: it was admitted when it was created."""
+        self._held[admission.caller.tenant][sandbox_id] = wanted(admission)
+        return Hold(self, admission.caller.tenant, sandbox_id)
+
     def ended(self, tenant: str, sandbox_id: str) -> None:
         self._drop(tenant, sandbox_id)
 

@@ -45,6 +45,7 @@ from tartarus.runtime.layout import (
     abandon_create,
     agent_argv,
     new_sandbox_dir,
+    own_socket,
     reachable_socket,
     resolv_conf_mount,
     wait_for_path,
@@ -62,6 +63,8 @@ from tartarus.runtime.types import (
 )
 
 START_TIMEOUT_S: Final = 30.0
+# How long a restarted server waits for a surviving jail's agent to answer.
+REATTACH_TIMEOUT_S: Final = 5.0
 # How long `reap` waits for a killed supervisor to go.
 REAP_WAIT_S: Final = 5.0
 SUPERVISOR_PID: Final = "supervisor.pid"
@@ -225,10 +228,8 @@ class JailSandbox(HostedAgentSandbox):
     @property
     def lost(self) -> bool:
         # Its supervisor's exit shows before the agent's connection (read only when
-        # asked) does.
-        if self._agent is None:
-            return False
-        return self._agent.closed or not self._supervisor_alive()
+        # asked) does; a connection that closed while the jail runs is not an end.
+        return self._agent is not None and not self._supervisor_alive()
 
     async def reconnect(self, started: StartedEvent, supervisor: int) -> None:
         """Connects to a jail left running by a server that died (its agent listens on
@@ -240,8 +241,10 @@ class JailSandbox(HostedAgentSandbox):
         if frozen:
             await self.thaw()
         try:
-            with reachable_socket(self._dir / "run" / AGENT_SOCKET) as reachable:
-                self.agent = await AgentClient.connect_unix(reachable)
+            # The socket's directory is the jail's to write: no following links.
+            with own_socket(self._dir / "run" / AGENT_SOCKET) as reachable:
+                with anyio.fail_after(REATTACH_TIMEOUT_S):
+                    self.agent = await AgentClient.connect_unix(reachable)
         finally:
             if frozen:
                 await self.freeze()
@@ -327,8 +330,11 @@ class JailRuntime:
         *,
         cgroup_parent: str | None = None,
         network: NetworkSettings | None = None,
+        outlive_host: bool = True,
     ) -> None:
         self._root = state_dir / "jail"
+        # Jails run on when their server dies (the next one re-attaches), or end with it.
+        self.outlive_host = outlive_host
         scope = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
         self.cgroup_parent = cgroup_parent or f"tartarus/{scope}"
         self.networks = SandboxNetworks(f"j{scope[:8]}", network)
@@ -373,7 +379,7 @@ class JailRuntime:
             cgroup=cgroup,
             env=dict(spec.env),
             stdio={"file": directory / "agent.log"},
-            outlive_host=True,
+            outlive_host=self.outlive_host,
         )
 
     async def create(self, spec: SandboxSpec) -> JailSandbox:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Final
@@ -83,6 +84,24 @@ def reachable_socket(path: Path) -> Iterator[str]:
     fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
     try:
         yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def own_socket(path: Path) -> Iterator[str]:
+    """A path to connect to the socket at `path` when the sandbox can write where it
+    lies: `path` itself is opened without following a symlink and must be a socket,
+    and the connect goes through that descriptor, so a symlink or a swap made by the
+    sandbox cannot point the host at another socket."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError as e:
+        raise SandboxError(f"{path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise SandboxError(f"{path} is not a socket")
+        yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
 

@@ -623,8 +623,7 @@ class MicroVmSandbox(AgentSandbox):
     def lost(self) -> bool:
         if self._ending or self._agent is None:
             return False
-        vmm_gone = self._vmm is not None and self._vmm.process.returncode is not None
-        return self._agent.closed or vmm_gone
+        return self._vmm is not None and self._vmm.process.returncode is not None
 
     async def status(self) -> SandboxStatus:
         if self._vmm is None:

@@ -31,8 +31,9 @@ def sandbox_state_dir(settings: Settings) -> Path:
     return settings.runtime_dir / "sandboxes"
 
 
-def make_runtime(backend: Backend, settings: Settings) -> Runtime:
-    """Instantiates one backend (no availability check)."""
+def make_runtime(backend: Backend, settings: Settings, *, outlive_server: bool = True) -> Runtime:
+    """Instantiates one backend (no availability check). `outlive_server`: the jail's
+    sandboxes run on when the server dies (a restart re-attaches to them), or end."""
     state = sandbox_state_dir(settings)
     if backend is Backend.WASM:
         from tartarus.runtime.wasm import WasmRuntime  # noqa: PLC0415 - wasmtime loads on demand
@@ -41,7 +42,7 @@ def make_runtime(backend: Backend, settings: Settings) -> Runtime:
     if backend is Backend.JAIL:
         from tartarus.runtime.jail import JailRuntime  # noqa: PLC0415
 
-        return JailRuntime(state, network=settings.network)
+        return JailRuntime(state, network=settings.network, outlive_host=outlive_server)
     if backend is Backend.GVISOR:
         from tartarus.runtime.gvisor import GvisorRuntime  # noqa: PLC0415
 

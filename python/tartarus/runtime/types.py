@@ -164,6 +164,8 @@ class StopOutcome(msgspec.Struct, frozen=True, kw_only=True):
     terminated: int = 0
     # Still running when it ran out: killed.
     killed: int = 0
+    # The stop itself failed (or overran), and the sandbox was killed whole.
+    forced: bool = False
 
 
 class SandboxStatus(msgspec.Struct, frozen=True, kw_only=True):

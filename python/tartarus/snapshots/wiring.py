@@ -171,7 +171,7 @@ class SnapshotWiring:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for record in made.values():
-                    await self.manager.delete(record.id)
+                    await self.manager.delete(record.id, grace_s=0)
             raise
         finally:
             with anyio.CancelScope(shield=True):

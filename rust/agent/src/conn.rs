@@ -90,12 +90,12 @@ impl Agent {
         if tokio::time::timeout(grace, all_ended()).await.is_ok() {
             return (running.len() as u32, 0);
         }
-        let late = self.registry.running();
-        for p in &late {
+        // Counted among those it sent SIGTERM; anything started since is killed too.
+        let killed = running.iter().filter(|p| p.running()).count() as u32;
+        for p in self.registry.running() {
             let _ = p.signal(libc::SIGKILL);
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), all_ended()).await;
-        let killed = late.len().min(running.len()) as u32;
         (running.len() as u32 - killed, killed)
     }
 }
