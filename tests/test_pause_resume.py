@@ -29,7 +29,7 @@ from tests.support.server import (
     cli,
     processes_mentioning,
     running_server,
-    short_dir,
+    sandbox_base,
     start_server,
 )
 
@@ -50,7 +50,7 @@ def require(backend: str) -> None:
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    with short_dir() as path:
+    with sandbox_base() as path:
         yield path
 
 

@@ -44,7 +44,7 @@ from tests.conftest import require_binary, require_root
 from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.images import shared_template
 from tests.support.internet import BULK_BYTES, METADATA, Internet, built_internet, run
-from tests.support.server import running_server, server_env, start_server
+from tests.support.server import end_what_outlived, running_server, server_env, start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -550,26 +550,29 @@ def test_a_server_killed_with_sigkill_leaves_no_network_after_restart(
     if not backends:
         pytest.skip("neither the jail nor gvisor can run here (doctor)")
     base = tmp_path / "srv"
-    server = start_server(base, env=server_env(base))
-    ids = []
-    for backend in backends:
-        body = {"template": "base", "backend": backend, "network": True, "trust": "trusted"}
-        created = server.json("POST", "/v1/sandboxes", body)
-        assert created.status == 201, created.body
-        ids.append(created.json()["id"])
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait(timeout=30)
+    try:
+        server = start_server(base, env=server_env(base))
+        ids = []
+        for backend in backends:
+            body = {"template": "base", "backend": backend, "network": True, "trust": "trusted"}
+            created = server.json("POST", "/v1/sandboxes", body)
+            assert created.status == 201, created.body
+            ids.append(created.json()["id"])
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=30)
 
-    def leftovers() -> list[str]:
-        names = [p.name for i in ids for p in NETNS_DIR.glob(f"{NETNS_PREFIX}*-{i}")]
-        leases = SandboxNetworks("any").pool.leases()
-        return names + [f"lease {lease.index}" for lease in leases if lease.sandbox_id in ids]
+        def leftovers() -> list[str]:
+            names = [p.name for i in ids for p in NETNS_DIR.glob(f"{NETNS_PREFIX}*-{i}")]
+            leases = SandboxNetworks("any").pool.leases()
+            return names + [f"lease {lease.index}" for lease in leases if lease.sandbox_id in ids]
 
-    assert len(leftovers()) == 2 * len(ids), leftovers()
-    with running_server(base, env=server_env(base)) as again:
-        assert {i for i in ids if any(n.endswith(i) for n in leftovers())} == set(ids)
-        for sandbox_id in ids:
-            r = again.json("POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": "ip -o -4 addr"})
-            assert r.status == 200 and "eth0" in r.json()["stdout"], r.body
-            assert again.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status in (200, 202, 204)
-        assert leftovers() == []
+        assert len(leftovers()) == 2 * len(ids), leftovers()
+        with running_server(base, env=server_env(base)) as again:
+            assert {i for i in ids if any(n.endswith(i) for n in leftovers())} == set(ids)
+            for sandbox_id in ids:
+                r = again.json("POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": "ip -o -4 addr"})
+                assert r.status == 200 and "eth0" in r.json()["stdout"], r.body
+                assert again.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status in (200, 202, 204)
+            assert leftovers() == []
+    finally:
+        end_what_outlived(base)

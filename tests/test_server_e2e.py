@@ -21,7 +21,7 @@ from tests.support.server import (
     processes_mentioning,
     require_backend,
     running_server,
-    short_dir,
+    sandbox_base,
     start_server,
 )
 
@@ -299,7 +299,7 @@ def test_hostile_paths_and_bodies(server: Server, backend: str) -> None:
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    with short_dir() as path:
+    with sandbox_base() as path:
         yield path
 
 

@@ -7,6 +7,7 @@ went over the wire (status, headers, bytes), without the SDK in between.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib
 import json
@@ -253,3 +254,28 @@ def processes_mentioning(text: str) -> list[tuple[int, str]]:
         if text in cmdline:
             found.append((int(entry.name), cmdline))
     return found
+
+
+def end_what_outlived(base: Path) -> None:
+    """After a test that killed its server (its sandboxes outlive it): a server started
+    on `base` takes back what is left and its graceful stop stops it, so a test that
+    failed before its own restart leaks nothing. What still runs then (a server's
+    state elsewhere under `base`) is killed."""
+    if not processes_mentioning(str(base)):
+        return
+    with contextlib.suppress(RuntimeError), running_server(base):
+        pass
+    for pid, _ in processes_mentioning(str(base)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def sandbox_base() -> Iterator[Path]:
+    """A short private directory for servers whose sandboxes may outlive them (tests
+    that kill a server): whatever is left there is ended on the way out."""
+    with short_dir() as path:
+        try:
+            yield path
+        finally:
+            end_what_outlived(path)
