@@ -152,3 +152,34 @@ def test_a_reattached_sandbox_keeps_its_quota_share_whatever_the_quota_says_now(
         assert created.status == 201, created.body
         assert again.raw("DELETE", f"/v1/sandboxes/{created.json()['id']}").status == 204
     assert leftovers(base, ids) == []
+
+
+def test_an_upgrade_restart_with_leave_sandboxes_keeps_them(base: Path) -> None:
+    """`tartarus serve --leave-sandboxes` stopped gracefully (what an upgrade's restart
+    sends) leaves its sandboxes running, and the next server takes them back."""
+    backends = [b for b in ("gvisor", "jail") if run_doctor(load_settings()).backend(b).available]
+    if not backends:
+        pytest.skip("neither gvisor nor the jail can run here (doctor)")
+    server = start_server(base, "--leave-sandboxes")
+    ids = []
+    for backend in backends:
+        r = server.json("POST", "/v1/sandboxes", {"template": "base", "backend": backend})
+        assert r.status == 201, r.body
+        ids.append(r.json()["id"])
+        r = server.json(
+            "POST", f"/v1/sandboxes/{ids[-1]}/exec", {"cmd": COUNTER, "background": True}
+        )
+        assert r.status == 202, r.body
+    time.sleep(0.5)
+    before = {i: count(server, i) for i in ids}
+    assert server.stop() == 0
+    assert all(processes_mentioning(i) for i in ids), "a sandbox was stopped"
+    with running_server(base) as again:
+        for sandbox_id in ids:
+            info = again.raw("GET", f"/v1/sandboxes/{sandbox_id}").json()
+            assert info["state"] == "running", info
+            assert count(again, sandbox_id) > before[sandbox_id]
+    # Without the flag, the graceful stop stops them.
+    for sandbox_id in ids:
+        assert processes_mentioning(sandbox_id) == []
+    assert leftovers(base, ids) == []

@@ -46,6 +46,12 @@ from tartarus.server.serve import ServeOptions
 @click.option(
     "--detach", is_flag=True, help="Run in the background (a new session); return at once."
 )
+@click.option(
+    "--leave-sandboxes",
+    is_flag=True,
+    help="On shutdown, leave gVisor and jail sandboxes running for the next server on "
+    "this state directory (an upgrade) instead of stopping them.",
+)
 def serve_command(
     *,
     socket_path: Path | None,
@@ -55,12 +61,14 @@ def serve_command(
     as_json: bool,
     verbose: bool,
     detach: bool,
+    leave_sandboxes: bool,
 ) -> None:
     """Run the Tartarus API server (sandboxes, exec, files, logs) on this host.
 
     Listens on a unix socket only the current user can use; with --tcp also on TCP
     (anything but loopback needs TARTARUS_API_KEY). Stops on SIGTERM or Ctrl-C:
-    in-flight requests finish, then every sandbox is stopped with its grace period.
+    in-flight requests finish, then every sandbox is stopped with its grace period
+    (or, with --leave-sandboxes, left running for the next server to take back).
     """
     if detach:
         _detach()
@@ -70,7 +78,11 @@ def serve_command(
         stream=sys.stderr,
     )
     options = ServeOptions(
-        socket=socket_path, tcp=tcp, api_key=os.environ.get("TARTARUS_API_KEY"), grace_s=grace_s
+        socket=socket_path,
+        tcp=tcp,
+        api_key=os.environ.get("TARTARUS_API_KEY"),
+        grace_s=grace_s,
+        leave_sandboxes=leave_sandboxes,
     )
 
     def announce(endpoints: list[Endpoint]) -> None:

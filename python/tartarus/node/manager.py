@@ -157,6 +157,7 @@ class SandboxManager:
         admission: AdmissionHook | None = None,
         timeout_grace_s: float | None = None,
         reattach: bool = True,
+        leave_on_shutdown: bool = False,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -168,6 +169,9 @@ class SandboxManager:
         # Whether `reconcile` takes back sandboxes that outlived the last server (else
         # it reaps them all).
         self.reattach = reattach
+        # Whether `shutdown` leaves the sandboxes that can outlive it running, for the
+        # next server to take back (an upgrade), instead of stopping them.
+        self.leave_on_shutdown = leave_on_shutdown
         # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
         # run before a sandbox is torn down (it still runs) and after.
         self.source: SandboxSource | None = None
@@ -369,9 +373,31 @@ class SandboxManager:
         self._accepting = False
         async with anyio.create_task_group() as tg:
             for live in list(self._live.values()):
-                tg.start_soon(
-                    self._end, live, SandboxState.STOPPED, "the server shut down", self.grace_s
-                )
+                tg.start_soon(self._leave_or_end, live)
+
+    async def _leave_or_end(self, live: LiveSandbox) -> None:
+        if self.leave_on_shutdown and await self._leave(live):
+            return
+        await self._end(live, SandboxState.STOPPED, "the server shut down", self.grace_s)
+
+    async def _leave(self, live: LiveSandbox) -> bool:
+        """Lets go of a sandbox that runs on without this server (its record stays
+        as it is, for the next server to re-attach to); False if it cannot."""
+        async with live.lock:
+            if live.closing or self._live.get(live.record.id) is not live:
+                return True
+            try:
+                if not await live.sandbox.detach():
+                    return False
+            except Exception:
+                log.exception("leaving sandbox %s running failed; stopping it", live.record.id)
+                return False
+            live.closing = True
+            live.ended.set()
+            await self._close_services(live)
+            self._live.pop(live.record.id, None)
+        log.info("left sandbox %s running for the next server", live.record.id)
+        return True
 
     # --- queries ---------------------------------------------------------------------------
 

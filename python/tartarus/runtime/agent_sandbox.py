@@ -218,6 +218,9 @@ class AgentSandbox(abc.ABC):
             client, self._agent = self._agent, None
             await client.aclose()
 
+    async def detach(self) -> bool:
+        return False  # backends whose sandboxes can outlive the server say otherwise
+
     # ---- lifecycle: the backend's part ----
 
     @property

@@ -162,6 +162,12 @@ class Sandbox(Protocol):
         """Immediate teardown; releases all resources. Idempotent."""
         ...
 
+    async def detach(self) -> bool:
+        """Lets go of the sandbox without stopping it, for the next server on this
+        state directory to re-attach to; False (and nothing done) if it cannot outlive
+        its server."""
+        ...
+
 
 @runtime_checkable
 class Runtime(Protocol):

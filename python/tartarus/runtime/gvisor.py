@@ -308,6 +308,15 @@ class GvisorSandbox(HostedAgentSandbox):
         await self.kill()
         return outcome
 
+    async def detach(self) -> bool:
+        """runsc runs it detached, and its agent dials again once a host listens."""
+        if self._state is not SandboxState.RUNNING:
+            return False
+        await self.close_agent()
+        await self._dial_in.close()
+        self._runtime.live.discard(self.container)
+        return True
+
     async def kill(self) -> None:
         await self.close_agent()
         await self._dial_in.close()

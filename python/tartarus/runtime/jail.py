@@ -118,6 +118,8 @@ class CgroupDirs(msgspec.Struct, frozen=True):
 
 class StartedEvent(msgspec.Struct, frozen=True, tag="started", tag_field="event"):
     pid: int
+    # The supervisor's pid: with `outlive_host` a fork of the process we started.
+    supervisor: int | None = None
     cgroup: CgroupDirs | None = None
     user_namespace: bool = False
 
@@ -175,7 +177,6 @@ class JailSandbox(HostedAgentSandbox):
         # Written before the jail reports anything: if this process dies before it reads
         # the `started` event, `reap` still finds the jail by its supervisor.
         (self._dir / SUPERVISOR_PID).write_text(f"{self._process.pid}\n")
-        self._supervisor = self._process.pid
         assert self._process.stdout is not None
         self._events = BufferedByteReceiveStream(self._process.stdout)
         try:
@@ -185,6 +186,8 @@ class JailSandbox(HostedAgentSandbox):
                 await self._failed_to_start()
             assert isinstance(event, StartedEvent)
             self._started = event
+            self._supervisor = event.supervisor or self._process.pid
+            (self._dir / SUPERVISOR_PID).write_text(f"{self._supervisor}\n")
             (self._dir / "started.json").write_bytes(codec.to_json(event))
             self._cgroup = CgroupReader(event.cgroup_dirs())
             socket_path = self._dir / "run" / AGENT_SOCKET
@@ -221,8 +224,10 @@ class JailSandbox(HostedAgentSandbox):
         return data.decode(errors="replace").strip() or f"exit status {self._process.returncode}"
 
     def _supervisor_alive(self) -> bool:
-        if self._process is not None:
-            return self._process.returncode is None
+        process = self._process
+        if process is not None and self._supervisor in (None, process.pid):
+            return process.returncode is None  # our own child
+        # Detached (`outlive_host`), or re-attached after a restart.
         return self._supervisor is not None and _is_jail_process(self._supervisor, self._dir)
 
     @property
@@ -290,8 +295,21 @@ class JailSandbox(HostedAgentSandbox):
         with anyio.move_on_after(within_s):
             if self._process is not None:
                 await self._process.wait()
-            elif self._supervisor is not None and self._supervisor_alive():
+            if self._supervisor is not None and self._supervisor_alive():
                 await exited(self._supervisor)
+
+    async def detach(self) -> bool:
+        """A jail whose supervisor detached from us (`outlive_host`) runs on; its agent
+        keeps listening on its socket."""
+        process = self._process
+        ours = process is not None and self._supervisor == process.pid
+        if self._state is not SandboxState.RUNNING or self._supervisor is None or ours:
+            return False
+        await self.close_agent()
+        self._process = None
+        if process is not None:
+            await process.aclose()  # the launcher, which exited when the jail started
+        return True
 
     async def kill(self) -> None:
         await self.close_agent()
@@ -307,8 +325,12 @@ class JailSandbox(HostedAgentSandbox):
                 process.kill()
                 await process.wait()
             await process.aclose()
-        elif self._supervisor is not None:
+        if self._supervisor is not None:
             _kill_jail_process(self._supervisor, self._dir)
+        else:
+            # Detached before it said which process it is: find it by its config.
+            for pid in await anyio.to_thread.run_sync(_jail_processes, self._dir):
+                _kill_jail_process(pid, self._dir)
         self._supervisor = None
         if self._cgroup.dirs:
             await anyio.to_thread.run_sync(self._cgroup.kill_and_remove)

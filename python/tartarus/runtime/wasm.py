@@ -294,6 +294,9 @@ class WasmSandbox:
     def lost(self) -> bool:
         return False  # it runs in the server's own process
 
+    async def detach(self) -> bool:
+        return False  # it runs in the server's own process
+
     @property
     def backend(self) -> Backend:
         return Backend.WASM

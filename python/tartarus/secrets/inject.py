@@ -123,6 +123,9 @@ class SecretEnvSandbox:
     async def kill(self) -> None:
         await self.inner.kill()
 
+    async def detach(self) -> bool:
+        return await self.inner.detach()
+
 
 class SecretInjector:
     """The judges' sandbox wrapper: sandboxes created with secrets get them at exec."""

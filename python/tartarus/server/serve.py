@@ -49,6 +49,9 @@ class ServeOptions(msgspec.Struct, kw_only=True, frozen=True):
     api_key: str | None = None
     grace_s: float = 10.0
     drain_s: float = 10.0
+    # On shutdown, leave the sandboxes that can outlive the server running for the next
+    # one on this state directory (an upgrade) instead of stopping them.
+    leave_sandboxes: bool = False
 
 
 def state_db_path(settings: Settings) -> Path:
@@ -109,6 +112,7 @@ async def serve(
             admission=security.judges,
             timeout_grace_s=timeout_grace_s,
             reattach=reattach,
+            leave_on_shutdown=options.leave_sandboxes,
         )
         snapshot_wiring = SnapshotWiring.for_server(settings, manager, state_db_path(settings))
         async with manager.running(), snapshot_wiring.running(), AsyncExitStack() as extensions:

@@ -38,6 +38,9 @@ pub enum Event<'a> {
     Started {
         /// Host pid of the jail's init: SIGKILL it to tear the jail down at once.
         pid: i32,
+        /// Host pid of the supervisor (this process), which a host that restarted finds
+        /// its jail by (with `outlive_host` it is not the process the host started).
+        supervisor: i32,
         cgroup: Option<&'a Cgroup>,
         user_namespace: bool,
     },
@@ -52,7 +55,21 @@ pub enum Event<'a> {
 
 /// Runs the jail to completion. `events` receives the `Started` and `Exited` lines.
 /// Returns the exit code for the supervisor (the program's).
+///
+/// With `outlive_host`, the process the host started returns 0 at once and the
+/// supervisor goes on in a fork of it, in a session of its own: not the host's child,
+/// so nothing the host's end does (its exit, a runtime killing the children it
+/// started) reaches the jail. Its events still go to the same descriptor.
 pub fn run(config: &JailConfig, events: &mut dyn FnMut(&Event)) -> Result<i32> {
+    if config.outlive_host {
+        // SAFETY: tartarus-jail is single-threaded until here (nothing spawned yet).
+        match unsafe { nix::unistd::fork() }.context(|| "fork".into())? {
+            nix::unistd::ForkResult::Parent { .. } => return Ok(0),
+            nix::unistd::ForkResult::Child => {
+                nix::unistd::setsid().context(|| "setsid".into())?;
+            }
+        }
+    }
     // First, so the parent it remembers is the one that started this process.
     let supervisor = Supervisor::prepare()?;
     config.validate()?;
@@ -157,6 +174,7 @@ fn supervise(
     supervisor.watch(child, OnStop::Forward, host)?;
     events(&Event::Started {
         pid: child.as_raw(),
+        supervisor: std::process::id() as i32,
         cgroup,
         user_namespace: user_ns,
     });
