@@ -35,6 +35,9 @@ def test_file_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("cache_dir = [", "tartarus.toml"),
         ("no_such_setting = 1", "no_such_setting"),
         ("cache_dir = 5", "cache_dir"),
+        ("paused_retention_s = -1", "paused_retention_s"),
+        ("paused_retention_s = 1e12", "paused_retention_s"),
+        ('paused_retention_s = "a week"', "paused_retention_s"),
     ],
 )
 def test_bad_config_is_a_clear_error(

@@ -30,6 +30,7 @@ from tests.support.server import (
     processes_mentioning,
     running_server,
     sandbox_base,
+    server_env,
     start_server,
 )
 
@@ -413,3 +414,24 @@ def test_deleting_a_paused_sandbox_that_asked_for_a_checkpoint_keeps_it(base: Pa
         copy = r.json()["id"]
         assert run(s, copy, "cat /root/note")["stdout"] == "kept\n"
         assert s.raw("DELETE", f"/v1/sandboxes/{copy}").status == 204
+
+
+def test_a_sandbox_paused_past_the_retention_is_deleted_with_its_snapshot(base: Path) -> None:
+    backends = [b for b in ("gvisor", "jail") if run_doctor(load_settings()).backend(b).available]
+    if not backends:
+        pytest.skip("neither gvisor nor the jail can run here (doctor)")
+    env = server_env(base, TARTARUS_PAUSED_RETENTION_S="2")
+    with running_server(base, env=env) as s:
+        ids = [create(s, backend) for backend in backends]
+        for sb in ids:
+            assert verb(s, sb, "pause")["state"] == "paused"
+        deadline = time.monotonic() + 30
+        for sb in ids:
+            while (info := s.raw("GET", f"/v1/sandboxes/{sb}").json())["state"] == "paused":
+                assert time.monotonic() < deadline, info
+                time.sleep(0.2)
+            assert info["state"] == "stopped", info
+            assert info["detail"] == "paused for longer than 2 s; deleted", info
+            assert info["ending"] == "killed", info
+        assert pause_snapshots(s) == []
+    assert processes_mentioning(str(base)) == []

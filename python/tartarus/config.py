@@ -52,8 +52,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Warm pools (Nyx): template -> ready sandboxes to keep (`[warm_pools]` table; the
     # API's `PUT /v1/pools/{template}` overrides it).
     warm_pools: dict[str, int] = msgspec.field(default_factory=dict)
+    # How long a paused sandbox waits for a resume before it is deleted (its snapshot
+    # with it); 0 keeps paused sandboxes until someone deletes them.
+    paused_retention_s: float = msgspec.field(default=7 * 24 * 3600.0)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.paused_retention_s <= 10 * 365 * 24 * 3600:
+            raise ValueError("paused_retention_s: seconds, 0 (keep them) or up to ten years")
         args = self.guest_kernel_args
         # `--` would hand the rest to the guest's init (our agent), not to the kernel.
         if "--" in args.split() or any(c in args for c in "\n\r\0") or len(args) > 1024:

@@ -59,6 +59,8 @@ RETENTION_S = 24 * 3600.0
 EXPIRY_TICK_S = 0.25
 # The shortest sleep of the expiry loop (no busy loop on a deadline already handled).
 EXPIRY_MIN_S = 0.005
+# The longest wait between two looks for sandboxes paused too long.
+PAUSED_CHECK_S = 60.0
 # Sandboxes re-attached at once after a restart (one that stalls delays only its slot).
 REATTACH_PARALLEL = 8
 # How long the check of a sandbox that looks gone may take (it runs in the expiry loop).
@@ -158,6 +160,7 @@ class SandboxManager:
         timeout_grace_s: float | None = None,
         reattach: bool = True,
         leave_on_shutdown: bool = False,
+        paused_retention_s: float = 0.0,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -172,6 +175,8 @@ class SandboxManager:
         # Whether `shutdown` leaves the sandboxes that can outlive it running, for the
         # next server to take back (an upgrade), instead of stopping them.
         self.leave_on_shutdown = leave_on_shutdown
+        # How long a paused sandbox waits for a resume before it is deleted (0: ever).
+        self.paused_retention_s = paused_retention_s
         # Extensions (Nyx, lifecycle): a source of ready sandboxes for creates, and hooks
         # run before a sandbox is torn down (it still runs) and after.
         self.source: SandboxSource | None = None
@@ -194,6 +199,8 @@ class SandboxManager:
         async with anyio.create_task_group() as tg:
             self._tasks = tg
             tg.start_soon(self.expire_forever)
+            if self.paused_retention_s > 0:
+                tg.start_soon(self.expire_paused_forever)
             try:
                 yield self
             finally:
@@ -320,6 +327,37 @@ class SandboxManager:
                     tg.start_soon(self._pause_idle, live)
                 for live in lost:
                     tg.start_soon(self._lose, live)
+
+    async def expire_paused_forever(self) -> None:
+        """Deletes the sandboxes paused for longer than `paused_retention_s`, with their
+        snapshots; runs until cancelled, looking a few times per retention period (at
+        most every minute)."""
+        retention = self.paused_retention_s
+        while True:
+            await anyio.sleep(min(PAUSED_CHECK_S, max(EXPIRY_TICK_S, retention / 4)))
+            await self.expire_paused(time.time() - retention)
+
+    async def expire_paused(self, paused_before: float) -> list[str]:
+        """Deletes the sandboxes paused before `paused_before`; returns their ids."""
+        ended = []
+        for record in self.store.live():
+            paused_at = record.paused_at
+            if record.state is not SandboxState.PAUSED or paused_at is None:
+                continue
+            if paused_at >= paused_before:
+                continue
+            detail = f"paused for longer than {self.paused_retention_s:g} s; deleted"
+            live = self._live.get(record.id)
+            try:
+                if live is not None:  # frozen in place (a jail)
+                    await self._end(live, SandboxState.STOPPED, detail, 0.0)
+                else:
+                    await self._end_paused(record, detail)
+            except Exception:
+                log.exception("deleting long-paused sandbox %s failed", record.id)
+                continue
+            ended.append(record.id)
+        return ended
 
     @staticmethod
     def _deadlines(live: LiveSandbox) -> list[float]:

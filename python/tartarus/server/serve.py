@@ -113,6 +113,7 @@ async def serve(
             timeout_grace_s=timeout_grace_s,
             reattach=reattach,
             leave_on_shutdown=options.leave_sandboxes,
+            paused_retention_s=settings.paused_retention_s,
         )
         snapshot_wiring = SnapshotWiring.for_server(settings, manager, state_db_path(settings))
         async with manager.running(), snapshot_wiring.running(), AsyncExitStack() as extensions:
