@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tartarus.config import load_settings
-from tartarus.host.doctor import run_doctor
+from tartarus.host.doctor import DoctorReport, run_doctor
 from tests.conftest import REPO_ROOT
 from tests.support.server import (
     Server,
@@ -416,8 +416,10 @@ def test_deleting_a_paused_sandbox_that_asked_for_a_checkpoint_keeps_it(base: Pa
         assert s.raw("DELETE", f"/v1/sandboxes/{copy}").status == 204
 
 
-def test_a_sandbox_paused_past_the_retention_is_deleted_with_its_snapshot(base: Path) -> None:
-    backends = [b for b in ("gvisor", "jail") if run_doctor(load_settings()).backend(b).available]
+def test_a_sandbox_paused_past_the_retention_is_deleted_with_its_snapshot(
+    base: Path, doctor_report: DoctorReport
+) -> None:
+    backends = [b for b in ("gvisor", "jail") if doctor_report.backend(b).available]
     if not backends:
         pytest.skip("neither gvisor nor the jail can run here (doctor)")
     env = server_env(base, TARTARUS_PAUSED_RETENTION_S="2")

@@ -12,20 +12,17 @@ from typing import Any
 
 import pytest
 
-from tartarus.config import load_settings
-from tartarus.host.doctor import run_doctor
+from tartarus.host.doctor import DoctorReport
+from tartarus.runtime.types import Backend
+from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.server import Server, processes_mentioning, running_server, short_dir
 
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module", params=["jail", "gvisor"])
-def backend(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    verdict = run_doctor(load_settings()).backend(name)
-    if not verdict.available:
-        pytest.skip(f"{name} cannot run here (doctor): {verdict.reason}")
-    return name
+@pytest.fixture(scope="module", params=LINUX_BACKENDS)
+def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Backend:
+    return available_backend(request, doctor_report)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.config import load_settings
-from tartarus.host.doctor import run_doctor
+from tartarus.host.doctor import DoctorReport
 from tartarus.network.namespaces import NETNS_DIR, NETNS_PREFIX
+from tartarus.runtime.types import Backend
+from tests.support.backends import LINUX_BACKENDS, available_backend
 from tests.support.server import (
     Server,
     processes_mentioning,
@@ -37,13 +38,9 @@ def base() -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture(params=["gvisor", "jail"])
-def backend(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    verdict = run_doctor(load_settings()).backend(name)
-    if not verdict.available:
-        pytest.skip(f"{name} cannot run here (doctor): {verdict.reason}")
-    return name
+@pytest.fixture(params=LINUX_BACKENDS)
+def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Backend:
+    return available_backend(request, doctor_report)
 
 
 def exec_out(server: Server, sandbox_id: str, cmd: str) -> str:
@@ -122,11 +119,11 @@ def test_kill_9_with_twenty_sandboxes_and_all_are_back_after_restart(
 
 
 def test_a_reattached_sandbox_keeps_its_quota_share_whatever_the_quota_says_now(
-    base: Path,
+    base: Path, doctor_report: DoctorReport
 ) -> None:
     """A quota lowered while sandboxes run does not end them at a restart (no judge
     sits again), and their shares are held: the next create is refused."""
-    verdict = run_doctor(load_settings()).backend("jail")
+    verdict = doctor_report.backend("jail")
     if not verdict.available:
         pytest.skip(f"jail cannot run here (doctor): {verdict.reason}")
     server = start_server(base)
@@ -154,10 +151,12 @@ def test_a_reattached_sandbox_keeps_its_quota_share_whatever_the_quota_says_now(
     assert leftovers(base, ids) == []
 
 
-def test_an_upgrade_restart_with_leave_sandboxes_keeps_them(base: Path) -> None:
+def test_an_upgrade_restart_with_leave_sandboxes_keeps_them(
+    base: Path, doctor_report: DoctorReport
+) -> None:
     """`tartarus serve --leave-sandboxes` stopped gracefully (what an upgrade's restart
     sends) leaves its sandboxes running, and the next server takes them back."""
-    backends = [b for b in ("gvisor", "jail") if run_doctor(load_settings()).backend(b).available]
+    backends = [b for b in ("gvisor", "jail") if doctor_report.backend(b).available]
     if not backends:
         pytest.skip("neither gvisor nor the jail can run here (doctor)")
     server = start_server(base, "--leave-sandboxes")

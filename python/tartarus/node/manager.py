@@ -219,8 +219,8 @@ class SandboxManager:
 
     async def reconcile(self) -> list[str]:
         """Runs once at start: records that say "running" belong to a server that died.
-        Sandboxes of theirs that outlived it and whose backend can re-attach (gVisor)
-        rejoin the live set; the rest are reaped and their records closed. Returns the
+        Sandboxes of theirs that outlived it and whose backend can re-attach (gVisor,
+        the jail) rejoin the live set; the rest are reaped and their records closed. Returns the
         ids closed."""
         # A sandbox paused to a snapshot has nothing on this host to lose: it waits.
         orphans = [r for r in self.store.live() if not r.pause_snapshot]

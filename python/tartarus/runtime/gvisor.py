@@ -70,6 +70,7 @@ from tartarus.runtime.cgroups import CgroupReader, cgroup_dirs_of
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
+    REATTACH_TIMEOUT_S,
     RESOLV_CONF,
     HostedAgentSandbox,
     abandon_create,
@@ -90,9 +91,6 @@ from tartarus.runtime.types import (
 )
 
 RUNSC_TIMEOUT_S: Final = 60.0
-# How long a restarted server waits for a surviving sandbox's agent to dial in again
-# (it redials every 100 ms).
-REATTACH_TIMEOUT_S: Final = 5.0
 # What the sandbox sees at /.tartarus: `<sandbox dir>/agent`.
 AGENT_DIR_IN_SANDBOX: Final = str(Path(AGENT_IN_SANDBOX).parent)
 AGENT_DIR: Final = "agent"

@@ -39,6 +39,7 @@ from tartarus.runtime.cgroups import CgroupDir, CgroupReader, cgroup_dirs_named,
 from tartarus.runtime.layout import (
     AGENT_IN_SANDBOX,
     AGENT_SOCKET,
+    REATTACH_TIMEOUT_S,
     RESOLV_CONF,
     SOCKET_DIR_IN_SANDBOX,
     HostedAgentSandbox,
@@ -63,8 +64,6 @@ from tartarus.runtime.types import (
 )
 
 START_TIMEOUT_S: Final = 30.0
-# How long a restarted server waits for a surviving jail's agent to answer.
-REATTACH_TIMEOUT_S: Final = 5.0
 # How long `reap` waits for a killed supervisor to go.
 REAP_WAIT_S: Final = 5.0
 SUPERVISOR_PID: Final = "supervisor.pid"

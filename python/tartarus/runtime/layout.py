@@ -29,6 +29,10 @@ AGENT_SOCKET: Final = "agent.sock"
 
 RESOLV_CONF: Final = "/etc/resolv.conf"
 
+# How long a restarted server waits for a surviving sandbox's agent to answer (gVisor's
+# redials every 100 ms; the jail's listens).
+REATTACH_TIMEOUT_S: Final = 5.0
+
 
 def resolv_conf_mount(spec: SandboxSpec, directory: Path, text: str | None) -> Path | None:
     """Writes the sandbox's `/etc/resolv.conf` (naming its resolver on the host) into
