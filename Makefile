@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-RUST_SRC := Cargo.toml Cargo.lock $(shell find rust -type f \( -name '*.rs' -o -name Cargo.toml \) 2>/dev/null)
+RUST_SRC := Cargo.toml Cargo.lock $(shell find rust -type f \( -name '*.rs' -o -name '*.c' -o -name Cargo.toml \) 2>/dev/null)
 PY_SRC   := pyproject.toml $(shell find python build_backend -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) -not -path '*/__pycache__/*' 2>/dev/null)
 DATA_SRC := $(shell find python -type f -not -name '*.py' -not -name '*.pyi' -not -name '*.so' -not -path '*/_bin/*' -not -path '*/__pycache__/*' 2>/dev/null)
 

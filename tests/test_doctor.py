@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from tartarus.host.doctor import DoctorReport
+from tartarus.host.doctor import DoctorReport, check_egress_filter
 from tartarus.host.kernel import CgroupMode, KvmFlavour
+from tartarus.network.ebpf import EbpfEnforcer
+from tartarus.network.settings import EnforcerChoice, NetworkSettings
 from tests.support import kvm_int3
 
 TARTARUS = str(Path(sys.executable).parent / "tartarus")
@@ -131,5 +133,29 @@ def test_cli_table_names_every_backend() -> None:
         timeout=120,
         env={**os.environ, "COLUMNS": "200"},
     )
-    for name in ("microvm", "gvisor", "jail", "wasm", "KVM flavour", "best backend"):
+    for name in (
+        "microvm",
+        "gvisor",
+        "jail",
+        "wasm",
+        "KVM flavour",
+        "best backend",
+        "egress-filter",
+    ):
         assert name in proc.stdout
+
+
+def test_the_egress_filter_verdict_says_which_enforcer(doctor_report: DoctorReport) -> None:
+    """As root on a kernel with BPF the eBPF filter loads (the issue's measured host);
+    the doctor's verdict agrees with loading it here, and names the fallback otherwise."""
+    check = doctor_report.tool("egress-filter")
+    reason = EbpfEnforcer.probe()
+    if reason is None:
+        assert check.available and "eBPF" in check.detail
+    else:
+        assert "nftables fallback" in check.detail and reason in check.detail
+
+
+def test_asking_for_nftables_is_reported_as_such() -> None:
+    check = check_egress_filter(NetworkSettings(enforcer=EnforcerChoice.NFTABLES))
+    assert check.available and check.detail == "nftables, as [network] enforcer says"

@@ -1,5 +1,6 @@
 """Sandbox networks (Styx) end to end on the jail and gVisor backends: real network
-namespaces, veth links, nftables rules and TCP connections.
+namespaces, veth links, the eBPF filter (and, in a second run of each reachability test,
+the nftables fallback) and TCP connections.
 
 The test builds its own small "internet": a network namespace joined to the host by a
 veth pair it routes (198.18.0.0/15, the benchmarking range, so nothing real answers),
@@ -28,14 +29,15 @@ from tartarus.enforcement.egress_drops import EgressDropWatcher
 from tartarus.enforcement.records import Fury
 from tartarus.fleet.host_metrics import HostMetrics
 from tartarus.host.doctor import DoctorReport
+from tartarus.network.ebpf import EbpfEnforcer
 from tartarus.network.namespaces import (
     NETNS_DIR,
     NETNS_PREFIX,
     SandboxNetwork,
     SandboxNetworks,
 )
-from tartarus.network.nftables import LINK_PREFIX, nft
-from tartarus.network.settings import NetworkSettings
+from tartarus.network.nftables import LINK_PREFIX, NftablesEnforcer, nft
+from tartarus.network.settings import EnforcerChoice, NetworkSettings
 from tartarus.runtime.base import Runtime, Sandbox
 from tartarus.runtime.gvisor import GvisorRuntime, GvisorSandbox
 from tartarus.runtime.jail import JailRuntime, JailSandbox
@@ -69,13 +71,28 @@ def backend(request: pytest.FixtureRequest, doctor_report: DoctorReport) -> Back
     return available_backend(request, doctor_report)
 
 
+@pytest.fixture(params=[EnforcerChoice.EBPF, EnforcerChoice.NFTABLES], ids=str)
+def enforcer(request: pytest.FixtureRequest) -> EnforcerChoice:
+    """Each reachability test runs with the eBPF filter and again with the nftables
+    fallback: both must enforce the same rules."""
+    choice: EnforcerChoice = request.param
+    if choice is EnforcerChoice.EBPF and (reason := EbpfEnforcer.probe()) is not None:
+        pytest.skip(f"the eBPF filter does not load here: {reason}")
+    return choice
+
+
 @pytest.fixture
-async def runtime(backend: Backend, tmp_path: Path) -> AsyncIterator[Runtime]:
+async def runtime(
+    backend: Backend, enforcer: EnforcerChoice, tmp_path: Path
+) -> AsyncIterator[Runtime]:
+    settings = NetworkSettings(enforcer=enforcer)
     rt: Runtime = (
-        JailRuntime(tmp_path / "state")
+        JailRuntime(tmp_path / "state", network=settings)
         if backend is Backend.JAIL
-        else GvisorRuntime(tmp_path / "state")
+        else GvisorRuntime(tmp_path / "state", network=settings)
     )
+    expected = EbpfEnforcer if enforcer is EnforcerChoice.EBPF else NftablesEnforcer
+    assert isinstance(networks_of(rt).enforcer, expected)
     yield rt
     await rt.reap(set())
     if isinstance(rt, JailRuntime):

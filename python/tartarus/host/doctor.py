@@ -13,6 +13,8 @@ from tartarus.config import Settings
 from tartarus.errors import BinaryNotFoundError
 from tartarus.host.kernel import CgroupMode, KernelReport, probe_kernel
 from tartarus.host.tools import ToolCheck, check_runsc, check_wasmtime
+from tartarus.network.ebpf import EbpfEnforcer
+from tartarus.network.settings import EnforcerChoice, NetworkSettings
 
 # Strongest isolation first: the order `auto` walks for a Linux workload.
 LINUX_BACKENDS = ("microvm", "gvisor", "jail")
@@ -78,9 +80,32 @@ def judge_backends(kernel: KernelReport, tools: list[ToolCheck]) -> list[Backend
     return [microvm, gvisor, jail, wasm]
 
 
+def check_egress_filter(network: NetworkSettings) -> ToolCheck:
+    """Which enforcer applies sandboxes' egress rules here (`[network] enforcer`)."""
+    name = "egress-filter"
+    nft = _binary_present("nft") is None
+    if network.enforcer is EnforcerChoice.NFTABLES:
+        detail = "nftables, as [network] enforcer says" if nft else "nftables: nft is missing"
+        return ToolCheck(name=name, available=nft, detail=detail)
+    reason = EbpfEnforcer.probe()
+    if reason is None:
+        return ToolCheck(name=name, available=True, detail="eBPF tc classifier on each link")
+    if network.enforcer is EnforcerChoice.EBPF:
+        return ToolCheck(name=name, available=False, detail=f"eBPF was asked for, but {reason}")
+    return ToolCheck(
+        name=name,
+        available=nft,
+        detail=f"nftables fallback (the eBPF filter does not load: {reason})",
+    )
+
+
 def run_doctor(settings: Settings) -> DoctorReport:
     kernel = probe_kernel(settings.cache_dir)
-    tools = [check_runsc(settings.runsc, settings.cache_dir), check_wasmtime()]
+    tools = [
+        check_runsc(settings.runsc, settings.cache_dir),
+        check_wasmtime(),
+        check_egress_filter(settings.network),
+    ]
     backends = judge_backends(kernel, tools)
     best = next(
         (b.name for b in backends if b.name in LINUX_BACKENDS and b.available),

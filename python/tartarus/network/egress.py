@@ -1,5 +1,5 @@
 """What a networked sandbox may reach: the egress rule model, and the interface every
-enforcer of it implements (nftables today, eBPF later).
+enforcer of it implements.
 
 A policy's `network.egress` is a list of entries:
 
@@ -20,7 +20,8 @@ itself and other sandboxes are never reachable. An empty list allows every publi
 destination; a non-empty list allows only its entries.
 
 `compile_rules` turns entries into an ordered `EgressRules`; an enforcer applies it to
-one sandbox link and counts what it drops.
+one sandbox link and counts what it drops: `tartarus.network.ebpf` (a tc classifier,
+the default where it loads) or `tartarus.network.nftables` (the fallback).
 """
 
 from __future__ import annotations
@@ -144,9 +145,12 @@ class EgressEnforcer(Protocol):
         """Removes the link's rules and counters; a missing link is not an error."""
         ...
 
-    async def allow_resolved(self, host_if: str, name: int, records: list[tuple[str, int]]) -> None:
+    async def allow_resolved(
+        self, host_if: str, name: int, records: list[tuple[str, int]], ports: PortRange | None
+    ) -> None:
         """Allows the (address, ttl) pairs the resolver answered for `rules.names[name]`
-        until their TTL runs out (never into the always-denied ranges)."""
+        (whose ports are `ports`) until their TTL runs out (`resolved_allowed` says which
+        and for how long)."""
         ...
 
     async def drops(self) -> dict[str, Drops]:
@@ -156,6 +160,26 @@ class EgressEnforcer(Protocol):
     async def attached(self) -> set[str]:
         """Host interfaces that have rules (to reap those whose link is gone)."""
         ...
+
+
+# Resolved addresses stay allowed at least this long (a TTL of 0 still lets the
+# connection that follows the lookup through), and at most a day.
+MIN_TTL_S: Final = 30
+MAX_TTL_S: Final = 86400
+
+
+def resolved_allowed(
+    records: list[tuple[str, int]], pools: list[ipaddress.IPv4Network]
+) -> list[tuple[ipaddress.IPv4Address, int]]:
+    """The resolver's (address, ttl) answers an enforcer lets through, TTLs clamped: never
+    into the always-denied ranges or the sandbox pools, whatever a name resolves to."""
+    allowed = []
+    for address, ttl in records:
+        ip = ipaddress.IPv4Address(address)
+        if any(ip in n for n in (*ALWAYS_DENIED, *pools) if n.version == 4):
+            continue
+        allowed.append((ip, min(max(ttl, MIN_TTL_S), MAX_TTL_S)))
+    return allowed
 
 
 def _network(text: str) -> IPNetwork:

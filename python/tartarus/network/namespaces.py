@@ -5,9 +5,9 @@ A namespace is `/run/netns/tt-<scope>-<sandbox>` (made in-process as `ip netns a
 makes one, by `tartarus._core.make_netns`, so `ip netns` lists it). Without a grant it
 has loopback only. With one, a veth pair joins it to the host: `ttv<n>` on the host,
 `eth0` inside, a /30 from the pool (host end first), the host end as the default route,
-and the enforcer's rules attached before the host end is up. Links are routed, not
-bridged: each sandbox is alone on its segment, so it cannot ARP-spoof or reach another
-sandbox except through the host's forward path, where the rules are.
+and the enforcer's rules (`choose_enforcer`) attached before the host end is up. Links
+are routed, not bridged: each sandbox is alone on its segment, so it cannot ARP-spoof or
+reach another sandbox except through the host's forward path, where the rules are.
 
 `scope` keeps the runtimes of one host apart (each runtime reaps only its own).
 """
@@ -27,6 +27,7 @@ import msgspec
 from tartarus import _core
 from tartarus.errors import TartarusError
 from tartarus.network.dns import DnsGate, host_upstream
+from tartarus.network.ebpf import EbpfEnforcer
 from tartarus.network.egress import (
     Drops,
     EgressEnforcer,
@@ -36,7 +37,7 @@ from tartarus.network.egress import (
 )
 from tartarus.network.leases import LINK_PREFIX_LEN, Lease, Pool
 from tartarus.network.nftables import LINK_PREFIX, NftablesEnforcer
-from tartarus.network.settings import NetworkSettings
+from tartarus.network.settings import EnforcerChoice, NetworkSettings
 from tartarus.runtime.types import SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,21 @@ def _write_sysctl(path: str, value: str) -> None:
         Path(path).write_text(value + "\n")
 
 
+def choose_enforcer(settings: NetworkSettings) -> EgressEnforcer:
+    """The enforcer `[network] enforcer` asks for: with `auto`, eBPF where its filter
+    loads (blocking: it loads it), else nftables with a warning saying why."""
+    pools = [settings.network]
+    if settings.enforcer is EnforcerChoice.NFTABLES:
+        return NftablesEnforcer(pools)
+    reason = EbpfEnforcer.probe()
+    if reason is None:
+        return EbpfEnforcer(pools)
+    if settings.enforcer is EnforcerChoice.EBPF:
+        raise NetworkSetupError(f'[network] enforcer = "ebpf", but {reason}')
+    log.warning("egress rules fall back to nftables: the eBPF filter does not load (%s)", reason)
+    return NftablesEnforcer(pools)
+
+
 class SandboxNetworks:
     """Namespaces and links of one runtime's sandboxes (`scope` names them)."""
 
@@ -124,7 +140,7 @@ class SandboxNetworks:
         self.scope = scope
         self.settings = settings or NetworkSettings()
         self.pool = Pool(self.settings.network, self.settings.leases_dir)
-        self.enforcer = enforcer or NftablesEnforcer([self.settings.network])
+        self.enforcer = enforcer or choose_enforcer(self.settings)
         # Host interface -> sandbox id, for the links this runtime made and still has.
         self.links: dict[str, str] = {}
         # Host interface -> the resolver of its sandbox.
@@ -202,7 +218,7 @@ class SandboxNetworks:
         host_if = lease.host_if
 
         async def allow(name: int, records: list[tuple[str, int]]) -> None:
-            await self.enforcer.allow_resolved(host_if, name, records)
+            await self.enforcer.allow_resolved(host_if, name, records, rules.names[name].ports)
 
         names = None if rules.any_name else list(enumerate(n.pattern for n in rules.names))
         gate = DnsGate(lease.host_address, upstream, names, allow)
@@ -219,7 +235,16 @@ class SandboxNetworks:
 
     async def _link(self, lease: Lease, rules: EgressRules, resolver: str | None) -> None:
         host_if, name = lease.host_if, lease.netns
-        # Rules first: a link never carries a packet they have not seen.
+
+        def make() -> None:
+            # In-process rtnetlink (tartarus-host's links): ~6 ms of `ip` processes less.
+            _core.add_veth(host_if, SANDBOX_IF, NETNS_DIR / name, lease.host_address,
+                           LINK_PREFIX_LEN)  # fmt: skip
+            self._host_sysctls(host_if)
+
+        await _netlink(make, f"cannot link sandbox {lease.sandbox_id} to the host")
+        # Rules before the link is up: it never carries a packet they have not seen
+        # (the eBPF filter attaches to the interface, so it must exist first).
         await self.enforcer.attach(
             LinkAddresses(
                 sandbox_id=lease.sandbox_id,
@@ -229,14 +254,6 @@ class SandboxNetworks:
             ),
             rules,
         )
-
-        def make() -> None:
-            # In-process rtnetlink (tartarus-host's links): ~6 ms of `ip` processes less.
-            _core.add_veth(host_if, SANDBOX_IF, NETNS_DIR / name, lease.host_address,
-                           LINK_PREFIX_LEN)  # fmt: skip
-            self._host_sysctls(host_if)
-
-        await _netlink(make, f"cannot link sandbox {lease.sandbox_id} to the host")
         if self.settings.bandwidth_mbit is not None:
             await limit_bandwidth(name, host_if, self.settings.bandwidth_mbit)
         await _netlink(functools.partial(_core.link_up, host_if), f"cannot set {host_if} up")

@@ -31,13 +31,13 @@ import anyio
 from tartarus.errors import TartarusError
 from tartarus.network import libnftables
 from tartarus.network.egress import (
-    ALWAYS_DENIED,
     Drops,
     EgressRules,
     LinkAddresses,
     PortRange,
     Rule,
     Verdict,
+    resolved_allowed,
 )
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,6 @@ def _match(rule: Rule) -> str:
     return f"{family} daddr {network}{_ports(rule.ports)}"
 
 
-# Resolved addresses stay allowed at least this long (a TTL of 0 still lets the
-# connection that follows the lookup through), and at most a day.
-_MIN_TTL_S = 30
-_MAX_TTL_S = 86400
-
-
 def _verdict(verdict: Verdict, counter: str) -> str:
     if verdict is Verdict.DROP:
         return f'counter name "{counter}" drop'
@@ -194,6 +188,20 @@ def link_script(link: LinkAddresses, rules: EgressRules) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def _delete(commands: list[str]) -> None:
+    try:
+        # One transaction in the usual case (each nft run costs milliseconds)...
+        await nft("\n".join(commands) + "\n")
+    except NftError:
+        # ... and one per object when some are gone already (a half-made link, a second
+        # reap), so what is gone does not keep the rest.
+        for command in commands:
+            try:
+                await nft(command + "\n")
+            except NftError as e:
+                log.debug("%s", e)
+
+
 class NftablesEnforcer:
     """`EgressEnforcer` on nftables. `pools`: the address pools of sandbox links (traffic
     from them is masqueraded, and no sandbox reaches another)."""
@@ -214,50 +222,78 @@ class NftablesEnforcer:
         await self.ensure()
         await nft(link_script(link, rules))
 
-    async def allow_resolved(self, host_if: str, name: int, records: list[tuple[str, int]]) -> None:
-        elements = []
-        for address, ttl in records:
-            ip = ipaddress.IPv4Address(address)
-            if any(ip in n for n in (*ALWAYS_DENIED, *self._pools) if n.version == 4):
-                continue
-            elements.append(f"{ip} timeout {min(max(ttl, _MIN_TTL_S), _MAX_TTL_S)}s")
+    async def allow_resolved(
+        self, host_if: str, name: int, records: list[tuple[str, int]], ports: PortRange | None
+    ) -> None:
+        # The set's rule carries the ports.
+        elements = [f"{ip} timeout {ttl}s" for ip, ttl in resolved_allowed(records, self._pools)]
         if elements:
             await nft(
                 f"add element {FAMILY} {TABLE} named_{host_if}_{name} {{ {', '.join(elements)} }}\n"
             )
 
     async def detach(self, host_if: str) -> None:
+        """Removes what exists of the link's objects (its chains, counters and sets, or
+        the entries `pass_through` made), in one transaction."""
         if not self._ready and not await self._table_exists():
             return
-        sets = [
-            str(found.get("name", ""))
-            for item in await self._list()
-            if isinstance(found := item.get("set"), dict)
-        ]
+        items = await self._list()
+        named = {
+            (kind, str(found.get("name", "")))
+            for item in items
+            for kind, found in item.items()
+            if kind in ("chain", "counter", "set") and isinstance(found, dict)
+        }
+        owned = {
+            ("chain", f"egress_{host_if}"),
+            ("chain", f"to_host_{host_if}"),
+            ("counter", f"denied_{host_if}"),
+            ("counter", f"spoofed_{host_if}"),
+        }
         commands = [
-            f'delete element {FAMILY} {TABLE} egress {{ "{host_if}" }}',
-            f'delete element {FAMILY} {TABLE} to_host {{ "{host_if}" }}',
-            f"delete chain {FAMILY} {TABLE} egress_{host_if}",
-            f"delete chain {FAMILY} {TABLE} to_host_{host_if}",
-            f"delete counter {FAMILY} {TABLE} denied_{host_if}",
-            f"delete counter {FAMILY} {TABLE} spoofed_{host_if}",
-            *(
-                f"delete set {FAMILY} {TABLE} {name}"
-                for name in sets
-                if name.startswith(f"named_{host_if}_")
-            ),
+            f'delete element {FAMILY} {TABLE} {m} {{ "{host_if}" }}'
+            for m, elements in self._elements(items).items()
+            if host_if in elements
         ]
-        try:
-            # One transaction in the usual case (each nft run costs milliseconds)...
-            await nft("\n".join(commands) + "\n")
-        except NftError:
-            # ... and one per object when some are gone already (a half-made link, a
-            # second reap), so what is gone does not keep the rest.
-            for command in commands:
-                try:
-                    await nft(command + "\n")
-                except NftError as e:
-                    log.debug("%s", e)
+        # Chains after the map entries that jump to them.
+        commands += [
+            f"delete {kind} {FAMILY} {TABLE} {name}"
+            for kind, name in sorted(named)
+            if (kind, name) in owned or (kind == "set" and name.startswith(f"named_{host_if}_"))
+        ]
+        if commands:
+            await _delete(commands)
+
+    async def pass_through(self, host_if: str) -> None:
+        """Lets the link's packets past this table's per-link filtering (another enforcer
+        filters them): its `egress` and `to_host` entries accept instead of jumping to
+        chains. Inbound stays as the base chains say, and the NAT applies."""
+        await self.ensure()
+        await nft(
+            "".join(
+                f'add element {FAMILY} {TABLE} {m} {{ "{host_if}" : accept }}\n'
+                for m in ("egress", "to_host")
+            )
+        )
+
+    @staticmethod
+    def _elements(items: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+        """The `egress` and `to_host` maps' entries: interface -> verdict."""
+        out: dict[str, dict[str, object]] = {"egress": {}, "to_host": {}}
+        for item in items:
+            found = item.get("map")
+            if not isinstance(found, dict) or found.get("name") not in out:
+                continue
+            elements = found.get("elem")
+            for element in elements if isinstance(elements, list) else []:
+                if isinstance(element, list) and len(element) == 2:
+                    out[str(found["name"])][str(element[0])] = element[1]
+        return out
+
+    async def passed_through(self) -> set[str]:
+        """Links `pass_through` let past this table."""
+        egress = self._elements(await self._list())["egress"]
+        return {name for name, verdict in egress.items() if verdict == {"accept": None}}
 
     async def _table_exists(self) -> bool:
         try:

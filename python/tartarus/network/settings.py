@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,12 @@ from msgspec import Meta
 
 # Smallest pool worth having: 64 links of four addresses.
 _MAX_POOL_PREFIX = 24
+
+
+class EnforcerChoice(StrEnum):
+    AUTO = "auto"  # eBPF where it loads, else nftables (the doctor says which)
+    EBPF = "ebpf"  # eBPF or fail
+    NFTABLES = "nftables"
 
 
 class NetworkSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -31,6 +38,9 @@ class NetworkSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Where that resolver forwards queries (an IPv4 address); none: the host's first
     # `nameserver` in /etc/resolv.conf.
     dns_upstream: str | None = None
+    # What enforces each sandbox's egress rules in the kernel: a tc eBPF classifier on its
+    # link, or nftables chains. Every server on a host should choose the same.
+    enforcer: EnforcerChoice = EnforcerChoice.AUTO
 
     def __post_init__(self) -> None:
         try:

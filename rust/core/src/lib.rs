@@ -113,6 +113,93 @@ fn configure_inside(
     .map_err(PyErr::from)
 }
 
+/// Loads Styx's eBPF egress filter (pinning its maps under `pin_dir`); OSError if this
+/// host cannot run it.
+#[pyfunction]
+fn egress_probe(py: Python<'_>, pin_dir: PathBuf) -> PyResult<()> {
+    py.detach(|| tartarus_host::egress::probe(&pin_dir))
+        .map_err(PyErr::from)
+}
+
+/// One network's port ranges for `egress_attach`: `(first, last, accept)`, first == 0
+/// for every packet.
+type PyRule = (String, u8, Vec<(u16, u16, bool)>);
+
+/// Installs a link's egress rules and attaches the filter to `host_if` (which must exist).
+#[pyfunction]
+#[pyo3(signature = (pin_dir, host_if, sandbox_address, resolver, accept_otherwise, rules))]
+fn egress_attach(
+    py: Python<'_>,
+    pin_dir: PathBuf,
+    host_if: String,
+    sandbox_address: &str,
+    resolver: Option<&str>,
+    accept_otherwise: bool,
+    rules: Vec<PyRule>,
+) -> PyResult<()> {
+    use tartarus_host::egress::{LinkRules, NetworkRule, Ports};
+    let rules = rules
+        .into_iter()
+        .map(|(network, prefix_len, ranges)| {
+            Ok(NetworkRule {
+                network: ipv4(&network)?,
+                prefix_len,
+                ranges: ranges
+                    .into_iter()
+                    .map(|(first, last, accept)| (Ports { first, last }, accept))
+                    .collect(),
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let link = LinkRules {
+        host_if,
+        sandbox_address: ipv4(sandbox_address)?,
+        resolver: resolver.map(ipv4).transpose()?,
+        accept_otherwise,
+        rules,
+    };
+    py.detach(|| tartarus_host::egress::attach(&pin_dir, &link))
+        .map_err(PyErr::from)
+}
+
+/// Lets `host_if`'s sandbox reach `address` on ports `first..=last` (0: any) for `ttl_s`.
+#[pyfunction]
+fn egress_allow_resolved(
+    py: Python<'_>,
+    pin_dir: PathBuf,
+    host_if: &str,
+    address: &str,
+    first: u16,
+    last: u16,
+    ttl_s: f64,
+) -> PyResult<()> {
+    use tartarus_host::egress::{allow_resolved, Ports};
+    let address = ipv4(address)?;
+    let ttl = Duration::try_from_secs_f64(ttl_s)
+        .map_err(|e| PyValueError::new_err(format!("ttl_s: {e}")))?;
+    py.detach(|| allow_resolved(&pin_dir, host_if, address, Ports { first, last }, ttl))
+        .map_err(PyErr::from)
+}
+
+/// Removes `host_if`'s egress rules, answers and counters; False if it had none.
+#[pyfunction]
+fn egress_detach(py: Python<'_>, pin_dir: PathBuf, host_if: &str) -> PyResult<bool> {
+    py.detach(|| tartarus_host::egress::detach(&pin_dir, host_if))
+        .map_err(PyErr::from)
+}
+
+/// Every link the filter has rules for: `(host_if, ifindex, denied, spoofed)`.
+#[pyfunction]
+fn egress_links(py: Python<'_>, pin_dir: PathBuf) -> PyResult<Vec<(String, u32, u64, u64)>> {
+    let links = py
+        .detach(|| tartarus_host::egress::links(&pin_dir))
+        .map_err(PyErr::from)?;
+    Ok(links
+        .into_iter()
+        .map(|l| (l.host_if, l.ifindex, l.denied, l.spoofed))
+        .collect())
+}
+
 #[pyfunction]
 fn probe_host<'py>(py: Python<'py>, disk_path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let report = py.detach(|| tartarus_host::probe_host(&disk_path));
@@ -182,6 +269,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(link_up, m)?)?;
     m.add_function(wrap_pyfunction!(delete_link, m)?)?;
     m.add_function(wrap_pyfunction!(configure_inside, m)?)?;
+    m.add_function(wrap_pyfunction!(egress_probe, m)?)?;
+    m.add_function(wrap_pyfunction!(egress_attach, m)?)?;
+    m.add_function(wrap_pyfunction!(egress_allow_resolved, m)?)?;
+    m.add_function(wrap_pyfunction!(egress_detach, m)?)?;
+    m.add_function(wrap_pyfunction!(egress_links, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_snapshot, m)?)?;
     m.add("SnapshotError", m.py().get_type::<SnapshotError>())?;
     m.add_class::<VmmClient>()?;

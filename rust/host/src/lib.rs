@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 use tartarus_vmm_api::probe::{probe_kvm, KvmProbe};
 
+pub mod egress;
 pub mod links;
 pub mod netns;
 
