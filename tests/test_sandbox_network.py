@@ -238,6 +238,34 @@ async def test_sandboxes_cannot_reach_each_other(
         assert await reaches(alice, internet.address, internet.ports[0])
 
 
+async def test_the_host_may_open_connections_into_a_sandbox(
+    runtime: Runtime, base_rootfs: Path
+) -> None:
+    """What the host opens (an inbound port, later) gets its answers back; the sandbox
+    still opens nothing to the host."""
+    async with started(runtime, base_rootfs, "served", network=True) as sb:
+        await sb.exec(
+            ExecRequest(shell="while true; do echo hello | nc -l -p 9000; done", background=True)
+        )
+        net = network_of(sb)
+        assert net is not None and net.lease is not None
+        address = net.lease.sandbox_address
+
+        def greeting() -> bytes:
+            for _ in range(50):
+                try:
+                    with socket.create_connection((address, 9000), timeout=2) as conn:
+                        return conn.recv(64)
+                except ConnectionRefusedError:
+                    time.sleep(0.1)  # the server is not listening yet
+            return b""
+
+        assert (await anyio.to_thread.run_sync(greeting)).startswith(b"hello")
+        with host_listener("0.0.0.0") as listener:  # noqa: S104 - the test's own port
+            assert not await reaches(sb, net.lease.host_address, listener.getsockname()[1])
+            assert nobody_came(listener)
+
+
 async def test_spoofed_sources_are_dropped_and_counted(
     base_rootfs: Path, internet: Internet, tmp_path: Path
 ) -> None:

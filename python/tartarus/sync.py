@@ -368,6 +368,10 @@ class Sandbox:
     def resume(self) -> None:
         self._portal.call(self._sb.resume)
 
+    def get_host(self, port: int) -> str:
+        """See `tartarus.sdk.Sandbox.get_host`."""
+        return self._portal.call(self._sb.get_host, port)
+
     def run_code(self, code: str, *, timeout: float | None = None) -> CodeExecution:
         return self._portal.call(self._sb.run_code, code, timeout=timeout)
 

@@ -76,6 +76,7 @@ ExecTimeoutSeconds = Annotated[float, Meta(gt=0, le=MAX_EXEC_TIMEOUT_S)]
 SandboxPath = Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
 Signal = Annotated[int, Meta(ge=1, le=64)]
 Pid = Annotated[int, Meta(ge=1, le=1 << 22)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
 # An opaque position in a listing (`next_cursor`).
 Cursor = Annotated[str, Meta(pattern=r"^[0-9]{1,18}$")]
 
@@ -148,6 +149,17 @@ class CreateSandboxRequest(_Request, kw_only=True, omit_defaults=True):
         if self.timeout_s is None:
             raise ValueError("unresolved timeout")
         return self.timeout_s
+
+
+class PortInfo(_Response, kw_only=True):
+    """Where a port inside a sandbox is reached through the API server (HTTP and
+    WebSocket, with the API's credentials)."""
+
+    sandbox_id: SandboxId
+    port: Port
+    # The proxy path on the API server, and the URL built from the request's origin.
+    path: str
+    url: str
 
 
 class SandboxInfo(_Response, kw_only=True):

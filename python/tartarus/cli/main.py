@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pause": ("tartarus.cli.sandboxes", "pause_command"),
     "resume": ("tartarus.cli.sandboxes", "resume_command"),
     "inspect": ("tartarus.cli.sandboxes", "inspect_command"),
+    "port": ("tartarus.cli.sandboxes", "port_command"),
     "cp": ("tartarus.cli.files", "cp_command"),
     "snapshot": ("tartarus.cli.snapshots", "snapshot"),
     "pool": ("tartarus.cli.snapshots", "pool"),

@@ -14,6 +14,7 @@ from tartarus.api.types import (
     CreateSandboxRequest,
     ExitInfo,
     LogEvent,
+    PortInfo,
     ResourcesBody,
     SandboxInfo,
     StreamExecBody,
@@ -32,7 +33,7 @@ from tartarus.errors import TartarusError
 from tartarus.runtime.types import Backend, SandboxState, TrustLevel
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import consume
-from tartarus.sdk.sandbox import Sandbox, iterate_sandboxes
+from tartarus.sdk.sandbox import Sandbox, iterate_sandboxes, port_info
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
@@ -423,6 +424,27 @@ pause_command = _pause_resume_command(
 resume_command = _pause_resume_command(
     "resume", "Run paused sandboxes again, as they were, with the timeout they had left."
 )
+
+
+@click.command("port")
+@json_option
+@url_option
+@click.argument("sandbox_id")
+@click.argument("port", type=click.IntRange(1, 65535))
+def port_command(*, as_json: bool, url: str | None, sandbox_id: str, port: int) -> None:
+    """Print the URL that reaches PORT inside a sandbox through the server (HTTP and
+    WebSocket, with the same credentials as the API). The sandbox needs a network."""
+    info = _port(sandbox_id, port, url)
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(info.url)
+
+
+@run_async
+async def _port(sandbox_id: str, port: int, url: str | None) -> PortInfo:
+    async with await connect(url) as client:
+        return await port_info(client, sandbox_id, port)
 
 
 @click.command("logs")

@@ -10,40 +10,19 @@ frame by frame.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import ssl
 
 import aiohttp
-import anyio
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from tartarus.errors import UpstreamUnreachableError
 from tartarus.scheduling.nodes import NodeState
+from tartarus.server.relay import CHUNK, passed_headers, relay_response, relay_websocket
 
 log = logging.getLogger(__name__)
 
-# Headers that belong to one hop (RFC 9110 section 7.6.1) or that we set ourselves.
-_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "authorization",
-    "content-length",
-}
-CHUNK = 64 * 1024
 CONNECT_TIMEOUT_S = 5.0
-
-
-def _headers(request_headers: object) -> dict[str, str]:
-    assert hasattr(request_headers, "items")
-    return {k: v for k, v in request_headers.items() if k.lower() not in _HOP}
 
 
 class NodeProxy:
@@ -95,7 +74,8 @@ class NodeProxy:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, node)
         base_url, node_id = node.spec.address, node.id
-        headers = _headers(request.headers)
+        # The body streams in chunks: its length goes with it.
+        headers = passed_headers(request.headers, frozenset({"content-length"}))
         headers["Authorization"] = self._auth(node)
         body = request.content.iter_chunked(CHUNK) if request.body_exists else None
         try:
@@ -113,21 +93,7 @@ class NodeProxy:
                 retry_after=2,
             ) from e
         async with upstream:
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=_headers(upstream.headers)
-            )
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-            except (aiohttp.ClientError, ConnectionError) as e:
-                log.debug("forwarding to node %s ended early: %s", node_id, e)
-                return response
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
-            return response
+            return await relay_response(request, upstream, f"node {node_id}")
 
     async def _websocket(self, request: web.Request, node: NodeState) -> web.StreamResponse:
         node_id = node.id
@@ -143,24 +109,5 @@ class NodeProxy:
             ) from e
         client = web.WebSocketResponse(max_msg_size=1 << 22)
         await client.prepare(request)
-        async with anyio.create_task_group() as tg:
-
-            async def pump(
-                source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-                sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-            ) -> None:
-                async for msg in source:
-                    if msg.type == WSMsgType.TEXT:
-                        await sink.send_str(msg.data)
-                    elif msg.type == WSMsgType.BINARY:
-                        await sink.send_bytes(msg.data)
-                    else:
-                        break
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(pump, upstream, client)
-            tg.start_soon(pump, client, upstream)
-        with anyio.CancelScope(shield=True):
-            await upstream.close()
-            await client.close()
+        await relay_websocket(client, upstream)
         return client

@@ -50,6 +50,7 @@ LINK_PREFIX: Final = "ttv"
 # let a sandbox past ours; a drop anywhere still drops.
 PRIORITY: Final = -10
 NFT_TIMEOUT_S: Final = 30.0
+PASSED_TO_HOST: Final = "to_host_passed"
 
 
 class NftError(TartarusError):
@@ -116,6 +117,16 @@ def _base(pools: list[ipaddress.IPv4Network]) -> str:
             [f"ip saddr @pools oifname != {links} masquerade"],
         ),
     }
+    # Packets to the host from links another enforcer filters: after the established
+    # ones (above it, in `input`), only the resolver's port (that enforcer checked the
+    # address).
+    passed = f"{FAMILY} {TABLE} {PASSED_TO_HOST}"
+    lines += [
+        f"add chain {passed}",
+        f"flush chain {passed}",
+        f"add rule {passed} meta l4proto {{ tcp, udp }} th dport 53 accept",
+        f"add rule {passed} drop",
+    ]
     for name, (head, rules) in chains.items():
         lines.append(f"add chain {FAMILY} {TABLE} {name} {{ {head} }}")
         lines.append(f"flush chain {FAMILY} {TABLE} {name}")
@@ -266,14 +277,13 @@ class NftablesEnforcer:
 
     async def pass_through(self, host_if: str) -> None:
         """Lets the link's packets past this table's per-link filtering (another enforcer
-        filters them): its `egress` and `to_host` entries accept instead of jumping to
-        chains. Inbound stays as the base chains say, and the NAT applies."""
+        filters them): its `egress` entry accepts, its `to_host` entry jumps to the
+        shared `to_host_passed` chain (conntrack's answers and the resolver). Inbound
+        stays as the base chains say, and the NAT applies."""
         await self.ensure()
         await nft(
-            "".join(
-                f'add element {FAMILY} {TABLE} {m} {{ "{host_if}" : accept }}\n'
-                for m in ("egress", "to_host")
-            )
+            f'add element {FAMILY} {TABLE} egress {{ "{host_if}" : accept }}\n'
+            f'add element {FAMILY} {TABLE} to_host {{ "{host_if}" : jump {PASSED_TO_HOST} }}\n'
         )
 
     @staticmethod

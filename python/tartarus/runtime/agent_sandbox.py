@@ -221,6 +221,9 @@ class AgentSandbox(abc.ABC):
     async def detach(self) -> bool:
         return False  # backends whose sandboxes can outlive the server say otherwise
 
+    async def port_address(self, port: int) -> tuple[str, int]:
+        raise NotSupportedError(self.backend, "reaching a port inside the sandbox yet")
+
     # ---- lifecycle: the backend's part ----
 
     @property

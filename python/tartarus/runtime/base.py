@@ -52,6 +52,16 @@ def refuse_network(spec: SandboxSpec, backend: Backend) -> None:
         )
 
 
+class NoNetworkError(SandboxError):
+    """The sandbox has no link to the host, so nothing on the host reaches its ports."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(
+            f"sandbox {sandbox_id} has no network link, so its ports cannot be reached: "
+            "create it with a network (`network: true`, `--network`)"
+        )
+
+
 class BackendUnavailableError(SandboxError):
     """The requested backend cannot run on this host; the message names what is missing."""
 
@@ -166,6 +176,11 @@ class Sandbox(Protocol):
         """Lets go of the sandbox without stopping it, for the next server on this
         state directory to re-attach to; False (and nothing done) if it cannot outlive
         its server."""
+        ...
+
+    async def port_address(self, port: int) -> tuple[str, int]:
+        """Where this host connects to reach `port` inside the sandbox (`NoNetworkError`
+        without a link; `NotSupportedError` on backends without sockets)."""
         ...
 
 

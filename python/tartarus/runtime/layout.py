@@ -15,7 +15,7 @@ import anyio
 import msgspec
 
 from tartarus.runtime.agent_sandbox import AgentSandbox
-from tartarus.runtime.base import Execution, SandboxError
+from tartarus.runtime.base import Execution, NoNetworkError, SandboxError
 from tartarus.runtime.cgroups import CgroupReader, OomAwareExecution
 from tartarus.runtime.types import Backend, ExecRequest, SandboxSpec, SandboxState
 
@@ -123,6 +123,8 @@ class HostedAgentSandbox(AgentSandbox):
     learn about OOM kills from the cgroup (the agent inside cannot see them)."""
 
     BACKEND: ClassVar[Backend]
+    # Its namespace (and link, with a grant), when Styx made one.
+    network: SandboxNetwork | None = None
 
     def __init__(self, spec: SandboxSpec, directory: Path) -> None:
         super().__init__()
@@ -138,6 +140,14 @@ class HostedAgentSandbox(AgentSandbox):
     @property
     def backend(self) -> Backend:
         return self.BACKEND
+
+    async def port_address(self, port: int) -> tuple[str, int]:
+        # The link's sandbox end: routed from the host, and the egress filter lets the
+        # answers back (a connection the host opened).
+        lease = self.network.lease if self.network is not None else None
+        if lease is None:
+            raise NoNetworkError(self.id)
+        return lease.sandbox_address, port
 
     async def exec(self, request: ExecRequest) -> Execution:  # type: ignore[override]
         return OomAwareExecution(await super().exec(request), self._cgroup.oom_kills)

@@ -557,6 +557,9 @@ class WasmSandbox:
     async def thaw(self) -> None:
         raise NotSupportedError(Backend.WASM, "pausing")
 
+    async def port_address(self, port: int) -> tuple[str, int]:
+        raise NotSupportedError(Backend.WASM, "ports (a module has no sockets)")
+
     async def stop(self, grace_s: float = 10.0) -> StopOutcome:
         """A module has no signal handlers: running execs are interrupted, then we wait
         up to `grace_s` for their threads to report."""

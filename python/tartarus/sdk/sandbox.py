@@ -28,6 +28,7 @@ from tartarus.api.types import (
     CreateSandboxRequest,
     LogEvent,
     LogPage,
+    PortInfo,
     ResourcesBody,
     RunCodeBody,
     SandboxInfo,
@@ -43,6 +44,14 @@ from tartarus.sdk.pty import Pty
 
 _log_events = msgspec.json.Decoder(LogEvent)
 CREATE_ATTEMPTS = 3
+
+
+async def port_info(client: Client, sandbox_id: str, port: int) -> PortInfo:
+    """Where `port` inside the sandbox is reached, its URL on this client's server (the
+    server's own is built from the request's origin, which behind a proxy may differ;
+    over a unix socket it is `http://localhost`)."""
+    info = await client.call("GET", f"/v1/sandboxes/{sandbox_id}/ports/{port}", PortInfo)
+    return msgspec.structs.replace(info, url=client.endpoint.base_url + info.path)
 
 
 class Sandbox:
@@ -225,6 +234,13 @@ class Sandbox:
     async def resume(self) -> None:
         """Runs a paused sandbox again, with the timeout it had left."""
         self.info = await self._client.call("POST", f"/v1/sandboxes/{self.id}/resume", SandboxInfo)
+
+    async def get_host(self, port: int) -> str:
+        """The URL that reaches `port` inside the sandbox through the server, over HTTP
+        and WebSocket: send it the same credentials as the API (this client's API key).
+        The sandbox needs a network (`network=True`); its server sees the URL's path
+        prefix in `X-Forwarded-Prefix`."""
+        return (await port_info(self._client, self.id, port)).url
 
     async def snapshot(
         self, *, label: str = "", metadata: dict[str, str] | None = None

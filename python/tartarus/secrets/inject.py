@@ -117,6 +117,9 @@ class SecretEnvSandbox:
     async def thaw(self) -> None:
         await self.inner.thaw()
 
+    async def port_address(self, port: int) -> tuple[str, int]:
+        return await self.inner.port_address(port)
+
     async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
         return await self.inner.stop(grace_s)
 

@@ -63,8 +63,9 @@ class Owner:
 # Path parameters that name a resource, and how to find its owner. A route with a path
 # parameter that is neither here nor in SUBORDINATE fails the startup check.
 OWNERS: dict[str, Owner] = {}
-# Parameters that only name something inside another resource (a process of a sandbox).
-SUBORDINATE: set[str] = {"pid"}
+# Parameters that only name something inside another resource (a process or a port of
+# a sandbox, a path on its server).
+SUBORDINATE: set[str] = {"pid", "port", "path"}
 
 
 def register_owner(param: str, lookup: OwnerLookup, what: Callable[[str], str]) -> None:

@@ -32,6 +32,7 @@ from tartarus.server.routes import (
     keys,
     logs,
     policies,
+    ports,
     processes,
     sandboxes,
     service,
@@ -61,6 +62,7 @@ TABLES: tuple[RouteTable, ...] = (
     policies.routes,
     audit.routes,
     snapshots.routes,
+    ports.routes,
 )
 
 
@@ -138,5 +140,6 @@ def build_app(
     app[OPENAPI] = openapi.encode_document(openapi.build_document(ops))
     for table in all_tables:
         table.install(app)
+    app.cleanup_ctx.append(ports.client_session)
     app.on_response_prepare.append(add_server_timing)
     return app

@@ -10,7 +10,15 @@ import msgspec
 
 from tartarus import __version__
 from tartarus.api.security import KeyId, PolicyName
-from tartarus.api.types import PROBLEM_MEDIA, Pid, Problem, SandboxId, SnapshotId, TemplateName
+from tartarus.api.types import (
+    PROBLEM_MEDIA,
+    Pid,
+    Port,
+    Problem,
+    SandboxId,
+    SnapshotId,
+    TemplateName,
+)
 from tartarus.server.routing import JSON, NDJSON, OCTETS, SSE, Operation
 
 REF_TEMPLATE = "#/components/schemas/{name}"
@@ -24,6 +32,9 @@ PATH_PARAMS: dict[str, Any] = {
     "snapshot_id": SnapshotId,
     "key_id": KeyId,
     "policy": PolicyName,
+    "port": Port,
+    # The rest of a proxied URL's path (it may hold slashes).
+    "path": str,
 }
 
 
@@ -180,7 +191,7 @@ def build_document(ops: list[Operation]) -> dict[str, Any]:
                 "description": HTTPStatus(status).phrase,
                 "content": {PROBLEM_MEDIA: {"schema": refs[Problem]}},
             }
-        paths.setdefault(op.path, {})[op.method.lower()] = entry | {"responses": responses}
+        paths.setdefault(op.document_path, {})[op.method.lower()] = entry | {"responses": responses}
 
     return {
         "openapi": "3.1.0",

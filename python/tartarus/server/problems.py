@@ -32,6 +32,7 @@ from tartarus.images.errors import ImageError, TemplateNotFoundError
 from tartarus.runtime.base import (
     BackendUnavailableError,
     ExecTimeoutError,
+    NoNetworkError,
     NotSupportedError,
     SandboxError,
     SandboxNotFoundError,
@@ -126,6 +127,7 @@ _EXCEPTION_PROBLEMS: tuple[tuple[type[BaseException], int, str], ...] = (
     (ImageError, 503, "template-unavailable"),
     (SecretError, 503, "secret-unavailable"),
     (NotSupportedError, 409, "not-supported"),
+    (NoNetworkError, 409, "no-network"),
     (BackendUnavailableError, 503, "backend-unavailable"),
     (ExecTimeoutError, 408, "timeout"),
     (FileNotFoundError, 404, "file-not-found"),

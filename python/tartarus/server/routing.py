@@ -84,8 +84,14 @@ class Operation:
     def path_params(self) -> list[str]:
         return _PATH_PARAM.findall(self.path)
 
+    @property
+    def document_path(self) -> str:
+        """The path as OpenAPI writes it: `{path:.*}` (aiohttp's pattern) is `{path}`."""
+        return _PATH_PARAM.sub(r"{\1}", self.path)
 
-_PATH_PARAM = re.compile(r"\{(\w+)\}")
+
+# `{name}`, or `{name:regex}` (a parameter that may hold slashes).
+_PATH_PARAM = re.compile(r"\{(\w+)(?::[^{}]*)?\}")
 
 
 @dataclass

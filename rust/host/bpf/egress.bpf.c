@@ -11,7 +11,9 @@
 //   IPv6 to link-local multicast   -> drop, not counted (the sandbox's kernel sends these)
 //   not IPv4                       -> drop, denied (sandboxes are IPv4 only)
 //   source != the sandbox address  -> drop, spoofed
-//   to the host itself (FIB says not forwarded) -> pass only the resolver's port 53
+//   to the host itself (FIB says not forwarded) -> pass only the resolver's port 53 and
+//                                    TCP segments with ACK (nftables passes them only
+//                                    when conntrack knows their connection)
 //   tt_rules (LPM on ifindex+daddr): its port ranges in order, first match decides
 //   tt_named (ifindex+daddr): a resolver answer still within its TTL, on its ports
 //   otherwise                      -> the link's default
@@ -174,14 +176,17 @@ int tt_egress(struct __sk_buff *skb)
 	if (ip.saddr != link->saddr)
 		return drop(ifindex, 1);
 
-	// Destination port of TCP and UDP (0 for other protocols and later fragments).
+	// Destination port of TCP and UDP (0 for other protocols and later fragments), and
+	// whether a TCP segment carries an ACK (it answers something).
 	__u16 dport = 0;
+	int acks = 0;
 	if ((ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) &&
 	    (ip.frag_off & be16(0x1fff)) == 0) {
-		__be16 port;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4 + 2, &port, sizeof(port)) < 0)
+		__u8 head[14];
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, head, sizeof(head)) < 0)
 			return drop(ifindex, 0);
-		dport = be16(port);
+		dport = ((__u16)head[2] << 8) | head[3];
+		acks = ip.protocol == IPPROTO_TCP && (head[13] & 0x10);
 	}
 
 	struct bpf_fib_lookup fib = {};
@@ -196,8 +201,12 @@ int tt_egress(struct __sk_buff *skb)
 	if (found < 0)
 		return drop(ifindex, 0);
 	if (found == BPF_FIB_LKUP_RET_NOT_FWDED || found == BPF_FIB_LKUP_RET_FWD_DISABLED) {
-		// For the host itself (any of its addresses), or broadcast and multicast.
+		// For the host itself (any of its addresses), or broadcast and multicast: the
+		// resolver, and TCP answers to connections the host opened, which nftables'
+		// conntrack then lets in only if they belong to one.
 		if (link->resolver && ip.daddr == link->resolver && dport == 53)
+			return TC_ACT_OK;
+		if (acks)
 			return TC_ACT_OK;
 		return drop(ifindex, 0);
 	}
