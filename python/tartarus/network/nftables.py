@@ -118,13 +118,15 @@ def _base(pools: list[ipaddress.IPv4Network]) -> str:
         ),
     }
     # Packets to the host from links another enforcer filters: after the established
-    # ones (above it, in `input`), only the resolver's port (that enforcer checked the
-    # address).
+    # ones (above it, in `input`), only what opens a query to the resolver's port (that
+    # enforcer checked the address; it lets every TCP segment with ACK through, which
+    # only a known connection may carry).
     passed = f"{FAMILY} {TABLE} {PASSED_TO_HOST}"
     lines += [
         f"add chain {passed}",
         f"flush chain {passed}",
-        f"add rule {passed} meta l4proto {{ tcp, udp }} th dport 53 accept",
+        f"add rule {passed} udp dport 53 accept",
+        f"add rule {passed} tcp dport 53 tcp flags & (syn | ack) == syn accept",
         f"add rule {passed} drop",
     ]
     for name, (head, rules) in chains.items():
