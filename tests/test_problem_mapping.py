@@ -4,6 +4,9 @@ body bytes and headers (Retry-After included)."""
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -22,8 +25,9 @@ from tartarus.errors import (
     UpstreamUnreachableError,
 )
 from tartarus.node.manager import key_in_flight
+from tartarus.policy.audit_log import AuditError
 from tartarus.server.app import problem_middleware
-from tartarus.server.problems import ApiError
+from tartarus.server.problems import ApiError, from_exception
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -108,3 +112,45 @@ async def test_a_domain_error_answers_what_its_api_error_did(
     assert got_body == want_body.replace(b"/v1/y", b"/v1/x")
     assert got.headers.get("Retry-After") == want.headers.get("Retry-After")
     assert got.headers["Content-Type"] == want.headers["Content-Type"]
+
+
+def _chained(outer: Exception, cause: BaseException) -> Exception:
+    outer.__cause__ = cause
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("error", "slug"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk-full"),
+        (sqlite3.OperationalError("database or disk is full"), "disk-full"),
+        # The judges' refusal when the audit log cannot be written: the disk behind it.
+        (
+            _chained(
+                UnavailableError("admission needs the audit log, which failed"),
+                AuditError("cannot write the audit log: database or disk is full"),
+            ),
+            "audit-unavailable",
+        ),
+        (
+            _chained(
+                AuditError("cannot write the audit log"),
+                sqlite3.OperationalError("database or disk is full"),
+            ),
+            "disk-full",
+        ),
+        (AuditError("cannot write the audit log: locked"), "audit-unavailable"),
+    ],
+)
+def test_a_full_disk_and_a_failing_audit_log_are_503_with_retry_after(
+    error: Exception, slug: str
+) -> None:
+    """Trying again helps once there is room: never a 500."""
+    problem = from_exception(error)
+    assert problem is not None
+    assert (problem.status, problem.slug) == (503, slug)
+    assert problem.headers == {"Retry-After": "5"}
+
+
+def test_other_os_errors_stay_unexpected() -> None:
+    assert from_exception(OSError(errno.EIO, "I/O error")) is None

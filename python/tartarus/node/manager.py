@@ -7,9 +7,11 @@ next start knows what was running and reaps it (`reconcile`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -124,6 +126,24 @@ class SandboxSource(Protocol):
 
 
 SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
+# How long bookkeeping that a full disk refuses is tried again before the request fails.
+BOOKKEEPING_RETRY_S = 30.0
+
+
+async def until_written(write: Callable[[], Awaitable[None]]) -> None:
+    """Runs a bookkeeping write, trying it again while SQLite says the disk is full, for
+    up to `BOOKKEEPING_RETRY_S` (the operation it records has happened: giving up on the
+    write would lose it); other errors, and a disk still full after that, are raised."""
+    deadline = time.monotonic() + BOOKKEEPING_RETRY_S
+    while True:
+        try:
+            await write()
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e) or time.monotonic() > deadline:
+                raise
+            await anyio.sleep(0.5)
+        else:
+            return
 
 
 def new_sandbox_id() -> str:
@@ -189,6 +209,8 @@ class SandboxManager:
         self.discard_paused: list[Callable[[SandboxRecord], Awaitable[None]]] = []
         self._live: dict[str, LiveSandbox] = {}
         self._accepting = True
+        # Idempotency keys whose create runs in this process now.
+        self._creating: set[str] = set()
         self._tasks: TaskGroup | None = None
 
     @asynccontextmanager
@@ -498,20 +520,46 @@ class SandboxManager:
         fleet's judges allowed it to reach (this node's own admission decides otherwise)."""
         if not self._accepting:
             raise UnavailableError("the server is shutting down", slug="shutting-down")
-        if idempotency_key is not None:
-            idempotency_key = f"{caller.tenant}/{idempotency_key}"
-            claimed = self.store.claim_key(idempotency_key, fingerprint(request))
-            if claimed is not None:
-                return self._replay(idempotency_key, request, *claimed), True
+        sandbox_id = sandbox_id or new_sandbox_id()
+        if idempotency_key is None:
+            return await self._create(request, caller, sandbox_id, egress), False
+        key = f"{caller.tenant}/{idempotency_key}"
+        claimed = self.store.claim_key(key, fingerprint(request))
+        if claimed is not None and not self._orphaned(key, request, *claimed):
+            return self._replay(key, request, *claimed), True
+        self._creating.add(key)
         try:
-            record = await self._create(request, caller, sandbox_id or new_sandbox_id(), egress)
+            record = await self._create(request, caller, sandbox_id, egress)
         except BaseException:
-            if idempotency_key is not None:
-                self.store.release_key(idempotency_key)
+            with contextlib.suppress(sqlite3.Error):  # the create's own error matters more
+                self.store.release_key(key)
             raise
-        if idempotency_key is not None:
-            self.store.bind_key(idempotency_key, record.id)
+        finally:
+            self._creating.discard(key)
+        await self._bind_key(key, record.id)
         return record, False
+
+    def _orphaned(
+        self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
+    ) -> bool:
+        """A claim no create runs for: the one that made it failed and could not give it
+        back (its write was refused: a full disk), so this create takes it over."""
+        return sandbox_id is None and earlier == fingerprint(request) and key not in self._creating
+
+    async def _bind_key(self, key: str, sandbox_id: str) -> None:
+        """Binds the key to the new sandbox (through a full disk, see `until_written`);
+        if it still cannot, the sandbox is stopped and the refusal raised, so no sandbox
+        runs that a retry of the same key cannot find."""
+
+        async def bind() -> None:
+            self.store.bind_key(key, sandbox_id)
+
+        try:
+            await until_written(bind)
+        except sqlite3.OperationalError:
+            with contextlib.suppress(Exception):
+                await self.delete(sandbox_id)
+            raise
 
     def _replay(
         self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
@@ -607,9 +655,17 @@ class SandboxManager:
             )
         )
         sandbox: Sandbox | None = None
+
+        async def save() -> None:
+            self.store.save(record)
+
         try:
             sandbox = await runtime.create(spec)
             await sandbox.start()
+            record.state = SandboxState.RUNNING
+            record.expires_at = time.time() + request.resolved_timeout_s()
+            # Not running unless its record says so: one that cannot say it is stopped.
+            await until_written(save)
         except BaseException as e:
             with anyio.CancelScope(shield=True):
                 if sandbox is not None:
@@ -617,13 +673,12 @@ class SandboxManager:
                 record.state = SandboxState.FAILED
                 record.ending = Ending.FAILED
                 record.ended_at = time.time()
+                record.expires_at = None
                 record.detail = f"could not start: {e}" if str(e) else "could not start"
-                self.store.save(record)
+                with contextlib.suppress(sqlite3.Error):  # the start's own error matters more
+                    await until_written(save)
             raise
         sandbox = admitted.bind(record, sandbox)
-        record.state = SandboxState.RUNNING
-        record.expires_at = time.time() + request.resolved_timeout_s()
-        self.store.save(record)
         self._live[record.id] = LiveSandbox(
             record=record, sandbox=sandbox, runtime=runtime, workdir=workdir
         )
@@ -748,7 +803,7 @@ class SandboxManager:
                 ended_at = time.time()
                 await self._run_hooks(self.after_teardown, live, "after teardown")
                 try:
-                    await self.provider.release(live.record.id)
+                    await until_written(lambda: self.provider.release(live.record.id))
                 except Exception:
                     log.exception("releasing the template of %s failed", live.record.id)
                 live.record.state = state
@@ -762,7 +817,14 @@ class SandboxManager:
                     )
                 live.record.detail = detail
                 live.record.ended_at = ended_at
-                self.store.save(live.record)
+                record = live.record
+
+                async def save() -> None:
+                    self.store.save(record)
+
+                # A record that cannot be closed would stay "running" (and hold its
+                # quota) until the next restart.
+                await until_written(save)
                 self._live.pop(live.record.id, None)
                 live.ended.set()
                 self.admission.ended(live.record)

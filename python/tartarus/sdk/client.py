@@ -117,7 +117,7 @@ class Client:
         if response.status >= 400:
             raw = await response.read()
             response.release()
-            raise _problem(response.status, raw)
+            raise _problem(response.status, raw, response.headers.get("Retry-After"))
         return response
 
     async def call(
@@ -211,11 +211,20 @@ def _query(params: Mapping[str, Any] | None) -> list[tuple[str, str]] | None:
     return out
 
 
-def _problem(status: int, raw: bytes) -> ApiError:
+def _retry_after(header: str | None) -> float | None:
+    """`Retry-After` in seconds (its HTTP-date form is not sent by our servers)."""
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
+
+
+def _problem(status: int, raw: bytes, retry_after: str | None = None) -> ApiError:
+    wait = _retry_after(retry_after)
     try:
         p = _problems.decode(raw)
     except msgspec.DecodeError:
         return error_for(
-            status, "about:blank", f"HTTP {status}", raw[:500].decode(errors="replace")
+            status, "about:blank", f"HTTP {status}", raw[:500].decode(errors="replace"), wait
         )
-    return error_for(status, p.type, p.title, p.detail)
+    return error_for(status, p.type, p.title, p.detail, wait)

@@ -9,11 +9,15 @@ class ApiError(TartarusError):
     """The server answered with a problem (RFC 9457); `status`, `type` and `detail` say
     which."""
 
-    def __init__(self, status: int, type_: str, title: str, detail: str) -> None:
+    def __init__(
+        self, status: int, type_: str, title: str, detail: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
         self.type = type_
         self.title = title
         self.detail = detail
+        # Seconds the server asked to wait before trying again (`Retry-After`), if any.
+        self.retry_after = retry_after
         super().__init__(f"{title} ({status}): {detail}" if detail else f"{title} ({status})")
 
 
@@ -50,7 +54,9 @@ class ServerUnreachableError(TartarusError):
     """No server answered at the URL (or the local one could not be started)."""
 
 
-def error_for(status: int, type_: str, title: str, detail: str) -> ApiError:
+def error_for(
+    status: int, type_: str, title: str, detail: str, retry_after: float | None = None
+) -> ApiError:
     cls: type[ApiError]
     if status == 404:
         cls = NotFoundError
@@ -68,4 +74,4 @@ def error_for(status: int, type_: str, title: str, detail: str) -> ApiError:
         cls = InvalidRequestError
     else:
         cls = ApiError
-    return cls(status, type_, title, detail)
+    return cls(status, type_, title, detail, retry_after)

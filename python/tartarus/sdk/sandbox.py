@@ -11,6 +11,7 @@ its client otherwise: it runs until its timeout, `kill()`, or the server stops.
 from __future__ import annotations
 
 import builtins
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from types import TracebackType
@@ -38,12 +39,45 @@ from tartarus.api.types import (
 )
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import Commands
-from tartarus.sdk.errors import NotFoundError
+from tartarus.sdk.errors import NotFoundError, ServerUnreachableError, UnavailableError
 from tartarus.sdk.files import Files
 from tartarus.sdk.pty import Pty
 
 _log_events = msgspec.json.Decoder(LogEvent)
-CREATE_ATTEMPTS = 3
+# How long a create keeps trying through dropped connections and a restarting server.
+CREATE_RETRY_S = 30.0
+
+
+async def _create_with_retries(
+    client: Client, request: CreateSandboxRequest, key: str
+) -> SandboxInfo:
+    """POSTs the create until it is answered, for up to `CREATE_RETRY_S`: a dropped
+    connection, a server that is not up (restarting) or one that says 503 with
+    `Retry-After` is tried again with the same idempotency key, so the sandbox is made
+    once whatever happened to the earlier attempts. Refusals (quota, policy, a bad
+    request) are not retried."""
+    deadline = time.monotonic() + CREATE_RETRY_S
+    attempt = 0
+    while True:
+        try:
+            return await client.call(
+                "POST", "/v1/sandboxes", SandboxInfo, json=request, headers={"Idempotency-Key": key}
+            )
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            ServerUnreachableError,
+            UnavailableError,
+        ) as e:
+            wait = min(0.2 * 2**attempt, 2.0)
+            if isinstance(e, UnavailableError):
+                if e.retry_after is None:
+                    raise  # no backend, say: trying again does not help
+                wait = e.retry_after
+            if time.monotonic() + wait > deadline:
+                raise
+            attempt += 1
+            await anyio.sleep(wait)
 
 
 async def port_info(client: Client, sandbox_id: str, port: int) -> PortInfo:
@@ -139,20 +173,7 @@ class Sandbox:
             c = client or await Client.connect(url, api_key=api_key)
             key = uuid.uuid4().hex
             try:
-                for attempt in range(CREATE_ATTEMPTS):
-                    try:
-                        info = await c.call(
-                            "POST",
-                            "/v1/sandboxes",
-                            SandboxInfo,
-                            json=request,
-                            headers={"Idempotency-Key": key},
-                        )
-                        break
-                    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                        if attempt == CREATE_ATTEMPTS - 1:
-                            raise
-                        await anyio.sleep(0.2 * (attempt + 1))
+                info = await _create_with_retries(c, request, key)
             except BaseException:
                 if owned:
                     await c.close()

@@ -8,7 +8,9 @@ exceptions become a 500 whose body says nothing about the server's internals.
 
 from __future__ import annotations
 
+import errno
 import re
+import sqlite3
 from http import HTTPStatus
 
 import msgspec
@@ -29,6 +31,7 @@ from tartarus.errors import (
     UpstreamUnreachableError,
 )
 from tartarus.images.errors import ImageError, TemplateNotFoundError
+from tartarus.policy.audit_log import AuditError
 from tartarus.runtime.base import (
     BackendUnavailableError,
     ExecTimeoutError,
@@ -180,11 +183,48 @@ _AGENT_CODES: dict[str, tuple[int, str]] = {
 }
 
 
+# The host's disk is full (the state database, the audit log, a sandbox's files on the
+# host): nothing is wrong with the request, and it can be tried again once there is room.
+DISK_FULL_RETRY_S = 5
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, nearest first (a few links at most)."""
+    out: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(out) < 8:
+        out.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return out
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC, or SQLite's "database or disk is full"."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
+
+
+def _host_problem(exc: BaseException) -> ApiError | None:
+    """The host cannot do it now (a full disk, the audit log): 503, try again later."""
+    retry = {"Retry-After": str(DISK_FULL_RETRY_S)}
+    chain = _chain(exc)
+    if (full := next((e for e in chain if _disk_full(e)), None)) is not None:
+        detail = f"the server's disk is full; try again once there is room ({full})"
+        return ApiError(503, "disk-full", detail, headers=retry)
+    if any(isinstance(e, AuditError) for e in chain):
+        # Nothing is recorded without the audit log, and nothing is done unrecorded.
+        return ApiError(503, "audit-unavailable", str(exc), headers=retry)
+    return None
+
+
 def from_exception(exc: BaseException) -> ApiError | None:
     """Maps the core's and the runtime's errors to problems; None for anything
     unexpected (a 500)."""
     if isinstance(exc, ApiError):
         return exc
+    if (host := _host_problem(exc)) is not None:
+        return host
     if isinstance(exc, RequestError):
         return _request_problem(exc)
     code = getattr(exc, "code", None)

@@ -1,0 +1,80 @@
+"""The long soak and chaos run (tests/support/soak.py): thousands of sandboxes through a
+real server on the jail and gVisor at many concurrent clients, each fault once while
+loaded. Throughput, p50/p99 per step, errors by kind, what was lost and what leaked.
+
+    python -m benches.bench_soak                      # 2000 sandboxes, 32 clients
+    python -m benches.bench_soak --sandboxes 200 --concurrency 8
+
+Root only. Writes benches/results/soak.json. The peer is the same run without faults
+(`--no-faults`), which the ratio compares throughput with when both are asked for
+(`--with-peer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import anyio
+import msgspec
+from tests.support.server import sandbox_base
+from tests.support.soak import FAULTS, SoakPlan, SoakReport, soak
+
+from benches.harness import write_result
+from tartarus.config import load_settings
+from tartarus.host.doctor import run_doctor
+
+
+def _run(plan: SoakPlan) -> SoakReport:
+    with sandbox_base() as base:
+        return anyio.run(soak, plan, base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sandboxes", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--with-peer", action="store_true", help="also run without faults")
+    args = parser.parse_args()
+    doctor = run_doctor(load_settings())
+    backends = tuple(b for b in ("jail", "gvisor") if doctor.backend(b).available)
+    if not backends:
+        raise SystemExit("neither the jail nor gvisor can run here (tartarus doctor)")
+    faults = () if args.no_faults else FAULTS
+    plan = SoakPlan(
+        sandboxes=args.sandboxes,
+        concurrency=args.concurrency,
+        backends=backends,
+        faults=faults,
+        max_sandboxes=args.concurrency * 2,
+    )
+    report = _run(plan)
+    result: dict[str, Any] = {"run": msgspec.to_builtins(report)}
+    print(
+        f"{plan.sandboxes} sandboxes at {plan.concurrency} clients on {', '.join(backends)}: "
+        f"{report.sandboxes_per_s}/s; errors {report.errors or 'none'}; lost "
+        f"{len(report.lost)}; leaks {sum(len(v) for v in report.leaks.values())}"
+    )
+    for step, stats in report.steps.items():
+        print(f"  {step}: p50 {stats.p50_ms} ms, p99 {stats.p99_ms} ms ({stats.count})")
+    if args.with_peer and faults:
+        peer = _run(
+            SoakPlan(
+                sandboxes=plan.sandboxes,
+                concurrency=plan.concurrency,
+                backends=backends,
+                faults=(),
+                max_sandboxes=plan.max_sandboxes,
+            )
+        )
+        result["without_faults"] = msgspec.to_builtins(peer)
+        ratio = round(report.sandboxes_per_s / peer.sandboxes_per_s, 3)
+        result["throughput_ratio_faults_to_none"] = ratio
+        print(f"throughput with faults / without: {ratio}")
+    path = write_result("soak", result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
