@@ -77,6 +77,8 @@ class SoakPlan:
     max_sandboxes: int = 0
     # The state directory's own filesystem, for `disk-full`.
     state_mib: int = 512
+    # Every n-th sandbox gets a network (0: none).
+    networked_every: int = 4
 
 
 class Step(msgspec.Struct):
@@ -107,7 +109,7 @@ class _Run:
     plan: SoakPlan
     base: Path
     server: Server
-    client: Client
+    clients: list[Client]
     timings: dict[str, list[float]] = field(default_factory=dict)
     errors: Counter[str] = field(default_factory=Counter)
     fault_errors: dict[str, Counter[str]] = field(default_factory=dict)
@@ -117,11 +119,19 @@ class _Run:
     lost: list[str] = field(default_factory=list)
     acknowledged: set[str] = field(default_factory=set)
     failed_creates: int = 0
+    # Failures by sandbox, to tell those of sandboxes a fault ended (a lost node's).
+    failures_of: dict[str, list[str]] = field(default_factory=dict)
     done: int = 0
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def failed(self, step: str, error: BaseException) -> None:
+    @property
+    def client(self) -> Client:
+        return self.clients[0]
+
+    def failed(self, step: str, error: BaseException, sandbox_id: str | None = None) -> None:
         kind = f"{step}: {_kind(error)}"
+        if sandbox_id is not None:
+            self.failures_of.setdefault(sandbox_id, []).append(kind)
         if self.holding is not None:
             self.fault_errors.setdefault(self.holding, Counter())[kind] += 1
         else:
@@ -159,10 +169,11 @@ async def _one(run: _Run, index: int) -> None:
                 "base",
                 backend=backend,
                 trusted=True,
-                # Every fourth gets a network: its link, rules and lease go through it all.
-                network=index % 4 == 0,
+                # Some get a network: their link, rules and lease go through it all.
+                network=bool(run.plan.networked_every) and index % run.plan.networked_every == 0,
                 timeout=600,
-                client=run.client,
+                # Clients take turns between the API servers (a fleet has two).
+                client=run.clients[index % len(run.clients)],
             ),
         )
     except Exception as e:
@@ -301,23 +312,28 @@ async def _disk_full(run: _Run) -> None:
     run.faults["disk-full"] = {"held_s": DISK_FULL_S, "free_bytes_while_full": free}
 
 
-async def _inject(run: _Run) -> None:
+Action = Callable[["_Run"], Awaitable[None]]
+
+
+async def _inject(run: _Run, actions: dict[str, Action]) -> None:
     """Each fault once, spread over the run."""
     plan = run.plan
     marks = {
         fault: plan.sandboxes * (k + 1) // (len(plan.faults) + 1)
         for k, fault in enumerate(plan.faults)
     }
-    actions: dict[str, Callable[[_Run], Awaitable[None]]] = {
-        "disk-full": _disk_full,
-        "server-kill": _server_kill,
-        "sandbox-kill": _sandbox_kill,
-        "slow-client": _slow_client,
-    }
     for fault, mark in marks.items():
         while run.done < mark:  # noqa: ASYNC110 - a count, not an event
             await anyio.sleep(0.05)
         await actions[fault](run)
+
+
+ONE_HOST_ACTIONS: dict[str, Action] = {
+    "disk-full": _disk_full,
+    "server-kill": _server_kill,
+    "sandbox-kill": _sandbox_kill,
+    "slow-client": _slow_client,
+}
 
 
 # --- what is left, and the invariants ----------------------------------------------------
@@ -360,39 +376,45 @@ def host_state(base: Path) -> dict[str, set[str]]:
 
 
 def leaks(
-    before: dict[str, set[str]], after: dict[str, set[str]], server_pid: int
+    before: dict[str, set[str]], after: dict[str, set[str]], ours: set[int]
 ) -> dict[str, list[str]]:
+    """What is there now and was not before, by kind; `ours`: the run's own processes
+    (servers, agents), which are not leaks."""
     out = {}
     for kind, now in after.items():
         extra = now - before.get(kind, set())
         if kind == "processes":
-            extra = {p for p in extra if not p.startswith(f"{server_pid} ")}
+            extra = {p for p in extra if int(p.split()[0]) not in ours}
         out[kind] = sorted(extra)
     return out
 
 
-async def _invariants(run: _Run) -> dict[str, Any]:
+async def invariants(run: _Run, audit_logs: list[Path]) -> dict[str, Any]:
     live = await run.client.call(
         "GET",
         "/v1/sandboxes",
         SandboxPage,
         params={"state": ["created", "running", "paused"], "limit": 500},
     )
-    audit = AuditLog(run.server.state_dir / "audit.db", read_only=True)
-    try:
-        check = audit.verify()
-        allowed = 0
-        after = 0
-        while True:
-            page, more = audit.entries(after_seq=after, limit=1000)
-            allowed += sum(
-                1 for entry, _ in page if entry.kind == "admission" and entry.outcome == "allowed"
-            )
-            if more is None:
-                break
-            after = more
-    finally:
-        audit.close()
+    problems: list[str] = []
+    entries = allowed = 0
+    for path in audit_logs:
+        audit = AuditLog(path, read_only=True)
+        try:
+            check = audit.verify()
+            problems += [f"{path}: {p}" for p in check.problems]
+            entries += check.entries
+            after = 0
+            while True:
+                page, more = audit.entries(after_seq=after, limit=1000)
+                allowed += sum(
+                    1 for e, _ in page if e.kind == "admission" and e.outcome == "allowed"
+                )
+                if more is None:
+                    break
+                after = more
+        finally:
+            audit.close()
     # Quotas back to zero: the tenant can hold its whole quota again, at once.
     quota_ok = True
     if run.plan.max_sandboxes:
@@ -416,9 +438,9 @@ async def _invariants(run: _Run) -> dict[str, Any]:
                 await sb.kill()
     acknowledged = len(run.acknowledged)
     return {
-        "audit_chain_ok": check.ok,
-        "audit_problems": check.problems[:5],
-        "audit_entries": check.entries,
+        "audit_chain_ok": not problems,
+        "audit_problems": problems[:5],
+        "audit_entries": entries,
         "allowed_admissions": allowed,
         "acknowledged_creates": acknowledged,
         # Every acknowledged create was admitted (an admission whose create then failed,
@@ -466,35 +488,30 @@ async def soak(plan: SoakPlan, base: Path) -> SoakReport:
         return await _soak(plan, base)
 
 
-async def _soak(plan: SoakPlan, base: Path) -> SoakReport:
-    before = host_state(base)
-    env = server_env(base)
-    server = await anyio.to_thread.run_sync(lambda: start_server(base, env=env))
-    client = Client(Endpoint.unix(server.socket_path))
-    run = _Run(plan=plan, base=base, server=server, client=client)
-    try:
-        if plan.max_sandboxes:
-            policy = f"name: global\nspec: {{resources: {{max_sandboxes: {plan.max_sandboxes}}}}}\n"
-            await client.call("PUT", "/v1/policies/global", json={"document": policy})
-        started = time.monotonic()
-        limit = anyio.Semaphore(plan.concurrency)
+async def run_load(run: _Run, actions: dict[str, Action]) -> float:
+    """The policy, then the load with the faults; returns its seconds."""
+    plan = run.plan
+    if plan.max_sandboxes:
+        policy = f"name: global\nspec: {{resources: {{max_sandboxes: {plan.max_sandboxes}}}}}\n"
+        await run.client.call("PUT", "/v1/policies/global", json={"document": policy})
+    started = time.monotonic()
+    limit = anyio.Semaphore(plan.concurrency)
 
-        async def worker(index: int) -> None:
-            async with limit:
-                await _one(run, index)
+    async def worker(index: int) -> None:
+        async with limit:
+            await _one(run, index)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_inject, run)
-            for index in range(plan.sandboxes):
-                tg.start_soon(worker, index)
-        seconds = time.monotonic() - started
-        invariants = await _invariants(run)
-    finally:
-        await client.close()
-        run.server.stop()
-    # After the server's graceful stop (it stops what it still runs): nothing it made
-    # may be left.
-    after = host_state(base)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_inject, run, actions)
+        for index in range(plan.sandboxes):
+            tg.start_soon(worker, index)
+    return time.monotonic() - started
+
+
+def report(
+    run: _Run, seconds: float, checked: dict[str, Any], left: dict[str, list[str]]
+) -> SoakReport:
+    plan = run.plan
     return SoakReport(
         plan={
             "sandboxes": plan.sandboxes,
@@ -511,6 +528,23 @@ async def _soak(plan: SoakPlan, base: Path) -> SoakReport:
         retried=dict(run.retried),
         lost=run.lost,
         faults=run.faults,
-        leaks=leaks(before, after, run.server.process.pid),
-        invariants=invariants,
+        leaks=left,
+        invariants=checked,
     )
+
+
+async def _soak(plan: SoakPlan, base: Path) -> SoakReport:
+    before = host_state(base)
+    env = server_env(base)
+    server = await anyio.to_thread.run_sync(lambda: start_server(base, env=env))
+    client = Client(Endpoint.unix(server.socket_path))
+    run = _Run(plan=plan, base=base, server=server, clients=[client])
+    try:
+        seconds = await run_load(run, ONE_HOST_ACTIONS)
+        checked = await invariants(run, [run.server.state_dir / "audit.db"])
+    finally:
+        await client.close()
+        run.server.stop()
+    # After the server's graceful stop (it stops what it still runs): nothing it made
+    # may be left.
+    return report(run, seconds, checked, leaks(before, host_state(base), {run.server.process.pid}))
