@@ -8,6 +8,9 @@ wrong in the core's own terms; the server alone decides how that looks on the wi
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class TartarusError(Exception):
     """Base class: every error Tartarus raises on purpose derives from it."""
@@ -123,3 +126,10 @@ class InternalError(RequestError):
     """The core found its own state inconsistent; the detail says how."""
 
     slug = "internal"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC or EDQUOT, or SQLite's "database or disk is full" (SQLITE_FULL)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)

@@ -121,6 +121,8 @@ class _Run:
     failed_creates: int = 0
     # Failures by sandbox, to tell those of sandboxes a fault ended (a lost node's).
     failures_of: dict[str, list[str]] = field(default_factory=dict)
+    # What a variant of the run keeps for its faults (the fleet's processes).
+    extra: dict[str, Any] = field(default_factory=dict)
     done: int = 0
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -137,15 +139,17 @@ class _Run:
         else:
             self.errors[kind] += 1
 
-    async def timed(self, step: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Runs a step, trying it again through transient failures (a restart)."""
+    async def timed(self, step: str, op: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
+        """Runs a step, trying it again through transient failures (a restart) unless
+        `retry` is off (a create: the SDK retries it with its idempotency key, and a new
+        attempt here would be a new create)."""
         deadline = time.monotonic() + RETRY_S
         while True:
             started = time.perf_counter()
             try:
                 result = await op()
             except _TRANSIENT as e:
-                if time.monotonic() > deadline:
+                if not retry or time.monotonic() > deadline:
                     raise
                 self.retried[f"{step}: {_kind(e)}"] += 1
                 await anyio.sleep(0.3)
@@ -175,6 +179,7 @@ async def _one(run: _Run, index: int) -> None:
                 # Clients take turns between the API servers (a fleet has two).
                 client=run.clients[index % len(run.clients)],
             ),
+            retry=False,
         )
     except Exception as e:
         run.failed("create", e)
@@ -239,7 +244,7 @@ async def _sandbox_kill(run: _Run) -> None:
         create = functools.partial(
             Sandbox.create, "base", backend=backend, trusted=True, client=run.client
         )
-        sb = await run.timed("create", create)
+        sb = await run.timed("create", create, retry=False)
         run.acknowledged.add(sb.id)
         pids = _host_processes(sb.id)
         for pid in pids:

@@ -89,7 +89,9 @@ def check_egress_filter(network: NetworkSettings) -> ToolCheck:
         return ToolCheck(name=name, available=nft, detail=detail)
     reason = EbpfEnforcer.probe()
     if reason is None:
-        return ToolCheck(name=name, available=True, detail="eBPF tc classifier on each link")
+        # nftables still carries the NAT and the inbound guard.
+        detail = "eBPF tc classifier on each link" + ("" if nft else "; but nft is missing")
+        return ToolCheck(name=name, available=nft, detail=detail)
     if network.enforcer is EnforcerChoice.EBPF:
         return ToolCheck(name=name, available=False, detail=f"eBPF was asked for, but {reason}")
     return ToolCheck(

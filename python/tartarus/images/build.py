@@ -30,9 +30,10 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from tartarus.errors import is_disk_full
 from tartarus.images import debian, fsutil, rootfs
 from tartarus.images.blobs import BlobStore
-from tartarus.images.errors import BlobNotFoundError, DiskFullError, is_disk_full
+from tartarus.images.errors import BlobNotFoundError, DiskFullError
 from tartarus.images.oci.image import (
     DockerArchiveSource,
     ImageSource,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-
 from tartarus.errors import TartarusError
 
 
@@ -75,10 +73,6 @@ class DiskFullError(ImageError):
             f"no space left on the device while {where}{place}; free space, run "
             "`tartarus template gc`, or point state_dir/cache_dir at a larger disk"
         )
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class BuildError(ImageError):

@@ -27,12 +27,12 @@ from collections.abc import Callable
 import msgspec
 import zstandard
 
+from tartarus.errors import is_disk_full
 from tartarus.images.errors import (
     DiskFullError,
     HostileArchiveError,
     ImageError,
     InvalidArchiveError,
-    is_disk_full,
 )
 from tartarus.images.tar import EntryType, Readable, TarEntry, TarLimits, TarReader
 

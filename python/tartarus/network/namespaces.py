@@ -265,6 +265,10 @@ class SandboxNetworks:
         # which routed links need (it is a host-wide switch for IPv4).
         with contextlib.suppress(OSError):
             _write_sysctl(f"/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6", "1")
+        # No source-routed packets from the sandbox (the eBPF filter drops IP options
+        # too; nftables' chains do not look at them).
+        with contextlib.suppress(OSError):
+            _write_sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/accept_source_route", "0")
         _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
 
     async def address(self, net: SandboxNetwork) -> None:

@@ -31,6 +31,7 @@ from tartarus.errors import (
     NotFoundError,
     SandboxNotRunningError,
     UnavailableError,
+    is_disk_full,
 )
 from tartarus.node.admission import AdmissionHook, AdmitAll, Admitted
 from tartarus.node.provider import HostRuntimes
@@ -139,7 +140,7 @@ async def until_written(write: Callable[[], Awaitable[None]]) -> None:
         try:
             await write()
         except sqlite3.OperationalError as e:
-            if "full" not in str(e) or time.monotonic() > deadline:
+            if not is_disk_full(e) or time.monotonic() > deadline:
                 raise
             await anyio.sleep(0.5)
         else:
@@ -527,16 +528,18 @@ class SandboxManager:
         claimed = self.store.claim_key(key, fingerprint(request))
         if claimed is not None and not self._orphaned(key, request, *claimed):
             return self._replay(key, request, *claimed), True
+        # Until the key is bound: a retry meanwhile is told to wait, not let in.
         self._creating.add(key)
         try:
-            record = await self._create(request, caller, sandbox_id, egress)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # the create's own error matters more
-                self.store.release_key(key)
-            raise
+            try:
+                record = await self._create(request, caller, sandbox_id, egress)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # the create's own error matters more
+                    self.store.release_key(key)
+                raise
+            await self._bind_key(key, record.id)
         finally:
             self._creating.discard(key)
-        await self._bind_key(key, record.id)
         return record, False
 
     def _orphaned(
@@ -822,12 +825,17 @@ class SandboxManager:
                 async def save() -> None:
                     self.store.save(record)
 
-                # A record that cannot be closed would stay "running" (and hold its
-                # quota) until the next restart.
-                await until_written(save)
-                self._live.pop(live.record.id, None)
-                live.ended.set()
-                self.admission.ended(live.record)
+                try:
+                    # A record that cannot be closed would say "running" until the next
+                    # restart's reconcile.
+                    await until_written(save)
+                except sqlite3.Error:
+                    log.exception("cannot close the record of %s", live.record.id)
+                finally:
+                    # Ended whatever its record says: its quota and its place go.
+                    self._live.pop(live.record.id, None)
+                    live.ended.set()
+                    self.admission.ended(live.record)
 
     # --- pause and resume (Hypnos: `tartarus.snapshots.pausing` drives these) -----------
 

@@ -39,7 +39,12 @@ from tartarus.api.types import (
 )
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import Commands
-from tartarus.sdk.errors import NotFoundError, ServerUnreachableError, UnavailableError
+from tartarus.sdk.errors import (
+    ConflictError,
+    NotFoundError,
+    ServerUnreachableError,
+    UnavailableError,
+)
 from tartarus.sdk.files import Files
 from tartarus.sdk.pty import Pty
 
@@ -68,9 +73,15 @@ async def _create_with_retries(
             aiohttp.ClientOSError,
             ServerUnreachableError,
             UnavailableError,
+            ConflictError,
         ) as e:
             wait = min(0.2 * 2**attempt, 2.0)
-            if isinstance(e, UnavailableError):
+            if isinstance(e, ConflictError):
+                # The earlier attempt with this key is still being made: wait for it.
+                if not e.type.endswith("/idempotency-key-in-flight"):
+                    raise
+                wait = e.retry_after or 1.0
+            elif isinstance(e, UnavailableError):
                 if e.retry_after is None:
                     raise  # no backend, say: trying again does not help
                 wait = e.retry_after

@@ -8,9 +8,7 @@ exceptions become a 500 whose body says nothing about the server's internals.
 
 from __future__ import annotations
 
-import errno
 import re
-import sqlite3
 from http import HTTPStatus
 
 import msgspec
@@ -29,6 +27,7 @@ from tartarus.errors import (
     RequestError,
     UnavailableError,
     UpstreamUnreachableError,
+    is_disk_full,
 )
 from tartarus.images.errors import ImageError, TemplateNotFoundError
 from tartarus.policy.audit_log import AuditError
@@ -188,28 +187,22 @@ _AGENT_CODES: dict[str, tuple[int, str]] = {
 DISK_FULL_RETRY_S = 5
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and what caused it, nearest first (a few links at most)."""
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from (`raise ... from`), nearest first: an error
+    raised while another was being handled is not caused by it."""
     out: list[BaseException] = []
     seen: BaseException | None = exc
     while seen is not None and len(out) < 8:
         out.append(seen)
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__
     return out
-
-
-def _disk_full(error: BaseException) -> bool:
-    """ENOSPC, or SQLite's "database or disk is full"."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
 
 
 def _host_problem(exc: BaseException) -> ApiError | None:
     """The host cannot do it now (a full disk, the audit log): 503, try again later."""
     retry = {"Retry-After": str(DISK_FULL_RETRY_S)}
-    chain = _chain(exc)
-    if (full := next((e for e in chain if _disk_full(e)), None)) is not None:
+    chain = _causes(exc)
+    if (full := next((e for e in chain if is_disk_full(e)), None)) is not None:
         detail = f"the server's disk is full; try again once there is room ({full})"
         return ApiError(503, "disk-full", detail, headers=retry)
     if any(isinstance(e, AuditError) for e in chain):
@@ -223,7 +216,8 @@ def from_exception(exc: BaseException) -> ApiError | None:
     unexpected (a 500)."""
     if isinstance(exc, ApiError):
         return exc
-    if (host := _host_problem(exc)) is not None:
+    # A template build says more about its own full disk.
+    if not isinstance(exc, ImageError) and (host := _host_problem(exc)) is not None:
         return host
     if isinstance(exc, RequestError):
         return _request_problem(exc)

@@ -38,11 +38,17 @@ HOP_BY_HOP: Final = frozenset(
 def passed_headers(
     headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
 ) -> CIMultiDict[str]:
-    """The headers that pass (lower-case names in `drop` do not either)."""
+    """The headers that pass (lower-case names in `drop` do not either, nor those the
+    `Connection` header names: they were for this hop too)."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
-        if low not in HOP_BY_HOP and low not in drop:
+        if low not in HOP_BY_HOP and low not in drop and low not in named:
             out.add(name, value)
     return out
 

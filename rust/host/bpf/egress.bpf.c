@@ -9,7 +9,8 @@
 //   no tt_links entry              -> drop (attached but not configured: fail closed)
 //   ARP                            -> pass (the sandbox must find its gateway)
 //   IPv6 to link-local multicast   -> drop, not counted (the sandbox's kernel sends these)
-//   not IPv4                       -> drop, denied (sandboxes are IPv4 only)
+//   not IPv4, or IPv4 with options -> drop, denied (sandboxes are IPv4 only; no source
+//                                     routes)
 //   source != the sandbox address  -> drop, spoofed
 //   to the host itself (FIB says not forwarded) -> pass only the resolver's port 53 and
 //                                    TCP segments with ACK (nftables passes them only
@@ -173,20 +174,31 @@ int tt_egress(struct __sk_buff *skb)
 	struct iphdr ip;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return drop(ifindex, 0);
+	// No IP options: a source route would send a packet addressed to the host on to
+	// somewhere else, past everything below.
+	if (ip.version != 4 || ip.ihl != 5)
+		return drop(ifindex, 0);
 	if (ip.saddr != link->saddr)
 		return drop(ifindex, 1);
 
-	// Destination port of TCP and UDP (0 for other protocols and later fragments), and
-	// whether a TCP segment carries an ACK (it answers something).
+	// Destination port of TCP and UDP (0 for other protocols), and whether a TCP segment
+	// carries an ACK (it answers something). A later fragment carries no ports: it is
+	// judged by the first range of its destination whatever the port (its first
+	// fragment was judged by its port, and without it nothing can be reassembled).
 	__u16 dport = 0;
 	int acks = 0;
-	if ((ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP) &&
-	    (ip.frag_off & be16(0x1fff)) == 0) {
+	int later_fragment = (ip.frag_off & be16(0x1fff)) != 0;
+	if (!later_fragment && ip.protocol == IPPROTO_TCP) {
 		__u8 head[14];
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, head, sizeof(head)) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), head, sizeof(head)) < 0)
 			return drop(ifindex, 0);
 		dport = ((__u16)head[2] << 8) | head[3];
-		acks = ip.protocol == IPPROTO_TCP && (head[13] & 0x10);
+		acks = (head[13] & 0x10) != 0;
+	} else if (!later_fragment && ip.protocol == IPPROTO_UDP) {
+		__u8 head[4];
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(ip), head, sizeof(head)) < 0)
+			return drop(ifindex, 0);
+		dport = ((__u16)head[2] << 8) | head[3];
 	}
 
 	struct bpf_fib_lookup fib = {};
@@ -217,7 +229,8 @@ int tt_egress(struct __sk_buff *skb)
 		for (int i = 0; i < MAX_RANGES; i++) {
 			if (i >= rule->count)
 				break;
-			if (in_range(rule->ranges[i].first, rule->ranges[i].last, dport))
+			if (later_fragment ||
+			    in_range(rule->ranges[i].first, rule->ranges[i].last, dport))
 				return (rule->accept >> i) & 1 ? TC_ACT_OK : drop(ifindex, 0);
 		}
 	}
@@ -230,7 +243,8 @@ int tt_egress(struct __sk_buff *skb)
 			if (i >= named->count)
 				break;
 			struct named_range *r = &named->ranges[i];
-			if (r->expires_ns > now && in_range(r->first, r->last, dport))
+			if (r->expires_ns > now &&
+			    (later_fragment || in_range(r->first, r->last, dport)))
 				return TC_ACT_OK;
 		}
 	}

@@ -346,12 +346,27 @@ pub fn attach(pin_dir: &Path, rules: &LinkRules) -> io::Result<()> {
         }
     }
     with_loaded(pin_dir, |ebpf| {
-        // An index the kernel handed out before (a link gone in a crash) may carry old
-        // entries: start clean.
+        // Entries of this index (the kernel hands indexes out again) or of this name (a
+        // link gone in a crash, whose lease slot is reused) are old: start clean.
+        let mut stale = named(ebpf, &rules.host_if)?;
         if links_map(ebpf)?.get(&index, 0).is_ok() {
-            clear(ebpf, index)?;
+            stale.push(index);
         }
-        // Counters before the link entry: the filter counts only where one exists.
+        for old in stale {
+            clear(ebpf, old)?;
+        }
+        let link = LinkValue {
+            saddr: be(rules.sandbox_address),
+            resolver: rules.resolver.map(be).unwrap_or(0),
+            accept_otherwise: u32::from(rules.accept_otherwise),
+            ifname,
+        };
+        // The link entry first: an attach that fails halfway leaves entries the next
+        // attach or detach of this name or index finds (the link is still down, so
+        // nothing crosses it meanwhile).
+        links_map(ebpf)?
+            .insert(index, link, 0)
+            .map_err(other("tt_links"))?;
         drops_map(ebpf)?
             .insert(index, DropsValue::default(), 0)
             .map_err(other("tt_drops"))?;
@@ -374,15 +389,6 @@ pub fn attach(pin_dir: &Path, rules: &LinkRules) -> io::Result<()> {
                     .map_err(other("tt_rules"))?;
             }
         }
-        let link = LinkValue {
-            saddr: be(rules.sandbox_address),
-            resolver: rules.resolver.map(be).unwrap_or(0),
-            accept_otherwise: u32::from(rules.accept_otherwise),
-            ifname,
-        };
-        links_map(ebpf)?
-            .insert(index, link, 0)
-            .map_err(other("tt_links"))?;
         attach_classifier(ebpf, &rules.host_if)
     })
 }
@@ -482,21 +488,40 @@ fn monotonic_ns() -> io::Result<u64> {
         + u64::try_from(now.tv_nsec()).unwrap_or(0))
 }
 
+/// The index of the live link `host_if`, if it has rules: the interface of that name
+/// now, whose entry must carry the name (old entries of a reused name do not count).
 fn find(ebpf: &mut Ebpf, host_if: &str) -> io::Result<Option<u32>> {
+    let Ok(index) = ifindex(host_if) else {
+        return Ok(None);
+    };
+    Ok(match links_map(ebpf)?.get(&index, 0) {
+        Ok(value) if ifname_of(&value) == host_if => Some(index),
+        _ => None,
+    })
+}
+
+/// Every index whose entry carries the name `host_if` (live or not).
+fn named(ebpf: &mut Ebpf, host_if: &str) -> io::Result<Vec<u32>> {
     let links = links_map(ebpf)?;
     Ok(links
         .iter()
         .filter_map(Result::ok)
-        .find(|(_, value)| ifname_of(value) == host_if)
-        .map(|(index, _)| index))
+        .filter(|(_, value)| ifname_of(value) == host_if)
+        .map(|(index, _)| index)
+        .collect())
 }
 
 /// Removes the link's rules, answers and counters; false if it had none. The filter
 /// itself goes with the interface.
 pub fn detach(pin_dir: &Path, host_if: &str) -> io::Result<bool> {
-    with_loaded(pin_dir, |ebpf| match find(ebpf, host_if)? {
-        Some(index) => clear(ebpf, index).map(|()| true),
-        None => Ok(false),
+    with_loaded(pin_dir, |ebpf| {
+        // Every entry of that name: the link is usually gone by now, and a crash may
+        // have left older ones.
+        let found = named(ebpf, host_if)?;
+        for index in &found {
+            clear(ebpf, *index)?;
+        }
+        Ok(!found.is_empty())
     })
 }
 
