@@ -206,7 +206,7 @@ async def _one(run: _Run, index: int) -> None:
         if streamed.exit_code != 0 or "".join(lines).split()[-5:] != ["1", "2", "3", "4", "5"]:
             run.lost.append(f"{sb.id}: streamed {lines!r}")
     except Exception as e:
-        run.failed(step, e)
+        run.failed(step, e, sb.id)
     finally:
         try:
             await run.timed("kill", sb.kill)
@@ -214,9 +214,9 @@ async def _one(run: _Run, index: int) -> None:
             if e.status == 404:
                 run.lost.append(f"{sb.id}: the server forgot it")
             else:
-                run.failed("kill", e)
+                run.failed("kill", e, sb.id)
         except Exception as e:
-            run.failed("kill", e)
+            run.failed("kill", e, sb.id)
         run.done += 1
 
 
