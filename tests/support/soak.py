@@ -273,6 +273,7 @@ async def _slow_client(run: _Run) -> None:
         lambda: Sandbox.create(
             "base", backend=run.plan.backends[0], trusted=True, client=run.client
         ),
+        retry=False,
     )
     run.acknowledged.add(sb.id)
     before = _rss_mib(run.server.process.pid)
