@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -22,7 +21,7 @@ from tartarus.sdk.client import Client
 from tartarus.sdk.sandbox import Sandbox
 from tests.conftest import require_root
 from tests.support.images import shared_template
-from tests.support.server import Server, running_server, server_env
+from tests.support.server import Server, cli, running_server, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -211,16 +210,11 @@ def test_the_cli_prints_the_url(server: Server, doctor_report: DoctorReport) -> 
     """`tartarus port SANDBOX PORT` as a user types it, and with --json."""
     if not backends(doctor_report):
         pytest.skip("neither the jail nor gvisor can run here (doctor)")
-    env = dict(server.env, TARTARUS_URL=server.tcp_url or "", TARTARUS_API_KEY=KEY)
 
     def tartarus(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tartarus", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        done = cli(server, *args, api_key=KEY)
+        return subprocess.CompletedProcess(
+            done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
         )
 
     body = {"template": "base", "backend": backends(doctor_report)[0], "network": True,

@@ -16,6 +16,7 @@ Failures of sandboxes the lost node ran are the fault's, not errors.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ async def _attribute_node_loss(run: _Run) -> None:
             continue
         for kind in kinds:
             run.errors[kind] -= 1
-            run.fault_errors.setdefault("agent-kill", type(run.errors)())[kind] += 1
+            run.fault_errors.setdefault("agent-kill", Counter())[kind] += 1
     run.errors = +run.errors  # drops the zero counts
 
 

@@ -200,10 +200,17 @@ def running_server(base: Path, *args: str, env: dict[str, str] | None = None) ->
 
 
 def cli(
-    server: Server, *args: str, input: bytes | None = None, timeout: float = 120.0
+    server: Server,
+    *args: str,
+    input: bytes | None = None,
+    timeout: float = 120.0,
+    api_key: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Runs the `tartarus` CLI against `server`."""
+    """Runs the `tartarus` CLI against `server`: over its unix socket, or with `api_key`
+    over its TCP endpoint, as a remote user would."""
     env = dict(server.env, TARTARUS_URL=server.url)
+    if api_key is not None:
+        env.update(TARTARUS_URL=server.tcp_url or "", TARTARUS_API_KEY=api_key)
     return subprocess.run(
         [sys.executable, "-m", "tartarus", *args],
         env=env,

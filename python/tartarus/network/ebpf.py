@@ -167,8 +167,4 @@ class EbpfEnforcer:
         }
 
     async def attached(self) -> set[str]:
-        return (
-            {host_if for host_if, *_ in await self._links()}
-            | await self.nft.passed_through()
-            | await self.nft.attached()
-        )
+        return {host_if for host_if, *_ in await self._links()} | await self.nft.linked()

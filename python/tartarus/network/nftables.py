@@ -302,10 +302,13 @@ class NftablesEnforcer:
                     out[str(found["name"])][str(element[0])] = element[1]
         return out
 
-    async def passed_through(self) -> set[str]:
-        """Links `pass_through` let past this table."""
-        egress = self._elements(await self._list())["egress"]
-        return {name for name, verdict in egress.items() if verdict == {"accept": None}}
+    async def linked(self) -> set[str]:
+        """Links with anything of theirs in this table (chains, or the entries
+        `pass_through` made), from one listing."""
+        items = await self._list()
+        egress = self._elements(items)["egress"]
+        passed = {name for name, verdict in egress.items() if verdict == {"accept": None}}
+        return self._chained(items) | passed
 
     async def _table_exists(self) -> bool:
         try:
@@ -334,8 +337,13 @@ class NftablesEnforcer:
         return {ifname: Drops(**c) for ifname, c in counts.items()}
 
     async def attached(self) -> set[str]:
+        return self._chained(await self._list())
+
+    @staticmethod
+    def _chained(items: list[dict[str, object]]) -> set[str]:
+        """Links with an `egress_<if>` chain."""
         out: set[str] = set()
-        for item in await self._list():
+        for item in items:
             chain = item.get("chain")
             if isinstance(chain, dict):
                 name = str(chain.get("name", ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import secrets
 import sqlite3
@@ -131,14 +132,17 @@ SandboxHook = Callable[[LiveSandbox], Awaitable[None]]
 BOOKKEEPING_RETRY_S = 30.0
 
 
-async def until_written(write: Callable[[], Awaitable[None]]) -> None:
-    """Runs a bookkeeping write, trying it again while SQLite says the disk is full, for
-    up to `BOOKKEEPING_RETRY_S` (the operation it records has happened: giving up on the
-    write would lose it); other errors, and a disk still full after that, are raised."""
+async def until_written(write: Callable[[], object]) -> None:
+    """Runs a bookkeeping write (a store call, or a coroutine function), trying it again
+    while SQLite says the disk is full, for up to `BOOKKEEPING_RETRY_S` (the operation it
+    records has happened: giving up on the write would lose it); other errors, and a
+    disk still full after that, are raised."""
     deadline = time.monotonic() + BOOKKEEPING_RETRY_S
     while True:
         try:
-            await write()
+            result = write()
+            if inspect.isawaitable(result):
+                await result
         except sqlite3.OperationalError as e:
             if not is_disk_full(e) or time.monotonic() > deadline:
                 raise
@@ -553,12 +557,8 @@ class SandboxManager:
         """Binds the key to the new sandbox (through a full disk, see `until_written`);
         if it still cannot, the sandbox is stopped and the refusal raised, so no sandbox
         runs that a retry of the same key cannot find."""
-
-        async def bind() -> None:
-            self.store.bind_key(key, sandbox_id)
-
         try:
-            await until_written(bind)
+            await until_written(lambda: self.store.bind_key(key, sandbox_id))
         except sqlite3.OperationalError:
             with contextlib.suppress(Exception):
                 await self.delete(sandbox_id)
@@ -659,7 +659,7 @@ class SandboxManager:
         )
         sandbox: Sandbox | None = None
 
-        async def save() -> None:
+        def save() -> None:
             self.store.save(record)
 
         try:
@@ -821,14 +821,10 @@ class SandboxManager:
                 live.record.detail = detail
                 live.record.ended_at = ended_at
                 record = live.record
-
-                async def save() -> None:
-                    self.store.save(record)
-
                 try:
                     # A record that cannot be closed would say "running" until the next
                     # restart's reconcile.
-                    await until_written(save)
+                    await until_written(lambda: self.store.save(record))
                 except sqlite3.Error:
                     log.exception("cannot close the record of %s", live.record.id)
                 finally:

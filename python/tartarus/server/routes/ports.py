@@ -95,15 +95,15 @@ async def _target(request: web.Request) -> tuple[str, str, CIMultiDict[str]]:
     host, target_port = await live.sandbox.port_address(port)
     # The rest of the path as it was sent (decoding it would turn `%2F` into a slash),
     # with its query.
-    prefix = _prefix(live.record.id, port) + "/"
-    if request.raw_path.startswith(prefix):
-        rest = request.raw_path.removeprefix(prefix)
+    prefix = _prefix(live.record.id, port)
+    if request.raw_path.startswith(prefix + "/"):
+        rest = request.raw_path.removeprefix(prefix + "/")
     else:  # an id or port written with escapes: the decoded path, escaped again
         rest = quote(request.match_info.get("path", ""), safe="/")
         rest += f"?{request.query_string}" if request.query_string else ""
     url = f"http://{host}:{target_port}/{rest}"
     headers = passed_headers(request.headers, _WS_HANDSHAKE)
-    headers["X-Forwarded-Prefix"] = _prefix(live.record.id, port)
+    headers["X-Forwarded-Prefix"] = prefix
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
     return live.record.id, url, headers
