@@ -335,11 +335,15 @@ class SandboxNetworks:
         # minute belongs to a process that died in between.
         await anyio.to_thread.run_sync(self.pool.drop_unwritten, UNWRITTEN_LEASE_S)
         # Leases are written before their link or rules exist, so a link or rule
-        # without one is a leftover (its lease was given back, or never written).
+        # without one is a leftover (its lease was given back, or never written). Links
+        # and rules are looked at first, the leases after: a sandbox of another runtime
+        # that takes its lease and makes its link meanwhile is not taken for one.
+        ruled = await self.enforcer.attached()
+        links = _host_links()
         leased = {lease.host_if for lease in self.pool.leases()}
-        for host_if in await self.enforcer.attached() - leased:
+        for host_if in ruled - leased:
             await self.enforcer.detach(host_if)
-        for link in _host_links() - leased:
+        for link in links - leased:
             with contextlib.suppress(NetworkSetupError):
                 await _netlink(functools.partial(_core.delete_link, link), f"cannot delete {link}")
         return sorted(reaped)
