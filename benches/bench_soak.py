@@ -71,6 +71,8 @@ def main() -> None:
         f"{report.sandboxes_per_s}/s; errors {report.errors or 'none'}; lost "
         f"{len(report.lost)}; leaks {sum(len(v) for v in report.leaks.values())}"
     )
+    if report.server_errors:
+        print(f"  the servers' unhandled errors: {report.server_errors}")
     for step, stats in report.steps.items():
         print(f"  {step}: p50 {stats.p50_ms} ms, p99 {stats.p99_ms} ms ({stats.count})")
     if args.with_peer and faults:

@@ -5,7 +5,6 @@ start errors."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tartarus.fleet.host_metrics import CountingStore, HostMetrics
 from tartarus.host.doctor import DoctorReport
-from tartarus.node.store import SandboxRecord
-from tartarus.runtime.types import Backend, SandboxState
-from tests.support.fleet import SANDBOX, require_jail
+from tartarus.runtime.types import SandboxState
+from tests.support.fleet import SANDBOX, queued_record, require_jail
 from tests.support.server import Server, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,22 +71,12 @@ def test_single_host_serve_exposes_scaler_metrics(
         assert metric(get_metrics(server), "tartarus_node_sandboxes", **labels) == 0
 
 
-def record(sandbox_id: str) -> SandboxRecord:
-    return SandboxRecord(
-        id=sandbox_id,
-        template="base",
-        backend=Backend.JAIL,
-        state=SandboxState.CREATED,
-        created_at=time.time(),
-    )
-
-
 def test_launches_and_start_errors_are_counted_as_records_change(tmp_path: Path) -> None:
     metrics = HostMetrics("node-x")
     store = CountingStore(tmp_path / "state.db", metrics)
     try:
-        failing = store.insert(record("sb-0000000000000001"))
-        running = store.insert(record("sb-0000000000000002"))
+        failing = store.insert(queued_record("sb-0000000000000001"))
+        running = store.insert(queued_record("sb-0000000000000002"))
         metrics.refresh()
         samples = scrape(metrics.render().decode())
         assert metric(samples, "tartarus_sandboxes_creating") == 2

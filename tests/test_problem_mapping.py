@@ -8,6 +8,7 @@ import errno
 import sqlite3
 
 import pytest
+import redis.exceptions
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,6 +27,7 @@ from tartarus.errors import (
 )
 from tartarus.node.manager import key_in_flight
 from tartarus.policy.audit_log import AuditError
+from tartarus.queue.base import QueueError
 from tartarus.server.app import problem_middleware
 from tartarus.server.problems import ApiError, from_exception
 
@@ -154,3 +156,25 @@ def test_a_full_disk_and_a_failing_audit_log_are_503_with_retry_after(
 
 def test_other_os_errors_stay_unexpected() -> None:
     assert from_exception(OSError(errno.EIO, "I/O error")) is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ConnectionError("Connection closed by server."),
+        redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+        redis.exceptions.TimeoutError("Timeout reading from socket"),
+        # A queue's own error, raised from the Redis failure under it.
+        _chained(
+            QueueError("queue 'lanes': Redis failed: Connection closed by server."),
+            redis.exceptions.ConnectionError("Connection closed by server."),
+        ),
+    ],
+)
+def test_the_fleets_redis_out_of_reach_is_a_503_with_retry_after(error: Exception) -> None:
+    """Redis restarting or unreachable: trying again shortly helps, so never a 500."""
+    problem = from_exception(error)
+    assert problem is not None
+    assert (problem.status, problem.slug) == (503, "state-unavailable")
+    assert problem.headers == {"Retry-After": "1"}
+    assert from_exception(redis.exceptions.ResponseError("WRONGTYPE")) is None

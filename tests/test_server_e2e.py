@@ -5,6 +5,7 @@ after a graceful shutdown and after kill -9."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from tartarus.host.doctor import DoctorReport
 from tests.support.server import (
     Server,
+    pid_running,
     processes_mentioning,
     require_backend,
     running_server,
@@ -359,3 +362,33 @@ def test_sequence_numbers_past_64_bits_are_rejected(server: Server, backend: str
         assert server.raw("GET", f"/v1/sandboxes/{sb}/logs?since={2**63 - 1}").status == 200
     finally:
         delete(server, sb)
+
+
+@pytest.mark.parametrize("kind", ["jail", "gvisor"])
+def test_a_sandbox_whose_host_process_is_killed_refuses_work_and_fails(
+    server: Server, kind: str, doctor_report: DoctorReport
+) -> None:
+    # kill -9 of a jail's supervisor leaves the jail's agent unsupervised but still
+    # answering: the next exec is refused all the same, and the record fails.
+    verdict = doctor_report.backend(kind)
+    if not verdict.available:
+        pytest.skip(f"{kind}: {verdict.reason}")
+    sb = create(server, kind)["id"]
+    pids = [pid for pid, _ in processes_mentioning(sb)]
+    assert pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(pid_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    r = server.json("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": ["echo", "after"]})
+    assert r.status == 409, r.body
+    assert r.json()["type"].endswith("/sandbox-not-running")
+    while time.monotonic() < deadline:
+        state = server.raw("GET", f"/v1/sandboxes/{sb}").json()
+        if state["state"] != "running":
+            break
+        time.sleep(0.1)
+    assert state["state"] == "failed", state
+    delete(server, sb)

@@ -20,10 +20,11 @@ import pytest
 from tartarus.config import Settings
 from tartarus.host.doctor import DoctorReport
 from tartarus.images import TemplateStore
+from tartarus.node.store import SandboxRecord
 from tartarus.paths import default_cache_dir
 from tartarus.runtime.jail import JailRuntime
 from tartarus.runtime.selector import sandbox_state_dir
-from tartarus.runtime.types import Backend
+from tartarus.runtime.types import Backend, SandboxState
 from tests.support.server import Reply, Server, server_env, start_server
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -173,3 +174,14 @@ def reap_leftovers(agent_base: Path) -> list[str]:
     `agent_base` left behind when it was SIGKILLed."""
     settings = Settings(runtime_dir=agent_base / "run", state_dir=agent_base / "state")
     return anyio.run(JailRuntime(sandbox_state_dir(settings)).reap, set())
+
+
+def queued_record(sandbox_id: str) -> SandboxRecord:
+    """A record as a fleet's intake writes it: created, waiting for a node."""
+    return SandboxRecord(
+        id=sandbox_id,
+        template="base",
+        backend=Backend.JAIL,
+        state=SandboxState.CREATED,
+        created_at=time.time(),
+    )

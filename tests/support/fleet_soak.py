@@ -132,11 +132,18 @@ async def _attribute_node_loss(run: _Run) -> None:
     for sandbox_id, kinds in run.failures_of.items():
         info = await run.client.call("GET", f"/v1/sandboxes/{sandbox_id}", dict)
         if info.get("node") != node:
+            run.extra.setdefault("unexplained", []).append(
+                f"{sandbox_id} on {info.get('node')}: {info.get('state')} "
+                f"({info.get('detail')}): {kinds}"
+            )
             continue
         for kind in kinds:
             run.errors[kind] -= 1
             run.fault_errors.setdefault("agent-kill", Counter())[kind] += 1
     run.errors = +run.errors  # drops the zero counts
+    if elsewhere := run.extra.get("unexplained"):
+        # Failures on nodes the fault left alone are errors: say which and how they ended.
+        run.faults["agent-kill"]["failures_elsewhere"] = elsewhere[:20]
 
 
 async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
@@ -146,6 +153,7 @@ async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
         config = fleet_config(base / "config", heartbeat_ttl_s=3.0, placement_timeout_s=20.0)
         fleet = _Fleet(base, redis, config)
         clients: list[Client] = []
+        logs: list[str] = []
         try:
             for i in range(2):
                 fleet.apis.append(start_api(base / f"api{i}", redis.url, config=config))
@@ -168,6 +176,7 @@ async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
                 stop_process(agent)
             for api in fleet.apis:
                 stop_process(api)
+                logs.append(api.log())
             for node_id in NODES:
                 await anyio.to_thread.run_sync(reap_leftovers, base / node_id)
-    return report(run, seconds, checked, leaks(before, host_state(base), ours))
+    return report(run, seconds, checked, leaks(before, host_state(base), ours), logs)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -49,7 +50,13 @@ from tartarus.sdk.client import Client
 from tartarus.sdk.errors import ApiError, ServerUnreachableError, UnavailableError
 from tartarus.sdk.sandbox import Sandbox
 from tests.support.scratch_disk import make_ext4
-from tests.support.server import Server, processes_mentioning, server_env, start_server
+from tests.support.server import (
+    Server,
+    pid_running,
+    processes_mentioning,
+    server_env,
+    start_server,
+)
 
 T = TypeVar("T")
 
@@ -102,6 +109,8 @@ class SoakReport(msgspec.Struct, kw_only=True):
     faults: dict[str, dict[str, Any]]
     leaks: dict[str, list[str]]
     invariants: dict[str, Any]
+    # The servers' unhandled errors (their 500s), by the exception that ended each.
+    server_errors: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @dataclass
@@ -250,6 +259,7 @@ async def _sandbox_kill(run: _Run) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        await _dead(pids)
         try:
             result = await sb.commands.run("echo after", timeout=10)
             seen = f"exit {result.exit_code}"
@@ -258,6 +268,13 @@ async def _sandbox_kill(run: _Run) -> None:
         await run.timed("kill", sb.kill)
         outcomes[backend] = {"killed_pids": len(pids), "exec_after": seen}
     run.faults["sandbox-kill"] = outcomes
+
+
+async def _dead(pids: list[int], within_s: float = 5.0) -> None:
+    """Returns once every pid is gone or a zombie (killed, not yet reaped)."""
+    with anyio.move_on_after(within_s):
+        while any(pid_running(pid) for pid in pids):  # noqa: ASYNC110 - no event for another's death
+            await anyio.sleep(0.02)
 
 
 def _rss_mib(pid: int) -> float:
@@ -461,6 +478,32 @@ async def invariants(run: _Run, audit_logs: list[Path]) -> dict[str, Any]:
     }
 
 
+_RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def unhandled_errors(logs: list[str]) -> dict[str, int]:
+    """The exception that ended each `unhandled error` a server logged (the last line of
+    its traceback), counted: what a 500 was."""
+    out: Counter[str] = Counter()
+    for text in logs:
+        last: str | None = None
+        inside = False
+        for line in [*text.splitlines(), "0000-00-00 00:00:00 end"]:
+            if _RECORD_START.match(line):
+                if inside and last is not None:
+                    out[last[:200]] += 1
+                inside = "unhandled error in" in line
+                last = None
+            elif (
+                inside
+                and line
+                and not line[0].isspace()
+                and not line.startswith(("Traceback", "During handling", "The above exception"))
+            ):
+                last = line
+    return dict(out)
+
+
 def _step(samples: list[float]) -> Step:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -515,7 +558,11 @@ async def run_load(run: _Run, actions: dict[str, Action]) -> float:
 
 
 def report(
-    run: _Run, seconds: float, checked: dict[str, Any], left: dict[str, list[str]]
+    run: _Run,
+    seconds: float,
+    checked: dict[str, Any],
+    left: dict[str, list[str]],
+    logs: list[str],
 ) -> SoakReport:
     plan = run.plan
     return SoakReport(
@@ -536,6 +583,7 @@ def report(
         faults=run.faults,
         leaks=left,
         invariants=checked,
+        server_errors=unhandled_errors(logs),
     )
 
 
@@ -553,4 +601,5 @@ async def _soak(plan: SoakPlan, base: Path) -> SoakReport:
         run.server.stop()
     # After the server's graceful stop (it stops what it still runs): nothing it made
     # may be left.
-    return report(run, seconds, checked, leaks(before, host_state(base), {run.server.process.pid}))
+    left = leaks(before, host_state(base), {run.server.process.pid})
+    return report(run, seconds, checked, left, [run.server.log()])

@@ -5,10 +5,17 @@ Writes go through `update(id, change)`, a read-modify-write that is atomic (SQLi
 BEGIN IMMEDIATE; Redis: WATCH/MULTI, retried on a conflict), so a node's report and the
 reaper failing that node cannot overwrite each other. Changes are announced (`notify`;
 Redis pub/sub across servers) so a create waiting for its sandbox wakes at once.
+
+An idempotency key is claimed for one sandbox id under a lease that its create renews
+while it admits; inserting the record binds the key, in the same transaction, and only if
+the claim is still the create's. A server that dies between claiming and inserting
+leaves a claim whose lease runs out: a retry of the create takes it over (on Redis, from
+any server) instead of waiting for the key's day-long retention.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +25,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from tartarus.errors import UnavailableError
 from tartarus.node.store import ListFilter, SandboxRecord, Store
 from tartarus.queue.sqlite import immediate
 
@@ -25,13 +33,51 @@ Change = Callable[[SandboxRecord], SandboxRecord | None]
 
 # Idempotency keys and ended records are kept this long.
 RETENTION_S = 24 * 3600.0
+# A create holds its key's claim this long past its last renewal, and renews it this
+# often while it admits the sandbox.
+CLAIM_LEASE_S = 10.0
+CLAIM_RENEW_S = 3.0
+
+
+class KeyClaim(msgspec.Struct, array_like=True, frozen=True):
+    """Who holds an idempotency key: the create's fingerprint, its sandbox id, and until
+    when its claim holds (0 once the record is inserted: bound for good)."""
+
+    fingerprint: str
+    sandbox_id: str | None
+    lease_until: float = 0.0
+
+    @property
+    def bound(self) -> bool:
+        return self.lease_until == 0.0
+
+    def lapsed(self, now: float) -> bool:
+        return not self.bound and self.lease_until < now
+
+
+class _Keep:
+    """What a change of a claim returns to leave it as it is."""
+
+
+KEEP = _Keep()
+
+
+class ClaimLostError(UnavailableError):
+    """The create took longer than its claim's lease and a retry took the key over."""
+
+    slug = "idempotency-claim-lost"
+
+
 # A waiter looks at the record this often even without a notification (pub/sub is
 # at-most-once).
 RECHECK_S = 0.5
 
 
 class SandboxBook(Protocol):
-    async def insert(self, record: SandboxRecord) -> SandboxRecord: ...
+    async def insert(self, record: SandboxRecord, *, key: str | None = None) -> SandboxRecord:
+        """Inserts the record; with `key`, binds that idempotency key to it in the same
+        step, or raises ClaimLostError if the key is no longer claimed for it."""
+        ...
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None: ...
 
@@ -48,11 +94,22 @@ class SandboxBook(Protocol):
         """Live records placed on the node."""
         ...
 
-    async def claim_key(self, key: str, fingerprint: str) -> tuple[str, str | None] | None: ...
+    async def claim_key(
+        self, key: str, fingerprint: str, sandbox_id: str
+    ) -> tuple[bool, KeyClaim | None]:
+        """Claims `key` for the create of `sandbox_id`: (True, None) when it was free,
+        (True, earlier) when it took over the lapsed claim of a create that died, and
+        (False, earlier) when another create holds it or made its sandbox."""
+        ...
 
-    async def bind_key(self, key: str, sandbox_id: str) -> None: ...
+    async def renew_key(self, key: str, sandbox_id: str) -> None:
+        """Extends the claim's lease while its create still admits."""
+        ...
 
-    async def release_key(self, key: str) -> None: ...
+    async def release_key(self, key: str, sandbox_id: str) -> None:
+        """Drops the claim of a create that failed, if it is still that create's and not
+        bound."""
+        ...
 
     async def purge(self, before: float) -> int: ...
 
@@ -88,9 +145,20 @@ class SqliteBook:
     def __init__(self, path: Path) -> None:
         self._store = Store(path)
         self._waiters = Waiters()
+        # Keys whose create runs in this process, by key: the one API server's, so an
+        # unbound claim not here is one a dead process left.
+        self._creating: dict[str, str] = {}
 
-    async def insert(self, record: SandboxRecord) -> SandboxRecord:
-        inserted = self._store.insert(record)
+    async def insert(self, record: SandboxRecord, *, key: str | None = None) -> SandboxRecord:
+        if key is not None and self._creating.get(key) != record.id:
+            raise ClaimLostError(
+                f"the claim of idempotency key {key!r} was taken over", retry_after=1
+            )
+        with immediate(self._store._db):
+            inserted = self._store.insert(record)
+            if key is not None:
+                self._store.bind_key(key, record.id)
+                del self._creating[key]
         self._waiters.wake(record.id)
         return inserted
 
@@ -117,14 +185,30 @@ class SqliteBook:
     async def on_node(self, node_id: str) -> list[SandboxRecord]:
         return [r for r in self._store.live() if r.node == node_id]
 
-    async def claim_key(self, key: str, fingerprint: str) -> tuple[str, str | None] | None:
-        return self._store.claim_key(key, fingerprint)
+    async def claim_key(
+        self, key: str, fingerprint: str, sandbox_id: str
+    ) -> tuple[bool, KeyClaim | None]:
+        earlier = self._store.claim_key(key, fingerprint)
+        if earlier is None:
+            self._creating[key] = sandbox_id
+            return True, None
+        held = self._creating.get(key)
+        claim = KeyClaim(earlier[0], earlier[1] or held, 0.0 if earlier[1] else time.time())
+        if earlier[1] is None and held is None:
+            # Unbound and no create of ours holds it: the server that claimed it died.
+            self._store.release_key(key)
+            self._store.claim_key(key, fingerprint)
+            self._creating[key] = sandbox_id
+            return True, claim
+        return False, claim
 
-    async def bind_key(self, key: str, sandbox_id: str) -> None:
-        self._store.bind_key(key, sandbox_id)
+    async def renew_key(self, key: str, sandbox_id: str) -> None:
+        """A claim lives as long as this process holds it."""
 
-    async def release_key(self, key: str) -> None:
-        self._store.release_key(key)
+    async def release_key(self, key: str, sandbox_id: str) -> None:
+        if self._creating.get(key) == sandbox_id:
+            del self._creating[key]
+            self._store.release_key(key)
 
     async def purge(self, before: float) -> int:
         return self._store.purge_ended(before)
@@ -142,7 +226,7 @@ class SqliteBook:
 class RedisBook:
     """Keys: `sb:ID` (the record, JSON), `sb-seq` (counter), `sb-all` (sorted set of ids by
     seq: listing order and cursors), `sb-node:NODE` (live ids per node), `idem:KEY`
-    (fingerprint and sandbox id, expiring), channel `sb-changed` (ids)."""
+    (a KeyClaim, expiring), channel `sb-changed` (ids)."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "tartarus:") -> None:
         self._redis = client
@@ -155,14 +239,34 @@ class RedisBook:
     def _key(self, sandbox_id: str) -> str:
         return f"{self._p}sb:{sandbox_id}"
 
-    async def insert(self, record: SandboxRecord) -> SandboxRecord:
+    def _claim_name(self, key: str) -> str:
+        return f"{self._p}idem:{key}"
+
+    async def insert(self, record: SandboxRecord, *, key: str | None = None) -> SandboxRecord:
         record.seq = int(await self._redis.incr(f"{self._p}sb-seq"))
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(record.id), self._encoder.encode(record))
-            pipe.zadd(f"{self._p}sb-all", {record.id: record.seq})
-            pipe.publish(self.channel, record.id)
-            await pipe.execute()
-        return record
+            while True:
+                try:
+                    if key is not None:
+                        name = self._claim_name(key)
+                        await pipe.watch(name)
+                        claim = _decode_claim(await pipe.get(name))
+                        if claim is None or claim.bound or claim.sandbox_id != record.id:
+                            await pipe.unwatch()  # type: ignore[no-untyped-call]
+                            raise ClaimLostError(
+                                f"the claim of idempotency key {key!r} was taken over",
+                                retry_after=1,
+                            )
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        bound = KeyClaim(claim.fingerprint, record.id, 0.0)
+                        pipe.set(name, self._encoder.encode(bound), ex=int(RETENTION_S))
+                    pipe.set(self._key(record.id), self._encoder.encode(record))
+                    pipe.zadd(f"{self._p}sb-all", {record.id: record.seq})
+                    pipe.publish(self.channel, record.id)
+                    await pipe.execute()
+                except WatchError:
+                    continue
+                return record
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None:
         raw = await self._redis.get(self._key(sandbox_id))
@@ -234,33 +338,61 @@ class RedisBook:
         records = await self._records(sorted(_text(i) for i in ids))
         return [r for r in records if r.live and r.node == node_id]
 
-    async def claim_key(self, key: str, fingerprint: str) -> tuple[str, str | None] | None:
-        name = f"{self._p}idem:{key}"
-        claimed = await self._redis.set(
-            name, self._encoder.encode([fingerprint, None]), nx=True, ex=int(RETENTION_S)
+    async def _on_claim(
+        self, key: str, change: Callable[[KeyClaim | None], KeyClaim | _Keep | None]
+    ) -> KeyClaim | None:
+        """Applies `change` to the key's claim atomically (WATCH/MULTI, again after a
+        conflict): it returns the new claim, None to delete it, or KEEP to leave it.
+        Returns the claim as it was."""
+        name = self._claim_name(key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(name)
+                    claim = _decode_claim(await pipe.get(name))
+                    new = change(claim)
+                    if isinstance(new, _Keep):
+                        await pipe.unwatch()  # type: ignore[no-untyped-call]
+                        return claim
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if new is None:
+                        pipe.delete(name)
+                    else:
+                        pipe.set(name, self._encoder.encode(new), ex=int(RETENTION_S))
+                    await pipe.execute()
+                except WatchError:
+                    continue
+                return claim
+
+    async def claim_key(
+        self, key: str, fingerprint: str, sandbox_id: str
+    ) -> tuple[bool, KeyClaim | None]:
+        now = time.time()
+        mine = KeyClaim(fingerprint, sandbox_id, now + CLAIM_LEASE_S)
+        earlier = await self._on_claim(
+            key, lambda c: KEEP if c is not None and not c.lapsed(now) else mine
         )
-        if claimed:
-            return None
-        raw = await self._redis.get(name)
-        if raw is None:  # expired in between: claim again
-            return await self.claim_key(key, fingerprint)
-        earlier, sandbox_id = msgspec.json.decode(raw, type=tuple[str, str | None])
-        return earlier, sandbox_id
+        return earlier is None or earlier.lapsed(now), earlier
 
-    async def bind_key(self, key: str, sandbox_id: str) -> None:
-        name = f"{self._p}idem:{key}"
-        raw = await self._redis.get(name)
-        if raw is not None:
-            fingerprint, _ = msgspec.json.decode(raw, type=tuple[str, str | None])
-            await self._redis.set(
-                name, self._encoder.encode([fingerprint, sandbox_id]), ex=int(RETENTION_S)
-            )
+    async def _change_claim(
+        self, key: str, sandbox_id: str, change: Callable[[KeyClaim], KeyClaim | None]
+    ) -> None:
+        """Replaces (or, for None, deletes) the claim if it is still the unbound claim
+        of `sandbox_id`'s create."""
+        await self._on_claim(
+            key,
+            lambda c: KEEP if c is None or c.bound or c.sandbox_id != sandbox_id else change(c),
+        )
 
-    async def release_key(self, key: str) -> None:
-        name = f"{self._p}idem:{key}"
-        raw = await self._redis.get(name)
-        if raw is not None and msgspec.json.decode(raw, type=tuple[str, str | None])[1] is None:
-            await self._redis.delete(name)
+    async def renew_key(self, key: str, sandbox_id: str) -> None:
+        await self._change_claim(
+            key,
+            sandbox_id,
+            lambda c: msgspec.structs.replace(c, lease_until=time.time() + CLAIM_LEASE_S),
+        )
+
+    async def release_key(self, key: str, sandbox_id: str) -> None:
+        await self._change_claim(key, sandbox_id, lambda c: None)
 
     async def purge(self, before: float) -> int:
         ids = await self._redis.zrange(f"{self._p}sb-all", 0, -1)
@@ -294,6 +426,14 @@ class RedisBook:
 
     async def close(self) -> None:
         """The client is shared and closed by its owner."""
+
+
+_claims = msgspec.json.Decoder(KeyClaim)
+
+
+def _decode_claim(raw: bytes | str | None) -> KeyClaim | None:
+    # Keys claimed before leases were `[fingerprint, sandbox id]`: bound (lease 0).
+    return None if raw is None else _claims.decode(raw)
 
 
 def _text(value: object) -> str:

@@ -20,6 +20,7 @@ from tartarus.errors import (
     OverloadedError,
     UnavailableError,
 )
+from tartarus.fleet.book import CLAIM_RENEW_S, KeyClaim
 from tartarus.fleet.error_stream import ErrorStream
 from tartarus.fleet.metrics import FleetMetrics
 from tartarus.fleet.part import FleetPart
@@ -60,43 +61,66 @@ class Intake(FleetPart):
     ) -> tuple[SandboxRecord, bool]:
         """Admits, records and queues the sandbox, then waits for its node to start it;
         idempotency keys are per tenant, as on one host."""
-        book = self.state.book
-        if key is not None:
-            key = f"{caller.tenant}/{key}"
-            claimed = await book.claim_key(key, fingerprint(request))
-            if claimed is not None:
-                return await self._replay(key, request, *claimed), True
         sandbox_id = new_sandbox_id()
+        if key is None:
+            record = await self._admit_and_enqueue(request, caller, sandbox_id, None)
+            return await self._wait_started(record.id), False
+        key = f"{caller.tenant}/{key}"
+        book = self.state.book
+        won, earlier = await book.claim_key(key, fingerprint(request), sandbox_id)
+        if not won:
+            assert earlier is not None
+            return await self._replay(key, request, earlier), True
+        if earlier is not None and earlier.sandbox_id is not None:
+            # Taken over from a create whose server died before recording its sandbox:
+            # the share it held for it goes back now rather than at the next settling.
+            await self.state.quota.release(caller.tenant, earlier.sandbox_id)
         try:
-            # The Judges (policy rules, template defaults, audit) decide here; the quota
-            # share is held fleet-wide under the sandbox's id until its record ends.
-            admitted = await self.admission.admit(
-                caller, request, self.template_defaults(request), hold_as=sandbox_id
-            )
-            admitted.release()  # a local hold, if any: the shared one counts
-            try:
-                record = await self._enqueue(admitted.request, caller, sandbox_id, admitted.egress)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self.state.quota.release(caller.tenant, sandbox_id)
-                raise
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._renew_claim, key, sandbox_id)
+                record = await self._admit_and_enqueue(request, caller, sandbox_id, key)
+                tg.cancel_scope.cancel()
         except BaseException:
-            if key is not None:
-                with anyio.CancelScope(shield=True):
-                    await book.release_key(key)
+            with anyio.CancelScope(shield=True):
+                await book.release_key(key, sandbox_id)
             raise
-        if key is not None:
-            await book.bind_key(key, record.id)
         return await self._wait_started(record.id), False
 
-    async def _replay(
-        self, key: str, request: CreateSandboxRequest, earlier: str, sandbox_id: str | None
+    async def _renew_claim(self, key: str, sandbox_id: str) -> None:
+        while True:
+            await anyio.sleep(CLAIM_RENEW_S)
+            await self.state.book.renew_key(key, sandbox_id)
+
+    async def _admit_and_enqueue(
+        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str, key: str | None
     ) -> SandboxRecord:
-        if earlier != fingerprint(request):
+        # The Judges (policy rules, template defaults, audit) decide here; the quota
+        # share is held fleet-wide under the sandbox's id until its record ends.
+        admitted = await self.admission.admit(
+            caller, request, self.template_defaults(request), hold_as=sandbox_id
+        )
+        admitted.release()  # a local hold, if any: the shared one counts
+        try:
+            return await self._enqueue(admitted.request, caller, sandbox_id, admitted.egress, key)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.state.quota.release(caller.tenant, sandbox_id)
+            raise
+
+    async def _replay(
+        self, key: str, request: CreateSandboxRequest, earlier: KeyClaim
+    ) -> SandboxRecord:
+        if earlier.fingerprint != fingerprint(request):
             raise InvalidRequestError(key_reused_detail(key), slug="idempotency-key-reused")
-        record = None if sandbox_id is None else await self.state.book.get(sandbox_id)
-        if record is None or record.state is SandboxState.CREATED:
+        record = None
+        if earlier.bound and earlier.sandbox_id is not None:
+            record = await self.state.book.get(earlier.sandbox_id)
+        if record is None:
             raise key_in_flight(key)
+        if record.state is SandboxState.CREATED:
+            # Recorded and queued: the retry waits for it as the first request did (that
+            # request's server may be gone).
+            return await self._wait_started(record.id)
         return record
 
     async def _quarantined(self, request: CreateSandboxRequest, tenant: str) -> bool:
@@ -112,6 +136,7 @@ class Intake(FleetPart):
         caller: Principal,
         sandbox_id: str,
         egress: list[str],
+        key: str | None,
     ) -> SandboxRecord:
         tenant = caller.tenant
         registry = self.state.registry
@@ -138,7 +163,8 @@ class Intake(FleetPart):
                 tenant=tenant,
                 owner=caller.subject,
                 secrets=request.secrets,
-            )
+            ),
+            key=key,
         )
         job = Job(
             sandbox_id=record.id,

@@ -144,12 +144,14 @@ class ReportingStore(CountingStore):
 
     def insert(self, record: SandboxRecord) -> SandboxRecord:
         record.node = self.node_id
+        record.revision += 1
         inserted = super().insert(record)
         self.outbox.record(inserted)
         return inserted
 
     def save(self, record: SandboxRecord) -> None:
         record.node = self.node_id
+        record.revision += 1
         super().save(record)
         self.outbox.record(record)
         if record.state is SandboxState.STOPPED and record.detail == "timed out":

@@ -2,8 +2,9 @@
 
 A node that stops heart-beating (or leaves) is reaped: work still in its inbox goes back
 to the lanes (up to `max_reschedules` times), its running sandboxes fail with the
-reason, and the reason goes to the error stream (Cocytus). Errors, events and ended
-records past retention are purged.
+reason, and the reason goes to the error stream (Cocytus). A sandbox recorded but
+never queued (its API server died in between) fails once no placement could still be
+pending for it. Errors, events and ended records past retention are purged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tartarus.fleet.records import Records, ended
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import FleetState
 from tartarus.fleet.wire import Job
+from tartarus.node.store import ListFilter
 from tartarus.queue import QueueFullError
 from tartarus.runtime.types import SandboxState
 
@@ -109,6 +111,36 @@ class Reaper:
                 job.sandbox_id, lambda r: ended(r, SandboxState.FAILED, detail)
             )
             await self.errors.error(ErrorCategory.QUEUE, str(e), sandbox_id=job.sandbox_id)
+
+    async def fail_stranded(self, grace_s: float = 60.0) -> int:
+        """Fails sandboxes still waiting for a node past every deadline their job could
+        have had (each reschedule gives it a new one): their job was lost, so nothing
+        will ever place them, and their quota share goes back. Returns how many."""
+        s = self.settings
+        cutoff = time.time() - s.placement_timeout_s * (s.max_reschedules + 1) - grace_s
+        failed = 0
+        after = 0
+        waiting = ListFilter(states=(SandboxState.CREATED,))
+        reason = "never placed: its job was lost (the API server that took it died)"
+        while True:
+            page, more = await self.state.book.page(waiting, after_seq=after, limit=200)
+            for record in page:
+                if record.node or record.created_at >= cutoff:
+                    continue
+                done = await self.records.update(
+                    record.id,
+                    lambda r: (
+                        ended(r, SandboxState.FAILED, reason)
+                        if r.state is SandboxState.CREATED and not r.node
+                        else None
+                    ),
+                )
+                if done is not None and done.state is SandboxState.FAILED:
+                    failed += 1
+                    await self.errors.error(ErrorCategory.SCHEDULING, reason, sandbox_id=record.id)
+            if more is None:
+                return failed
+            after = more
 
     async def purge(self) -> None:
         cutoff = time.time() - self.settings.retention_s

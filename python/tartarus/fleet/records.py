@@ -24,6 +24,7 @@ def node_owned(record: SandboxRecord, reported: SandboxRecord) -> SandboxRecord:
     backend, deadline and detail; the fleet keeps identity, placement and order)."""
     return msgspec.structs.replace(
         record,
+        revision=reported.revision,
         state=reported.state,
         backend=reported.backend,
         backend_reason=reported.backend_reason,
@@ -31,6 +32,12 @@ def node_owned(record: SandboxRecord, reported: SandboxRecord) -> SandboxRecord:
         expires_at=reported.expires_at,
         ended_at=reported.ended_at,
     )
+
+
+def newer(record: SandboxRecord, reported: SandboxRecord) -> bool:
+    """Whether the node's report is newer than what the fleet applied (a report retried
+    through an outage may land after a later one)."""
+    return reported.revision == 0 or reported.revision > record.revision
 
 
 def ended(record: SandboxRecord, state: SandboxState, detail: str) -> SandboxRecord:

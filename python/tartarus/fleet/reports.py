@@ -10,7 +10,7 @@ from tartarus.enforcement.records import EnforcementEvent, ErrorCategory
 from tartarus.enforcement.violations import escalate, violation
 from tartarus.fleet.error_stream import ErrorStream
 from tartarus.fleet.metrics import FleetMetrics
-from tartarus.fleet.records import Records, node_owned
+from tartarus.fleet.records import Records, newer, node_owned
 from tartarus.fleet.state import FleetState
 from tartarus.fleet.wire import NodeReport, WorkDone
 from tartarus.node.store import SandboxRecord
@@ -28,10 +28,15 @@ class Reports:
 
     async def apply(self, node_id: str, reported: SandboxRecord) -> SandboxRecord | None:
         """Takes a node's view of one of its sandboxes; ignored unless the fleet placed it
-        there and still thinks it is live (a node cut off and declared lost is fenced)."""
+        there and still thinks it is live (a node cut off and declared lost is fenced),
+        and unless it is newer than the view the fleet has."""
         stored = await self.records.update(
             reported.id,
-            lambda r: node_owned(r, reported) if r.node == node_id and r.live else None,
+            lambda r: (
+                node_owned(r, reported)
+                if r.node == node_id and r.live and newer(r, reported)
+                else None
+            ),
         )
         if stored is not None and not stored.live:
             await self.state.registry.release(stored.id)

@@ -10,6 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from tartarus.enforcement.log import RedisLog, SqliteLog
 from tartarus.enforcement.records import EnforcementEvent, ErrorRecord
@@ -23,6 +26,17 @@ from tartarus.scheduling.registry import Registry, SqliteRegistry
 from tartarus.scheduling.registry_redis import RedisRegistry
 
 LANES_QUEUE = "lanes"
+
+# A command that meets a dropped connection (Redis restarted: every pooled connection
+# is dead) reconnects and is sent again, for up to about three seconds; a transaction
+# watching keys is not resent (its loop starts again). Longer outages are a 503.
+_RETRY = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 8)
+_RETRIED = [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The shared state cannot be reached now (Redis down, restarting or loading)."""
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
 
 
 def inbox_name(node_id: str) -> str:
@@ -76,7 +90,9 @@ async def open_state(
 ) -> AsyncIterator[FleetState]:
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss", "unix"):
-        client = aioredis.Redis.from_url(url, health_check_interval=10)
+        client = aioredis.Redis.from_url(
+            url, health_check_interval=10, retry=_RETRY, retry_on_error=_RETRIED
+        )
         state = FleetState(
             kind="redis",
             lanes=RedisQueue(client, LANES_QUEUE, lanes),

@@ -491,6 +491,13 @@ class SandboxManager:
         if live is not None and not live.closing:
             if live.record.state is SandboxState.PAUSED:
                 raise SandboxNotRunningError(paused_detail(sandbox_id))
+            if live.sandbox.lost:
+                # Its host process died (a killed jail supervisor or runsc): what is
+                # left inside may still answer, unsupervised, until the watcher ends it.
+                raise SandboxNotRunningError(
+                    f"sandbox {sandbox_id} stopped by itself (its host process is gone); "
+                    "its record ends as failed"
+                )
             return live
         record = self.record(sandbox_id)
         if record.state is SandboxState.PAUSED:

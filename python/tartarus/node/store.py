@@ -94,6 +94,10 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     # The template's working directory, where commands run unless they say otherwise
     # (kept so a server that re-attaches to the sandbox after a restart knows it).
     workdir: str = "/"
+    # A node agent's store counts every change it makes and reports: its reports and
+    # its answers to work travel apart and are retried, so the fleet ignores one older
+    # than what it applied (0: a node that does not count, applied as it comes).
+    revision: int = 0
     seq: int = 0
 
     @property

@@ -29,6 +29,7 @@ from tartarus.errors import (
     UpstreamUnreachableError,
     is_disk_full,
 )
+from tartarus.fleet.state import is_outage
 from tartarus.images.errors import ImageError, TemplateNotFoundError
 from tartarus.policy.audit_log import AuditError
 from tartarus.runtime.base import (
@@ -199,7 +200,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _host_problem(exc: BaseException) -> ApiError | None:
-    """The host cannot do it now (a full disk, the audit log): 503, try again later."""
+    """The host cannot do it now (a full disk, the audit log, the fleet's Redis): 503,
+    try again later."""
     retry = {"Retry-After": str(DISK_FULL_RETRY_S)}
     chain = _causes(exc)
     if (full := next((e for e in chain if is_disk_full(e)), None)) is not None:
@@ -208,6 +210,10 @@ def _host_problem(exc: BaseException) -> ApiError | None:
     if any(isinstance(e, AuditError) for e in chain):
         # Nothing is recorded without the audit log, and nothing is done unrecorded.
         return ApiError(503, "audit-unavailable", str(exc), headers=retry)
+    if (outage := next((e for e in chain if is_outage(e)), None)) is not None:
+        # The fleet's shared state (Redis) is restarting or unreachable.
+        detail = f"the fleet's shared state cannot be reached; try again shortly ({outage})"
+        return ApiError(503, "state-unavailable", detail, headers={"Retry-After": "1"})
     return None
 
 
