@@ -5,14 +5,15 @@ loaded. Throughput, p50/p99 per step, errors by kind, what was lost and what lea
     python -m benches.bench_soak                      # 2000 sandboxes, 32 clients
     python -m benches.bench_soak --sandboxes 200 --concurrency 8
     python -m benches.bench_soak --fleet --sandboxes 300 --concurrency 16
+    python -m benches.bench_soak --minutes 30 --concurrency 32   # the 30-minute run
 
-`--fleet`: a durable Redis, two API servers and three node agents on this host (jails),
-with kill -9 of Redis, of an API server and of a node agent (tests/support/fleet_soak.py);
-writes benches/results/soak-fleet.json.
+`--fleet`: a durable Redis, two API servers and three node agents on this host (the jail
+and gVisor), with kill -9 of Redis, of an API server and of a node agent
+(tests/support/fleet_soak.py); writes benches/results/soak-fleet.json.
 
-Root only. Writes benches/results/soak.json. The peer is the same run without faults
-(`--no-faults`), which the ratio compares throughput with when both are asked for
-(`--with-peer`).
+Root only. Writes benches/results/soak.json (soak-30min.json for `--minutes 30`). The
+peer is the same run without faults (`--no-faults`), which the ratio compares
+throughput with when both are asked for (`--with-peer`).
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ def _without_faults(plan: SoakPlan) -> SoakPlan:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sandboxes", type=int, default=2000)
+    parser.add_argument(
+        "--minutes", type=float, default=0.0, help="run this long instead (faults spread over it)"
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--with-peer", action="store_true", help="also run without faults")
     parser.add_argument("--fleet", action="store_true", help="on a fleet of this host's own")
     args = parser.parse_args()
     doctor = run_doctor(load_settings())
-    # A fleet's agents offer the jail.
-    wanted = ("jail",) if args.fleet else ("jail", "gvisor")
+    wanted = ("jail", "gvisor")
     backends = tuple(b for b in wanted if doctor.backend(b).available)
     if not backends:
         raise SystemExit(f"{' nor '.join(wanted)} cannot run here (tartarus doctor)")
@@ -63,11 +66,13 @@ def main() -> None:
         faults=faults,
         max_sandboxes=args.concurrency * 2,
         networked_every=0 if args.fleet else 4,
+        minutes=args.minutes,
     )
     report = _run(plan, fleet=args.fleet)
     result: dict[str, Any] = {"run": msgspec.to_builtins(report)}
     print(
-        f"{plan.sandboxes} sandboxes at {plan.concurrency} clients on {', '.join(backends)}: "
+        f"{report.plan['sandboxes']} sandboxes at {plan.concurrency} clients on "
+        f"{', '.join(backends)} in {report.seconds:.0f} s: "
         f"{report.sandboxes_per_s}/s; errors {report.errors or 'none'}; lost "
         f"{len(report.lost)}; leaks {sum(len(v) for v in report.leaks.values())}"
     )
@@ -81,7 +86,8 @@ def main() -> None:
         ratio = round(report.sandboxes_per_s / peer.sandboxes_per_s, 3)
         result["throughput_ratio_faults_to_none"] = ratio
         print(f"throughput with faults / without: {ratio}")
-    path = write_result("soak-fleet" if args.fleet else "soak", result)
+    name = "soak-fleet" if args.fleet else "soak"
+    path = write_result(name + (f"-{args.minutes:g}min" if args.minutes else ""), result)
     print(f"wrote {path}")
 
 

@@ -65,12 +65,13 @@ def test_a_fleet_soak_through_killed_servers_agents_and_redis_loses_nothing(
     doctor_report: DoctorReport,
 ) -> None:
     require_root()
-    if not doctor_report.backend("jail").available:
-        pytest.skip("the jail cannot run here (doctor), and the fleet's agents run jails")
+    backends = tuple(b for b in ("jail", "gvisor") if doctor_report.backend(b).available)
+    if not backends:
+        pytest.skip("neither the jail nor gvisor can run here (doctor)")
     plan = SoakPlan(
         sandboxes=150,
         concurrency=12,
-        backends=("jail",),
+        backends=backends,
         faults=FLEET_FAULTS,
         max_sandboxes=24,
         networked_every=0,

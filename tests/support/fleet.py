@@ -94,9 +94,10 @@ def start_agent(
     prefix: tuple[str, ...] = (),
     config: Path | None = None,
     credentials: Sequence[str] = ("--token", TOKEN),
+    backends: Sequence[str] = ("jail",),
 ) -> Server:
     """Starts `tartarus agent`; `credentials`: how it authenticates (the fleet's token,
-    or `--ca/--cert/--key`)."""
+    or `--ca/--cert/--key`); `backends`: what it offers."""
     env = server_env(base, PYTHONPATH=str(REPO))
     if config is not None:
         env["TARTARUS_CONFIG"] = str(config)
@@ -106,7 +107,7 @@ def start_agent(
         anyio.run(build_base_template, Path(env["TARTARUS_STATE_DIR"]))
     args = [a for url in join for a in ("--join", url)]
     args += [*credentials, "--node-id", node_id, "--drain-timeout", "1"]
-    args += ["--backend", "jail"]
+    args += [a for b in backends for a in ("--backend", b)]
     return start_server(
         base,
         *args,

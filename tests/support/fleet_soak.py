@@ -1,7 +1,7 @@
 """The soak and chaos run on a fleet (tests/support/soak.py's load): a durable Redis
 (appendonly, appendfsync always: what docs/fleet.md asks of operators), two API servers
-over it and three node agents running jails, clients taking turns between the API
-servers. Faults, each once while loaded:
+over it and three node agents running jails and gVisor sandboxes, clients taking turns
+between the API servers. Faults, each once while loaded:
 
 - `api-kill`: kill -9 of an API server, started again on its address and state;
 - `agent-kill`: kill -9 of a node agent: its sandboxes end with it (the fleet marks them
@@ -55,8 +55,11 @@ VICTIM = "node-c"
 
 
 class _Fleet:
-    def __init__(self, base: Path, redis: RedisServer, config: Path) -> None:
+    def __init__(
+        self, base: Path, redis: RedisServer, config: Path, backends: tuple[str, ...]
+    ) -> None:
         self.base = base
+        self.backends = backends
         self.redis = redis
         self.config = config
         self.apis: list[Server] = []
@@ -67,7 +70,13 @@ class _Fleet:
 
     def start_agent(self, node_id: str) -> None:
         self.agents[node_id] = start_agent(
-            self.base / node_id, self.urls(), node_id, "--cpus", "16", config=self.config
+            self.base / node_id,
+            self.urls(),
+            node_id,
+            "--cpus",
+            "16",
+            config=self.config,
+            backends=self.backends,
         )
 
     def pids(self) -> set[int]:
@@ -104,7 +113,7 @@ async def _agent_kill(run: _Run) -> None:
     agent.process.kill()
     agent.process.wait()
     run.extra["lost_node"] = VICTIM
-    # Its jails went with it (an agent's sandboxes end with it); what it left on the
+    # Its sandboxes went with it (an agent's sandboxes end with it); what it left on the
     # host is reaped when it starts again, after the fleet has seen it gone.
     await anyio.sleep(5)
     await anyio.to_thread.run_sync(fleet.start_agent, VICTIM)
@@ -151,7 +160,7 @@ async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
     before = host_state(base)
     with redis_server(base / "redis", durable=True) as redis:
         config = fleet_config(base / "config", heartbeat_ttl_s=3.0, placement_timeout_s=20.0)
-        fleet = _Fleet(base, redis, config)
+        fleet = _Fleet(base, redis, config, plan.backends)
         clients: list[Client] = []
         logs: list[str] = []
         try:

@@ -86,6 +86,9 @@ class SoakPlan:
     state_mib: int = 512
     # Every n-th sandbox gets a network (0: none).
     networked_every: int = 4
+    # When set, the load runs this long (as many sandboxes as it takes), the faults
+    # spread over the time; `sandboxes` is then ignored.
+    minutes: float = 0.0
 
 
 class Step(msgspec.Struct):
@@ -133,6 +136,8 @@ class _Run:
     # What a variant of the run keeps for its faults (the fleet's processes).
     extra: dict[str, Any] = field(default_factory=dict)
     done: int = 0
+    # Sandboxes the load started (all of `plan.sandboxes`, or as many as its minutes took).
+    started: int = 0
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -341,13 +346,14 @@ Action = Callable[["_Run"], Awaitable[None]]
 async def _inject(run: _Run, actions: dict[str, Action]) -> None:
     """Each fault once, spread over the run."""
     plan = run.plan
-    marks = {
-        fault: plan.sandboxes * (k + 1) // (len(plan.faults) + 1)
-        for k, fault in enumerate(plan.faults)
-    }
-    for fault, mark in marks.items():
-        while run.done < mark:  # noqa: ASYNC110 - a count, not an event
-            await anyio.sleep(0.05)
+    started = anyio.current_time()
+    for k, fault in enumerate(plan.faults):
+        share = (k + 1) / (len(plan.faults) + 1)
+        if plan.minutes:
+            await anyio.sleep_until(started + plan.minutes * 60 * share)
+        else:
+            while run.done < int(plan.sandboxes * share):  # noqa: ASYNC110 - a count
+                await anyio.sleep(0.05)
         await actions[fault](run)
 
 
@@ -545,15 +551,25 @@ async def run_load(run: _Run, actions: dict[str, Action]) -> float:
         await run.client.call("PUT", "/v1/policies/global", json={"document": policy})
     started = time.monotonic()
     limit = anyio.Semaphore(plan.concurrency)
+    until = started + plan.minutes * 60
 
     async def worker(index: int) -> None:
-        async with limit:
+        try:
             await _one(run, index)
+        finally:
+            limit.release()
+
+    def more(index: int) -> bool:
+        return time.monotonic() < until if plan.minutes else index < plan.sandboxes
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(_inject, run, actions)
-        for index in range(plan.sandboxes):
+        index = 0
+        while more(index):
+            await limit.acquire()
             tg.start_soon(worker, index)
+            index += 1
+    run.started = index
     return time.monotonic() - started
 
 
@@ -567,14 +583,15 @@ def report(
     plan = run.plan
     return SoakReport(
         plan={
-            "sandboxes": plan.sandboxes,
+            "sandboxes": run.started,
+            "minutes": plan.minutes,
             "concurrency": plan.concurrency,
             "backends": list(plan.backends),
             "faults": list(plan.faults),
             "max_sandboxes": plan.max_sandboxes,
         },
         seconds=round(seconds, 2),
-        sandboxes_per_s=round(plan.sandboxes / seconds, 2),
+        sandboxes_per_s=round(run.started / seconds, 2),
         steps={name: _step(samples) for name, samples in sorted(run.timings.items())},
         errors=dict(run.errors),
         fault_errors={fault: dict(kinds) for fault, kinds in run.fault_errors.items()},
