@@ -54,6 +54,12 @@ def test_two_api_servers_never_admit_past_the_quota(tmp_path: Path) -> None:
             assert db.hlen(HOLDS) == QUOTA
             refused = call(apis[1], "POST", "/v1/sandboxes", SANDBOX)
             assert refused.status == 429 and "minos" in refused.json()["detail"]
+            # With an idempotency key as well (the SDK's creates carry one), and the key
+            # is free again for a create that fits later.
+            keyed = {"Idempotency-Key": "over-quota"}
+            for _ in range(2):
+                refused = call(apis[0], "POST", "/v1/sandboxes", SANDBOX, headers=keyed)
+                assert refused.status == 429 and "minos" in refused.json()["detail"]
 
             # Deleted while queued: its share is back at once, for either server.
             queued = call(apis[0], "GET", "/v1/sandboxes?state=created").json()["items"]

@@ -128,9 +128,17 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 
-def call(server: Server, method: str, path: str, payload: Any = None, **kw: Any) -> Reply:
+def call(
+    server: Server,
+    method: str,
+    path: str,
+    payload: Any = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **kw: Any,
+) -> Reply:
     body = None if payload is None else json.dumps(payload)
-    return server.raw(method, path, body, auth(), tcp=True, **kw)
+    return server.raw(method, path, body, {**auth(), **(headers or {})}, tcp=True, **kw)
 
 
 def wait_for(

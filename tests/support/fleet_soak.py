@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import redis.asyncio as aioredis
 
 from tartarus.endpoint import Endpoint
+from tartarus.fleet.book import decode_claim
 from tartarus.sdk.client import Client
 from tests.support.fleet import (
     TOKEN,
@@ -45,6 +47,7 @@ from tests.support.soak import (
     invariants,
     leaks,
     report,
+    row_leaks,
     run_load,
 )
 
@@ -155,6 +158,40 @@ async def _attribute_node_loss(run: _Run) -> None:
         run.faults["agent-kill"]["failures_elsewhere"] = elsewhere[:20]
 
 
+async def redis_leaks(url: str, prefix: str = "tartarus:") -> list[str]:
+    """What a finished run must not leave in the fleet's Redis: node reservations,
+    quota holds, live-on-node index entries, idempotency claims never bound, messages
+    waiting or in flight in a lane or inbox (the dead letters are kept on purpose)."""
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    out: list[str] = []
+    try:
+        async for key in client.scan_iter(match=f"{prefix}*"):
+            name = key.removeprefix(prefix)
+            if name == "res" or name.endswith(":res") or name.startswith("quota:"):
+                out += [f"{key}: {field!r}" for field in await client.hkeys(key)]
+            elif name.startswith("sb-node:"):
+                out += [f"{key}: {member!r}" for member in await client.smembers(key)]
+            elif name.startswith("idem:"):
+                claim = decode_claim(await client.get(key))
+                if claim is not None and not claim.bound:
+                    out.append(f"{key}: claimed for {claim.sandbox_id}, never bound")
+            elif name.startswith("{q:") and not name.endswith(":dead"):
+                waiting = await client.xlen(key)
+                out += [f"{key}: {waiting} messages"] if waiting else []
+    finally:
+        await client.aclose()
+    return sorted(out)
+
+
+async def _settled_redis_leaks(url: str, within_s: float = 15.0) -> list[str]:
+    """Redis leaks once the nodes' last reports are in (a reservation goes when the
+    node reports its sandbox stopped), or what is still there after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while (left := await redis_leaks(url)) and time.monotonic() < deadline:  # noqa: ASYNC110 - another process's state
+        await anyio.sleep(0.5)
+    return left
+
+
 async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
     """One run on a fleet of its own under `base`; everything is stopped after."""
     before = host_state(base)
@@ -177,6 +214,7 @@ async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
             checked: dict[str, Any] = await invariants(
                 run, [api.state_dir / "audit.db" for api in fleet.apis]
             )
+            in_redis = await _settled_redis_leaks(redis.url)
         finally:
             for client in clients:
                 await client.close()
@@ -188,4 +226,7 @@ async def fleet_soak(plan: SoakPlan, base: Path) -> SoakReport:
                 logs.append(api.log())
             for node_id in NODES:
                 await anyio.to_thread.run_sync(reap_leftovers, base / node_id)
-    return report(run, seconds, checked, leaks(before, host_state(base), ours), logs)
+    left = leaks(before, host_state(base), ours)
+    left["redis keys"] = in_redis
+    left["database rows"] = row_leaks([fleet.agents[n].state_dir / "server.db" for n in NODES])
+    return report(run, seconds, checked, left, logs)

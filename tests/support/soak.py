@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import time
@@ -418,6 +419,26 @@ def leaks(
     return out
 
 
+def row_leaks(databases: list[Path]) -> list[str]:
+    """Rows a finished run must not leave in a server's (or node agent's) store: a
+    record in a live state, an idempotency key claimed and never bound."""
+    out: list[str] = []
+    for path in databases:
+        if not path.exists():
+            continue
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            live = db.execute(
+                "SELECT id, state FROM sandboxes WHERE state IN ('created', 'running', 'paused')"
+            ).fetchall()
+            unbound = db.execute("SELECT key FROM idempotency WHERE sandbox_id IS NULL").fetchall()
+        finally:
+            db.close()
+        out += [f"{path}: sandbox {sandbox_id} {state}" for sandbox_id, state in live]
+        out += [f"{path}: idempotency key {key} never bound" for (key,) in unbound]
+    return out
+
+
 async def invariants(run: _Run, audit_logs: list[Path]) -> dict[str, Any]:
     live = await run.client.call(
         "GET",
@@ -619,4 +640,5 @@ async def _soak(plan: SoakPlan, base: Path) -> SoakReport:
     # After the server's graceful stop (it stops what it still runs): nothing it made
     # may be left.
     left = leaks(before, host_state(base), {run.server.process.pid})
+    left["database rows"] = row_leaks([run.server.state_dir / "server.db"])
     return report(run, seconds, checked, left, [run.server.log()])

@@ -250,7 +250,11 @@ class RedisBook:
                     if key is not None:
                         name = self._claim_name(key)
                         await pipe.watch(name)
-                        claim = _decode_claim(await pipe.get(name))
+                        claim = decode_claim(await pipe.get(name))
+                        if claim is not None and claim.bound and claim.sandbox_id == record.id:
+                            # Our own EXEC went through and its reply was lost.
+                            await pipe.unwatch()  # type: ignore[no-untyped-call]
+                            return record
                         if claim is None or claim.bound or claim.sandbox_id != record.id:
                             await pipe.unwatch()  # type: ignore[no-untyped-call]
                             raise ClaimLostError(
@@ -349,7 +353,7 @@ class RedisBook:
             while True:
                 try:
                     await pipe.watch(name)
-                    claim = _decode_claim(await pipe.get(name))
+                    claim = decode_claim(await pipe.get(name))
                     new = change(claim)
                     if isinstance(new, _Keep):
                         await pipe.unwatch()  # type: ignore[no-untyped-call]
@@ -367,12 +371,23 @@ class RedisBook:
     async def claim_key(
         self, key: str, fingerprint: str, sandbox_id: str
     ) -> tuple[bool, KeyClaim | None]:
-        now = time.time()
+        now = await self._now()
         mine = KeyClaim(fingerprint, sandbox_id, now + CLAIM_LEASE_S)
-        earlier = await self._on_claim(
-            key, lambda c: KEEP if c is not None and not c.lapsed(now) else mine
-        )
+
+        def claim(c: KeyClaim | None) -> KeyClaim | _Keep:
+            if c is not None and c.sandbox_id == sandbox_id:
+                return KEEP  # ours already (a resent EXEC whose reply was lost)
+            return KEEP if c is not None and not c.lapsed(now) else mine
+
+        earlier = await self._on_claim(key, claim)
+        if earlier is not None and earlier.sandbox_id == sandbox_id:
+            return True, None
         return earlier is None or earlier.lapsed(now), earlier
+
+    async def _now(self) -> float:
+        """Redis's clock: leases compare times written by different API servers."""
+        seconds, micros = await self._redis.time()
+        return float(seconds) + micros / 1e6
 
     async def _change_claim(
         self, key: str, sandbox_id: str, change: Callable[[KeyClaim], KeyClaim | None]
@@ -385,10 +400,9 @@ class RedisBook:
         )
 
     async def renew_key(self, key: str, sandbox_id: str) -> None:
+        until = await self._now() + CLAIM_LEASE_S
         await self._change_claim(
-            key,
-            sandbox_id,
-            lambda c: msgspec.structs.replace(c, lease_until=time.time() + CLAIM_LEASE_S),
+            key, sandbox_id, lambda c: msgspec.structs.replace(c, lease_until=until)
         )
 
     async def release_key(self, key: str, sandbox_id: str) -> None:
@@ -431,9 +445,15 @@ class RedisBook:
 _claims = msgspec.json.Decoder(KeyClaim)
 
 
-def _decode_claim(raw: bytes | str | None) -> KeyClaim | None:
-    # Keys claimed before leases were `[fingerprint, sandbox id]`: bound (lease 0).
-    return None if raw is None else _claims.decode(raw)
+def decode_claim(raw: bytes | str | None) -> KeyClaim | None:
+    """Keys claimed before leases were `[fingerprint, sandbox id or null]`: bound (lease
+    0) when they have a sandbox, else a claim whose server is long gone (lapsed)."""
+    if raw is None:
+        return None
+    claim = _claims.decode(raw)
+    if claim.sandbox_id is None and claim.bound:
+        return msgspec.structs.replace(claim, lease_until=1.0)
+    return claim
 
 
 def _text(value: object) -> str:

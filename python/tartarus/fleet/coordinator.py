@@ -73,7 +73,7 @@ class Coordinator:
             tg.start_soon(self._every, self.settings.heartbeat_ttl_s / 2, self.reaper.reap)
             tg.start_soon(self._every, 60.0, self.reaper.purge)
             tg.start_soon(self._every, 30.0, self.records.settle_quota)
-            tg.start_soon(self._every, 30.0, self.reaper.fail_stranded)
+            tg.start_soon(self._every, 60.0, self.reaper.fail_stranded)
             tg.start_soon(self._every, 2.0, self.metrics.refresh)
             if isinstance(self.state.book, RedisBook):
                 tg.start_soon(self._forever, self._listen)

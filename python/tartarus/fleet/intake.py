@@ -4,6 +4,7 @@ a full lane is a 429), and the request waits until a node reports it running."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ from tartarus.scheduling.heat import classify, default_lane, hottest
 from tartarus.scheduling.nodes import PlacementRules
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger(__name__)
 
 
 class Intake(FleetPart):
@@ -71,25 +73,43 @@ class Intake(FleetPart):
         if not won:
             assert earlier is not None
             return await self._replay(key, request, earlier), True
-        if earlier is not None and earlier.sandbox_id is not None:
-            # Taken over from a create whose server died before recording its sandbox:
-            # the share it held for it goes back now rather than at the next settling.
-            await self.state.quota.release(caller.tenant, earlier.sandbox_id)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._renew_claim, key, sandbox_id)
-                record = await self._admit_and_enqueue(request, caller, sandbox_id, key)
-                tg.cancel_scope.cancel()
+            if earlier is not None and earlier.sandbox_id is not None:
+                # Taken over from a create whose server died before recording its
+                # sandbox: the share it held goes back now, not at the next settling.
+                await self.state.quota.release(caller.tenant, earlier.sandbox_id)
+            record = await self._admit_holding_claim(request, caller, sandbox_id, key)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await book.release_key(key, sandbox_id)
             raise
         return await self._wait_started(record.id), False
 
+    async def _admit_holding_claim(
+        self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str, key: str
+    ) -> SandboxRecord:
+        outcome: SandboxRecord | Exception
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._renew_claim, key, sandbox_id)
+            try:
+                outcome = await self._admit_and_enqueue(request, caller, sandbox_id, key)
+            except Exception as e:
+                # Raised outside the task group, which would wrap it in a group.
+                outcome = e
+            tg.cancel_scope.cancel()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
     async def _renew_claim(self, key: str, sandbox_id: str) -> None:
+        """Keeps the claim while the create admits; a renewal that fails is logged (the
+        claim may then lapse, and the insert say so)."""
         while True:
             await anyio.sleep(CLAIM_RENEW_S)
-            await self.state.book.renew_key(key, sandbox_id)
+            try:
+                await self.state.book.renew_key(key, sandbox_id)
+            except Exception as e:
+                log.warning("renewing the claim of idempotency key %r failed: %s", key, e)
 
     async def _admit_and_enqueue(
         self, request: CreateSandboxRequest, caller: Principal, sandbox_id: str, key: str | None
@@ -147,6 +167,7 @@ class Intake(FleetPart):
         heat = classify(request.resources.to_runtime(), hottest(histories))
         rules = request.placement or PlacementRules()
         lane = Lane(rules.lane) if rules.lane else default_lane(heat)
+        place_by = time.time() + self.settings.placement_timeout_s
         record = await self.state.book.insert(
             SandboxRecord(
                 id=sandbox_id,
@@ -163,6 +184,7 @@ class Intake(FleetPart):
                 tenant=tenant,
                 owner=caller.subject,
                 secrets=request.secrets,
+                place_by=place_by,
             ),
             key=key,
         )
@@ -175,7 +197,7 @@ class Intake(FleetPart):
             owner=caller.subject,
             quarantined=await self._quarantined(request, tenant),
             egress=egress,
-            place_by=time.time() + self.settings.placement_timeout_s,
+            place_by=place_by,
         )
         try:
             await self.state.lanes.put(_encode(job), lane)
@@ -184,6 +206,14 @@ class Intake(FleetPart):
             await self.records.update(record.id, lambda r: ended(r, SandboxState.FAILED, refused))
             await self.errors.error(ErrorCategory.QUEUE, str(e), sandbox_id=record.id)
             raise OverloadedError(str(e), slug="queue-full", retry_after=1) from e
+        except BaseException as e:
+            # Never queued (Redis went away, say): nothing would ever place it.
+            failed = f"could not be queued: {e}"
+            with anyio.CancelScope(shield=True):
+                await self.records.update(
+                    record.id, lambda r: ended(r, SandboxState.FAILED, failed) if r.live else None
+                )
+            raise
         self.metrics.enqueued.labels(lane.value).inc()
         return record
 

@@ -94,17 +94,22 @@ class Placer(FleetPart):
                     extended = anyio.current_time()
                 await anyio.sleep(0.2)
         self.metrics.decisions.observe(time.perf_counter() - started)
+        # Placed once: a second copy of the job (a put resent after its reply was lost)
+        # finds it placed and is dropped. The new node counts its reports from 1.
         placed = await self.records.update(
             job.sandbox_id,
             lambda r: (
                 msgspec.structs.replace(
-                    r, node=node_id, detail=f"placed on node {node_id} ({job.heat.value})"
+                    r,
+                    node=node_id,
+                    revision=0,
+                    detail=f"placed on node {node_id} ({job.heat.value})",
                 )
-                if r.state is SandboxState.CREATED
+                if r.state is SandboxState.CREATED and not r.node
                 else None
             ),
         )
-        if placed is None or placed.state is not SandboxState.CREATED:
+        if placed is None or placed.state is not SandboxState.CREATED or placed.node != node_id:
             await registry.release(job.sandbox_id)
             await self.state.lanes.ack(message)
             return

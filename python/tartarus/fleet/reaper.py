@@ -20,7 +20,7 @@ from tartarus.fleet.records import Records, ended
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import FleetState
 from tartarus.fleet.wire import Job
-from tartarus.node.store import ListFilter
+from tartarus.node.store import ListFilter, SandboxRecord
 from tartarus.queue import QueueFullError
 from tartarus.runtime.types import SandboxState
 
@@ -95,6 +95,8 @@ class Reaper:
                 msgspec.structs.replace(
                     r,
                     node="",
+                    revision=0,
+                    place_by=again.place_by,
                     detail=f"rescheduled ({reason}); queued in the {job.lane.value} lane",
                 )
                 if r.state is SandboxState.CREATED
@@ -113,29 +115,30 @@ class Reaper:
             await self.errors.error(ErrorCategory.QUEUE, str(e), sandbox_id=job.sandbox_id)
 
     async def fail_stranded(self, grace_s: float = 60.0) -> int:
-        """Fails sandboxes still waiting for a node past every deadline their job could
-        have had (each reschedule gives it a new one): their job was lost, so nothing
-        will ever place them, and their quota share goes back. Returns how many."""
-        s = self.settings
-        cutoff = time.time() - s.placement_timeout_s * (s.max_reschedules + 1) - grace_s
+        """Fails sandboxes still waiting for a node `grace_s` past their job's placement
+        deadline (each reschedule sets a new one): their job was lost (its API server
+        died between recording and queueing it) or waited in a lane past its deadline,
+        which placement would fail it for anyway; the quota share goes back. Returns
+        how many this server failed."""
+        cutoff = time.time() - grace_s
         failed = 0
         after = 0
         waiting = ListFilter(states=(SandboxState.CREATED,))
-        reason = "never placed: its job was lost (the API server that took it died)"
+        reason = "not placed by its deadline: its job was lost or waited too long"
         while True:
             page, more = await self.state.book.page(waiting, after_seq=after, limit=200)
             for record in page:
-                if record.node or record.created_at >= cutoff:
+                if record.node or not record.place_by or record.place_by >= cutoff:
                     continue
-                done = await self.records.update(
-                    record.id,
-                    lambda r: (
-                        ended(r, SandboxState.FAILED, reason)
-                        if r.state is SandboxState.CREATED and not r.node
-                        else None
-                    ),
-                )
-                if done is not None and done.state is SandboxState.FAILED:
+                ours = False
+
+                def fail(r: SandboxRecord) -> SandboxRecord | None:
+                    nonlocal ours
+                    ours = r.state is SandboxState.CREATED and not r.node
+                    return ended(r, SandboxState.FAILED, reason) if ours else None
+
+                await self.records.update(record.id, fail)
+                if ours:  # another server's sweep may have failed it first
                     failed += 1
                     await self.errors.error(ErrorCategory.SCHEDULING, reason, sandbox_id=record.id)
             if more is None:

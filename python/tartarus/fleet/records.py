@@ -24,7 +24,7 @@ def node_owned(record: SandboxRecord, reported: SandboxRecord) -> SandboxRecord:
     backend, deadline and detail; the fleet keeps identity, placement and order)."""
     return msgspec.structs.replace(
         record,
-        revision=reported.revision,
+        revision=max(record.revision, reported.revision),
         state=reported.state,
         backend=reported.backend,
         backend_reason=reported.backend_reason,

@@ -98,6 +98,9 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     # its answers to work travel apart and are retried, so the fleet ignores one older
     # than what it applied (0: a node that does not count, applied as it comes).
     revision: int = 0
+    # A fleet's sandbox waiting for a node: when its current job's placement deadline
+    # passes (each reschedule sets a new one; 0 where there is none).
+    place_by: float = 0.0
     seq: int = 0
 
     @property
