@@ -103,6 +103,8 @@ def _path(op: Operation, world: World, tenant: str, *, missing: bool = False) ->
             value = "index.html"
         elif param == "template":  # shared by every tenant
             value = "base"
+        elif param == "context":  # a code context
+            value = "default"
         else:
             pytest.fail(f"{op.operation_id}: the matrix does not know path parameter {param}")
         path = path.replace("{" + param + "}", value)

@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from tartarus import Sandbox
+from tartarus.node.code_contexts import MAX_CONTEXTS
 from tartarus.runtime.types import FileKind, SandboxState
 from tartarus.sdk.client import Client
 from tartarus.sdk.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -292,6 +293,25 @@ async def test_run_code_needs_python(sb: Sandbox) -> None:
     r = await sb.run_code("1 + 1")
     assert r.error is not None
     assert "python3 is not in this sandbox's template" in r.error.value
+    js = await sb.run_code("1 + 1", language="javascript")
+    assert js.error is not None
+    assert "node is not in this sandbox's template" in js.error.value
+
+
+async def test_run_code_in_the_shell_keeps_its_state(sb: Sandbox) -> None:
+    # The base template has busybox's sh: the shell kernel runs there without bash.
+    await sb.run_code("x=41; cd /tmp", language="bash")
+    r = await sb.run_code("echo $((x + 1)); pwd; printf end", language="bash")
+    assert (r.logs.stdout, r.error) == (["42\n", "/tmp\n", "end"], None)
+    failed = await sb.run_code("ls /nope", language="bash")
+    assert failed.error is not None and failed.error.value == "exit status 1"
+    assert failed.logs.stderr
+    ctx = await sb.create_code_context(language="bash")
+    assert (await sb.run_code("echo ${x:-unset}", context=ctx)).logs.stdout == ["unset\n"]
+    with pytest.raises(InvalidRequestError, match="runs bash, not python"):
+        await sb.run_code("1", context=ctx, language="python")
+    languages = {c.id: c.language for c in await sb.list_code_contexts()}
+    assert {"default-bash": "bash", ctx.id: "bash"}.items() <= languages.items()
 
 
 @pytest.mark.timeout(900)  # the first sandbox of the python template builds it
@@ -324,6 +344,59 @@ async def test_run_code_is_a_stateful_interpreter(server: Server, backend: str) 
         assert "interrupted" in slow.error.value
         # The interrupt stopped the cell, not the interpreter: x is still there.
         assert (await sb.run_code("x")).results[0].text == "21"
+
+
+@pytest.mark.timeout(900)
+async def test_code_contexts_keep_their_state_apart(server: Server, backend: str) -> None:
+    async with Sandbox.create("python", backend=backend, url=server.url) as sb:
+        assert sb.sandbox_id == sb.id
+        ctx = await sb.create_code_context(cwd="/tmp")
+        other = await sb.create_code_context()
+        assert (ctx.language, ctx.cwd) == ("python", "/tmp")
+        await sb.run_code("n = 0", context=ctx)
+        for _ in range(100):
+            await sb.run_code("n += 1", context=ctx)
+        counted = await sb.run_code("print('n is', n)\nn", context=ctx)
+        assert (counted.text, counted.logs.stdout) == ("100", ["n is 100\n"])
+        assert counted.execution_count == 102
+        # Not in the other context, nor in the default one; each has its own cwd.
+        for elsewhere in (other.id, None):
+            missing = await sb.run_code("n", context=elsewhere)
+            assert missing.error is not None and missing.error.name == "NameError"
+        assert (await sb.run_code("import os; os.getcwd()", context=ctx)).text == "'/tmp'"
+        listed = {c.id for c in await sb.list_code_contexts()}
+        assert listed == {ctx.id, other.id, "default"}
+        # A long cell is interrupted at its timeout; the context keeps its state.
+        slow = await sb.run_code("import time\ntime.sleep(60)", context=ctx, timeout=1)
+        assert slow.error is not None and slow.error.name == "TimeoutError"
+        assert (await sb.run_code("n", context=ctx)).text == "100"
+        # A restart forgets; a removed context is gone.
+        await sb.restart_code_context(ctx)
+        assert (await sb.run_code("'n' in globals()", context=ctx)).text == "False"
+        await sb.remove_code_context(other)
+        with pytest.raises(NotFoundError, match="code context"):
+            await sb.run_code("1", context=other)
+        with pytest.raises(NotFoundError, match="code context"):
+            await sb.remove_code_context("ctx-000000000000")
+        with pytest.raises(InvalidRequestError, match="context"):
+            await sb.run_code("1", context="not-a-context")
+        made = [await sb.create_code_context() for _ in range(MAX_CONTEXTS - 2)]
+        with pytest.raises(ConflictError, match="remove one first"):
+            await sb.create_code_context()
+        await sb.remove_code_context(made[0])
+
+
+@pytest.mark.timeout(900)
+def test_the_sync_sdk_has_code_contexts_too(server: Server, backend: str) -> None:
+    with SyncSandbox.create("python", backend=backend, url=server.url, timeout=120) as sb:
+        assert sb.sandbox_id == sb.id
+        ctx = sb.create_code_context()
+        sb.run_code("x = 'mine'", context=ctx)
+        assert sb.run_code("x", context=ctx).text == "'mine'"
+        assert sb.run_code("'x' in globals()").text == "False"
+        assert ctx.id in {c.id for c in sb.list_code_contexts()}
+        assert sb.restart_code_context(ctx).id == ctx.id
+        sb.remove_code_context(ctx)
 
 
 @pytest.mark.timeout(900)

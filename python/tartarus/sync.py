@@ -22,7 +22,9 @@ from tartarus.api.sandbox import Backend, FileInfo, OnTimeout, SandboxState
 from tartarus.api.snapshots import SnapshotEntry
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
+    CodeContextInfo,
     CodeExecution,
+    CodeLanguage,
     FileWritten,
     LogPage,
     SandboxInfo,
@@ -247,6 +249,8 @@ class Sandbox:
         self._portal = portal
         self._sb = sb
         self.id = sb.id
+        # The name E2B's SDK uses.
+        self.sandbox_id = sb.id
         self.commands = Commands(portal, sb)
         self.files = Files(portal, sb)
         self.pty = Pty(portal, sb)
@@ -372,8 +376,32 @@ class Sandbox:
         """See `tartarus.sdk.Sandbox.get_host`."""
         return self._portal.call(self._sb.get_host, port)
 
-    def run_code(self, code: str, *, timeout: float | None = None) -> CodeExecution:
-        return self._portal.call(self._sb.run_code, code, timeout=timeout)
+    def run_code(
+        self,
+        code: str,
+        *,
+        language: CodeLanguage | None = None,
+        context: CodeContextInfo | str | None = None,
+        timeout: float | None = None,
+    ) -> CodeExecution:
+        """See `tartarus.Sandbox.run_code`."""
+        return self._portal.call(
+            self._sb.run_code, code, language=language, context=context, timeout=timeout
+        )
+
+    def create_code_context(
+        self, *, cwd: str | None = None, language: CodeLanguage = "python"
+    ) -> CodeContextInfo:
+        return self._portal.call(self._sb.create_code_context, cwd=cwd, language=language)
+
+    def list_code_contexts(self) -> builtins.list[CodeContextInfo]:
+        return self._portal.call(self._sb.list_code_contexts)
+
+    def restart_code_context(self, context: CodeContextInfo | str) -> CodeContextInfo:
+        return self._portal.call(self._sb.restart_code_context, context)
+
+    def remove_code_context(self, context: CodeContextInfo | str) -> None:
+        self._portal.call(self._sb.remove_code_context, context)
 
     def logs(self, *, since: int = 0, limit: int = 1000) -> LogPage:
         return self._portal.call(self._sb.logs, since=since, limit=limit)

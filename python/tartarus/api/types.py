@@ -379,10 +379,41 @@ class LogPage(_Response, kw_only=True):
 # --- code interpreter ----------------------------------------------------------------
 
 
+CodeLanguage = Literal["python", "javascript", "bash"]
+CodeContextId = Annotated[
+    str,
+    Meta(
+        pattern=r"^(default(-javascript|-bash)?|ctx-[0-9a-f]{12})$",
+        examples=["ctx-0123456789ab"],
+    ),
+]
+
+
 class RunCodeBody(_Request, kw_only=True):
     code: Annotated[str, Meta(max_length=1 << 20)]
-    language: Literal["python"] = "python"
+    # The language's default context, unless `context` names one (of that language).
+    language: CodeLanguage | None = None
+    context: CodeContextId | None = None
     timeout_s: ExecTimeoutSeconds | None = None
+
+
+class CreateCodeContextBody(_Request, kw_only=True):
+    language: CodeLanguage = "python"
+    # Where its cells run (the template's working directory if not given).
+    cwd: SandboxPath | None = None
+
+
+class CodeContextInfo(_Response, kw_only=True):
+    """An interpreter of its own in the sandbox: its variables, imports and working
+    directory are not shared with other contexts."""
+
+    id: str
+    language: str
+    cwd: str
+
+
+class CodeContextList(_Response, kw_only=True):
+    items: list[CodeContextInfo]
 
 
 class RichResult(_Response, kw_only=True):
@@ -406,6 +437,13 @@ class CodeError(_Response, kw_only=True):
     traceback: str
 
 
+class CodeLogs(msgspec.Struct, frozen=True):
+    """What a cell printed, line by line (`execution.logs.stdout`, as E2B's SDK has it)."""
+
+    stdout: list[str]
+    stderr: list[str]
+
+
 class CodeExecution(_Response, kw_only=True):
     results: list[RichResult]
     # What the cell printed, line by line (each line keeps its newline).
@@ -413,6 +451,16 @@ class CodeExecution(_Response, kw_only=True):
     stderr: list[str]
     error: CodeError | None = None
     execution_count: int
+
+    @property
+    def text(self) -> str | None:
+        """The text of the cell's main result (its last expression's value), if any."""
+        main = next((r for r in self.results if r.is_main_result), None)
+        return None if main is None else main.text
+
+    @property
+    def logs(self) -> CodeLogs:
+        return CodeLogs(stdout=self.stdout, stderr=self.stderr)
 
 
 # --- templates and snapshots ---------------------------------------------------------

@@ -1,17 +1,20 @@
-"""Drives the per-sandbox code interpreter (`kernel_main.py`) for `sb.run_code`.
+"""Drives a code context's interpreter for `sb.run_code`: `kernel_main.py` (python3),
+`kernel_main.js` (node) or `kernel_main.sh` (bash, else sh).
 
-The interpreter is a background `python3` process in the sandbox, started on the
-first cell and kept for the sandbox's life so variables persist. Cells run one at a
-time. A cell that outlives its timeout gets SIGINT (a KeyboardInterrupt in the cell);
-if the interpreter does not answer, it is killed and the next cell starts a fresh one.
+The interpreter is a background process in the sandbox, started on the context's first
+cell and kept for the sandbox's life so variables persist. Cells run one at a time. A
+cell that outlives its timeout gets SIGINT (an error in the cell); if the interpreter
+does not answer, it is killed and the next cell starts a fresh one.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,54 @@ from tartarus.api.types import CodeError, CodeExecution, RichResult
 from tartarus.runtime.base import Execution, Sandbox, SandboxError
 from tartarus.runtime.types import ExecRequest, OutputChunk
 
-KERNEL_SOURCE = (Path(__file__).parent / "kernel_main.py").read_text()
+_HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class Language:
+    """How to start a language's interpreter and hand it a cell."""
+
+    name: str
+    # What must be on the template's PATH.
+    interpreter: str
+    argv: Callable[[str], list[str]]  # the nonce → the command
+    encode: Callable[[str], bytes]  # a cell → its request line (without the newline)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _json_request(code: str) -> bytes:
+    return msgspec.json.encode({"code": code})
+
+
+_PYTHON = (_HERE / "kernel_main.py").read_text()
+_NODE = (_HERE / "kernel_main.js").read_text()
+_SHELL = (_HERE / "kernel_main.sh").read_text()
+# bash where the template has it, else its sh; the kernel's source rides in the env.
+_SHELL_START = (
+    'if command -v bash >/dev/null 2>&1; then exec bash -c "$TT_KERNEL" kernel "$1"; '
+    'else exec sh -c "$TT_KERNEL" kernel "$1"; fi'
+)
+
+LANGUAGES: dict[str, Language] = {
+    "python": Language(
+        "python",
+        "python3",
+        lambda nonce: ["python3", "-u", "-c", _PYTHON, nonce],
+        _json_request,
+        {"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
+    ),
+    "javascript": Language(
+        "javascript", "node", lambda nonce: ["node", "-e", _NODE, nonce], _json_request
+    ),
+    "bash": Language(
+        "bash",
+        "sh",
+        lambda nonce: ["sh", "-c", _SHELL_START, "kernel", nonce],
+        # Never an empty line (an empty cell is still a cell).
+        lambda code: b"c" + base64.b64encode(code.encode()),
+        {"TT_KERNEL": _SHELL},
+    ),
+}
 DEFAULT_CELL_TIMEOUT_S = 300.0
 INTERRUPT_GRACE_S = 5.0
 # A cell's answer is bounded: past this much output the rest is dropped.
@@ -57,8 +107,10 @@ _events = msgspec.json.Decoder(KernelEvent)
 
 
 class CodeKernel:
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, cwd: str | None = None, language: str = "python") -> None:
         self._sandbox = sandbox
+        self._cwd = cwd
+        self._language = LANGUAGES[language]
         self._lock = anyio.Lock()
         self._execution: Execution | None = None
         self._stream: AsyncIterator[Any] | None = None
@@ -71,8 +123,9 @@ class CodeKernel:
         self._mark = b"\x1e" + nonce.encode() + b" "
         self._execution = await self._sandbox.exec(
             ExecRequest(
-                argv=["python3", "-u", "-c", KERNEL_SOURCE, nonce],
-                env={"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"},
+                argv=self._language.argv(nonce),
+                env=self._language.env,
+                cwd=self._cwd,
                 stdin=True,
                 background=True,
             )
@@ -100,7 +153,7 @@ class CodeKernel:
                 )
                 return answer.result()
             assert self._execution is not None
-            await self._execution.write_stdin(msgspec.json.encode({"code": code}) + b"\n")
+            await self._execution.write_stdin(self._language.encode(code) + b"\n")
             watchdog = _Watchdog()
             try:
                 async with anyio.create_task_group() as tg:
@@ -156,11 +209,15 @@ class CodeKernel:
             self._pending += event.data
             while b"\n" in self._pending:
                 line, self._pending = self._pending.split(b"\n", 1)
-                if line.startswith(self._mark):
-                    if answer.apply(_events.decode(line[len(self._mark) :])):
-                        return
-                else:
+                # An event may follow output that did not end its line (`printf hi`).
+                at = line.find(self._mark)
+                if at < 0:
                     answer.add_stdout(line.decode(errors="replace") + "\n")
+                    continue
+                if at:
+                    answer.add_stdout(line[:at].decode(errors="replace"))
+                if answer.apply(_events.decode(line[at + len(self._mark) :])):
+                    return
 
     def _gone_message(self, cause: int | SandboxError | None) -> str:
         tail = self._stderr_tail.decode(errors="replace").strip()
@@ -168,7 +225,11 @@ class CodeKernel:
         if isinstance(cause, SandboxError):
             tail = str(cause)
         if code == 127 or "not found" in tail or "No such file" in tail:
-            return "python3 is not in this sandbox's template; use a template with Python"
+            need = self._language.interpreter
+            return (
+                f"{need} is not in this sandbox's template; use a template with it "
+                f"to run {self._language.name}"
+            )
         return f"the interpreter exited (code {code})" + (f": {tail}" if tail else "")
 
 

@@ -25,7 +25,11 @@ from tartarus.api.placement import PlacementRules
 from tartarus.api.sandbox import Backend, OnTimeout, SandboxState, TrustLevel
 from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, SnapshotSandboxBody
 from tartarus.api.types import (
+    CodeContextInfo,
+    CodeContextList,
     CodeExecution,
+    CodeLanguage,
+    CreateCodeContextBody,
     CreateSandboxRequest,
     LogEvent,
     LogPage,
@@ -108,6 +112,11 @@ class Sandbox:
         self.commands = Commands(client, info.id)
         self.files = Files(client, info.id)
         self.pty = Pty(client, info.id)
+
+    @property
+    def sandbox_id(self) -> str:
+        """The sandbox's id (`id`; the name E2B's SDK uses)."""
+        return self.id
 
     def __repr__(self) -> str:
         return (
@@ -316,16 +325,56 @@ class Sandbox:
         if self._owns_client:
             await self._client.close()
 
-    async def run_code(self, code: str, *, timeout: float | None = None) -> CodeExecution:
-        """Runs Python in the sandbox's interpreter, which keeps its variables between
-        calls like a notebook kernel; returns rich results (text, HTML, images), the
-        output, and the error if the code raised."""
+    async def run_code(
+        self,
+        code: str,
+        *,
+        language: CodeLanguage | None = None,
+        context: CodeContextInfo | str | None = None,
+        timeout: float | None = None,
+    ) -> CodeExecution:
+        """Runs a cell in one of the sandbox's interpreters, which keeps its variables
+        between calls like a notebook kernel: `context` (one made with
+        `create_code_context`, or its id), else `language`'s default one ("python",
+        "javascript" with node, "bash" with bash or sh). Returns rich
+        results (text, HTML, images), the output, and the error if the code raised; a
+        cell past `timeout` is interrupted and the context keeps its state."""
+        context_id = context.id if isinstance(context, CodeContextInfo) else context
         return await self._client.call(
             "POST",
             f"/v1/sandboxes/{self.id}/code",
             CodeExecution,
-            json=RunCodeBody(code=code, timeout_s=timeout),
+            json=RunCodeBody(code=code, language=language, context=context_id, timeout_s=timeout),
         )
+
+    async def create_code_context(
+        self, *, cwd: str | None = None, language: CodeLanguage = "python"
+    ) -> CodeContextInfo:
+        """An interpreter of its own: its variables, imports and working directory are
+        not shared with the sandbox's other contexts."""
+        return await self._client.call(
+            "POST",
+            f"/v1/sandboxes/{self.id}/code/contexts",
+            CodeContextInfo,
+            json=CreateCodeContextBody(language=language, cwd=cwd),
+        )
+
+    async def list_code_contexts(self) -> builtins.list[CodeContextInfo]:
+        page = await self._client.call(
+            "GET", f"/v1/sandboxes/{self.id}/code/contexts", CodeContextList
+        )
+        return page.items
+
+    async def restart_code_context(self, context: CodeContextInfo | str) -> CodeContextInfo:
+        """A fresh interpreter for the context (its state is gone)."""
+        context_id = context.id if isinstance(context, CodeContextInfo) else context
+        return await self._client.call(
+            "POST", f"/v1/sandboxes/{self.id}/code/contexts/{context_id}/restart", CodeContextInfo
+        )
+
+    async def remove_code_context(self, context: CodeContextInfo | str) -> None:
+        context_id = context.id if isinstance(context, CodeContextInfo) else context
+        await self._client.call("DELETE", f"/v1/sandboxes/{self.id}/code/contexts/{context_id}")
 
     async def logs(self, *, since: int = 0, limit: int = 1000) -> LogPage:
         return await self._client.call(

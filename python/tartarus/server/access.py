@@ -63,9 +63,9 @@ class Owner:
 # Path parameters that name a resource, and how to find its owner. A route with a path
 # parameter that is neither here nor in SUBORDINATE fails the startup check.
 OWNERS: dict[str, Owner] = {}
-# Parameters that only name something inside another resource (a process or a port of
-# a sandbox, a path on its server).
-SUBORDINATE: set[str] = {"pid", "port", "path"}
+# Parameters that only name something inside another resource (a process, a port or a
+# code context of a sandbox, a path on its server).
+SUBORDINATE: set[str] = {"pid", "port", "path", "context"}
 
 
 def register_owner(param: str, lookup: OwnerLookup, what: Callable[[str], str]) -> None:

@@ -12,6 +12,7 @@ from tartarus import __version__
 from tartarus.api.security import KeyId, PolicyName
 from tartarus.api.types import (
     PROBLEM_MEDIA,
+    CodeContextId,
     Pid,
     Port,
     Problem,
@@ -33,6 +34,7 @@ PATH_PARAMS: dict[str, Any] = {
     "key_id": KeyId,
     "policy": PolicyName,
     "port": Port,
+    "context": CodeContextId,
     # The rest of a proxied URL's path (it may hold slashes).
     "path": str,
 }
