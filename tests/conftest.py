@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -16,6 +17,7 @@ import pytest
 
 from tartarus.config import load_settings
 from tartarus.host.doctor import DoctorReport, run_doctor
+from tests.support.redis_server import RedisServer, redis_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +85,10 @@ def base_rootfs() -> Path:
         return (await TemplateStore().resolve("base", ext4=False)).rootfs
 
     return anyio.run(resolve)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the module's tests (each keeps to its own keys)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server

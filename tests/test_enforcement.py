@@ -4,7 +4,7 @@ Megaera's escalation, and the event/error logs on SQLite and Redis."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -35,7 +35,7 @@ from tartarus.node.store import Store
 from tartarus.paths import default_cache_dir
 from tartarus.runtime.types import Backend, ExecRequest, SandboxState
 from tests.support.fleet import HOG, require_jail
-from tests.support.redis_server import RedisServer, redis_server
+from tests.support.redis_server import RedisServer
 from tests.support.server import short_dir
 
 pytestmark = pytest.mark.anyio
@@ -237,12 +237,6 @@ def test_violations_stored_under_the_old_value_still_count() -> None:
     events = msgspec.json.decode(old, type=list[EnforcementEvent])
     escalation = escalate(events, "mallory")
     assert escalation is not None and escalation.fury is Fury.POLICY_VIOLATION
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])

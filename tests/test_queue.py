@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from tartarus.queue import LANES, Lane, QueueFullError, QueueSettings, WorkQueue
 from tartarus.queue.redis_streams import RedisQueue
 from tartarus.queue.sqlite import SqliteQueue
-from tests.support.redis_server import RedisServer, redis_server
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -23,12 +23,6 @@ QueueFactory = Callable[[QueueSettings], WorkQueue]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tartarus.queue import LANES, Lane, QueueSettings, WorkQueue
 from tartarus.queue.redis_streams import RedisQueue
 from tartarus.queue.sqlite import SqliteQueue
-from tests.support.redis_server import RedisServer, redis_server
+from tests.support.redis_server import RedisServer
 
 # Longer than any run: a message comes back only when the test says so (hypothesis needs
 # every step to be deterministic, so nothing may expire at a moment the load decides).
@@ -178,12 +177,6 @@ RUN = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.mark.timeout(240)

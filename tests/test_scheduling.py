@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -32,7 +32,7 @@ from tartarus.scheduling.nodes import (
 from tartarus.scheduling.registry import Registry, SqliteRegistry
 from tartarus.scheduling.registry_redis import RedisRegistry
 from tartarus.scheduling.scheduler import NoNodeFitsError, Strategy, schedule
-from tests.support.redis_server import RedisServer, redis_server
+from tests.support.redis_server import RedisServer
 
 
 def node(
@@ -230,12 +230,6 @@ def test_placing_greedily_never_overcommits(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 # Long enough that a loaded CI machine does not miss a heartbeat between two sleeps.

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from tartarus.host.doctor import DoctorReport
+from tartarus.host.procfs import process_alive
 from tests.support.server import (
     Server,
-    pid_running,
     processes_mentioning,
     require_backend,
     running_server,
@@ -380,7 +380,7 @@ def test_a_sandbox_whose_host_process_is_killed_refuses_work_and_fails(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while any(pid_running(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     r = server.json("POST", f"/v1/sandboxes/{sb}/exec", {"cmd": ["echo", "after"]})
     assert r.status == 409, r.body

@@ -247,15 +247,6 @@ def require_backend() -> str:
     pytest.skip("no usable sandbox backend: " + "; ".join(reasons))
 
 
-def pid_running(pid: int) -> bool:
-    """The process is there and not a zombie (killed, not yet reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
     """Live processes whose command line contains `text` (e.g. a test's private dir):
     what a leaked sandbox would look like."""

@@ -45,6 +45,7 @@ import msgspec
 from tartarus import _core
 from tartarus.api.types import SandboxPage
 from tartarus.endpoint import Endpoint
+from tartarus.host.procfs import exited
 from tartarus.network.ebpf import PIN_DIR
 from tartarus.policy.audit_log import AuditLog
 from tartarus.sdk.client import Client
@@ -53,7 +54,6 @@ from tartarus.sdk.sandbox import Sandbox
 from tests.support.scratch_disk import make_ext4
 from tests.support.server import (
     Server,
-    pid_running,
     processes_mentioning,
     server_env,
     start_server,
@@ -277,10 +277,10 @@ async def _sandbox_kill(run: _Run) -> None:
 
 
 async def _dead(pids: list[int], within_s: float = 5.0) -> None:
-    """Returns once every pid is gone or a zombie (killed, not yet reaped)."""
+    """Returns once every pid has exited (killed, reaped or not), or after `within_s`."""
     with anyio.move_on_after(within_s):
-        while any(pid_running(pid) for pid in pids):  # noqa: ASYNC110 - no event for another's death
-            await anyio.sleep(0.02)
+        for pid in pids:
+            await exited(pid)
 
 
 def _rss_mib(pid: int) -> float:

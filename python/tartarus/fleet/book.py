@@ -67,6 +67,9 @@ class ClaimLostError(UnavailableError):
 
     slug = "idempotency-claim-lost"
 
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the claim of idempotency key {key!r} was taken over", retry_after=1)
+
 
 # A waiter looks at the record this often even without a notification (pub/sub is
 # at-most-once).
@@ -151,9 +154,7 @@ class SqliteBook:
 
     async def insert(self, record: SandboxRecord, *, key: str | None = None) -> SandboxRecord:
         if key is not None and self._creating.get(key) != record.id:
-            raise ClaimLostError(
-                f"the claim of idempotency key {key!r} was taken over", retry_after=1
-            )
+            raise ClaimLostError(key)
         with immediate(self._store._db):
             inserted = self._store.insert(record)
             if key is not None:
@@ -244,33 +245,27 @@ class RedisBook:
 
     async def insert(self, record: SandboxRecord, *, key: str | None = None) -> SandboxRecord:
         record.seq = int(await self._redis.incr(f"{self._p}sb-seq"))
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    if key is not None:
-                        name = self._claim_name(key)
-                        await pipe.watch(name)
-                        claim = decode_claim(await pipe.get(name))
-                        if claim is not None and claim.bound and claim.sandbox_id == record.id:
-                            # Our own EXEC went through and its reply was lost.
-                            await pipe.unwatch()  # type: ignore[no-untyped-call]
-                            return record
-                        if claim is None or claim.bound or claim.sandbox_id != record.id:
-                            await pipe.unwatch()  # type: ignore[no-untyped-call]
-                            raise ClaimLostError(
-                                f"the claim of idempotency key {key!r} was taken over",
-                                retry_after=1,
-                            )
-                        pipe.multi()  # type: ignore[no-untyped-call]
-                        bound = KeyClaim(claim.fingerprint, record.id, 0.0)
-                        pipe.set(name, self._encoder.encode(bound), ex=int(RETENTION_S))
-                    pipe.set(self._key(record.id), self._encoder.encode(record))
-                    pipe.zadd(f"{self._p}sb-all", {record.id: record.seq})
-                    pipe.publish(self.channel, record.id)
-                    await pipe.execute()
-                except WatchError:
-                    continue
-                return record
+
+        def add(pipe: aioredis.client.Pipeline) -> None:
+            pipe.set(self._key(record.id), self._encoder.encode(record))
+            pipe.zadd(f"{self._p}sb-all", {record.id: record.seq})
+            pipe.publish(self.channel, record.id)
+
+        if key is None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                add(pipe)
+                await pipe.execute()
+            return record
+
+        def bind(claim: KeyClaim | None) -> KeyClaim | _Keep:
+            if claim is not None and claim.bound and claim.sandbox_id == record.id:
+                return KEEP  # our own EXEC went through and its reply was lost
+            if claim is None or claim.bound or claim.sandbox_id != record.id:
+                raise ClaimLostError(key)
+            return KeyClaim(claim.fingerprint, record.id, 0.0)
+
+        await self._on_claim(key, bind, also=add)
+        return record
 
     async def get(self, sandbox_id: str) -> SandboxRecord | None:
         raw = await self._redis.get(self._key(sandbox_id))
@@ -343,11 +338,16 @@ class RedisBook:
         return [r for r in records if r.live and r.node == node_id]
 
     async def _on_claim(
-        self, key: str, change: Callable[[KeyClaim | None], KeyClaim | _Keep | None]
+        self,
+        key: str,
+        change: Callable[[KeyClaim | None], KeyClaim | _Keep | None],
+        *,
+        also: Callable[[aioredis.client.Pipeline], None] | None = None,
     ) -> KeyClaim | None:
         """Applies `change` to the key's claim atomically (WATCH/MULTI, again after a
-        conflict): it returns the new claim, None to delete it, or KEEP to leave it.
-        Returns the claim as it was."""
+        conflict): it returns the new claim, None to delete it, or KEEP to leave it (an
+        exception it raises ends the call). `also` adds commands to the same transaction
+        unless the claim is kept. Returns the claim as it was."""
         name = self._claim_name(key)
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
@@ -363,6 +363,8 @@ class RedisBook:
                         pipe.delete(name)
                     else:
                         pipe.set(name, self._encoder.encode(new), ex=int(RETENTION_S))
+                    if also is not None:
+                        also(pipe)
                     await pipe.execute()
                 except WatchError:
                     continue

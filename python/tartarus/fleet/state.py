@@ -31,12 +31,13 @@ LANES_QUEUE = "lanes"
 # is dead) reconnects and is sent again, for up to about three seconds; a transaction
 # watching keys is not resent (its loop starts again). Longer outages are a 503.
 _RETRY = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 8)
-_RETRIED = [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+# What the client retries, and what is an outage when retrying did not help.
+_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def is_outage(exc: BaseException) -> bool:
     """The shared state cannot be reached now (Redis down, restarting or loading)."""
-    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+    return isinstance(exc, _OUTAGES)
 
 
 def inbox_name(node_id: str) -> str:
@@ -91,7 +92,7 @@ async def open_state(
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss", "unix"):
         client = aioredis.Redis.from_url(
-            url, health_check_interval=10, retry=_RETRY, retry_on_error=_RETRIED
+            url, health_check_interval=10, retry=_RETRY, retry_on_error=list(_OUTAGES)
         )
         state = FleetState(
             kind="redis",

@@ -95,6 +95,10 @@ async def _create_with_retries(
             await anyio.sleep(wait)
 
 
+def _context_id(context: CodeContextInfo | str | None) -> str | None:
+    return context.id if isinstance(context, CodeContextInfo) else context
+
+
 async def port_info(client: Client, sandbox_id: str, port: int) -> PortInfo:
     """Where `port` inside the sandbox is reached, its URL on this client's server (the
     server's own is built from the request's origin, which behind a proxy may differ;
@@ -339,12 +343,13 @@ class Sandbox:
         "javascript" with node, "bash" with bash or sh). Returns rich
         results (text, HTML, images), the output, and the error if the code raised; a
         cell past `timeout` is interrupted and the context keeps its state."""
-        context_id = context.id if isinstance(context, CodeContextInfo) else context
         return await self._client.call(
             "POST",
             f"/v1/sandboxes/{self.id}/code",
             CodeExecution,
-            json=RunCodeBody(code=code, language=language, context=context_id, timeout_s=timeout),
+            json=RunCodeBody(
+                code=code, language=language, context=_context_id(context), timeout_s=timeout
+            ),
         )
 
     async def create_code_context(
@@ -367,14 +372,12 @@ class Sandbox:
 
     async def restart_code_context(self, context: CodeContextInfo | str) -> CodeContextInfo:
         """A fresh interpreter for the context (its state is gone)."""
-        context_id = context.id if isinstance(context, CodeContextInfo) else context
-        return await self._client.call(
-            "POST", f"/v1/sandboxes/{self.id}/code/contexts/{context_id}/restart", CodeContextInfo
-        )
+        path = f"/v1/sandboxes/{self.id}/code/contexts/{_context_id(context)}/restart"
+        return await self._client.call("POST", path, CodeContextInfo)
 
     async def remove_code_context(self, context: CodeContextInfo | str) -> None:
-        context_id = context.id if isinstance(context, CodeContextInfo) else context
-        await self._client.call("DELETE", f"/v1/sandboxes/{self.id}/code/contexts/{context_id}")
+        path = f"/v1/sandboxes/{self.id}/code/contexts/{_context_id(context)}"
+        await self._client.call("DELETE", path)
 
     async def logs(self, *, since: int = 0, limit: int = 1000) -> LogPage:
         return await self._client.call(
