@@ -167,6 +167,29 @@ class AuditEntry(_Response, kw_only=True):
     hash: str
 
 
+ClientAction = Annotated[
+    str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}\.[a-z][a-z0-9_.-]{0,63}$", examples=["mcp.run_code"])
+]
+
+
+class ClientEvent(_Request, kw_only=True):
+    """Something a client did or refused on its caller's behalf (an MCP tool call).
+
+    action: `client.what`, e.g. `mcp.run_code`
+    outcome: allowed (done), denied (refused by the client: over a limit), failed
+    status: the HTTP status the call's outcome corresponds to (0: none)
+    """
+
+    action: ClientAction
+    outcome: Annotated[str, Meta(pattern=r"^(allowed|denied|failed)$")]
+    status: Annotated[int, Meta(ge=0, le=599)] = 0
+    resource: Annotated[
+        dict[Annotated[str, Meta(max_length=32)], Annotated[str, Meta(max_length=256)]],
+        Meta(max_length=8),
+    ] = msgspec.field(default_factory=dict)
+    detail: Annotated[str, Meta(max_length=1024)] = ""
+
+
 class AuditPage(_Response, kw_only=True):
     items: list[AuditEntry]
     next_seq: int | None = None

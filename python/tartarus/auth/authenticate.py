@@ -85,6 +85,10 @@ class Authenticator:
                 raise ForbiddenError(
                     f"this server belongs to uid {self.owner_uid}, not to uid {presented.peer_uid}"
                 )
+            # A bearer on the socket is the caller asking for that key's (narrower)
+            # rights: a proxy such as `tartarus mcp` acts as its own caller this way.
+            if presented.bearer:
+                return await self._bearer(presented.bearer)
             return self.operator(f"uid:{presented.peer_uid}", AuthMethod.LOCAL)
         if presented.bearer:
             return await self._bearer(presented.bearer)

@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pool": ("tartarus.cli.snapshots", "pool"),
     "serve": ("tartarus.cli.serve", "serve_command"),
     "agent": ("tartarus.cli.agent", "agent_command"),
+    "mcp": ("tartarus.cli.mcp", "mcp_command"),
     "doctor": ("tartarus.cli.doctor", "doctor"),
     "init": ("tartarus.cli.init", "init"),
     "template": ("tartarus.cli.template", "template"),

@@ -238,7 +238,7 @@ def access_middleware(
                     detail=f"{param} of another tenant" if tenant is not None else "",
                 )
                 raise not_found(owner.what(value))
-        audited = request.method != "GET" or op.websocket
+        audited = (request.method != "GET" or op.websocket) and not op.audits_itself
         if not audited:
             return await handler(request)
         if op.websocket:

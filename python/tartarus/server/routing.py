@@ -79,6 +79,8 @@ class Operation:
     # What the caller must be allowed (`tartarus.auth.rbac`); the server refuses to
     # start with a route that has none.
     permission: str | None = None
+    # The handler writes its own audit entry (the access middleware writes none).
+    audits_itself: bool = False
 
     @property
     def path_params(self) -> list[str]:
@@ -114,6 +116,7 @@ class RouteTable:
         headers: tuple[Header, ...] = (),
         websocket: bool = False,
         permission: str | None = None,
+        audits_itself: bool = False,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.operations.append(
@@ -133,6 +136,7 @@ class RouteTable:
                     headers=headers,
                     websocket=websocket,
                     permission=permission,
+                    audits_itself=audits_itself,
                 )
             )
             return handler

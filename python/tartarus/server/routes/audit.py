@@ -9,12 +9,12 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from tartarus.api.security import AuditEntry, AuditPage, AuditVerification
+from tartarus.api.security import AuditEntry, AuditPage, AuditVerification, ClientEvent
 from tartarus.api.types import MAX_SEQ, TenantName
-from tartarus.auth.rbac import ADMIN_AUDIT
+from tartarus.auth.rbac import ADMIN_AUDIT, AUTHENTICATED
 from tartarus.policy.audit_log import AuditLog
 from tartarus.server.access import principal_of, visible_tenant
-from tartarus.server.routing import Reply, RouteTable, read_query, reply
+from tartarus.server.routing import Reply, RouteTable, read_json, read_query, reply
 from tartarus.server.security import security_of
 
 routes = RouteTable()
@@ -74,3 +74,34 @@ async def verify_audit(request: web.Request) -> web.StreamResponse:
     the same on the log file without the server."""
     result = _log(request).verify()
     return reply(msgspec.convert(msgspec.to_builtins(result), AuditVerification))
+
+
+@routes.route(
+    "POST",
+    "/v1/audit/events",
+    summary="Record a client's event",
+    tag="audit",
+    body=ClientEvent,
+    replies=(Reply(204, description="Recorded"),),
+    permission=AUTHENTICATED,
+    audits_itself=True,
+)
+async def record_client_event(request: web.Request) -> web.StreamResponse:
+    """A client acting for its caller (`tartarus mcp`) records what it did or refused,
+    such as a tool call over its per-client limits. The entry (kind `client`) carries
+    the caller's identity from its credentials, never from the body."""
+    event = await read_json(request, ClientEvent)
+    principal = principal_of(request)
+    _log(request).append(
+        kind="client",
+        action=event.action,
+        outcome=event.outcome,
+        tenant=principal.tenant,
+        subject=principal.subject,
+        method=principal.method.value,
+        credential=principal.credential,
+        status=event.status,
+        resource=event.resource,
+        detail=event.detail,
+    )
+    return web.Response(status=204)

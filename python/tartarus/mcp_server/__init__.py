@@ -1,0 +1,1 @@
+"""Hermes: the Model Context Protocol server (`tartarus mcp`)."""
