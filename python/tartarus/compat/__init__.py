@@ -1,0 +1,1 @@
+"""Other sandbox SDKs' names on Tartarus (`tartarus.compat.e2b`)."""
