@@ -40,10 +40,16 @@ class Kernel:
             text=False,
         )
 
-    def run(self, code: str, *, interrupt_after_s: float | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        code: str,
+        *,
+        interrupt_after_s: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Sends a cell; returns its events: results, stream text, error, done."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(self.language.encode(code) + b"\n")
+        self.process.stdin.write(self.language.encode(code, env or {}) + b"\n")
         self.process.stdin.flush()
         if interrupt_after_s is not None:
             time.sleep(interrupt_after_s)
@@ -136,3 +142,38 @@ def test_the_shell_keeps_variables_functions_and_directory(shell: str) -> None:
         assert kernel.run("echo $x")["stdout"] == "41\n"
     finally:
         kernel.close()
+
+
+# How each language prints an environment variable (or "unset").
+PRINT_ENV = {
+    "python": "import os; print(os.environ.get('TT_CELL', 'unset'))",
+    "javascript": "console.log(process.env.TT_CELL ?? 'unset')",
+    "bash": "echo \"${TT_CELL-unset}\"",
+}
+
+
+@pytest.mark.parametrize("kernel", ["python", "javascript", "bash"], indirect=True)
+def test_a_cells_own_variables_end_with_it(kernel: Kernel) -> None:
+    printed = PRINT_ENV[kernel.language.name]
+    awkward = "it's $HOME \"quoted\" `and` \\ back"
+    assert kernel.run(printed, env={"TT_CELL": awkward})["stdout"] == awkward + "\n"
+    assert kernel.run(printed)["stdout"] == "unset\n"
+    # A variable the context already had comes back after the cell.
+    setup = {
+        "python": "import os; os.environ['TT_CELL'] = 'before'",
+        "javascript": "process.env.TT_CELL = 'before'",
+        "bash": "export TT_CELL=before",
+    }[kernel.language.name]
+    kernel.run(setup)
+    assert kernel.run(printed, env={"TT_CELL": "during"})["stdout"] == "during\n"
+    assert kernel.run(printed)["stdout"] == "before\n"
+    if kernel.language.name == "bash":
+        # The cell's status survives the restore.
+        assert kernel.run("false", env={"TT_CELL": "x"})["error"]["value"] == "exit status 1"
+
+
+def test_a_shell_cell_refuses_variable_names_the_shell_cannot_take() -> None:
+    from tartarus.errors import InvalidRequestError  # noqa: PLC0415
+
+    with pytest.raises(InvalidRequestError, match="not a shell variable name: 1X, A-B"):
+        LANGUAGES["bash"].encode("true", {"A-B": "1", "1X": "2", "OK": "3"})

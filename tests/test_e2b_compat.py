@@ -171,6 +171,7 @@ def test_code_interpreter_program_runs_with_its_import_changed(
         "error: ZeroDivisionError division by zero",
         "context: 'in a context'",
         "streamed: ['a\\n', 'b\\n']",
+        "cell env: per cell; after: unset",
         "root has tmp: True",
         "id: True",
     ]
@@ -200,5 +201,5 @@ def test_async_sdk_program_runs_with_its_import_changed(server: Server, tmp_path
 async def test_an_argument_e2b_has_and_we_lack_is_a_type_error_not_ignored() -> None:
     with pytest.raises(TypeError, match="does not support mcp, secure"):
         await compat.AsyncSandbox.create(secure=True, mcp={})
-    with pytest.raises(TypeError, match="envs"):
-        await compat.AsyncSandbox.run_code(None, "1", envs={})  # type: ignore[arg-type, call-arg]
+    with pytest.raises(TypeError, match="does not support lifecycle"):
+        await compat.AsyncSandbox.connect("sb-0123456789abcdef", lifecycle={})

@@ -387,6 +387,73 @@ async def test_code_contexts_keep_their_state_apart(server: Server, backend: str
 
 
 @pytest.mark.timeout(900)
+async def test_run_code_streams_while_the_cell_runs(server: Server, backend: str) -> None:
+    """The cell waits for a file that only the on_stdout callback writes: it ends only
+    if its first line reached the callback while it was still running."""
+    async with Sandbox.create("python", backend=backend, url=server.url) as sb:
+        seen: list[tuple[str, str]] = []
+
+        async def on_stdout(line: str) -> None:
+            seen.append(("stdout", line))
+            if line == "ready\n":
+                await sb.files.write("/tmp/go", "")
+
+        execution = await sb.run_code(
+            "import os, sys, time\n"
+            "print('ready')\n"
+            "while not os.path.exists('/tmp/go'):\n"
+            "    time.sleep(0.02)\n"
+            "print('oops', file=sys.stderr)\n"
+            "display(7)\n"
+            "raise ValueError('late')",
+            on_stdout=on_stdout,
+            on_stderr=lambda line: seen.append(("stderr", line)),
+            on_result=lambda result: seen.append(("result", result.text or "")),
+            on_error=lambda error: seen.append(("error", error.name)),
+            timeout=60,
+        )
+        assert seen == [
+            ("stdout", "ready\n"),
+            ("stderr", "oops\n"),
+            ("result", "7"),
+            ("error", "ValueError"),
+        ]
+        # The whole execution comes back too, as without callbacks.
+        assert execution.logs.stdout == ["ready\n"]
+        assert execution.error is not None and execution.error.value == "late"
+        # A cell stopped at its timeout reports that once, as the timeout it was.
+        errors: list[str] = []
+        slow = await sb.run_code(
+            "import time\ntime.sleep(60)", on_error=lambda e: errors.append(e.name), timeout=1
+        )
+        assert errors == ["TimeoutError"]
+        assert slow.error is not None and slow.error.name == "TimeoutError"
+        # A cell's own environment variables end with it.
+        during = await sb.run_code("import os; os.environ['STAGE']", envs={"STAGE": "cell"})
+        assert during.text == "'cell'"
+        assert (await sb.run_code("os.environ.get('STAGE')")).text is None
+        with pytest.raises(InvalidRequestError, match="not a shell variable name"):
+            await sb.run_code("true", language="bash", envs={"A-B": "1"}, on_stdout=print)
+
+
+@pytest.mark.timeout(900)  # the first sandbox of the node template builds it
+async def test_javascript_runs_in_the_node_template(server: Server, backend: str) -> None:
+    async with Sandbox.create("node", backend=backend, url=server.url) as sb:
+        await sb.run_code(
+            "let total = 0; const add = (n) => { total += n; };", language="javascript"
+        )
+        for n in range(1, 11):
+            await sb.run_code(f"add({n})", language="javascript")
+        r = await sb.run_code("console.log('sum', total); ({ total })", language="javascript")
+        assert (r.logs.stdout, r.text, r.error) == (["sum 55\n"], "{ total: 55 }", None)
+        assert r.results[0].json == '{"total":55}'
+        failed = await sb.run_code("null.x", language="javascript")
+        assert failed.error is not None and failed.error.name == "TypeError"
+        env = await sb.run_code("process.env.STAGE", language="javascript", envs={"STAGE": "js"})
+        assert env.text == "'js'"
+
+
+@pytest.mark.timeout(900)
 def test_the_sync_sdk_has_code_contexts_too(server: Server, backend: str) -> None:
     with SyncSandbox.create("python", backend=backend, url=server.url, timeout=120) as sb:
         assert sb.sandbox_id == sb.id

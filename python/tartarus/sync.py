@@ -23,10 +23,12 @@ from tartarus.api.snapshots import SnapshotEntry
 from tartarus.api.types import (
     DEFAULT_TIMEOUT_S,
     CodeContextInfo,
+    CodeError,
     CodeExecution,
     CodeLanguage,
     FileWritten,
     LogPage,
+    RichResult,
     SandboxInfo,
     SandboxStatsInfo,
 )
@@ -382,11 +384,25 @@ class Sandbox:
         *,
         language: CodeLanguage | None = None,
         context: CodeContextInfo | str | None = None,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+        on_result: Callable[[RichResult], None] | None = None,
+        on_error: Callable[[CodeError], None] | None = None,
+        envs: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> CodeExecution:
-        """See `tartarus.Sandbox.run_code`."""
+        """See `tartarus.Sandbox.run_code` (the callbacks run on the SDK's thread)."""
         return self._portal.call(
-            self._sb.run_code, code, language=language, context=context, timeout=timeout
+            self._sb.run_code,
+            code,
+            language=language,
+            context=context,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            on_result=on_result,
+            on_error=on_error,
+            envs=envs,
+            timeout=timeout,
         )
 
     def create_code_context(

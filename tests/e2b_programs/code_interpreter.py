@@ -23,6 +23,10 @@ with Sandbox.create() as sandbox:
     sandbox.run_code("print('a'); print('b')", on_stdout=lambda m: seen.append(m.line))
     print("streamed:", seen)
 
+    during = sandbox.run_code("import os; os.environ['STAGE']", envs={"STAGE": "per cell"})
+    after = sandbox.run_code("os.environ.get('STAGE', 'unset')")
+    print("cell env:", during.text.strip("'") + "; after:", after.text.strip("'"))
+
     files = sandbox.files.list("/")
     print("root has tmp:", any(f.name == "tmp" for f in files))
     print("id:", sandbox.sandbox_id.startswith("sb-"))

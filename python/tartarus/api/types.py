@@ -395,6 +395,8 @@ class RunCodeBody(_Request, kw_only=True):
     language: CodeLanguage | None = None
     context: CodeContextId | None = None
     timeout_s: ExecTimeoutSeconds | None = None
+    # Environment variables for this cell only (the context's own are back after it).
+    envs: EnvMap = msgspec.field(default_factory=dict)
 
 
 class CreateCodeContextBody(_Request, kw_only=True):
@@ -461,6 +463,36 @@ class CodeExecution(_Response, kw_only=True):
     @property
     def logs(self) -> CodeLogs:
         return CodeLogs(stdout=self.stdout, stderr=self.stderr)
+
+
+class CodeStdoutEvent(msgspec.Struct, kw_only=True, tag="stdout"):
+    """A line (or the last, unfinished part) the cell printed."""
+
+    text: str
+
+
+class CodeStderrEvent(msgspec.Struct, kw_only=True, tag="stderr"):
+    text: str
+
+
+class CodeResultEvent(msgspec.Struct, kw_only=True, tag="result"):
+    result: RichResult
+
+
+class CodeErrorEvent(msgspec.Struct, kw_only=True, tag="error"):
+    error: CodeError
+
+
+class CodeDoneEvent(msgspec.Struct, kw_only=True, tag="done"):
+    """The last event: everything the cell left, as `POST .../code` answers it."""
+
+    execution: CodeExecution
+
+
+# One line of `POST /v1/sandboxes/{id}/code/stream`, as the cell runs; the last is `done`.
+CodeStreamEvent = (
+    CodeStdoutEvent | CodeStderrEvent | CodeResultEvent | CodeErrorEvent | CodeDoneEvent
+)
 
 
 # --- templates and snapshots ---------------------------------------------------------

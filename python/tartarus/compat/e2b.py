@@ -104,8 +104,6 @@ DIFFERENCES: dict[str, str] = {
     "Sandbox.sandbox_domain": "E2B's service internals",
     "Sandbox.traffic_access_token": "ports are reached through the server with its credentials",
     "Sandbox.list": "returns a list, not a paginator; `query` filters by metadata and state",
-    "Sandbox.run_code(on_stdout)": "callbacks run when the cell ends, in order, not as it runs",
-    "Sandbox.run_code(envs)": "not supported per cell: give envs to create()",
     "Commands.run(shell)": "the command runs under /bin/sh -c",
     "Commands.run(retain_output)": "output is always kept",
     "Commands.connect(retain_output)": "output is always kept",
@@ -212,13 +210,6 @@ def _permissions(mode: int) -> str:
     return "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate(bits))
 
 
-async def _call(callback: Callable[[Any], Any] | None, value: Any) -> None:
-    if callback is not None:
-        out = callback(value)
-        if inspect.isawaitable(out):
-            await out
-
-
 def _checked(result: CommandResult) -> CommandResult:
     if result.exit_code not in (0, None) or result.timed_out or result.signal is not None:
         raise CommandExitException(
@@ -267,27 +258,18 @@ class Commands:
         """Foreground: the result, or CommandExitException for a non-zero exit (as E2B
         does). Background: a handle at once."""
         del request_timeout, stdin  # stdin is always open for a background command
+        common: dict[str, Any] = {
+            "envs": envs,
+            "user": user,
+            "cwd": cwd,
+            "on_stdout": on_stdout,
+            "on_stderr": on_stderr,
+            "timeout": timeout or None,
+        }
         if background:
-            handle = await self._sb.commands.run(
-                cmd,
-                background=True,
-                envs=envs,
-                user=user,
-                cwd=cwd,
-                on_stdout=on_stdout,
-                on_stderr=on_stderr,
-                timeout=timeout or None,
-            )
+            handle = await self._sb.commands.run(cmd, background=True, **common)
             return AsyncCommandHandle(handle)
-        result = await self._sb.commands.run(
-            cmd,
-            envs=envs,
-            user=user,
-            cwd=cwd,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-            timeout=timeout or None,
-        )
+        result = await self._sb.commands.run(cmd, **common)
         return _checked(result)
 
     async def list(self, request_timeout: float | None = None) -> builtins.list[ProcessEntry]:
@@ -519,27 +501,30 @@ class AsyncSandbox:
         on_stderr: Callable[[OutputMessage], Any] | None = None,
         on_result: Callable[[Result], Any] | None = None,
         on_error: Callable[[ExecutionError], Any] | None = None,
+        envs: dict[str, str] | None = None,
         timeout: float | None = DEFAULT_COMMAND_TIMEOUT_S,
         request_timeout: float | None = None,
     ) -> Execution:
-        """E2B's `run_code`; the callbacks run once the cell has ended, in order."""
+        """E2B's `run_code`: the callbacks get output, results and the error as the
+        cell runs; `on_stdout`/`on_stderr` get `OutputMessage`s, one per line."""
         del request_timeout
-        execution = await self._sb.run_code(
+
+        def lines(callback: Callable[[OutputMessage], Any] | None, error: bool) -> Any:
+            if callback is None:
+                return None
+            return lambda text: callback(OutputMessage(text, time.time_ns(), error=error))
+
+        return await self._sb.run_code(
             code,
             language=language,  # type: ignore[arg-type]
             context=context.id if context is not None else None,
+            on_stdout=lines(on_stdout, False),
+            on_stderr=lines(on_stderr, True),
+            on_result=on_result,
+            on_error=on_error,
+            envs=envs,
             timeout=timeout or None,
         )
-        stamp = time.time_ns()
-        for line in execution.stdout:
-            await _call(on_stdout, OutputMessage(line, stamp))
-        for line in execution.stderr:
-            await _call(on_stderr, OutputMessage(line, stamp, error=True))
-        for result in execution.results:
-            await _call(on_result, result)
-        if execution.error is not None:
-            await _call(on_error, execution.error)
-        return execution
 
     async def create_code_context(
         self,

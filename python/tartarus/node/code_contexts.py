@@ -7,8 +7,9 @@ has a default context, made on its first cell (`default` for Python,
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
-from tartarus.api.types import CodeContextInfo, CodeExecution
+from tartarus.api.types import CodeContextInfo, CodeExecution, CodeStreamEvent
 from tartarus.errors import ConflictError, InvalidRequestError, NotFoundError
 from tartarus.node.code_kernel import LANGUAGES, CodeKernel
 from tartarus.runtime.base import Sandbox
@@ -68,14 +69,21 @@ class CodeContexts:
         context: str | None,
         language: str | None,
         timeout_s: float | None,
+        env: dict[str, str] | None = None,
+        on_event: Callable[[CodeStreamEvent], None] | None = None,
     ) -> CodeExecution:
+        kernel = self.kernel_for(context, language)
+        return await kernel.run(code, timeout_s, env=env, on_event=on_event)
+
+    def kernel_for(self, context: str | None, language: str | None) -> CodeKernel:
+        """The interpreter a cell runs in: `context`'s, else `language`'s default one."""
         info, kernel = self._get(context or default_context(language or "python"))
         if language is not None and language != info.language:
             raise InvalidRequestError(
                 f"code context {info.id} runs {info.language}, not {language}",
                 slug="code-context-language",
             )
-        return await kernel.run(code, timeout_s)
+        return kernel
 
     async def restart(self, context_id: str) -> CodeContextInfo:
         """Ends the context's interpreter; its next cell starts a fresh one."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import secrets
+import shlex
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,7 +23,17 @@ from typing import Any
 import anyio
 import msgspec
 
-from tartarus.api.types import CodeError, CodeExecution, RichResult
+from tartarus.api.types import (
+    CodeError,
+    CodeErrorEvent,
+    CodeExecution,
+    CodeResultEvent,
+    CodeStderrEvent,
+    CodeStdoutEvent,
+    CodeStreamEvent,
+    RichResult,
+)
+from tartarus.errors import InvalidRequestError
 from tartarus.runtime.base import Execution, Sandbox, SandboxError
 from tartarus.runtime.types import ExecRequest, OutputChunk
 
@@ -36,12 +48,44 @@ class Language:
     # What must be on the template's PATH.
     interpreter: str
     argv: Callable[[str], list[str]]  # the nonce → the command
-    encode: Callable[[str], bytes]  # a cell → its request line (without the newline)
+    # A cell and its own environment variables → its request line (without the newline).
+    encode: Callable[[str, dict[str, str]], bytes]
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _json_request(code: str) -> bytes:
-    return msgspec.json.encode({"code": code})
+def _json_request(code: str, env: dict[str, str]) -> bytes:
+    return msgspec.json.encode({"code": code, "env": env})
+
+
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _shell_request(code: str, env: dict[str, str]) -> bytes:
+    """`c` and the cell in base64; a cell with variables of its own is wrapped so that
+    they are exported for it and restored (or unset) after it, keeping its status."""
+    if env:
+        bad = sorted(name for name in env if not _SHELL_NAME.match(name))
+        if bad:
+            raise InvalidRequestError(
+                f"not a shell variable name: {', '.join(bad)}", slug="invalid-env-name"
+            )
+        before, after = [], []
+        for i, (name, value) in enumerate(sorted(env.items())):
+            before.append(f'__tt_had{i}="${{{name}+1}}"; __tt_old{i}="${{{name}-}}"')
+            before.append(f"export {name}={shlex.quote(value)}")
+            after.append(
+                f'if [ -n "$__tt_had{i}" ]; then {name}="$__tt_old{i}"; else unset {name}; fi'
+            )
+        code = "\n".join(
+            [
+                *before,
+                f"eval {shlex.quote(code)}",
+                "__tt_status=$?",
+                *after,
+                '(exit "$__tt_status")',
+            ]
+        )
+    return b"c" + base64.b64encode(code.encode())
 
 
 _PYTHON = (_HERE / "kernel_main.py").read_text()
@@ -69,7 +113,7 @@ LANGUAGES: dict[str, Language] = {
         "sh",
         lambda nonce: ["sh", "-c", _SHELL_START, "kernel", nonce],
         # Never an empty line (an empty cell is still a cell).
-        lambda code: b"c" + base64.b64encode(code.encode()),
+        _shell_request,
         {"TT_KERNEL": _SHELL},
     ),
 }
@@ -141,20 +185,41 @@ class CodeKernel:
         self._execution = None
         self._stream = None
 
-    async def run(self, code: str, timeout_s: float | None) -> CodeExecution:
+    async def run(
+        self,
+        code: str,
+        timeout_s: float | None,
+        *,
+        env: dict[str, str] | None = None,
+        on_event: Callable[[CodeStreamEvent], None] | None = None,
+    ) -> CodeExecution:
+        """Runs one cell; `on_event` gets its output, results and error as they come."""
+        return await self.run_request(self.request(code, env), timeout_s, on_event=on_event)
+
+    def request(self, code: str, env: dict[str, str] | None = None) -> bytes:
+        """A cell's request line; InvalidRequestError for what the language cannot take."""
+        return self._language.encode(code, env or {}) + b"\n"
+
+    async def run_request(
+        self,
+        request: bytes,
+        timeout_s: float | None,
+        *,
+        on_event: Callable[[CodeStreamEvent], None] | None = None,
+    ) -> CodeExecution:
         async with self._lock:
-            answer = _Answer()
+            watchdog = _Watchdog()
+            answer = _Answer(on_event, watchdog)
             try:
                 if self._execution is None:
                     await self._start()
             except SandboxError as e:
-                answer.error = CodeError(
-                    name="KernelUnavailable", value=self._gone_message(e), traceback=""
+                answer.fail(
+                    CodeError(name="KernelUnavailable", value=self._gone_message(e), traceback="")
                 )
                 return answer.result()
             assert self._execution is not None
-            await self._execution.write_stdin(self._language.encode(code) + b"\n")
-            watchdog = _Watchdog()
+            await self._execution.write_stdin(request)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch, timeout_s or DEFAULT_CELL_TIMEOUT_S, watchdog)
@@ -164,7 +229,7 @@ class CodeKernel:
                     tg.cancel_scope.cancel()
             except KernelGoneError as e:
                 await self.close()
-                answer.error = (
+                answer.fail(
                     _timeout(
                         "the cell ran past its timeout and the interpreter was restarted "
                         "(its variables are gone)"
@@ -174,9 +239,11 @@ class CodeKernel:
                 )
                 return answer.result()
             if watchdog.interrupted:
-                answer.error = _timeout(
-                    "the cell ran past its timeout and was interrupted",
-                    answer.error.traceback if answer.error else "",
+                answer.fail(
+                    _timeout(
+                        "the cell ran past its timeout and was interrupted",
+                        answer.error.traceback if answer.error else "",
+                    )
                 )
             return answer.result()
 
@@ -234,7 +301,14 @@ class CodeKernel:
 
 
 class _Answer:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        on_event: Callable[[CodeStreamEvent], None] | None = None,
+        watchdog: _Watchdog | None = None,
+    ) -> None:
+        self._on_event = on_event or (lambda _event: None)
+        self._watchdog = watchdog or _Watchdog()
+        self._partial = {"stdout": "", "stderr": ""}
         self.results: list[RichResult] = []
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -249,10 +323,36 @@ class _Answer:
     def add_stdout(self, text: str) -> None:
         if self._room(len(text)):
             self.stdout.append(text)
+            self._stream_lines("stdout", text)
 
     def add_stderr(self, text: str) -> None:
         if self._room(len(text)):
             self.stderr.append(text)
+            self._stream_lines("stderr", text)
+
+    def _stream_lines(self, name: str, text: str) -> None:
+        """Streams whole lines (as E2B's callbacks get them); a partial line waits for
+        its end, or for the next result, error or the cell's end."""
+        pending = self._partial[name] + text
+        *lines, self._partial[name] = pending.split("\n")
+        for line in lines:
+            self._emit_output(name, line + "\n")
+
+    def _emit_output(self, name: str, text: str) -> None:
+        event = CodeStdoutEvent(text=text) if name == "stdout" else CodeStderrEvent(text=text)
+        self._on_event(event)
+
+    def fail(self, error: CodeError) -> None:
+        """The cell's error, decided here rather than by the interpreter (a timeout)."""
+        self.error = error
+        self.flush()
+        self._on_event(CodeErrorEvent(error=error))
+
+    def flush(self) -> None:
+        for name, rest in self._partial.items():
+            if rest:
+                self._partial[name] = ""
+                self._emit_output(name, rest)
 
     def apply(self, event: KernelEvent) -> bool:
         """Records one kernel event; True when the cell is done."""
@@ -262,15 +362,23 @@ class _Answer:
             fields = set(RichResult.__struct_fields__)
             data = {k: v for k, v in event.data.items() if k in fields}
             if self._room(sum(len(v) for v in data.values())):
-                self.results.append(RichResult(**data, is_main_result=event.main))
+                result = RichResult(**data, is_main_result=event.main)
+                self.results.append(result)
+                self.flush()
+                self._on_event(CodeResultEvent(result=result))
         elif event.type == "error":
             self.error = CodeError(name=event.name, value=event.value, traceback=event.traceback)
+            # An interrupt's KeyboardInterrupt is reported as the timeout it was (`fail`).
+            if not self._watchdog.interrupted:
+                self.flush()
+                self._on_event(CodeErrorEvent(error=self.error))
         elif event.type == "done":
             self.count = event.count
             return True
         return False
 
     def result(self) -> CodeExecution:
+        self.flush()
         return CodeExecution(
             results=self.results,
             stdout="".join(self.stdout).splitlines(keepends=True),

@@ -65,8 +65,16 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
     return;
   }
   count += 1;
+  const saved = {};
   try {
-    const { code } = JSON.parse(line);
+    const { code, env } = JSON.parse(line);
+    // The cell's own variables, for it only.
+    for (const [name, value] of Object.entries(env || {})) {
+      saved[name] = Object.prototype.hasOwnProperty.call(process.env, name)
+        ? process.env[name]
+        : undefined;
+      process.env[name] = value;
+    }
     const value = vm.runInContext(code, context, {
       filename: `<cell ${count}>`,
       breakOnSigint: true,
@@ -80,6 +88,13 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
     const value = error && error.message !== undefined ? String(error.message) : String(error);
     const traceback = (error && error.stack) || `${name}: ${value}`;
     emit({ type: "error", name, value, traceback: String(traceback) });
+  }
+  for (const [name, value] of Object.entries(saved)) {
+    if (value === undefined) {
+      delete process.env[name];
+    } else {
+      process.env[name] = value;
+    }
   }
   emit({ type: "done", count });
 });

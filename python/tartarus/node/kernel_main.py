@@ -15,6 +15,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import signal
 import sys
 import traceback
@@ -130,7 +131,10 @@ def main() -> None:
         if not line.strip():
             continue
         count += 1
-        code = json.loads(line)["code"]
+        request = json.loads(line)
+        code, env = request["code"], request.get("env") or {}
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         sys.stdout, sys.stderr = Stream("stdout"), Stream("stderr")
         try:
             run_cell(namespace, code, count)
@@ -145,6 +149,12 @@ def main() -> None:
             )
         finally:
             sys.stdout, sys.stderr = REAL_OUT, REAL_ERR
+            # The cell's own variables end with it.
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
             emit({"type": "done", "count": count})
 
 

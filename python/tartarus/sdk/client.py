@@ -141,15 +141,19 @@ class Client:
             return None  # type: ignore[return-value]
         return msgspec.json.decode(raw, type=type_)
 
-    async def events(
-        self, method: str, path: str, *, json: Any = None
-    ) -> AsyncIterator[StreamEvent]:
+    def events(self, method: str, path: str, *, json: Any = None) -> AsyncIterator[StreamEvent]:
         """An NDJSON stream of exec events."""
+        return self.ndjson(method, path, _events, json=json)
+
+    async def ndjson(
+        self, method: str, path: str, decoder: msgspec.json.Decoder[T], *, json: Any = None
+    ) -> AsyncIterator[T]:
+        """An NDJSON stream, one document per line, each decoded with `decoder`."""
         response = await self._send(method, path, json=json)
         async with response:
             async for line in response.content:
                 if line.strip():
-                    yield _events.decode(line)
+                    yield decoder.decode(line)
 
     async def download(
         self, path: str, params: Mapping[str, Any], chunk_size: int = 256 * 1024

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 
@@ -24,7 +24,10 @@ from tartarus.api.types import (
 from tartarus.errors import TartarusError
 from tartarus.sdk.client import Client
 
-OutputCallback = Callable[[str], Awaitable[None] | None]
+T = TypeVar("T")
+# A callback the SDK calls with each piece of output: a function or a coroutine function.
+Callback = Callable[[T], Awaitable[None] | None]
+OutputCallback = Callback[str]
 
 
 class CommandStreamError(TartarusError):
@@ -61,9 +64,9 @@ class CommandResult(msgspec.Struct, kw_only=True):
         return None
 
 
-async def _call(callback: OutputCallback | None, data: str) -> None:
+async def call_back(callback: Callback[T] | None, value: T) -> None:
     if callback is not None:
-        result = callback(data)
+        result = callback(value)
         if result is not None:
             await result
 
@@ -82,10 +85,10 @@ async def consume(
         if isinstance(event, OutputEvent):
             if event.stream == "stdout":
                 out.append(event.data)
-                await _call(on_stdout, event.data)
+                await call_back(on_stdout, event.data)
             else:
                 err.append(event.data)
-                await _call(on_stderr, event.data)
+                await call_back(on_stderr, event.data)
         elif isinstance(event, ExitEvent):
             exit_info = event.exit
         elif isinstance(event, StartedEvent):

@@ -27,14 +27,21 @@ from tartarus.api.snapshots import ForkBody, ForkResult, SnapshotEntry, Snapshot
 from tartarus.api.types import (
     CodeContextInfo,
     CodeContextList,
+    CodeError,
+    CodeErrorEvent,
     CodeExecution,
     CodeLanguage,
+    CodeResultEvent,
+    CodeStderrEvent,
+    CodeStdoutEvent,
+    CodeStreamEvent,
     CreateCodeContextBody,
     CreateSandboxRequest,
     LogEvent,
     LogPage,
     PortInfo,
     ResourcesBody,
+    RichResult,
     RunCodeBody,
     SandboxInfo,
     SandboxPage,
@@ -42,7 +49,7 @@ from tartarus.api.types import (
     SetTimeoutRequest,
 )
 from tartarus.sdk.client import Client
-from tartarus.sdk.commands import Commands
+from tartarus.sdk.commands import Callback, Commands, CommandStreamError, call_back
 from tartarus.sdk.errors import (
     ConflictError,
     NotFoundError,
@@ -53,6 +60,7 @@ from tartarus.sdk.files import Files
 from tartarus.sdk.pty import Pty
 
 _log_events = msgspec.json.Decoder(LogEvent)
+_code_events = msgspec.json.Decoder(CodeStreamEvent)
 # How long a create keeps trying through dropped connections and a restarting server.
 CREATE_RETRY_S = 30.0
 
@@ -335,6 +343,11 @@ class Sandbox:
         *,
         language: CodeLanguage | None = None,
         context: CodeContextInfo | str | None = None,
+        on_stdout: Callback[str] | None = None,
+        on_stderr: Callback[str] | None = None,
+        on_result: Callback[RichResult] | None = None,
+        on_error: Callback[CodeError] | None = None,
+        envs: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> CodeExecution:
         """Runs a cell in one of the sandbox's interpreters, which keeps its variables
@@ -342,15 +355,37 @@ class Sandbox:
         `create_code_context`, or its id), else `language`'s default one ("python",
         "javascript" with node, "bash" with bash or sh). Returns rich
         results (text, HTML, images), the output, and the error if the code raised; a
-        cell past `timeout` is interrupted and the context keeps its state."""
-        return await self._client.call(
-            "POST",
-            f"/v1/sandboxes/{self.id}/code",
-            CodeExecution,
-            json=RunCodeBody(
-                code=code, language=language, context=_context_id(context), timeout_s=timeout
-            ),
+        cell past `timeout` is interrupted and the context keeps its state.
+
+        The callbacks get each line the cell prints, each result and the error while
+        the cell runs (plain functions or coroutines). `envs` are environment variables
+        for this cell only."""
+        body = RunCodeBody(
+            code=code,
+            language=language,
+            context=_context_id(context),
+            timeout_s=timeout,
+            envs=envs or {},
         )
+        if on_stdout is None and on_stderr is None and on_result is None and on_error is None:
+            return await self._client.call(
+                "POST", f"/v1/sandboxes/{self.id}/code", CodeExecution, json=body
+            )
+        stream = self._client.ndjson(
+            "POST", f"/v1/sandboxes/{self.id}/code/stream", _code_events, json=body
+        )
+        async for event in stream:
+            if isinstance(event, CodeStdoutEvent):
+                await call_back(on_stdout, event.text)
+            elif isinstance(event, CodeStderrEvent):
+                await call_back(on_stderr, event.text)
+            elif isinstance(event, CodeResultEvent):
+                await call_back(on_result, event.result)
+            elif isinstance(event, CodeErrorEvent):
+                await call_back(on_error, event.error)
+            else:
+                return event.execution
+        raise CommandStreamError("the server ended the cell's stream before the cell ended")
 
     async def create_code_context(
         self, *, cwd: str | None = None, language: CodeLanguage = "python"

@@ -3,12 +3,18 @@ contexts that keep their state apart."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+
+import anyio
 from aiohttp import web
 
 from tartarus.api.types import (
     CodeContextInfo,
     CodeContextList,
+    CodeDoneEvent,
     CodeExecution,
+    CodeStreamEvent,
     CreateCodeContextBody,
     RunCodeBody,
 )
@@ -16,7 +22,7 @@ from tartarus.auth.rbac import SANDBOX_EXEC, SANDBOX_READ
 from tartarus.node.code_contexts import CodeContexts
 from tartarus.node.manager import LiveSandbox
 from tartarus.server.context import live_sandbox
-from tartarus.server.routing import Reply, RouteTable, read_json, reply
+from tartarus.server.routing import NDJSON, Reply, RouteTable, encode, read_json, reply
 
 routes = RouteTable()
 
@@ -54,9 +60,58 @@ async def run_code(request: web.Request) -> web.StreamResponse:
     contexts = contexts_of(await live_sandbox(request))
     return reply(
         await contexts.run(
-            body.code, context=body.context, language=body.language, timeout_s=body.timeout_s
+            body.code,
+            context=body.context,
+            language=body.language,
+            timeout_s=body.timeout_s,
+            env=body.envs,
         )
     )
+
+
+@routes.route(
+    "POST",
+    "/v1/sandboxes/{id}/code/stream",
+    summary="Run code and stream its output",
+    tag="code",
+    body=RunCodeBody,
+    replies=(Reply(200, CodeStreamEvent, media=NDJSON, description="NDJSON events"),),
+    errors=(404, 409, 422),
+    permission=SANDBOX_EXEC,
+)
+async def run_code_stream(request: web.Request) -> web.StreamResponse:
+    """Runs a cell as `POST .../code` does and sends one JSON document per line as it
+    runs: `stdout` and `stderr` (each line the cell prints), `result` (each displayed
+    value, the main one included), `error`, then `done` with the whole execution. A
+    client that goes away does not stop the cell: its context stays consistent."""
+    body = await read_json(request, RunCodeBody)
+    kernel = contexts_of(await live_sandbox(request)).kernel_for(body.context, body.language)
+    line = kernel.request(body.code, body.envs)
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    await response.prepare(request)
+    # Unbounded, yet bounded by the cell's output cap (MAX_CELL_OUTPUT).
+    send, receive = anyio.create_memory_object_stream[CodeStreamEvent](math.inf)
+    connected = True
+
+    async def run() -> None:
+        async with send:
+            execution = await kernel.run_request(line, body.timeout_s, on_event=send.send_nowait)
+            send.send_nowait(CodeDoneEvent(execution=execution))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        async with receive:
+            async for event in receive:
+                if not connected:
+                    continue  # drained, so the cell ends as it would have
+                try:
+                    await response.write(encode(event) + b"\n")
+                except ConnectionError:
+                    connected = False
+    if connected:
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+    return response
 
 
 @routes.route(
