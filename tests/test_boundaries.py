@@ -29,6 +29,8 @@ CLIENT_IMPORTS = [
     # What a user's first line loads: the package's lazy names resolve to these.
     "from tartarus import Sandbox",
     "import tartarus.sdk.snapshots",
+    "from tartarus.compat.e2b import Sandbox",
+    "import tartarus.mcp_server.server",
 ]
 
 

@@ -148,14 +148,14 @@ def test_the_shell_keeps_variables_functions_and_directory(shell: str) -> None:
 PRINT_ENV = {
     "python": "import os; print(os.environ.get('TT_CELL', 'unset'))",
     "javascript": "console.log(process.env.TT_CELL ?? 'unset')",
-    "bash": "echo \"${TT_CELL-unset}\"",
+    "bash": 'echo "${TT_CELL-unset}"',
 }
 
 
 @pytest.mark.parametrize("kernel", ["python", "javascript", "bash"], indirect=True)
 def test_a_cells_own_variables_end_with_it(kernel: Kernel) -> None:
     printed = PRINT_ENV[kernel.language.name]
-    awkward = "it's $HOME \"quoted\" `and` \\ back"
+    awkward = 'it\'s $HOME "quoted" `and` \\ back'
     assert kernel.run(printed, env={"TT_CELL": awkward})["stdout"] == awkward + "\n"
     assert kernel.run(printed)["stdout"] == "unset\n"
     # A variable the context already had comes back after the cell.

@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from tartarus import Sandbox
+from tartarus.api.types import FileWatchEvent
 from tartarus.node.code_contexts import MAX_CONTEXTS
 from tartarus.runtime.types import FileKind, SandboxState
 from tartarus.sdk.client import Client
@@ -185,6 +186,66 @@ async def test_file_errors(sb: Sandbox) -> None:
             await sb.files.write(bad, "x")
     with pytest.raises(ConflictError):
         await sb.files.remove("/")
+
+
+async def test_watching_a_directory_reports_its_changes(sb: Sandbox) -> None:
+    """Events come from inotify in the sandbox's agent, for the API's writes and for
+    the sandbox's own processes alike."""
+    await sb.files.make_dir("/tmp/w/old")
+    seen: list[tuple[str, str]] = []
+    async with sb.files.watch("/tmp/w", recursive=True) as changes:
+        await sb.commands.run(
+            "echo 1 > /tmp/w/a.txt; chmod 600 /tmp/w/a.txt; mv /tmp/w/a.txt /tmp/w/b.txt; "
+            "echo 2 > /tmp/w/old/in-old; mkdir /tmp/w/new; echo 3 > /tmp/w/new/in-new; "
+            "rm /tmp/w/b.txt"
+        )
+        await sb.files.write("/tmp/w/api.txt", "from the API")
+        with anyio.fail_after(30):
+            async for change in changes:
+                seen.append((change.kind, change.path))
+                if change.path == "/tmp/w/api.txt" and change.kind in ("rename", "create"):
+                    break
+    for expected in [
+        ("create", "/tmp/w/a.txt"),
+        ("write", "/tmp/w/a.txt"),
+        ("chmod", "/tmp/w/a.txt"),
+        # As inotify-based watchers (fsnotify, E2B's) name them: the old name is
+        # renamed, the new one created.
+        ("rename", "/tmp/w/a.txt"),
+        ("create", "/tmp/w/b.txt"),
+        ("create", "/tmp/w/old/in-old"),
+        ("create", "/tmp/w/new"),
+        ("create", "/tmp/w/new/in-new"),
+        ("remove", "/tmp/w/b.txt"),
+    ]:
+        assert expected in seen, (expected, seen)
+    # Not recursive: a subdirectory's changes are not reported; the callback form.
+    got: list[str] = []
+    top = anyio.Event()
+
+    def on_event(event: FileWatchEvent) -> None:
+        got.append(event.path)
+        if event.path == "/tmp/w/top":
+            top.set()
+
+    handle = await sb.files.watch_dir("/tmp/w", on_event)
+    await sb.commands.run("echo 4 > /tmp/w/old/deep; echo 5 > /tmp/w/top")
+    with anyio.fail_after(30):
+        await top.wait()
+    await handle.stop()
+    assert "/tmp/w/old/deep" not in got
+    with pytest.raises(NotFoundError):
+        async with sb.files.watch("/tmp/no-such-dir"):
+            pass
+    with pytest.raises(ConflictError, match="directory"):
+        async with sb.files.watch("/tmp/w/top"):
+            pass
+    # A removed directory ends its watch.
+    async with sb.files.watch("/tmp/w/new") as changes:
+        await sb.files.remove("/tmp/w/new", recursive=True)
+        with anyio.fail_after(30):
+            ends = [(c.kind, c.path) async for c in changes]
+    assert ends[-1] == ("remove", "/tmp/w/new")
 
 
 async def test_pty(sb: Sandbox) -> None:

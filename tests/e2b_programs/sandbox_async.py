@@ -3,7 +3,7 @@ callbacks and background handles, files, timeouts, info, listing, kill."""
 
 import asyncio
 
-from e2b_code_interpreter import AsyncSandbox, CommandExitException
+from e2b_code_interpreter import AsyncSandbox, CommandExitException, FilesystemEvent
 
 
 async def main() -> None:
@@ -32,6 +32,16 @@ async def main() -> None:
         print("exists:", await sandbox.files.exists("/tmp/data/hello.txt"))
         entries = await sandbox.files.list("/tmp/data")
         print("list:", [(e.name, e.type.value, e.size) for e in entries])
+
+        events: list[FilesystemEvent] = []
+        handle = await sandbox.files.watch_dir("/tmp/data", on_event=events.append)
+        await sandbox.files.write("/tmp/data/watched.txt", "hi")
+        for _ in range(100):
+            if any(e.name == "watched.txt" for e in events):
+                break
+            await asyncio.sleep(0.1)
+        await handle.stop()
+        print("watched:", sorted({e.type.value for e in events if e.name == "watched.txt"}))
 
         await sandbox.set_timeout(120)
         info = await sandbox.get_info()

@@ -354,6 +354,14 @@ class RenameBody(_Request, kw_only=True):
     dst: SandboxPath
 
 
+class FileWatchEvent(_Response, kw_only=True):
+    """One line of `GET .../files/watch`: what changed under the watched directory.
+    `overflow`: the sandbox's kernel dropped events (its inotify queue was full)."""
+
+    path: str
+    kind: Literal["create", "write", "remove", "rename", "chmod", "overflow"]
+
+
 class FileWritten(_Response, kw_only=True):
     path: str
     size: int

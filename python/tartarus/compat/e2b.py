@@ -14,8 +14,10 @@ the local one.
 from __future__ import annotations
 
 import builtins
+import collections
 import datetime as dt
 import inspect
+import posixpath
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from tartarus.api.types import (
     CodeContextInfo,
     CodeError,
     CodeExecution,
+    FileWatchEvent,
     ProcessEntry,
     RichResult,
     SandboxInfo,
@@ -35,6 +38,7 @@ from tartarus.api.types import (
 from tartarus.sdk.commands import CommandHandle as _Handle
 from tartarus.sdk.commands import CommandResult
 from tartarus.sdk.errors import NotFoundError
+from tartarus.sdk.files import WatchHandle as _WatchHandle
 from tartarus.sdk.sandbox import Sandbox as _Sandbox
 from tartarus.sync import _Portal
 
@@ -48,6 +52,8 @@ __all__ = [
     "Execution",
     "ExecutionError",
     "FileType",
+    "FilesystemEvent",
+    "FilesystemEventType",
     "OutputMessage",
     "Result",
     "Sandbox",
@@ -116,7 +122,10 @@ DIFFERENCES: dict[str, str] = {
     "Filesystem.write(metadata)": "files carry no metadata",
     "Filesystem.write(user)": "files are written as the sandbox's user",
     "Filesystem.write_files": "call write once per file",
-    "Filesystem.watch_dir": "not yet: poll with list (inotify in the guest agent is planned)",
+    "Filesystem.watch_dir(timeout)": "the watch lasts until stop() or the directory goes",
+    "Filesystem.watch_dir(user)": "as the sandbox's user",
+    "Filesystem.watch_dir(include_entry)": "events carry no entry: call get_info",
+    "Filesystem.watch_dir(allow_network_mounts)": "no network mounts",
     "Filesystem.list(user)": "files are listed as the sandbox's user",
     "Filesystem.exists(user)": "as the sandbox's user",
     "Filesystem.get_info(user)": "as the sandbox's user",
@@ -156,6 +165,41 @@ class EntryInfo:
     group: str = ""
     symlink_target: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+class FilesystemEventType(Enum):
+    CHMOD = "chmod"
+    CREATE = "create"
+    REMOVE = "remove"
+    RENAME = "rename"
+    WRITE = "write"
+
+
+@dataclass
+class FilesystemEvent:
+    """A change under a watched directory; `name` is relative to it."""
+
+    name: str
+    type: FilesystemEventType
+    entry: EntryInfo | None = None
+
+
+def _fs_event(root: str, event: FileWatchEvent) -> FilesystemEvent | None:
+    """E2B's event for ours (None for `overflow`, which E2B has no name for)."""
+    if event.kind == "overflow":
+        return None
+    name = posixpath.relpath(event.path, root) if event.path != root else ""
+    return FilesystemEvent(name=name, type=FilesystemEventType(event.kind))
+
+
+class AsyncWatchHandle:
+    """E2B's `AsyncWatchHandle`: events go to `on_event` until `stop()`."""
+
+    def __init__(self, handle: _WatchHandle) -> None:
+        self._handle = handle
+
+    async def stop(self) -> None:
+        await self._handle.stop()
 
 
 @dataclass
@@ -367,6 +411,28 @@ class Filesystem:
     async def make_dir(self, path: str, request_timeout: float | None = None) -> bool:
         del request_timeout
         return await self._sb.files.make_dir(path)
+
+    async def watch_dir(
+        self,
+        path: str,
+        on_event: Callable[[FilesystemEvent], Any],
+        on_exit: Callable[[Exception | None], Any] | None = None,
+        request_timeout: float | None = None,
+        timeout: float | None = 60,
+        recursive: bool = False,
+    ) -> AsyncWatchHandle:
+        """Watches `path` (inotify in the sandbox); returns once the watch is in place."""
+        del request_timeout, timeout
+
+        async def forward(event: FileWatchEvent) -> None:
+            converted = _fs_event(path.rstrip("/") or "/", event)
+            if converted is not None:
+                out = on_event(converted)
+                if inspect.isawaitable(out):
+                    await out
+
+        handle = await self._sb.files.watch_dir(path, forward, recursive=recursive, on_exit=on_exit)
+        return AsyncWatchHandle(handle)
 
 
 # E2B's connection parameters (`**opts`): the key and URL are used, the rest ignored.
@@ -605,8 +671,40 @@ class SyncCommands(_Blocking):
     _async = Commands
 
 
+class WatchHandle:
+    """E2B's blocking `WatchHandle`: collect events with `get_new_events()`."""
+
+    def __init__(self, portal: _Portal) -> None:
+        self._portal = portal
+        self._events: collections.deque[FilesystemEvent] = collections.deque()
+        self._handle: AsyncWatchHandle | None = None
+
+    def get_new_events(self) -> builtins.list[FilesystemEvent]:
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._portal.call(self._handle.stop)
+
+
 class SyncFilesystem(_Blocking):
     _async = Filesystem
+
+    def watch_dir(
+        self, path: str, request_timeout: float | None = None, recursive: bool = False
+    ) -> WatchHandle:
+        del request_timeout
+        handle = WatchHandle(self._portal)
+        handle._handle = self._portal.call(
+            self._inner.watch_dir,
+            path,
+            handle._events.append,
+            recursive=recursive,
+        )
+        return handle
 
 
 class Sandbox(_Blocking):

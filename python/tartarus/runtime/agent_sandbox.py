@@ -26,6 +26,7 @@ from tartarus.runtime.types import (
     ExitStatus,
     FileInfo,
     FileKind,
+    FsChange,
     LogEntry,
     OutputChunk,
     ProcessInfo,
@@ -188,6 +189,24 @@ class AgentExecution(Execution):
                 duration_s=exit_.duration_s,
             )
         return ExecResult(stdout=bytes(out["stdout"]), stderr=bytes(out["stderr"]), exit=exit_)
+
+
+class AgentDirWatch:
+    """A directory watch in the agent (inotify); `close` cancels it there."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self._stream = stream
+
+    async def changes(self) -> AsyncGenerator[FsChange, None]:
+        while True:
+            message = await self._stream.next()
+            if isinstance(message, p.End):
+                return
+            if isinstance(message, p.FsEvent):
+                yield FsChange(path=message.path, kind=message.kind)
+
+    async def close(self) -> None:
+        await self._stream.cancel()
 
 
 class AgentSandbox(abc.ABC):
@@ -451,3 +470,15 @@ class AgentSandbox(abc.ABC):
 
     async def rename(self, src: str, dst: str) -> None:
         await self.agent.call_expect(p.Rename(src=src, dst=dst), p.Ok)
+
+    async def watch_dir(self, path: str, *, recursive: bool = False) -> AgentDirWatch:
+        stream = await self.agent.start(p.WatchDir(path=path, recursive=recursive))
+        try:
+            first = await stream.next(timeout_s=self.agent.request_timeout_s)
+        except BaseException:
+            stream.close()
+            raise
+        if not isinstance(first, p.Watching):
+            stream.close()
+            raise AgentError("unexpected_reply", f"watch_dir got {p.type_name(first)}")
+        return AgentDirWatch(stream)

@@ -19,6 +19,7 @@ from tartarus.runtime.types import (
     ExecRequest,
     ExecResult,
     FileInfo,
+    FsChange,
     LogEntry,
     ProcessInfo,
     SandboxSpec,
@@ -96,6 +97,14 @@ class Execution(Protocol):
         ...
 
 
+class DirWatch(Protocol):
+    def changes(self) -> AsyncIterator[FsChange]:
+        """Changes as they happen; ends when the watched directory goes."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 @runtime_checkable
 class Sandbox(Protocol):
     @property
@@ -147,6 +156,11 @@ class Sandbox(Protocol):
     async def remove(self, path: str, *, recursive: bool = False) -> None: ...
 
     async def rename(self, src: str, dst: str) -> None: ...
+
+    async def watch_dir(self, path: str, *, recursive: bool = False) -> DirWatch:
+        """Watches a directory: returns once the watch is in place (so a missing path
+        fails here), then `DirWatch.changes` yields what changes until `close`."""
+        ...
 
     async def stats(self) -> SandboxStats: ...
 

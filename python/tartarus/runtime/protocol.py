@@ -235,6 +235,14 @@ class Rename(_Msg, tag="rename"):
     dst: str
 
 
+class WatchDir(_Msg, tag="watch_dir"):
+    """Watch a directory (and with `recursive` its subdirectories) with inotify:
+    `watching`, then `fs_event`s until cancelled or the directory goes."""
+
+    path: str
+    recursive: bool = False
+
+
 class GetStats(_Msg, tag="get_stats"):
     pass
 
@@ -339,6 +347,18 @@ class FileInfoMsg(FileInfo, _Msg, tag="file_info"):
     pass
 
 
+class Watching(_Msg, tag="watching"):
+    pass
+
+
+class FsEvent(_Msg, tag="fs_event"):
+    """A change under a watched directory: `kind` is create, write, remove, rename,
+    chmod, or overflow (events were lost; `path` is the watched directory)."""
+
+    path: str
+    kind: str
+
+
 class DirListing(_Msg, tag="dir_listing"):
     entries: list[FileInfo]
     truncated: bool
@@ -373,6 +393,7 @@ Request = (
     | Mkdir
     | Remove
     | Rename
+    | WatchDir
     | GetStats
     | Shutdown
     | Reseed
@@ -396,6 +417,8 @@ Response = (
     | FileInfoMsg
     | DirListing
     | StatsResult
+    | Watching
+    | FsEvent
 )
 Message = Request | Response
 

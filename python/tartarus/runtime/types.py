@@ -147,6 +147,14 @@ class LogEntry(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes
 
 
+class FsChange(msgspec.Struct, frozen=True, kw_only=True):
+    """A change under a watched directory (inotify in the sandbox's agent): `kind` is
+    create, write, remove, rename, chmod, or overflow (events were lost)."""
+
+    path: str
+    kind: str
+
+
 class SandboxStats(msgspec.Struct, frozen=True, kw_only=True):
     cpu_seconds: float
     memory_bytes: int

@@ -35,6 +35,7 @@ import msgspec
 import wasmtime
 
 from tartarus.runtime.base import (
+    DirWatch,
     NotSupportedError,
     SandboxError,
     SandboxNotFoundError,
@@ -544,6 +545,9 @@ class WasmSandbox:
             memory_limit_bytes=self.spec.resources.memory_mib << 20,
             pids=running,
         )
+
+    async def watch_dir(self, path: str, *, recursive: bool = False) -> DirWatch:
+        raise NotSupportedError(Backend.WASM, "watching directories")
 
     async def snapshot(self, dest_dir: Path) -> SnapshotInfo:
         raise NotSupportedError(Backend.WASM, "snapshots")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import msgspec
@@ -29,6 +29,22 @@ _problems = msgspec.json.Decoder(Problem)
 DEFAULT_REQUEST_TIMEOUT_S = None
 CONNECT_TIMEOUT_S = 10.0
 STREAM_LINE_LIMIT = 32 << 20
+
+
+class NdjsonStream(Generic[T]):
+    """The documents of an NDJSON response, one per line, until the server ends it."""
+
+    def __init__(self, response: aiohttp.ClientResponse, decoder: msgspec.json.Decoder[T]) -> None:
+        self._response = response
+        self._decoder = decoder
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        async for line in self._response.content:
+            if line.strip():
+                yield self._decoder.decode(line)
+
+    def close(self) -> None:
+        self._response.close()
 
 
 class Client:
@@ -146,14 +162,35 @@ class Client:
         return self.ndjson(method, path, _events, json=json)
 
     async def ndjson(
-        self, method: str, path: str, decoder: msgspec.json.Decoder[T], *, json: Any = None
+        self,
+        method: str,
+        path: str,
+        decoder: msgspec.json.Decoder[T],
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[T]:
         """An NDJSON stream, one document per line, each decoded with `decoder`."""
-        response = await self._send(method, path, json=json)
-        async with response:
-            async for line in response.content:
-                if line.strip():
-                    yield decoder.decode(line)
+        stream = await self.open_ndjson(method, path, decoder, json=json, params=params)
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            stream.close()
+
+    async def open_ndjson(
+        self,
+        method: str,
+        path: str,
+        decoder: msgspec.json.Decoder[T],
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> NdjsonStream[T]:
+        """Sends the request and returns once the server has answered (a problem raises
+        here); then iterate the stream and close it."""
+        response = await self._send(method, path, json=json, params=params)
+        return NdjsonStream(response, decoder)
 
     async def download(
         self, path: str, params: Mapping[str, Any], chunk_size: int = 256 * 1024

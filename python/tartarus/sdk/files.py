@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Literal, overload
@@ -10,11 +12,50 @@ import anyio
 import msgspec
 
 from tartarus.api.sandbox import FileInfo
-from tartarus.api.types import FileList, FileWritten, MakeDirBody, RenameBody
-from tartarus.sdk.client import Client
+from tartarus.api.types import FileList, FileWatchEvent, FileWritten, MakeDirBody, RenameBody
+from tartarus.errors import TartarusError
+from tartarus.sdk.client import Client, NdjsonStream
+from tartarus.sdk.commands import Callback, call_back
 from tartarus.sdk.errors import NotFoundError
 
 CHUNK = 256 * 1024
+_watch_events = msgspec.json.Decoder(FileWatchEvent)
+
+
+class WatchHandle:
+    """A directory watch whose events go to a callback in the background
+    (`sb.files.watch_dir`); `stop()` ends it."""
+
+    def __init__(
+        self,
+        stream: NdjsonStream[FileWatchEvent],
+        on_event: Callback[FileWatchEvent],
+        on_exit: Callback[Exception | None] | None,
+    ) -> None:
+        self._stream = stream
+        # A task of the caller's event loop (asyncio): the events arrive while the
+        # caller does other things, as E2B's handle has them.
+        self._task = asyncio.get_running_loop().create_task(self._pump(on_event, on_exit))
+
+    async def _pump(
+        self, on_event: Callback[FileWatchEvent], on_exit: Callback[Exception | None] | None
+    ) -> None:
+        error: Exception | None = None
+        try:
+            async for event in self._stream:
+                await call_back(on_event, event)
+        except (TartarusError, OSError, ValueError) as e:
+            error = e
+        finally:
+            self._stream.close()
+        await call_back(on_exit, error)
+
+    async def stop(self) -> None:
+        """Ends the watch (the server cancels it in the sandbox)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._stream.close()
 
 
 class Files:
@@ -32,6 +73,39 @@ class Files:
         """The whole file, as text (UTF-8) or bytes; `stream()` for large files."""
         data = b"".join([chunk async for chunk in self.stream(path)])
         return data.decode() if format == "text" else data
+
+    async def _open_watch(self, path: str, recursive: bool) -> NdjsonStream[FileWatchEvent]:
+        params = {"path": path, "recursive": recursive}
+        return await self._client.open_ndjson(
+            "GET", f"{self._base}/watch", _watch_events, params=params
+        )
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self, path: str, *, recursive: bool = False
+    ) -> AsyncIterator[AsyncIterator[FileWatchEvent]]:
+        """Watches a directory (inotify in the sandbox): on entry the watch is in
+        place; iterate for changes (`create`, `write`, `remove`, `rename`, `chmod`,
+        `overflow`) until you leave the block or the directory is removed."""
+        stream = await self._open_watch(path, recursive)
+        try:
+            yield aiter(stream)
+        finally:
+            stream.close()
+
+    async def watch_dir(
+        self,
+        path: str,
+        on_event: Callback[FileWatchEvent],
+        *,
+        recursive: bool = False,
+        on_exit: Callback[Exception | None] | None = None,
+    ) -> WatchHandle:
+        """E2B's shape of `watch`: returns once the watch is in place; `on_event` gets
+        each change in the background (asyncio), `on_exit` the error that ended it (or
+        None); `await handle.stop()` ends it."""
+        stream = await self._open_watch(path, recursive)
+        return WatchHandle(stream, on_event, on_exit)
 
     def stream(self, path: str) -> AsyncIterator[bytes]:
         """The file's content, chunk by chunk, as the server reads it."""

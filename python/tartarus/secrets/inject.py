@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 
 from tartarus.node.store import SandboxRecord
-from tartarus.runtime.base import Execution, Sandbox
+from tartarus.runtime.base import DirWatch, Execution, Sandbox
 from tartarus.runtime.types import (
     Backend,
     ExecRequest,
@@ -101,6 +101,9 @@ class SecretEnvSandbox:
 
     async def rename(self, src: str, dst: str) -> None:
         await self.inner.rename(src, dst)
+
+    async def watch_dir(self, path: str, *, recursive: bool = False) -> DirWatch:
+        return await self.inner.watch_dir(path, recursive=recursive)
 
     async def stats(self) -> SandboxStats:
         return await self.inner.stats()

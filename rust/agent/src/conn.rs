@@ -21,6 +21,7 @@ use crate::files::{self, Handles};
 use crate::process::{Failure, Registry};
 use crate::reply::Replier;
 use crate::ring::{pump, PumpEnd};
+use crate::watch::{Watch, Watches};
 
 /// Frames queued for the writer per connection.
 const OUT_QUEUE: usize = 64;
@@ -45,6 +46,7 @@ pub const FEATURES: &[&str] = &[
     "stream-files",
     "stats",
     "reseed",
+    "watch",
 ];
 
 /// What the whole agent shares between connections.
@@ -104,6 +106,8 @@ struct Conn {
     id: u64,
     out: mpsc::Sender<Vec<u8>>,
     handles: Handles,
+    /// Directory watches open on this connection.
+    watches: Watches,
     tasks: Mutex<HashMap<u64, AbortHandle>>,
     /// Notified whenever a request task finishes.
     task_done: Notify,
@@ -221,6 +225,7 @@ where
         id: agent.next_conn.fetch_add(1, Ordering::Relaxed),
         out,
         handles: Handles::default(),
+        watches: Watches::default(),
         tasks: Mutex::new(HashMap::new()),
         task_done: Notify::new(),
     });
@@ -618,6 +623,29 @@ async fn handle(agent: &Arc<Agent>, conn: &Arc<Conn>, reply: &Replier, msg: Mess
         Message::Rename { src, dst } => blocking(move || files::rename(&src, &dst))
             .await
             .map(|()| Message::Ok {}),
+        Message::WatchDir { path, recursive } => {
+            // Held until the stream ends or its task is aborted (`cancel`).
+            let slot = match conn.watches.acquire() {
+                Ok(slot) => slot,
+                Err((code, message)) => {
+                    reply.error(code, message).await;
+                    return;
+                }
+            };
+            let watch = blocking(move || Watch::start(&path, recursive))
+                .await
+                .and_then(|prepared| prepared.register());
+            match watch {
+                Ok(watch) => {
+                    if reply.send(Message::Watching {}).await {
+                        watch.run(reply).await;
+                    }
+                    drop(slot);
+                    return;
+                }
+                Err(failure) => Err(failure),
+            }
+        }
         Message::GetStats {} => {
             let started = agent.started;
             blocking(move || Ok(crate::stats::collect(started)))

@@ -40,7 +40,7 @@ pub fn io_failure(context: &str, err: &io::Error) -> Failure {
     (code, format!("{context}: {err}"))
 }
 
-fn checked_path(path: &str) -> Result<&Path, Failure> {
+pub fn checked_path(path: &str) -> Result<&Path, Failure> {
     if path.is_empty() || path.contains('\0') {
         return Err((codes::INVALID_ARGUMENT, format!("invalid path {path:?}")));
     }

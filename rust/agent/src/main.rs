@@ -20,6 +20,7 @@ mod scratch;
 mod spawn;
 mod stats;
 mod user;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -264,6 +264,12 @@ pub enum Message {
         src: String,
         dst: String,
     },
+    /// Streams changes in a directory (and with `recursive` its subdirectories):
+    /// `watching`, then `fs_event`s until cancelled or the directory goes away (`end`).
+    WatchDir {
+        path: String,
+        recursive: bool,
+    },
     GetStats {},
     Shutdown {
         grace_s: f64,
@@ -327,6 +333,16 @@ pub enum Message {
         truncated: bool,
     },
     StatsResult(Stats),
+    /// The answer to `watch_dir` once the watch is in place; events follow.
+    Watching {},
+    /// A change seen by `watch_dir`: `path` is the entry that changed (the watched
+    /// directory's path joined with the entry's name), `kind` one of `create`, `write`,
+    /// `remove`, `rename`, `chmod`, or `overflow` (events were lost; `path` is the
+    /// watched directory).
+    FsEvent {
+        path: String,
+        kind: String,
+    },
 }
 
 /// Every `type` tag, in declaration order (requests first).
@@ -355,6 +371,7 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "mkdir",
     "remove",
     "rename",
+    "watch_dir",
     "get_stats",
     "shutdown",
     "reseed",
@@ -376,6 +393,8 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "file_info",
     "dir_listing",
     "stats_result",
+    "watching",
+    "fs_event",
 ];
 
 impl Message {
@@ -415,6 +434,7 @@ impl Message {
                 | Mkdir { .. }
                 | Remove { .. }
                 | Rename { .. }
+                | WatchDir { .. }
                 | GetStats {}
                 | Shutdown { .. }
                 | Reseed { .. }
@@ -449,6 +469,7 @@ impl Message {
             Mkdir { .. } => "mkdir",
             Remove { .. } => "remove",
             Rename { .. } => "rename",
+            WatchDir { .. } => "watch_dir",
             GetStats {} => "get_stats",
             Shutdown { .. } => "shutdown",
             Reseed { .. } => "reseed",
@@ -470,6 +491,8 @@ impl Message {
             FileInfo(_) => "file_info",
             DirListing { .. } => "dir_listing",
             StatsResult(_) => "stats_result",
+            Watching {} => "watching",
+            FsEvent { .. } => "fs_event",
         }
     }
 }

@@ -249,6 +249,16 @@ pub fn valid() -> Vec<(&'static str, Envelope)> {
                 },
             ),
         ),
+        (
+            "watch_dir",
+            m(
+                28,
+                Message::WatchDir {
+                    path: "/work".into(),
+                    recursive: true,
+                },
+            ),
+        ),
         ("get_stats", m(25, Message::GetStats {})),
         ("shutdown", m(26, Message::Shutdown { grace_s: 10.0 })),
         (
@@ -440,6 +450,17 @@ pub fn valid() -> Vec<(&'static str, Envelope)> {
                     pids: 3,
                     uptime_s: 12.0,
                 }),
+            ),
+        ),
+        ("watching", m(28, Message::Watching {})),
+        (
+            "fs_event",
+            m(
+                28,
+                Message::FsEvent {
+                    path: "/work/d/a.txt".into(),
+                    kind: "write".into(),
+                },
             ),
         ),
     ]

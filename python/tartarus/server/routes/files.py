@@ -7,20 +7,39 @@ resolves what is left within the sandbox's own root.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from tartarus.api.types import FileList, FileWritten, MakeDirBody, RenameBody, SandboxPath
+from tartarus.api.types import (
+    FileList,
+    FileWatchEvent,
+    FileWritten,
+    MakeDirBody,
+    RenameBody,
+    SandboxPath,
+)
 from tartarus.auth.rbac import SANDBOX_EXEC, SANDBOX_READ
 from tartarus.runtime.types import FileInfo
 from tartarus.server.context import live_sandbox
 from tartarus.server.problems import ApiError
-from tartarus.server.routing import OCTETS, Reply, RouteTable, read_json, read_query, reply
+from tartarus.server.routes.exec import stream_over
+from tartarus.server.routing import (
+    NDJSON,
+    OCTETS,
+    Reply,
+    RouteTable,
+    encode,
+    read_json,
+    read_query,
+    reply,
+)
 
 routes = RouteTable()
 
@@ -67,6 +86,59 @@ class RemoveQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     path: SandboxPath
     recursive: bool = False
+
+
+class WatchQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What to watch.
+
+    path: absolute path of a directory inside the sandbox
+    recursive: its subdirectories too (those made later included)
+    """
+
+    path: SandboxPath
+    recursive: bool = False
+
+
+@routes.route(
+    "GET",
+    "/v1/sandboxes/{id}/files/watch",
+    summary="Watch a directory",
+    tag="files",
+    query=WatchQuery,
+    replies=(Reply(200, FileWatchEvent, media=NDJSON, description="NDJSON events"),),
+    errors=(404, 409),
+    permission=SANDBOX_READ,
+)
+async def watch_directory(request: web.Request) -> web.StreamResponse:
+    """Answers once the watch is in place (inotify in the sandbox's agent), then sends
+    one JSON document per line for each change: `create`, `write`, `remove`, `rename`,
+    `chmod`, or `overflow` when the sandbox's kernel dropped events. It ends when the
+    client goes, the directory is removed, or the sandbox stops."""
+    q = read_query(request, WatchQuery)
+    live = await live_sandbox(request)
+    watch = await live.sandbox.watch_dir(sandbox_path(q.path), recursive=q.recursive)
+    try:
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+        await response.prepare(request)
+        async with anyio.create_task_group() as tg:
+
+            async def until_gone() -> None:
+                await stream_over(request, live)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(until_gone)
+            async for change in watch.changes():
+                event = FileWatchEvent(path=change.path, kind=change.kind)  # type: ignore[arg-type]
+                await response.write(encode(event) + b"\n")
+            tg.cancel_scope.cancel()
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+    except ConnectionError:
+        pass
+    finally:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await watch.close()
+    return response
 
 
 @routes.route(
