@@ -2,13 +2,15 @@
 matplotlib chart back as a PNG (on the `python-ds` template: numpy, pandas, scipy,
 matplotlib).
 
-The chart is the cell's image result (`execution.results[...].png`, base64), written
+A displayed DataFrame comes back as HTML and as data (`result.data`, JSON). The chart
+is the cell's image result (`execution.results[...].png`, base64), written
 here to chart.png in the current directory.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 
 import anyio
 
@@ -33,6 +35,7 @@ fig, ax = plt.subplots(figsize=(5, 3))
 ax.bar(df['month'], df['visitors'])
 ax.set_title('Visitors per month')
 plt.show()
+display(df.tail(2))
 int(df['visitors'].idxmax())
 """
 
@@ -45,6 +48,9 @@ async def main() -> None:
             raise SystemExit(f"{execution.error.name}: {execution.error.value}")
         print("".join(execution.logs.stdout), end="")
         charts = [r.png for r in execution.results if r.png]
+        # A displayed DataFrame comes back as an HTML table and as its data.
+        table = next(r for r in execution.results if r.data)
+        print("last rows:", json.loads(table.data)["data"], "(html too)" if table.html else "")
         await anyio.Path("chart.png").write_bytes(base64.b64decode(charts[0]))
         print(f"busiest month: row {execution.text}; chart.png written ({len(charts)} chart)")
 

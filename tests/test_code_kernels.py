@@ -177,3 +177,29 @@ def test_a_shell_cell_refuses_variable_names_the_shell_cannot_take() -> None:
 
     with pytest.raises(InvalidRequestError, match="not a shell variable name: 1X, A-B"):
         LANGUAGES["bash"].encode("true", {"A-B": "1", "1X": "2", "OK": "3"})
+
+
+@pytest.mark.parametrize("kernel", ["python"], indirect=True)
+def test_python_renders_every_format_a_value_offers(kernel: Kernel) -> None:
+    out = kernel.run(
+        "class Rich:\n"
+        "    def _repr_latex_(self): return r'$\\alpha$'\n"
+        "    def _repr_javascript_(self): return 'alert(1)'\n"
+        "    def _repr_markdown_(self): return '**b**'\n"
+        "    def __repr__(self): return 'Rich()'\n"
+        "class DataFrame:\n"  # the shape of pandas' DataFrame that the kernel reads
+        "    size = 2\n"
+        "    def to_json(self, orient, date_format):\n"
+        '        return \'{"columns":["a"],"index":[0,1],"data":[[1],[2]]}\'\n'
+        "display(Rich())\n"
+        "DataFrame()"
+    )
+    (rich, shown), (frame, main) = out["results"]
+    assert rich == {
+        "latex": "$\\alpha$",
+        "javascript": "alert(1)",
+        "markdown": "**b**",
+        "text": "Rich()",
+    }
+    assert not shown and main
+    assert json.loads(frame["data"])["data"] == [[1], [2]]

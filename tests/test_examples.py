@@ -55,6 +55,7 @@ def test_data_analysis_returns_a_png_chart(server: Server, tmp_path: Path) -> No
     out = run_example(server, "data_analysis.py", tmp_path)
     assert "busiest month: row 5; chart.png written (1 chart)" in out
     assert "mean" in out and "240" in out
+    assert "last rows: [['May', 190], ['Jun', 240]] (html too)" in out
     chart = (tmp_path / "chart.png").read_bytes()
     assert chart.startswith(PNG_MAGIC)
     assert len(chart) > 2000

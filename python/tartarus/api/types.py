@@ -436,7 +436,13 @@ class RichResult(_Response, kw_only=True):
     # Base64-encoded images.
     png: str | None = None
     jpeg: str | None = None
+    pdf: str | None = None
+    latex: str | None = None
+    javascript: str | None = None
     json: str | None = None
+    # A pandas DataFrame's values: JSON `{"columns": [...], "index": [...], "data":
+    # [[...], ...]}` (up to 10 000 cells; `html` has the table).
+    data: str | None = None
     # True for the value of the cell's last expression (what a notebook shows as Out[n]).
     is_main_result: bool = False
 

@@ -84,6 +84,8 @@ def describe_execution(execution: CodeExecution) -> dict[str, Any]:
                 ("html", r.html),
                 ("markdown", r.markdown),
                 ("json", r.json),
+                ("latex", r.latex),
+                ("data", r.data),
                 ("svg", r.svg),
             )
             if value is not None

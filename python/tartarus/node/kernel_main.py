@@ -31,7 +31,12 @@ FORMATS = (
     ("_repr_png_", "png"),
     ("_repr_jpeg_", "jpeg"),
     ("_repr_json_", "json"),
+    ("_repr_latex_", "latex"),
+    ("_repr_javascript_", "javascript"),
+    ("_repr_pdf_", "pdf"),
 )
+# A DataFrame's values as data, up to this many cells (E2B's `Result.data`).
+MAX_DATA_CELLS = 10_000
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -80,8 +85,22 @@ def render(value: Any) -> dict[str, str]:
     if hasattr(value, "savefig") and "png" not in out:
         with contextlib.suppress(Exception):
             out["png"] = figure_png(value)
+    frame = dataframe_data(value)
+    if frame is not None:
+        out["data"] = frame
     out["text"] = repr(value)
     return out
+
+
+def dataframe_data(value: Any) -> str | None:
+    """A pandas DataFrame as JSON (`{"columns", "index", "data"}`), if it is small."""
+    if type(value).__name__ != "DataFrame" or not hasattr(value, "to_json"):
+        return None
+    if getattr(value, "size", MAX_DATA_CELLS + 1) > MAX_DATA_CELLS:
+        return None
+    with contextlib.suppress(Exception):
+        return str(value.to_json(orient="split", date_format="iso"))
+    return None
 
 
 def display(value: Any) -> None:
