@@ -18,6 +18,7 @@ import pytest
 from tartarus.config import load_settings
 from tartarus.host.doctor import DoctorReport, run_doctor
 from tests.support.redis_server import RedisServer, redis_server
+from tests.support.server import Server, processes_mentioning, require_backend, running_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,3 +93,15 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A real redis-server for the module's tests (each keeps to its own keys)."""
     with redis_server(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real `tartarus serve` (real backend) for the suites that use it only as
+    clients do (MCP, the E2B compat module, the examples): they build their templates
+    once per worker rather than once per module."""
+    require_backend()
+    base = tmp_path_factory.mktemp("shared")
+    with running_server(base) as server:
+        yield server
+    assert processes_mentioning(str(base)) == []

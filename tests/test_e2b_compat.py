@@ -10,7 +10,6 @@ import inspect
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import e2b_code_interpreter
@@ -22,7 +21,7 @@ from e2b.sandbox_sync.filesystem.filesystem import Filesystem as E2BFilesystem
 
 from tartarus.compat import e2b as compat
 from tests.conftest import REPO_ROOT
-from tests.support.server import Server, processes_mentioning, require_backend, running_server
+from tests.support.server import Server
 
 PROGRAMS = Path(__file__).parent / "e2b_programs"
 IMPORT = re.compile(r"^from e2b(_code_interpreter)? import ", re.MULTILINE)
@@ -133,12 +132,8 @@ def test_positional_order_matches_where_both_have_the_parameters() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_backend()
-    base = tmp_path_factory.mktemp("e2b")
-    with running_server(base) as s:
-        yield s
-    assert processes_mentioning(str(base)) == []
+def server(shared_server: Server) -> Server:
+    return shared_server
 
 
 def run_ported(server: Server, name: str, tmp_path: Path) -> list[str]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.support.server import Server, processes_mentioning, require_backend, running_server
+from tests.support.server import Server
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -19,12 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_backend()
-    base = tmp_path_factory.mktemp("examples")
-    with running_server(base) as s:
-        yield s
-    assert processes_mentioning(str(base)) == []
+def server(shared_server: Server) -> Server:
+    return shared_server
 
 
 def run_example(server: Server, name: str, cwd: Path) -> str:

@@ -22,7 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult, TextContent
 
 from tests.support.auth import make_key
-from tests.support.server import Server, processes_mentioning, require_backend, running_server
+from tests.support.server import Server
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.anyio]
 
@@ -43,12 +43,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_backend()
-    base = tmp_path_factory.mktemp("mcp")
-    with running_server(base) as s:
-        yield s
-    assert processes_mentioning(str(base)) == []
+def server(shared_server: Server) -> Server:
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +188,16 @@ async def exercise(client: Client) -> str:
 
 def assert_audited(server: Server, sandbox_id: str) -> None:
     """Every tool call of the session is in the audit log, as the key's principal."""
-    mine = [e for e in audit(server) if e["kind"] == "client"]
-    calls = [e for e in mine if e["resource"].get("id") == sandbox_id]
+    calls = [
+        e for e in audit(server) if e["kind"] == "client" and e["resource"].get("id") == sandbox_id
+    ]
     assert {e["action"] for e in calls} >= {f"mcp.{t}" for t in TOOLS - {"create_sandbox"}}
-    for entry in mine:
-        assert entry["tenant"] == "acme"
-        assert entry["subject"] == "key:agent"
-        assert entry["method"] == "api-key"
+    for entry in calls:
+        assert (entry["tenant"], entry["subject"], entry["method"]) == (
+            "acme",
+            "key:agent",
+            "api-key",
+        )
     outcomes = {(e["action"], e["outcome"]) for e in calls}
     assert ("mcp.read_file", "failed") in outcomes
     assert ("mcp.kill_sandbox", "allowed") in outcomes
@@ -251,19 +250,23 @@ async def test_stdio_with_a_bad_key_refuses_every_call_and_audits_it(server: Ser
 
 async def test_limits_refuse_and_audit(server: Server) -> None:
     _, key = make_key(server, "acme", ["developer"], name="limited")
-    with http_mcp(server, "--max-sandboxes", "1", "--calls-per-minute", "4") as url:
+    with http_mcp(server, "--max-sandboxes", "1") as url:
         async with http_client(url, key) as client:
             first = payload(await client.call_tool("create_sandbox", {"timeout_s": 60}))
             second = await client.call_tool("create_sandbox", {"timeout_s": 60})
             assert "limit of 1 running sandboxes" in error_text(second)
-            ok = await client.call_tool(
-                "run_command", {"sandbox_id": first["sandbox_id"], "command": "true"}
-            )
-            assert not ok.is_error
-            # Three calls so far (a refused one counts): the fourth is the last this minute.
             await client.call_tool("kill_sandbox", {"sandbox_id": first["sandbox_id"]})
-            over = await client.call_tool("create_sandbox", {"timeout_s": 60})
-            assert "limit of 4 tool calls a minute" in error_text(over)
+            # Killed, it no longer counts.
+            third = payload(await client.call_tool("create_sandbox", {"timeout_s": 60}))
+            await client.call_tool("kill_sandbox", {"sandbox_id": third["sandbox_id"]})
+    # One call a minute: the second call, right after the first, is over the limit (the
+    # bucket refills one call per 60 s).
+    nobody = {"sandbox_id": "sb-0000000000000000"}
+    with http_mcp(server, "--calls-per-minute", "1") as url:
+        async with http_client(url, key) as client:
+            assert "not found" in error_text(await client.call_tool("kill_sandbox", nobody)).lower()
+            over = await client.call_tool("list_files", nobody)
+            assert "limit of 1 tool calls a minute" in error_text(over)
     denied = [
         e
         for e in audit(server)
@@ -271,7 +274,7 @@ async def test_limits_refuse_and_audit(server: Server) -> None:
     ]
     assert [(e["action"], e["status"]) for e in denied] == [
         ("mcp.create_sandbox", 429),
-        ("mcp.create_sandbox", 429),
+        ("mcp.list_files", 429),
     ]
     assert "running sandboxes" in denied[0]["detail"]
     assert "a minute" in denied[1]["detail"]
