@@ -2,7 +2,8 @@
 
 Ours: `sb.run_code(cell)` through the SDK and a real `tartarus serve` (unix socket) to a
 sandbox on the `python-ds` template (the backend `auto` picks), whose interpreter keeps
-its state between cells. The peer: the same cells sent with `jupyter_client` to a local
+its state between cells, on each backend asked for (`--backends`, default the one
+`auto` picks and the jail). The peer: the same cells sent with `jupyter_client` to a local
 `ipykernel` (no sandbox at all) and read until the kernel is idle, which is what a
 notebook does. Two cells: a trivial one (`1 + 1`) and a matplotlib chart that comes back
 as a PNG. The peer is the floor: the difference is what isolation and the API cost.
@@ -78,8 +79,8 @@ def measure_jupyter(runs: int) -> dict[str, Stats]:
         manager.shutdown_kernel(now=True)
 
 
-async def measure_ours(url: str, runs: int) -> tuple[dict[str, Stats], str]:
-    async with Sandbox.create("python-ds", url=url, timeout=1200) as sb:
+async def measure_ours(url: str, runs: int, backend: str) -> tuple[dict[str, Stats], str]:
+    async with Sandbox.create("python-ds", url=url, timeout=1200, backend=backend) as sb:
         await sb.run_code(PRELUDE)
         results = {}
         for label, cell in (("trivial", TRIVIAL), ("chart", CHART)):
@@ -102,18 +103,27 @@ async def measure_ours(url: str, runs: int) -> tuple[dict[str, Stats], str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--backends", default="auto,jail", help="comma-separated backends to measure"
+    )
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="tb-code-", dir="/tmp"))
     try:
+        measured = {}
         with running_server(base, env=server_env(base)) as server:
-            ours, backend = anyio.run(measure_ours, server.url, args.runs)
+            for wanted in args.backends.split(","):
+                stats, backend = anyio.run(measure_ours, server.url, args.runs, wanted)
+                measured[backend] = stats
         peer = measure_jupyter(args.runs)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    results: dict[str, Any] = {"backend": backend, "runs": args.runs}
-    for label in ("trivial", "chart"):
-        line = report(f"run_code {label} cell ({backend})", ours[label], peer[label], "jupyter")
-        results[label] = {"ours": ours[label], "jupyter_client": peer[label], "line": line}
+    results: dict[str, Any] = {"runs": args.runs, "jupyter_client": peer, "backends": {}}
+    for backend, ours in measured.items():
+        lines = {}
+        for label in ("trivial", "chart"):
+            title = f"run_code {label} cell ({backend})"
+            lines[label] = report(title, ours[label], peer[label], "jupyter")
+        results["backends"][backend] = {"ours": ours, "lines": lines}
     print(write_result("code", results))
 
 
