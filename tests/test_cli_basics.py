@@ -121,3 +121,27 @@ def test_completion_completes_commands(server: Server) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert "exec" in out.stdout
+
+
+def test_version_flag_answers_without_loading_the_cli() -> None:
+    """`tartarus --version` is the interpreter's start-up and little more: nothing of the
+    CLI (click, the commands) is imported for it; its output is click's version line."""
+    from tartarus import __version__  # noqa: PLC0415
+
+    probe = (
+        "import sys; from tartarus.cli.entry import main; sys.argv = ['tartarus', '--version']; "
+        "main(); print(sorted(m for m in sys.modules "
+        "if m == 'click' or m.startswith('tartarus.cli.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out == f"tartarus, version {__version__}\n['tartarus.cli.entry']\n"
+    # Anything else goes to the click group, whose version option prints the same line.
+    both = subprocess.run(
+        [sys.executable, "-m", "tartarus", "--version", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert both.stdout == f"tartarus, version {__version__}\n"

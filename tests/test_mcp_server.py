@@ -1,4 +1,4 @@
-"""`tartarus mcp` (Hermes) end to end: the official MCP SDK's client against the real
+"""`tartarus mcp` (Iris) end to end: the official MCP SDK's client against the real
 server over stdio and streamable HTTP, in front of a real `tartarus serve` with a real
 backend. Tool calls act with the caller's API key; bad credentials and calls over the
 per-client limits are refused, and every call lands in the API's audit log."""

@@ -1,5 +1,5 @@
 """`python -m tartarus` is the `tartarus` command."""
 
-from tartarus.cli.main import main
+from tartarus.cli.entry import main
 
 main()

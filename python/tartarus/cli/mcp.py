@@ -1,4 +1,4 @@
-"""`tartarus mcp`: serve the Model Context Protocol (Hermes) for AI agents."""
+"""`tartarus mcp`: serve the Model Context Protocol (Iris) for AI agents."""
 
 from __future__ import annotations
 

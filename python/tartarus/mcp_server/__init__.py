@@ -1,1 +1,1 @@
-"""Hermes: the Model Context Protocol server (`tartarus mcp`)."""
+"""Iris: the Model Context Protocol server (`tartarus mcp`)."""

@@ -1,4 +1,4 @@
-"""Hermes, the messenger: Tartarus over the Model Context Protocol (`tartarus mcp`).
+"""Iris, the messenger: Tartarus over the Model Context Protocol (`tartarus mcp`).
 
 An MCP server built on the official `mcp` SDK that is a client of the Tartarus API, like
 the SDK. Every tool call goes to the API with the caller's own credentials, so the API
@@ -114,7 +114,7 @@ class ApiTokenVerifier:
         return AccessToken(token=token, client_id=caller.name, scopes=[])
 
 
-class Hermes:
+class ToolCalls:
     """The tools' shared part: who is calling, their limits, and the audit record."""
 
     def __init__(
@@ -209,7 +209,7 @@ Timeout = Annotated[
 
 
 def build_server(
-    hermes: Hermes, *, auth: AuthSettings | None = None, verifier: Any = None
+    calls: ToolCalls, *, auth: AuthSettings | None = None, verifier: Any = None
 ) -> MCPServer:
     """The MCP server with Tartarus's tools."""
     server: MCPServer = MCPServer(
@@ -234,7 +234,7 @@ def build_server(
         network: Annotated[bool, Field(description="Give it network (policy permitting).")] = False,
     ) -> dict[str, Any]:
         """Creates and starts a sandbox; returns its id."""
-        return await hermes.call(
+        return await calls.call(
             "create_sandbox",
             lambda c: tools.create_sandbox(
                 c.api, c.label, template=template, timeout_s=timeout_s, network=network
@@ -251,7 +251,7 @@ def build_server(
         cwd: Annotated[str | None, Field(description="Working directory.")] = None,
     ) -> dict[str, Any]:
         """Runs a shell command in the sandbox; returns its exit code and output."""
-        return await hermes.call(
+        return await calls.call(
             "run_command",
             lambda c: tools.run_command(c.api, sandbox_id, command, timeout_s=timeout_s, cwd=cwd),
             resource={"id": sandbox_id},
@@ -267,7 +267,7 @@ def build_server(
         """Runs code in the sandbox's interpreter for `language`, which keeps its state
         between calls like a notebook; returns the results (charts as images), the
         output and the error, if any."""
-        execution = await hermes.call(
+        execution = await calls.call(
             "run_code",
             lambda c: tools.run_code(
                 c.api, sandbox_id, code, language=language, timeout_s=timeout_s
@@ -282,7 +282,7 @@ def build_server(
     @server.tool()
     async def read_file(sandbox_id: SandboxId, path: str) -> str:
         """Reads a text file from the sandbox (up to 1 MiB)."""
-        return await hermes.call(
+        return await calls.call(
             "read_file",
             lambda c: tools.read_file(c.api, sandbox_id, path),
             resource={"id": sandbox_id, "path": path},
@@ -291,7 +291,7 @@ def build_server(
     @server.tool()
     async def write_file(sandbox_id: SandboxId, path: str, content: str) -> dict[str, Any]:
         """Writes a text file in the sandbox (parents are made)."""
-        return await hermes.call(
+        return await calls.call(
             "write_file",
             lambda c: tools.write_file(c.api, sandbox_id, path, content),
             resource={"id": sandbox_id, "path": path},
@@ -300,7 +300,7 @@ def build_server(
     @server.tool()
     async def list_files(sandbox_id: SandboxId, path: str = "/") -> list[dict[str, Any]]:
         """Lists a directory in the sandbox."""
-        return await hermes.call(
+        return await calls.call(
             "list_files",
             lambda c: tools.list_files(c.api, sandbox_id, path),
             resource={"id": sandbox_id, "path": path},
@@ -309,7 +309,7 @@ def build_server(
     @server.tool()
     async def kill_sandbox(sandbox_id: SandboxId) -> dict[str, Any]:
         """Stops the sandbox and frees what it held."""
-        return await hermes.call(
+        return await calls.call(
             "kill_sandbox",
             lambda c: tools.kill_sandbox(c.api, sandbox_id),
             resource={"id": sandbox_id},
@@ -320,8 +320,8 @@ def build_server(
 
 async def serve_stdio(api: Client, limits: ClientLimits) -> None:
     """Serves one client on stdin/stdout with `api`'s credentials."""
-    hermes = Hermes(limits=limits, stdio_caller=Caller(name="stdio", api=api), callers=None)
-    await build_server(hermes).run_stdio_async()
+    calls = ToolCalls(limits=limits, stdio_caller=Caller(name="stdio", api=api), callers=None)
+    await build_server(calls).run_stdio_async()
 
 
 async def serve_http(
@@ -340,10 +340,10 @@ async def serve_http(
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound}/mcp"
     callers = Callers(endpoint)
-    hermes = Hermes(limits=limits, stdio_caller=None, callers=callers)
+    calls = ToolCalls(limits=limits, stdio_caller=None, callers=callers)
     issuer = endpoint.base_url if endpoint.kind != "unix" else url
     auth = AuthSettings(issuer_url=issuer, resource_server_url=url)  # type: ignore[arg-type]
-    server = build_server(hermes, auth=auth, verifier=ApiTokenVerifier(callers))
+    server = build_server(calls, auth=auth, verifier=ApiTokenVerifier(callers))
     app = server.streamable_http_app(streamable_http_path="/mcp", host=host)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     announce(url)
