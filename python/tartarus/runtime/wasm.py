@@ -16,7 +16,10 @@ it hands output to the event loop through `anyio.from_thread` with the loop's to
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import queue
 import shutil
 import signal
 import stat
@@ -66,6 +69,8 @@ PROCESS_BUFFER_BYTES: Final = 32 << 20
 # The sandbox log (all processes) keeps this much.
 LOG_BUFFER_BYTES: Final = 16 << 20
 WASM_PAGE: Final = 64 << 10
+
+log = logging.getLogger(__name__)
 
 
 class WasmError(SandboxError):
@@ -265,6 +270,49 @@ class _EnginePool:
             self._free.append(item)
 
 
+class _Workers:
+    """The threads modules run on, each kept parked for `IDLE_S` after a run: starting
+    a thread costs about a millisecond, handing a parked one a run a few microseconds.
+    A run never waits for a busy thread (a module may run for minutes): with none
+    parked, a new one starts."""
+
+    IDLE_S = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parked: list[queue.SimpleQueue[tuple[Callable[[], None], str]]] = []
+
+    def run(self, job: Callable[[], None], *, name: str) -> None:
+        with self._lock:
+            inbox = self._parked.pop() if self._parked else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), daemon=True).start()
+        inbox.put((job, name))
+
+    def _serve(self, inbox: queue.SimpleQueue[tuple[Callable[[], None], str]]) -> None:
+        me = threading.current_thread()
+        while True:
+            try:
+                job, me.name = inbox.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._parked:
+                        self._parked.remove(inbox)
+                        return
+                continue  # taken just now: its run is on the way
+            try:
+                job()
+            except Exception:  # the job records its own failures; this is a backstop
+                log.exception("a wasm run failed outside its own handling")
+            me.name = "wasm-parked"
+            with self._lock:
+                self._parked.append(inbox)
+
+
+_WORKERS = _Workers()
+
+
 def _linker(engine: wasmtime.Engine) -> wasmtime.Linker:
     linker = wasmtime.Linker(engine)
     linker.define_wasi()
@@ -353,13 +401,10 @@ class WasmSandbox:
             # Read-write, so the module's open of the read end does not block.
             proc.stdin_fd = os.open(stdin_path, os.O_RDWR | os.O_NONBLOCK)
         env = {**self.spec.env, **request.env}
-        thread = threading.Thread(
-            target=self._run,
-            args=(pool, proc, env, stdin_path, request.timeout_s),
+        _WORKERS.run(
+            functools.partial(self._run, pool, proc, env, stdin_path, request.timeout_s),
             name=f"wasm-{self.id}-{pid}",
-            daemon=True,
         )
-        thread.start()
         return WasmExecution(proc)
 
     def _run(
