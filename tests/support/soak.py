@@ -51,6 +51,7 @@ from tartarus.policy.audit_log import AuditLog
 from tartarus.sdk.client import Client
 from tartarus.sdk.errors import ApiError, ServerUnreachableError, UnavailableError
 from tartarus.sdk.sandbox import Sandbox
+from tartarus.sdk.wire import WireError
 from tests.support.scratch_disk import make_ext4
 from tests.support.server import (
     Server,
@@ -68,6 +69,7 @@ _TRANSIENT = (
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
     aiohttp.ClientPayloadError,
+    WireError,
     ServerUnreachableError,
     UnavailableError,
 )

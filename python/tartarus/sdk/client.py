@@ -1,16 +1,21 @@
-"""The HTTP client under the SDK: one aiohttp session to one server (unix socket or TCP).
+"""The HTTP client under the SDK, for one server (unix socket or TCP).
 
-Problems (RFC 9457) become typed exceptions (`tartarus.sdk.errors`); bodies are
-encoded and decoded with the API's msgspec Structs.
+Requests with a body in hand go over `tartarus.sdk.wire` (HTTP/1.1 on h11, cheap to
+import) unless the server speaks TLS; WebSockets, TLS and streamed uploads go over one
+aiohttp session, imported when first needed. Problems (RFC 9457) become typed
+exceptions (`tartarus.sdk.errors`); bodies are encoded and decoded with the API's
+msgspec Structs.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from typing import Any, Generic, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-import aiohttp
 import msgspec
 
 from tartarus.api.types import Problem, StreamEvent
@@ -18,8 +23,58 @@ from tartarus.codec import enc_hook
 from tartarus.endpoint import Endpoint
 from tartarus.sdk.errors import ApiError, ServerUnreachableError, error_for
 from tartarus.sdk.local import ensure_local_server
+from tartarus.sdk.wire import WireError, WireUnreachableError
+from tartarus.sdk.wire import request as wire_request
+
+if TYPE_CHECKING:
+    import aiohttp
 
 T = TypeVar("T")
+
+
+class Body(Protocol):
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def iter_chunked(self, size: int) -> AsyncIterator[bytes]: ...
+
+
+class Response(Protocol):
+    """What the SDK reads of a response, from either transport."""
+
+    status: int
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content(self) -> Body: ...
+
+    async def read(self) -> bytes: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any: ...
+
+
+def disconnect_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a connection the server dropped (a restart), on either transport:
+    a request that fails with one may be sent again."""
+    errors: tuple[type[BaseException], ...] = (WireError,)
+    if "aiohttp" in sys.modules:
+        import aiohttp  # noqa: PLC0415 - loaded already
+
+        errors += (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+    return errors
+
 
 _encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 _events = msgspec.json.Decoder(StreamEvent)
@@ -34,7 +89,7 @@ STREAM_LINE_LIMIT = 32 << 20
 class NdjsonStream(Generic[T]):
     """The documents of an NDJSON response, one per line, until the server ends it."""
 
-    def __init__(self, response: aiohttp.ClientResponse, decoder: msgspec.json.Decoder[T]) -> None:
+    def __init__(self, response: Response, decoder: msgspec.json.Decoder[T]) -> None:
         self._response = response
         self._decoder = decoder
 
@@ -73,6 +128,8 @@ class Client:
         return Client(self.endpoint, api_key=self._api_key)
 
     def _get_session(self) -> aiohttp.ClientSession:
+        import aiohttp  # noqa: PLC0415 - only TLS, WebSockets and uploads need it
+
         if self._session is None or self._session.closed:
             connector: aiohttp.BaseConnector
             if self.endpoint.kind == "unix":
@@ -117,24 +174,67 @@ class Client:
         data: Any = None,
         params: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         body = _encoder.encode(json) if json is not None else data
         hdrs = dict(headers or {})
         if json is not None:
             hdrs["Content-Type"] = "application/json"
+        if self.endpoint.tls or not (body is None or isinstance(body, bytes)):
+            response: Response = await self._send_aiohttp(method, path, body, params, hdrs)
+        else:
+            response = await self._send_wire(method, path, body, params, hdrs)
+        if response.status >= 400:
+            async with response:
+                raw = await response.read()
+            raise _problem(response.status, raw, response.headers.get("Retry-After"))
+        return response
+
+    async def _send_wire(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        params: Mapping[str, Any] | None,
+        headers: dict[str, str],
+    ) -> Response:
+        query = _query(params)
+        target = path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers.setdefault("User-Agent", "tartarus-sdk")
+        if self._api_key:
+            headers.setdefault("Authorization", f"Bearer {self._api_key}")
         try:
-            response = await self._get_session().request(
-                method, path, data=body, params=_query(params), headers=hdrs
+            return await wire_request(
+                self.endpoint,
+                method,
+                target,
+                headers=headers,
+                body=body,
+                connect_timeout_s=CONNECT_TIMEOUT_S,
+                line_limit=STREAM_LINE_LIMIT,
+            )
+        except WireUnreachableError as e:
+            raise ServerUnreachableError(
+                f"no Tartarus server answers at {self.endpoint.url}: {e}"
+            ) from e
+
+    async def _send_aiohttp(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: Mapping[str, Any] | None,
+        headers: dict[str, str],
+    ) -> Response:
+        import aiohttp  # noqa: PLC0415
+
+        try:
+            return await self._get_session().request(
+                method, path, data=body, params=_query(params), headers=headers
             )
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachableError(
                 f"no Tartarus server answers at {self.endpoint.url}: {e.os_error or e}"
             ) from e
-        if response.status >= 400:
-            raw = await response.read()
-            response.release()
-            raise _problem(response.status, raw, response.headers.get("Retry-After"))
-        return response
 
     async def call(
         self,
@@ -202,7 +302,7 @@ class Client:
 
     async def upload(
         self, path: str, params: Mapping[str, Any], body: bytes | AsyncIterable[bytes]
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         return await self._send(
             "PUT",
             path,
@@ -228,6 +328,8 @@ class Client:
                     data += line[5:].strip()
 
     async def websocket(self, path: str) -> aiohttp.ClientWebSocketResponse:
+        import aiohttp  # noqa: PLC0415
+
         try:
             return await self._get_session().ws_connect(path, max_msg_size=1 << 22)
         except aiohttp.WSServerHandshakeError as e:

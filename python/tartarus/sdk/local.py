@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
 import anyio
 
 from tartarus.endpoint import Endpoint, default_socket_path
 from tartarus.paths import ensure_private_dir
 from tartarus.sdk.errors import ServerUnreachableError
+from tartarus.sdk.wire import WireError
+from tartarus.sdk.wire import request as wire_request
 
 if TYPE_CHECKING:
     from tartarus.config import Settings
@@ -31,15 +32,20 @@ POLL_S = 0.05
 
 async def server_answers(socket_path: Path) -> bool:
     try:
-        async with (
-            aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=str(socket_path)),
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as session,
-            session.get("http://localhost/v1/health") as response,
-        ):
-            return response.status == 200
-    except (aiohttp.ClientError, OSError, TimeoutError):
+        with anyio.fail_after(5):
+            response = await wire_request(
+                Endpoint.unix(socket_path),
+                "GET",
+                "/v1/health",
+                headers={},
+                body=None,
+                connect_timeout_s=5,
+                line_limit=1 << 16,
+            )
+            async with response:
+                await response.read()
+                return response.status == 200
+    except (WireError, OSError, TimeoutError):
         return False
 
 

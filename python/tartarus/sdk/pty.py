@@ -7,8 +7,8 @@ A pty process is started in the background, so it survives a dropped connection;
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
-import aiohttp
 import msgspec
 
 from tartarus.api.types import (
@@ -26,6 +26,9 @@ from tartarus.api.types import (
 from tartarus.sdk.client import Client
 from tartarus.sdk.commands import CommandHandle, CommandStreamError
 
+if TYPE_CHECKING:
+    import aiohttp
+
 DataCallback = Callable[[bytes], Awaitable[None] | None]
 _text_events = msgspec.json.Decoder(StartedEvent | ExitEvent | ErrorEvent)
 
@@ -34,6 +37,8 @@ async def ws_frames(
     ws: aiohttp.ClientWebSocketResponse,
 ) -> AsyncIterator[tuple[int, bytes] | ExitInfo]:
     """(stream, bytes) for output frames, then the ExitInfo; raises on an error frame."""
+    import aiohttp  # noqa: PLC0415 - a WebSocket's user has it loaded already
+
     async for msg in ws:
         if msg.type == aiohttp.WSMsgType.BINARY:
             if msg.data:

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 import anyio
 import msgspec
 
@@ -48,7 +47,7 @@ from tartarus.api.types import (
     SandboxStatsInfo,
     SetTimeoutRequest,
 )
-from tartarus.sdk.client import Client
+from tartarus.sdk.client import Client, disconnect_errors
 from tartarus.sdk.commands import Callback, Commands, CommandStreamError, call_back
 from tartarus.sdk.errors import (
     ConflictError,
@@ -75,18 +74,18 @@ async def _create_with_retries(
     request) are not retried."""
     deadline = time.monotonic() + CREATE_RETRY_S
     attempt = 0
+    retriable: tuple[type[BaseException], ...] = (
+        ServerUnreachableError,
+        UnavailableError,
+        ConflictError,
+        *disconnect_errors(),
+    )
     while True:
         try:
             return await client.call(
                 "POST", "/v1/sandboxes", SandboxInfo, json=request, headers={"Idempotency-Key": key}
             )
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            ServerUnreachableError,
-            UnavailableError,
-            ConflictError,
-        ) as e:
+        except retriable as e:
             wait = min(0.2 * 2**attempt, 2.0)
             if isinstance(e, ConflictError):
                 # The earlier attempt with this key is still being made: wait for it.
