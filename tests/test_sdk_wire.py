@@ -94,6 +94,8 @@ async def test_a_call_and_its_answer(unix_server: Endpoint) -> None:
     async with response:
         assert response.status == 200
         assert response.headers["content-type"].startswith("application/json")
+        # As aiohttp's: a header is found whatever the case it is asked in.
+        assert response.headers.get("Content-Type") == response.headers["CONTENT-TYPE"]
         doc = await response.read()
     assert b'"path": "/echo?a=1&b=%20x"' in doc
     assert b'"body": "{\\"x\\": 1}"' in doc

@@ -201,6 +201,9 @@ async def _one(run: _Run, index: int) -> None:
     except Exception as e:
         run.failed("create", e)
         run.failed_creates += 1
+        # Counted as finished: the faults are paced by it, and a run whose creates
+        # fail must end (and say so), not wait for sandboxes that will never be.
+        run.done += 1
         return
     run.acknowledged.add(sb.id)
     step = "exec"

@@ -10,7 +10,7 @@ does not: TLS, WebSockets and streamed uploads (`tartarus.sdk.client` picks).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from types import TracebackType
 
 import anyio
@@ -30,6 +30,22 @@ class WireError(TartarusError, ConnectionError):
 
 class WireUnreachableError(WireError):
     """Nothing accepts connections at the endpoint."""
+
+
+class Headers(Mapping[str, str]):
+    """Response headers, looked up without regard to case (as HTTP names them)."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._by_name = {name.lower(): value for name, value in pairs}
+
+    def __getitem__(self, name: str) -> str:
+        return self._by_name[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
 
 
 class Body:
@@ -71,10 +87,9 @@ class WireResponse:
         self._stream = stream
         self._conn = conn
         self.status: int = response.status_code
-        self.headers: dict[str, str] = {
-            name.decode().lower(): value.decode(errors="replace")
-            for name, value in response.headers
-        }
+        self.headers = Headers(
+            (name.decode(), value.decode(errors="replace")) for name, value in response.headers
+        )
         self.content = Body(self, line_limit)
         self._done = False
         self._closed = False
