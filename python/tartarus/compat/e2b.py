@@ -234,13 +234,18 @@ Result = RichResult
 ExecutionError = CodeError
 
 
+_FILE_TYPES = {
+    FileKind.FILE: FileType.FILE,
+    FileKind.DIR: FileType.DIR,
+    FileKind.SYMLINK: FileType.SYMLINK,
+}
+
+
 def _entry(info: FileInfo) -> EntryInfo:
-    kinds = {FileKind.FILE: FileType.FILE, FileKind.DIR: FileType.DIR}
-    kinds[FileKind.SYMLINK] = FileType.SYMLINK
     mode = info.mode & 0o7777
     return EntryInfo(
         name=info.name,
-        type=kinds.get(info.kind),
+        type=_FILE_TYPES.get(info.kind),
         path=info.path,
         size=info.size,
         mode=mode,

@@ -10,7 +10,7 @@ import base64
 from typing import Any
 
 from tartarus.api.sandbox import SandboxState
-from tartarus.api.types import CodeExecution
+from tartarus.api.types import CodeExecution, CodeLanguage
 from tartarus.errors import TartarusError
 from tartarus.sdk.client import Client
 from tartarus.sdk.sandbox import Sandbox
@@ -112,12 +112,10 @@ def describe_execution(execution: CodeExecution) -> dict[str, Any]:
 
 
 async def run_code(
-    client: Client, sandbox_id: str, code: str, *, language: str, timeout_s: float
+    client: Client, sandbox_id: str, code: str, *, language: CodeLanguage, timeout_s: float
 ) -> CodeExecution:
-    if language not in ("python", "javascript", "bash"):
-        raise ToolInputError(f"language {language!r} is not one of python, javascript, bash")
     sandbox = await Sandbox.connect(sandbox_id, client=client)
-    return await sandbox.run_code(code, language=language, timeout=timeout_s)  # type: ignore[arg-type]
+    return await sandbox.run_code(code, language=language, timeout=timeout_s)
 
 
 async def read_file(client: Client, sandbox_id: str, path: str) -> str:

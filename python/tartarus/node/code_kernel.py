@@ -307,8 +307,12 @@ class _Answer:
         watchdog: _Watchdog | None = None,
     ) -> None:
         self._on_event = on_event or (lambda _event: None)
+        # Lines are cut for a listener only: a cell run without one keeps its output as
+        # it came.
+        self._listening = on_event is not None
         self._watchdog = watchdog or _Watchdog()
-        self._partial = {"stdout": "", "stderr": ""}
+        # A line's parts until its newline comes (joined once, not on every part).
+        self._partial: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.results: list[RichResult] = []
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -333,8 +337,15 @@ class _Answer:
     def _stream_lines(self, name: str, text: str) -> None:
         """Streams whole lines (as E2B's callbacks get them); a partial line waits for
         its end, or for the next result, error or the cell's end."""
-        pending = self._partial[name] + text
-        *lines, self._partial[name] = pending.split("\n")
+        if not self._listening:
+            return
+        parts = self._partial[name]
+        if "\n" not in text:
+            if text:
+                parts.append(text)
+            return
+        *lines, rest = ("".join(parts) + text).split("\n")
+        self._partial[name] = [rest] if rest else []
         for line in lines:
             self._emit_output(name, line + "\n")
 
@@ -349,10 +360,10 @@ class _Answer:
         self._on_event(CodeErrorEvent(error=error))
 
     def flush(self) -> None:
-        for name, rest in self._partial.items():
-            if rest:
-                self._partial[name] = ""
-                self._emit_output(name, rest)
+        for name, parts in self._partial.items():
+            if parts:
+                self._partial[name] = []
+                self._emit_output(name, "".join(parts))
 
     def apply(self, event: KernelEvent) -> bool:
         """Records one kernel event; True when the cell is done."""

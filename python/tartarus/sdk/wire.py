@@ -56,17 +56,22 @@ class Body:
         self._line_limit = line_limit
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        """Lines, each with its newline (the last may lack one)."""
-        pending = b""
+        """Lines, each with its newline (the last may lack one). Each byte is searched
+        and kept once: a long line in many reads, or many lines in one, costs no more
+        than the bytes themselves."""
+        pending = bytearray()
         async for data in self._response.data():
+            scan = len(pending)  # what is pending holds no newline
             pending += data
-            while (end := pending.find(b"\n")) >= 0:
-                yield pending[: end + 1]
-                pending = pending[end + 1 :]
+            start = 0
+            while (end := pending.find(b"\n", scan)) >= 0:
+                yield bytes(pending[start : end + 1])
+                start = scan = end + 1
+            del pending[:start]
             if len(pending) > self._line_limit:
                 raise WireError(f"a line of the response is over {self._line_limit} bytes")
         if pending:
-            yield pending
+            yield bytes(pending)
 
     async def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
         async for data in self._response.data():
