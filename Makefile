@@ -43,12 +43,15 @@ $(STAMPS)/tools: requirements/uv.txt $(STAMPS)/system
 	@touch $@
 
 # The Python dependencies come from uv.lock only (hashes checked); an out-of-date lock
-# stops here and names the command that updates it.
+# stops here and names the command that updates it. Bytecode is compiled at install:
+# uv does not by default, and where PYTHONDONTWRITEBYTECODE is set (CI images often set
+# it) every Python process would otherwise compile each module it imports, every time
+# (the server's imports: 1.7 s uncompiled, 0.7 s compiled).
 $(STAMPS)/venv: uv.lock pyproject.toml $(STAMPS)/tools
 	UV=$(UV) scripts/check-lock
 	test -x $(PY) || $(UV) venv --quiet --python python3 $(VENV)
 	$(STAGE) dependencies setup -- $(UV) sync --frozen --extra dev --no-install-project \
-		--python $(PY)
+		--compile-bytecode --python $(PY)
 	@touch $@
 
 # The wheel is what users get: build it with the locked maturin, then install it.
@@ -56,7 +59,8 @@ $(STAMPS)/install: $(STAMPS)/venv $(RUST_SRC) $(PY_SRC) $(DATA_SRC)
 	rm -rf $(DIST)
 	$(STAGE) wheel setup -- $(UV) build --quiet --wheel --no-build-isolation --python $(PY) \
 		--out-dir $(DIST)
-	$(UV) pip install --quiet --python $(PY) --no-deps --reinstall $(DIST)/tartarus-*.whl
+	$(UV) pip install --quiet --python $(PY) --no-deps --reinstall --compile-bytecode \
+		$(DIST)/tartarus-*.whl
 	@touch $@
 
 # The one deliberate way to move the Python dependencies: upgrade, then commit.
@@ -86,13 +90,15 @@ rust-check: $(STAMPS)/system
 	$(STAGE) cargo-test setup -- scripts/rust-test-probe
 
 # The heavy artefacts tests use, built once and cached by their inputs under
-# ~/.cache/tartarus (a cache hit takes a second): runsc, the guest kernel, the templates and
-# the nested-KVM L1 (Debian's kernel package plus a small initramfs).
+# ~/.cache/tartarus (a cache hit takes a second): runsc, the guest kernel, the templates,
+# the templates test servers start with (tests/support/template_seed.py) and the
+# nested-KVM L1 (Debian's kernel package plus a small initramfs).
 # Built here, not inside a test, so parallel test workers never build them twice.
 artefacts: $(STAMPS)/install runsc
 	$(STAGE) kernel artefacts -- $(VENV)/bin/tartarus kernel build
 	$(STAGE) template-base artefacts -- $(VENV)/bin/tartarus template build base
 	$(STAGE) template-python artefacts -- $(VENV)/bin/tartarus template build python
+	$(STAGE) template-seed artefacts -- $(PY) -m tests.support.template_seed prepare
 	$(STAGE) nested-l1 artefacts -- $(PY) -m tests.support.nested_kvm prepare
 
 # The pinned gVisor runsc (the pin: tartarus.host.runsc.RUNSC_VERSION), built with Go.

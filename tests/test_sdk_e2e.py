@@ -20,7 +20,13 @@ from tartarus.runtime.types import FileKind, SandboxState
 from tartarus.sdk.client import Client
 from tartarus.sdk.errors import ConflictError, InvalidRequestError, NotFoundError
 from tartarus.sync import Sandbox as SyncSandbox
-from tests.support.server import Server, processes_mentioning, require_backend, running_server
+from tests.support.server import (
+    Server,
+    processes_mentioning,
+    require_backend,
+    running_server,
+    server_env,
+)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.anyio]
 
@@ -38,7 +44,9 @@ def backend() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, backend: str) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("sdk")
-    with running_server(base) as s:
+    # node too: test_javascript_runs_in_the_node_template.
+    env = server_env(base, seed_templates=("base", "python", "node"))
+    with running_server(base, env=env) as s:
         yield s
     assert processes_mentioning(str(base)) == []
 

@@ -155,3 +155,30 @@ async def test_loopback_tcp_and_a_close_without_reading(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
+
+
+async def test_a_server_that_hangs_up_before_reading_the_request_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """A restarting server closes connections it has not read: the send fails, and that
+    is a `WireError` (which the SDK retries), not the transport's own exception."""
+    path = tmp_path / "rude.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen()
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def hang_up() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        conn.close()
+
+    task = asyncio.create_task(hang_up())
+    try:
+        with pytest.raises(WireError):
+            # Far more than a socket buffer holds, so the send is still going on when
+            # the server hangs up.
+            await send(Endpoint.unix(path), "/echo", b"z" * (16 << 20))
+    finally:
+        await task
+        listener.close()

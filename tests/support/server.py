@@ -29,6 +29,7 @@ import pytest
 
 from tartarus.config import load_settings
 from tartarus.host.doctor import run_doctor
+from tests.support import template_seed
 
 START_TIMEOUT_S = 60.0
 
@@ -123,7 +124,11 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def server_env(base: Path, **extra: str) -> dict[str, str]:
+def server_env(
+    base: Path, *, seed_templates: tuple[str, ...] = ("base", "python"), **extra: str
+) -> dict[str, str]:
+    """The environment of a server (or CLI) whose state is under `base`; its template
+    store starts with the seed's builds of `seed_templates` (tests.support.template_seed)."""
     # The caller's server and settings stay out; binary overrides (`TARTARUS_*_BIN`) stay.
     ours = {"TARTARUS_URL", "TARTARUS_API_KEY", "TARTARUS_CONFIG"}
     env = {
@@ -137,6 +142,8 @@ def server_env(base: Path, **extra: str) -> dict[str, str]:
         TARTARUS_CACHE_DIR=str(Path.home() / ".cache" / "tartarus"),
         **extra,
     )
+    if seed_templates:
+        template_seed.clone_into(Path(env["TARTARUS_STATE_DIR"]), seed_templates)
     return env
 
 

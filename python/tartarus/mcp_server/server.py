@@ -15,15 +15,19 @@ key that sent it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
+import anyio
+import anyio.lowlevel
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
@@ -342,16 +346,53 @@ async def serve_http(
     callers = Callers(endpoint)
     calls = ToolCalls(limits=limits, stdio_caller=None, callers=callers)
     issuer = endpoint.base_url if endpoint.kind != "unix" else url
-    auth = AuthSettings(issuer_url=issuer, resource_server_url=url)  # type: ignore[arg-type]
+    # The bearer is a Tartarus API key, checked by the API itself (ApiTokenVerifier):
+    # it names no resource (RFC 8707) to check it against.
+    auth = AuthSettings(
+        issuer_url=issuer,  # type: ignore[arg-type]
+        resource_server_url=url,  # type: ignore[arg-type]
+        validate_token_resource=False,
+    )
     server = build_server(calls, auth=auth, verifier=ApiTokenVerifier(callers))
     app = server.streamable_http_app(streamable_http_path="/mcp", host=host)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
-    announce(url)
+
+    class QuietServer(uvicorn.Server):
+        """uvicorn without its own signal handlers: the task below stops it on SIGINT
+        and SIGTERM whenever they come (uvicorn's handler re-raised the signal into
+        whatever handler was there after a graceful stop: the exit status, and whether
+        a traceback was shown, depended on when Ctrl-C came)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    http = QuietServer(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    interrupted = False
+
+    async def stop_on_signal(signals: AsyncIterator[int]) -> None:
+        nonlocal interrupted
+        async for signum in signals:
+            interrupted = interrupted or signum == signal.SIGINT
+            # A second Ctrl-C stops at once, as uvicorn's own handler does.
+            http.force_exit = http.should_exit
+            http.should_exit = True
+
     try:
-        await uvicorn.Server(config).serve(sockets=[sock])
+        # Listening before the URL is out: a Ctrl-C from then on stops uvicorn cleanly.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            # A Ctrl-C that came while the imports above ran has cancelled this task:
+            # it ends here, before uvicorn starts (which would log it as a traceback).
+            await anyio.lowlevel.checkpoint()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_on_signal, signals)
+                announce(url)
+                await http.serve(sockets=[sock])
+                tg.cancel_scope.cancel()
     finally:
         await callers.close()
         sock.close()
+    if interrupted:
+        raise KeyboardInterrupt  # the CLI's Ctrl-C: exit status 130
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -216,7 +216,11 @@ async def request(
         if body:
             out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
         out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
-        await stream.send(out)
+        try:
+            await stream.send(out)
+        except (anyio.BrokenResourceError, OSError) as e:
+            # The server went away before it read the request (a restart).
+            raise WireError(f"the server closed the connection: {e or type(e).__name__}") from e
         return WireResponse(stream, conn, await _response(stream, conn), line_limit)
     except BaseException:
         await stream.aclose()
