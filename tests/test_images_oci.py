@@ -320,7 +320,7 @@ async def test_oci_layout_and_docker_archive_give_the_same_rootfs(
         t = await store.build(template_file(tmp_path, name, base), ext4=False)
         assert (t.rootfs / "etc/greeting").read_bytes() == b"same everywhere\n"
         record = json.loads(
-            (tmp_path / "store/cache/images/builds" / f"{t.manifest.key}.json").read_bytes()
+            (tmp_path / "store/state/images/builds" / f"{t.manifest.key}.json").read_bytes()
         )
         trees.add(record["content"]["tree"])
     assert len(trees) == 1  # one content tree, stored once

@@ -309,7 +309,7 @@ def test_interrupted_build_leaves_nothing_visible(tmp_path: Path) -> None:
     proc.wait(30)
     state = tmp_path / "store/state/images"
     assert list((state / "trees/sha256").iterdir()) == []
-    assert not list((tmp_path / "store/cache/images/builds").glob("*.json"))
+    assert not list((state / "builds").glob("*.json"))
     leftovers = list((state / "tmp").iterdir())
     assert leftovers  # the killed build's staging directory...
     store = tmp_store(tmp_path / "store")

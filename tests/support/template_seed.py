@@ -9,7 +9,8 @@ gc` so that old builds do not pile up) under ~/.cache/tartarus/test-seed/.
 
 `clone_into(state_dir)` gives a server a store that is a copy of the seed: the trees and
 files are hard links (the store never writes a blob after committing it, and sandboxes
-mount trees read-only), the databases are copied with SQLite's backup API. Cloning takes
+mount trees read-only), the databases are copied with SQLite's backup API and the build
+records (small JSON files) copied. Cloning takes
 a fraction of a second. A server whose state is on another filesystem (a scratch disk)
 starts empty, as before.
 
@@ -86,6 +87,9 @@ def clone_into(state_dir: Path, templates: tuple[str, ...] = ("base", "python"))
         # Another filesystem (no hard links across): the server builds what it uses.
         shutil.rmtree(target)
         return False
+    # The build records (which blobs each build made): a store without them rebuilds.
+    if (source / "builds").is_dir():
+        shutil.copytree(source / "builds", target / "builds")
     for name, prune in DATABASES.items():
         with (
             contextlib.closing(sqlite3.connect(source / name)) as src,

@@ -6,8 +6,8 @@ packages, copied files, the build script. Its key is the hash of every input
 agent; its key adds the agent's digest, so a new agent never re-runs debootstrap. The
 ext4 image is made from the stage-2 tree on demand.
 
-Each stage is cached under `<cache_dir>/images/builds/<key>.json` (pointing at blobs in
-the store) and built under a lock file, so concurrent builds of the same inputs build
+Each stage is cached under `<state_dir>/images/builds/<key>.json` (pointing at blobs in
+the store, beside them) and built under a lock file, so concurrent builds of the same inputs build
 once. Everything is built in a staging directory and committed atomically by the blob
 store: an interrupted build leaves nothing visible.
 """
@@ -198,11 +198,16 @@ def _pack_files(loaded: LoadedTemplate, buf: IO[bytes]) -> None:
 class Builder:
     """Builds templates into the blob store. One per store; safe across processes."""
 
-    def __init__(self, blobs: BlobStore, cache_dir: Path, progress: ProgressCallback) -> None:
+    def __init__(
+        self, blobs: BlobStore, cache_dir: Path, progress: ProgressCallback, store_dir: Path
+    ) -> None:
         self.blobs = blobs
+        # Downloads, packages and pins: shared by every store on this host.
         self.cache_dir = cache_dir
-        self.records = cache_dir / "builds"
-        self.locks = cache_dir / "locks"
+        # The records point at this store's blobs, so they live (and are locked) with it:
+        # in a shared cache, one store's build replaced the record another's blobs had.
+        self.records = store_dir / "builds"
+        self.locks = store_dir / "locks"
         self.progress = progress
         self._session: aiohttp.ClientSession | None = None
         self._prepared: tuple[PreparedBase, str] | None = None

@@ -265,7 +265,7 @@ class TemplateStore:
         # The builder pulls in the HTTP client (aiohttp); listing and lookups do not.
         from tartarus.images.build import Builder  # noqa: PLC0415
 
-        builder = Builder(self.blobs, self.cache_dir, progress or ignore)
+        builder = Builder(self.blobs, self.cache_dir, progress or ignore, self.state_dir)
         tid = loaded.template.id
         try:
             record = await builder.lookup(loaded, pull=pull)
