@@ -1,5 +1,6 @@
 """API overhead: create → exec → delete through the server (SDK over the unix socket)
-next to the same steps on the raw backend in-process, and GET /v1/sandboxes/{id}
+next to the same steps on the raw backend in-process (with its teardown, and with only
+its create + exec timed: a DELETE answers once the sandbox is halted), and GET /v1/sandboxes/{id}
 requests per second at 64 concurrent clients (an aiohttp client over the unix socket
 and over TCP, and wrk over TCP when it is installed) next to the backend's own
 `status()` call.
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,54 @@ async def raw_cycle(provider: HostRuntimes, backend: Backend, template: str) -> 
         assert result.exit.code == 0, result
 
 
+async def raw_create_exec(
+    provider: HostRuntimes, backend: Backend, template: str, runs: int, warmup: int = 2
+) -> Stats:
+    """The raw backend's create + exec only, its teardown untimed: what a DELETE that
+    answers once the sandbox is halted is measured against."""
+    samples = []
+    for i in range(warmup + runs):
+        started = time.perf_counter()
+        async with raw_sandbox(provider, backend, template) as sandbox:
+            result = await (await sandbox.exec(ExecRequest(argv=["true"]))).wait()
+            elapsed = time.perf_counter() - started
+            assert result.exit.code == 0, result
+        if i >= warmup:
+            samples.append(elapsed)
+    return Stats.of(samples)
+
+
+async def cycles_per_second(cycle: Callable[[], Awaitable[None]], seconds: float) -> dict[str, Any]:
+    """Sandboxes per second: CONCURRENCY tasks each running create → exec → delete
+    cycles for `seconds`; a failed cycle is counted, not raised."""
+    done = failed = 0
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal done, failed
+        while time.monotonic() < deadline:
+            try:
+                await cycle()
+            except Exception as e:  # counted, the run goes on
+                failed += 1
+                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+            else:
+                done += 1
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(CONCURRENCY):
+            tg.start_soon(worker)
+    elapsed = time.perf_counter() - started
+    return {
+        "sandboxes": done,
+        "failed": failed,
+        "errors": errors,
+        "per_s": round(done / elapsed, 1),
+    }
+
+
 async def hammer(session: aiohttp.ClientSession, url: str, seconds: float) -> tuple[int, int]:
     """GETs `url` from CONCURRENCY tasks for `seconds`; returns (ok, failed)."""
     ok = failed = 0
@@ -147,6 +196,21 @@ async def main(backend: Backend, template: str, runs: int, seconds: float) -> di
         provider = HostRuntimes(load_settings())
         peer = await measure_async(lambda: raw_cycle(provider, backend, template), runs=runs)
         report(f"create→exec→delete ({backend.value})", ours, peer, "raw backend")
+        untimed = await raw_create_exec(provider, backend, template, runs)
+        api_rate = await cycles_per_second(lambda: sdk_cycle(unix_url, backend, template), seconds)
+        raw_rate = await cycles_per_second(lambda: raw_cycle(provider, backend, template), seconds)
+        rate_ratio = round(api_rate["per_s"] / raw_rate["per_s"], 3) if raw_rate["per_s"] else 0
+        print(
+            f"create→exec→delete @ {CONCURRENCY} clients: API {api_rate['per_s']}/s "
+            f"({api_rate['failed']} failed), raw backend {raw_rate['per_s']}/s "
+            f"({raw_rate['failed']} failed): {rate_ratio}x the raw rate"
+        )
+        report(
+            f"create→exec→delete ({backend.value})",
+            ours,
+            untimed,
+            "raw create+exec, teardown untimed",
+        )
 
         async with await Client.connect(unix_url) as client:
             sb = await Sandbox.create(template, backend=backend, client=client, timeout=600)
@@ -170,6 +234,18 @@ async def main(backend: Backend, template: str, runs: int, seconds: float) -> di
             "backend": backend.value,
             "template": template,
             "create_exec_delete": {"api": ours, "raw_backend": peer, "ratio": ratio(ours, peer)},
+            "create_exec_delete_vs_raw_create_exec": {
+                "api": ours,
+                "raw_create_exec": untimed,
+                "ratio": ratio(ours, untimed),
+            },
+            "concurrent_cycles": {
+                "concurrency": CONCURRENCY,
+                "seconds": seconds,
+                "api": api_rate,
+                "raw_backend": raw_rate,
+                "api_over_raw": rate_ratio,
+            },
             "get_sandbox_rps": {
                 "concurrency": CONCURRENCY,
                 "seconds": seconds,

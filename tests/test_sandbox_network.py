@@ -618,6 +618,7 @@ def test_a_server_killed_with_sigkill_leaves_no_network_after_restart(
                 r = again.json("POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": "ip -o -4 addr"})
                 assert r.status == 200 and "eth0" in r.json()["stdout"], r.body
                 assert again.raw("DELETE", f"/v1/sandboxes/{sandbox_id}").status in (200, 202, 204)
+            again.teardowns_done()
             assert leftovers() == []
     finally:
         end_what_outlived(base)

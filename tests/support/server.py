@@ -12,6 +12,7 @@ import http.client
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -106,6 +107,19 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def teardowns_done(self, timeout: float = 60.0) -> None:
+        """Waits until no deleted sandbox's teardown runs in the background (a DELETE
+        answers once the sandbox's code stopped): what a leak check must wait for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics = self.raw("GET", "/metrics").body.decode()
+            found = re.search(r"^tartarus_sandbox_teardowns_in_flight (\S+)$", metrics, re.M)
+            assert found is not None, "no tartarus_sandbox_teardowns_in_flight in /metrics"
+            if float(found.group(1)) == 0:
+                return
+            assert time.monotonic() < deadline, f"teardowns still running after {timeout} s"
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process.poll() is None:

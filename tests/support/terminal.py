@@ -148,7 +148,10 @@ class Shell:
             if match:
                 return int(match.group(1))
             if time.monotonic() > deadline:
-                raise ShellTimeoutError(f"no prompt within {timeout:g} s")
+                shown = self.transcript[since:][-2000:]
+                raise ShellTimeoutError(
+                    f"no prompt within {timeout:g} s; the terminal shows:\n{shown}"
+                )
             chunk = _read(self.fd, 0.2)
             self.transcript += plain(chunk)
 

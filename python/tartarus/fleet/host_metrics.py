@@ -12,7 +12,11 @@ own host's, under the same names:
 - `tartarus_sandbox_egress_dropped_packets{sandbox,reason}`: packets the network layer
   dropped for each running sandbox (`denied` by its egress policy, `spoofed` source),
   and `tartarus_enforcement_actions_total{fury="policy-violation"}` counting the
-  violation events they raised (`tartarus.enforcement.egress_drops`).
+  violation events they raised (`tartarus.enforcement.egress_drops`);
+- `tartarus_sandbox_teardowns_in_flight`: deleted sandboxes whose code has stopped (their
+  DELETE has answered) and whose mounts, cgroups, links and files are still being
+  removed, and `tartarus_sandbox_teardown_failures_total`, those teardowns that had to
+  force their way.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from tartarus.auth.rbac import ADMIN_TENANTS
 from tartarus.enforcement.egress_drops import EgressDropWatcher, EventSink
@@ -79,6 +83,17 @@ class HostMetrics(Instruments):
             ["sandbox", "reason"],
             registry=self.registry,
         )
+        self.teardowns = Gauge(
+            "tartarus_sandbox_teardowns_in_flight",
+            "Deleted sandboxes whose code has stopped and whose resources are being freed",
+            registry=self.registry,
+        )
+        self.teardown_failures = Counter(
+            "tartarus_sandbox_teardown_failures_total",
+            "Background teardowns that had to force their way",
+            registry=self.registry,
+        )
+        self._failures_seen = 0
         self._usage = HostUsage()
         self._states: dict[str, SandboxState] = {}
         self.manager: SandboxManager | None = None
@@ -119,6 +134,11 @@ class HostMetrics(Instruments):
         self.set_node(self.node_id, self.pool, usage, 0.0)
         self.set_depth({lane: LaneDepth(waiting=0, in_flight=0) for lane in LANES})
         self.creating.set(sum(1 for s in self._states.values() if s is SandboxState.CREATED))
+        if self.manager is not None:
+            self.teardowns.set(self.manager.teardowns_in_flight)
+            failures = self.manager.teardown_failures
+            self.teardown_failures.inc(failures - self._failures_seen)
+            self._failures_seen = failures
 
 
 class CountingStore(Store):

@@ -217,6 +217,11 @@ class SandboxManager:
         # Idempotency keys whose create runs in this process now.
         self._creating: set[str] = set()
         self._tasks: TaskGroup | None = None
+        # Halted sandboxes whose teardown runs in the background, and how many of those
+        # teardowns had to force their way (metrics report both).
+        self._tearing_down: dict[str, LiveSandbox] = {}
+        self._torn_down = anyio.Event()
+        self.teardown_failures = 0
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SandboxManager]:
@@ -439,6 +444,7 @@ class SandboxManager:
         async with anyio.create_task_group() as tg:
             for live in list(self._live.values()):
                 tg.start_soon(self._leave_or_end, live)
+        await self.teardowns_done()
 
     async def _leave_or_end(self, live: LiveSandbox) -> None:
         if self.leave_on_shutdown and await self._leave(live):
@@ -784,7 +790,12 @@ class SandboxManager:
         ending: Ending | None = None,
     ) -> None:
         """Tears a live sandbox down (SIGTERM, `grace_s`, SIGKILL) and closes its record
-        with `state` and `detail`; `ending` says how it ended, else its stop tells."""
+        with `state` and `detail`; `ending` says how it ended, else its stop tells.
+
+        Without a grace period the caller (a DELETE) waits only until no code of the
+        sandbox can run (`Sandbox.halt`) and its record is closed; the rest of the
+        teardown (mounts, cgroup, network, files, its hold on the template) runs in the
+        background, counted by `teardowns_in_flight` until it is done."""
         with anyio.CancelScope(shield=True):
             async with live.lock:
                 # Ended, or set aside (paused to a snapshot) while this waited.
@@ -807,15 +818,13 @@ class SandboxManager:
                 # stream notices the teardown.
                 live.ended.set()
                 await self._close_services(live)
-                outcome = await self._teardown(live.sandbox, grace_s=grace_s)
-                # The sandbox ended when its teardown did; the hooks and unpinning its
+                deferred = grace_s <= 0 and self._tasks is not None and await self._halt(live)
+                outcome = None if deferred else await self._teardown(live.sandbox, grace_s=grace_s)
+                # The sandbox ended when its code stopped; the hooks and unpinning its
                 # template (a write to the blob store shared with every build) may wait.
                 ended_at = time.time()
-                await self._run_hooks(self.after_teardown, live, "after teardown")
-                try:
-                    await until_written(lambda: self.provider.release(live.record.id))
-                except Exception:
-                    log.exception("releasing the template of %s failed", live.record.id)
+                if not deferred:
+                    await self._after_teardown(live)
                 live.record.state = state
                 live.record.ending = ending or ending_of(grace_s, outcome)
                 if outcome is not None and outcome.forced:
@@ -828,6 +837,9 @@ class SandboxManager:
                 live.record.detail = detail
                 live.record.ended_at = ended_at
                 record = live.record
+                if deferred:
+                    self._tearing_down[record.id] = live
+                    self.spawn(self._finish_teardown, live)
                 try:
                     # A record that cannot be closed would say "running" until the next
                     # restart's reconcile.
@@ -839,6 +851,49 @@ class SandboxManager:
                     self._live.pop(live.record.id, None)
                     live.ended.set()
                     self.admission.ended(live.record)
+
+    async def _halt(self, live: LiveSandbox) -> bool:
+        """Kills the sandbox's processes at once; False if that failed (the caller
+        then tears it down in full, as before)."""
+        try:
+            with anyio.fail_after(TEARDOWN_SLACK_S):
+                await live.sandbox.halt()
+        except Exception:
+            log.exception("halting sandbox %s failed; tearing it down", live.record.id)
+            return False
+        return True
+
+    async def _finish_teardown(self, live: LiveSandbox) -> None:
+        """The rest of a halted sandbox's teardown, off its DELETE's path."""
+        with anyio.CancelScope(shield=True):
+            try:
+                outcome = await self._teardown(live.sandbox, grace_s=0)
+                if outcome is not None and outcome.forced:
+                    self.teardown_failures += 1
+                await self._after_teardown(live)
+            finally:
+                self._tearing_down.pop(live.record.id, None)
+                if not self._tearing_down:
+                    self._torn_down.set()
+
+    async def _after_teardown(self, live: LiveSandbox) -> None:
+        await self._run_hooks(self.after_teardown, live, "after teardown")
+        try:
+            await until_written(lambda: self.provider.release(live.record.id))
+        except Exception:
+            log.exception("releasing the template of %s failed", live.record.id)
+
+    @property
+    def teardowns_in_flight(self) -> int:
+        """Sandboxes halted whose mounts, cgroups, links and files are still going."""
+        return len(self._tearing_down)
+
+    async def teardowns_done(self) -> None:
+        """Returns once no teardown runs in the background."""
+        while self._tearing_down:
+            if self._torn_down.is_set():
+                self._torn_down = anyio.Event()
+            await self._torn_down.wait()
 
     # --- pause and resume (Hypnos: `tartarus.snapshots.pausing` drives these) -----------
 

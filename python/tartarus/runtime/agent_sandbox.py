@@ -282,6 +282,10 @@ class AgentSandbox(abc.ABC):
     @abc.abstractmethod
     async def kill(self) -> None: ...
 
+    async def halt(self) -> None:
+        """Backends that cannot stop their code faster than they tear down kill."""
+        await self.kill()
+
     async def stats(self) -> SandboxStats:
         """Usage as the agent sees it from inside; backends with cgroups know better."""
         s = await self.agent.call_expect(p.GetStats(), p.StatsResult)

@@ -186,6 +186,12 @@ class Sandbox(Protocol):
         """Immediate teardown; releases all resources. Idempotent."""
         ...
 
+    async def halt(self) -> None:
+        """Kills every process at once: no code of the sandbox runs once it returns.
+        What is left (mounts, cgroups, links, files) goes with the `kill` that must
+        follow, which may run off the caller's path (a DELETE answers after the halt)."""
+        ...
+
     async def detach(self) -> bool:
         """Lets go of the sandbox without stopping it, for the next server on this
         state directory to re-attach to; False (and nothing done) if it cannot outlive

@@ -203,6 +203,23 @@ class CgroupReader:
                 )
             time.sleep(0.002)
 
+    def kill_all(self, owner: str) -> bool:
+        """SIGKILL to every process in the sandbox's cgroup, queued before this returns:
+        with cgroup v2's `cgroup.kill` all at once, else to each listed process (a fork
+        racing the listing is taken by the PID namespace's end). Only a cgroup whose
+        every directory is named for `owner` (a sandbox id): False, nothing killed, for
+        one that may be shared (a backend that could not make its own)."""
+        if not self.dirs or not all(owner in d.path.name for d in self.dirs):
+            return False
+        for d in self.dirs:
+            if d.version == "v2" and (d.path / "cgroup.kill").exists():
+                (d.path / "cgroup.kill").write_text("1")
+                return True
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return True
+
     def kill_and_remove(self, timeout_s: float = 5.0) -> None:
         """SIGKILLs whatever is left and removes the directories (leftovers of a crash)."""
         deadline = time.monotonic() + timeout_s

@@ -42,6 +42,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Final
@@ -315,9 +316,21 @@ class GvisorSandbox(HostedAgentSandbox):
         self._runtime.live.discard(self.container)
         return True
 
-    async def kill(self) -> None:
+    async def halt(self) -> None:
+        """SIGKILL to the sandbox process (the Sentry, which runs every process of the
+        sandbox) ends them at once; `runsc delete` then has only its state to clear."""
         await self.close_agent()
         await self._dial_in.close()
+        if self._pid is not None and not self._halted:
+            self._halted = True  # once only: the pid may be reused after
+            # The Sentry and its stubs (which run the sandbox's code on the CPU under
+            # systrap) are in the sandbox's own cgroup: all get SIGKILL now.
+            await anyio.to_thread.run_sync(self._cgroup.kill_all, self.container)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+
+    async def kill(self) -> None:
+        await self.halt()
         await self._runtime.destroy(self.container)
         network, self.network = self.network, None
         if network is not None:

@@ -310,13 +310,19 @@ class JailSandbox(HostedAgentSandbox):
             await process.aclose()  # the launcher, which exited when the jail started
         return True
 
-    async def kill(self) -> None:
+    async def halt(self) -> None:
         await self.close_agent()
-        if self._supervisor_alive() and self._started is not None:
-            # Killing init takes the whole PID namespace down; the supervisor then
-            # removes the cgroup and exits.
+        if self._supervisor_alive() and self._started is not None and not self._halted:
+            # Every process of the cgroup gets its SIGKILL now (init's death takes the
+            # PID namespace down too, but only as init exits). Killing init makes the
+            # supervisor remove the cgroup and exit. Once only: pids may be reused after.
+            self._halted = True
+            await anyio.to_thread.run_sync(self._cgroup.kill_all, self.id)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._started.pid, signal.SIGKILL)
+
+    async def kill(self) -> None:
+        await self.halt()
         await self._supervisor_gone(10)
         process, self._process = self._process, None
         if process is not None:

@@ -132,6 +132,8 @@ class HostedAgentSandbox(AgentSandbox):
         self._dir = directory
         self._state = SandboxState.CREATED
         self._cgroup = CgroupReader([])
+        # Set once its processes were killed (`halt`): a pid is signalled only once.
+        self._halted = False
 
     @property
     def id(self) -> str:

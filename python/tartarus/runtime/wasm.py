@@ -623,7 +623,7 @@ class WasmSandbox:
         await self.kill()
         return StopOutcome(terminated=len(running) - late, killed=late)
 
-    async def kill(self) -> None:
+    async def halt(self) -> None:
         for proc in self._procs.values():
             proc.interrupt()
             if proc.stdin_fd is not None:
@@ -634,6 +634,10 @@ class WasmSandbox:
             self._state = SandboxState.STOPPED
             if self._wake is not None:
                 self._wake.notify()
+
+    async def kill(self) -> None:
+        await self.halt()
+        if await anyio.Path(self._dir).exists():
             await anyio.to_thread.run_sync(shutil.rmtree, self._dir, True)
 
 

@@ -126,6 +126,9 @@ class SecretEnvSandbox:
     async def stop(self, grace_s: float = 10.0) -> StopOutcome | None:
         return await self.inner.stop(grace_s)
 
+    async def halt(self) -> None:
+        await self.inner.halt()
+
     async def kill(self) -> None:
         await self.inner.kill()
 
