@@ -339,6 +339,7 @@ def test_kill_9_then_restart_reconciles(base: Path, backend: str) -> None:
             r = again.json("POST", f"/v1/sandboxes/{sandbox_id}/exec", {"cmd": "echo ok"})
             assert r.json()["stdout"] == "ok\n"
             delete(again, sandbox_id)
+        again.teardowns_done()
         assert processes_mentioning(str(base)) == [], "a sandbox outlived its delete"
         # And the restarted server makes new ones.
         fresh = create(again, backend)["id"]
