@@ -10,9 +10,8 @@ gc` so that old builds do not pile up) under ~/.cache/tartarus/test-seed/.
 `clone_into(state_dir)` gives a server a store that is a copy of the seed: the trees and
 files are hard links (the store never writes a blob after committing it, and sandboxes
 mount trees read-only), the databases are copied with SQLite's backup API and the build
-records (small JSON files) copied. Cloning takes
-a fraction of a second. A server whose state is on another filesystem (a scratch disk)
-starts empty, as before.
+records (small JSON files) copied. Cloning takes a fraction of a second. A server whose
+state is on another filesystem (a scratch disk) starts empty, as before.
 
     python -m tests.support.template_seed prepare   # what `make artefacts` runs
 """
@@ -32,11 +31,18 @@ from tartarus.config import load_settings
 TEMPLATES = ("base", "python", "node")
 SEED = load_settings().cache_dir / "test-seed"
 READY = SEED / "ready"
-# The clone keeps the rows of the templates it was given.
+BLOBS_OF = (
+    "SELECT DISTINCT b.digest, b.kind FROM refs r JOIN blobs b USING (digest)"
+    " WHERE r.owner IN ({marks})"
+)
+# The clone keeps the rows of the templates it was given (`{marks}`: one placeholder
+# per owner, `template:<id>`).
 DATABASES = {
-    "blobs.sqlite": "DELETE FROM refs WHERE owner NOT IN ({owners});"
-    " DELETE FROM blobs WHERE digest NOT IN (SELECT digest FROM refs);",
-    "templates.sqlite": "DELETE FROM manifests WHERE 'template:' || id NOT IN ({owners});",
+    "blobs.sqlite": (
+        "DELETE FROM refs WHERE owner NOT IN ({marks})",
+        "DELETE FROM blobs WHERE digest NOT IN (SELECT digest FROM refs)",
+    ),
+    "templates.sqlite": ("DELETE FROM manifests WHERE 'template:' || id NOT IN ({marks})",),
 }
 
 
@@ -67,11 +73,7 @@ def clone_into(state_dir: Path, templates: tuple[str, ...] = ("base", "python"))
     owners = [f"template:{t}" for t in templates]
     marks = ",".join("?" * len(owners))
     with contextlib.closing(sqlite3.connect(source / "blobs.sqlite")) as db:
-        blobs = db.execute(
-            f"SELECT DISTINCT b.digest, b.kind FROM refs r JOIN blobs b USING (digest) "  # noqa: S608 - placeholders only
-            f"WHERE r.owner IN ({marks})",
-            owners,
-        ).fetchall()
+        blobs = db.execute(BLOBS_OF.format(marks=marks), owners).fetchall()
     try:
         for digest, kind in blobs:
             folder = ("blobs" if kind == "file" else "trees") + "/sha256"
@@ -96,7 +98,10 @@ def clone_into(state_dir: Path, templates: tuple[str, ...] = ("base", "python"))
             contextlib.closing(sqlite3.connect(target / name)) as dst,
         ):
             src.backup(dst)
-            dst.executescript(prune.format(owners=",".join(f"'{o}'" for o in owners)))
+            for statement in prune:
+                sql = statement.format(marks=marks)
+                dst.execute(sql, owners if "?" in sql else ())
+            dst.commit()
     return True
 
 

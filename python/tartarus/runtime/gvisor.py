@@ -42,7 +42,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 from typing import Final
@@ -321,13 +320,10 @@ class GvisorSandbox(HostedAgentSandbox):
         sandbox) ends them at once; `runsc delete` then has only its state to clear."""
         await self.close_agent()
         await self._dial_in.close()
-        if self._pid is not None and not self._halted:
-            self._halted = True  # once only: the pid may be reused after
+        if self._pid is not None:
             # The Sentry and its stubs (which run the sandbox's code on the CPU under
             # systrap) are in the sandbox's own cgroup: all get SIGKILL now.
-            await anyio.to_thread.run_sync(self._cgroup.kill_all, self.container)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._pid, signal.SIGKILL)
+            await self._kill_processes(self.container, self._pid)
 
     async def kill(self) -> None:
         await self.halt()

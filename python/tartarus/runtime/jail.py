@@ -312,14 +312,11 @@ class JailSandbox(HostedAgentSandbox):
 
     async def halt(self) -> None:
         await self.close_agent()
-        if self._supervisor_alive() and self._started is not None and not self._halted:
+        if self._supervisor_alive() and self._started is not None:
             # Every process of the cgroup gets its SIGKILL now (init's death takes the
             # PID namespace down too, but only as init exits). Killing init makes the
-            # supervisor remove the cgroup and exit. Once only: pids may be reused after.
-            self._halted = True
-            await anyio.to_thread.run_sync(self._cgroup.kill_all, self.id)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._started.pid, signal.SIGKILL)
+            # supervisor remove the cgroup and exit.
+            await self._kill_processes(self.id, self._started.pid)
 
     async def kill(self) -> None:
         await self.halt()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +135,16 @@ class HostedAgentSandbox(AgentSandbox):
         self._cgroup = CgroupReader([])
         # Set once its processes were killed (`halt`): a pid is signalled only once.
         self._halted = False
+
+    async def _kill_processes(self, owner: str, main_pid: int) -> None:
+        """SIGKILL to every process of the sandbox's own cgroup (named for `owner`), then
+        to `main_pid`, queued before this returns. Once only: a pid may be reused after."""
+        if self._halted:
+            return
+        self._halted = True
+        await anyio.to_thread.run_sync(self._cgroup.kill_all, owner)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(main_pid, signal.SIGKILL)
 
     @property
     def id(self) -> str:
