@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tartarus.host.doctor import DoctorReport
 from tartarus.scheduling.nodes import PlacementRules, Toleration
+from tartarus.sdk import sandbox as sdk_sandbox
 from tartarus.sync import Sandbox
 from tests.support.fleet import (
     HOG,
@@ -306,3 +308,42 @@ def test_heat_class_learns_from_history(api: Server, tmp_path: Path) -> None:
         wait_for(hotter, what="the history to make the next one warm")
     finally:
         stop_process(a)
+
+
+def test_a_create_still_queued_past_the_servers_wait_is_followed_until_it_starts(
+    tmp_path: Path, doctor_report: DoctorReport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fleet answers 503 still-queued (Retry-After 5) when its wait for a node ends;
+    # the SDK keeps asking with the same key, past its budget for transient failures,
+    # because the sandbox is accepted. The one node is full until its sandbox goes.
+    require_jail(doctor_report)
+    monkeypatch.setattr(sdk_sandbox, "CREATE_RETRY_S", 2.0)
+    config = fleet_config(tmp_path / "config", create_timeout_s=1.0, placement_timeout_s=60.0)
+    api = start_api(tmp_path / "api", f"sqlite:///{tmp_path / 'fleet.db'}", config=config)
+    assert api.tcp_url is not None
+    agent = start_agent(tmp_path / "a", [api.tcp_url], "node-a", "--cpus", "1")
+    try:
+        wait_for(lambda: set(nodes(api)) == {"node-a"}, what="the node")
+        whole_node = {"resources": {"vcpus": 1, "memory_mib": 64}}
+        first = create(api, **whole_node)
+        queued = call(api, "POST", "/v1/sandboxes", {**SANDBOX, **whole_node})
+        assert queued.status == 503, queued.body
+        assert queued.json()["type"].endswith("/still-queued")
+        (waiting,) = call(api, "GET", "/v1/sandboxes?state=created").json()["items"]
+        assert call(api, "DELETE", f"/v1/sandboxes/{waiting['id']}").status == 204
+
+        def free_the_node() -> None:
+            time.sleep(4)
+            assert call(api, "DELETE", f"/v1/sandboxes/{first['id']}").status == 204
+
+        with ThreadPoolExecutor(1) as pool:
+            freed = pool.submit(free_the_node)
+            with Sandbox.create(
+                backend="jail", vcpus=1, memory_mib=64, url=api.tcp_url, api_key=TOKEN
+            ) as sandbox:
+                assert sandbox.info.node == "node-a"
+                assert sandbox.commands.run("echo started").stdout == "started\n"
+            freed.result()
+    finally:
+        for process in (agent, api):
+            stop_process(process)

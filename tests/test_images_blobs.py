@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,7 @@ import pytest
 
 from tartarus.images.blobs import BlobKind, BlobStore, LocalBlobStore
 from tartarus.images.errors import BlobNotFoundError, DigestMismatchError
-from tartarus.images.fsutil import atomic_write
+from tartarus.images.fsutil import atomic_write, remove_tree
 
 pytestmark = pytest.mark.anyio
 
@@ -76,6 +77,45 @@ async def test_release_then_gc_deletes_only_unreferenced(tmp_path: Path) -> None
     assert not await store.has(a.digest)
     assert (await store.local_path(s.digest)).read_bytes() == b"shared layer"
     assert await store.refs("template:b") == [s.digest]
+
+
+async def test_each_gc_that_releases_reports_what_its_owner_alone_held(tmp_path: Path) -> None:
+    # A snapshot prune and a sandbox's release collect at once: each report names the
+    # blobs its own owner freed, whichever gc runs first, and sweeping one trash from
+    # two threads is not an error.
+    store = LocalBlobStore(tmp_path / "store")
+    owned: dict[str, str] = {}
+    for i in range(12):
+        staging = await store.new_staging("tree")
+        for j in range(50):
+            (staging / f"f{j}").write_text(f"{i}-{j}")
+        owned[f"snapshot:{i}"] = (await store.put_tree(staging, owner=f"snapshot:{i}")).digest
+    reports: dict[str, list[str]] = {}
+
+    async def collect(owner: str) -> None:
+        report = await store.gc(release=[owner])
+        reports[owner] = report.removed
+        assert report.freed_bytes > 0
+
+    async with anyio.create_task_group() as tg:
+        for owner in owned:
+            tg.start_soon(collect, owner)
+    assert reports == {owner: [digest] for owner, digest in owned.items()}
+    assert await store.list_blobs() == []
+    assert list((tmp_path / "store" / "trash").iterdir()) == []
+
+
+def test_two_removers_of_one_tree_both_succeed(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for i in range(40):
+        (tree / f"d{i}").mkdir(parents=True)
+        for j in range(40):
+            (tree / f"d{i}" / f"f{j}").write_bytes(b"x")
+    (tree / "d0").chmod(0o500)  # read-only: the retry path runs too
+    with ThreadPoolExecutor(4) as pool:
+        for done in [pool.submit(remove_tree, tree) for _ in range(4)]:
+            done.result()
+    assert not tree.exists()
 
 
 async def test_set_refs_replaces_and_requires_existing_blobs(tmp_path: Path) -> None:

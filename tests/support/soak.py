@@ -74,6 +74,8 @@ _TRANSIENT = (
     UnavailableError,
 )
 RETRY_S = 60.0
+# Messages kept per kind of failure in the report.
+DETAILS_PER_KIND = 3
 PAYLOAD = bytes(range(256)) * 256  # 64 KiB
 
 
@@ -117,6 +119,9 @@ class SoakReport(msgspec.Struct, kw_only=True):
     invariants: dict[str, Any]
     # The servers' unhandled errors (their 500s), by the exception that ended each.
     server_errors: dict[str, int] = msgspec.field(default_factory=dict)
+    # The first few messages of each kind in `errors` and `fault_errors`, with the
+    # second of the run they came at: what a failed run is debugged from.
+    error_details: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +143,8 @@ class _Run:
     failures_of: dict[str, list[str]] = field(default_factory=dict)
     # What a variant of the run keeps for its faults (the fleet's processes).
     extra: dict[str, Any] = field(default_factory=dict)
+    error_details: dict[str, list[str]] = field(default_factory=dict)
+    began: float = field(default_factory=time.monotonic)
     done: int = 0
     # Sandboxes the load started (all of `plan.sandboxes`, or as many as its minutes took).
     started: int = 0
@@ -149,6 +156,10 @@ class _Run:
 
     def failed(self, step: str, error: BaseException, sandbox_id: str | None = None) -> None:
         kind = f"{step}: {_kind(error)}"
+        details = self.error_details.setdefault(kind, [])
+        if len(details) < DETAILS_PER_KIND:
+            at = time.monotonic() - self.began
+            details.append(f"at {at:.1f} s ({self.holding or 'no fault'}): {error}"[:500])
         if sandbox_id is not None:
             self.failures_of.setdefault(sandbox_id, []).append(kind)
         if self.holding is not None:
@@ -627,6 +638,7 @@ def report(
         leaks=left,
         invariants=checked,
         server_errors=unhandled_errors(logs),
+        error_details=run.error_details,
     )
 
 

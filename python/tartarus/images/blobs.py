@@ -22,7 +22,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -115,8 +115,10 @@ class BlobStore(Protocol):
         """Drops every reference `owner` holds; returns how many."""
         ...
 
-    async def gc(self) -> GcReport:
-        """Deletes every blob nobody references; returns what went."""
+    async def gc(self, *, release: Sequence[str] = ()) -> GcReport:
+        """Deletes every blob nobody references; returns what went. The owners in
+        `release` drop their references first, in the same transaction, so what they
+        alone held is in this report and not in a concurrent gc's."""
         ...
 
     async def list_blobs(self) -> list[BlobInfo]: ...
@@ -420,11 +422,12 @@ class LocalBlobStore:
 
     # -- garbage collection ------------------------------------------------------------
 
-    def _gc(self) -> GcReport:
+    def _gc(self, release: Sequence[str] = ()) -> GcReport:
         removed: list[str] = []
         freed = 0
         stale: list[str] = []
         with self._write() as db:
+            db.executemany("DELETE FROM refs WHERE owner = ?", [(o,) for o in release])
             for (owner,) in db.execute(
                 "SELECT DISTINCT owner FROM refs WHERE owner LIKE ?", (LEASE_PREFIX + "%",)
             ).fetchall():
@@ -460,5 +463,5 @@ class LocalBlobStore:
         with contextlib.suppress(FileNotFoundError):
             path.rename(self._trash / f"{path.name}-{secrets.token_hex(4)}")
 
-    async def gc(self) -> GcReport:
-        return await self._run(self._gc)
+    async def gc(self, *, release: Sequence[str] = ()) -> GcReport:
+        return await self._run(functools.partial(self._gc, tuple(release)))

@@ -58,17 +58,28 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-def remove_tree(path: Path) -> None:
-    """Removes a file or directory tree, including read-only directories; missing is fine."""
+_ExcInfo = tuple[type[BaseException], BaseException, object]
 
-    def make_writable_and_retry(func: object, failed: str, exc: object) -> None:
+
+def remove_tree(path: Path) -> None:
+    """Removes a file or directory tree, including read-only directories; missing is
+    fine, and so is another remover of the same tree (two gcs sweeping one trash)."""
+
+    def gone_is_fine(func: object, failed: str, exc: _ExcInfo) -> None:
+        if not isinstance(exc[1], FileNotFoundError):
+            raise exc[1]
+
+    def make_writable_and_retry(func: object, failed: str, exc: _ExcInfo) -> None:
+        if isinstance(exc[1], FileNotFoundError):
+            return
         path = Path(failed)
-        path.parent.chmod(stat.S_IRWXU)
-        if path.is_dir() and not path.is_symlink():
-            path.chmod(stat.S_IRWXU)
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.parent.chmod(stat.S_IRWXU)
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(stat.S_IRWXU)
+                shutil.rmtree(path, onerror=gone_is_fine)
+            else:
+                path.unlink()
 
     try:
         st = path.lstat()
@@ -77,7 +88,7 @@ def remove_tree(path: Path) -> None:
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(path, onerror=make_writable_and_retry)
     else:
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:

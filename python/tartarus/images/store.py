@@ -356,8 +356,9 @@ class TemplateStore:
                 return db.execute("DELETE FROM templates WHERE id = ?", (template_id,)).rowcount > 0
 
         unregistered = await anyio.to_thread.run_sync(forget)
-        released = await self.blobs.release(template_owner(template_id))
-        report = await self.blobs.gc()
+        owner = template_owner(template_id)
+        released = len(await self.blobs.refs(owner))
+        report = await self.blobs.gc(release=[owner])
         return RemoveReport(
             id=loaded.template.id, unregistered=unregistered, released=released, gc=report
         )

@@ -71,7 +71,9 @@ async def _create_with_retries(
     connection, a server that is not up (restarting) or one that says 503 with
     `Retry-After` is tried again with the same idempotency key, so the sandbox is made
     once whatever happened to the earlier attempts. Refusals (quota, policy, a bad
-    request) are not retried."""
+    request) are not retried. A fleet's "still queued" is not a failure: the sandbox
+    is accepted and waits for a node, so each such answer starts the budget again (the
+    fleet's placement deadline bounds the wait; past it the answer is a refusal)."""
     deadline = time.monotonic() + CREATE_RETRY_S
     attempt = 0
     retriable: tuple[type[BaseException], ...] = (
@@ -96,6 +98,8 @@ async def _create_with_retries(
                 if e.retry_after is None:
                     raise  # no backend, say: trying again does not help
                 wait = e.retry_after
+                if e.type.endswith("/still-queued"):
+                    deadline = time.monotonic() + wait + CREATE_RETRY_S
             if time.monotonic() + wait > deadline:
                 raise
             attempt += 1

@@ -348,17 +348,13 @@ class SnapshotService:
         sandbox still holds them."""
         record = self.get(snapshot_id)
         self.catalog.remove(record.id)
-        await self.blobs.release(record.owner)
-        return await self.blobs.gc()
+        return await self.blobs.gc(release=[record.owner])
 
     async def delete_many(self, records: Iterable[SnapshotRecord]) -> tuple[list[str], GcReport]:
         """Forgets several snapshots; returns the ids removed and what the GC freed."""
-        removed: list[str] = []
-        for record in records:
-            if self.catalog.remove(record.id):
-                await self.blobs.release(record.owner)
-                removed.append(record.id)
-        return removed, await self.blobs.gc()
+        removed = [record for record in records if self.catalog.remove(record.id)]
+        report = await self.blobs.gc(release=[record.owner for record in removed])
+        return [record.id for record in removed], report
 
     # --- template snapshots ----------------------------------------------------------------
 
