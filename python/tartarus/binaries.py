@@ -7,6 +7,7 @@ overrides for operators who install them elsewhere.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sysconfig
@@ -19,6 +20,13 @@ PACKAGE_BIN_DIR = Path(__file__).resolve().parent / "_bin"
 
 def _env_var(name: str) -> str:
     return "TARTARUS_" + name.upper().replace("-", "_").removeprefix("TARTARUS_") + "_BIN"
+
+
+@functools.cache
+def _scripts_dir() -> Path:
+    # sysconfig expands its install scheme on every call (~1 ms here, once per sandbox
+    # created); the interpreter's scripts directory does not move while it runs.
+    return Path(sysconfig.get_path("scripts"))
 
 
 def find_binary(name: str) -> Path:
@@ -38,7 +46,7 @@ def find_binary(name: str) -> Path:
             return path
     else:
         searched.append(f"${_env_var(name)} (unset)")
-    candidates = [PACKAGE_BIN_DIR / name, Path(sysconfig.get_path("scripts")) / name]
+    candidates = [PACKAGE_BIN_DIR / name, _scripts_dir() / name]
     for candidate in candidates:
         searched.append(str(candidate))
         if candidate.is_file() and os.access(candidate, os.X_OK):
