@@ -1,7 +1,8 @@
 """Runtime benchmarks: per backend, sandbox create → first exec result against its raw
-peer in the same run, run after run in turn (`runsc run`, `bwrap`, bare wasmtime-py),
-exec round trip into a
-running sandbox (p50/p99), and output streaming throughput (MB/s).
+peer in the same run, run after run in turn (`runsc run`, `bwrap`, bare wasmtime-py
+compiling each time and with its module compiled once; for wasm also a module not yet
+compiled), exec round trip into a running sandbox (p50/p99), and output streaming
+throughput (MB/s).
 
     python -m benches.bench_runtime            # writes benches/results/runtime.json
 """
@@ -146,14 +147,22 @@ def runsc_echo(rootfs: Path, work: Path, runtime: GvisorRuntime) -> Callable[[],
     return once
 
 
-def bare_wasmtime_echo() -> Callable[[], object]:
-    """What a caller of wasmtime-py writes by hand: compile, link WASI, run, capture."""
+def bare_wasmtime_echo(*, compiled_once: bool = False) -> Callable[[], object]:
+    """What a caller of wasmtime-py writes by hand: compile, link WASI, run, capture;
+    `compiled_once`: the engine, module and linker made once and reused (the floor for
+    a backend that caches compiled modules, as ours does)."""
+    kept: list[tuple[wasmtime.Engine, wasmtime.Module, wasmtime.Linker]] = []
 
     def once() -> None:
-        engine = wasmtime.Engine()
-        module = wasmtime.Module.from_file(engine, str(TOOLBOX))
-        linker = wasmtime.Linker(engine)
-        linker.define_wasi()
+        if kept:
+            engine, module, linker = kept[0]
+        else:
+            engine = wasmtime.Engine()
+            module = wasmtime.Module.from_file(engine, str(TOOLBOX))
+            linker = wasmtime.Linker(engine)
+            linker.define_wasi()
+            if compiled_once:
+                kept.append((engine, module, linker))
         store = wasmtime.Store(engine)
         wasi = wasmtime.WasiConfig()
         wasi.argv = ["toolbox", "echo", "hi"]
@@ -202,6 +211,23 @@ async def stream_throughput(sb: Sandbox, backend: str) -> dict[str, float]:
     }
 
 
+async def wasm_cold_start(runtime: Runtime, work: Path, runs: int = 30) -> Stats:
+    """create → first result of a module no sandbox ran yet (a new file each run): the
+    compile is in it, as in the bare peer."""
+    samples = []
+    for i in range(runs):
+        module = work / f"cold-{i}.wat"
+        shutil.copyfile(TOOLBOX, module)
+        sb = await runtime.create(SandboxSpec(id=f"cold{i}", wasm_module=module))
+        started = time.perf_counter()
+        await sb.start()
+        result = await (await sb.exec(echo_request("wasm"))).wait()
+        samples.append(time.perf_counter() - started)
+        assert result.stdout == b"hi\n", result
+        await sb.kill()
+    return Stats.of(samples)
+
+
 async def bench_backend(
     backend: str, runtime: Runtime, rootfs: Path, work: Path, peers: dict[str, Callable[[], object]]
 ) -> dict[str, Any]:
@@ -213,6 +239,13 @@ async def bench_backend(
         out[f"peer_{peer_name}"] = peer_stats
         out[f"ratio_vs_{peer_name}"] = ratio(ours, peer_stats)
         out.setdefault("lines", []).append(line)
+    if backend == "wasm":
+        cold = await wasm_cold_start(runtime, work)
+        line = report("wasm create→first result, module not yet compiled", cold,
+                      theirs["bare-wasmtime-py"], "bare-wasmtime-py")  # fmt: skip
+        out["create_to_first_result_cold"] = cold
+        out["ratio_cold_vs_bare-wasmtime-py"] = ratio(cold, theirs["bare-wasmtime-py"])
+        out["lines"].append(line)
     sb = await runtime.create(spec(backend, "steady", rootfs))
     await sb.start()
     try:
@@ -252,7 +285,14 @@ async def main(only: set[str] | None = None) -> None:
             )
             plans.append(("gvisor", gvisor, {"runsc-run": runsc_echo(rootfs, work, gvisor)}))
         plans.append(
-            ("wasm", WasmRuntime(work / "state"), {"bare-wasmtime-py": bare_wasmtime_echo()})
+            (
+                "wasm",
+                WasmRuntime(work / "state"),
+                {
+                    "bare-wasmtime-py": bare_wasmtime_echo(),
+                    "bare-wasmtime-py-compiled-once": bare_wasmtime_echo(compiled_once=True),
+                },
+            )
         )
         for backend, runtime, peers in plans:
             if only is not None and backend not in only:

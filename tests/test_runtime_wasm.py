@@ -147,6 +147,48 @@ async def test_ten_sandboxes_at_once(tmp_path: Path) -> None:
     assert list((tmp_path / "wasm").iterdir()) == []
 
 
+async def test_sandboxes_of_one_module_share_its_compile_and_kills_stay_in_their_sandbox(
+    tmp_path: Path,
+) -> None:
+    runtime = WasmRuntime(tmp_path)
+    a = await runtime.create(SandboxSpec(id="share-a", wasm_module=TOOLBOX))
+    b = await runtime.create(SandboxSpec(id="share-b", wasm_module=TOOLBOX))
+    async with started(a), started(b):
+        spinning = await b.exec(tool("spin"))
+        # A's execs end and give their engines back to the pool B's spin came from;
+        # interrupting them (and then all of A) must never reach B's running exec.
+        for i in range(30):
+            done = await a.exec(tool("echo", str(i)))
+            assert (await done.wait()).stdout == f"{i}\n".encode()
+            await done.kill()
+        await a.kill()
+        assert (await b.processes())[0].running
+        await spinning.kill(15)
+        assert (await spinning.wait()).exit.signal == 15
+
+
+async def test_a_module_file_replaced_in_place_is_compiled_again(tmp_path: Path) -> None:
+    module = tmp_path / "tool.wat"
+    module.write_bytes(TOOLBOX.read_bytes())
+    runtime = WasmRuntime(tmp_path / "state")
+
+    async def echo(sandbox_id: str) -> bytes:
+        async with started(
+            await runtime.create(SandboxSpec(id=sandbox_id, wasm_module=module))
+        ) as sb:
+            return (await (await sb.exec(tool("echo", sandbox_id))).wait()).stdout
+
+    assert await echo("first") == b"first\n"
+    assert await echo("cached") == b"cached\n"
+    module.write_bytes(b"\0asm garbage")  # a new file: its compile fails, as it must
+    broken = await runtime.create(SandboxSpec(id="broken", wasm_module=module))
+    with pytest.raises(Exception, match="cannot compile"):
+        await broken.start()
+    await broken.kill()
+    module.write_bytes(TOOLBOX.read_bytes())
+    assert await echo("again") == b"again\n"
+
+
 async def test_host_files_are_out_of_reach(sandbox: WasmSandbox, tmp_path: Path) -> None:
     for path in ("/etc/shadow", "../../../../etc/shadow", "../../state"):
         result = await (await sandbox.exec(tool("readfile", path))).wait()

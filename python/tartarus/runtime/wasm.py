@@ -6,8 +6,9 @@ memory limit, and stdout/stderr captured chunk by chunk into a bounded buffer (o
 chunks dropped and counted, the module never blocks on a slow reader).
 
 Timeouts and kills use epoch interruption. Every running exec owns an engine (engines
-are pooled per sandbox, each holding the module deserialised from the one compiled
-at start), so bumping that engine's epoch interrupts that exec alone.
+are pooled per module file, each holding the module deserialised from the one compiled
+when a sandbox of it first started; sandboxes of one module share the pool), so bumping
+that engine's epoch interrupts that exec alone.
 
 wasmtime's calls block, so each exec runs on a thread of its own that only computes;
 it hands output to the event loop through `anyio.from_thread` with the loop's token.
@@ -26,7 +27,7 @@ import stat
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -137,7 +138,10 @@ class _Process:
         self.output = _Chunks(PROCESS_BUFFER_BYTES)
         self.exit: ExitStatus | None = None
         self.wake = wake
+        # Set while the exec runs on its lent engine; `_lend` guards it, so an interrupt
+        # never bumps an engine already given back (and lent to another sandbox).
         self.engine: wasmtime.Engine | None = None
+        self._lend = threading.Lock()
         self.killed_by: int | None = None
         self.timed_out = False
         self.stdin_fd: int | None = None
@@ -153,8 +157,13 @@ class _Process:
         if timeout:
             self.timed_out = True
         self.killed_by = sig
-        if self.engine is not None:
-            self.engine.increment_epoch()
+        with self._lend:
+            if self.engine is not None:
+                self.engine.increment_epoch()
+
+    def lend(self, engine: wasmtime.Engine | None) -> None:
+        with self._lend:
+            self.engine = engine
 
 
 class WasmExecution:
@@ -247,27 +256,86 @@ def _engine_config() -> wasmtime.Config:
 
 
 class _EnginePool:
-    """Engines with the module loaded; one is lent to each running exec."""
+    """Engines with the module loaded; one is lent to each running exec (an engine's
+    epoch interrupts every store on it, so a running exec has its engine to itself).
+    Sandboxes of one module share its pool: a module is immutable compiled code, and
+    each exec's state lives in its own Store, dropped when the exec ends."""
 
-    def __init__(self, serialized: bytes) -> None:
-        self._serialized = serialized
-        self._free: list[tuple[wasmtime.Engine, wasmtime.Module, wasmtime.Linker]] = []
+    # Free engines kept for reuse; more were lent at once only under a burst.
+    MAX_FREE = 8
+
+    def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module) -> None:
+        self._compiled = module
+        # The compiled code, for more engines: serialised when a second one is needed
+        # (most sandboxes run one exec at a time, and a cold start should not pay it).
+        self._serialized: bytes | None = None
+        self._free = [(engine, module, _linker(engine))]
         self._lock = threading.Lock()
 
-    def seed(self, engine: wasmtime.Engine, module: wasmtime.Module) -> None:
-        self._free.append((engine, module, _linker(engine)))
+    @classmethod
+    def compile(cls, module_path: Path) -> _EnginePool:
+        engine = wasmtime.Engine(_engine_config())
+        try:
+            module = wasmtime.Module.from_file(engine, str(module_path))
+        except (wasmtime.WasmtimeError, OSError) as e:
+            raise WasmError(f"cannot compile {module_path}: {e}") from e
+        return cls(engine, module)
 
     def take(self) -> tuple[wasmtime.Engine, wasmtime.Module, wasmtime.Linker]:
         with self._lock:
             if self._free:
                 return self._free.pop()
+            if self._serialized is None:
+                self._serialized = bytes(self._compiled.serialize())
+            serialized = self._serialized
         engine = wasmtime.Engine(_engine_config())
-        module = wasmtime.Module.deserialize(engine, self._serialized)
+        module = wasmtime.Module.deserialize(engine, serialized)
         return engine, module, _linker(engine)
 
     def give(self, item: tuple[wasmtime.Engine, wasmtime.Module, wasmtime.Linker]) -> None:
         with self._lock:
-            self._free.append(item)
+            if len(self._free) < self.MAX_FREE:
+                self._free.append(item)
+
+
+class _CompiledModules:
+    """Compiled modules by file (path, inode, size, mtime), the most recently used few:
+    a sandbox of a module another sandbox ran starts without compiling it again (the
+    compile is most of a cold start). A file replaced in place is a new key."""
+
+    MAX_MODULES = 16
+
+    def __init__(self) -> None:
+        self._pools: OrderedDict[tuple[str, int, int, int], _EnginePool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(module_path: Path) -> tuple[str, int, int, int]:
+        try:
+            st = module_path.stat()
+        except OSError as e:
+            raise WasmError(f"cannot compile {module_path}: {e}") from e
+        return (str(module_path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def cached(self, key: tuple[str, int, int, int]) -> _EnginePool | None:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)
+            return pool
+
+    def compile(self, key: tuple[str, int, int, int], module_path: Path) -> _EnginePool:
+        """On a worker thread: compiles and remembers (two racing compiles keep one)."""
+        pool = _EnginePool.compile(module_path)
+        with self._lock:
+            pool = self._pools.setdefault(key, pool)
+            self._pools.move_to_end(key)
+            while len(self._pools) > self.MAX_MODULES:
+                self._pools.popitem(last=False)
+        return pool
+
+
+_COMPILED = _CompiledModules()
 
 
 class _Workers:
@@ -357,18 +425,11 @@ class WasmSandbox:
         assert module_path is not None
         self._fs_root.mkdir(parents=True, exist_ok=True)
         self._wake = _Wakeup()
-
-        def compile_module() -> _EnginePool:
-            engine = wasmtime.Engine(_engine_config())
-            try:
-                module = wasmtime.Module.from_file(engine, str(module_path))
-            except (wasmtime.WasmtimeError, OSError) as e:
-                raise WasmError(f"cannot compile {module_path}: {e}") from e
-            pool = _EnginePool(bytes(module.serialize()))
-            pool.seed(engine, module)
-            return pool
-
-        self._pool = await anyio.to_thread.run_sync(compile_module)
+        key = _COMPILED.key(module_path)
+        pool = _COMPILED.cached(key)
+        if pool is None:
+            pool = await anyio.to_thread.run_sync(_COMPILED.compile, key, module_path)
+        self._pool = pool
         self._state = SandboxState.RUNNING
 
     async def status(self) -> SandboxStatus:
@@ -419,7 +480,7 @@ class WasmSandbox:
         started = time.perf_counter()
         cpu_started = time.thread_time()
         item = pool.take()
-        proc.engine = item[0]
+        proc.lend(item[0])
         if timeout_s is not None:
             proc.timer = threading.Timer(timeout_s, proc.interrupt, kwargs={"timeout": True})
             proc.timer.daemon = True
@@ -432,6 +493,7 @@ class WasmSandbox:
             proc.stdin_opened.set()
             if proc.timer is not None:
                 proc.timer.cancel()
+            proc.lend(None)
             pool.give(item)
             if stdin_path is not None:
                 with contextlib.suppress(OSError):
