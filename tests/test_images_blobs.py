@@ -118,6 +118,28 @@ def test_two_removers_of_one_tree_both_succeed(tmp_path: Path) -> None:
     assert not tree.exists()
 
 
+async def test_take_if_held_takes_all_or_nothing(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "store")
+    blobs = []
+    for name in ("layer", "rootfs", "ext4"):
+        f = tmp_path / name
+        f.write_bytes(name.encode())
+        blobs.append((await store.put_file(f, owner="template:t")).digest)
+    layer, rootfs, ext4 = blobs
+    assert await store.take_if_held("sandbox:a", [rootfs], holder="template:t", held=blobs)
+    assert await store.refs("sandbox:a") == [rootfs]
+    # No owner: only the question.
+    assert await store.take_if_held(None, [rootfs], holder="template:t", held=[layer, layer])
+    # The template was rebuilt without the ext4 image: a sandbox takes nothing.
+    await store.set_refs("template:t", [layer, rootfs])
+    assert not await store.take_if_held("sandbox:b", [ext4], holder="template:t", held=blobs)
+    assert await store.refs("sandbox:b") == []
+    assert not await store.take_if_held(
+        "sandbox:c", [rootfs], holder="template:gone", held=[rootfs]
+    )
+    assert await store.refs("sandbox:c") == []
+
+
 async def test_set_refs_replaces_and_requires_existing_blobs(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "store")
     f = tmp_path / "f"

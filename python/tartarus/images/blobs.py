@@ -109,6 +109,15 @@ class BlobStore(Protocol):
 
     async def refs(self, owner: str) -> list[str]: ...
 
+    async def take_if_held(
+        self, owner: str | None, digests: Iterable[str], *, holder: str, held: Iterable[str]
+    ) -> bool:
+        """If `holder` references every one of `held`, `owner` (when given) takes
+        references on `digests`, in the same transaction: a rebuild that moves the
+        holder's references meanwhile cannot leave `owner` holding what it replaced.
+        False, and nothing taken, otherwise."""
+        ...
+
     async def owners(self, digest: str) -> list[str]: ...
 
     async def release(self, owner: str) -> int:
@@ -391,6 +400,26 @@ class LocalBlobStore:
 
     async def set_refs(self, owner: str, digests: Iterable[str]) -> None:
         await self._run(functools.partial(self._set_refs, owner, list(digests), True))
+
+    def _take_if_held(
+        self, owner: str | None, wanted: list[str], holder: str, held: list[str]
+    ) -> bool:
+        with self._write() as db:
+            rows = db.execute("SELECT digest FROM refs WHERE owner = ?", (holder,))
+            if not {digest for (digest,) in rows}.issuperset(held):
+                return False
+            if owner is not None:
+                db.executemany(
+                    "INSERT OR IGNORE INTO refs (owner, digest) VALUES (?, ?)",
+                    [(owner, d) for d in wanted],
+                )
+            return True
+
+    async def take_if_held(
+        self, owner: str | None, digests: Iterable[str], *, holder: str, held: Iterable[str]
+    ) -> bool:
+        take = functools.partial(self._take_if_held, owner, list(digests), holder, list(held))
+        return await self._run(take)
 
     def _column(self, sql: str, arg: str) -> list[str]:
         with self._connect() as db:

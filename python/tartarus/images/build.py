@@ -147,14 +147,25 @@ class PreparedBase:
 _agent_digests: dict[tuple[str, int, int, int], str] = {}
 
 
+def _agent_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def agent_digest(path: Path) -> str:
     """sha256 of the agent binary, remembered per (path, inode, size, mtime)."""
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _agent_key(path)
     if key not in _agent_digests:
         with path.open("rb") as f:
             _agent_digests[key] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
     return _agent_digests[key]
+
+
+async def agent_digest_async(path: Path) -> str:
+    """`agent_digest`, hashing on a worker thread; a remembered digest costs one stat,
+    done here (a thread hand-off would cost more than the stat, on every create)."""
+    known = _agent_digests.get(_agent_key(path))
+    return known if known is not None else await anyio.to_thread.run_sync(agent_digest, path)
 
 
 def ensure_mountpoints(root: Path) -> None:
@@ -383,7 +394,7 @@ class Builder:
 
     async def _rootfs_key(self, content_key: str) -> tuple[Path, str, str]:
         agent = rootfs.agent_binary()
-        agent_sha = await anyio.to_thread.run_sync(agent_digest, agent)
+        agent_sha = await agent_digest_async(agent)
         key = f"{content_key}\0{agent_sha}\0{rootfs.LAYOUT_VERSION}"
         return agent, agent_sha, hashlib.sha256(key.encode()).hexdigest()
 

@@ -269,11 +269,17 @@ class TemplateStore:
         tid = loaded.template.id
         try:
             record = await builder.lookup(loaded, pull=pull)
-            held = set(await self.blobs.refs(template_owner(tid)))
-            if record and (not ext4 or record.ext4) and held.issuperset(record.digests()):
+            if (
+                record
+                and (not ext4 or record.ext4)
+                and await self.blobs.take_if_held(
+                    owner,
+                    record.outputs(ext4=ext4),
+                    holder=template_owner(tid),
+                    held=record.digests(),
+                )
+            ):
                 # The template already holds every output: nothing to build or write.
-                if owner is not None:
-                    await self.blobs.add_refs(owner, record.outputs(ext4=ext4))
                 return await self._resolved(loaded, record, ext4)
             async with self.blobs.lease() as lease:
                 record = await builder.rootfs(loaded, lease, ext4=ext4, pull=pull)
