@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tartarus.cli.output import print_table
 from tests.support.server import Server, cli, running_server, server_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -145,3 +146,29 @@ def test_version_flag_answers_without_loading_the_cli() -> None:
         check=False,
     )
     assert both.stdout == f"tartarus, version {__version__}\n"
+
+
+@pytest.mark.parametrize("args", [("ps",), ("ps", "-a", "--json"), ("run", "--help")])
+def test_listing_and_running_do_not_load_rich(server: Server, args: tuple[str, ...]) -> None:
+    """rich costs more to import than these commands' own work: `ps` prints its table
+    itself, `run` and `--json` print no table."""
+    probe = (
+        "import sys; from tartarus.cli.entry import main; "
+        f"sys.argv = ['tartarus', *{list(args)!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('rich' in sys.modules, file=sys.stderr)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=dict(server.env, TARTARUS_URL=server.url),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stderr.strip().splitlines()[-1] == "False", out.stderr
+
+
+def test_tables_align_their_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    print_table(("ID", "STATE"), [("sb-1", "running"), ("sb-long-id", "-")])
+    assert capsys.readouterr().out == ("ID          STATE\nsb-1        running\nsb-long-id  -\n")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -86,3 +88,16 @@ def relative_time(when: dt.datetime | None) -> str:
         else f"{span / 3600:.1f}h"
     )
     return f"in {text}" if seconds > 0 else f"{text} ago"
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Left-aligned columns two spaces apart, the header bold on a terminal (unless
+    NO_COLOR): what a listing needs, without rich, whose import alone costs more than
+    a quick command's own work. Long cells widen their column; nothing is cut."""
+    table = [list(headers), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in table]  # fmt: skip
+    if sys.stdout.isatty() and "NO_COLOR" not in os.environ:
+        lines[0] = f"\x1b[1m{lines[0]}\x1b[0m"
+    sys.stdout.write("\n".join(lines) + "\n")

@@ -19,7 +19,7 @@ from tartarus.api.types import (
     StreamExecBody,
 )
 from tartarus.cli.interactive import interactive_exec
-from tartarus.cli.output import console, emit_json, err_console, relative_time
+from tartarus.cli.output import emit_json, err_console, print_table, relative_time
 from tartarus.cli.remote import (
     EXIT_TARTARUS_FAILED,
     connect,
@@ -321,21 +321,20 @@ def ps_command(
         for info in items:
             click.echo(info.id)
         return
-    from rich.table import Table  # noqa: PLC0415 (people only: run, exec and --json skip rich)
-
-    table = Table(box=None, header_style="bold")
-    for column in ("ID", "TEMPLATE", "BACKEND", "STATE", "CREATED", "EXPIRES"):
-        table.add_column(column)
-    for info in items:
-        table.add_row(
-            info.id,
-            info.template,
-            info.backend.value,
-            info.state.value,
-            relative_time(info.created_at),
-            relative_time(info.expires_at),
-        )
-    console.print(table)
+    print_table(
+        ("ID", "TEMPLATE", "BACKEND", "STATE", "CREATED", "EXPIRES"),
+        (
+            (
+                info.id,
+                info.template,
+                info.backend.value,
+                info.state.value,
+                relative_time(info.created_at),
+                relative_time(info.expires_at),
+            )
+            for info in items
+        ),
+    )
 
 
 @run_async
