@@ -17,19 +17,26 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tartarus.api.types import CreateSandboxRequest
+from tartarus.auth.principal import SYSTEM
+from tartarus.errors import UnavailableError
 from tartarus.fleet import book as book_module
 from tartarus.fleet.book import ClaimLostError, KeyClaim, RedisBook, SandboxBook, SqliteBook
 from tartarus.fleet.error_stream import ErrorStream
+from tartarus.fleet.intake import Intake
 from tartarus.fleet.metrics import FleetMetrics
 from tartarus.fleet.reaper import Reaper
 from tartarus.fleet.records import Records
 from tartarus.fleet.reports import Reports
 from tartarus.fleet.settings import FleetSettings
 from tartarus.fleet.state import is_outage, open_state
+from tartarus.fleet.wire import Job
+from tartarus.node.manager import fingerprint
 from tartarus.policy.documents import Quotas
 from tartarus.policy.quotas import Usage
-from tartarus.queue import QueueSettings
-from tartarus.runtime.types import SandboxState
+from tartarus.queue import Lane, QueueSettings
+from tartarus.runtime.types import Backend, SandboxState
+from tartarus.scheduling.heat import Heat
 from tests.support.fleet import queued_record
 from tests.support.redis_server import RedisServer, redis_server
 
@@ -236,3 +243,50 @@ async def test_a_claim_or_insert_whose_reply_was_lost_is_ours_when_tried_again(
         assert await book.insert(inserted, key="k") is inserted
     finally:
         await client.aclose()
+
+
+async def test_a_retry_queues_the_job_its_dead_server_recorded_but_never_queued(
+    redis: RedisServer,
+) -> None:
+    # An API server recorded the sandbox (binding the key) and died before its job
+    # reached a lane. The client's retry with the same key queues it, with a new
+    # placement deadline, and the pending copy is forgotten.
+    queues = QueueSettings()
+    async with open_state(redis.url, lanes=queues, inbox=queues, heartbeat_ttl_s=5.0) as state:
+        metrics = FleetMetrics(state)
+        settings = FleetSettings(create_timeout_s=0.3)
+        intake = Intake(state, settings, Records(state), ErrorStream(state, metrics), metrics)
+        caller = msgspec.structs.replace(
+            SYSTEM, subject="someone", tenant=f"t{time.monotonic_ns()}"
+        )
+        request = CreateSandboxRequest(template="base", backend=Backend.JAIL)
+        sandbox_id = f"sb-dead-{time.monotonic_ns()}"
+        key = f"{caller.tenant}/k"
+        job = Job(
+            sandbox_id=sandbox_id,
+            request=request,
+            lane=Lane.MAIN,
+            heat=Heat.WARM,
+            tenant=caller.tenant,
+            owner=caller.subject,
+            place_by=time.time() - 5,  # long past, as after a slow restart
+        )
+        assert (await state.book.claim_key(key, fingerprint(request), sandbox_id))[0]
+        recorded = msgspec.structs.replace(
+            queued_record(sandbox_id), tenant=caller.tenant, pending_job=msgspec.json.encode(job)
+        )
+        await state.book.insert(recorded, key=key)
+
+        with pytest.raises(UnavailableError, match="still queued"):
+            await intake.create(request, "k", caller)
+        message = await state.lanes.get("placer", timeout_s=1.0)
+        assert message is not None
+        queued = msgspec.json.decode(message.body, type=Job)
+        assert queued.sandbox_id == sandbox_id and queued.place_by > time.time()
+        stored = await state.book.get(sandbox_id)
+        assert stored is not None and stored.pending_job == b""
+        assert stored.place_by == pytest.approx(queued.place_by)
+        # A second retry finds it queued: no second copy.
+        with pytest.raises(UnavailableError, match="still queued"):
+            await intake.create(request, "k", caller)
+        assert await state.lanes.get("placer", timeout_s=0.2) is None

@@ -138,8 +138,10 @@ class Intake(FleetPart):
         if record is None:
             raise key_in_flight(key)
         if record.state is SandboxState.CREATED:
-            # Recorded and queued: the retry waits for it as the first request did (that
-            # request's server may be gone).
+            # Recorded (and queued, unless its job is still pending): the retry waits for
+            # it as the first request did (that request's server may be gone).
+            if record.pending_job and not record.node:
+                await self._queue_again(record)
             return await self._wait_started(record.id)
         return record
 
@@ -168,6 +170,18 @@ class Intake(FleetPart):
         rules = request.placement or PlacementRules()
         lane = Lane(rules.lane) if rules.lane else default_lane(heat)
         place_by = time.time() + self.settings.placement_timeout_s
+        job = Job(
+            sandbox_id=sandbox_id,
+            request=request,
+            lane=lane,
+            heat=heat,
+            tenant=tenant,
+            owner=caller.subject,
+            quarantined=await self._quarantined(request, tenant),
+            egress=egress,
+            place_by=place_by,
+        )
+        encoded = _encode(job)
         record = await self.state.book.insert(
             SandboxRecord(
                 id=sandbox_id,
@@ -185,37 +199,55 @@ class Intake(FleetPart):
                 owner=caller.subject,
                 secrets=request.secrets,
                 place_by=place_by,
+                pending_job=encoded,
             ),
             key=key,
         )
-        job = Job(
-            sandbox_id=record.id,
-            request=request,
-            lane=lane,
-            heat=heat,
-            tenant=tenant,
-            owner=caller.subject,
-            quarantined=await self._quarantined(request, tenant),
-            egress=egress,
-            place_by=place_by,
-        )
+        await self._queue(record.id, encoded, lane)
+        return record
+
+    async def _queue(self, sandbox_id: str, encoded: bytes, lane: Lane) -> None:
+        """Puts the recorded sandbox's job in its lane, then forgets the pending copy."""
         try:
-            await self.state.lanes.put(_encode(job), lane)
+            await self.state.lanes.put(encoded, lane)
         except QueueFullError as e:
             refused = f"refused: {e}"
-            await self.records.update(record.id, lambda r: ended(r, SandboxState.FAILED, refused))
-            await self.errors.error(ErrorCategory.QUEUE, str(e), sandbox_id=record.id)
+            await self.records.update(sandbox_id, lambda r: ended(r, SandboxState.FAILED, refused))
+            await self.errors.error(ErrorCategory.QUEUE, str(e), sandbox_id=sandbox_id)
             raise OverloadedError(str(e), slug="queue-full", retry_after=1) from e
         except BaseException as e:
             # Never queued (Redis went away, say): nothing would ever place it.
             failed = f"could not be queued: {e}"
             with anyio.CancelScope(shield=True):
                 await self.records.update(
-                    record.id, lambda r: ended(r, SandboxState.FAILED, failed) if r.live else None
+                    sandbox_id, lambda r: ended(r, SandboxState.FAILED, failed) if r.live else None
                 )
             raise
         self.metrics.enqueued.labels(lane.value).inc()
-        return record
+        try:
+            await self.records.update(
+                sandbox_id,
+                lambda r: msgspec.structs.replace(r, pending_job=b"") if r.pending_job else None,
+            )
+        except Exception as e:
+            # Queued all the same; a retry of the create that still finds the copy queues
+            # a duplicate, which placement drops.
+            log.warning("could not mark the job of %s queued: %s", sandbox_id, e)
+
+    async def _queue_again(self, record: SandboxRecord) -> None:
+        """A retried create found its sandbox recorded but maybe never queued (the API
+        server that recorded it died first): queues its job, with a new deadline."""
+        job = msgspec.json.decode(record.pending_job, type=Job)
+        job = msgspec.structs.replace(job, place_by=time.time() + self.settings.placement_timeout_s)
+        await self.records.update(
+            record.id,
+            lambda r: (
+                msgspec.structs.replace(r, place_by=job.place_by)
+                if r.state is SandboxState.CREATED and not r.node
+                else None
+            ),
+        )
+        await self._queue(record.id, _encode(job), job.lane)
 
     async def _wait_started(self, sandbox_id: str) -> SandboxRecord:
         deadline = anyio.current_time() + self.settings.create_timeout_s

@@ -101,6 +101,10 @@ class SandboxRecord(msgspec.Struct, kw_only=True):
     # A fleet's sandbox waiting for a node: when its current job's placement deadline
     # passes (each reschedule sets a new one; 0 where there is none).
     place_by: float = 0.0
+    # A fleet's sandbox recorded before its job was queued: the encoded job, until the
+    # queueing succeeded. A retry of its create (same idempotency key) that finds it
+    # queues it: the API server that recorded it may have died before it could.
+    pending_job: bytes = b""
     seq: int = 0
 
     @property
