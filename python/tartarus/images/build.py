@@ -31,6 +31,7 @@ import anyio.to_thread
 import msgspec
 
 from tartarus.errors import is_disk_full
+from tartarus.file_identity import FileIdentity, file_identity
 from tartarus.images import debian, fsutil, rootfs
 from tartarus.images.blobs import BlobStore
 from tartarus.images.errors import BlobNotFoundError, DiskFullError
@@ -144,17 +145,12 @@ class PreparedBase:
     handles_packages: bool = False
 
 
-_agent_digests: dict[tuple[str, int, int, int], str] = {}
-
-
-def _agent_key(path: Path) -> tuple[str, int, int, int]:
-    st = path.stat()
-    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+_agent_digests: dict[FileIdentity, str] = {}
 
 
 def agent_digest(path: Path) -> str:
     """sha256 of the agent binary, remembered per (path, inode, size, mtime)."""
-    key = _agent_key(path)
+    key = file_identity(path)
     if key not in _agent_digests:
         with path.open("rb") as f:
             _agent_digests[key] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
@@ -164,7 +160,7 @@ def agent_digest(path: Path) -> str:
 async def agent_digest_async(path: Path) -> str:
     """`agent_digest`, hashing on a worker thread; a remembered digest costs one stat,
     done here (a thread hand-off would cost more than the stat, on every create)."""
-    known = _agent_digests.get(_agent_key(path))
+    known = _agent_digests.get(file_identity(path))
     return known if known is not None else await anyio.to_thread.run_sync(agent_digest, path)
 
 

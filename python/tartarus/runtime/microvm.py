@@ -46,6 +46,7 @@ import msgspec
 
 from tartarus import _core, codec
 from tartarus.config import Settings, load_settings
+from tartarus.file_identity import FileIdentity, file_identity
 from tartarus.guest import kernel_build
 from tartarus.host.doctor import DoctorReport, run_doctor
 from tartarus.host.procfs import process_alive
@@ -128,11 +129,6 @@ def clone_id_of(sandbox_id: str) -> int:
         return int.from_bytes(sandbox_id.encode()[:8].ljust(8, b"\0"), "little")
 
 
-def _file_key(path: Path) -> tuple[str, int, int, int]:
-    st = path.stat()
-    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 async def _host_drives(snapshot_dir: Path, count: int) -> list[DriveConfig] | None:
     """The host's names for a snapshot's disks, if it was written with them."""
     try:
@@ -182,7 +178,7 @@ class MicroVmRuntime:
         self._doctor = doctor
         # Snapshot files whose guest memory this process checked once; later restores
         # of the same (unchanged) file skip reading all of it again.
-        self._verified: set[tuple[str, int, int, int]] = set()
+        self._verified: set[FileIdentity] = set()
 
     @property
     def backend(self) -> Backend:
@@ -219,7 +215,7 @@ class MicroVmRuntime:
             raise BackendUnavailableError(f"microvm restore needs /dev/kvm: {kvm.detail}")
         files = [d / SNAPSHOT_FILE for d in (snapshot.path, snapshot.base) if d is not None]
         try:
-            keys = [_file_key(f) for f in files]
+            keys = [file_identity(f) for f in files]
         except OSError as e:
             raise SandboxError(f"snapshot {snapshot.path} cannot be read: {e}") from e
         verify = not all(k in self._verified for k in keys)

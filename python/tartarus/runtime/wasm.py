@@ -38,6 +38,7 @@ import anyio.lowlevel
 import msgspec
 import wasmtime
 
+from tartarus.file_identity import FileIdentity, file_identity
 from tartarus.runtime.base import (
     DirWatch,
     NotSupportedError,
@@ -306,25 +307,24 @@ class _CompiledModules:
     MAX_MODULES = 16
 
     def __init__(self) -> None:
-        self._pools: OrderedDict[tuple[str, int, int, int], _EnginePool] = OrderedDict()
+        self._pools: OrderedDict[FileIdentity, _EnginePool] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(module_path: Path) -> tuple[str, int, int, int]:
+    def key(module_path: Path) -> FileIdentity:
         try:
-            st = module_path.stat()
+            return file_identity(module_path)
         except OSError as e:
             raise WasmError(f"cannot compile {module_path}: {e}") from e
-        return (str(module_path), st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def cached(self, key: tuple[str, int, int, int]) -> _EnginePool | None:
+    def cached(self, key: FileIdentity) -> _EnginePool | None:
         with self._lock:
             pool = self._pools.get(key)
             if pool is not None:
                 self._pools.move_to_end(key)
             return pool
 
-    def compile(self, key: tuple[str, int, int, int], module_path: Path) -> _EnginePool:
+    def compile(self, key: FileIdentity, module_path: Path) -> _EnginePool:
         """On a worker thread: compiles and remembers (two racing compiles keep one)."""
         pool = _EnginePool.compile(module_path)
         with self._lock:
